@@ -1,0 +1,64 @@
+# The README's commands. `make run` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+PY := .venv/bin/python
+LOCAL_MIRROR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Keep Prefect's state (and its temporary server's SQLite file) inside the project, and stay offline.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+# Use the machine's Python (3.11-3.13); never download one.
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: help install data run test lint format bench
+
+help:
+	@echo "make run     install, get the data, run the pipeline once"
+	@echo "make test    install, get the data, run the tests"
+	@echo "make lint    ruff check and format check"
+	@echo "make bench   data-stage timings on the real data"
+
+$(UV):
+	python3 -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
+
+.venv/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+install: .venv/.installed
+
+# Debian's dataset-fashion-mnist is the first (offline) mirror; elsewhere the upstream mirrors serve.
+data:
+	@if [ -f $(LOCAL_MIRROR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST local mirror: $(LOCAL_MIRROR)"; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist into $(LOCAL_MIRROR)"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+	    || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; } \
+	    || echo "Could not install dataset-fashion-mnist: the pipeline will try the upstream mirrors"; \
+	else \
+	  echo "No apt-get here: the pipeline will download from the upstream mirrors"; \
+	fi
+
+run: install data
+	$(PY) -m flows.retrain
+
+test: install data
+	$(PY) -m pytest
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: install
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+bench: install data
+	$(PY) bench/data_stages.py

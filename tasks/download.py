@@ -1,0 +1,214 @@
+"""Download stage: fetch the IDX files from the first mirror that serves a verified copy.
+
+Each file streams through a gzip decompressor and sha256 into a temp file that is renamed into
+the raw folder only once its decompressed size and hash match the pinned ones. A file already
+there that verifies is reused without touching any mirror.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from fmnist.dataset import DatasetSpec, RemoteFile
+from fmnist.files import atomic_path, sha256_file
+
+_CHUNK = 1 << 20
+log = logging.getLogger(__name__)
+
+
+class DownloadError(RuntimeError):
+    """No mirror served a verified copy of a file."""
+
+
+class _Unverified(Exception):
+    """The mirror answered, but with content that is not the pinned file (no point retrying)."""
+
+
+class _Transient(Exception):
+    """A network failure worth retrying on the same mirror."""
+
+
+@dataclass(frozen=True)
+class VerifiedFile:
+    path: str
+    sha256: str
+    source: str  # the mirror it came from, or "cache"
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """The four verified, decompressed IDX files of the canonical dataset."""
+
+    train_images: VerifiedFile
+    train_labels: VerifiedFile
+    test_images: VerifiedFile
+    test_labels: VerifiedFile
+
+    @property
+    def files(self) -> tuple[VerifiedFile, ...]:
+        return (self.train_images, self.train_labels, self.test_images, self.test_labels)
+
+
+def _file_url(mirror: str, name: str) -> str:
+    return mirror.rstrip("/") + "/" + name
+
+
+def _local_path(location: str) -> Path | None:
+    """The path a mirror location names on this machine, or None for a network URL."""
+    scheme = urllib.parse.urlsplit(location).scheme
+    if scheme == "file":
+        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(location).path))
+    if scheme in ("http", "https"):
+        return None
+    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise ValueError(f"mirror {location!r}: unsupported scheme {scheme!r} (use a path, file:// or http(s)://)")
+    return Path(location)
+
+
+def _read_chunks(location: str, timeout_s: float) -> Iterator[bytes]:
+    local = _local_path(location)
+    if local is not None:
+        try:
+            with open(local, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+        except OSError as exc:
+            raise _Unverified(f"cannot read {local} ({exc.strerror})") from exc
+        return
+    try:
+        with httpx.stream("GET", location, timeout=timeout_s, follow_redirects=True) as response:
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Transient(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise _Unverified(f"HTTP {response.status_code}")
+            yield from response.iter_bytes(_CHUNK)
+    except httpx.TimeoutException as exc:
+        raise _Transient(f"timed out after {timeout_s:g} s ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise _Transient(f"network error ({type(exc).__name__}: {exc})") from exc
+
+
+def _stream_verified(chunks: Iterator[bytes], remote: RemoteFile, out: Path) -> None:
+    """Decompress `chunks` into `out`, raising _Unverified unless size and sha256 match."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip container only
+    digest = hashlib.sha256()
+    size = 0
+    received = 0
+    with open(out, "wb") as f:
+        for chunk in chunks:
+            received += len(chunk)
+            try:
+                data = inflater.decompress(chunk)
+            except zlib.error as exc:
+                raise _Unverified(f"not a valid gzip stream ({exc})") from exc
+            size += len(data)
+            if size > remote.raw_size:
+                raise _Unverified(f"decompresses to more than the expected {remote.raw_size:,} bytes")
+            digest.update(data)
+            f.write(data)
+    if received == 0:
+        raise _Unverified("empty file")
+    if not inflater.eof:
+        raise _Unverified(f"truncated gzip stream ({size:,} of {remote.raw_size:,} bytes after decompression)")
+    if size != remote.raw_size:
+        raise _Unverified(f"decompressed size {size:,} bytes, expected {remote.raw_size:,}")
+    if digest.hexdigest() != remote.sha256:
+        raise _Unverified(f"sha256 {digest.hexdigest()} does not match the pinned {remote.sha256}")
+
+
+def fetch_verified(
+    remote: RemoteFile,
+    mirrors: Sequence[str],
+    raw_dir: Path,
+    *,
+    timeout_s: float = 30.0,
+    retries: int = 2,
+    backoff_s: float = 1.0,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> VerifiedFile:
+    """The decompressed, verified file in `raw_dir`, from the cache or the first good mirror."""
+    target = raw_dir / remote.raw_name
+    if target.is_file():
+        if sha256_file(target) == remote.sha256:
+            return VerifiedFile(str(target), remote.sha256, "cache")
+        logger.warning("%s: cached copy does not verify; downloading it again", target)
+    failures: list[str] = []
+    for mirror in mirrors:
+        url = _file_url(mirror, remote.name)
+        for attempt in range(retries + 1):
+            started = time.perf_counter()
+            try:
+                with atomic_path(target) as tmp:
+                    _stream_verified(_read_chunks(url, timeout_s), remote, tmp)
+            except _Transient as exc:
+                if attempt < retries:
+                    delay = backoff_s * 2**attempt
+                    logger.warning("%s: %s; retrying in %.1f s", url, exc, delay)
+                    time.sleep(delay)
+                    continue
+                failures.append(f"{url}: {exc} (after {retries + 1} attempts)")
+            except _Unverified as exc:
+                failures.append(f"{url}: {exc}")
+            else:
+                logger.info(
+                    "%s: %s bytes verified from %s in %.2f s",
+                    remote.raw_name,
+                    f"{remote.raw_size:,}",
+                    mirror,
+                    time.perf_counter() - started,
+                )
+                return VerifiedFile(str(target), remote.sha256, mirror)
+            logger.warning("%s", failures[-1])
+            break
+    raise DownloadError(
+        f"{remote.name}: no mirror served a verified copy; tried:\n  - " + "\n  - ".join(failures)
+        if failures
+        else f"{remote.name}: no mirrors given"
+    )
+
+
+def download_dataset(
+    spec: DatasetSpec,
+    mirrors: Sequence[str],
+    raw_dir: Path,
+    *,
+    timeout_s: float = 30.0,
+    retries: int = 2,
+    backoff_s: float = 1.0,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> RawDataset:
+    """All four files of `spec`, each verified."""
+    for mirror in mirrors:
+        _local_path(mirror)  # reject unsupported schemes before any download starts
+    fetched = [
+        fetch_verified(
+            remote, mirrors, raw_dir, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, logger=logger
+        )
+        for remote in spec.files
+    ]
+    return RawDataset(*fetched)
+
+
+@task(name="download", retries=1, retry_delay_seconds=30)
+def download_task(spec: DatasetSpec, mirrors: list[str], raw_dir: Path, timeout_s: float, retries: int) -> RawDataset:
+    from prefect import get_run_logger
+
+    raw = download_dataset(spec, mirrors, raw_dir, timeout_s=timeout_s, retries=retries, logger=get_run_logger())
+    create_table_artifact(
+        key="fashion-mnist-download",
+        table=[{"file": Path(f.path).name, "sha256": f.sha256, "source": f.source} for f in raw.files],
+        description="Verified raw IDX files and where each came from",
+    )
+    return raw

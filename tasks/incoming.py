@@ -1,0 +1,140 @@
+"""New labeled data: batches dropped in the incoming folder join the training set.
+
+Each batch is a folder of its own under the incoming folder, in one of two forms:
+- an IDX pair: one `*images-idx3-ubyte[.gz]` and one `*labels-idx1-ubyte[.gz]` file;
+- PNG images (28x28, 8-bit grayscale) in one sub-folder per class, named by the class
+  (`t-shirt-top`, `trouser`, ..., `ankle-boot`; case, spaces and `_` are forgiven) or its index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from prefect import get_run_logger, task
+
+from fmnist import idx
+from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+
+
+class IncomingBatchError(ValueError):
+    """A batch folder that cannot be read; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class IncomingBatch:
+    name: str
+    path: str
+    kind: Literal["idx", "png"]
+    sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
+    rows: int
+
+
+def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()
+
+
+def _one(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern)) + sorted(folder.glob(pattern + ".gz"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise IncomingBatchError(f"{folder}: more than one file matches {pattern}[.gz]: {names}")
+    return found[0] if found else None
+
+
+def _class_index(folder: Path) -> int:
+    name = folder.name
+    if name.isdigit() and int(name) < NUM_CLASSES:
+        return int(name)
+    try:
+        return CLASS_SLUGS.index(class_slug(name))
+    except ValueError:
+        raise IncomingBatchError(
+            f"{folder}: not a class name; use one of {', '.join(CLASS_SLUGS)} or 0-{NUM_CLASSES - 1}"
+        ) from None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            if image.mode != "L":
+                raise IncomingBatchError(f"{path}: colour mode {image.mode}; expected 8-bit grayscale (L)")
+            return np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise IncomingBatchError(f"{path}: not a readable PNG image ({exc})") from exc
+
+
+def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for class_dir in class_dirs:
+        label = _class_index(class_dir)
+        for png in sorted(class_dir.glob("*.png")):
+            image = _read_png(png)
+            if images and image.shape != images[0].shape:
+                raise IncomingBatchError(
+                    f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "
+                    f"{images[0].shape[1]}x{images[0].shape[0]} images before it in {folder}"
+                )
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise IncomingBatchError(f"{folder}: class folders hold no .png files")
+    return np.stack(images), np.asarray(labels, dtype=np.uint8)
+
+
+def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """The batch's kind, its (n, rows, columns) uint8 images and (n,) labels."""
+    images_file = _one(folder, "*images-idx3-ubyte")
+    labels_file = _one(folder, "*labels-idx1-ubyte")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if images_file and labels_file and not class_dirs:
+        images, labels = idx.read_pair(images_file, labels_file)
+        return "idx", images, labels
+    if class_dirs and not (images_file or labels_file):
+        return "png", *_read_png_batch(folder, class_dirs)
+    raise IncomingBatchError(
+        f"{folder}: a batch holds either one *images-idx3-ubyte[.gz] file with one "
+        "*labels-idx1-ubyte[.gz] file, or PNG images in one folder per class"
+    )
+
+
+def collect_incoming(incoming_dir: Path) -> list[IncomingBatch]:
+    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name."""
+    if not incoming_dir.is_dir():
+        return []
+    batches = []
+    for entry in sorted(incoming_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise IncomingBatchError(f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/")
+        kind, images, labels = load_batch(entry)
+        batches.append(IncomingBatch(entry.name, str(entry), kind, content_sha256(images, labels), len(labels)))
+    return batches
+
+
+def load_collected(batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's arrays, refusing a batch whose content changed since it was collected."""
+    _, images, labels = load_batch(Path(batch.path))
+    if content_sha256(images, labels) != batch.sha256:
+        raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
+    return images, labels
+
+
+@task(name="collect-incoming")
+def collect_incoming_task(incoming_dir: Path) -> list[IncomingBatch]:
+    batches = collect_incoming(incoming_dir)
+    logger = get_run_logger()
+    if not batches:
+        logger.info("No incoming batches in %s", incoming_dir)
+    for batch in batches:
+        logger.info("Incoming batch %s: %d %s images, sha256 %s", batch.name, batch.rows, batch.kind, batch.sha256[:12])
+    return batches

@@ -1,0 +1,113 @@
+"""Normalize stage: float32 pixels in [0, 1], checked by GX, cached as parquet.
+
+The training split is the canonical training set followed by the incoming batches; the test
+split is always the canonical test set, so every model version is compared on the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from fmnist import idx
+from fmnist.cache import CachedDataset, ParquetCache, cache_key
+from fmnist.dataset import DatasetSpec
+from fmnist.files import atomic_dir
+from tasks.download import RawDataset
+from tasks.incoming import IncomingBatch, load_collected
+from tasks.validate import (
+    DataValidationError,
+    FrameCheck,
+    ValidationReport,
+    normalized_expectations,
+    normalized_summary,
+    run_checks,
+)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """(n, 28, 28) uint8 -> (n, 784) float32 in [0, 1]; bit-identical to the tutorials' x / 255.0."""
+    pixels = images.reshape(len(images), -1).astype(np.float32)
+    pixels /= np.float32(255)
+    return pixels
+
+
+def source_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
+    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
+
+
+def normalize_and_cache(
+    spec: DatasetSpec,
+    raw: RawDataset,
+    incoming: list[IncomingBatch],
+    validation: ValidationReport,
+    cache_dir: Path,
+    validation_dir: Path,
+) -> CachedDataset:
+    """The cached normalized dataset for these inputs: reused when present and intact, else built."""
+    if not validation.success:
+        raise DataValidationError(f"refusing to cache data that failed validation {validation.key}")
+    hashes = source_hashes(raw, incoming)
+    cache = ParquetCache(cache_dir)
+    key = cache_key(hashes)
+    if hit := cache.lookup(key):
+        return hit
+    train_parts = [idx.read_pair(Path(raw.train_images.path), Path(raw.train_labels.path))]
+    train_parts += [load_collected(batch) for batch in incoming]
+    test_images, test_labels = idx.read_pair(Path(raw.test_images.path), Path(raw.test_labels.path))
+    splits = {
+        "train": (
+            normalize(np.concatenate([images for images, _ in train_parts])),
+            np.concatenate([labels for _, labels in train_parts]),
+        ),
+        "test": (normalize(test_images), test_labels),
+    }
+    checks = [
+        FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
+        for name, (pixels, labels) in splits.items()
+    ]
+    with atomic_dir(validation_dir / f"normalized-{key}") as out_dir:
+        outcomes = run_checks(checks, out_dir)
+    failures = [f"{o.suite}: {f}" for o in outcomes for f in o.failures]
+    if failures:
+        raise DataValidationError("Normalized data failed validation:\n  - " + "\n  - ".join(failures))
+    metadata = {
+        "sources": {"canonical": [f.sha256 for f in raw.files], "incoming": {b.name: b.sha256 for b in incoming}},
+        "train_rows_by_source": {"canonical": spec.train_rows, **{b.name: b.rows for b in incoming}},
+    }
+    return cache.store(key, splits, metadata)
+
+
+@task(name="normalize-and-cache")
+def normalize_task(
+    spec: DatasetSpec,
+    raw: RawDataset,
+    incoming: list[IncomingBatch],
+    validation: ValidationReport,
+    cache_dir: Path,
+    validation_dir: Path,
+) -> CachedDataset:
+    cached = normalize_and_cache(spec, raw, incoming, validation, cache_dir, validation_dir)
+    get_run_logger().info(
+        "Parquet cache %s %s: %d train rows, %d test rows",
+        cached.key[:16],
+        "reused" if cached.reused else "written",
+        cached.train.rows,
+        cached.test.rows,
+    )
+    create_markdown_artifact(
+        key="data-cache",
+        markdown=(
+            f"# Normalized data {'(reused)' if cached.reused else '(written)'}\n\n"
+            f"Key `{cached.key}`\n\n| split | rows | file | sha256 |\n| --- | ---: | --- | --- |\n"
+            + "\n".join(
+                f"| {name} | {s.rows:,} | `{s.path}` | `{s.sha256[:16]}` |"
+                for name, s in (("train", cached.train), ("test", cached.test))
+            )
+        ),
+        description="The parquet files training reads",
+    )
+    return cached

@@ -1,0 +1,60 @@
+"""Small generated datasets and mirrors, so tests need neither the network nor the real data."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
+from fmnist.idx import encode_idx
+
+
+def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Noisy images with a bright band whose position encodes the label: learnable, and 28x28 uint8."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(len(labels), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 * label + 4 : 2 * label + 7, 3:25] = 255
+    return images
+
+
+def balanced_labels(per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.repeat(np.arange(NUM_CLASSES, dtype=np.uint8), per_class))
+
+
+def write_mirror(folder: Path, train_per_class: int = 20, test_per_class: int = 5, seed: int = 0) -> DatasetSpec:
+    """Write the four .gz files of a small balanced dataset into `folder`; return its spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_labels = balanced_labels(train_per_class, seed)
+    test_labels = balanced_labels(test_per_class, seed + 1)
+    arrays = {
+        "train-images-idx3-ubyte.gz": synthetic_images(train_labels, seed),
+        "train-labels-idx1-ubyte.gz": train_labels,
+        "t10k-images-idx3-ubyte.gz": synthetic_images(test_labels, seed + 1),
+        "t10k-labels-idx1-ubyte.gz": test_labels,
+    }
+    files = []
+    for name, array in arrays.items():
+        raw = encode_idx(array)
+        (folder / name).write_bytes(gzip.compress(raw, mtime=0))
+        files.append(RemoteFile(name=name, raw_size=len(raw), sha256=hashlib.sha256(raw).hexdigest()))
+    return DatasetSpec(
+        train_images=files[0],
+        train_labels=files[1],
+        test_images=files[2],
+        test_labels=files[3],
+        train_rows=len(train_labels),
+        test_rows=len(test_labels),
+    )
+
+
+def write_idx_batch(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """An incoming batch in IDX form."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "batch-images-idx3-ubyte.gz").write_bytes(gzip.compress(encode_idx(images)))
+    (folder / "batch-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(labels)))
+    return folder

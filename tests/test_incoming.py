@@ -1,0 +1,93 @@
+"""Incoming batches: IDX pairs and PNG class folders join the training set; bad ones are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.incoming import IncomingBatchError, collect_incoming, load_collected
+from tests.helpers import synthetic_images, write_idx_batch
+
+
+def write_png_batch(folder: Path, per_class: dict[str, int], size: int = 28, mode: str = "L") -> Path:
+    for class_name, count in per_class.items():
+        (folder / class_name).mkdir(parents=True)
+        for i in range(count):
+            Image.new(mode, (size, size), color=i * 10).save(folder / class_name / f"{i}.png")
+    return folder
+
+
+def test_missing_incoming_folder_means_no_batches(tmp_path: Path) -> None:
+    assert collect_incoming(tmp_path / "absent") == []
+
+
+def test_idx_and_png_batches_are_collected_in_name_order(tmp_path: Path) -> None:
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    write_idx_batch(tmp_path / "b-idx", synthetic_images(labels, seed=1), labels)
+    write_png_batch(tmp_path / "a-png", {"ankle-boot": 2, "T-shirt_top": 1, "3": 1})
+    (tmp_path / ".hidden").mkdir()
+    batches = collect_incoming(tmp_path)
+    assert [(b.name, b.kind, b.rows) for b in batches] == [("a-png", "png", 4), ("b-idx", "idx", 5)]
+    png_images, png_labels = load_collected(batches[0])
+    # Class folders in name order: "3" (Dress), "T-shirt_top" (0), "ankle-boot" (9).
+    assert png_labels.tolist() == [3, 0, 9, 9]
+    assert png_images.shape == (4, 28, 28) and png_images.dtype == np.uint8
+    _, idx_labels = load_collected(batches[1])
+    np.testing.assert_array_equal(idx_labels, labels)
+
+
+def test_same_content_same_hash_whatever_the_folder(tmp_path: Path) -> None:
+    labels = np.array([0, 1], dtype=np.uint8)
+    images = synthetic_images(labels, seed=2)
+    write_idx_batch(tmp_path / "in" / "one", images, labels)
+    write_idx_batch(tmp_path / "in" / "two", images, labels)
+    one, two = collect_incoming(tmp_path / "in")
+    assert one.sha256 == two.sha256
+
+
+def test_batch_changed_after_collection_is_refused(tmp_path: Path) -> None:
+    labels = np.array([0, 1], dtype=np.uint8)
+    write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=2), labels)
+    [batch] = collect_incoming(tmp_path)
+    write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=3), labels)
+    with pytest.raises(IncomingBatchError, match="batch changed while the run was using it"):
+        load_collected(batch)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: write_png_batch(d / "b", {"socks": 1}), r"b/socks: not a class name; use one of t-shirt-top"),
+        (lambda d: write_png_batch(d / "b", {"bag": 1}, mode="RGB"), r"b/bag/0.png: colour mode RGB"),
+        (lambda d: (d / "b" / "bag").mkdir(parents=True), r"b: class folders hold no .png files"),
+        (lambda d: (d / "b").mkdir(), r"b: a batch holds either one \*images-idx3-ubyte"),
+        (lambda d: (d / "stray.png").write_bytes(b""), r"stray.png: put each batch in a folder of its own"),
+        (
+            lambda d: (write_png_batch(d / "b", {"bag": 1}), (d / "b" / "bag" / "9.png").write_bytes(b"junk")),
+            r"b/bag/9.png: not a readable PNG image",
+        ),
+        (
+            lambda d: (
+                write_png_batch(d / "b", {"bag": 1}),
+                Image.new("L", (30, 30)).save(d / "b" / "bag" / "1.png"),
+            ),
+            r"b/bag/1.png: image is 30x30, unlike the 28x28 images before it",
+        ),
+    ],
+    ids=["unknown-class", "rgb", "empty-class", "empty-batch", "loose-file", "junk-png", "mixed-sizes"],
+)
+def test_bad_batches_are_named(tmp_path: Path, make, message: str) -> None:
+    make(tmp_path)
+    with pytest.raises(IncomingBatchError, match=message):
+        collect_incoming(tmp_path)
+
+
+def test_bad_idx_batch_names_the_file(tmp_path: Path) -> None:
+    labels = np.array([0, 1, 2], dtype=np.uint8)
+    folder = write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=0), labels[:2])
+    with pytest.raises(ValueError, match=r"b/batch-labels-idx1-ubyte.gz: 2 labels for the 3 images"):
+        collect_incoming(tmp_path)
+    assert folder.is_dir()  # incoming data is never edited or removed

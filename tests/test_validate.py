@@ -1,0 +1,122 @@
+"""The GX suites on small generated data: green data passes, each broken contract is reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.dataset import DataLayout, DatasetSpec
+from tasks.download import RawDataset, download_dataset
+from tasks.incoming import collect_incoming
+from tasks.validate import (
+    DataValidationError,
+    FrameCheck,
+    normalized_expectations,
+    normalized_summary,
+    run_checks,
+    validate_raw,
+)
+from tests.helpers import synthetic_images, write_idx_batch
+
+
+@pytest.fixture
+def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout) -> RawDataset:
+    folder, spec = mirror
+    return download_dataset(spec, [str(folder)], layout.raw)
+
+
+def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, raw) -> None:
+    _, spec = mirror
+    report = validate_raw(spec, raw, [], layout.validation)
+    assert report.success and not report.reused
+    assert [(s.suite, s.rows, s.success) for s in report.suites] == [
+        ("raw-canonical-train", 200, True),
+        ("raw-canonical-test", 50, True),
+    ]
+    result = json.loads(Path(report.result_path).read_text())
+    assert result["success"] is True
+    assert set(result["suites"]) == {"raw-canonical-train", "raw-canonical-test"}
+    docs = Path(report.docs_index)
+    assert docs.is_file() and "raw-canonical-train" in "".join(
+        p.read_text() for p in docs.parent.rglob("*.html") if "validations" in str(p)
+    )
+    report.raise_for_failure()  # no error for a passing report
+
+
+def test_passing_result_is_reused_for_the_same_inputs(mirror, layout, raw) -> None:
+    _, spec = mirror
+    first = validate_raw(spec, raw, [], layout.validation)
+    second = validate_raw(spec, raw, [], layout.validation)
+    assert second.reused and second.key == first.key and second.suites == first.suites
+
+
+def test_label_out_of_range_in_incoming_batch(mirror, layout, raw, tmp_path) -> None:
+    _, spec = mirror
+    labels = np.array([1, 10, 2, 10], dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "new-shoes", synthetic_images(labels % 10, seed=5), labels)
+    report = validate_raw(spec, raw, collect_incoming(tmp_path / "incoming"), layout.validation)
+    assert not report.success
+    by_suite = {s.suite: s for s in report.suites}
+    assert by_suite["raw-canonical-train"].success
+    [failure] = by_suite["raw-incoming-new-shoes"].failures
+    assert "expect_column_values_to_be_between(column=label, min_value=0.0, max_value=9.0)" in failure
+    assert "2 of 4 rows unexpected; e.g. row=1 label=10, row=3 label=10" in failure
+    with pytest.raises(DataValidationError) as caught:
+        report.raise_for_failure()
+    assert "raw-incoming-new-shoes: expect_column_values_to_be_between(column=label" in str(caught.value)
+    assert report.docs_index in str(caught.value)
+    assert json.loads(Path(report.result_path).read_text())["success"] is False
+
+
+def test_images_that_are_not_28x28(mirror, layout, raw, tmp_path) -> None:
+    _, spec = mirror
+    labels = np.array([0, 1], dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "big", np.zeros((2, 30, 30), np.uint8), labels)
+    report = validate_raw(spec, raw, collect_incoming(tmp_path / "incoming"), layout.validation)
+    failures = {s.suite: s.failures for s in report.suites}["raw-incoming-big"]
+    assert len(failures) == 2
+    assert any("column=height, value_set=[28]): 2 of 2 rows unexpected" in f for f in failures)
+    assert any("column=width" in f for f in failures)
+
+
+def test_canonical_row_counts_and_balance_are_checked(mirror, layout, raw) -> None:
+    _, spec = mirror
+    wrong = spec.model_copy(update={"train_rows": 210})
+    report = validate_raw(wrong, raw, [], layout.validation)
+    failures = {s.suite: s.failures for s in report.suites}["raw-canonical-train"]
+    assert any(f.startswith("expect_table_row_count_to_equal(value=210): observed 200") for f in failures)
+    # 210 rows would mean 21 per class; each class has 20.
+    assert any("column=label_count, min_value=21.0, max_value=21.0): 200 of 200 rows" in f for f in failures)
+
+
+def test_missing_class_is_reported(layout, tmp_path) -> None:
+    from tests.helpers import write_mirror
+
+    spec = write_mirror(tmp_path / "m", train_per_class=2, test_per_class=1)
+    raw = download_dataset(spec, [str(tmp_path / "m")], layout.raw)
+    labels_path = Path(raw.test_labels.path)
+    data = bytearray(labels_path.read_bytes())
+    data[8:] = bytes(b if b != 7 else 3 for b in data[8:])  # no Sneaker left in the test split
+    labels_path.write_bytes(bytes(data))
+    report = validate_raw(spec, raw, [], layout.validation)
+    failures = {s.suite: s.failures for s in report.suites}["raw-canonical-test"]
+    assert any("expect_column_distinct_values_to_contain_set" in f and "missing [7]" in f for f in failures)
+
+
+def test_normalized_suite_catches_nan_and_out_of_range(tmp_path) -> None:
+    pixels = np.full((4, 784), 0.5, dtype=np.float32)
+    pixels[1, 10] = np.nan
+    pixels[2, 0] = 1.5
+    pixels[3, 5] = -0.25
+    labels = np.array([0, 1, 2, 3], dtype=np.uint8)
+    [outcome] = run_checks(
+        [FrameCheck("normalized-train", normalized_summary(pixels, labels), normalized_expectations(4))], tmp_path
+    )
+    assert not outcome.success
+    text = "\n".join(outcome.failures)
+    assert "column=nan_count, min_value=0.0, max_value=0.0): 1 of 4 rows unexpected; e.g. row=1 nan_count=1" in text
+    assert "column=pixel_max, min_value=0.0, max_value=1.0): 1 of 4 rows unexpected; e.g. row=2 pixel_max=1.5" in text
+    assert "column=pixel_min, min_value=0.0, max_value=1.0): 1 of 4 rows unexpected; e.g. row=3 pixel_min=-0.25" in text
