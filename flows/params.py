@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DataLayout, DatasetSpec
+from fmnist.model import TrainParams
 
 
 class RetrainParams(BaseModel):
@@ -24,10 +25,15 @@ class RetrainParams(BaseModel):
     download_timeout_s: float = Field(30.0, gt=0, le=600, description="Per network read")
     download_retries: int = Field(2, ge=0, le=10, description="Retries per mirror on network errors")
     dataset: DatasetSpec = Field(FASHION_MNIST, description="The files to fetch, pinned by sha256")
+    training: TrainParams = Field(default_factory=TrainParams, description="The model and how to train it")
+    registry_root: str = Field("artifacts", description="Model registry; each run's files go under <root>/runs/")
 
     @property
     def layout(self) -> DataLayout:
         return DataLayout(Path(self.data_root).resolve())
+
+    def run_dir(self, run_id: str) -> Path:
+        return Path(self.registry_root).resolve() / "runs" / run_id
 
     @property
     def incoming_path(self) -> Path:

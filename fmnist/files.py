@@ -29,9 +29,12 @@ def sha256_text(*parts: str) -> str:
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds.
+
+    The temp name keeps the target's suffix (Keras picks the format from it) and starts with a dot.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+    tmp = target.with_name(f".part-{uuid.uuid4().hex}-{target.name}")
     try:
         yield tmp
         os.replace(tmp, target)

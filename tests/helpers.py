@@ -58,3 +58,22 @@ def write_idx_batch(folder: Path, images: np.ndarray, labels: np.ndarray) -> Pat
     (folder / "batch-images-idx3-ubyte.gz").write_bytes(gzip.compress(encode_idx(images)))
     (folder / "batch-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(labels)))
     return folder
+
+
+def cached_dataset(root: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]):
+    """A parquet cache entry holding the given uint8 images and labels, normalized."""
+    from fmnist.cache import ParquetCache
+    from tasks.normalize import normalize
+
+    splits = {name: (normalize(images), labels) for name, (images, labels) in (("train", train), ("test", test))}
+    return ParquetCache(root).store(hashlib.sha256(repr(root).encode()).hexdigest(), splits, {})
+
+
+def learnable_cache(root: Path, train_per_class: int = 50, test_per_class: int = 10):
+    train_labels = balanced_labels(train_per_class, seed=0)
+    test_labels = balanced_labels(test_per_class, seed=1)
+    return cached_dataset(
+        root,
+        (synthetic_images(train_labels, seed=0), train_labels),
+        (synthetic_images(test_labels, seed=1), test_labels),
+    )

@@ -13,13 +13,32 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import RetrainParams
 from flows.retrain import retrain
-from tests.helpers import synthetic_images, write_idx_batch
+from fmnist.model import TrainParams
+from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def learnable_mirror(tmp_path_factory: pytest.TempPathFactory):
+    """Enough generated images for one epoch to learn well above chance."""
+    folder = tmp_path_factory.mktemp("mirror")
+    return folder, write_mirror(folder, train_per_class=50, test_per_class=10)
+
+
+def params_for(mirror, tmp_path: Path) -> RetrainParams:
+    folder, spec = mirror
+    return RetrainParams(
+        data_root=str(tmp_path / "data"),
+        registry_root=str(tmp_path / "artifacts"),
+        mirrors=[str(folder)],
+        dataset=spec,
+        training=TrainParams(epochs=1),
+    )
 
 
 def artifacts_of(flow_run_id) -> dict[str, str]:
@@ -30,30 +49,40 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
     return {a.key: str(a.data) for a in found}
 
 
-def test_flow_runs_the_data_stages_as_tasks(mirror, tmp_path: Path) -> None:
-    folder, spec = mirror
-    params = RetrainParams(data_root=str(tmp_path / "data"), mirrors=[str(folder)], dataset=spec)
-    state = retrain(params, return_state=True)
+def test_flow_runs_every_stage_as_a_task(learnable_mirror, tmp_path: Path) -> None:
+    state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
     assert state.is_completed()
-    cached = state.result()
-    assert (cached.train.rows, cached.test.rows) == (200, 50)
-    assert Path(cached.train.path).is_relative_to(tmp_path / "data" / "cache")
-    artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert set(artifacts) == {"fashion-mnist-download", "data-validation", "data-cache"}
+    outcome = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    assert outcome.test_accuracy > 0.5
+    assert Path(outcome.run_dir) == tmp_path / "artifacts" / "runs" / str(flow_run_id)
+    assert Path(outcome.model_path).is_file()
+    assert (Path(outcome.run_dir) / "evaluation" / "confusion_matrix.png").is_file()
+    artifacts = artifacts_of(flow_run_id)
+    assert set(artifacts) == {
+        "fashion-mnist-download",
+        "data-validation",
+        "data-cache",
+        "training-progress",
+        "per-class-metrics",
+        "confusion-matrix",
+        "evaluation-report",
+    }
     assert "Data validation passed" in artifacts["data-validation"]
-    assert cached.key in artifacts["data-cache"]
+    assert outcome.data_key in artifacts["data-cache"]
+    assert float(artifacts["training-progress"]) == 100.0
+    assert "data:image/png;base64," in artifacts["evaluation-report"]
 
 
-def test_bad_incoming_batch_stops_the_flow_at_validation(mirror, tmp_path: Path) -> None:
-    folder, spec = mirror
+def test_bad_incoming_batch_stops_the_flow_at_validation(learnable_mirror, tmp_path: Path) -> None:
     labels = np.array([0, 10], dtype=np.uint8)
     write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=1), labels)
-    params = RetrainParams(data_root=str(tmp_path / "data"), mirrors=[str(folder)], dataset=spec)
-    state = retrain(params, return_state=True)
+    state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"raw-incoming-bad-labels: expect_column_values_to_be_between\(column=label"):
         state.result()
     assert not (tmp_path / "data" / "cache").exists()
+    assert not (tmp_path / "artifacts").exists()
     artifacts = artifacts_of(state.state_details.flow_run_id)
     assert "Data validation **FAILED**" in artifacts["data-validation"]
     assert "data-cache" not in artifacts

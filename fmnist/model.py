@@ -1,0 +1,105 @@
+"""Training hyperparameters and the model built from them.
+
+`build_model` uses only the Keras 3 API (no TensorFlow calls), so the same code runs on any Keras
+backend; the pipeline runs it on TensorFlow (`tf.keras` is Keras 3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+
+from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import keras
+
+Preset = Literal["dnn", "mlp128", "cnn"]
+
+
+class TrainParams(BaseModel):
+    """Every knob of a training run. The defaults are the reference tutorials' DNN recipe."""
+
+    preset: Preset = Field("dnn", description="dnn: 512-128 DNN; mlp128: one hidden layer of 128; cnn: 3 conv layers")
+    epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam")
+    dropout: float = Field(0.2, ge=0, lt=1, description="After each hidden layer that has dropout")
+    seed: int = Field(42, ge=0, description="Same seed, data and machine: same metrics")
+    steps_per_execution: int = Field(
+        64, ge=1, le=10000, description="Batches per compiled call; a throughput setting, not a recipe change"
+    )
+    require_gpu: bool = Field(False, description="Fail at once if this worker sees no GPU")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: float16 compute on GPUs with tensor cores (compute capability 7.0+)"
+    )
+    deterministic: bool = Field(
+        False, description="TF op determinism: bit-identical GPU runs, slower (CPU runs are reproducible anyway)"
+    )
+    chance_margin: float = Field(
+        0.1, ge=0, le=0.9, description="Refuse a model whose training accuracy is within this of chance (1/10)"
+    )
+
+
+def build_model(params: TrainParams) -> keras.Model:
+    """The preset's network: (28, 28) float inputs in [0, 1], softmax over the 10 classes."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE), name="image")
+    # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
+    output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
+    if params.preset == "dnn":
+        hidden = [
+            layers.Flatten(),
+            layers.Dense(512, activation="relu"),
+            layers.Dropout(params.dropout),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(params.dropout),
+        ]
+    elif params.preset == "mlp128":
+        hidden = [layers.Flatten(), layers.Dense(128, activation="relu")]
+    else:  # cnn
+        hidden = [
+            layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(params.dropout),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(params.dropout),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.Flatten(),
+        ]
+    return keras.Sequential([inputs, *hidden, output], name=params.preset)
+
+
+def compile_model(model: keras.Model, params: TrainParams, *, jit_compile: bool) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=params.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=params.steps_per_execution,
+        jit_compile=jit_compile,
+    )
+
+
+class ModelIntegrityError(RuntimeError):
+    """A model file that is missing or not the one that was written."""
+
+
+def load_verified_model(path: Path, sha256: str) -> keras.Model:
+    """Load a `.keras` file only if it hashes to `sha256`, and in Keras' safe mode (no pickled code)."""
+    import keras
+
+    from fmnist.files import sha256_file
+
+    if not path.is_file():
+        raise ModelIntegrityError(f"{path}: model file is missing")
+    if (found := sha256_file(path)) != sha256:
+        raise ModelIntegrityError(f"{path}: sha256 {found} is not the recorded {sha256}; refusing to load it")
+    return keras.models.load_model(path, safe_mode=True)

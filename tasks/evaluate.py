@@ -1,0 +1,152 @@
+"""Evaluate stage: the trained model on the fixed test set (and the training set, for the gap)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from fmnist import plots
+from fmnist.cache import CachedDataset, read_split
+from fmnist.dataset import CLASS_NAMES, NUM_CLASSES
+from fmnist.files import atomic_write_text
+from fmnist.model import load_verified_model
+from tasks.train import TrainResult
+
+SAMPLE_IMAGES = 24
+PREDICT_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    test_accuracy: float
+    test_loss: float
+    train_accuracy: float
+    train_loss: float
+    train_test_gap: float  # train accuracy minus test accuracy: how much the model overfits
+    per_class: list[dict]
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    metrics_path: str
+    plots: dict[str, str]
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+    return np.bincount(true.astype(np.int64) * classes + predicted, minlength=classes * classes).reshape(
+        classes, classes
+    )
+
+
+def per_class_metrics(matrix: np.ndarray) -> list[dict]:
+    """Precision, recall and F1 of each class from a confusion matrix (0 where undefined)."""
+    hits = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0)
+    actual = matrix.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return [
+        {
+            "class": CLASS_NAMES[i],
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
+        for i in range(len(matrix))
+    ]
+
+
+def evaluate_model(trained: TrainResult, cached: CachedDataset, out_dir: Path) -> Evaluation:
+    """Metrics and plots of the trained model; `metrics.json` and PNGs go into `out_dir`."""
+    model = load_verified_model(Path(trained.model_path), trained.model_sha256)
+    test_images, test_labels = read_split(Path(cached.test.path))
+    train_images, train_labels = read_split(Path(cached.train.path))
+    test_loss, test_accuracy = model.evaluate(test_images, test_labels, batch_size=PREDICT_BATCH, verbose=0)
+    train_loss, train_accuracy = model.evaluate(train_images, train_labels, batch_size=PREDICT_BATCH, verbose=0)
+    predicted = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0).argmax(axis=1)
+    matrix = confusion_matrix(test_labels, predicted)
+
+    history = json.loads(Path(trained.history_path).read_text())["epochs"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / f"{name}.png" for name in ("learning_curves", "confusion_matrix", "sample_predictions")}
+    plots.learning_curves(history, float(test_accuracy), paths["learning_curves"])
+    plots.confusion_matrix_plot(matrix, paths["confusion_matrix"])
+    plots.sample_predictions(
+        test_images[:SAMPLE_IMAGES], test_labels[:SAMPLE_IMAGES], predicted[:SAMPLE_IMAGES], paths["sample_predictions"]
+    )
+    evaluation = Evaluation(
+        test_accuracy=float(test_accuracy),
+        test_loss=float(test_loss),
+        train_accuracy=float(train_accuracy),
+        train_loss=float(train_loss),
+        train_test_gap=float(train_accuracy - test_accuracy),
+        per_class=per_class_metrics(matrix),
+        confusion_matrix=matrix.tolist(),
+        metrics_path=str(out_dir / "metrics.json"),
+        plots={name: str(path) for name, path in paths.items()},
+    )
+    atomic_write_text(Path(evaluation.metrics_path), json.dumps(asdict(evaluation), indent=1))
+    return evaluation
+
+
+def _embedded_png(path: str, title: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{title}](data:image/png;base64,{data})"
+
+
+def evaluation_markdown(evaluation: Evaluation, trained: TrainResult) -> str:
+    return "\n".join(
+        [
+            "# Evaluation on the fixed test set",
+            "",
+            "| metric | value |",
+            "| --- | ---: |",
+            f"| test accuracy | {evaluation.test_accuracy:.4f} |",
+            f"| test loss | {evaluation.test_loss:.4f} |",
+            f"| train accuracy | {evaluation.train_accuracy:.4f} |",
+            f"| train-test gap | {evaluation.train_test_gap:+.4f} |",
+            f"| epochs | {trained.epochs} ({trained.seconds_per_epoch:.2f} s each on {trained.device}) |",
+            "",
+            _embedded_png(evaluation.plots["learning_curves"], "Learning curves"),
+            "",
+            _embedded_png(evaluation.plots["confusion_matrix"], "Confusion matrix"),
+            "",
+            _embedded_png(evaluation.plots["sample_predictions"], "Sample predictions"),
+            "",
+            f"Files: `{Path(evaluation.metrics_path).parent}`",
+        ]
+    )
+
+
+@task(name="evaluate")
+def evaluate_task(trained: TrainResult, cached: CachedDataset, out_dir: Path) -> Evaluation:
+    evaluation = evaluate_model(trained, cached, out_dir)
+    create_table_artifact(
+        key="per-class-metrics",
+        table=[{**row, **{k: round(row[k], 4) for k in ("precision", "recall", "f1")}} for row in evaluation.per_class],
+        description="Precision, recall and F1 of each class on the test set",
+    )
+    create_table_artifact(
+        key="confusion-matrix",
+        table=[
+            {"true": CLASS_NAMES[i], **{name: count for name, count in zip(CLASS_NAMES, row, strict=True)}}
+            for i, row in enumerate(evaluation.confusion_matrix)
+        ],
+        description="Test set: rows are the true class, columns the predicted class",
+    )
+    create_markdown_artifact(
+        key="evaluation-report", markdown=evaluation_markdown(evaluation, trained), description="Metrics and plots"
+    )
+    get_run_logger().info(
+        "Test accuracy %.4f, loss %.4f; train-test gap %+.4f",
+        evaluation.test_accuracy,
+        evaluation.test_loss,
+        evaluation.train_test_gap,
+    )
+    return evaluation

@@ -1,0 +1,72 @@
+"""Evaluation: metrics against a hand-computed example, files and plots, a refused damaged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.model import ModelIntegrityError, TrainParams
+from tasks.evaluate import confusion_matrix, evaluate_model, evaluation_markdown, per_class_metrics
+from tasks.train import train_model
+from tests.helpers import learnable_cache
+
+
+def test_metrics_match_a_hand_computed_example() -> None:
+    true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predicted = np.array([0, 0, 1, 1, 2, 2, 2, 2, 0])
+    matrix = confusion_matrix(true, predicted, classes=3)
+    assert matrix.tolist() == [[2, 1, 0], [0, 1, 1], [1, 0, 3]]
+    metrics = per_class_metrics(matrix)
+    # class 0: precision 2/3 (of 3 predicted 0), recall 2/3 (of 3 true 0)
+    # class 1: precision 1/2, recall 1/2; class 2: precision 3/4, recall 3/4
+    expected = [(2 / 3, 2 / 3), (1 / 2, 1 / 2), (3 / 4, 3 / 4)]
+    for row, (precision, recall) in zip(metrics, expected, strict=True):
+        assert row["precision"] == pytest.approx(precision)
+        assert row["recall"] == pytest.approx(recall)
+        assert row["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert [row["support"] for row in metrics] == [3, 2, 4]
+    assert metrics[0]["class"] == "T-shirt/top"
+
+
+def test_class_never_predicted_has_zero_precision_not_nan() -> None:
+    metrics = per_class_metrics(confusion_matrix(np.array([0, 1]), np.array([0, 0]), classes=2))
+    assert metrics[1] == {"class": "Trouser", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("eval")
+    cached = learnable_cache(root / "cache")
+    return cached, train_model(cached, TrainParams(epochs=2, seed=3), root / "run")
+
+
+def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
+    cached, result = trained
+    evaluation = evaluate_model(result, cached, tmp_path / "evaluation")
+    matrix = np.array(evaluation.confusion_matrix)
+    assert matrix.sum() == cached.test.rows
+    assert evaluation.test_accuracy == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
+    assert evaluation.test_accuracy > 0.5
+    assert evaluation.train_test_gap == pytest.approx(evaluation.train_accuracy - evaluation.test_accuracy)
+    assert json.loads(Path(evaluation.metrics_path).read_text())["confusion_matrix"] == evaluation.confusion_matrix
+    for path in evaluation.plots.values():
+        data = Path(path).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) < 150_000
+    markdown = evaluation_markdown(evaluation, result)
+    assert markdown.count("](data:image/png;base64,") == 3
+    assert f"| test accuracy | {evaluation.test_accuracy:.4f} |" in markdown
+
+
+def test_damaged_model_is_refused_before_loading(trained, tmp_path: Path) -> None:
+    cached, result = trained
+    copy = tmp_path / "model.keras"
+    data = bytearray(Path(result.model_path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    damaged = type(result)(**{**vars(result), "model_path": str(copy)})
+    with pytest.raises(ModelIntegrityError, match=r"model.keras: sha256 [0-9a-f]{64} is not the recorded"):
+        evaluate_model(damaged, cached, tmp_path / "evaluation")
+    assert not (tmp_path / "evaluation").exists()

@@ -1,0 +1,146 @@
+"""Training on small generated data: it learns, refuses chance, resumes after a kill, reproduces."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.cache import CachedDataset
+from fmnist.model import TrainParams, build_model
+from tasks.train import ChanceLevelError, NoGpuError, plan_devices, train_model
+from tests.helpers import cached_dataset, learnable_cache
+
+ONE_EPOCH = TrainParams(epochs=1, seed=7)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> CachedDataset:
+    return learnable_cache(tmp_path_factory.mktemp("cache"))
+
+
+def test_one_epoch_learns_clearly_above_chance(cached: CachedDataset, tmp_path: Path) -> None:
+    result = train_model(cached, ONE_EPOCH, tmp_path / "run")
+    assert result.accuracy > 0.5 and result.epochs == 1 and result.resumed_at_epoch == 1
+    assert result.device == "CPU (no GPU visible)" and not result.mixed_precision
+    history = json.loads(Path(result.history_path).read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [1] and history[0]["accuracy"] == pytest.approx(result.accuracy)
+    assert Path(result.model_path).is_file()
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not (tmp_path / "run" / "backup").exists()  # removed once training finished
+
+
+def test_chance_level_guard_refuses_a_model_that_learned_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(500, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=500).astype(np.uint8)  # no relation to the images
+    cache = cached_dataset(tmp_path / "cache", (noise, labels), (noise[:50], labels[:50]))
+    with pytest.raises(ChanceLevelError, match=r"at chance level \(training accuracy 0\.\d+, loss 2\.\d+"):
+        train_model(cache, ONE_EPOCH, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
+# Run in a separate process and SIGKILLed right after epoch 1 is backed up: a worker that dies.
+KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+    import keras
+    from fmnist.cache import CachedDataset, CachedSplit
+    from fmnist.model import TrainParams
+    from tasks.train import train_model
+
+    class KillAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up code runs
+
+    spec = json.loads(sys.argv[1])
+    cached = CachedDataset(spec["key"], CachedSplit(**spec["train"]), CachedSplit(**spec["test"]))
+    train_model(cached, TrainParams(epochs=3, seed=7), Path(sys.argv[2]), extra_callbacks=(KillAfterFirstEpoch(),))
+    """
+)
+
+
+def test_killed_training_resumes_at_the_next_epoch(cached: CachedDataset, tmp_path: Path, caplog) -> None:
+    run_dir = tmp_path / "run"
+    cached_json = json.dumps({"key": cached.key, "train": vars(cached.train), "test": vars(cached.test)})
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, cached_json, str(run_dir)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())["epochs"]] == [1]
+    assert (run_dir / "backup").is_dir() and not (run_dir / "model.keras").exists()
+
+    with caplog.at_level(logging.INFO):
+        result = train_model(cached, TrainParams(epochs=3, seed=7), run_dir)
+    assert result.resumed_at_epoch == 2 and result.epochs == 3
+    assert [h["epoch"] for h in json.loads(Path(result.history_path).read_text())["epochs"]] == [1, 2, 3]
+    assert "Resuming from the backup at epoch 2 of 3" in caplog.text
+    assert [m for m in caplog.messages if m.startswith("Epoch ")] == [
+        m for m in caplog.messages if m.startswith(("Epoch 2/3", "Epoch 3/3"))
+    ]
+
+
+def test_same_seed_and_data_give_the_same_metrics(cached: CachedDataset, tmp_path: Path) -> None:
+    first = train_model(cached, ONE_EPOCH, tmp_path / "a")
+    second = train_model(cached, ONE_EPOCH, tmp_path / "b")
+    other_seed = train_model(cached, TrainParams(epochs=1, seed=8), tmp_path / "c")
+    assert (first.loss, first.accuracy) == (second.loss, second.accuracy)
+    assert other_seed.loss != first.loss
+
+
+def test_require_gpu_fails_at_once_without_one(cached: CachedDataset, tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU, so a run that requires one must not fail here")
+    with pytest.raises(NoGpuError, match="require_gpu is set, but TensorFlow sees no GPU"):
+        train_model(cached, TrainParams(require_gpu=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_build_the_tutorial_networks() -> None:
+    dnn = build_model(TrainParams())
+    assert [
+        (type(layer).__name__, getattr(layer, "units", None) or getattr(layer, "rate", None)) for layer in dnn.layers
+    ] == [
+        ("Flatten", None),
+        ("Dense", 512),
+        ("Dropout", 0.2),
+        ("Dense", 128),
+        ("Dropout", 0.2),
+        ("Dense", 10),
+    ]
+    assert dnn.count_params() == 784 * 512 + 512 + 512 * 128 + 128 + 128 * 10 + 10
+    assert build_model(TrainParams(preset="mlp128")).count_params() == 784 * 128 + 128 + 128 * 10 + 10
+    cnn = build_model(TrainParams(preset="cnn"))
+    kinds = [type(layer).__name__ for layer in cnn.layers]
+    assert (kinds.count("Conv2D"), kinds.count("MaxPooling2D"), kinds.count("Dropout"), kinds.count("Dense")) == (
+        3,
+        2,
+        2,
+        1,
+    )
+    for model in (dnn, cnn):
+        assert model.output_shape == (None, 10)
+
+
+def test_mixed_precision_keeps_a_float32_output() -> None:
+    import keras
+
+    plan = plan_devices(TrainParams(mixed_precision="on"))
+    assert plan.mixed_precision and not plan.jit_compile
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(TrainParams())
+        assert model.layers[1].compute_dtype == "float16"
+        assert model.layers[-1].compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
