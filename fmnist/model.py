@@ -48,9 +48,9 @@ def build_model(params: TrainParams) -> keras.Model:
     import keras
     from keras import layers
 
+    # Layers are made in network order: each draws its seed from the global generator as it is made,
+    # so this order is what makes a seed give the tutorials' exact weights and dropout masks.
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE), name="image")
-    # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
-    output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
     if params.preset == "dnn":
         hidden = [
             layers.Flatten(),
@@ -73,6 +73,8 @@ def build_model(params: TrainParams) -> keras.Model:
             layers.Conv2D(64, 3, activation="relu"),
             layers.Flatten(),
         ]
+    # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
+    output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
     return keras.Sequential([inputs, *hidden, output], name=params.preset)
 
 

@@ -54,11 +54,12 @@ def test_real_data_verifies_validates_and_caches(real) -> None:
 
 
 def test_reference_recipe_reaches_its_accuracy(real, tmp_path: Path) -> None:
-    # One 5-epoch run of this recipe lands anywhere in about 0.867-0.879 depending on the seed (8 seeds
-    # measured), so a single seed would test luck, not the pipeline: take the median of the first three.
+    # One 5-epoch run of this recipe lands anywhere in 0.870-0.878 depending on the seed (9 seeds measured
+    # on a 2-core CPU; another CPU's kernels round differently), so one seed would test luck as well as the
+    # pipeline: take the median of the default seed and two others.
     _, cached = real
     accuracies = []
-    for seed in (0, 1, 2):
+    for seed in (TrainParams().seed, 0, 1):
         trained = train_model(cached, TrainParams(seed=seed), tmp_path / f"run-{seed}")  # the tutorials' DNN
         evaluation = evaluate_model(trained, cached, tmp_path / f"evaluation-{seed}")
         assert trained.epochs == 5 and sum(row["support"] for row in evaluation.per_class) == 10_000

@@ -144,3 +144,34 @@ def test_mixed_precision_keeps_a_float32_output() -> None:
         assert model.layers[-1].compute_dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_default_preset_starts_from_the_tutorials_exact_weights() -> None:
+    """Same seed, same initial weights as the tutorial's own Sequential: the recipe is unchanged."""
+    import keras
+
+    keras.utils.set_random_seed(42)
+    ours = build_model(TrainParams()).get_weights()
+    keras.utils.set_random_seed(42)
+    tutorial = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    assert len(ours) == len(tutorial.get_weights()) == 6
+    for mine, theirs in zip(ours, tutorial.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    dropout_seeds = [
+        layer.seed_generator.state.numpy().tolist() for layer in tutorial.layers if "Dropout" in type(layer).__name__
+    ]
+    keras.utils.set_random_seed(42)
+    model = build_model(TrainParams())
+    assert [
+        layer.seed_generator.state.numpy().tolist() for layer in model.layers if "Dropout" in type(layer).__name__
+    ] == dropout_seeds
