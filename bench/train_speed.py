@@ -136,11 +136,13 @@ def main() -> None:
             f"{kind:10}{s['seconds_per_epoch']:>10.2f}{s['steady_seconds_per_epoch']:>16.2f}{s['test_accuracy']:>15.4f}"
         )
     print(
-        f"speed-up {speedup:.2f}x (target >= {TARGETS['speedup']}x); accuracy {accuracy_delta:+.4f} (target >= -{TARGETS['accuracy_drop']})"
+        f"speed-up {speedup:.2f}x (target >= {TARGETS['speedup']}x); "
+        f"accuracy {accuracy_delta:+.4f} (target >= -{TARGETS['accuracy_drop']})"
     )
     print(
-        f"training arithmetic {project_rate / 1e9:.0f} GFLOP/s ({train_flops:.2e} FLOP an epoch); numpy sgemm "
-        f"{sgemm['batch64_784x512'] / 1e9:.0f} GFLOP/s at 64x784x512, {sgemm['square_2048'] / 1e9:.0f} GFLOP/s at 2048^3; "
+        f"training arithmetic {project_rate / 1e9:.0f} GFLOP/s ({train_flops:.2e} FLOP an epoch); "
+        f"numpy sgemm {sgemm['batch64_784x512'] / 1e9:.0f} GFLOP/s at 64x784x512, "
+        f"{sgemm['square_2048'] / 1e9:.0f} GFLOP/s at 2048^3; "
         f"ratio {project_rate / sgemm['square_2048']:.2f} of the large-matrix rate"
     )
     print(
