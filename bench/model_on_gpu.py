@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import logging
+import tempfile
+from pathlib import Path
 
 import keras
 import numpy as np
 
+from fmnist.epoch_log import EpochLog
 from fmnist.model import TrainParams, build_model, compile_model
 from tests.helpers import balanced_labels, synthetic_images
 
@@ -29,17 +32,6 @@ def accelerator() -> str:
     import tensorflow as tf
 
     return ", ".join(d.name for d in tf.config.list_physical_devices("GPU")) or "no GPU"
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.started)
 
 
 def main() -> None:
@@ -57,15 +49,16 @@ def main() -> None:
             keras.utils.set_random_seed(params.seed)
             model = build_model(params)
             compile_model(model, params, jit_compile=True)
-            timer = EpochTimer()
-            history = model.fit(
-                images, labels, batch_size=params.batch_size, epochs=params.epochs, verbose=0, callbacks=[timer]
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                timer = EpochLog(Path(tmp) / "history.json", params.epochs, None, logging.getLogger(__name__))
+                history = model.fit(
+                    images, labels, batch_size=params.batch_size, epochs=params.epochs, verbose=0, callbacks=[timer]
+                )
             row = {
                 "preset": preset,
                 "policy": policy,
                 "hidden_dtype": model.layers[1].compute_dtype,
-                "output_dtype": str(model.output.dtype),
+                "output_dtype": model.layers[-1].compute_dtype,
                 "images_per_s": len(images) / timer.seconds[-1],
                 "first_epoch_s": timer.seconds[0],
                 "accuracy": float(history.history["accuracy"][-1]),
