@@ -1,35 +1,39 @@
-"""The retraining flow: download -> validate -> normalize and cache -> train -> evaluate (-> register)."""
+"""The retraining flow: download -> validate -> normalize and cache -> train -> evaluate -> register."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
+from flows.train import train, train_on_deployment
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
 from tasks.normalize import normalize_task
-from tasks.train import train_task
+from tasks.register import build_manifest, champion_current_task, fingerprint, register_task, test_set_id
 from tasks.validate import validate_task
 
 
 @dataclass(frozen=True)
 class RetrainOutcome:
     data_key: str
-    run_dir: str
-    model_path: str
-    test_accuracy: float
+    champion: str | None
+    version: str | None = None  # registered by this run; None when the champion was current
+    version_dir: str | None = None
+    promoted: bool = False
+    test_accuracy: float | None = None
+    run_dir: str | None = None
 
 
 @flow(name="retrain-fashion-mnist")
-def retrain(params: RetrainParams = RetrainParams()) -> RetrainOutcome:
+def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | None = None) -> RetrainOutcome:
+    """`training_deployment` ('flow/deployment') says where training runs; None: in this process."""
     layout = params.layout
-    # The flow run's id names its folder, so a retried run finds its own training backup.
-    run_dir = params.run_dir(flow_run.get_id() or uuid.uuid4().hex)
     raw = download_task(
         spec=params.dataset,
         mirrors=params.mirrors,
@@ -47,17 +51,56 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainOutcome:
         cache_dir=layout.cache,
         validation_dir=layout.validation,
     )
-    trained = train_task(cached=cached, params=params.training, run_dir=run_dir)
+    run_fingerprint = fingerprint(cached.key, params.training)
+    current = champion_current_task(registry_root=params.registry_path, run_fingerprint=run_fingerprint)
+    if current and not params.force_retrain:
+        message = f"Champion {current} is current: same data, code and parameters. Nothing retrained."
+        get_run_logger().info(message)
+        create_markdown_artifact(key="retrain-report", markdown=f"# {message}\n\nFingerprint `{run_fingerprint}`.")
+        return RetrainOutcome(data_key=cached.key, champion=current)
+
+    # The flow run's id names its folder, so a retried run finds its own training backup.
+    run_dir = params.run_dir(flow_run.get_id() or uuid.uuid4().hex)
+    if training_deployment:
+        trained = train_on_deployment(training_deployment, cached, params.training, run_dir)
+    else:
+        trained = train(cached=cached, params=params.training, run_dir=str(run_dir))
     evaluation = evaluate_task(trained=trained, cached=cached, out_dir=run_dir / "evaluation")
+    manifest = build_manifest(
+        cached=cached,
+        test_set=test_set_id(raw.test_images.sha256, raw.test_labels.sha256),
+        params=params.training,
+        trained=trained,
+        evaluation=evaluation,
+        flow_run_id=flow_run.get_id(),
+    )
+    registration = register_task(
+        registry_root=params.registry_path,
+        trained=trained,
+        evaluation=evaluation,
+        manifest=manifest,
+        floor=params.promotion.min_accuracy,
+        tolerance=params.promotion.tolerance,
+        force=params.promotion.force,
+    )
     return RetrainOutcome(
         data_key=cached.key,
-        run_dir=str(run_dir),
-        model_path=trained.model_path,
+        champion=registration.champion,
+        version=registration.version,
+        version_dir=registration.version_dir,
+        promoted=registration.promoted,
         test_accuracy=evaluation.test_accuracy,
+        run_dir=str(run_dir),
     )
 
 
 if __name__ == "__main__":
     outcome = retrain()
-    print(f"Test accuracy {outcome.test_accuracy:.4f}; model: {outcome.model_path}")
-    print(f"Run folder (metrics, plots, TensorBoard logs): {outcome.run_dir}")
+    if outcome.version is None:
+        print(f"Champion {outcome.champion} is current; nothing retrained.")
+    else:
+        print(
+            f"Registered {outcome.version} (test accuracy {outcome.test_accuracy:.4f}, "
+            f"{'promoted' if outcome.promoted else 'not promoted'}); champion: {outcome.champion}"
+        )
+        print(f"Version folder (model, model card, manifest, metrics, plots): {outcome.version_dir}")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
 
 from fmnist import idx
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.png import ImageFileError, read_grayscale_png
 
 
 class IncomingBatchError(ValueError):
@@ -61,23 +61,16 @@ def _class_index(folder: Path) -> int:
         ) from None
 
 
-def _read_png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            if image.mode != "L":
-                raise IncomingBatchError(f"{path}: colour mode {image.mode}; expected 8-bit grayscale (L)")
-            return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise IncomingBatchError(f"{path}: not a readable PNG image ({exc})") from exc
-
-
 def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     images: list[np.ndarray] = []
     labels: list[int] = []
     for class_dir in class_dirs:
         label = _class_index(class_dir)
         for png in sorted(class_dir.glob("*.png")):
-            image = _read_png(png)
+            try:
+                image = read_grayscale_png(png)
+            except ImageFileError as exc:
+                raise IncomingBatchError(str(exc)) from exc
             if images and image.shape != images[0].shape:
                 raise IncomingBatchError(
                     f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "

@@ -1,4 +1,4 @@
-"""The flow under a real (test-harness) Prefect server, on small generated data."""
+"""The retraining flow in one process under a real (test-harness) Prefect server, on small data."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.params import RetrainParams
+from flows.params import PromotionParams, RetrainParams
 from flows.retrain import retrain
 from fmnist.model import TrainParams
+from fmnist.registry import Registry
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 
 
@@ -30,14 +31,16 @@ def learnable_mirror(tmp_path_factory: pytest.TempPathFactory):
     return folder, write_mirror(folder, train_per_class=50, test_per_class=10)
 
 
-def params_for(mirror, tmp_path: Path) -> RetrainParams:
+def params_for(mirror, root: Path, **overrides) -> RetrainParams:
     folder, spec = mirror
     return RetrainParams(
-        data_root=str(tmp_path / "data"),
-        registry_root=str(tmp_path / "artifacts"),
+        data_root=str(root / "data"),
+        registry_root=str(root / "artifacts"),
         mirrors=[str(folder)],
         dataset=spec,
         training=TrainParams(epochs=1),
+        promotion=PromotionParams(min_accuracy=0.5),
+        **overrides,
     )
 
 
@@ -49,43 +52,69 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
     return {a.key: str(a.data) for a in found}
 
 
-def test_flow_runs_every_stage_as_a_task(learnable_mirror, tmp_path: Path) -> None:
+def training_progress_of(run_dir: str) -> str:
+    """The progress artifact of the training flow run that wrote into `run_dir` (a subflow)."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-progress"])))
+        for artifact in found:
+            run = client.read_flow_run(artifact.flow_run_id)
+            if run.parameters.get("run_dir") == run_dir:
+                assert run.parent_task_run_id is not None  # ran as a subflow of the retraining run
+                return str(artifact.data)
+    raise AssertionError(f"no training-progress artifact for {run_dir}")
+
+
+def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_mirror, tmp_path: Path) -> None:
     state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
     assert state.is_completed()
     outcome = state.result()
     flow_run_id = state.state_details.flow_run_id
-    assert outcome.test_accuracy > 0.5
+    assert (outcome.version, outcome.promoted, outcome.champion) == ("v0001", True, "v0001")
     assert Path(outcome.run_dir) == tmp_path / "artifacts" / "runs" / str(flow_run_id)
-    assert Path(outcome.model_path).is_file()
-    assert (Path(outcome.run_dir) / "evaluation" / "confusion_matrix.png").is_file()
+    registry = Registry(tmp_path / "artifacts")
+    version = registry.manifest("v0001")
+    assert version["flow_run_id"] == str(flow_run_id) and version["data"]["cache_key"] == outcome.data_key
+    assert {"model.keras", "model_card.md", "metrics.json", "history.json", "confusion_matrix.png"} <= set(
+        version["files"]
+    )
     artifacts = artifacts_of(flow_run_id)
     assert set(artifacts) == {
         "fashion-mnist-download",
         "data-validation",
         "data-cache",
-        "training-progress",
         "per-class-metrics",
         "confusion-matrix",
         "evaluation-report",
+        "retrain-report",
     }
-    assert "Data validation passed" in artifacts["data-validation"]
-    assert outcome.data_key in artifacts["data-cache"]
-    assert float(artifacts["training-progress"]) == 100.0
+    assert float(training_progress_of(outcome.run_dir)) == 100.0
+    assert "# v0001 promoted to champion" in artifacts["retrain-report"]
+    assert "first version to clear the floor" in artifacts["retrain-report"]
     assert "data:image/png;base64," in artifacts["evaluation-report"]
 
+    again = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
+    assert again.result().version is None and again.result().champion == "v0001"
+    assert registry.versions() == ["v0001"]
+    assert "Champion v0001 is current" in artifacts_of(again.state_details.flow_run_id)["retrain-report"]
 
-def test_bad_incoming_batch_stops_the_flow_at_validation(learnable_mirror, tmp_path: Path) -> None:
+    forced = retrain(params_for(learnable_mirror, tmp_path, force_retrain=True), return_state=True)
+    assert forced.result().version == "v0002" and registry.versions() == ["v0001", "v0002"]
+
+
+def test_bad_incoming_batch_fails_at_validation_and_changes_nothing(learnable_mirror, tmp_path: Path) -> None:
+    assert retrain(params_for(learnable_mirror, tmp_path), return_state=True).is_completed()
+    registry_files = {p: p.read_bytes() for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
     labels = np.array([0, 10], dtype=np.uint8)
     write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=1), labels)
     state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"raw-incoming-bad-labels: expect_column_values_to_be_between\(column=label"):
         state.result()
-    assert not (tmp_path / "data" / "cache").exists()
-    assert not (tmp_path / "artifacts").exists()
+    after = {p: p.read_bytes() for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
+    assert after == registry_files  # the champion and every version exactly as they were
     artifacts = artifacts_of(state.state_details.flow_run_id)
     assert "Data validation **FAILED**" in artifacts["data-validation"]
-    assert "data-cache" not in artifacts
+    assert "evaluation-report" not in artifacts and "retrain-report" not in artifacts
 
 
 def test_parameters_are_checked_before_anything_runs() -> None:
@@ -93,3 +122,5 @@ def test_parameters_are_checked_before_anything_runs() -> None:
         RetrainParams(download_retries=-1)
     with pytest.raises(ValueError, match="mirrors"):
         RetrainParams(mirrors=[])
+    with pytest.raises(ValueError, match="min_accuracy"):
+        RetrainParams(promotion={"min_accuracy": 2})

@@ -1,0 +1,50 @@
+"""The training flow: its own deployment, so training can run on a GPU worker's pool.
+
+The retraining flow hands it small things only (the cached dataset's paths, the parameters, the
+run folder); both hosts must read the same data root and registry. The result comes back through
+`train_result.json` in the run folder, not through Prefect's result storage, which another host
+may not share.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+from prefect.deployments import run_deployment
+
+from fmnist.cache import CachedDataset
+from fmnist.files import atomic_write_text
+from fmnist.model import TrainParams
+from tasks.train import TrainResult, train_task
+
+RESULT_FILE = "train_result.json"
+
+
+class TrainingRunFailed(RuntimeError):
+    """The training flow run on the training deployment did not complete."""
+
+
+@flow(name="train-fashion-mnist")
+def train(cached: CachedDataset, params: TrainParams, run_dir: str) -> TrainResult:
+    result = train_task(cached=cached, params=params, run_dir=Path(run_dir))
+    atomic_write_text(Path(run_dir) / RESULT_FILE, json.dumps(asdict(result), indent=1))
+    return result
+
+
+def train_on_deployment(deployment: str, cached: CachedDataset, params: TrainParams, run_dir: Path) -> TrainResult:
+    """Run the training flow on `deployment` (e.g. on the GPU pool), wait for it, and check its end."""
+    flow_run = run_deployment(
+        deployment,
+        parameters={"cached": asdict(cached), "params": params.model_dump(), "run_dir": str(run_dir)},
+        timeout=None,
+    )
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise TrainingRunFailed(
+            f"training run {flow_run.name} ({flow_run.id}) on {deployment} ended "
+            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+        )
+    return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))

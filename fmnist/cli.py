@@ -1,0 +1,115 @@
+"""Operators' command line: the registry's versions and champion, and predictions with the champion.
+
+fashion-mnist versions                 list versions, the champion marked
+fashion-mnist show v0003               one version's manifest, decision and file check
+fashion-mnist promote v0002            make a version champion by hand
+fashion-mnist rollback                 make the previous champion the champion again
+fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
+from fmnist.model import ModelIntegrityError, load_verified_model
+from fmnist.png import ImageFileError, read_grayscale_png
+from fmnist.registry import Registry, RegistryError
+
+
+def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
+    champion = registry.champion()
+    versions = registry.versions()
+    if not versions:
+        print(f"No versions in {registry.root}")
+        return
+    print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
+    for version in versions:
+        m = registry.manifest(version)
+        mark = "*" if version == champion else ""
+        decision = ("promoted: " if m["decision"]["promoted"] else "kept back: ") + m["decision"]["reason"]
+        print(
+            f"{mark:2}{version:9}{m['registered_at']:27}{m['metrics']['test_accuracy']:>9.4f}  "
+            f"{m['params']['preset']:8}{decision}"
+        )
+    print(f"\n* champion: {champion or 'none'}")
+
+
+def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
+    damaged = registry.damaged_files(args.version)
+    status = {
+        "champion": registry.champion() == args.version,
+        "folder": str(registry.version_dir(args.version)),
+        "files_intact": not damaged,
+        "damaged_files": damaged,
+    }
+    print(json.dumps({**status, **registry.manifest(args.version)}, indent=1))
+
+
+def cmd_promote(registry: Registry, args: argparse.Namespace) -> None:
+    registry.promote(args.version, args.reason)
+    print(f"{args.version} is now the champion")
+
+
+def cmd_rollback(registry: Registry, args: argparse.Namespace) -> None:
+    replaced = registry.champion()
+    restored = registry.rollback(args.reason)
+    print(f"{restored} is the champion again (was {replaced})")
+
+
+def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
+    images = []
+    for path in args.images:
+        image = read_grayscale_png(path)
+        if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ImageFileError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
+        images.append(image)
+    model_path, sha256 = registry.champion_model_path()
+    model = load_verified_model(model_path, sha256)
+    probabilities = model.predict(np.stack(images).astype(np.float32) / np.float32(255), verbose=0)
+    print(f"champion {registry.champion()}")
+    for path, row in zip(args.images, probabilities, strict=True):
+        best = int(row.argmax())
+        print(f"{path}\t{CLASS_NAMES[best]}\t{row[best]:.3f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    main.add_argument("--registry", type=Path, default=Path("artifacts"), help="registry root (default: artifacts)")
+    commands = main.add_subparsers(dest="command", required=True)
+    commands.add_parser("versions", help="list versions").set_defaults(run=cmd_versions)
+    show = commands.add_parser("show", help="one version in full")
+    show.add_argument("version")
+    show.set_defaults(run=cmd_show)
+    promote = commands.add_parser("promote", help="make a version champion")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="promoted by the operator")
+    promote.set_defaults(run=cmd_promote)
+    rollback = commands.add_parser("rollback", help="restore the previous champion")
+    rollback.add_argument("--reason", default="rolled back by the operator")
+    rollback.set_defaults(run=cmd_rollback)
+    predict = commands.add_parser("predict", help="classify PNG files with the champion")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.set_defaults(run=cmd_predict)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(Registry(args.registry), args)
+    except (RegistryError, ImageFileError, ModelIntegrityError) as exc:
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Register stage: store the evaluated model as a new registry version and apply the promotion gate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from fmnist import lineage
+from fmnist.cache import CachedDataset, read_metadata
+from fmnist.files import sha256_text
+from fmnist.model import TrainParams
+from fmnist.registry import Registry
+from tasks.evaluate import Evaluation
+from tasks.train import TrainResult
+
+
+@dataclass(frozen=True)
+class Registration:
+    version: str
+    version_dir: str
+    promoted: bool
+    reason: str
+    champion: str | None  # after this registration
+
+
+def fingerprint(cache_key: str, params: TrainParams) -> str:
+    """Same data, same code, same parameters: same fingerprint, and no reason to train again."""
+    return sha256_text("run", cache_key, lineage.code_sha256(), params.model_dump_json())
+
+
+def test_set_id(test_images_sha256: str, test_labels_sha256: str) -> str:
+    """Identity of the test set: only models measured on the same one are compared."""
+    return sha256_text("test-set", test_images_sha256, test_labels_sha256)
+
+
+def build_manifest(
+    *,
+    cached: CachedDataset,
+    test_set: str,
+    params: TrainParams,
+    trained: TrainResult,
+    evaluation: Evaluation,
+    flow_run_id: str | None,
+) -> dict:
+    sources = read_metadata(Path(cached.train.path)).get("sources", {})
+    return {
+        "fingerprint": fingerprint(cached.key, params),
+        "flow_run_id": flow_run_id,
+        "data": {
+            "cache_key": cached.key,
+            "test_set": test_set,
+            "train_rows": cached.train.rows,
+            "test_rows": cached.test.rows,
+            "train_parquet_sha256": cached.train.sha256,
+            "test_parquet_sha256": cached.test.sha256,
+            "sources": sources,
+        },
+        "params": params.model_dump(),
+        "code": {"sha256": lineage.code_sha256(), "git_commit": lineage.git_commit()},
+        "libraries": lineage.library_versions(),
+        "hardware": {**lineage.host(), "device": trained.device, "mixed_precision": trained.mixed_precision},
+        "training": {"epochs": trained.epochs, "seconds_per_epoch": trained.seconds_per_epoch},
+        "metrics": {
+            k: getattr(evaluation, k)
+            for k in ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "train_test_gap")
+        },
+        "per_class": evaluation.per_class,
+    }
+
+
+def model_card(manifest: dict) -> str:
+    """The version's card, from its final manifest (which holds its number and promotion decision)."""
+    metrics = manifest["metrics"]
+    decision = manifest["decision"]
+    params = manifest["params"]
+    rows = "\n".join(
+        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |" for c in manifest["per_class"]
+    )
+    code = manifest["code"]["git_commit"] or manifest["code"]["sha256"][:12]
+    return f"""# Fashion-MNIST classifier {manifest["version"]}
+
+**Model**: `{params["preset"]}` preset, {params["epochs"]} epochs, batch {params["batch_size"]}, Adam \
+{params["learning_rate"]}, dropout {params["dropout"]}, seed {params["seed"]}.
+**Input**: 28x28 grayscale images scaled to [0, 1] (pixel / 255). **Output**: probabilities of the 10
+Fashion-MNIST classes (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot).
+
+**Data**: the canonical 60,000 training images plus incoming batches ({manifest["data"]["train_rows"]:,} rows);
+evaluated on the fixed canonical test set ({manifest["data"]["test_rows"]:,} images). Data key
+`{manifest["data"]["cache_key"][:16]}`.
+
+**Metrics**: test accuracy {metrics["test_accuracy"]:.4f}, test loss {metrics["test_loss"]:.4f}, train-test gap
+{metrics["train_test_gap"]:+.4f}.
+
+| class | precision | recall | F1 |
+| --- | ---: | ---: | ---: |
+{rows}
+
+**Promotion**: {"promoted" if decision["promoted"] else "not promoted"}: {decision["reason"]}.
+
+**Trained on**: {manifest["hardware"]["device"]}; code {code};
+TensorFlow {manifest["libraries"]["tensorflow"]}, Keras {manifest["libraries"]["keras"]}.
+
+**Limits**: trained on centred, 28x28 product photos on a plain background; other images (photos of
+worn clothes, other framings) are out of distribution. Shirt, T-shirt/top, Pullover and Coat are the
+classes it confuses most.
+"""
+
+
+def register_model(
+    registry_root: Path,
+    trained: TrainResult,
+    evaluation: Evaluation,
+    manifest: dict,
+    *,
+    floor: float,
+    tolerance: float,
+    force: bool,
+) -> Registration:
+    """Copy the run's model, history, metrics and plots into a new version; apply the gate."""
+    files = {
+        "model.keras": Path(trained.model_path),
+        "history.json": Path(trained.history_path),
+        "metrics.json": Path(evaluation.metrics_path),
+        **{f"{name}.png": Path(path) for name, path in evaluation.plots.items()},
+    }
+    if missing := [str(path) for path in files.values() if not path.is_file()]:
+        raise FileNotFoundError(f"run {trained.run_dir} lacks files to register: {', '.join(missing)}")
+    registry = Registry(registry_root)
+    version, decision = registry.register(
+        files, manifest, floor=floor, tolerance=tolerance, force=force, model_card=model_card
+    )
+    return Registration(
+        version=version,
+        version_dir=str(registry.version_dir(version)),
+        promoted=decision.promoted,
+        reason=decision.reason,
+        champion=registry.champion(),
+    )
+
+
+def run_report(registration: Registration, manifest: dict, evaluation: Evaluation) -> str:
+    """The run's markdown report in the Prefect UI: data, metrics, the decision and where things are."""
+    version = json.loads((Path(registration.version_dir) / "manifest.json").read_text())
+    decision = version["decision"]
+    champion = decision["champion_version"]
+    data = manifest["data"]
+    incoming = data["sources"].get("incoming", {})
+    per_class = "\n".join(
+        f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+        for c in evaluation.per_class
+    )
+    compared = (
+        f"| test accuracy | {decision['candidate_accuracy']:.4f} | {decision['champion_accuracy']:.4f} |"
+        if champion
+        else f"| test accuracy | {decision['candidate_accuracy']:.4f} | (no champion yet) |"
+    )
+    outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
+    batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
+    return f"""# {registration.version} {outcome}
+
+**Decision**: {decision["reason"]}. Floor {decision["floor"]:.4f}, tolerance {decision["tolerance"]:.4f}.
+Champion now: **{registration.champion or "none"}**.
+
+| | candidate {registration.version} | champion before{f" ({champion})" if champion else ""} |
+| --- | ---: | ---: |
+{compared}
+
+Test loss {evaluation.test_loss:.4f}; train accuracy {evaluation.train_accuracy:.4f};
+train-test gap {evaluation.train_test_gap:+.4f}.
+
+**Data**: key `{data["cache_key"][:16]}`, {data["train_rows"]:,} training rows ({batches}),
+{data["test_rows"]:,} test rows.
+
+| class | precision | recall | F1 | support |
+| --- | ---: | ---: | ---: | ---: |
+{per_class}
+
+**Files**: `{registration.version_dir}` (model.keras, model_card.md, manifest.json, metrics.json, history.json, plots).
+"""
+
+
+@task(name="check-champion")
+def champion_current_task(registry_root: Path, run_fingerprint: str) -> str | None:
+    """The champion if nothing changed since it was trained (same data, code and parameters)."""
+    return Registry(registry_root).champion_if_current(run_fingerprint)
+
+
+@task(name="register")
+def register_task(
+    registry_root: Path,
+    trained: TrainResult,
+    evaluation: Evaluation,
+    manifest: dict,
+    floor: float,
+    tolerance: float,
+    force: bool,
+) -> Registration:
+    registration = register_model(
+        registry_root, trained, evaluation, manifest, floor=floor, tolerance=tolerance, force=force
+    )
+    create_markdown_artifact(
+        key="retrain-report",
+        markdown=run_report(registration, manifest, evaluation),
+        description="Data, metrics, the promotion decision and where the version lives",
+    )
+    get_run_logger().info(
+        "Registered %s (%s): %s; champion is %s",
+        registration.version,
+        "promoted" if registration.promoted else "not promoted",
+        registration.reason,
+        registration.champion,
+    )
+    return registration
