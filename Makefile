@@ -16,13 +16,25 @@ export GX_ANALYTICS_ENABLED := false
 # Use the machine's Python (3.11-3.13); never download one.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help install data run test lint format bench
+# The operator's Prefect server (make server) and what talks to it.
+PREFECT := .venv/bin/prefect
+PREFECT_PORT ?= 4200
+SERVER := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
+CPU_POOL := fashion-mnist-cpu
+GPU_POOL := fashion-mnist-gpu
+PARAMS ?= {}
+
+.PHONY: help install data run test lint format bench server pools deploy worker-cpu worker-gpu retrain-now
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
 	@echo "make test    install, get the data, run the tests"
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data"
+	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
+	@echo "make deploy  create the work pools and deploy prefect.yaml to that server"
+	@echo "make worker-cpu / worker-gpu   start a worker for the CPU / GPU pool"
+	@echo "make retrain-now PARAMS='{\"training\": {\"epochs\": 10}}'   run the ad-hoc deployment"
 
 $(UV):
 	python3 -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
@@ -62,3 +74,25 @@ format: install
 
 bench: install data
 	$(PY) bench/data_stages.py
+
+server: install
+	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
+pools: install
+	$(SERVER) $(PREFECT) work-pool create $(CPU_POOL) --type process --overwrite
+	$(SERVER) $(PREFECT) work-pool create $(GPU_POOL) --type process --overwrite
+	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(CPU_POOL) 1
+	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
+
+deploy: pools
+	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) $(PREFECT) --no-prompt deploy --all
+
+worker-cpu: install data
+	$(SERVER) $(PREFECT) worker start --pool $(CPU_POOL)
+
+worker-gpu: install
+	$(SERVER) $(PREFECT) worker start --pool $(GPU_POOL)
+
+retrain-now: install
+	$(SERVER) $(PREFECT) deployment run retrain-fashion-mnist/adhoc --param params='$(PARAMS)' --watch
