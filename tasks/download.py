@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from fmnist.dataset import DatasetSpec, RemoteFile
@@ -203,8 +203,6 @@ def download_dataset(
 
 @task(name="download", retries=1, retry_delay_seconds=30)
 def download_task(spec: DatasetSpec, mirrors: list[str], raw_dir: Path, timeout_s: float, retries: int) -> RawDataset:
-    from prefect import get_run_logger
-
     raw = download_dataset(spec, mirrors, raw_dir, timeout_s=timeout_s, retries=retries, logger=get_run_logger())
     create_table_artifact(
         key="fashion-mnist-download",

@@ -176,6 +176,8 @@ def _describe_failure(result: dict) -> str:
 
 def run_checks(checks: list[FrameCheck], out_dir: Path) -> list[SuiteOutcome]:
     """Run each suite on its frame; write `result.json` and Data Docs (`docs/`) into `out_dir`."""
+    # GX reads this when imported: a pipeline run never reports usage to GX's servers (the Makefile
+    # sets it too; this covers flows started any other way).
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
