@@ -76,7 +76,8 @@ bench: install data
 	$(PY) bench/data_stages.py
 
 server: install
-	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	# The UI must be told the port: prefect 3.8 otherwise points it at 4200 whatever --port says.
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
 pools: install

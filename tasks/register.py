@@ -160,6 +160,15 @@ def run_report(registration: Registration, manifest: dict, evaluation: Evaluatio
     )
     outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
     batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
+    # One line each: the Prefect UI renders a line break inside a paragraph as a break.
+    losses = (
+        f"Test loss {evaluation.test_loss:.4f}; train accuracy {evaluation.train_accuracy:.4f}; "
+        f"train-test gap {evaluation.train_test_gap:+.4f}."
+    )
+    data_line = (
+        f"**Data**: key `{data['cache_key'][:16]}`, {data['train_rows']:,} training rows ({batches}), "
+        f"{data['test_rows']:,} test rows."
+    )
     return f"""# {registration.version} {outcome}
 
 **Decision**: {decision["reason"]}. Floor {decision["floor"]:.4f}, tolerance {decision["tolerance"]:.4f}.
@@ -169,11 +178,9 @@ Champion now: **{registration.champion or "none"}**.
 | --- | ---: | ---: |
 {compared}
 
-Test loss {evaluation.test_loss:.4f}; train accuracy {evaluation.train_accuracy:.4f};
-train-test gap {evaluation.train_test_gap:+.4f}.
+{losses}
 
-**Data**: key `{data["cache_key"][:16]}`, {data["train_rows"]:,} training rows ({batches}),
-{data["test_rows"]:,} test rows.
+{data_line}
 
 | class | precision | recall | F1 | support |
 | --- | ---: | ---: | ---: | ---: |
