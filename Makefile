@@ -4,6 +4,10 @@ SHELL := /bin/bash
 
 UV_VERSION := 0.13.9
 UV := .tools/bin/uv
+# On a GPU host: make install UV_EXTRAS="--extra and-cuda" (and keep passing it: a plain sync drops the extra).
+UV_EXTRAS ?=
+# One install stamp per set of extras, so changing UV_EXTRAS re-syncs.
+STAMP := .venv/.installed$(shell printf '%s' '$(UV_EXTRAS)' | tr -c 'A-Za-z0-9' '_')
 PY := .venv/bin/python
 LOCAL_MIRROR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -39,11 +43,11 @@ help:
 $(UV):
 	python3 -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
 
-.venv/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen $(UV_EXTRAS)
 	@touch $@
 
-install: .venv/.installed
+install: $(STAMP)
 
 # Debian's dataset-fashion-mnist is the first (offline) mirror; elsewhere the upstream mirrors serve.
 data:
