@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from fmnist.cache import CachedDataset
@@ -21,6 +21,9 @@ from fmnist.model import TrainParams
 from tasks.train import TrainResult, train_task
 
 RESULT_FILE = "train_result.json"
+# A training run that crashed (its process died: OOM kill, lost worker process) is started once
+# more; it writes into the same run folder, so it resumes after its last completed epoch.
+CRASH_RESUBMISSIONS = 1
 
 
 class TrainingRunFailed(RuntimeError):
@@ -36,15 +39,20 @@ def train(cached: CachedDataset, params: TrainParams, run_dir: str) -> TrainResu
 
 def train_on_deployment(deployment: str, cached: CachedDataset, params: TrainParams, run_dir: Path) -> TrainResult:
     """Run the training flow on `deployment` (e.g. on the GPU pool), wait for it, and check its end."""
-    flow_run = run_deployment(
-        deployment,
-        parameters={"cached": asdict(cached), "params": params.model_dump(), "run_dir": str(run_dir)},
-        timeout=None,
-    )
-    state = flow_run.state
-    if state is None or not state.is_completed():
-        raise TrainingRunFailed(
-            f"training run {flow_run.name} ({flow_run.id}) on {deployment} ended "
-            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+    parameters = {"cached": asdict(cached), "params": params.model_dump(), "run_dir": str(run_dir)}
+    attempts = CRASH_RESUBMISSIONS + 1
+    for attempt in range(1, attempts + 1):
+        flow_run = run_deployment(deployment, parameters=parameters, timeout=None)
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+        if state is None or not state.is_crashed() or attempt == attempts:
+            raise TrainingRunFailed(
+                f"training run {flow_run.name} ({flow_run.id}) on {deployment} ended "
+                f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+            )
+        get_run_logger().warning(
+            "Training run %s crashed (%s); starting it again, to resume after its last completed epoch",
+            flow_run.name,
+            state.message,
         )
-    return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))

@@ -123,7 +123,8 @@ def train_model(
     epoch_log = EpochLog(run_dir / "history.json", params.epochs, on_epoch, logger)
     callbacks = [
         epoch_log,  # before the backup: an epoch is recorded before it counts as done
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        # Two checkpoints: a process killed while writing one resumes from the other.
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
         *extra_callbacks,
     ]

@@ -33,6 +33,7 @@ class Stack:
     env: dict[str, str]
     api: str
     tmp: Path
+    gpu_worker: subprocess.Popen
 
 
 def free_port() -> int:
@@ -97,8 +98,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         start("worker-cpu", "worker", "start", "--pool", "fashion-mnist-cpu")
-        start("worker-gpu", "worker", "start", "--pool", "fashion-mnist-gpu")
-        yield Stack(env, api, tmp)
+        gpu_worker = start("worker-gpu", "worker", "start", "--pool", "fashion-mnist-gpu")
+        yield Stack(env, api, tmp, gpu_worker)
     finally:
         for process in reversed(processes):
             stop(process)
@@ -117,9 +118,9 @@ def run_params(stack: Stack) -> dict:
     }
 
 
-def deployment_run(stack: Stack, params: dict) -> dict:
-    """`prefect deployment run` as an operator types it; returns the flow run as the API has it."""
-    done = subprocess.run(
+def start_deployment_run(stack: Stack, params: dict) -> subprocess.Popen:
+    """`prefect deployment run --watch` as an operator types it."""
+    return subprocess.Popen(
         [
             *(PREFECT, "deployment", "run", "retrain-fashion-mnist/adhoc"),
             *("--param", f"params={json.dumps(params)}"),
@@ -127,13 +128,22 @@ def deployment_run(stack: Stack, params: dict) -> dict:
         ],
         cwd=ROOT,
         env=stack.env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=700,
     )
-    match = re.search(r"UUID:\s+([0-9a-f-]{36})", done.stdout)
-    assert match, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def finished_run(stack: Stack, cli: subprocess.Popen) -> dict:
+    """Wait for the watching CLI to end; the flow run as the API has it."""
+    stdout, stderr = cli.communicate(timeout=700)
+    match = re.search(r"UUID:\s+([0-9a-f-]{36})", stdout)
+    assert match, stdout[-3000:] + stderr[-3000:]
     return api_get(stack, f"/flow_runs/{match.group(1)}")
+
+
+def deployment_run(stack: Stack, params: dict) -> dict:
+    return finished_run(stack, start_deployment_run(stack, params))
 
 
 def api_get(stack: Stack, path: str) -> dict:
@@ -203,3 +213,49 @@ def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(stack: S
     assert states["validate"] == "FAILED" and "train" not in states and "register" not in states
     assert "Data validation **FAILED**" in artifact_keys(stack, run["id"])["data-validation"]
     assert {p: p.read_bytes() for p in registry_root.rglob("*") if p.is_file()} == before
+
+
+def test_crashed_training_run_is_started_again_and_resumes(stack: Stack, run_params: dict) -> None:
+    epochs = 60
+    params = {
+        **run_params,
+        "data_root": str(stack.tmp / "data-crash"),
+        "registry_root": str(stack.tmp / "artifacts-crash"),
+        "training": {"epochs": epochs},
+    }
+    cli = start_deployment_run(stack, params)
+    # Once the training run has finished a few epochs, its process dies (as under the OOM killer);
+    # the GPU worker survives and reports the run Crashed.
+    deadline = time.monotonic() + 300
+    killed_at = None
+    while killed_at is None and time.monotonic() < deadline:
+        histories = list((stack.tmp / "artifacts-crash" / "runs").glob("*/history.json"))
+        done = len(json.loads(histories[0].read_text())["epochs"]) if histories else 0
+        if 2 <= done < epochs - 10:
+            pids = subprocess.run(["pgrep", "-P", str(stack.gpu_worker.pid)], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
+            killed_at = done if pids.stdout.split() else None
+        time.sleep(0.05)
+    assert killed_at, "never caught the training run between its 2nd and last epochs"
+
+    run = finished_run(stack, cli)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    training = api_filter(
+        stack,
+        "/flow_runs/filter",
+        {"deployments": {"name": {"any_": ["gpu"]}}, "flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}},
+    )
+    assert [r["state_type"] for r in sorted(training, key=lambda r: r["created"])] == ["CRASHED", "COMPLETED"]
+    run_dir = stack.tmp / "artifacts-crash" / "runs" / run["id"]
+    history = json.loads((run_dir / "history.json").read_text())["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # none lost, none twice
+    resumed = api_filter(
+        stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in training]}}, "limit": 200}
+    )
+    resumes = [log["message"] for log in resumed if "Resuming from the backup" in log["message"]]
+    assert len(resumes) == 1
+    # Resumed, not restarted: after the last epoch whose backup was complete. history.json is written
+    # before the backup, and one more epoch may have ended between reading it and the kill.
+    assert 2 <= int(resumes[0].split("epoch ")[1].split(" ")[0]) <= killed_at + 2
+    assert Registry(stack.tmp / "artifacts-crash").champion() == "v0001"
