@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from fmnist import idx
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.png import ImageFileError, read_grayscale_png
+from tasks.download import RawDataset
 
 
 class IncomingBatchError(ValueError):
@@ -112,6 +113,11 @@ def collect_incoming(incoming_dir: Path) -> list[IncomingBatch]:
         kind, images, labels = load_batch(entry)
         batches.append(IncomingBatch(entry.name, str(entry), kind, content_sha256(images, labels), len(labels)))
     return batches
+
+
+def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
+    """What the data stages' cache keys are made of: the canonical files' and each batch's content."""
+    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
 
 
 def load_collected(batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:

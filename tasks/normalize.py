@@ -17,7 +17,7 @@ from fmnist.cache import CachedDataset, ParquetCache, cache_key
 from fmnist.dataset import DatasetSpec
 from fmnist.files import atomic_dir
 from tasks.download import RawDataset
-from tasks.incoming import IncomingBatch, load_collected
+from tasks.incoming import IncomingBatch, input_hashes, load_collected
 from tasks.validate import (
     DataValidationError,
     FrameCheck,
@@ -35,10 +35,6 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def source_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
-    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
-
-
 def normalize_and_cache(
     spec: DatasetSpec,
     raw: RawDataset,
@@ -50,7 +46,7 @@ def normalize_and_cache(
     """The cached normalized dataset for these inputs: reused when present and intact, else built."""
     if not validation.success:
         raise DataValidationError(f"refusing to cache data that failed validation {validation.key}")
-    hashes = source_hashes(raw, incoming)
+    hashes = input_hashes(raw, incoming)
     cache = ParquetCache(cache_dir)
     key = cache_key(hashes)
     if hit := cache.lookup(key):

@@ -26,7 +26,7 @@ from fmnist import idx
 from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES, DatasetSpec
 from fmnist.files import atomic_dir, sha256_file, sha256_text
 from tasks.download import RawDataset
-from tasks.incoming import IncomingBatch, load_collected
+from tasks.incoming import IncomingBatch, input_hashes, load_collected
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -248,9 +248,7 @@ def validate_raw(
     spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], validation_dir: Path
 ) -> ValidationReport:
     """Validate every input; reuse an earlier passing result for the same inputs and suites."""
-    key = sha256_text(
-        "raw-validation", suite_version(), *(f.sha256 for f in raw.files), *(f"{b.name}:{b.sha256}" for b in incoming)
-    )
+    key = sha256_text("raw-validation", suite_version(), *input_hashes(raw, incoming))
     out_dir = validation_dir / key
     report_file = out_dir / "report.json"
     if report_file.is_file():
