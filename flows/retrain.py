@@ -67,6 +67,7 @@ def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | 
         trained = train(cached=cached, params=params.training, run_dir=str(run_dir))
     evaluation = evaluate_task(trained=trained, cached=cached, out_dir=run_dir / "evaluation")
     manifest = build_manifest(
+        run_fingerprint=run_fingerprint,
         cached=cached,
         test_set=test_set_id(raw.test_images.sha256, raw.test_labels.sha256),
         params=params.training,

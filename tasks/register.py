@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from fmnist import lineage
 from fmnist.cache import CachedDataset, read_metadata
 from fmnist.files import sha256_text
 from fmnist.model import TrainParams
-from fmnist.registry import Registry
+from fmnist.registry import Decision, Registry
 from tasks.evaluate import Evaluation
 from tasks.train import TrainResult
 
@@ -22,9 +21,12 @@ from tasks.train import TrainResult
 class Registration:
     version: str
     version_dir: str
-    promoted: bool
-    reason: str
+    decision: Decision
     champion: str | None  # after this registration
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision.promoted
 
 
 def fingerprint(cache_key: str, params: TrainParams) -> str:
@@ -39,6 +41,7 @@ def test_set_id(test_images_sha256: str, test_labels_sha256: str) -> str:
 
 def build_manifest(
     *,
+    run_fingerprint: str,
     cached: CachedDataset,
     test_set: str,
     params: TrainParams,
@@ -48,7 +51,7 @@ def build_manifest(
 ) -> dict:
     sources = read_metadata(Path(cached.train.path)).get("sources", {})
     return {
-        "fingerprint": fingerprint(cached.key, params),
+        "fingerprint": run_fingerprint,
         "flow_run_id": flow_run_id,
         "data": {
             "cache_key": cached.key,
@@ -72,14 +75,21 @@ def build_manifest(
     }
 
 
+def per_class_table(per_class: list[dict]) -> str:
+    """Markdown table of each class's precision, recall, F1 and support."""
+    rows = [
+        f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+        for c in per_class
+    ]
+    return "\n".join(["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |", *rows])
+
+
 def model_card(manifest: dict) -> str:
     """The version's card, from its final manifest (which holds its number and promotion decision)."""
     metrics = manifest["metrics"]
     decision = manifest["decision"]
     params = manifest["params"]
-    rows = "\n".join(
-        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |" for c in manifest["per_class"]
-    )
+    weakest = sorted(manifest["per_class"], key=lambda c: c["f1"])[:3]
     code = manifest["code"]["git_commit"] or manifest["code"]["sha256"][:12]
     return f"""# Fashion-MNIST classifier {manifest["version"]}
 
@@ -95,9 +105,7 @@ evaluated on the fixed canonical test set ({manifest["data"]["test_rows"]:,} ima
 **Metrics**: test accuracy {metrics["test_accuracy"]:.4f}, test loss {metrics["test_loss"]:.4f}, train-test gap
 {metrics["train_test_gap"]:+.4f}.
 
-| class | precision | recall | F1 |
-| --- | ---: | ---: | ---: |
-{rows}
+{per_class_table(manifest["per_class"])}
 
 **Promotion**: {"promoted" if decision["promoted"] else "not promoted"}: {decision["reason"]}.
 
@@ -105,8 +113,8 @@ evaluated on the fixed canonical test set ({manifest["data"]["test_rows"]:,} ima
 TensorFlow {manifest["libraries"]["tensorflow"]}, Keras {manifest["libraries"]["keras"]}.
 
 **Limits**: trained on centred, 28x28 product photos on a plain background; other images (photos of
-worn clothes, other framings) are out of distribution. Shirt, T-shirt/top, Pullover and Coat are the
-classes it confuses most.
+worn clothes, other framings) are out of distribution. Its weakest classes on the test set (lowest F1):
+{", ".join(f"{c['class']} ({c['f1']:.3f})" for c in weakest)}.
 """
 
 
@@ -136,27 +144,21 @@ def register_model(
     return Registration(
         version=version,
         version_dir=str(registry.version_dir(version)),
-        promoted=decision.promoted,
-        reason=decision.reason,
+        decision=decision,
         champion=registry.champion(),
     )
 
 
 def run_report(registration: Registration, manifest: dict, evaluation: Evaluation) -> str:
     """The run's markdown report in the Prefect UI: data, metrics, the decision and where things are."""
-    version = json.loads((Path(registration.version_dir) / "manifest.json").read_text())
-    decision = version["decision"]
-    champion = decision["champion_version"]
+    decision = registration.decision
+    champion = decision.champion_version
     data = manifest["data"]
     incoming = data["sources"].get("incoming", {})
-    per_class = "\n".join(
-        f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
-        for c in evaluation.per_class
-    )
     compared = (
-        f"| test accuracy | {decision['candidate_accuracy']:.4f} | {decision['champion_accuracy']:.4f} |"
+        f"| test accuracy | {decision.candidate_accuracy:.4f} | {decision.champion_accuracy:.4f} |"
         if champion
-        else f"| test accuracy | {decision['candidate_accuracy']:.4f} | (no champion yet) |"
+        else f"| test accuracy | {decision.candidate_accuracy:.4f} | (no champion yet) |"
     )
     outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
     batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
@@ -171,7 +173,7 @@ def run_report(registration: Registration, manifest: dict, evaluation: Evaluatio
     )
     return f"""# {registration.version} {outcome}
 
-**Decision**: {decision["reason"]}. Floor {decision["floor"]:.4f}, tolerance {decision["tolerance"]:.4f}.
+**Decision**: {decision.reason}. Floor {decision.floor:.4f}, tolerance {decision.tolerance:.4f}.
 Champion now: **{registration.champion or "none"}**.
 
 | | candidate {registration.version} | champion before{f" ({champion})" if champion else ""} |
@@ -182,9 +184,7 @@ Champion now: **{registration.champion or "none"}**.
 
 {data_line}
 
-| class | precision | recall | F1 | support |
-| --- | ---: | ---: | ---: | ---: |
-{per_class}
+{per_class_table(evaluation.per_class)}
 
 **Files**: `{registration.version_dir}` (model.keras, model_card.md, manifest.json, metrics.json, history.json, plots).
 """
@@ -218,7 +218,7 @@ def register_task(
         "Registered %s (%s): %s; champion is %s",
         registration.version,
         "promoted" if registration.promoted else "not promoted",
-        registration.reason,
+        registration.decision.reason,
         registration.champion,
     )
     return registration

@@ -77,6 +77,9 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert {"model.keras", "model_card.md", "metrics.json", "history.json", "confusion_matrix.png"} <= set(
         version["files"]
     )
+    card = (registry.version_dir("v0001") / "model_card.md").read_text()
+    weakest = min(version["per_class"], key=lambda c: c["f1"])
+    assert f"(lowest F1):\n{weakest['class']} ({weakest['f1']:.3f})" in card
     artifacts = artifacts_of(flow_run_id)
     assert set(artifacts) == {
         "fashion-mnist-download",
