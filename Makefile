@@ -27,8 +27,21 @@ SERVER := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
 PARAMS ?= {}
+DEPLOYMENT ?= adhoc
 
-.PHONY: help install data run test lint format bench server pools deploy worker-cpu worker-gpu retrain-now
+# The cluster deployments (hosts that share no disk): where the code and the data are.
+FMNIST_REPO_URL ?= $(shell git remote get-url origin 2>/dev/null)
+FMNIST_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
+FMNIST_GPU_REQUIREMENTS ?= requirements/gpu.txt
+FMNIST_DATA_ROOT ?=
+FMNIST_REGISTRY_ROOT ?=
+
+# The per-run install step of the cluster deployments reads these, exported from uv.lock.
+EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
+REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
+
+.PHONY: help install data run test lint format bench server pools deploy deploy-cluster worker-cpu worker-gpu \
+	retrain-now requirements
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
@@ -36,9 +49,11 @@ help:
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
-	@echo "make deploy  create the work pools and deploy prefect.yaml to that server"
+	@echo "make deploy  create the work pools and deploy the single-host deployments to that server"
+	@echo "make deploy-cluster FMNIST_DATA_ROOT=s3://... FMNIST_REGISTRY_ROOT=s3://...   the cluster deployments"
 	@echo "make worker-cpu / worker-gpu   start a worker for the CPU / GPU pool"
 	@echo "make retrain-now PARAMS='{\"training\": {\"epochs\": 10}}'   run the ad-hoc deployment"
+	@echo "make requirements   export requirements/*.txt from uv.lock (after changing the lock)"
 
 $(UV):
 	python3 -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
@@ -71,6 +86,14 @@ test: install data
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	@diff -q <(echo "$(REQUIREMENTS_HEADER)"; $(EXPORT)) requirements/cpu.txt >/dev/null \
+	  && diff -q <(echo "$(REQUIREMENTS_HEADER)"; $(EXPORT) --extra and-cuda) requirements/gpu.txt >/dev/null \
+	  || { echo "requirements/*.txt do not match uv.lock: run make requirements"; exit 1; }
+
+requirements: $(UV)
+	mkdir -p requirements
+	{ echo "$(REQUIREMENTS_HEADER)"; $(EXPORT); } > requirements/cpu.txt
+	{ echo "$(REQUIREMENTS_HEADER)"; $(EXPORT) --extra and-cuda; } > requirements/gpu.txt
 
 format: install
 	.venv/bin/ruff check --fix .
@@ -91,7 +114,20 @@ pools: install
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
 
 deploy: pools
-	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) $(PREFECT) --no-prompt deploy --all
+	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) $(PREFECT) --no-prompt deploy --name nightly --name adhoc --name gpu
+
+# Code from git at the pinned commit, everything else in object storage (see prefect.yaml).
+deploy-cluster: pools
+	@case "$(FMNIST_DATA_ROOT) $(FMNIST_REGISTRY_ROOT)" in s3://*" "s3://*) ;; \
+	  *) echo "set FMNIST_DATA_ROOT and FMNIST_REGISTRY_ROOT to s3:// URLs every host can reach"; exit 1;; esac
+	@[ -n "$(FMNIST_REPO_URL)" ] && [ -n "$(FMNIST_COMMIT)" ] \
+	  || { echo "set FMNIST_REPO_URL (no git remote 'origin' here) and FMNIST_COMMIT"; exit 1; }
+	@git diff --quiet HEAD 2>/dev/null \
+	  || echo "warning: uncommitted changes are not deployed: workers run commit $(FMNIST_COMMIT)"
+	$(SERVER) FMNIST_REPO_URL=$(FMNIST_REPO_URL) FMNIST_COMMIT=$(FMNIST_COMMIT) \
+	  FMNIST_GPU_REQUIREMENTS=$(FMNIST_GPU_REQUIREMENTS) \
+	  FMNIST_DATA_ROOT=$(FMNIST_DATA_ROOT) FMNIST_REGISTRY_ROOT=$(FMNIST_REGISTRY_ROOT) \
+	  $(PREFECT) --no-prompt deploy --name nightly-cluster --name adhoc-cluster --name gpu-cluster
 
 worker-cpu: install data
 	$(SERVER) $(PREFECT) worker start --pool $(CPU_POOL)
@@ -100,4 +136,4 @@ worker-gpu: install
 	$(SERVER) $(PREFECT) worker start --pool $(GPU_POOL)
 
 retrain-now: install
-	$(SERVER) $(PREFECT) deployment run retrain-fashion-mnist/adhoc --param params='$(PARAMS)' --watch
+	$(SERVER) $(PREFECT) deployment run retrain-fashion-mnist/$(DEPLOYMENT) --param params='$(PARAMS)' --watch

@@ -25,7 +25,9 @@ STAGES = ("download", "collect_incoming", "validate", "normalize_cache")
 
 def run_stages(root: Path, cold: bool) -> dict:
     started = time.perf_counter()
-    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DataLayout
+    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.layout import DataLayout
+    from fmnist.storage import Store
     from tasks.download import download_dataset
     from tasks.incoming import collect_incoming
     from tasks.normalize import normalize_and_cache
@@ -35,7 +37,7 @@ def run_stages(root: Path, cold: bool) -> dict:
         import great_expectations  # noqa: F401  (imported by validation on a miss; timed apart)
     imports = time.perf_counter() - started
 
-    layout = DataLayout(root)
+    layout, store = DataLayout(str(root)), Store()
     seconds = {}
 
     def timed(name, fn):
@@ -44,12 +46,12 @@ def run_stages(root: Path, cold: bool) -> dict:
         seconds[name] = time.perf_counter() - t
         return result
 
-    raw = timed("download", lambda: download_dataset(FASHION_MNIST, DEFAULT_MIRRORS[:1], layout.raw))
-    incoming = timed("collect_incoming", lambda: collect_incoming(root / "incoming"))
-    report = timed("validate", lambda: validate_raw(FASHION_MNIST, raw, incoming, layout.validation))
+    raw = timed("download", lambda: download_dataset(FASHION_MNIST, DEFAULT_MIRRORS[:1], store, layout.raw))
+    incoming = timed("collect_incoming", lambda: collect_incoming(store, str(root / "incoming")))
+    report = timed("validate", lambda: validate_raw(FASHION_MNIST, raw, incoming, store, layout.validation))
     cached = timed(
         "normalize_cache",
-        lambda: normalize_and_cache(FASHION_MNIST, raw, incoming, report, layout.cache, layout.validation),
+        lambda: normalize_and_cache(FASHION_MNIST, raw, incoming, report, store, layout),
     )
     assert report.success and cached.train.rows == 60_000
     assert (raw.train_images.source == "cache") is not cold and report.reused is not cold and cached.reused is not cold

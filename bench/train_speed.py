@@ -34,24 +34,27 @@ def project_run(seed: int, epochs: int) -> dict:
     import keras
 
     from fmnist.cache import read_split
-    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DataLayout
+    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.layout import DataLayout
     from fmnist.model import TrainParams
+    from fmnist.run_folder import RunFolder
+    from fmnist.storage import Store
     from tasks.download import download_dataset
     from tasks.normalize import normalize_and_cache
     from tasks.train import train_model
     from tasks.validate import validate_raw
 
     with tempfile.TemporaryDirectory() as tmp:
-        layout = DataLayout(Path(tmp) / "data")
-        raw = download_dataset(FASHION_MNIST, DEFAULT_MIRRORS[:1], layout.raw)
-        report = validate_raw(FASHION_MNIST, raw, [], layout.validation)
-        cached = normalize_and_cache(FASHION_MNIST, raw, [], report, layout.cache, layout.validation)
+        layout, store = DataLayout(str(Path(tmp) / "data")), Store()
+        raw = download_dataset(FASHION_MNIST, DEFAULT_MIRRORS[:1], store, layout.raw)
+        report = validate_raw(FASHION_MNIST, raw, [], store, layout.validation)
+        cached = normalize_and_cache(FASHION_MNIST, raw, [], report, store, layout)
         started = time.perf_counter()
-        result = train_model(cached, TrainParams(seed=seed, epochs=epochs), Path(tmp) / "run")
+        result = train_model(cached, TrainParams(seed=seed, epochs=epochs), RunFolder(store, str(Path(tmp) / "run")))
         fit_s = time.perf_counter() - started
-        history = json.loads(Path(result.history_path).read_text())["epochs"]
+        history = json.loads(Path(result.history.location).read_text())["epochs"]
         test_images, test_labels = read_split(Path(cached.test.path))
-        model = keras.models.load_model(result.model_path)
+        model = keras.models.load_model(result.model.location)
         test_loss, test_acc = model.evaluate(test_images, test_labels, verbose=0)
     return {
         "epoch_s": [h["seconds"] for h in history],

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
 from flows.train import train, train_on_deployment
+from fmnist.layout import StorageParams
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
@@ -31,28 +32,25 @@ class RetrainOutcome:
 
 
 @flow(name="retrain-fashion-mnist")
-def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | None = None) -> RetrainOutcome:
-    """`training_deployment` ('flow/deployment') says where training runs; None: in this process."""
-    layout = params.layout
+def retrain(
+    params: RetrainParams = RetrainParams(),
+    storage: StorageParams = StorageParams(),
+    training_deployment: str | None = None,
+) -> RetrainOutcome:
+    """`params`: what to train; `storage`: where data, models and runs live (local paths or s3:// URLs);
+    `training_deployment` ('flow/deployment'): where training runs (None: in this process)."""
     raw = download_task(
         spec=params.dataset,
         mirrors=params.mirrors,
-        raw_dir=layout.raw,
+        storage=storage,
         timeout_s=params.download_timeout_s,
         retries=params.download_retries,
     )
-    incoming = collect_incoming_task(incoming_dir=params.incoming_path)
-    validation = validate_task(spec=params.dataset, raw=raw, incoming=incoming, validation_dir=layout.validation)
-    cached = normalize_task(
-        spec=params.dataset,
-        raw=raw,
-        incoming=incoming,
-        validation=validation,
-        cache_dir=layout.cache,
-        validation_dir=layout.validation,
-    )
+    incoming = collect_incoming_task(storage=storage)
+    validation = validate_task(spec=params.dataset, raw=raw, incoming=incoming, storage=storage)
+    cached = normalize_task(spec=params.dataset, raw=raw, incoming=incoming, validation=validation, storage=storage)
     run_fingerprint = fingerprint(cached.key, params.training)
-    current = champion_current_task(registry_root=params.registry_path, run_fingerprint=run_fingerprint)
+    current = champion_current_task(storage=storage, run_fingerprint=run_fingerprint)
     if current and not params.force_retrain:
         message = f"Champion {current} is current: same data, code and parameters. Nothing retrained."
         get_run_logger().info(message)
@@ -60,12 +58,12 @@ def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | 
         return RetrainOutcome(data_key=cached.key, champion=current)
 
     # The flow run's id names its folder, so a retried run finds its own training backup.
-    run_dir = params.run_dir(flow_run.get_id() or uuid.uuid4().hex)
+    run_dir = storage.run_folder(flow_run.get_id() or uuid.uuid4().hex)
     if training_deployment:
-        trained = train_on_deployment(training_deployment, cached, params.training, run_dir)
+        trained = train_on_deployment(training_deployment, cached, params.training, run_dir, storage)
     else:
-        trained = train(cached=cached, params=params.training, run_dir=str(run_dir))
-    evaluation = evaluate_task(trained=trained, cached=cached, out_dir=run_dir / "evaluation")
+        trained = train(cached=cached, params=params.training, run_dir=run_dir, storage=storage)
+    evaluation = evaluate_task(trained=trained, cached=cached, storage=storage)
     manifest = build_manifest(
         run_fingerprint=run_fingerprint,
         cached=cached,
@@ -76,7 +74,7 @@ def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | 
         flow_run_id=flow_run.get_id(),
     )
     registration = register_task(
-        registry_root=params.registry_path,
+        storage=storage,
         trained=trained,
         evaluation=evaluation,
         manifest=manifest,
@@ -91,7 +89,7 @@ def retrain(params: RetrainParams = RetrainParams(), training_deployment: str | 
         version_dir=registration.version_dir,
         promoted=registration.promoted,
         test_accuracy=evaluation.test_accuracy,
-        run_dir=str(run_dir),
+        run_dir=run_dir,
     )
 
 

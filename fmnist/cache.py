@@ -1,8 +1,9 @@
-"""The parquet cache of normalized data: the one place that knows its paths, format and metadata.
+"""The parquet cache of normalized data: the one place that knows its locations, format and metadata.
 
 An entry is a folder named by its content key, holding `train.parquet`, `test.parquet` and a
-`manifest.json` with each file's sha256. Entries are published whole (temp folder + rename), and a
-lookup counts as a hit only if the manifest is there and every file still hashes to it.
+`manifest.json` with each file's sha256, written last: an entry without its manifest does not exist.
+A lookup counts as a hit only if the manifest is there and every file still hashes to it. Entries
+live in a `Store`, on local disk or in an S3 bucket alike.
 
 Each parquet file has two columns, `image` (fixed-size list of 784 float32 pixels in [0, 1]) and
 `label` (uint8), and carries its key, sources and shape in the schema metadata. Pixels are
@@ -21,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmnist.dataset import IMAGE_SIZE
-from fmnist.files import atomic_dir, sha256_file, sha256_text
+from fmnist.files import sha256_file, sha256_text
+from fmnist.storage import IntegrityError, Store, StoredFile, join
 
 # Bump when what normalization produces changes: entries of other versions are not reused.
 PREPROCESSING_VERSION = "1"
@@ -32,9 +34,13 @@ PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 @dataclass(frozen=True)
 class CachedSplit:
-    path: str
+    path: str  # a location in the store: a local path or an s3:// URL
     rows: int
     sha256: str
+
+    @property
+    def file(self) -> StoredFile:
+        return StoredFile(self.path, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class CachedDataset:
     key: str
     train: CachedSplit
     test: CachedSplit
+    sources: dict  # the content hashes it was made from: {"canonical": [...], "incoming": {batch: hash}}
     reused: bool = False
 
 
@@ -85,40 +92,40 @@ def read_metadata(path: Path) -> dict:
 
 
 class ParquetCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, store: Store, root: str) -> None:
+        self.store = store
         self.root = root
 
-    def entry_dir(self, key: str) -> Path:
-        return self.root / key
+    def entry(self, key: str) -> str:
+        return join(self.root, key)
 
     def lookup(self, key: str) -> CachedDataset | None:
         """The entry for `key` if it is complete and every file verifies, else None."""
-        manifest_file = self.entry_dir(key) / "manifest.json"
         try:
-            manifest = json.loads(manifest_file.read_text())
+            manifest = self.store.read_json(join(self.entry(key), "manifest.json"))
             splits = {name: CachedSplit(**manifest["splits"][name]) for name in SPLITS}
-            if not all(sha256_file(Path(s.path)) == s.sha256 for s in splits.values()):
-                return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return CachedDataset(key=key, reused=True, **splits)
+            for split in splits.values():
+                self.store.local_copy(split.file)
+        except (FileNotFoundError, IntegrityError, KeyError, TypeError):
+            return None  # a store that fails (unreachable, access denied) raises: that is no cache miss
+        return CachedDataset(key=key, sources=manifest.get("sources", {}), reused=True, **splits)
 
-    def store(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], metadata: dict) -> CachedDataset:
-        """Write every split and publish the entry at once; a failure leaves no entry behind."""
-        final = self.entry_dir(key)
+    def store_entry(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], metadata: dict) -> CachedDataset:
+        """Write every split, then publish the entry by writing its manifest; a failure publishes nothing."""
         written = {}
-        with atomic_dir(final) as tmp:
-            for name in SPLITS:
-                pixels, labels = splits[name]
-                file = tmp / f"{name}.parquet"
+        for name in SPLITS:
+            pixels, labels = splits[name]
+            location = join(self.entry(key), f"{name}.parquet")
+            with self.store.staged(location) as tmp:
                 write_split(
-                    file,
+                    tmp,
                     pixels,
                     labels,
                     {**metadata, "key": key, "split": name, "shape": [len(labels), IMAGE_SIZE, IMAGE_SIZE]},
                 )
-                written[name] = CachedSplit(str(final / file.name), len(labels), sha256_file(file))
-            manifest = {"key": key, "preprocessing_version": PREPROCESSING_VERSION, **metadata}
-            manifest["splits"] = {name: vars(split) for name, split in written.items()}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        return CachedDataset(key=key, **written)
+                digest = sha256_file(tmp)
+            written[name] = CachedSplit(location, len(labels), digest)
+        manifest = {"key": key, "preprocessing_version": PREPROCESSING_VERSION, **metadata}
+        manifest["splits"] = {name: vars(split) for name, split in written.items()}
+        self.store.write_json(join(self.entry(key), "manifest.json"), manifest)
+        return CachedDataset(key=key, sources=metadata.get("sources", {}), **written)

@@ -1,10 +1,13 @@
 """Operators' command line: the registry's versions and champion, and predictions with the champion.
 
 fashion-mnist versions                 list versions, the champion marked
-fashion-mnist show v0003               one version's manifest, decision and file check
+fashion-mnist show v0003               one version's manifest, gate verdict and file check
 fashion-mnist promote v0002            make a version champion by hand
 fashion-mnist rollback                 make the previous champion the champion again
+fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
+
+--registry takes a folder or an s3://bucket/prefix URL (credentials from the AWS_* variables).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
-from fmnist.model import ModelIntegrityError, load_verified_model
+from fmnist.layout import StorageParams
+from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.registry import Registry, RegistryError
+from fmnist.registry import Registry, RegistryError, gate_of
+from fmnist.storage import StorageError
 
 
 def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
@@ -32,7 +37,8 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
     for version in versions:
         m = registry.manifest(version)
         mark = "*" if version == champion else ""
-        decision = ("promoted: " if m["decision"]["promoted"] else "kept back: ") + m["decision"]["reason"]
+        gate = gate_of(m)
+        decision = ("passed the gate: " if gate["passed"] else "kept back: ") + gate["reason"]
         print(
             f"{mark:2}{version:9}{m['registered_at']:27}{m['metrics']['test_accuracy']:>9.4f}  "
             f"{m['params']['preset']:8}{decision}"
@@ -62,6 +68,17 @@ def cmd_rollback(registry: Registry, args: argparse.Namespace) -> None:
     print(f"{restored} is the champion again (was {replaced})")
 
 
+def cmd_promotions(registry: Registry, args: argparse.Namespace) -> None:
+    entries = registry.promotions()
+    if not entries:
+        print(f"No champion changes in {registry.root}")
+    for entry in entries:
+        print(
+            f"{entry['sequence']:>4}  {entry['at']}  {entry['event']:9}{entry['version']:8}"
+            f"(was {entry['replaced'] or 'none'})  {entry['reason']}"
+        )
+
+
 def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
     images = []
     for path in args.images:
@@ -69,8 +86,7 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
         if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
             raise ImageFileError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
         images.append(image)
-    model_path, sha256 = registry.champion_model_path()
-    model = load_verified_model(model_path, sha256)
+    model = load_verified_model(registry.store, registry.champion_model())
     probabilities = model.predict(np.stack(images).astype(np.float32) / np.float32(255), verbose=0)
     print(f"champion {registry.champion()}")
     for path, row in zip(args.images, probabilities, strict=True):
@@ -82,7 +98,12 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    main.add_argument("--registry", type=Path, default=Path("artifacts"), help="registry root (default: artifacts)")
+    main.add_argument(
+        "--registry", default="artifacts", help="registry root: a folder or s3://bucket/prefix (default: artifacts)"
+    )
+    main.add_argument(
+        "--scratch", default=None, help="local folder for verified copies of s3:// files (default: ~/.cache/...)"
+    )
     commands = main.add_subparsers(dest="command", required=True)
     commands.add_parser("versions", help="list versions").set_defaults(run=cmd_versions)
     show = commands.add_parser("show", help="one version in full")
@@ -95,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="restore the previous champion")
     rollback.add_argument("--reason", default="rolled back by the operator")
     rollback.set_defaults(run=cmd_rollback)
+    commands.add_parser("promotions", help="every champion change").set_defaults(run=cmd_promotions)
     predict = commands.add_parser("predict", help="classify PNG files with the champion")
     predict.add_argument("images", nargs="+", type=Path)
     predict.set_defaults(run=cmd_predict)
@@ -104,8 +126,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.run(Registry(args.registry), args)
-    except (RegistryError, ImageFileError, ModelIntegrityError) as exc:
+        storage = StorageParams(registry_root=args.registry, scratch_dir=args.scratch)
+        args.run(Registry(storage.store(), storage.registry), args)
+    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1
     return 0

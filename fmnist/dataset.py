@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field
 
 IMAGE_SIZE = 28
@@ -94,22 +91,3 @@ FASHION_MNIST = DatasetSpec(
     train_rows=60_000,
     test_rows=10_000,
 )
-
-
-@dataclass(frozen=True)
-class DataLayout:
-    """Where each stage keeps its files under one data root (shared by every host of a run)."""
-
-    root: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.root / "raw"
-
-    @property
-    def validation(self) -> Path:
-        return self.root / "validation"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"

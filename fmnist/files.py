@@ -1,11 +1,13 @@
-"""Hashing and atomic writes: a reader never sees a half-written file or folder."""
+"""Local files: hashing, and atomic writes that survive a crash (a reader sees the old file or the new one).
+
+These are the local-disk primitives under `fmnist.storage`, and what a stage uses for the files of its
+own local working folder (Keras checkpoints, plots) before they are published to the store.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,46 +29,41 @@ def sha256_text(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path_beside(target: Path) -> Path:
+    """A unique hidden name in `target`'s folder that keeps its suffix (Keras picks the format from it)."""
+    return target.with_name(f".part-{uuid.uuid4().hex}-{target.name}")
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds.
+    """Yield a temp path beside `target`; if the block succeeds, fsync it and rename it onto `target`.
 
-    The temp name keeps the target's suffix (Keras picks the format from it) and starts with a dot.
+    After a crash at any moment `target` holds either its old content or the whole new one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".part-{uuid.uuid4().hex}-{target.name}")
+    tmp = temp_path_beside(target)
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, target)
+        fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(target: Path, text: str) -> None:
+def atomic_write_bytes(target: Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
 
 
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target` and publish it as `target` if the block succeeds.
-
-    A stale `target` (one the caller decided not to trust) is moved aside first. If another
-    process published the same `target` meanwhile, its copy wins and ours is dropped: callers
-    use content-addressed names, so both copies hold the same thing.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            trash = target.with_name(f".{target.name}.{uuid.uuid4().hex}.stale")
-            os.replace(target, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write_bytes(target, text.encode())

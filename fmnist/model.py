@@ -6,21 +6,24 @@ backend; the pipeline runs it on TensorFlow (`tf.keras` is Keras 3).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES
 
 if TYPE_CHECKING:
     import keras
 
+    from fmnist.storage import Store, StoredFile
+
 Preset = Literal["dnn", "mlp128", "cnn"]
 
 
 class TrainParams(BaseModel):
     """Every knob of a training run. The defaults are the reference tutorials' DNN recipe."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt knob is an error, not silently the default
 
     preset: Preset = Field("dnn", description="dnn: 512-128 DNN; mlp128: one hidden layer of 128; cnn: 3 conv layers")
     epochs: int = Field(5, ge=1, le=1000)
@@ -90,18 +93,12 @@ def compile_model(model: keras.Model, params: TrainParams, *, jit_compile: bool)
     )
 
 
-class ModelIntegrityError(RuntimeError):
-    """A model file that is missing or not the one that was written."""
+def load_verified_model(store: Store, model: StoredFile) -> keras.Model:
+    """Load a `.keras` file only once it hashes to the recorded sha256, and in Keras' safe mode (no pickled code).
 
-
-def load_verified_model(path: Path, sha256: str) -> keras.Model:
-    """Load a `.keras` file only if it hashes to `sha256`, and in Keras' safe mode (no pickled code)."""
+    Raises FileNotFoundError if it is missing and `fmnist.storage.IntegrityError` if it is not the file
+    that was recorded.
+    """
     import keras
 
-    from fmnist.files import sha256_file
-
-    if not path.is_file():
-        raise ModelIntegrityError(f"{path}: model file is missing")
-    if (found := sha256_file(path)) != sha256:
-        raise ModelIntegrityError(f"{path}: sha256 {found} is not the recorded {sha256}; refusing to load it")
-    return keras.models.load_model(path, safe_mode=True)
+    return keras.models.load_model(store.local_copy(model), safe_mode=True)

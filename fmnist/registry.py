@@ -1,31 +1,39 @@
-"""The model registry: immutable, self-describing versions and a champion pointer.
+"""The model registry: immutable, self-describing versions and a champion pointer, on disk or in a bucket.
 
-Layout under the registry root (`artifacts/` by default):
+Layout under the registry root (`artifacts/` by default, or `s3://bucket/prefix`):
 
-    versions/v0001/        model.keras, metrics.json, history.json, *.png, model_card.md, manifest.json
-    champion.json          the version in service, the earlier champions (for rollback), why and when
-    promotions.jsonl       every champion change, appended
-    .lock                  held while a version is numbered and written or the champion changes
+    versions/v0001/claim.json      the number's claim, written create-only: no two runs get one number
+    versions/v0001/...             model.keras, metrics.json, history.json, *.png, model_card.md
+    versions/v0001/manifest.json   lineage, metrics, the gate's verdict and every file's sha256; written
+                                   create-only and last: a version folder without it does not exist
+    champion.json                  the version in service; it moves only by compare-and-swap
+    promotions/00000001.json       one create-only record per champion change, by sequence: the audit log
+    runs/<run id>/                 each run's working folder (fmnist.run_folder)
 
-A version folder is written whole (temp folder + rename) and never changed afterwards; its manifest
-lists the sha256 of every file, so a damaged version is detected before it is used. Registrations
-from several processes at once each get their own number, in order, under the lock.
+No locks, so it works the same from many hosts on object storage: a version number is claimed by a
+create-only write (a number another writer took is skipped); a version is published by the
+create-only write of its manifest; the champion pointer moves by compare-and-swap (a writer that lost
+reads the new champion and decides again); each change is logged once under its sequence number, by
+the writer that made it or, if that one died first, by the next one to read it.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import hashlib
 import json
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import random
+import re
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
-from fmnist.files import atomic_dir, atomic_write_text, sha256_file
+from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
 
-VERSION_PREFIX = "v"
+VERSION = re.compile(r"v(\d{4,})")  # v0001 ... v9999, v10000 ...: anything else in versions/ is ignored
+CHAMPION_MOVE_ATTEMPTS = 50
 
 
 class RegistryError(RuntimeError):
@@ -34,15 +42,25 @@ class RegistryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether a candidate became champion, and the numbers that decided it."""
+    """The promotion gate's verdict on a candidate, and the numbers it compared."""
 
-    promoted: bool
+    passed: bool
     reason: str
     candidate_accuracy: float
     champion_version: str | None
     champion_accuracy: float | None
     floor: float
     tolerance: float
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What a registration did: the version it published, the verdict that counted, the champion after."""
+
+    version: str
+    decision: Decision  # the gate at registration, or against a champion promoted meanwhile
+    promoted: bool  # whether this version became champion
+    champion: str | None
 
 
 def decide(
@@ -58,8 +76,8 @@ def decide(
     champion_version = champion["version"] if champion else None
     champion_accuracy = champion["metrics"]["test_accuracy"] if champion else None
 
-    def verdict(promoted: bool, reason: str) -> Decision:
-        return Decision(promoted, reason, candidate_accuracy, champion_version, champion_accuracy, floor, tolerance)
+    def verdict(passed: bool, reason: str) -> Decision:
+        return Decision(passed, reason, candidate_accuracy, champion_version, champion_accuracy, floor, tolerance)
 
     if force:
         return verdict(True, "promotion forced by the operator")
@@ -82,130 +100,237 @@ def decide(
     )
 
 
-class Registry:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.versions_dir = root / "versions"
+class _Declined(Exception):
+    """A champion move that its writer no longer wants, having seen the pointer move under it."""
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+
+def gate_of(manifest: dict) -> dict:
+    """The gate's verdict in a version's manifest (`passed`, `reason`, ...); early manifests called it `decision`."""
+    if "gate" in manifest:
+        return manifest["gate"]
+    old = manifest["decision"]
+    return {**old, "passed": old["promoted"]}
+
+
+def _number(version: str) -> int:
+    return int(version[1:])
+
+
+class Registry:
+    def __init__(self, store: Store, root: str) -> None:
+        self.store = store
+        self.root = root
+        self.versions_root = join(root, "versions")
+        self.champion_file = join(root, "champion.json")
+        self.log_root = join(root, "promotions")
+
+    # --- versions ---------------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
-        if not self.versions_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.versions_dir.iterdir() if p.name.startswith(VERSION_PREFIX))
+        """Published versions (those whose manifest is written), in number order."""
+        published = {
+            path.split("/")[0]
+            for path in self.store.find(self.versions_root)
+            if path.count("/") == 1 and path.endswith("/manifest.json")
+        }
+        return sorted((v for v in published if VERSION.fullmatch(v)), key=_number)
 
-    def version_dir(self, version: str) -> Path:
-        path = self.versions_dir / version
-        if not (path / "manifest.json").is_file():
+    def version_dir(self, version: str) -> str:
+        if not VERSION.fullmatch(version) or not self.store.exists(join(self.versions_root, version, "manifest.json")):
             known = ", ".join(self.versions()) or "none"
             raise RegistryError(f"no version {version!r} in {self.root} (versions: {known})")
-        return path
+        return join(self.versions_root, version)
 
     def manifest(self, version: str) -> dict:
-        return json.loads((self.version_dir(version) / "manifest.json").read_text())
+        location = join(self.version_dir(version), "manifest.json")
+        try:
+            return self.store.read_json(location)
+        except IntegrityError as exc:
+            raise RegistryError(f"{exc}; the version's manifest is damaged") from exc
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
         folder = self.version_dir(version)
-        return [
-            name
-            for name, digest in self.manifest(version)["files"].items()
-            if not (folder / name).is_file() or sha256_file(folder / name) != digest
-        ]
+        damaged = []
+        for name, digest in self.manifest(version)["files"].items():
+            try:
+                if self.store.sha256(join(folder, name)) != digest:
+                    damaged.append(name)
+            except FileNotFoundError:
+                damaged.append(name)
+        return damaged
 
-    def champion_record(self) -> dict | None:
-        path = self.root / "champion.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    def file(self, version: str, name: str) -> StoredFile:
+        """A file of `version` and the sha256 its manifest records for it."""
+        files = self.manifest(version)["files"]
+        if name not in files:
+            raise RegistryError(f"{version} has no {name}")
+        return StoredFile(join(self.version_dir(version), name), files[name])
 
-    def champion(self) -> str | None:
-        record = self.champion_record()
-        return record["version"] if record else None
+    def _claim_version(self, claimant: dict) -> str:
+        """A new version number, claimed create-only: numbers another writer holds are skipped."""
+        taken = [_number(n) for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
+        number = max(taken, default=0) + 1
+        while True:
+            version = f"v{number:04d}"
+            try:
+                self.store.create(join(self.versions_root, version, "claim.json"), json.dumps(claimant).encode())
+                return version
+            except PreconditionFailed:
+                number += 1
 
     def register(
         self,
-        files: dict[str, Path],
+        files: dict[str, StoredFile],
         manifest: dict,
         *,
         floor: float,
         tolerance: float,
         force: bool = False,
         model_card: Callable[[dict], str] | None = None,
-    ) -> tuple[str, Decision]:
-        """Store a new version; make it champion if it passes the gate. Returns its id and the decision.
+    ) -> Registered:
+        """Publish a new version of `files` (each verified against its sha256); promote it if it passes the gate.
 
-        `model_card` turns the version's final manifest (with its number and decision) into markdown.
+        `model_card` turns the version's final manifest (with its number and verdict) into markdown.
         """
-        with self._locked():
-            existing = self.versions()
-            number = int(existing[-1].removeprefix(VERSION_PREFIX)) + 1 if existing else 1
-            version = f"{VERSION_PREFIX}{number:04d}"
-            champion = self.champion()
+        version = self._claim_version({"flow_run_id": manifest.get("flow_run_id"), "claimed_at": _now()})
+        champion = self.champion()
+        decision = decide(
+            manifest["metrics"]["test_accuracy"],
+            manifest["data"]["test_set"],
+            self.manifest(champion) if champion else None,
+            floor=floor,
+            tolerance=tolerance,
+            force=force,
+        )
+        folder = join(self.versions_root, version)
+        hashes = {}
+        for name, file in files.items():
+            # The copy is checked against the hash the run recorded: what was evaluated is what is kept.
+            self.store.put_file(self.store.local_copy(file), join(folder, name))
+            hashes[name] = file.sha256
+        record = {**manifest, "version": version, "registered_at": _now(), "gate": asdict(decision)}
+        if model_card:
+            card = model_card(record).encode()
+            self.store.write_bytes(join(folder, "model_card.md"), card)
+            hashes["model_card.md"] = hashlib.sha256(card).hexdigest()
+        record["files"] = dict(sorted(hashes.items()))
+        self.store.create(join(folder, "manifest.json"), json.dumps(record, indent=1).encode())
+        if not decision.passed:
+            return Registered(version, decision, False, champion)
+        try:
+            self._move_champion(lambda current: self._promotion(current, version, record, decision, force))
+        except _Declined as declined:
+            return Registered(version, declined.decision, False, self.champion())
+        return Registered(version, decision, True, version)
+
+    def _promotion(self, current: dict | None, version: str, record: dict, decision: Decision, force: bool) -> dict:
+        """The champion record that makes `version` champion, if it still passes against `current`."""
+        in_service = current["version"] if current else None
+        if in_service != decision.champion_version and not force:
+            # Another version was promoted since the gate ran: the candidate must beat that one.
             decision = decide(
-                manifest["metrics"]["test_accuracy"],
-                manifest["data"]["test_set"],
-                self.manifest(champion) if champion else None,
-                floor=floor,
-                tolerance=tolerance,
-                force=force,
+                record["metrics"]["test_accuracy"],
+                record["data"]["test_set"],
+                self.manifest(in_service) if in_service else None,
+                floor=decision.floor,
+                tolerance=decision.tolerance,
             )
-            record = {**manifest, "version": version, "registered_at": _now(), "decision": asdict(decision)}
-            with atomic_dir(self.versions_dir / version) as tmp:
-                for name, source in files.items():
-                    shutil.copyfile(source, tmp / name)
-                if model_card:
-                    (tmp / "model_card.md").write_text(model_card(record))
-                record["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-                (tmp / "manifest.json").write_text(json.dumps(record, indent=1))
-            if decision.promoted:
-                self._set_champion(version, decision.reason)
-        return version, decision
+            if not decision.passed:
+                raise _Declined(decision)
+        return _next_record(current, version, decision.reason, "promote")
+
+    # --- the champion -----------------------------------------------------------------------------
+
+    def _read_champion(self) -> tuple[dict | None, str | None]:
+        """The champion record and its etag; (None, None) before the first promotion."""
+        found = self.store.read_versioned(self.champion_file)
+        if found is None:
+            return None, None
+        data, etag = found
+        try:
+            record = json.loads(data)
+            if not isinstance(record, dict) or not VERSION.fullmatch(str(record.get("version"))):
+                raise ValueError("no version in it")
+        except ValueError as exc:
+            raise RegistryError(
+                f"{self.champion_file}: the champion pointer is damaged ({exc}); "
+                "`fashion-mnist promote VERSION` replaces it"
+            ) from exc
+        return record, etag
+
+    def champion_record(self) -> dict | None:
+        return self._read_champion()[0]
+
+    def champion(self) -> str | None:
+        record = self.champion_record()
+        return record["version"] if record else None
+
+    def _move_champion(self, change: Callable[[dict | None], dict], *, repair: bool = False) -> dict:
+        """Compare-and-swap the champion pointer to `change(current)`; re-read and retry when another wins.
+
+        `repair`: a damaged pointer is replaced instead of refused (an operator's promote).
+        """
+        for attempt in range(CHAMPION_MOVE_ATTEMPTS):
+            try:
+                current, etag = self._read_champion()
+            except RegistryError:
+                if not repair:
+                    raise
+                found = self.store.read_versioned(self.champion_file)
+                current, etag = None, found[1] if found else None
+            if current:
+                self._log(current)  # its writer may have died before logging it
+            new = change(current)
+            if current is None:
+                new["sequence"] = max((e["sequence"] for e in self.promotions()), default=0) + 1
+            try:
+                self.store.replace(self.champion_file, json.dumps(new, indent=1).encode(), etag)
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
+                continue
+            self._log(new)
+            return new
+        raise RegistryError(f"{self.champion_file}: still changing after {CHAMPION_MOVE_ATTEMPTS} attempts; try again")
+
+    def _log(self, record: dict) -> None:
+        if "sequence" not in record:
+            return  # a pointer from before the audit log had sequence numbers
+        entry = {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason")}
+        with contextlib.suppress(PreconditionFailed):  # logged already, by its writer or by a reader before us
+            self.store.create(join(self.log_root, f"{record['sequence']:08d}.json"), json.dumps(entry).encode())
+
+    def promotions(self) -> list[dict]:
+        """Every champion change, in order (the audit log)."""
+        return [self.store.read_json(join(self.log_root, name)) for name in self.store.listdir(self.log_root)]
 
     def promote(self, version: str, reason: str) -> None:
-        """Make `version` the champion by hand, if its files are intact."""
-        with self._locked():
-            if damaged := self.damaged_files(version):
-                raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); refusing to promote it")
-            if self.champion() == version:
+        """Make `version` the champion by hand, if its files are intact (this also replaces a damaged pointer)."""
+        if damaged := self.damaged_files(version):
+            raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); refusing to promote it")
+
+        def promotion(current: dict | None) -> dict:
+            if current and current["version"] == version:
                 raise RegistryError(f"{version} is already the champion")
-            self._set_champion(version, reason)
+            return _next_record(current, version, reason, "promote")
+
+        self._move_champion(promotion, repair=True)
 
     def rollback(self, reason: str = "rolled back by the operator") -> str:
         """Make the previous champion the champion again; return its version."""
-        with self._locked():
-            record = self.champion_record()
-            if not record or not record["previous"]:
+
+        def rollback(current: dict | None) -> dict:
+            if not current or not current["previous"]:
                 raise RegistryError("there is no earlier champion to roll back to")
-            *earlier, previous = record["previous"]
-            self._write_champion(previous, reason, earlier, event="rollback", replaced=record["version"])
-            return previous
+            previous = current["previous"][-1]
+            if damaged := self.damaged_files(previous):
+                raise RegistryError(f"cannot roll back to {previous}: it is damaged ({', '.join(damaged)})")
+            return _next_record(current, previous, reason, "rollback")
 
-    def _set_champion(self, version: str, reason: str) -> None:
-        record = self.champion_record()
-        if record is None:
-            self._write_champion(version, reason, [], event="promote", replaced=None)
-        else:
-            earlier = [*record["previous"], record["version"]]
-            self._write_champion(version, reason, earlier, event="promote", replaced=record["version"])
-
-    def _write_champion(
-        self, version: str, reason: str, earlier: list[str], *, event: str, replaced: str | None
-    ) -> None:
-        at = _now()
-        atomic_write_text(
-            self.root / "champion.json",
-            json.dumps({"version": version, "since": at, "reason": reason, "previous": earlier}, indent=1),
-        )
-        line = {"at": at, "event": event, "version": version, "replaced": replaced, "reason": reason}
-        with open(self.root / "promotions.jsonl", "a") as log:
-            log.write(json.dumps(line) + "\n")
+        return self._move_champion(rollback)["version"]
 
     def champion_if_current(self, fingerprint: str) -> str | None:
         """The champion if it was made from exactly this data, code and parameters and is intact."""
@@ -214,12 +339,31 @@ class Registry:
             return None
         return None if self.damaged_files(champion) else champion
 
-    def champion_model_path(self) -> tuple[Path, str]:
+    def champion_model(self) -> StoredFile:
         """The champion's model file and the sha256 it must have."""
         champion = self.champion()
         if champion is None:
             raise RegistryError(f"no champion in {self.root}: no version has been promoted yet")
-        return self.version_dir(champion) / "model.keras", self.manifest(champion)["files"]["model.keras"]
+        return self.file(champion, "model.keras")
+
+
+def _next_record(current: dict | None, version: str, reason: str, event: str) -> dict[str, Any]:
+    """The champion record after `event` makes `version` champion; `previous` lists earlier champions."""
+    if current is None:
+        previous: list[str] = []
+    elif event == "rollback":
+        previous = current["previous"][:-1]
+    else:
+        previous = [*current["previous"], current["version"]]
+    return {
+        "sequence": current.get("sequence", 0) + 1 if current else 1,
+        "version": version,
+        "at": _now(),
+        "event": event,
+        "replaced": current["version"] if current else None,
+        "reason": reason,
+        "previous": previous,
+    }
 
 
 def _now() -> str:

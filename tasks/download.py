@@ -1,17 +1,18 @@
 """Download stage: fetch the IDX files from the first mirror that serves a verified copy.
 
-Each file streams through a gzip decompressor and sha256 into a temp file that is renamed into
-the raw folder only once its decompressed size and hash match the pinned ones. A file already
-there that verifies is reused without touching any mirror.
+Each file streams through a gzip decompressor and sha256 into a temp file that is published in the
+raw folder (on disk or in a bucket) only once its decompressed size and hash match the pinned ones.
+A file already there that verifies is reused without touching any mirror. A mirror is a local path,
+a `file://`, `http(s)://` or `s3://` URL of a folder holding the `.gz` files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import time
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from fmnist.dataset import DatasetSpec, RemoteFile
-from fmnist.files import atomic_path, sha256_file
+from fmnist.layout import StorageParams
+from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize
 
 _CHUNK = 1 << 20
 log = logging.getLogger(__name__)
@@ -42,9 +44,13 @@ class _Transient(Exception):
 
 @dataclass(frozen=True)
 class VerifiedFile:
-    path: str
+    path: str  # its location in the data root: a local path or an s3:// URL
     sha256: str
     source: str  # the mirror it came from, or "cache"
+
+    @property
+    def file(self) -> StoredFile:
+        return StoredFile(self.path, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -65,27 +71,24 @@ def _file_url(mirror: str, name: str) -> str:
     return mirror.rstrip("/") + "/" + name
 
 
-def _local_path(location: str) -> Path | None:
-    """The path a mirror location names on this machine, or None for a network URL."""
-    scheme = urllib.parse.urlsplit(location).scheme
-    if scheme == "file":
-        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(location).path))
-    if scheme in ("http", "https"):
-        return None
-    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise ValueError(f"mirror {location!r}: unsupported scheme {scheme!r} (use a path, file:// or http(s)://)")
-    return Path(location)
+def _is_http(location: str) -> bool:
+    return urllib.parse.urlsplit(location).scheme.lower() in ("http", "https")
 
 
-def _read_chunks(location: str, timeout_s: float) -> Iterator[bytes]:
-    local = _local_path(location)
-    if local is not None:
+def _check_mirror(mirror: str) -> None:
+    if not _is_http(mirror):
         try:
-            with open(local, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    yield chunk
-        except OSError as exc:
-            raise _Unverified(f"cannot read {local} ({exc.strerror})") from exc
+            normalize(mirror)
+        except StorageError as exc:
+            raise ValueError(f"mirror {exc}") from None
+
+
+def _read_chunks(location: str, timeout_s: float, store: Store) -> Iterator[bytes]:
+    if not _is_http(location):
+        try:
+            yield from store.iter_chunks(normalize(location))
+        except (FileNotFoundError, StorageError) as exc:  # the store already retried what was worth it
+            raise _Unverified(str(exc).removeprefix(f"{normalize(location)}: ")) from exc
         return
     try:
         with httpx.stream("GET", location, timeout=timeout_s, follow_redirects=True) as response:
@@ -131,7 +134,8 @@ def _stream_verified(chunks: Iterator[bytes], remote: RemoteFile, out: Path) -> 
 def fetch_verified(
     remote: RemoteFile,
     mirrors: Sequence[str],
-    raw_dir: Path,
+    store: Store,
+    raw_dir: str,
     *,
     timeout_s: float = 30.0,
     retries: int = 2,
@@ -139,19 +143,22 @@ def fetch_verified(
     logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> VerifiedFile:
     """The decompressed, verified file in `raw_dir`, from the cache or the first good mirror."""
-    target = raw_dir / remote.raw_name
-    if target.is_file():
-        if sha256_file(target) == remote.sha256:
-            return VerifiedFile(str(target), remote.sha256, "cache")
-        logger.warning("%s: cached copy does not verify; downloading it again", target)
+    target = join(raw_dir, remote.raw_name)
+    try:
+        store.local_copy(StoredFile(target, remote.sha256))
+        return VerifiedFile(target, remote.sha256, "cache")
+    except FileNotFoundError:
+        pass
+    except IntegrityError:
+        logger.warning("%s: stored copy does not verify; downloading it again", target)
     failures: list[str] = []
     for mirror in mirrors:
         url = _file_url(mirror, remote.name)
         for attempt in range(retries + 1):
             started = time.perf_counter()
             try:
-                with atomic_path(target) as tmp:
-                    _stream_verified(_read_chunks(url, timeout_s), remote, tmp)
+                with store.staged(target) as tmp:
+                    _stream_verified(_read_chunks(url, timeout_s, store), remote, tmp)
             except _Transient as exc:
                 if attempt < retries:
                     delay = backoff_s * 2**attempt
@@ -169,7 +176,7 @@ def fetch_verified(
                     mirror,
                     time.perf_counter() - started,
                 )
-                return VerifiedFile(str(target), remote.sha256, mirror)
+                return VerifiedFile(target, remote.sha256, mirror)
             logger.warning("%s", failures[-1])
             break
     raise DownloadError(
@@ -182,7 +189,8 @@ def fetch_verified(
 def download_dataset(
     spec: DatasetSpec,
     mirrors: Sequence[str],
-    raw_dir: Path,
+    store: Store,
+    raw_dir: str,
     *,
     timeout_s: float = 30.0,
     retries: int = 2,
@@ -191,10 +199,10 @@ def download_dataset(
 ) -> RawDataset:
     """All four files of `spec`, each verified."""
     for mirror in mirrors:
-        _local_path(mirror)  # reject unsupported schemes before any download starts
+        _check_mirror(mirror)  # reject unsupported schemes before any download starts
     fetched = [
         fetch_verified(
-            remote, mirrors, raw_dir, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, logger=logger
+            remote, mirrors, store, raw_dir, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, logger=logger
         )
         for remote in spec.files
     ]
@@ -202,11 +210,15 @@ def download_dataset(
 
 
 @task(name="download", retries=1, retry_delay_seconds=30)
-def download_task(spec: DatasetSpec, mirrors: list[str], raw_dir: Path, timeout_s: float, retries: int) -> RawDataset:
-    raw = download_dataset(spec, mirrors, raw_dir, timeout_s=timeout_s, retries=retries, logger=get_run_logger())
+def download_task(
+    spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, retries: int
+) -> RawDataset:
+    raw = download_dataset(
+        spec, mirrors, storage.store(), storage.data.raw, timeout_s=timeout_s, retries=retries, logger=get_run_logger()
+    )
     create_table_artifact(
         key="fashion-mnist-download",
-        table=[{"file": Path(f.path).name, "sha256": f.sha256, "source": f.source} for f in raw.files],
+        table=[{"file": posixpath.basename(f.path), "sha256": f.sha256, "source": f.source} for f in raw.files],
         description="Verified raw IDX files and where each came from",
     )
     return raw

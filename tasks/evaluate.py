@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from prefect import get_run_logger, task
@@ -15,8 +14,13 @@ from fmnist import plots
 from fmnist.cache import CachedDataset, read_split
 from fmnist.dataset import CLASS_NAMES, NUM_CLASSES
 from fmnist.files import atomic_write_text
+from fmnist.layout import StorageParams
 from fmnist.model import load_verified_model
+from fmnist.run_folder import RunFolder
+from fmnist.storage import Store, StoredFile
 from tasks.train import TrainResult
+
+PLOTS = ("learning_curves", "confusion_matrix", "sample_predictions")
 
 SAMPLE_IMAGES = 24
 PREDICT_BATCH = 1024
@@ -31,8 +35,8 @@ class Evaluation:
     train_test_gap: float  # train accuracy minus test accuracy: how much the model overfits
     per_class: list[dict]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
-    metrics_path: str
-    plots: dict[str, str]
+    metrics: StoredFile  # metrics.json in the run folder
+    plots: dict[str, StoredFile]  # each plot's PNG in the run folder
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -62,45 +66,51 @@ def per_class_metrics(matrix: np.ndarray) -> list[dict]:
     ]
 
 
-def evaluate_model(trained: TrainResult, cached: CachedDataset, out_dir: Path) -> Evaluation:
-    """Metrics and plots of the trained model; `metrics.json` and PNGs go into `out_dir`."""
-    model = load_verified_model(Path(trained.model_path), trained.model_sha256)
-    test_images, test_labels = read_split(Path(cached.test.path))
-    train_images, train_labels = read_split(Path(cached.train.path))
+def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) -> Evaluation:
+    """Metrics and plots of the trained model, published in the run folder's `evaluation/`."""
+    store = run.store
+    model = load_verified_model(store, trained.model)
+    test_images, test_labels = read_split(store.local_copy(cached.test.file))
+    train_images, train_labels = read_split(store.local_copy(cached.train.file))
     test_loss, test_accuracy = model.evaluate(test_images, test_labels, batch_size=PREDICT_BATCH, verbose=0)
     train_loss, train_accuracy = model.evaluate(train_images, train_labels, batch_size=PREDICT_BATCH, verbose=0)
     predicted = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0).argmax(axis=1)
     matrix = confusion_matrix(test_labels, predicted)
 
-    history = json.loads(Path(trained.history_path).read_text())["epochs"]
+    history = json.loads(store.local_copy(trained.history).read_text())["epochs"]
+    out_dir = run.local("evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / f"{name}.png" for name in ("learning_curves", "confusion_matrix", "sample_predictions")}
-    plots.learning_curves(history, float(test_accuracy), paths["learning_curves"])
-    plots.confusion_matrix_plot(matrix, paths["confusion_matrix"])
+    plots.learning_curves(history, float(test_accuracy), out_dir / "learning_curves.png")
+    plots.confusion_matrix_plot(matrix, out_dir / "confusion_matrix.png")
     plots.sample_predictions(
-        test_images[:SAMPLE_IMAGES], test_labels[:SAMPLE_IMAGES], predicted[:SAMPLE_IMAGES], paths["sample_predictions"]
+        test_images[:SAMPLE_IMAGES],
+        test_labels[:SAMPLE_IMAGES],
+        predicted[:SAMPLE_IMAGES],
+        out_dir / "sample_predictions.png",
     )
-    evaluation = Evaluation(
-        test_accuracy=float(test_accuracy),
-        test_loss=float(test_loss),
-        train_accuracy=float(train_accuracy),
-        train_loss=float(train_loss),
-        train_test_gap=float(train_accuracy - test_accuracy),
-        per_class=per_class_metrics(matrix),
-        confusion_matrix=matrix.tolist(),
-        metrics_path=str(out_dir / "metrics.json"),
-        plots={name: str(path) for name, path in paths.items()},
+    metrics = {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "train_accuracy": float(train_accuracy),
+        "train_loss": float(train_loss),
+        "train_test_gap": float(train_accuracy - test_accuracy),
+        "per_class": per_class_metrics(matrix),
+        "confusion_matrix": matrix.tolist(),
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return Evaluation(
+        **metrics,
+        metrics=run.publish("evaluation", "metrics.json"),
+        plots={name: run.publish("evaluation", f"{name}.png") for name in PLOTS},
     )
-    atomic_write_text(Path(evaluation.metrics_path), json.dumps(asdict(evaluation), indent=1))
-    return evaluation
 
 
-def _embedded_png(path: str, title: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
+def _embedded_png(store: Store, png: StoredFile, title: str) -> str:
+    data = base64.b64encode(store.local_copy(png).read_bytes()).decode()
     return f"![{title}](data:image/png;base64,{data})"
 
 
-def evaluation_markdown(evaluation: Evaluation, trained: TrainResult) -> str:
+def evaluation_markdown(evaluation: Evaluation, trained: TrainResult, store: Store) -> str:
     return "\n".join(
         [
             "# Evaluation on the fixed test set",
@@ -113,20 +123,21 @@ def evaluation_markdown(evaluation: Evaluation, trained: TrainResult) -> str:
             f"| train-test gap | {evaluation.train_test_gap:+.4f} |",
             f"| epochs | {trained.epochs} ({trained.seconds_per_epoch:.2f} s each on {trained.device}) |",
             "",
-            _embedded_png(evaluation.plots["learning_curves"], "Learning curves"),
+            _embedded_png(store, evaluation.plots["learning_curves"], "Learning curves"),
             "",
-            _embedded_png(evaluation.plots["confusion_matrix"], "Confusion matrix"),
+            _embedded_png(store, evaluation.plots["confusion_matrix"], "Confusion matrix"),
             "",
-            _embedded_png(evaluation.plots["sample_predictions"], "Sample predictions"),
+            _embedded_png(store, evaluation.plots["sample_predictions"], "Sample predictions"),
             "",
-            f"Files: `{Path(evaluation.metrics_path).parent}`",
+            f"Files: `{trained.run_dir}/evaluation`",
         ]
     )
 
 
 @task(name="evaluate")
-def evaluate_task(trained: TrainResult, cached: CachedDataset, out_dir: Path) -> Evaluation:
-    evaluation = evaluate_model(trained, cached, out_dir)
+def evaluate_task(trained: TrainResult, cached: CachedDataset, storage: StorageParams) -> Evaluation:
+    run = RunFolder(storage.store(), trained.run_dir)
+    evaluation = evaluate_model(trained, cached, run)
     create_table_artifact(
         key="per-class-metrics",
         table=[{**row, **{k: round(row[k], 4) for k in ("precision", "recall", "f1")}} for row in evaluation.per_class],
@@ -141,7 +152,9 @@ def evaluate_task(trained: TrainResult, cached: CachedDataset, out_dir: Path) ->
         description="Test set: rows are the true class, columns the predicted class",
     )
     create_markdown_artifact(
-        key="evaluation-report", markdown=evaluation_markdown(evaluation, trained), description="Metrics and plots"
+        key="evaluation-report",
+        markdown=evaluation_markdown(evaluation, trained, run.store),
+        description="Metrics and plots",
     )
     get_run_logger().info(
         "Test accuracy %.4f, loss %.4f; train-test gap %+.4f",

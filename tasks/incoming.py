@@ -1,6 +1,7 @@
 """New labeled data: batches dropped in the incoming folder join the training set.
 
-Each batch is a folder of its own under the incoming folder, in one of two forms:
+Each batch is a folder of its own under the incoming folder (a local folder or an s3:// prefix), in
+one of two forms:
 - an IDX pair: one `*images-idx3-ubyte[.gz]` and one `*labels-idx1-ubyte[.gz]` file;
 - PNG images (28x28, 8-bit grayscale) in one sub-folder per class, named by the class
   (`t-shirt-top`, `trouser`, ..., `ankle-boot`; case, spaces and `_` are forgiven) or its index.
@@ -18,7 +19,9 @@ from prefect import get_run_logger, task
 
 from fmnist import idx
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.layout import StorageParams
 from fmnist.png import ImageFileError, read_grayscale_png
+from fmnist.storage import Store, join
 from tasks.download import RawDataset
 
 
@@ -29,7 +32,7 @@ class IncomingBatchError(ValueError):
 @dataclass(frozen=True)
 class IncomingBatch:
     name: str
-    path: str
+    path: str  # its location: a local folder or an s3:// prefix
     kind: Literal["idx", "png"]
     sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
     rows: int
@@ -100,18 +103,28 @@ def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndar
     )
 
 
-def collect_incoming(incoming_dir: Path) -> list[IncomingBatch]:
+def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """`load_batch` of a batch wherever it is stored; errors name the stored location."""
+    with store.local_tree(location) as folder:
+        try:
+            return load_batch(folder)
+        except (IncomingBatchError, idx.IdxFormatError) as exc:
+            if folder == Path(location):
+                raise
+            raise IncomingBatchError(str(exc).replace(str(folder), location)) from exc
+
+
+def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
     """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name."""
-    if not incoming_dir.is_dir():
-        return []
     batches = []
-    for entry in sorted(incoming_dir.iterdir()):
-        if entry.name.startswith("."):
+    for name in store.listdir(incoming_dir):
+        if name.startswith("."):
             continue
-        if not entry.is_dir():
+        entry = join(incoming_dir, name)
+        if not store.is_dir(entry):
             raise IncomingBatchError(f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/")
-        kind, images, labels = load_batch(entry)
-        batches.append(IncomingBatch(entry.name, str(entry), kind, content_sha256(images, labels), len(labels)))
+        kind, images, labels = read_batch(store, entry)
+        batches.append(IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)))
     return batches
 
 
@@ -120,20 +133,20 @@ def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
     return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
 
 
-def load_collected(batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
+def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
     """The batch's arrays, refusing a batch whose content changed since it was collected."""
-    _, images, labels = load_batch(Path(batch.path))
+    _, images, labels = read_batch(store, batch.path)
     if content_sha256(images, labels) != batch.sha256:
         raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
     return images, labels
 
 
 @task(name="collect-incoming")
-def collect_incoming_task(incoming_dir: Path) -> list[IncomingBatch]:
-    batches = collect_incoming(incoming_dir)
+def collect_incoming_task(storage: StorageParams) -> list[IncomingBatch]:
+    batches = collect_incoming(storage.store(), storage.incoming)
     logger = get_run_logger()
     if not batches:
-        logger.info("No incoming batches in %s", incoming_dir)
+        logger.info("No incoming batches in %s", storage.incoming)
     for batch in batches:
         logger.info("Incoming batch %s: %d %s images, sha256 %s", batch.name, batch.rows, batch.kind, batch.sha256[:12])
     return batches

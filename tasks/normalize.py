@@ -6,6 +6,7 @@ split is always the canonical test set, so every model version is compared on th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from fmnist import idx
 from fmnist.cache import CachedDataset, ParquetCache, cache_key
 from fmnist.dataset import DatasetSpec
-from fmnist.files import atomic_dir
+from fmnist.layout import DataLayout, StorageParams
+from fmnist.storage import Store, join
 from tasks.download import RawDataset
 from tasks.incoming import IncomingBatch, input_hashes, load_collected
 from tasks.validate import (
@@ -40,20 +42,22 @@ def normalize_and_cache(
     raw: RawDataset,
     incoming: list[IncomingBatch],
     validation: ValidationReport,
-    cache_dir: Path,
-    validation_dir: Path,
+    store: Store,
+    layout: DataLayout,
 ) -> CachedDataset:
     """The cached normalized dataset for these inputs: reused when present and intact, else built."""
     if not validation.success:
         raise DataValidationError(f"refusing to cache data that failed validation {validation.key}")
     hashes = input_hashes(raw, incoming)
-    cache = ParquetCache(cache_dir)
+    cache = ParquetCache(store, layout.cache)
     key = cache_key(hashes)
     if hit := cache.lookup(key):
         return hit
-    train_parts = [idx.read_pair(Path(raw.train_images.path), Path(raw.train_labels.path))]
-    train_parts += [load_collected(batch) for batch in incoming]
-    test_images, test_labels = idx.read_pair(Path(raw.test_images.path), Path(raw.test_labels.path))
+    train_parts = [idx.read_pair(store.local_copy(raw.train_images.file), store.local_copy(raw.train_labels.file))]
+    train_parts += [load_collected(store, batch) for batch in incoming]
+    test_images, test_labels = idx.read_pair(
+        store.local_copy(raw.test_images.file), store.local_copy(raw.test_labels.file)
+    )
     splits = {
         "train": (
             normalize(np.concatenate([images for images, _ in train_parts])),
@@ -65,8 +69,9 @@ def normalize_and_cache(
         FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
         for name, (pixels, labels) in splits.items()
     ]
-    with atomic_dir(validation_dir / f"normalized-{key}") as out_dir:
-        outcomes = run_checks(checks, out_dir)
+    with tempfile.TemporaryDirectory(prefix="fmnist-validation-") as out_dir:
+        outcomes = run_checks(checks, Path(out_dir))
+        store.put_tree(Path(out_dir), join(layout.validation, f"normalized-{key}"), marker="result.json")
     failures = [f"{o.suite}: {f}" for o in outcomes for f in o.failures]
     if failures:
         raise DataValidationError("Normalized data failed validation:\n  - " + "\n  - ".join(failures))
@@ -74,7 +79,7 @@ def normalize_and_cache(
         "sources": {"canonical": [f.sha256 for f in raw.files], "incoming": {b.name: b.sha256 for b in incoming}},
         "train_rows_by_source": {"canonical": spec.train_rows, **{b.name: b.rows for b in incoming}},
     }
-    return cache.store(key, splits, metadata)
+    return cache.store_entry(key, splits, metadata)
 
 
 @task(name="normalize-and-cache")
@@ -83,10 +88,9 @@ def normalize_task(
     raw: RawDataset,
     incoming: list[IncomingBatch],
     validation: ValidationReport,
-    cache_dir: Path,
-    validation_dir: Path,
+    storage: StorageParams,
 ) -> CachedDataset:
-    cached = normalize_and_cache(spec, raw, incoming, validation, cache_dir, validation_dir)
+    cached = normalize_and_cache(spec, raw, incoming, validation, storage.store(), storage.data)
     get_run_logger().info(
         "Parquet cache %s %s: %d train rows, %d test rows",
         cached.key[:16],

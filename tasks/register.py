@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from fmnist import lineage
-from fmnist.cache import CachedDataset, read_metadata
+from fmnist.cache import CachedDataset
 from fmnist.files import sha256_text
+from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
 from fmnist.registry import Decision, Registry
 from tasks.evaluate import Evaluation
@@ -20,13 +20,10 @@ from tasks.train import TrainResult
 @dataclass(frozen=True)
 class Registration:
     version: str
-    version_dir: str
-    decision: Decision
+    version_dir: str  # its location in the registry
+    decision: Decision  # the gate's verdict that counted
+    promoted: bool  # whether it became champion
     champion: str | None  # after this registration
-
-    @property
-    def promoted(self) -> bool:
-        return self.decision.promoted
 
 
 def fingerprint(cache_key: str, params: TrainParams) -> str:
@@ -49,7 +46,6 @@ def build_manifest(
     evaluation: Evaluation,
     flow_run_id: str | None,
 ) -> dict:
-    sources = read_metadata(Path(cached.train.path)).get("sources", {})
     return {
         "fingerprint": run_fingerprint,
         "flow_run_id": flow_run_id,
@@ -60,12 +56,13 @@ def build_manifest(
             "test_rows": cached.test.rows,
             "train_parquet_sha256": cached.train.sha256,
             "test_parquet_sha256": cached.test.sha256,
-            "sources": sources,
+            "sources": cached.sources,
         },
         "params": params.model_dump(),
         "code": {"sha256": lineage.code_sha256(), "git_commit": lineage.git_commit()},
-        "libraries": lineage.library_versions(),
-        "hardware": {**lineage.host(), "device": trained.device, "mixed_precision": trained.mixed_precision},
+        # Of the machine that trained: the orchestrating flow may run on another host.
+        "libraries": trained.libraries,
+        "hardware": {**trained.host, "device": trained.device, "mixed_precision": trained.mixed_precision},
         "training": {"epochs": trained.epochs, "seconds_per_epoch": trained.seconds_per_epoch},
         "metrics": {
             k: getattr(evaluation, k)
@@ -85,9 +82,9 @@ def per_class_table(per_class: list[dict]) -> str:
 
 
 def model_card(manifest: dict) -> str:
-    """The version's card, from its final manifest (which holds its number and promotion decision)."""
+    """The version's card, from its final manifest (which holds its number and the gate's verdict)."""
     metrics = manifest["metrics"]
-    decision = manifest["decision"]
+    gate = manifest["gate"]
     params = manifest["params"]
     weakest = sorted(manifest["per_class"], key=lambda c: c["f1"])[:3]
     code = manifest["code"]["git_commit"] or manifest["code"]["sha256"][:12]
@@ -107,7 +104,7 @@ evaluated on the fixed canonical test set ({manifest["data"]["test_rows"]:,} ima
 
 {per_class_table(manifest["per_class"])}
 
-**Promotion**: {"promoted" if decision["promoted"] else "not promoted"}: {decision["reason"]}.
+**Promotion gate**: {"passed" if gate["passed"] else "not passed"}: {gate["reason"]}.
 
 **Trained on**: {manifest["hardware"]["device"]}; code {code};
 TensorFlow {manifest["libraries"]["tensorflow"]}, Keras {manifest["libraries"]["keras"]}.
@@ -119,7 +116,7 @@ worn clothes, other framings) are out of distribution. Its weakest classes on th
 
 
 def register_model(
-    registry_root: Path,
+    registry: Registry,
     trained: TrainResult,
     evaluation: Evaluation,
     manifest: dict,
@@ -128,24 +125,22 @@ def register_model(
     tolerance: float,
     force: bool,
 ) -> Registration:
-    """Copy the run's model, history, metrics and plots into a new version; apply the gate."""
+    """Publish the run's model, history, metrics and plots as a new version; apply the gate."""
     files = {
-        "model.keras": Path(trained.model_path),
-        "history.json": Path(trained.history_path),
-        "metrics.json": Path(evaluation.metrics_path),
-        **{f"{name}.png": Path(path) for name, path in evaluation.plots.items()},
+        "model.keras": trained.model,
+        "history.json": trained.history,
+        "metrics.json": evaluation.metrics,
+        **{f"{name}.png": png for name, png in evaluation.plots.items()},
     }
-    if missing := [str(path) for path in files.values() if not path.is_file()]:
-        raise FileNotFoundError(f"run {trained.run_dir} lacks files to register: {', '.join(missing)}")
-    registry = Registry(registry_root)
-    version, decision = registry.register(
+    registered = registry.register(
         files, manifest, floor=floor, tolerance=tolerance, force=force, model_card=model_card
     )
     return Registration(
-        version=version,
-        version_dir=str(registry.version_dir(version)),
-        decision=decision,
-        champion=registry.champion(),
+        version=registered.version,
+        version_dir=registry.version_dir(registered.version),
+        decision=registered.decision,
+        promoted=registered.promoted,
+        champion=registered.champion,
     )
 
 
@@ -191,14 +186,14 @@ Champion now: **{registration.champion or "none"}**.
 
 
 @task(name="check-champion")
-def champion_current_task(registry_root: Path, run_fingerprint: str) -> str | None:
+def champion_current_task(storage: StorageParams, run_fingerprint: str) -> str | None:
     """The champion if nothing changed since it was trained (same data, code and parameters)."""
-    return Registry(registry_root).champion_if_current(run_fingerprint)
+    return Registry(storage.store(), storage.registry).champion_if_current(run_fingerprint)
 
 
 @task(name="register")
 def register_task(
-    registry_root: Path,
+    storage: StorageParams,
     trained: TrainResult,
     evaluation: Evaluation,
     manifest: dict,
@@ -206,8 +201,9 @@ def register_task(
     tolerance: float,
     force: bool,
 ) -> Registration:
+    registry = Registry(storage.store(), storage.registry)
     registration = register_model(
-        registry_root, trained, evaluation, manifest, floor=floor, tolerance=tolerance, force=force
+        registry, trained, evaluation, manifest, floor=floor, tolerance=tolerance, force=force
     )
     create_markdown_artifact(
         key="retrain-report",

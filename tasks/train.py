@@ -5,24 +5,30 @@ cache (the tutorials pass float64), several batches per compiled call (`steps_pe
 per-step progress bar, and XLA only on GPUs (on CPUs it measured several times slower).
 
 A run's folder holds the Keras `BackupAndRestore` state, so a retried run resumes after its last
-completed epoch; `history.json` is written at every epoch end and survives the interruption.
+completed epoch; `history.json` is written at every epoch end and survives the interruption. With
+the registry on S3 the folder's checkpoints are uploaded after every epoch (`fmnist.run_folder`), so
+the run resumes on whichever host starts it again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import TypeAdapter
 
+from fmnist import lineage
 from fmnist.cache import CachedDataset, read_split
 from fmnist.dataset import NUM_CLASSES
-from fmnist.files import atomic_path, sha256_file
+from fmnist.files import atomic_path
+from fmnist.layout import StorageParams
 from fmnist.model import TrainParams, build_model, compile_model
+from fmnist.run_folder import RunFolder
+from fmnist.storage import StoredFile
 
 if TYPE_CHECKING:
     from fmnist.epoch_log import EpochHook
@@ -46,14 +52,18 @@ class DevicePlan:
     jit_compile: bool
 
 
+RESULT_FILE = "train_result.json"
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    run_dir: str
-    model_path: str
-    model_sha256: str
-    history_path: str
+    run_dir: str  # the run folder's location in the store
+    model: StoredFile
+    history: StoredFile
     device: str
     mixed_precision: bool
+    host: dict  # the machine that trained (not the one that orchestrated), and its libraries
+    libraries: dict
     epochs: int
     resumed_at_epoch: int  # 1-based epoch this call started at; 1 for a fresh run
     seconds_per_epoch: float  # mean over the epochs this call ran
@@ -92,13 +102,13 @@ def check_not_at_chance(accuracy: float, loss: float, margin: float) -> None:
 def train_model(
     cached: CachedDataset,
     params: TrainParams,
-    run_dir: Path,
+    run: RunFolder,
     *,
     on_epoch: EpochHook | None = None,
     extra_callbacks: tuple = (),
     logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> TrainResult:
-    """Train `params.preset` on the cached training split; save `model.keras` into `run_dir`."""
+    """Train `params.preset` on the cached training split; publish `model.keras` in the run folder."""
     import keras
     import tensorflow as tf
 
@@ -112,20 +122,23 @@ def train_model(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(params.seed)
     keras.mixed_precision.set_global_policy("mixed_float16" if plan.mixed_precision else "float32")
-    images, labels = read_split(Path(cached.train.path))
+    images, labels = read_split(run.store.local_copy(cached.train.file))
 
     strategy = tf.distribute.MirroredStrategy() if plan.gpus > 1 else tf.distribute.get_strategy()
     with strategy.scope():
         model = build_model(params)
         compile_model(model, params, jit_compile=plan.jit_compile)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    epoch_log = EpochLog(run_dir / "history.json", params.epochs, on_epoch, logger)
+    if restored := run.restore():
+        logger.info("Restored the checkpoint of epoch %d from %s", restored, run.location)
+    epoch_log = EpochLog(run.local("history.json"), params.epochs, on_epoch, logger)
     callbacks = [
         epoch_log,  # before the backup: an epoch is recorded before it counts as done
         # Two checkpoints: a process killed while writing one resumes from the other.
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True),
+        keras.callbacks.TensorBoard(str(run.local("tensorboard")), write_graph=False, profile_batch=0),
+        # After the backup is written: with the run folder in a bucket, the epoch is saved there.
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: run.save_epoch(epoch + 1)),
         *extra_callbacks,
     ]
     model.fit(
@@ -137,18 +150,20 @@ def train_model(
         verbose=0,
         callbacks=callbacks,
     )
+    run.push_logs()
+    run.drop_checkpoints()
     final = epoch_log.history[-1]
     check_not_at_chance(final["accuracy"], final["loss"], params.chance_margin)
-    model_path = run_dir / "model.keras"
-    with atomic_path(model_path) as tmp:
+    with atomic_path(run.local("model.keras")) as tmp:
         model.save(tmp)
     return TrainResult(
-        run_dir=str(run_dir),
-        model_path=str(model_path),
-        model_sha256=sha256_file(model_path),
-        history_path=str(run_dir / "history.json"),
+        run_dir=run.location,
+        model=run.publish("model.keras"),
+        history=run.publish("history.json"),
         device=plan.description,
         mixed_precision=plan.mixed_precision,
+        host=lineage.host(),
+        libraries=lineage.library_versions(),
         epochs=len(epoch_log.history),
         resumed_at_epoch=epoch_log.ran[0] if epoch_log.ran else params.epochs + 1,
         seconds_per_epoch=sum(epoch_log.seconds) / max(len(epoch_log.seconds), 1),
@@ -157,13 +172,22 @@ def train_model(
     )
 
 
+def save_result(run: RunFolder, result: TrainResult) -> None:
+    """Hand the result back through the run folder: the flow that waits for it may run on another host."""
+    run.write_json(RESULT_FILE, asdict(result))
+
+
+def load_result(run: RunFolder) -> TrainResult:
+    return TypeAdapter(TrainResult).validate_python(run.read_json(RESULT_FILE))
+
+
 def _retry_unless_hopeless(task, task_run, state) -> bool:
     """Retry crashes and transient errors, not a missing GPU or a model that cannot learn."""
     return not isinstance(state.result(raise_on_failure=False), NoGpuError | ChanceLevelError)
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_hopeless)
-def train_task(cached: CachedDataset, params: TrainParams, run_dir: Path) -> TrainResult:
+def train_task(cached: CachedDataset, params: TrainParams, run_dir: str, storage: StorageParams) -> TrainResult:
     logger = get_run_logger()
     progress = create_progress_artifact(
         progress=0.0, key="training-progress", description=f"Training {params.preset}: {params.epochs} epochs"
@@ -176,12 +200,14 @@ def train_task(cached: CachedDataset, params: TrainParams, run_dir: Path) -> Tra
             description=f"Epoch {done}/{epochs}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}",
         )
 
-    result = train_model(cached, params, run_dir, on_epoch=report, logger=logger)
+    run = RunFolder(storage.store(), run_dir)
+    result = train_model(cached, params, run, on_epoch=report, logger=logger)
+    save_result(run, result)
     logger.info(
         "Trained %d epochs on %s, %.2f s an epoch; model %s",
         result.epochs,
         result.device,
         result.seconds_per_epoch,
-        result.model_path,
+        result.model.location,
     )
     return result

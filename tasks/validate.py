@@ -2,8 +2,9 @@
 
 GX validates one summary row per image (label, size, pixel range, ...) rather than 784 pixel
 columns: the same checks, in a fraction of a second instead of tens of seconds. Results are kept
-as JSON and as GX Data Docs (HTML) in a folder keyed by the inputs' content hashes and this
-module's source, so an unchanged dataset is not validated twice.
+as JSON and as GX Data Docs (HTML) in a folder of the data root keyed by the inputs' content hashes
+and this module's source (published with `report.json` last), so an unchanged dataset is not
+validated twice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -24,7 +26,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from fmnist import idx
 from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES, DatasetSpec
-from fmnist.files import atomic_dir, sha256_file, sha256_text
+from fmnist.files import sha256_file, sha256_text
+from fmnist.layout import StorageParams
+from fmnist.storage import IntegrityError, Store, join
 from tasks.download import RawDataset
 from tasks.incoming import IncomingBatch, input_hashes, load_collected
 
@@ -61,7 +65,7 @@ class SuiteOutcome:
 class ValidationReport:
     key: str
     success: bool
-    result_path: str
+    result_path: str  # locations in the data root
     docs_index: str
     suites: list[SuiteOutcome]
     reused: bool = False
@@ -222,13 +226,13 @@ def run_checks(checks: list[FrameCheck], out_dir: Path) -> list[SuiteOutcome]:
     return outcomes
 
 
-def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch]) -> list[FrameCheck]:
+def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store) -> list[FrameCheck]:
     """A suite for each canonical split and each incoming batch."""
     rows = {"train": spec.train_rows, "test": spec.test_rows}
     pairs = {"train": (raw.train_images, raw.train_labels), "test": (raw.test_images, raw.test_labels)}
     checks = []
     for split, (images_file, labels_file) in pairs.items():
-        images, labels = idx.read_pair(Path(images_file.path), Path(labels_file.path))
+        images, labels = idx.read_pair(store.local_copy(images_file.file), store.local_copy(labels_file.file))
         checks.append(
             FrameCheck(
                 f"raw-canonical-{split}",
@@ -237,7 +241,7 @@ def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch]
             )
         )
     for batch in incoming:
-        images, labels = load_collected(batch)
+        images, labels = load_collected(store, batch)
         checks.append(
             FrameCheck(f"raw-incoming-{batch.name}", raw_summary(images, labels), raw_expectations(None, None))
         )
@@ -245,27 +249,29 @@ def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch]
 
 
 def validate_raw(
-    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], validation_dir: Path
+    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store, validation_dir: str
 ) -> ValidationReport:
     """Validate every input; reuse an earlier passing result for the same inputs and suites."""
     key = sha256_text("raw-validation", suite_version(), *input_hashes(raw, incoming))
-    out_dir = validation_dir / key
-    report_file = out_dir / "report.json"
-    if report_file.is_file():
-        report = json.loads(report_file.read_text())
+    out_dir = join(validation_dir, key)
+    try:
+        report = store.read_json(join(out_dir, "report.json"))
         if report["success"]:
             report["suites"] = [SuiteOutcome(**s) for s in report["suites"]]
             return ValidationReport(**{**report, "reused": True})
-    with atomic_dir(out_dir) as tmp:
-        outcomes = run_checks(raw_checks(spec, raw, incoming), tmp)
+    except (FileNotFoundError, IntegrityError, KeyError, TypeError):
+        pass  # none yet, or unreadable: validate again
+    with tempfile.TemporaryDirectory(prefix="fmnist-validation-") as tmp:
+        outcomes = run_checks(raw_checks(spec, raw, incoming, store), Path(tmp))
         report = ValidationReport(
             key=key,
             success=all(o.success for o in outcomes),
-            result_path=str(out_dir / "result.json"),
-            docs_index=str(out_dir / "docs" / "index.html"),
+            result_path=join(out_dir, "result.json"),
+            docs_index=join(out_dir, "docs", "index.html"),
             suites=outcomes,
         )
-        (tmp / "report.json").write_text(json.dumps(asdict(report), indent=1))
+        (Path(tmp) / "report.json").write_text(json.dumps(asdict(report), indent=1))
+        store.put_tree(Path(tmp), out_dir, marker="report.json")
     return report
 
 
@@ -292,9 +298,9 @@ def report_markdown(report: ValidationReport) -> str:
 
 @task(name="validate")
 def validate_task(
-    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], validation_dir: Path
+    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], storage: StorageParams
 ) -> ValidationReport:
-    report = validate_raw(spec, raw, incoming, validation_dir)
+    report = validate_raw(spec, raw, incoming, storage.store(), storage.data.validation)
     create_markdown_artifact(
         key="data-validation", markdown=report_markdown(report), description="great-expectations results"
     )

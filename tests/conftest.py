@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.dataset import DataLayout, DatasetSpec
+from fmnist.dataset import DatasetSpec
+from fmnist.layout import DataLayout
+from fmnist.storage import Store
 from tests.helpers import write_mirror
+from tests.seaweedfs import S3Server, seaweedfs
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +25,21 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]
 
 @pytest.fixture
 def layout(tmp_path: Path) -> DataLayout:
-    return DataLayout(tmp_path / "data")
+    return DataLayout(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A store with this test's own scratch folder (used only for s3:// locations)."""
+    return Store(scratch=tmp_path / "scratch", timeout_s=10)
+
+
+@pytest.fixture(params=["local", "s3"])
+def data_layout(request: pytest.FixtureRequest, tmp_path: Path) -> DataLayout:
+    """A data root on local disk, then in a bucket of a real S3 server: the same test runs on both."""
+    if request.param == "local":
+        return DataLayout(str(tmp_path / "data"))
+    return DataLayout(request.getfixturevalue("bucket") + "/data")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -74,3 +91,24 @@ def http_mirror_of() -> Iterator:
 @pytest.fixture
 def stalling_server(tmp_path: Path) -> Iterator[str]:
     yield from _serve(_StallingHandler, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One real S3 server (SeaweedFS) for the session, on free loopback ports."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The standard AWS variables set for this test, pointing at the session's S3 server."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_env: S3Server) -> str:
+    """A new, empty bucket of this test's own, as an s3:// URL."""
+    return f"s3://{s3_env.new_bucket()}"

@@ -60,20 +60,33 @@ def write_idx_batch(folder: Path, images: np.ndarray, labels: np.ndarray) -> Pat
     return folder
 
 
-def cached_dataset(root: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]):
-    """A parquet cache entry holding the given uint8 images and labels, normalized."""
+def cached_dataset(
+    root: Path | str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], store=None
+):
+    """A parquet cache entry under `root` (a folder or an s3:// URL) holding the uint8 images and labels, normalized."""
     from fmnist.cache import ParquetCache
+    from fmnist.storage import Store
     from tasks.normalize import normalize
 
     splits = {name: (normalize(images), labels) for name, (images, labels) in (("train", train), ("test", test))}
-    return ParquetCache(root).store(hashlib.sha256(repr(root).encode()).hexdigest(), splits, {})
+    key = hashlib.sha256(repr(root).encode()).hexdigest()
+    return ParquetCache(store or Store(), str(root)).store_entry(key, splits, {})
 
 
-def learnable_cache(root: Path, train_per_class: int = 50, test_per_class: int = 10):
+def learnable_cache(root: Path | str, train_per_class: int = 50, test_per_class: int = 10, store=None):
     train_labels = balanced_labels(train_per_class, seed=0)
     test_labels = balanced_labels(test_per_class, seed=1)
     return cached_dataset(
         root,
         (synthetic_images(train_labels, seed=0), train_labels),
         (synthetic_images(test_labels, seed=1), test_labels),
+        store,
     )
+
+
+def local_run(folder: Path):
+    """A run folder on local disk (no scratch folder needed)."""
+    from fmnist.run_folder import RunFolder
+    from fmnist.storage import Store
+
+    return RunFolder(Store(), str(folder))

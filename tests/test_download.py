@@ -1,4 +1,5 @@
-"""Downloads from local and HTTP mirrors on 127.0.0.1: verification, fallback, retries, cache."""
+"""Downloads from local, HTTP (on 127.0.0.1) and S3 mirrors into a data root on disk or in a bucket:
+verification, fallback, retries, the verified cache."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.dataset import DataLayout, DatasetSpec
+from fmnist.dataset import DatasetSpec
 from fmnist.files import sha256_file
+from fmnist.layout import DataLayout
+from fmnist.storage import Store, join
 from tasks.download import DownloadError, download_dataset
 
 
@@ -35,21 +38,32 @@ def corrupt_copy(mirror_dir: Path, dest: Path, how: str) -> Path:
     return dest
 
 
-def test_local_mirror_as_path_and_file_url(mirror: tuple[Path, DatasetSpec], layout: DataLayout) -> None:
+def test_local_mirror_as_path_and_file_url(
+    mirror: tuple[Path, DatasetSpec], data_layout: DataLayout, store: Store
+) -> None:
     folder, spec = mirror
     for source in (str(folder), folder.as_uri()):
-        shutil.rmtree(layout.root, ignore_errors=True)
-        raw = download_dataset(spec, [source], layout.raw)
-        assert [Path(f.path).name for f in raw.files] == [r.raw_name for r in spec.files]
-        assert all(sha256_file(Path(f.path)) == r.sha256 for f, r in zip(raw.files, spec.files, strict=True))
+        store.delete(data_layout.root)
+        raw = download_dataset(spec, [source], store, data_layout.raw)
+        assert [f.path for f in raw.files] == [join(data_layout.raw, r.raw_name) for r in spec.files]
+        assert all(store.sha256(f.path) == r.sha256 for f, r in zip(raw.files, spec.files, strict=True))
         assert {f.source for f in raw.files} == {source}
 
 
-def test_http_mirror(mirror, layout, http_mirror_of) -> None:
+def test_http_mirror(mirror, layout, store, http_mirror_of) -> None:
     folder, spec = mirror
     url = http_mirror_of(folder)
-    raw = download_dataset(spec, [url], layout.raw)
+    raw = download_dataset(spec, [url], store, layout.raw)
     assert {f.source for f in raw.files} == {url}
+    assert sha256_file(Path(raw.train_images.path)) == spec.train_images.sha256
+
+
+def test_s3_mirror(mirror, layout, store, bucket, s3_env) -> None:
+    folder, spec = mirror
+    s3_env.filesystem().put(str(folder) + "/", bucket.removeprefix("s3://") + "/mirror/", recursive=True)
+    missing = f"{bucket}/no-mirror-here/"
+    raw = download_dataset(spec, [missing, f"{bucket}/mirror/"], store, layout.raw)
+    assert {f.source for f in raw.files} == {f"{bucket}/mirror/"}
     assert sha256_file(Path(raw.train_images.path)) == spec.train_images.sha256
 
 
@@ -63,38 +77,45 @@ def test_http_mirror(mirror, layout, http_mirror_of) -> None:
         ("missing", "HTTP 404"),
     ],
 )
-def test_bad_mirror_falls_back_to_the_next(mirror, layout, http_mirror_of, tmp_path, caplog, how, reason) -> None:
+def test_bad_mirror_falls_back_to_the_next(
+    mirror, layout, store, http_mirror_of, tmp_path, caplog, how, reason
+) -> None:
     folder, spec = mirror
     bad = http_mirror_of(corrupt_copy(folder, tmp_path / "bad", how))
     good = http_mirror_of(folder)
     with caplog.at_level(logging.WARNING):
-        raw = download_dataset(spec, [bad, good], layout.raw)
+        raw = download_dataset(spec, [bad, good], store, layout.raw)
     assert raw.train_images.source == good
     assert raw.train_labels.source == bad  # undamaged files still come from the first mirror
     assert any(reason in r.getMessage() and "train-images" in r.getMessage() for r in caplog.records)
 
 
-def test_all_mirrors_bad_names_each_and_leaves_no_file(mirror, layout, http_mirror_of, tmp_path) -> None:
+def test_all_mirrors_bad_names_each_and_leaves_no_file(mirror, data_layout, store, http_mirror_of, tmp_path) -> None:
     folder, spec = mirror
     truncated = http_mirror_of(corrupt_copy(folder, tmp_path / "t", "truncated"))
     local_bad = corrupt_copy(folder, tmp_path / "o", "other-content")
     with pytest.raises(DownloadError) as caught:
-        download_dataset(spec, [truncated, str(local_bad), str(tmp_path / "nowhere")], layout.raw)
+        download_dataset(spec, [truncated, str(local_bad), str(tmp_path / "nowhere")], store, data_layout.raw)
     message = str(caught.value)
     assert "train-images-idx3-ubyte.gz: no mirror served a verified copy" in message
     assert f"{truncated}train-images-idx3-ubyte.gz: truncated gzip stream" in message
     assert f"{local_bad}/train-images-idx3-ubyte.gz: sha256" in message
-    assert "nowhere/train-images-idx3-ubyte.gz: cannot read" in message
-    assert not (layout.raw / "train-images-idx3-ubyte").exists()
-    assert [p.name for p in layout.raw.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    assert "nowhere/train-images-idx3-ubyte.gz: not found" in message
+    # Nothing half-written anywhere: not in the data root, and no temp file beside it.
+    assert [n for n in store.find(data_layout.root) if "train-images" in n] == []
+    assert not [p for p in (tmp_path / "data").rglob(".part-*")]
 
 
-def test_stalled_server_times_out_retries_and_falls_back(mirror, layout, stalling_server, http_mirror_of, caplog):
+def test_stalled_server_times_out_retries_and_falls_back(
+    mirror, layout, store, stalling_server, http_mirror_of, caplog
+):
     folder, spec = mirror
     good = http_mirror_of(folder)
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
-        raw = download_dataset(spec, [stalling_server, good], layout.raw, timeout_s=0.3, retries=1, backoff_s=0.05)
+        raw = download_dataset(
+            spec, [stalling_server, good], store, layout.raw, timeout_s=0.3, retries=1, backoff_s=0.05
+        )
     assert raw.train_images.source == good
     messages = [r.getMessage() for r in caplog.records]
     assert any("timed out after 0.3 s" in m and "retrying" in m for m in messages)
@@ -102,24 +123,29 @@ def test_stalled_server_times_out_retries_and_falls_back(mirror, layout, stallin
     assert time.perf_counter() - started < 30  # a stall costs (timeout + backoff) per attempt, not forever
 
 
-def test_verified_cache_is_reused_without_any_mirror(mirror, layout) -> None:
+def test_verified_cache_is_reused_without_any_mirror(mirror, data_layout, store, tmp_path) -> None:
     folder, spec = mirror
-    download_dataset(spec, [str(folder)], layout.raw)
-    raw = download_dataset(spec, ["http://127.0.0.1:9/unreachable/"], layout.raw, timeout_s=0.1, retries=0)
+    download_dataset(spec, [str(folder)], store, data_layout.raw)
+    # Another host: nothing in its scratch folder, the files come from the data root, verified.
+    elsewhere = Store(scratch=tmp_path / "other-host")
+    raw = download_dataset(
+        spec, ["http://127.0.0.1:9/unreachable/"], elsewhere, data_layout.raw, timeout_s=0.1, retries=0
+    )
     assert {f.source for f in raw.files} == {"cache"}
 
 
-def test_damaged_cache_file_is_downloaded_again(mirror, layout) -> None:
+def test_damaged_cache_file_is_downloaded_again(mirror, data_layout, store, tmp_path) -> None:
     folder, spec = mirror
-    raw = download_dataset(spec, [str(folder)], layout.raw)
-    Path(raw.test_images.path).write_bytes(b"damaged")
-    again = download_dataset(spec, [str(folder)], layout.raw)
+    raw = download_dataset(spec, [str(folder)], store, data_layout.raw)
+    store.write_bytes(raw.test_images.path, b"damaged")
+    elsewhere = Store(scratch=tmp_path / "other-host")
+    again = download_dataset(spec, [str(folder)], elsewhere, data_layout.raw)
     assert again.test_images.source == str(folder)
-    assert sha256_file(Path(again.test_images.path)) == spec.test_images.sha256
+    assert store.sha256(again.test_images.path) == spec.test_images.sha256
 
 
-def test_unsupported_scheme_is_refused_before_downloading(mirror, layout) -> None:
+def test_unsupported_scheme_is_refused_before_downloading(mirror, layout, store) -> None:
     _, spec = mirror
     with pytest.raises(ValueError, match=r"mirror 'ftp://example.org/': unsupported scheme 'ftp'"):
-        download_dataset(spec, ["ftp://example.org/"], layout.raw)
-    assert not layout.raw.exists()
+        download_dataset(spec, ["ftp://example.org/"], store, layout.raw)
+    assert not Path(layout.raw).exists()

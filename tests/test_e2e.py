@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from fmnist.registry import Registry
+from fmnist.storage import Store
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 
 pytestmark = pytest.mark.e2e
@@ -109,8 +110,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def run_params(stack: Stack) -> dict:
     spec = write_mirror(stack.tmp / "mirror", train_per_class=50, test_per_class=10)
     return {
-        "data_root": str(stack.tmp / "data"),
-        "registry_root": str(stack.tmp / "artifacts"),
         "mirrors": [str(stack.tmp / "mirror")],
         "dataset": spec.model_dump(),
         "training": {"epochs": 1},
@@ -118,12 +117,17 @@ def run_params(stack: Stack) -> dict:
     }
 
 
-def start_deployment_run(stack: Stack, params: dict) -> subprocess.Popen:
+def local_storage(stack: Stack, suffix: str = "") -> dict:
+    return {"data_root": str(stack.tmp / f"data{suffix}"), "registry_root": str(stack.tmp / f"artifacts{suffix}")}
+
+
+def start_deployment_run(stack: Stack, params: dict, storage: dict | None = None) -> subprocess.Popen:
     """`prefect deployment run --watch` as an operator types it."""
     return subprocess.Popen(
         [
             *(PREFECT, "deployment", "run", "retrain-fashion-mnist/adhoc"),
             *("--param", f"params={json.dumps(params)}"),
+            *("--param", f"storage={json.dumps(storage or local_storage(stack))}"),
             *("--watch", "--watch-interval", "2", "--watch-timeout", "600"),
         ],
         cwd=ROOT,
@@ -144,6 +148,10 @@ def finished_run(stack: Stack, cli: subprocess.Popen) -> dict:
 
 def deployment_run(stack: Stack, params: dict) -> dict:
     return finished_run(stack, start_deployment_run(stack, params))
+
+
+def local_registry(folder: Path) -> Registry:
+    return Registry(Store(), str(folder))
 
 
 def api_get(stack: Stack, path: str) -> dict:
@@ -193,7 +201,7 @@ def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params
     assert "# v0001 promoted to champion" in artifacts["retrain-report"]
     assert float(artifact_keys(stack, training["id"])["training-progress"]) == 100.0
 
-    registry = Registry(stack.tmp / "artifacts")
+    registry = local_registry(stack.tmp / "artifacts")
     assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
     assert registry.manifest("v0001")["flow_run_id"] == run["id"]
     assert registry.damaged_files("v0001") == []
@@ -201,7 +209,7 @@ def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params
 
 def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(stack: Stack, run_params: dict) -> None:
     registry_root = stack.tmp / "artifacts"
-    assert Registry(registry_root).champion() == "v0001", "runs after the registering test"
+    assert local_registry(registry_root).champion() == "v0001", "runs after the registering test"
     before = {p: p.read_bytes() for p in registry_root.rglob("*") if p.is_file()}
     labels = np.array([3, 10, 4], dtype=np.uint8)
     write_idx_batch(stack.tmp / "data" / "incoming" / "bad", synthetic_images(labels % 10, seed=2), labels)
@@ -217,13 +225,8 @@ def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(stack: S
 
 def test_crashed_training_run_is_started_again_and_resumes(stack: Stack, run_params: dict) -> None:
     epochs = 60
-    params = {
-        **run_params,
-        "data_root": str(stack.tmp / "data-crash"),
-        "registry_root": str(stack.tmp / "artifacts-crash"),
-        "training": {"epochs": epochs},
-    }
-    cli = start_deployment_run(stack, params)
+    params = {**run_params, "training": {"epochs": epochs}}
+    cli = start_deployment_run(stack, params, local_storage(stack, "-crash"))
     # Once the training run has finished a few epochs, its process dies (as under the OOM killer);
     # the GPU worker survives and reports the run Crashed.
     deadline = time.monotonic() + 300
@@ -258,4 +261,4 @@ def test_crashed_training_run_is_started_again_and_resumes(stack: Stack, run_par
     # Resumed, not restarted: after the last epoch whose backup was complete. history.json is written
     # before the backup, and one more epoch may have ended between reading it and the kill.
     assert 2 <= int(resumes[0].split("epoch ")[1].split(" ")[0]) <= killed_at + 2
-    assert Registry(stack.tmp / "artifacts-crash").champion() == "v0001"
+    assert local_registry(stack.tmp / "artifacts-crash").champion() == "v0001"

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fmnist.model import ModelIntegrityError, TrainParams
+from fmnist.model import TrainParams
+from fmnist.storage import IntegrityError, StoredFile
 from tasks.evaluate import confusion_matrix, evaluate_model, evaluation_markdown, per_class_metrics
 from tasks.train import train_model
-from tests.helpers import learnable_cache
+from tests.helpers import learnable_cache, local_run
 
 
 def test_metrics_match_a_hand_computed_example() -> None:
@@ -40,22 +42,24 @@ def test_class_never_predicted_has_zero_precision_not_nan() -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("eval")
     cached = learnable_cache(root / "cache")
-    return cached, train_model(cached, TrainParams(epochs=2, seed=3), root / "run")
+    return cached, train_model(cached, TrainParams(epochs=2, seed=3), local_run(root / "run"))
 
 
-def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
+def test_evaluation_writes_metrics_and_plots(trained) -> None:
     cached, result = trained
-    evaluation = evaluate_model(result, cached, tmp_path / "evaluation")
+    run = local_run(Path(result.run_dir))
+    evaluation = evaluate_model(result, cached, run)
     matrix = np.array(evaluation.confusion_matrix)
     assert matrix.sum() == cached.test.rows
     assert evaluation.test_accuracy == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
     assert evaluation.test_accuracy > 0.5
     assert evaluation.train_test_gap == pytest.approx(evaluation.train_accuracy - evaluation.test_accuracy)
-    assert json.loads(Path(evaluation.metrics_path).read_text())["confusion_matrix"] == evaluation.confusion_matrix
-    for path in evaluation.plots.values():
-        data = Path(path).read_bytes()
+    assert evaluation.metrics.location == str(run.local("evaluation", "metrics.json"))
+    assert json.loads(Path(evaluation.metrics.location).read_text())["confusion_matrix"] == evaluation.confusion_matrix
+    for png in evaluation.plots.values():
+        data = run.store.local_copy(png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) < 150_000
-    markdown = evaluation_markdown(evaluation, result)
+    markdown = evaluation_markdown(evaluation, result, run.store)
     assert markdown.count("](data:image/png;base64,") == 3
     assert f"| test accuracy | {evaluation.test_accuracy:.4f} |" in markdown
 
@@ -63,10 +67,10 @@ def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
 def test_damaged_model_is_refused_before_loading(trained, tmp_path: Path) -> None:
     cached, result = trained
     copy = tmp_path / "model.keras"
-    data = bytearray(Path(result.model_path).read_bytes())
+    data = bytearray(Path(result.model.location).read_bytes())
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
-    damaged = type(result)(**{**vars(result), "model_path": str(copy)})
-    with pytest.raises(ModelIntegrityError, match=r"model.keras: sha256 [0-9a-f]{64} is not the recorded"):
-        evaluate_model(damaged, cached, tmp_path / "evaluation")
-    assert not (tmp_path / "evaluation").exists()
+    damaged = dataclasses.replace(result, model=StoredFile(str(copy), result.model.sha256))
+    with pytest.raises(IntegrityError, match=r"model.keras: sha256 [0-9a-f]{64} is not the recorded"):
+        evaluate_model(damaged, cached, local_run(tmp_path / "run"))
+    assert not (tmp_path / "run" / "evaluation").exists()

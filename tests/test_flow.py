@@ -13,9 +13,12 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import PromotionParams, RetrainParams
 from flows.retrain import retrain
+from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
 from fmnist.registry import Registry
+from fmnist.storage import Store
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
+from tests.seaweedfs import SECRET_KEY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,11 +34,9 @@ def learnable_mirror(tmp_path_factory: pytest.TempPathFactory):
     return folder, write_mirror(folder, train_per_class=50, test_per_class=10)
 
 
-def params_for(mirror, root: Path, **overrides) -> RetrainParams:
+def params_for(mirror, **overrides) -> RetrainParams:
     folder, spec = mirror
     return RetrainParams(
-        data_root=str(root / "data"),
-        registry_root=str(root / "artifacts"),
         mirrors=[str(folder)],
         dataset=spec,
         training=TrainParams(epochs=1),
@@ -44,12 +45,24 @@ def params_for(mirror, root: Path, **overrides) -> RetrainParams:
     )
 
 
+def local_storage(root: Path) -> StorageParams:
+    return StorageParams(data_root=str(root / "data"), registry_root=str(root / "artifacts"))
+
+
 def artifacts_of(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     return {a.key: str(a.data) for a in found}
+
+
+def logs_of(flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
 
 
 def training_progress_of(run_dir: str) -> str:
@@ -65,19 +78,19 @@ def training_progress_of(run_dir: str) -> str:
 
 
 def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_mirror, tmp_path: Path) -> None:
-    state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
+    state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
     assert state.is_completed()
     outcome = state.result()
     flow_run_id = state.state_details.flow_run_id
     assert (outcome.version, outcome.promoted, outcome.champion) == ("v0001", True, "v0001")
     assert Path(outcome.run_dir) == tmp_path / "artifacts" / "runs" / str(flow_run_id)
-    registry = Registry(tmp_path / "artifacts")
+    registry = Registry(Store(), str(tmp_path / "artifacts"))
     version = registry.manifest("v0001")
     assert version["flow_run_id"] == str(flow_run_id) and version["data"]["cache_key"] == outcome.data_key
     assert {"model.keras", "model_card.md", "metrics.json", "history.json", "confusion_matrix.png"} <= set(
         version["files"]
     )
-    card = (registry.version_dir("v0001") / "model_card.md").read_text()
+    card = (Path(registry.version_dir("v0001")) / "model_card.md").read_text()
     weakest = min(version["per_class"], key=lambda c: c["f1"])
     assert f"(lowest F1):\n{weakest['class']} ({weakest['f1']:.3f})" in card
     artifacts = artifacts_of(flow_run_id)
@@ -95,21 +108,21 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert "first version to clear the floor" in artifacts["retrain-report"]
     assert "data:image/png;base64," in artifacts["evaluation-report"]
 
-    again = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
+    again = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
     assert again.result().version is None and again.result().champion == "v0001"
     assert registry.versions() == ["v0001"]
     assert "Champion v0001 is current" in artifacts_of(again.state_details.flow_run_id)["retrain-report"]
 
-    forced = retrain(params_for(learnable_mirror, tmp_path, force_retrain=True), return_state=True)
+    forced = retrain(params_for(learnable_mirror, force_retrain=True), local_storage(tmp_path), return_state=True)
     assert forced.result().version == "v0002" and registry.versions() == ["v0001", "v0002"]
 
 
 def test_bad_incoming_batch_fails_at_validation_and_changes_nothing(learnable_mirror, tmp_path: Path) -> None:
-    assert retrain(params_for(learnable_mirror, tmp_path), return_state=True).is_completed()
+    assert retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True).is_completed()
     registry_files = {p: p.read_bytes() for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
     labels = np.array([0, 10], dtype=np.uint8)
     write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=1), labels)
-    state = retrain(params_for(learnable_mirror, tmp_path), return_state=True)
+    state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"raw-incoming-bad-labels: expect_column_values_to_be_between\(column=label"):
         state.result()
@@ -120,6 +133,32 @@ def test_bad_incoming_batch_fails_at_validation_and_changes_nothing(learnable_mi
     assert "evaluation-report" not in artifacts and "retrain-report" not in artifacts
 
 
+def test_the_whole_flow_on_object_storage(learnable_mirror, bucket: str, tmp_path: Path) -> None:
+    """Data root, incoming folder and registry in a bucket; this host keeps only verified scratch copies."""
+    storage = StorageParams(
+        data_root=f"{bucket}/data", registry_root=f"{bucket}/registry", scratch_dir=str(tmp_path / "scratch")
+    )
+    state = retrain(params_for(learnable_mirror), storage, return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert (outcome.version, outcome.champion) == ("v0001", "v0001")
+    assert outcome.run_dir == f"{bucket}/registry/runs/{flow_run_id}"
+    assert outcome.version_dir == f"{bucket}/registry/versions/v0001"
+    store = Store(scratch=tmp_path / "another-host")
+    registry = Registry(store, f"{bucket}/registry")
+    assert registry.versions() == ["v0001"] and registry.damaged_files("v0001") == []
+    assert {"model.keras", "model_card.md", "history.json", "metrics.json"} <= set(registry.manifest("v0001")["files"])
+    assert store.find(f"{bucket}/data/raw") == sorted(r.raw_name for r in learnable_mirror[1].files)
+    # Nothing of the credentials anywhere: not in the bucket, the artifacts or the logs.
+    everything = b"".join(store.read_bytes(f"{bucket}/{name}") for name in store.find(bucket))
+    assert SECRET_KEY.encode() not in everything
+    assert SECRET_KEY not in "".join(artifacts_of(flow_run_id).values()) + logs_of(flow_run_id)
+
+    again = retrain(params_for(learnable_mirror), storage, return_state=True)
+    assert again.result().version is None and again.result().champion == "v0001"
+
+
 def test_parameters_are_checked_before_anything_runs() -> None:
     with pytest.raises(ValueError, match="download_retries"):
         RetrainParams(download_retries=-1)
@@ -127,3 +166,10 @@ def test_parameters_are_checked_before_anything_runs() -> None:
         RetrainParams(mirrors=[])
     with pytest.raises(ValueError, match="min_accuracy"):
         RetrainParams(promotion={"min_accuracy": 2})
+    with pytest.raises(ValueError, match="data_root"):
+        RetrainParams(data_root="s3://bucket/data")  # where things live is `storage`, not `params`
+    with pytest.raises(ValueError, match="unsupported scheme 'gs'"):
+        StorageParams(data_root="gs://bucket/data")
+    with pytest.raises(ValueError, match="credentials do not belong in a storage URL") as refused:
+        StorageParams(registry_root="s3://AKIAEXAMPLE:s3cr3t@bucket/registry")
+    assert "s3cr3t" not in str(refused.value) and "AKIAEXAMPLE" not in str(refused.value)

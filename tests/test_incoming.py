@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmnist.storage import Store
 from tasks.incoming import IncomingBatchError, collect_incoming, load_collected
 from tests.helpers import synthetic_images, write_idx_batch
 
@@ -20,41 +21,41 @@ def write_png_batch(folder: Path, per_class: dict[str, int], size: int = 28, mod
     return folder
 
 
-def test_missing_incoming_folder_means_no_batches(tmp_path: Path) -> None:
-    assert collect_incoming(tmp_path / "absent") == []
+def test_missing_incoming_folder_means_no_batches(tmp_path: Path, store: Store) -> None:
+    assert collect_incoming(store, str(tmp_path / "absent")) == []
 
 
-def test_idx_and_png_batches_are_collected_in_name_order(tmp_path: Path) -> None:
+def test_idx_and_png_batches_are_collected_in_name_order(tmp_path: Path, store: Store) -> None:
     labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
     write_idx_batch(tmp_path / "b-idx", synthetic_images(labels, seed=1), labels)
     write_png_batch(tmp_path / "a-png", {"ankle-boot": 2, "T-shirt_top": 1, "3": 1})
     (tmp_path / ".hidden").mkdir()
-    batches = collect_incoming(tmp_path)
+    batches = collect_incoming(store, str(tmp_path))
     assert [(b.name, b.kind, b.rows) for b in batches] == [("a-png", "png", 4), ("b-idx", "idx", 5)]
-    png_images, png_labels = load_collected(batches[0])
+    png_images, png_labels = load_collected(store, batches[0])
     # Class folders in name order: "3" (Dress), "T-shirt_top" (0), "ankle-boot" (9).
     assert png_labels.tolist() == [3, 0, 9, 9]
     assert png_images.shape == (4, 28, 28) and png_images.dtype == np.uint8
-    _, idx_labels = load_collected(batches[1])
+    _, idx_labels = load_collected(store, batches[1])
     np.testing.assert_array_equal(idx_labels, labels)
 
 
-def test_same_content_same_hash_whatever_the_folder(tmp_path: Path) -> None:
+def test_same_content_same_hash_whatever_the_folder(tmp_path: Path, store: Store) -> None:
     labels = np.array([0, 1], dtype=np.uint8)
     images = synthetic_images(labels, seed=2)
     write_idx_batch(tmp_path / "in" / "one", images, labels)
     write_idx_batch(tmp_path / "in" / "two", images, labels)
-    one, two = collect_incoming(tmp_path / "in")
+    one, two = collect_incoming(store, str(tmp_path / "in"))
     assert one.sha256 == two.sha256
 
 
-def test_batch_changed_after_collection_is_refused(tmp_path: Path) -> None:
+def test_batch_changed_after_collection_is_refused(tmp_path: Path, store: Store) -> None:
     labels = np.array([0, 1], dtype=np.uint8)
     write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=2), labels)
-    [batch] = collect_incoming(tmp_path)
+    [batch] = collect_incoming(store, str(tmp_path))
     write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=3), labels)
     with pytest.raises(IncomingBatchError, match="batch changed while the run was using it"):
-        load_collected(batch)
+        load_collected(store, batch)
 
 
 @pytest.mark.parametrize(
@@ -79,15 +80,33 @@ def test_batch_changed_after_collection_is_refused(tmp_path: Path) -> None:
     ],
     ids=["unknown-class", "rgb", "empty-class", "empty-batch", "loose-file", "junk-png", "mixed-sizes"],
 )
-def test_bad_batches_are_named(tmp_path: Path, make, message: str) -> None:
+def test_bad_batches_are_named(tmp_path: Path, store: Store, make, message: str) -> None:
     make(tmp_path)
     with pytest.raises(IncomingBatchError, match=message):
-        collect_incoming(tmp_path)
+        collect_incoming(store, str(tmp_path))
 
 
-def test_bad_idx_batch_names_the_file(tmp_path: Path) -> None:
+def test_bad_idx_batch_names_the_file(tmp_path: Path, store: Store) -> None:
     labels = np.array([0, 1, 2], dtype=np.uint8)
     folder = write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=0), labels[:2])
     with pytest.raises(ValueError, match=r"b/batch-labels-idx1-ubyte.gz: 2 labels for the 3 images"):
-        collect_incoming(tmp_path)
+        collect_incoming(store, str(tmp_path))
     assert folder.is_dir()  # incoming data is never edited or removed
+
+
+def test_batches_in_a_bucket_are_read_and_errors_name_the_url(
+    tmp_path: Path, store: Store, bucket: str, s3_env
+) -> None:
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    write_idx_batch(tmp_path / "in" / "b-idx", synthetic_images(labels, seed=1), labels)
+    write_png_batch(tmp_path / "in" / "a-png", {"bag": 2})
+    s3_env.filesystem().put(str(tmp_path / "in") + "/", bucket.removeprefix("s3://") + "/incoming/", recursive=True)
+    local = collect_incoming(store, str(tmp_path / "in"))
+    remote = collect_incoming(store, f"{bucket}/incoming")
+    assert [(b.name, b.kind, b.rows, b.sha256) for b in remote] == [(b.name, b.kind, b.rows, b.sha256) for b in local]
+    assert remote[1].path == f"{bucket}/incoming/b-idx"
+    np.testing.assert_array_equal(load_collected(store, remote[1])[1], labels)
+
+    s3_env.filesystem().pipe_file(bucket.removeprefix("s3://") + "/incoming/c-bad/bag/0.png", b"junk")
+    with pytest.raises(IncomingBatchError, match=rf"{bucket}/incoming/c-bad/bag/0\.png: not a readable PNG image"):
+        collect_incoming(store, f"{bucket}/incoming")

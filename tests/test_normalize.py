@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,9 @@ import pytest
 
 from fmnist import idx
 from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, read_metadata, read_split
-from fmnist.dataset import DataLayout, DatasetSpec
+from fmnist.dataset import DatasetSpec
+from fmnist.layout import DataLayout
+from fmnist.storage import Store, StoredFile, join
 from tasks.download import RawDataset, download_dataset
 from tasks.incoming import collect_incoming
 from tasks.normalize import normalize, normalize_and_cache
@@ -19,15 +20,15 @@ from tests.helpers import synthetic_images, write_idx_batch
 
 
 @pytest.fixture
-def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout) -> RawDataset:
+def raw(mirror: tuple[Path, DatasetSpec], data_layout: DataLayout, store: Store) -> RawDataset:
     folder, spec = mirror
-    return download_dataset(spec, [str(folder)], layout.raw)
+    return download_dataset(spec, [str(folder)], store, data_layout.raw)
 
 
-def build(spec, raw, layout, incoming=()):
+def build(spec, raw, store, layout, incoming=()):
     incoming = list(incoming)
-    report = validate_raw(spec, raw, incoming, layout.validation)
-    return normalize_and_cache(spec, raw, incoming, report, layout.cache, layout.validation)
+    report = validate_raw(spec, raw, incoming, store, layout.validation)
+    return normalize_and_cache(spec, raw, incoming, report, store, layout)
 
 
 def test_normalize_matches_the_reference_division_for_every_pixel_value() -> None:
@@ -38,72 +39,80 @@ def test_normalize_matches_the_reference_division_for_every_pixel_value() -> Non
     np.testing.assert_array_equal(got, expected)
 
 
-def test_cache_round_trips_exactly_with_metadata(mirror, layout, raw) -> None:
+def test_cache_round_trips_exactly_with_metadata(mirror, data_layout, store, raw) -> None:
     _, spec = mirror
-    cached = build(spec, raw, layout)
+    cached = build(spec, raw, store, data_layout)
     assert not cached.reused and (cached.train.rows, cached.test.rows) == (200, 50)
-    images, labels = read_split(Path(cached.train.path))
-    raw_images, raw_labels = idx.read_pair(Path(raw.train_images.path), Path(raw.train_labels.path))
+    images, labels = read_split(store.local_copy(cached.train.file))
+    raw_images, raw_labels = idx.read_pair(
+        store.local_copy(raw.train_images.file), store.local_copy(raw.train_labels.file)
+    )
     assert images.dtype == np.float32 and images.shape == (200, 28, 28)
     np.testing.assert_array_equal(images, raw_images / np.float32(255))
     np.testing.assert_array_equal(labels, raw_labels)
-    meta = read_metadata(Path(cached.test.path))
+    meta = read_metadata(store.local_copy(cached.test.file))
     assert meta["key"] == cached.key and meta["split"] == "test" and meta["shape"] == [50, 28, 28]
-    assert meta["sources"]["canonical"] == [f.sha256 for f in raw.files]
-    assert Path(cached.train.path).parent == layout.cache / cached.key
+    assert meta["sources"]["canonical"] == [f.sha256 for f in raw.files] == cached.sources["canonical"]
+    assert cached.train.path == join(data_layout.cache, cached.key, "train.parquet")
+    assert store.find(join(data_layout.cache, cached.key)) == ["manifest.json", "test.parquet", "train.parquet"]
 
 
-def test_second_run_reuses_the_cache_without_rewriting(mirror, layout, raw) -> None:
+def test_second_run_reuses_the_cache_without_rewriting(mirror, data_layout, store, raw, tmp_path) -> None:
     _, spec = mirror
-    first = build(spec, raw, layout)
-    mtime = os.stat(first.train.path).st_mtime_ns
-    second = build(spec, raw, layout)
+    first = build(spec, raw, store, data_layout)
+    written = store.read_versioned(first.train.path)[1]
+    second = build(spec, raw, Store(scratch=tmp_path / "other-host"), data_layout)
     assert second.reused and second.key == first.key and second.train == first.train
-    assert os.stat(second.train.path).st_mtime_ns == mtime
+    assert store.read_versioned(first.train.path)[1] == written  # the same object, not written again
 
 
-def test_damaged_cache_entry_is_not_a_hit_and_is_rebuilt(mirror, layout, raw) -> None:
+def test_damaged_cache_entry_is_not_a_hit_and_is_rebuilt(mirror, data_layout, store, raw) -> None:
     _, spec = mirror
-    first = build(spec, raw, layout)
-    with open(first.train.path, "r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02")
-    assert ParquetCache(layout.cache).lookup(first.key) is None
-    again = build(spec, raw, layout)
+    first = build(spec, raw, store, data_layout)
+    data = bytearray(store.read_bytes(first.train.path))
+    data[100:103] = b"\x00\x01\x02"
+    store.write_bytes(first.train.path, bytes(data))
+    assert ParquetCache(store, data_layout.cache).lookup(first.key) is None
+    again = build(spec, raw, store, data_layout)
     assert not again.reused and again.train.sha256 == first.train.sha256
+    assert store.local_copy(StoredFile(first.train.path, first.train.sha256))  # repaired in place
 
 
-def test_incoming_batches_are_appended_to_train_only(mirror, layout, raw, tmp_path) -> None:
+def test_incoming_batches_are_appended_to_train_only(mirror, data_layout, store, raw, tmp_path) -> None:
     _, spec = mirror
     labels = np.array([9, 8, 7], dtype=np.uint8)
     batch_images = synthetic_images(labels, seed=9)
     write_idx_batch(tmp_path / "incoming" / "extra", batch_images, labels)
-    plain = build(spec, raw, layout)
-    cached = build(spec, raw, layout, collect_incoming(tmp_path / "incoming"))
+    plain = build(spec, raw, store, data_layout)
+    cached = build(spec, raw, store, data_layout, collect_incoming(store, str(tmp_path / "incoming")))
     assert cached.key != plain.key
     assert (cached.train.rows, cached.test.rows) == (203, 50)
-    images, got_labels = read_split(Path(cached.train.path))
+    images, got_labels = read_split(store.local_copy(cached.train.file))
     np.testing.assert_array_equal(got_labels[-3:], labels)
     np.testing.assert_array_equal(images[-3:], batch_images / np.float32(255))
-    assert read_metadata(Path(cached.train.path))["train_rows_by_source"] == {"canonical": 200, "extra": 3}
+    meta = read_metadata(store.local_copy(cached.train.file))
+    assert meta["train_rows_by_source"] == {"canonical": 200, "extra": 3}
 
 
-def test_refuses_data_that_failed_validation(mirror, layout, raw) -> None:
+def test_refuses_data_that_failed_validation(mirror, data_layout, store, raw) -> None:
     _, spec = mirror
     failed = ValidationReport(key="k", success=False, result_path="r", docs_index="d", suites=[])
     with pytest.raises(DataValidationError, match="refusing to cache data that failed validation k"):
-        normalize_and_cache(spec, raw, [], failed, layout.cache, layout.validation)
-    assert not layout.cache.exists()
+        normalize_and_cache(spec, raw, [], failed, store, data_layout)
+    assert store.find(data_layout.cache) == []
 
 
-def test_failed_write_leaves_no_entry_and_no_temp_files(tmp_path) -> None:
-    cache = ParquetCache(tmp_path / "cache")
+def test_failed_write_publishes_no_entry_and_leaves_no_temp_files(data_layout, store, tmp_path) -> None:
+    cache = ParquetCache(store, data_layout.cache)
     good = (np.zeros((2, 784), np.float32), np.zeros(2, np.uint8))
     bad = (np.zeros((2, 784), np.float64), np.zeros(2, np.uint8))
     with pytest.raises(ValueError, match="pixels must be"):
-        cache.store("k", {"train": good, "test": bad}, {})
-    assert list((tmp_path / "cache").iterdir()) == []
-    stored = cache.store("k", {"train": good, "test": good}, {})
+        cache.store_entry("k", {"train": good, "test": bad}, {})
+    assert cache.lookup("k") is None and not store.exists(join(data_layout.cache, "k", "manifest.json"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".part-") or p.suffix == ".part"]
+    stored = cache.store_entry("k", {"train": good, "test": good}, {})
     assert cache.lookup("k") == stored.__class__(**{**vars(stored), "reused": True})
-    assert read_metadata(Path(stored.train.path))["shape"] == [2, 28, 28]
-    assert PREPROCESSING_VERSION in (tmp_path / "cache" / "k" / "manifest.json").read_text()
+    assert read_metadata(store.local_copy(stored.train.file))["shape"] == [2, 28, 28]
+    assert (
+        store.read_json(join(data_layout.cache, "k", "manifest.json"))["preprocessing_version"] == PREPROCESSING_VERSION
+    )

@@ -9,13 +9,16 @@ import pytest
 
 from fmnist import idx
 from fmnist.cache import CachedDataset, read_split
-from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DataLayout
+from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+from fmnist.layout import DataLayout
 from fmnist.model import TrainParams
+from fmnist.storage import Store
 from tasks.download import RawDataset, download_dataset
 from tasks.evaluate import evaluate_model
 from tasks.normalize import normalize_and_cache
 from tasks.train import train_model
 from tasks.validate import validate_raw
+from tests.helpers import local_run
 
 LOCAL_MIRROR = Path(DEFAULT_MIRRORS[0])
 
@@ -28,16 +31,16 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[RawDataset, CachedDa
         pytest.fail(
             f"the real data is missing from {LOCAL_MIRROR}: run `make data` (apt-get install dataset-fashion-mnist)"
         )
-    layout = DataLayout(tmp_path_factory.mktemp("real") / "data")
-    raw = download_dataset(FASHION_MNIST, [str(LOCAL_MIRROR)], layout.raw)
+    layout, store = DataLayout(str(tmp_path_factory.mktemp("real") / "data")), Store()
+    raw = download_dataset(FASHION_MNIST, [str(LOCAL_MIRROR)], store, layout.raw)
     assert {f.source for f in raw.files} == {str(LOCAL_MIRROR)}
-    report = validate_raw(FASHION_MNIST, raw, [], layout.validation)
+    report = validate_raw(FASHION_MNIST, raw, [], store, layout.validation)
     assert report.success, report.suites
     assert [(s.suite, s.rows, s.evaluated) for s in report.suites] == [
         ("raw-canonical-train", 60_000, 9),
         ("raw-canonical-test", 10_000, 9),
     ]
-    return raw, normalize_and_cache(FASHION_MNIST, raw, [], report, layout.cache, layout.validation)
+    return raw, normalize_and_cache(FASHION_MNIST, raw, [], report, store, layout)
 
 
 def test_real_data_verifies_validates_and_caches(real) -> None:
@@ -60,8 +63,9 @@ def test_reference_recipe_reaches_its_accuracy(real, tmp_path: Path) -> None:
     _, cached = real
     accuracies = []
     for seed in (TrainParams().seed, 0, 1):
-        trained = train_model(cached, TrainParams(seed=seed), tmp_path / f"run-{seed}")  # the tutorials' DNN
-        evaluation = evaluate_model(trained, cached, tmp_path / f"evaluation-{seed}")
+        run = local_run(tmp_path / f"run-{seed}")
+        trained = train_model(cached, TrainParams(seed=seed), run)  # the tutorials' DNN
+        evaluation = evaluate_model(trained, cached, run)
         assert trained.epochs == 5 and sum(row["support"] for row in evaluation.per_class) == 10_000
         accuracies.append(evaluation.test_accuracy)
     assert np.median(accuracies) >= 0.87, accuracies

@@ -1,9 +1,12 @@
-"""The model registry: the promotion gate, immutable versions, concurrency, rollback, the CLI."""
+"""The model registry, on local disk and in a bucket of a real S3 server: the promotion gate, immutable
+versions, concurrency from several processes, rollback, damage, and the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +14,12 @@ import pytest
 from PIL import Image
 
 from fmnist import cli
-from fmnist.model import ModelIntegrityError, TrainParams, load_verified_model
+from fmnist.model import TrainParams, load_verified_model
 from fmnist.registry import Registry, RegistryError, decide
+from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
 from tasks.train import train_model
-from tests.helpers import learnable_cache, synthetic_images
+from tests.helpers import learnable_cache, local_run, synthetic_images
+from tests.seaweedfs import S3Server
 
 TEST_SET = "test-set-a"
 
@@ -28,86 +33,99 @@ def manifest(accuracy: float, test_set: str = TEST_SET, run: str = "run") -> dic
     }
 
 
-def files(folder: Path, tag: str) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.keras").write_bytes(f"model {tag}".encode())
-    (folder / "metrics.json").write_text(json.dumps({"tag": tag}))
-    return {"model.keras": folder / "model.keras", "metrics.json": folder / "metrics.json"}
+def run_files(store: Store, run_dir: str, tag: str) -> dict[str, StoredFile]:
+    """A run's files, published in its folder as the training and evaluation stages do."""
+    files = {}
+    for name, data in (("model.keras", f"model {tag}".encode()), ("metrics.json", json.dumps({"tag": tag}).encode())):
+        store.write_bytes(join(run_dir, name), data)
+        files[name] = StoredFile(join(run_dir, name), hashlib.sha256(data).hexdigest())
+    return files
 
 
-def register(registry: Registry, tmp: Path, accuracy: float, **kwargs):
+@pytest.fixture(params=["local", "s3"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Registry:
+    if request.param == "local":
+        return Registry(store, str(tmp_path / "artifacts"))
+    return Registry(store, request.getfixturevalue("bucket") + "/registry")
+
+
+def register(registry: Registry, accuracy: float, **kwargs):
     tag = f"{accuracy}-{len(registry.versions())}"
-    return registry.register(files(tmp / tag, tag), manifest(accuracy, **kwargs), floor=0.8, tolerance=0.005)
+    files = run_files(registry.store, join(registry.root, "runs", tag), tag)
+    return registry.register(files, manifest(accuracy, **kwargs), floor=0.8, tolerance=0.005)
 
 
 def test_gate_floor_first_tolerance_and_force() -> None:
     champion = {"version": "v0001", "metrics": {"test_accuracy": 0.88}, "data": {"test_set": TEST_SET}}
-    assert not decide(0.79, TEST_SET, None, floor=0.8, tolerance=0.005).promoted
+    assert not decide(0.79, TEST_SET, None, floor=0.8, tolerance=0.005).passed
     first = decide(0.85, TEST_SET, None, floor=0.8, tolerance=0.005)
-    assert first.promoted and first.reason.startswith("first version to clear the floor")
+    assert first.passed and first.reason.startswith("first version to clear the floor")
     within = decide(0.876, TEST_SET, champion, floor=0.8, tolerance=0.005)
-    assert within.promoted and (within.champion_version, within.champion_accuracy) == ("v0001", 0.88)
+    assert within.passed and (within.champion_version, within.champion_accuracy) == ("v0001", 0.88)
     worse = decide(0.874, TEST_SET, champion, floor=0.8, tolerance=0.005)
-    assert not worse.promoted and "worse than champion v0001's 0.8800 by more than 0.0050" in worse.reason
+    assert not worse.passed and "worse than champion v0001's 0.8800 by more than 0.0050" in worse.reason
     other = decide(0.95, "test-set-b", champion, floor=0.8, tolerance=0.005)
-    assert not other.promoted and "another test set" in other.reason
+    assert not other.passed and "another test set" in other.reason
     forced = decide(0.5, TEST_SET, champion, floor=0.8, tolerance=0.005, force=True)
-    assert forced.promoted and forced.reason == "promotion forced by the operator"
+    assert forced.passed and forced.reason == "promotion forced by the operator"
 
 
-def test_versions_are_numbered_immutable_and_self_describing(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "artifacts")
-    assert register(registry, tmp_path, 0.85)[0] == "v0001"
-    version, decision = register(registry, tmp_path, 0.70)  # below the floor: kept, not promoted
-    assert version == "v0002" and not decision.promoted
+def test_versions_are_numbered_immutable_and_self_describing(registry: Registry) -> None:
+    first = register(registry, 0.85)
+    assert (first.version, first.promoted, first.champion) == ("v0001", True, "v0001")
+    kept = register(registry, 0.70)  # below the floor: kept, not promoted
+    assert (kept.version, kept.promoted, kept.decision.passed) == ("v0002", False, False)
     assert registry.versions() == ["v0001", "v0002"] and registry.champion() == "v0001"
-    kept = registry.manifest("v0002")
-    assert kept["decision"]["promoted"] is False and kept["version"] == "v0002"
-    assert set(kept["files"]) == {"model.keras", "metrics.json"}
+    record = registry.manifest("v0002")
+    assert record["gate"]["passed"] is False and record["version"] == "v0002"
+    assert set(record["files"]) == {"model.keras", "metrics.json"}
     assert registry.damaged_files("v0002") == []
-    assert not list((tmp_path / "artifacts" / "versions").glob(".*"))  # no temp folders left
+    assert registry.store.read_bytes(join(registry.version_dir("v0002"), "model.keras")) == b"model 0.7-1"
+    assert [(e["sequence"], e["event"], e["version"]) for e in registry.promotions()] == [(1, "promote", "v0001")]
 
 
-def test_worse_version_is_registered_but_not_promoted(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "artifacts")
-    register(registry, tmp_path, 0.88)
-    version, decision = register(registry, tmp_path, 0.86)
-    assert not decision.promoted and registry.champion() == "v0001"
-    assert registry.manifest(version)["decision"]["champion_accuracy"] == 0.88
+def test_worse_version_is_registered_but_not_promoted(registry: Registry) -> None:
+    register(registry, 0.88)
+    worse = register(registry, 0.86)
+    assert not worse.promoted and registry.champion() == "v0001"
+    assert registry.manifest(worse.version)["gate"]["champion_accuracy"] == 0.88
 
 
-def _register_in_process(args: tuple[str, int]) -> str:
-    root, index = args
-    registry = Registry(Path(root))
-    folder = Path(root).parent / f"run-{index}"
-    version, _ = registry.register(
-        files(folder, str(index)), manifest(0.85 + index / 1000, run=f"run-{index}"), floor=0.8, tolerance=0.005
-    )
-    return version
+def test_a_run_file_that_changed_after_evaluation_is_not_registered(registry: Registry) -> None:
+    files = run_files(registry.store, join(registry.root, "runs", "r"), "evaluated")
+    registry.store.write_bytes(files["model.keras"].location, b"swapped after evaluation")
+    with pytest.raises(IntegrityError, match=r"model\.keras: sha256 .* is not the recorded"):
+        registry.register(files, manifest(0.9), floor=0.8, tolerance=0.005)
+    assert registry.versions() == [] and registry.champion() is None
 
 
-def test_concurrent_registrations_lose_nothing(tmp_path: Path) -> None:
-    root = tmp_path / "artifacts"
-    with multiprocessing.get_context("spawn").Pool(6) as pool:
-        versions = pool.map(_register_in_process, [(str(root), i) for i in range(12)])
-    registry = Registry(root)
-    assert sorted(versions) == registry.versions() == [f"v{i:04d}" for i in range(1, 13)]
-    runs = {registry.manifest(v)["flow_run_id"] for v in registry.versions()}
-    assert runs == {f"run-{i}" for i in range(12)}
-    assert all(registry.damaged_files(v) == [] for v in registry.versions())
-    log = [json.loads(line) for line in (root / "promotions.jsonl").read_text().splitlines()]
-    promoted = [v for v in registry.versions() if registry.manifest(v)["decision"]["promoted"]]
-    assert [entry["version"] for entry in log] == promoted  # every promotion logged, in order
-    assert registry.champion() == promoted[-1]
+def test_an_upload_cut_short_before_the_manifest_publishes_nothing(registry: Registry, monkeypatch) -> None:
+    register(registry, 0.85)
+    real_put, calls = registry.store.put_file, []
+
+    def dies_on_second_file(local: Path, location: str) -> None:
+        calls.append(location)
+        if len(calls) == 2:
+            raise StorageError(f"{location}: connection reset")
+        real_put(local, location)
+
+    monkeypatch.setattr(registry.store, "put_file", dies_on_second_file)
+    with pytest.raises(StorageError, match="connection reset"):
+        register(registry, 0.95)
+    monkeypatch.setattr(registry.store, "put_file", real_put)
+    # v0002 was claimed and half uploaded, but without its manifest it does not exist for any reader.
+    assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
+    with pytest.raises(RegistryError, match="no version 'v0002'"):
+        registry.manifest("v0002")
+    assert register(registry, 0.9).version == "v0003"  # its number is never reused
 
 
-def test_rollback_restores_the_previous_champion(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "artifacts")
+def test_rollback_restores_the_previous_champion(registry: Registry) -> None:
     with pytest.raises(RegistryError, match="no earlier champion"):
         registry.rollback()
-    register(registry, tmp_path, 0.85)
-    register(registry, tmp_path, 0.87)
-    register(registry, tmp_path, 0.89)
+    register(registry, 0.85)
+    register(registry, 0.87)
+    register(registry, 0.89)
     assert registry.champion() == "v0003"
     assert registry.rollback() == "v0002" and registry.champion() == "v0002"
     assert registry.rollback() == "v0001"
@@ -115,42 +133,128 @@ def test_rollback_restores_the_previous_champion(tmp_path: Path) -> None:
         registry.rollback()
     registry.promote("v0003", "back to the best")
     assert registry.champion_record()["previous"] == ["v0001"]
-    events = [
-        json.loads(line)["event"] for line in (tmp_path / "artifacts" / "promotions.jsonl").read_text().splitlines()
-    ]
-    assert events == ["promote", "promote", "promote", "rollback", "rollback", "promote"]
+    log = registry.promotions()
+    assert [e["event"] for e in log] == ["promote", "promote", "promote", "rollback", "rollback", "promote"]
+    assert [e["sequence"] for e in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["reason"] == "back to the best" and log[-1]["replaced"] == "v0001"
 
 
-def test_damaged_version_is_refused(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "artifacts")
-    register(registry, tmp_path, 0.85)
-    register(registry, tmp_path, 0.80)
-    (registry.version_dir("v0002") / "model.keras").write_bytes(b"tampered")
+def test_damaged_version_is_refused(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.80)
+    registry.store.write_bytes(join(registry.version_dir("v0002"), "model.keras"), b"tampered")
     assert registry.damaged_files("v0002") == ["model.keras"]
     with pytest.raises(RegistryError, match=r"v0002 is damaged \(model.keras\)"):
         registry.promote("v0002", "try")
     assert registry.champion() == "v0001"
+    registry.store.delete(join(registry.version_dir("v0001"), "metrics.json"))
+    register(registry, 0.86)  # v0003 becomes champion; rolling back to the damaged v0001 is refused
+    with pytest.raises(RegistryError, match=r"cannot roll back to v0001: it is damaged \(metrics.json\)"):
+        registry.rollback()
+    assert registry.champion() == "v0003"
+
+
+def test_stray_folders_and_large_numbers_are_handled(registry: Registry) -> None:
+    register(registry, 0.85)
+    registry.store.write_bytes(join(registry.versions_root, "v0003-backup", "manifest.json"), b"{}")
+    registry.store.write_bytes(join(registry.versions_root, "notes.txt"), b"hello")
+    registry.store.create(join(registry.versions_root, "v9999", "claim.json"), b"{}")
+    assert registry.versions() == ["v0001"]
+    assert register(registry, 0.86).version == "v10000"
+    assert register(registry, 0.87).version == "v10001"
+    assert registry.versions() == ["v0001", "v10000", "v10001"] and registry.champion() == "v10001"
+
+
+def test_damaged_champion_pointer_is_named_and_promote_repairs_it(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    registry.store.write_bytes(registry.champion_file, b"{not json")
+    with pytest.raises(RegistryError, match=r"champion\.json: the champion pointer is damaged"):
+        registry.champion()
+    with pytest.raises(RegistryError, match="the champion pointer is damaged"):
+        register(registry, 0.9)
+    registry.promote("v0001", "repair")
+    assert registry.champion() == "v0001" and registry.promotions()[-1]["sequence"] == 3
+
+
+# --- many hosts at once: processes that share only the store -------------------------------------
+
+
+def _register_in_process(args: tuple[str, str, int, dict]) -> tuple[str, bool]:
+    root, scratch, index, env = args
+    os.environ.update(env)
+    store = Store(scratch=Path(scratch))
+    registry = Registry(store, root)
+    files = run_files(store, join(root, "runs", f"run-{index}"), str(index))
+    registered = registry.register(files, manifest(0.85 + index / 1000, run=f"run-{index}"), floor=0.8, tolerance=0.005)
+    return registered.version, registered.promoted
+
+
+def test_concurrent_registrations_lose_nothing(registry: Registry, tmp_path: Path, s3_server: S3Server) -> None:
+    jobs = [(registry.root, str(tmp_path / f"host-{i}"), i, s3_server.env()) for i in range(8)]
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        results = pool.map(_register_in_process, jobs)
+    versions = [version for version, _ in results]
+    assert sorted(versions) == registry.versions() == [f"v{i:04d}" for i in range(1, 9)]
+    runs = {registry.manifest(v)["flow_run_id"] for v in registry.versions()}
+    assert runs == {f"run-{i}" for i in range(8)}
+    assert all(registry.damaged_files(v) == [] for v in registry.versions())
+    # Every promotion is in the audit log exactly once, in order, and the pointer is its last entry.
+    log = registry.promotions()
+    assert [e["sequence"] for e in log] == list(range(1, len(log) + 1))
+    assert sorted(e["version"] for e in log) == sorted(v for v, promoted in results if promoted)
+    assert registry.champion() == log[-1]["version"] and registry.champion_record()["sequence"] == len(log)
+    assert [e["replaced"] for e in log] == [None] + [e["version"] for e in log[:-1]]
+
+
+def _promote_in_process(args: tuple[str, str, str, dict]) -> None:
+    root, scratch, version, env = args
+    os.environ.update(env)
+    Registry(Store(scratch=Path(scratch)), root).promote(version, f"by host {version}")
+
+
+def test_racing_promotions_are_both_applied_and_logged(registry: Registry, tmp_path: Path, s3_server) -> None:
+    for accuracy in (0.85, 0.84, 0.83, 0.82):  # v0001 champion, the others kept back
+        register(registry, accuracy)
+    jobs = [(registry.root, str(tmp_path / v), v, s3_server.env()) for v in ("v0002", "v0003", "v0004")]
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        pool.map(_promote_in_process, jobs)
+    log = registry.promotions()
+    assert [e["sequence"] for e in log] == [1, 2, 3, 4]
+    assert sorted(e["version"] for e in log[1:]) == ["v0002", "v0003", "v0004"]
+    assert [e["replaced"] for e in log[1:]] == [e["version"] for e in log[:-1]]  # a chain: no update lost
+    assert registry.champion() == log[-1]["version"]
+
+
+# --- models and the CLI ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def registry_with_model(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+def trained_model(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("reg")
     cached = learnable_cache(root / "cache")
-    trained = train_model(cached, TrainParams(epochs=2, seed=1), root / "run")
-    registry = Registry(root / "artifacts")
-    registry.register({"model.keras": Path(trained.model_path)}, manifest(0.9), floor=0.8, tolerance=0.005)
+    return train_model(cached, TrainParams(epochs=2, seed=1), local_run(root / "run"))
+
+
+@pytest.fixture
+def registry_with_model(registry: Registry, trained_model) -> Registry:
+    registry.register({"model.keras": trained_model.model}, manifest(0.9), floor=0.8, tolerance=0.005)
     return registry
 
 
-def test_champion_loads_only_when_its_hash_matches(registry_with_model: Registry, tmp_path: Path) -> None:
-    path, sha256 = registry_with_model.champion_model_path()
-    assert load_verified_model(path, sha256).output_shape == (None, 10)
-    with pytest.raises(ModelIntegrityError, match="is not the recorded"):
-        load_verified_model(path, "0" * 64)
+def test_champion_loads_only_when_its_hash_matches(registry_with_model: Registry) -> None:
+    registry = registry_with_model
+    assert load_verified_model(registry.store, registry.champion_model()).output_shape == (None, 10)
+    model_file = join(registry.version_dir("v0001"), "model.keras")
+    data = bytearray(registry.store.read_bytes(model_file))
+    data[len(data) // 2] ^= 0xFF
+    registry.store.write_bytes(model_file, bytes(data))
+    with pytest.raises(IntegrityError, match=r"v0001/model\.keras: sha256 \w+ is not the recorded"):
+        load_verified_model(registry.store, registry.champion_model())
 
 
 def test_cli(registry_with_model: Registry, tmp_path: Path, capsys) -> None:
-    root = ["--registry", str(registry_with_model.root)]
+    root = ["--registry", registry_with_model.root, "--scratch", str(tmp_path / "cli-scratch")]
     images = []
     for label in (1, 7, 9):
         path = tmp_path / f"class-{label}.png"
@@ -166,6 +270,8 @@ def test_cli(registry_with_model: Registry, tmp_path: Path, capsys) -> None:
     assert cli.main([*root, "show", "v0001"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["champion"] is True and shown["files_intact"] is True
+    assert cli.main([*root, "promotions"]) == 0
+    assert "promote  v0001   (was none)" in capsys.readouterr().out
 
     wrong = tmp_path / "big.png"
     Image.new("L", (30, 30)).save(wrong)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ import pytest
 
 from fmnist.cache import CachedDataset
 from fmnist.model import TrainParams, build_model
+from fmnist.run_folder import RunFolder
+from fmnist.storage import Store
 from tasks.train import ChanceLevelError, NoGpuError, plan_devices, train_model
-from tests.helpers import cached_dataset, learnable_cache
+from tests.helpers import cached_dataset, learnable_cache, local_run
 
 ONE_EPOCH = TrainParams(epochs=1, seed=7)
 
@@ -27,12 +30,13 @@ def cached(tmp_path_factory: pytest.TempPathFactory) -> CachedDataset:
 
 
 def test_one_epoch_learns_clearly_above_chance(cached: CachedDataset, tmp_path: Path) -> None:
-    result = train_model(cached, ONE_EPOCH, tmp_path / "run")
+    result = train_model(cached, ONE_EPOCH, local_run(tmp_path / "run"))
     assert result.accuracy > 0.5 and result.epochs == 1 and result.resumed_at_epoch == 1
-    assert result.device == "CPU (no GPU visible)" and not result.mixed_precision
-    history = json.loads(Path(result.history_path).read_text())["epochs"]
+    assert not result.mixed_precision and result.host["cpus"] and result.libraries["keras"]
+    history = json.loads(Path(result.history.location).read_text())["epochs"]
     assert [h["epoch"] for h in history] == [1] and history[0]["accuracy"] == pytest.approx(result.accuracy)
-    assert Path(result.model_path).is_file()
+    assert Path(result.model.location) == tmp_path / "run" / "model.keras"
+    assert Store().sha256(result.model.location) == result.model.sha256
     assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (tmp_path / "run" / "backup").exists()  # removed once training finished
 
@@ -43,7 +47,7 @@ def test_chance_level_guard_refuses_a_model_that_learned_nothing(tmp_path: Path)
     labels = rng.integers(0, 10, size=500).astype(np.uint8)  # no relation to the images
     cache = cached_dataset(tmp_path / "cache", (noise, labels), (noise[:50], labels[:50]))
     with pytest.raises(ChanceLevelError, match=r"at chance level \(training accuracy 0\.\d+, loss 2\.\d+"):
-        train_model(cache, ONE_EPOCH, tmp_path / "run")
+        train_model(cache, ONE_EPOCH, local_run(tmp_path / "run"))
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
@@ -53,45 +57,76 @@ KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
     import json, os, signal, sys
     from pathlib import Path
     import keras
-    from fmnist.cache import CachedDataset, CachedSplit
+    from pydantic import TypeAdapter
+    from fmnist.cache import CachedDataset
     from fmnist.model import TrainParams
+    from fmnist.run_folder import RunFolder
+    from fmnist.storage import Store
     from tasks.train import train_model
 
     class KillAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             os.kill(os.getpid(), signal.SIGKILL)  # no clean-up code runs
 
-    spec = json.loads(sys.argv[1])
-    cached = CachedDataset(spec["key"], CachedSplit(**spec["train"]), CachedSplit(**spec["test"]))
-    train_model(cached, TrainParams(epochs=3, seed=7), Path(sys.argv[2]), extra_callbacks=(KillAfterFirstEpoch(),))
+    cached = TypeAdapter(CachedDataset).validate_json(sys.argv[1])
+    run = RunFolder(Store(scratch=Path(sys.argv[3])), sys.argv[2])
+    train_model(cached, TrainParams(epochs=3, seed=7), run, extra_callbacks=(KillAfterFirstEpoch(),))
     """
 )
 
 
-def test_killed_training_resumes_at_the_next_epoch(cached: CachedDataset, tmp_path: Path, caplog) -> None:
-    run_dir = tmp_path / "run"
-    cached_json = json.dumps({"key": cached.key, "train": vars(cached.train), "test": vars(cached.test)})
+def kill_after_first_epoch(cached: CachedDataset, run_dir: str, scratch: Path) -> None:
+    """Train in another process that is SIGKILLed as soon as its first epoch is saved."""
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, cached_json, str(run_dir)], capture_output=True, text=True
+        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, json.dumps(asdict(cached)), run_dir, str(scratch)],
+        capture_output=True,
+        text=True,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def test_killed_training_resumes_at_the_next_epoch(cached: CachedDataset, tmp_path: Path, caplog) -> None:
+    run_dir = tmp_path / "run"
+    kill_after_first_epoch(cached, str(run_dir), tmp_path / "scratch")
     assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())["epochs"]] == [1]
     assert (run_dir / "backup").is_dir() and not (run_dir / "model.keras").exists()
 
     with caplog.at_level(logging.INFO):
-        result = train_model(cached, TrainParams(epochs=3, seed=7), run_dir)
+        result = train_model(cached, TrainParams(epochs=3, seed=7), local_run(run_dir))
     assert result.resumed_at_epoch == 2 and result.epochs == 3
-    assert [h["epoch"] for h in json.loads(Path(result.history_path).read_text())["epochs"]] == [1, 2, 3]
+    assert [h["epoch"] for h in json.loads(Path(result.history.location).read_text())["epochs"]] == [1, 2, 3]
     assert "Resuming from the backup at epoch 2 of 3" in caplog.text
     assert [m for m in caplog.messages if m.startswith("Epoch ")] == [
         m for m in caplog.messages if m.startswith(("Epoch 2/3", "Epoch 3/3"))
     ]
 
 
+def test_a_replacement_host_resumes_from_the_bucket(tmp_path: Path, bucket: str, caplog) -> None:
+    """The run folder in S3: a host killed after epoch 1, another host (no shared disk) finishes the run."""
+    cached = learnable_cache(f"{bucket}/cache", store=Store(scratch=tmp_path / "orchestrator"))
+    run_dir = f"{bucket}/artifacts/runs/run-1"
+    kill_after_first_epoch(cached, run_dir, tmp_path / "first-host")
+    store = Store(scratch=tmp_path / "replacement-host")
+    assert store.listdir(f"{run_dir}/backup") == ["epoch-00001"]
+    assert [h["epoch"] for h in store.read_json(f"{run_dir}/history.json")["epochs"]] == [1]
+
+    with caplog.at_level(logging.INFO):
+        result = train_model(cached, TrainParams(epochs=3, seed=7), RunFolder(store, run_dir))
+    assert "Restored the checkpoint of epoch 1 from " + run_dir in caplog.text
+    assert result.resumed_at_epoch == 2 and result.epochs == 3
+    assert (
+        result.model.location == f"{run_dir}/model.keras" and store.sha256(result.model.location) == result.model.sha256
+    )
+    assert [h["epoch"] for h in store.read_json(result.history.location)["epochs"]] == [1, 2, 3]
+    assert store.listdir(f"{run_dir}/backup") == []  # snapshots go once training is over
+    assert any(name.startswith("events.out.tfevents") for name in store.listdir(f"{run_dir}/tensorboard/train"))
+    assert result.accuracy > 0.5
+
+
 def test_same_seed_and_data_give_the_same_metrics(cached: CachedDataset, tmp_path: Path) -> None:
-    first = train_model(cached, ONE_EPOCH, tmp_path / "a")
-    second = train_model(cached, ONE_EPOCH, tmp_path / "b")
-    other_seed = train_model(cached, TrainParams(epochs=1, seed=8), tmp_path / "c")
+    first = train_model(cached, ONE_EPOCH, local_run(tmp_path / "a"))
+    second = train_model(cached, ONE_EPOCH, local_run(tmp_path / "b"))
+    other_seed = train_model(cached, TrainParams(epochs=1, seed=8), local_run(tmp_path / "c"))
     assert (first.loss, first.accuracy) == (second.loss, second.accuracy)
     assert other_seed.loss != first.loss
 
@@ -102,7 +137,7 @@ def test_require_gpu_fails_at_once_without_one(cached: CachedDataset, tmp_path: 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU, so a run that requires one must not fail here")
     with pytest.raises(NoGpuError, match="require_gpu is set, but TensorFlow sees no GPU"):
-        train_model(cached, TrainParams(require_gpu=True), tmp_path / "run")
+        train_model(cached, TrainParams(require_gpu=True), local_run(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 

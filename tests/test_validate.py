@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fmnist.dataset import DataLayout, DatasetSpec
-from tasks.download import RawDataset, download_dataset
+from fmnist.dataset import DatasetSpec
+from fmnist.layout import DataLayout
+from fmnist.storage import Store
+from tasks.download import RawDataset, VerifiedFile, download_dataset
 from tasks.incoming import collect_incoming
 from tasks.validate import (
     DataValidationError,
@@ -23,14 +27,14 @@ from tests.helpers import synthetic_images, write_idx_batch
 
 
 @pytest.fixture
-def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout) -> RawDataset:
+def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout, store: Store) -> RawDataset:
     folder, spec = mirror
-    return download_dataset(spec, [str(folder)], layout.raw)
+    return download_dataset(spec, [str(folder)], store, layout.raw)
 
 
-def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, raw) -> None:
+def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, store, raw) -> None:
     _, spec = mirror
-    report = validate_raw(spec, raw, [], layout.validation)
+    report = validate_raw(spec, raw, [], store, layout.validation)
     assert report.success and not report.reused
     assert [(s.suite, s.rows, s.success) for s in report.suites] == [
         ("raw-canonical-train", 200, True),
@@ -46,18 +50,18 @@ def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, raw) -> 
     report.raise_for_failure()  # no error for a passing report
 
 
-def test_passing_result_is_reused_for_the_same_inputs(mirror, layout, raw) -> None:
+def test_passing_result_is_reused_for_the_same_inputs(mirror, layout, store, raw) -> None:
     _, spec = mirror
-    first = validate_raw(spec, raw, [], layout.validation)
-    second = validate_raw(spec, raw, [], layout.validation)
+    first = validate_raw(spec, raw, [], store, layout.validation)
+    second = validate_raw(spec, raw, [], store, layout.validation)
     assert second.reused and second.key == first.key and second.suites == first.suites
 
 
-def test_label_out_of_range_in_incoming_batch(mirror, layout, raw, tmp_path) -> None:
+def test_label_out_of_range_in_incoming_batch(mirror, layout, store, raw, tmp_path) -> None:
     _, spec = mirror
     labels = np.array([1, 10, 2, 10], dtype=np.uint8)
     write_idx_batch(tmp_path / "incoming" / "new-shoes", synthetic_images(labels % 10, seed=5), labels)
-    report = validate_raw(spec, raw, collect_incoming(tmp_path / "incoming"), layout.validation)
+    report = validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
     assert not report.success
     by_suite = {s.suite: s for s in report.suites}
     assert by_suite["raw-canonical-train"].success
@@ -71,37 +75,39 @@ def test_label_out_of_range_in_incoming_batch(mirror, layout, raw, tmp_path) -> 
     assert json.loads(Path(report.result_path).read_text())["success"] is False
 
 
-def test_images_that_are_not_28x28(mirror, layout, raw, tmp_path) -> None:
+def test_images_that_are_not_28x28(mirror, layout, store, raw, tmp_path) -> None:
     _, spec = mirror
     labels = np.array([0, 1], dtype=np.uint8)
     write_idx_batch(tmp_path / "incoming" / "big", np.zeros((2, 30, 30), np.uint8), labels)
-    report = validate_raw(spec, raw, collect_incoming(tmp_path / "incoming"), layout.validation)
+    report = validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
     failures = {s.suite: s.failures for s in report.suites}["raw-incoming-big"]
     assert len(failures) == 2
     assert any("column=height, value_set=[28]): 2 of 2 rows unexpected" in f for f in failures)
     assert any("column=width" in f for f in failures)
 
 
-def test_canonical_row_counts_and_balance_are_checked(mirror, layout, raw) -> None:
+def test_canonical_row_counts_and_balance_are_checked(mirror, layout, store, raw) -> None:
     _, spec = mirror
     wrong = spec.model_copy(update={"train_rows": 210})
-    report = validate_raw(wrong, raw, [], layout.validation)
+    report = validate_raw(wrong, raw, [], store, layout.validation)
     failures = {s.suite: s.failures for s in report.suites}["raw-canonical-train"]
     assert any(f.startswith("expect_table_row_count_to_equal(value=210): observed 200") for f in failures)
     # 210 rows would mean 21 per class; each class has 20.
     assert any("column=label_count, min_value=21.0, max_value=21.0): 200 of 200 rows" in f for f in failures)
 
 
-def test_missing_class_is_reported(layout, tmp_path) -> None:
+def test_missing_class_is_reported(layout, store, tmp_path) -> None:
     from tests.helpers import write_mirror
 
     spec = write_mirror(tmp_path / "m", train_per_class=2, test_per_class=1)
-    raw = download_dataset(spec, [str(tmp_path / "m")], layout.raw)
+    raw = download_dataset(spec, [str(tmp_path / "m")], store, layout.raw)
     labels_path = Path(raw.test_labels.path)
     data = bytearray(labels_path.read_bytes())
     data[8:] = bytes(b if b != 7 else 3 for b in data[8:])  # no Sneaker left in the test split
     labels_path.write_bytes(bytes(data))
-    report = validate_raw(spec, raw, [], layout.validation)
+    pinned = VerifiedFile(raw.test_labels.path, hashlib.sha256(data).hexdigest(), "test")
+    raw = dataclasses.replace(raw, test_labels=pinned)
+    report = validate_raw(spec, raw, [], store, layout.validation)
     failures = {s.suite: s.failures for s in report.suites}["raw-canonical-test"]
     assert any("expect_column_distinct_values_to_contain_set" in f and "missing [7]" in f for f in failures)
 
@@ -120,3 +126,17 @@ def test_normalized_suite_catches_nan_and_out_of_range(tmp_path) -> None:
     assert "column=nan_count, min_value=0.0, max_value=0.0): 1 of 4 rows unexpected; e.g. row=1 nan_count=1" in text
     assert "column=pixel_max, min_value=0.0, max_value=1.0): 1 of 4 rows unexpected; e.g. row=2 pixel_max=1.5" in text
     assert "column=pixel_min, min_value=0.0, max_value=1.0): 1 of 4 rows unexpected; e.g. row=3 pixel_min=-0.25" in text
+
+
+def test_results_in_a_bucket_are_published_whole_and_reused(mirror, store: Store, bucket: str, tmp_path) -> None:
+    folder, spec = mirror
+    layout = DataLayout(f"{bucket}/data")
+    raw = download_dataset(spec, [str(folder)], store, layout.raw)
+    first = validate_raw(spec, raw, [], store, layout.validation)
+    assert first.result_path == f"{bucket}/data/validation/{first.key}/result.json"
+    assert store.read_json(first.result_path)["success"] is True
+    assert store.exists(first.docs_index)
+    assert store.read_json(f"{bucket}/data/validation/{first.key}/report.json")["key"] == first.key
+    # Another host, sharing only the bucket, reuses the result.
+    again = validate_raw(spec, raw, [], Store(scratch=tmp_path / "other-host"), layout.validation)
+    assert again.reused and again.suites == first.suites

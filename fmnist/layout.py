@@ -1,0 +1,85 @@
+"""Where a run keeps things: its storage parameters, and the locations under its data root.
+
+Every root is a local path or an `s3://bucket/prefix` URL. Locations are strings; `fmnist.storage`
+reads and writes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fmnist.storage import StorageError, Store, default_scratch_dir, join, normalize
+
+
+class StorageParams(BaseModel):
+    """Where the pipeline keeps its data, models and runs: set per deployment, the same on every host."""
+
+    # hide_input_in_errors: a URL with credentials in it is refused without echoing them.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    data_root: str = Field(
+        "data", description="Raw files, validation results and the parquet cache: a local path or s3://bucket/prefix"
+    )
+    registry_root: str = Field(
+        "artifacts", description="The model registry and each run's folder (<root>/runs/): a path or s3:// URL"
+    )
+    incoming_dir: str | None = Field(
+        None, description="Labeled batches that join the training set; default <data_root>/incoming"
+    )
+    scratch_dir: str | None = Field(
+        None,
+        description="A local folder on each host for verified copies of s3:// files (reused across runs); "
+        "default ~/.cache/fashion-mnist-pipeline",
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600, description="Per object-store request (connect, and each read)")
+
+    @field_validator("data_root", "registry_root", "incoming_dir")
+    @classmethod
+    def _supported(cls, location: str | None) -> str | None:
+        if location is not None:
+            try:
+                normalize(location)  # refuses unknown schemes and credentials in URLs, before any run starts
+            except StorageError as exc:
+                raise ValueError(str(exc)) from None
+        return location
+
+    def store(self) -> Store:
+        scratch = Path(self.scratch_dir).expanduser() if self.scratch_dir else default_scratch_dir()
+        return Store(scratch=scratch.resolve(), timeout_s=self.timeout_s)
+
+    @property
+    def data(self) -> DataLayout:
+        return DataLayout(normalize(self.data_root))
+
+    @property
+    def registry(self) -> str:
+        return normalize(self.registry_root)
+
+    @property
+    def incoming(self) -> str:
+        return normalize(self.incoming_dir) if self.incoming_dir else join(self.data.root, "incoming")
+
+    def run_folder(self, run_id: str) -> str:
+        return join(self.registry, "runs", run_id)
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where each data stage keeps its files under one data root (shared by every host of a run)."""
+
+    root: str
+
+    @property
+    def raw(self) -> str:
+        return join(self.root, "raw")
+
+    @property
+    def validation(self) -> str:
+        return join(self.root, "validation")
+
+    @property
+    def cache(self) -> str:
+        return join(self.root, "cache")

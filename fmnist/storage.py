@@ -1,0 +1,521 @@
+"""Where the pipeline keeps things, and every guarantee it makes about them.
+
+A location is a local path or an `s3://bucket/key` URL. One `Store` reads and writes both through
+fsspec (its LocalFileSystem, and s3fs for S3); nothing else in the pipeline opens a stored file. What
+every stage relies on, on local disk and on object storage alike:
+
+- **Whole or absent.** A file is published in one step: on disk, a temp file beside it is fsynced and
+  renamed into place; on S3, one PUT (or a completed multipart upload), which readers see whole or not
+  at all. A folder (a cache entry, a validation result, a registry version, a checkpoint) is published
+  by writing its marker file last: a folder without its marker does not exist for any reader.
+- **Create-only.** `create` writes a file only if nothing is there yet: `os.link` of a finished temp
+  file on disk, `If-None-Match: *` on S3. Registry version numbers, version manifests and the audit
+  log are written this way, so two hosts never overwrite each other's work.
+- **Compare-and-swap.** `replace` writes a file only if it still holds what the caller read (its
+  etag): `If-Match` on S3; on disk, compare and rename under an flock of a sidecar lock file (local
+  disks have locks; object stores do not, and need none). The champion pointer moves this way.
+- **Verified reads.** Content is asked for by its sha256: `local_copy` returns a local file that hashes
+  to it, or raises. Copies of remote objects are kept in a scratch folder named by their hash, reused
+  across runs and re-hashed before every use.
+- **Secrets stay out.** Credentials and the endpoint come from the standard AWS chain
+  (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_REGION`, or a profile); a
+  location with credentials in it is refused, so none reaches a parameter, a record or a log line.
+- **No hangs.** Every S3 request has a timeout and a bounded number of attempts; an error names the
+  location and the problem (no such bucket, access denied, endpoint unreachable).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fmnist.files import atomic_path, atomic_write_bytes, fsync_path, sha256_file, temp_path_beside
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+S3 = "s3://"
+S3_ATTEMPTS = 3  # per request, with botocore's exponential backoff; s3fs adds no retry layer of its own
+_CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """A store operation that failed; the message names the location and the problem."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the file already exists (create) or changed since it was read (replace)."""
+
+
+class IntegrityError(StorageError):
+    """Stored content that does not hash to what was recorded for it."""
+
+
+class NotFound(FileNotFoundError):
+    """No file at a location; the message names it."""
+
+    def __init__(self, location: str, detail: str = "not found") -> None:
+        super().__init__(f"{location}: {detail}")
+        self.location = location
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A published file and the sha256 its content must have."""
+
+    location: str
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.location)
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(S3)
+
+
+def join(location: str, *parts: str) -> str:
+    return posixpath.join(location, *parts)
+
+
+def parent(location: str) -> str:
+    return posixpath.dirname(location)
+
+
+def normalize(location: str) -> str:
+    """An absolute local path, or `s3://bucket[/key]` without a trailing slash; anything else is refused."""
+    parts = urllib.parse.urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme == "s3":
+        if "@" in parts.netloc:
+            raise StorageError(
+                f"s3://<credentials>@{parts.netloc.rsplit('@', 1)[1]}{parts.path}: credentials do not belong in a "
+                "storage URL; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead"
+            )
+        if not parts.netloc:
+            raise StorageError(f"{location!r}: no bucket name (expected s3://bucket/prefix)")
+        if parts.query or parts.fragment:
+            raise StorageError(f"{location!r}: a storage URL takes no query or fragment")
+        return f"{S3}{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+    if scheme == "file":
+        return str(Path(urllib.request.url2pathname(parts.path)).resolve())
+    if len(scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise StorageError(f"{location!r}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
+    return str(Path(location).expanduser().resolve())
+
+
+def default_scratch_dir() -> Path:
+    """This host's folder for verified copies of remote files: `$XDG_CACHE_HOME/fashion-mnist-pipeline`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fashion-mnist-pipeline"
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code ('NoSuchBucket', 'PreconditionFailed', ...) behind an s3fs exception."""
+    for error in (exc, exc.__cause__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code") or str(
+                response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            )
+    return None
+
+
+class Store:
+    """Reads and writes local paths and s3:// URLs with the guarantees in this module's docstring.
+
+    `scratch` is this host's folder for verified copies of remote files (needed only for s3://);
+    `timeout_s` bounds each S3 request's connection and each read.
+    """
+
+    def __init__(self, scratch: Path | None = None, timeout_s: float = 30.0) -> None:
+        self.scratch = scratch
+        self.timeout_s = timeout_s
+        self._s3fs: AbstractFileSystem | None = None
+        self._local: AbstractFileSystem | None = None
+        self._checked_buckets: set[str] = set()
+
+    # --- filesystems and errors -------------------------------------------------------------------
+
+    def _fs(self, location: str) -> tuple[AbstractFileSystem, str]:
+        """The filesystem that holds `location`, and its path there."""
+        if not is_remote(location):
+            if self._local is None:
+                from fsspec.implementations.local import LocalFileSystem
+
+                self._local = LocalFileSystem()
+            return self._local, location
+        if self._s3fs is None:
+            import s3fs
+
+            self._s3fs = s3fs.S3FileSystem(
+                skip_instance_cache=True,  # credentials are read when a store is made, never reused stale
+                use_listings_cache=False,  # another host may have written since: always list afresh
+                config_kwargs={
+                    "connect_timeout": self.timeout_s,
+                    "read_timeout": self.timeout_s,
+                    "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                },
+            )
+            self._s3fs.retries = 1  # botocore retries (above); no second layer of retries around it
+        path = location.removeprefix(S3)
+        bucket = path.split("/", 1)[0]
+        if bucket not in self._checked_buckets:  # once per bucket: a clear error before anything else
+            try:
+                with self._errors(location):
+                    self._s3fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{location}: bucket {bucket!r} does not exist at {self.endpoint()}") from exc
+            self._checked_buckets.add(bucket)
+        return self._s3fs, path
+
+    @contextmanager
+    def _errors(self, location: str) -> Iterator[None]:
+        """Turn filesystem and S3 client errors into messages that name `location` and say what to check."""
+        from botocore.exceptions import BotoCoreError, NoCredentialsError
+
+        try:
+            yield
+        except NotFound:
+            raise
+        except FileExistsError as exc:
+            raise PreconditionFailed(f"{location}: already exists") from exc
+        except FileNotFoundError as exc:
+            if _s3_error_code(exc) == "NoSuchBucket":
+                bucket = location.removeprefix(S3).split("/", 1)[0]
+                raise StorageError(f"{location}: bucket {bucket!r} does not exist at {self.endpoint()}") from exc
+            raise NotFound(location) from exc
+        except PermissionError as exc:
+            if not is_remote(location):
+                raise StorageError(f"{location}: permission denied") from exc
+            raise StorageError(
+                f"{location}: access denied by {self.endpoint()} ({exc}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, and that they may use this bucket"
+            ) from exc
+        except NoCredentialsError as exc:
+            raise StorageError(
+                f"{location}: no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from exc
+        except BotoCoreError as exc:  # connection refused, timeouts, DNS: after S3_ATTEMPTS attempts
+            raise StorageError(
+                f"{location}: cannot reach the object store at {self.endpoint()} after {S3_ATTEMPTS} attempts "
+                f"({type(exc).__name__}: {exc}); check AWS_ENDPOINT_URL and the network"
+            ) from exc
+        except OSError as exc:
+            if _s3_error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                raise PreconditionFailed(f"{location}: changed by another writer") from exc
+            raise StorageError(f"{location}: {exc.strerror or exc}") from exc
+
+    def endpoint(self) -> str:
+        """The S3 endpoint in use (AWS_ENDPOINT_URL, or AWS's own); for messages."""
+        client = getattr(self._s3fs, "s3", None)
+        return getattr(getattr(client, "meta", None), "endpoint_url", None) or os.environ.get(
+            "AWS_ENDPOINT_URL", "the default AWS endpoint"
+        )
+
+    def require_scratch(self, location: str) -> Path:
+        if self.scratch is None:
+            raise StorageError(f"{location}: reading remote files needs a scratch folder on this host")
+        return self.scratch
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def exists(self, location: str) -> bool:
+        fs, path = self._fs(location)
+        with self._errors(location):
+            return fs.exists(path)
+
+    def read_bytes(self, location: str) -> bytes:
+        """The file's content; FileNotFoundError (naming it) if there is none."""
+        fs, path = self._fs(location)
+        with self._errors(location):
+            try:
+                return fs.cat_file(path)
+            except IsADirectoryError as exc:
+                raise NotFound(location, "is a folder, not a file") from exc
+
+    def read_json(self, location: str) -> Any:
+        data = self.read_bytes(location)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{location}: not valid JSON ({exc})") from exc
+
+    def read_versioned(self, location: str) -> tuple[bytes, str] | None:
+        """The file's content and its etag (what `replace` compares), or None if there is no file."""
+        fs, path = self._fs(location)
+        if not is_remote(location):
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        from s3fs.utils import FileExpired
+
+        while True:
+            with self._errors(location):
+                try:
+                    # s3fs reads with If-Match on the etag it saw first, so data and etag belong together.
+                    with fs.open(path, "rb") as f:
+                        return f.read(), f.details["ETag"]
+                except FileNotFoundError:
+                    return None
+                except FileExpired:
+                    continue  # replaced between the etag and the read: read the new one
+
+    def is_dir(self, location: str) -> bool:
+        fs, path = self._fs(location)
+        with self._errors(location):
+            return fs.isdir(path)
+
+    def listdir(self, location: str) -> list[str]:
+        """Names of the files and folders directly in `location` (none if it does not exist).
+
+        In a bucket a folder is there while it holds an object (some servers list emptied ones too).
+        """
+        if is_remote(location):
+            return sorted({name.split("/", 1)[0] for name in self.find(location)})
+        fs, path = self._fs(location)
+        with self._errors(location):
+            try:
+                entries = fs.ls(path, detail=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
+
+    def find(self, location: str) -> list[str]:
+        """Paths, relative to `location`, of every file below it."""
+        fs, path = self._fs(location)
+        with self._errors(location):
+            found = fs.find(path)
+        prefix = path.rstrip("/") + "/"
+        return sorted(f.removeprefix(prefix) for f in found if f.startswith(prefix))
+
+    def iter_chunks(self, location: str) -> Iterator[bytes]:
+        fs, path = self._fs(location)
+        with self._errors(location), fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
+
+    def sha256(self, location: str) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.iter_chunks(location):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def local_copy(self, file: StoredFile) -> Path:
+        """A local file with `file`'s verified content: the file itself on disk, else a scratch copy.
+
+        A scratch copy is reused only while the stored object is the one it was made from (same etag),
+        and only after it hashes right again. Raises FileNotFoundError if the file is missing and
+        IntegrityError if it does not hash to `file.sha256`.
+        """
+        if not is_remote(file.location):
+            path = Path(file.location)
+            if not path.is_file():
+                raise NotFound(file.location)
+            if (found := sha256_file(path)) != file.sha256:
+                raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+            return path
+        fs, path = self._fs(file.location)
+        with self._errors(file.location):
+            etag = fs.info(path)["ETag"]
+        scratch = Scratch(self.require_scratch(file.location))
+        if cached := scratch.get(file, etag):
+            return cached
+        target = scratch.path(file)
+        self.fetch(file, target)
+        scratch.remember(file, etag)
+        return target
+
+    def fetch(self, file: StoredFile, target: Path) -> None:
+        """Download `file` to the local `target` (whole, atomically) if its content verifies; else raise."""
+        fs, path = self._fs(file.location)
+        with atomic_path(target) as tmp, self._errors(file.location):
+            fs.get_file(path, str(tmp))
+            if (found := sha256_file(tmp)) != file.sha256:
+                raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+
+    @contextmanager
+    def local_tree(self, location: str) -> Iterator[Path]:
+        """The folder `location` as a local folder: itself on disk, else a temporary download of it."""
+        if not is_remote(location):
+            yield Path(location)
+            return
+        fs, path = self._fs(location)
+        names = self.find(location)
+        tmp_root = self.require_scratch(location) / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
+            if names:
+                local = [str(Path(folder, *name.split("/"))) for name in names]
+                with self._errors(location):
+                    fs.get([join(path, name) for name in names], local)
+            yield Path(folder)
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def write_bytes(self, location: str, data: bytes) -> None:
+        """Publish `data` at `location`, replacing what is there, in one step."""
+        fs, path = self._fs(location)
+        if not is_remote(location):
+            atomic_write_bytes(Path(path), data)
+            return
+        with self._errors(location):
+            fs.pipe_file(path, data)
+
+    def write_json(self, location: str, value: Any) -> None:
+        self.write_bytes(location, json.dumps(value, indent=1).encode())
+
+    def create(self, location: str, data: bytes) -> None:
+        """Publish `data` at `location` only if nothing is there; else raise PreconditionFailed."""
+        fs, path = self._fs(location)
+        if is_remote(location):
+            try:
+                with self._errors(location):
+                    fs.pipe_file(path, data, mode="create")
+            except PreconditionFailed as exc:  # some servers do not say which precondition failed
+                raise PreconditionFailed(f"{location}: already exists") from exc.__cause__
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_beside(target)
+        try:
+            tmp.write_bytes(data)
+            fsync_path(tmp)
+            os.link(tmp, target)  # atomic, and fails if `target` exists: the local If-None-Match
+        except FileExistsError as exc:
+            raise PreconditionFailed(f"{location}: already exists") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_path(target.parent)
+
+    def replace(self, location: str, data: bytes, etag: str | None) -> None:
+        """Publish `data` only if `location` still has `etag` (None: if it still does not exist)."""
+        if etag is None:
+            self.create(location, data)
+            return
+        fs, path = self._fs(location)
+        if is_remote(location):
+            with self._errors(location):
+                fs.pipe_file(path, data, IfMatch=etag)
+            return
+        target = Path(path)
+        with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            current = self.read_versioned(location)
+            if current is None or current[1] != etag:
+                raise PreconditionFailed(f"{location}: changed by another writer")
+            atomic_write_bytes(target, data)
+
+    @contextmanager
+    def staged(self, location: str) -> Iterator[Path]:
+        """Yield a local path to write; if the block succeeds, publish that file at `location` whole.
+
+        On S3 the written file is kept as this host's verified scratch copy of its content.
+        """
+        if not is_remote(location):
+            with atomic_path(Path(location)) as tmp:
+                yield tmp
+            return
+        tmp_root = self.require_scratch(location) / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
+            tmp = Path(folder) / posixpath.basename(location)
+            yield tmp
+            self.publish(tmp, location)
+
+    def publish(self, local: Path, location: str) -> StoredFile:
+        """Publish the local file at `location` (whole) and return it with its sha256.
+
+        On S3 a copy is kept in this host's scratch folder, so reading it back here needs no download.
+        """
+        stored = StoredFile(location, sha256_file(local))
+        if not is_remote(location):
+            if Path(location) != local:
+                self.put_file(local, location)
+            return stored
+        self.put_file(local, location)
+        fs, path = self._fs(location)
+        with self._errors(location):
+            etag = fs.info(path)["ETag"]
+        scratch = Scratch(self.require_scratch(location))
+        if not scratch.path(stored).is_file():
+            with atomic_path(scratch.path(stored)) as tmp:
+                shutil.copyfile(local, tmp)
+        scratch.remember(stored, etag)
+        return stored
+
+    def put_file(self, local: Path, location: str) -> None:
+        """Copy a local file to `location` whole, replacing what is there."""
+        fs, path = self._fs(location)
+        if not is_remote(location):
+            with atomic_path(Path(path)) as tmp:
+                shutil.copyfile(local, tmp)
+            return
+        with self._errors(location):
+            fs.put_file(str(local), path)
+
+    def put_tree(self, local: Path, location: str, *, marker: str) -> None:
+        """Copy a local folder to `location`, its `marker` file last: readers see it once the marker is there."""
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        if local / marker not in files:
+            raise StorageError(f"{local}: no {marker} to publish {location} with")
+        for file in [f for f in files if f != local / marker] + [local / marker]:
+            self.put_file(file, join(location, *file.relative_to(local).parts))
+
+    def delete(self, location: str) -> None:
+        """Remove a file or a folder and all it holds; nothing there is not an error."""
+        fs, path = self._fs(location)
+        with self._errors(location):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+
+class Scratch:
+    """A host's verified copies of remote files: `objects/<sha256><suffix>`, and the objects they came from.
+
+    `<copy>.sources.json` maps each s3:// location to the etag its object had when this content was
+    fetched or published there: a copy stands for a location only while that object is unchanged.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.objects = root / "objects"
+
+    def path(self, file: StoredFile) -> Path:
+        return self.objects / (file.sha256 + posixpath.splitext(file.location)[1])
+
+    def _sources(self, copy: Path) -> dict[str, str]:
+        try:
+            return json.loads(copy.with_name(copy.name + ".sources.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, file: StoredFile, etag: str) -> Path | None:
+        """The copy of `file` if its object still has `etag` and the copy still hashes right (else None)."""
+        copy = self.path(file)
+        if not copy.is_file() or self._sources(copy).get(file.location) != etag:
+            return None
+        if sha256_file(copy) != file.sha256:
+            copy.unlink(missing_ok=True)  # damaged on this host: fetch it again
+            return None
+        os.utime(copy)  # its last use, for whoever prunes the scratch folder
+        return copy
+
+    def remember(self, file: StoredFile, etag: str) -> None:
+        copy = self.path(file)
+        sources = {**self._sources(copy), file.location: etag}
+        atomic_write_bytes(copy.with_name(copy.name + ".sources.json"), json.dumps(sources).encode())

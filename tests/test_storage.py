@@ -1,0 +1,241 @@
+"""The storage module's guarantees, on local disk and on a real S3 server (SeaweedFS), with the same tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fmnist.storage import (
+    IntegrityError,
+    PreconditionFailed,
+    StorageError,
+    Store,
+    StoredFile,
+    is_remote,
+    join,
+    normalize,
+)
+from tests.seaweedfs import SECRET_KEY, S3Server
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("bucket") + "/store"
+
+
+def test_round_trip_listing_and_delete(store: Store, root: str) -> None:
+    store.write_bytes(join(root, "a", "one.txt"), b"1")
+    store.write_json(join(root, "a", "b", "two.json"), {"n": 2})
+    assert store.read_bytes(join(root, "a", "one.txt")) == b"1"
+    assert store.read_json(join(root, "a", "b", "two.json")) == {"n": 2}
+    assert store.listdir(join(root, "a")) == ["b", "one.txt"]
+    assert store.find(root) == ["a/b/two.json", "a/one.txt"]
+    assert store.listdir(join(root, "nothing-here")) == []
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt: not found"):
+        store.read_bytes(join(root, "missing.txt"))
+    store.delete(join(root, "a"))
+    assert store.find(root) == [] and not store.exists(join(root, "a", "one.txt"))
+    store.delete(join(root, "a"))  # nothing there: no error
+
+
+def test_create_is_create_only(store: Store, root: str) -> None:
+    target = join(root, "claim.json")
+    store.create(target, b"first")
+    with pytest.raises(PreconditionFailed, match=r"claim\.json: already exists"):
+        store.create(target, b"second")
+    assert store.read_bytes(target) == b"first"
+
+
+def test_replace_is_compare_and_swap(store: Store, root: str) -> None:
+    target = join(root, "pointer.json")
+    assert store.read_versioned(target) is None
+    store.replace(target, b"v1", None)
+    data, etag = store.read_versioned(target)
+    assert data == b"v1"
+    store.replace(target, b"v2", etag)
+    with pytest.raises(PreconditionFailed, match="changed by another writer"):
+        store.replace(target, b"stale", etag)  # written from what was read before v2
+    with pytest.raises(PreconditionFailed):
+        store.replace(target, b"stale", None)  # "must not exist yet"
+    assert store.read_bytes(target) == b"v2"
+
+
+def _increment(args: tuple[str, str, int, dict]) -> int:
+    """Add 1 to a counter file `times` times by compare-and-swap; return how many conflicts it met."""
+    root, scratch, times, env = args
+    os.environ.update(env)
+    store, target, conflicts = Store(scratch=Path(scratch)), join(root, "counter"), 0
+    for _ in range(times):
+        while True:
+            data, etag = store.read_versioned(target)
+            try:
+                store.replace(target, str(int(data) + 1).encode(), etag)
+                break
+            except PreconditionFailed:
+                conflicts += 1
+    return conflicts
+
+
+def test_compare_and_swap_from_many_processes_loses_no_update(
+    store: Store, root: str, tmp_path: Path, s3_server: S3Server
+) -> None:
+    store.write_bytes(join(root, "counter"), b"0")
+    jobs = [(root, str(tmp_path / "scratch"), 10, s3_server.env()) for _ in range(6)]
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        conflicts = pool.map(_increment, jobs)
+    assert store.read_bytes(join(root, "counter")) == b"60"
+    assert sum(conflicts) > 0, "the processes never raced: the test proved nothing"
+
+
+def test_racing_creates_have_exactly_one_winner(store: Store, root: str) -> None:
+    target, winners, barrier = join(root, "v0007", "claim.json"), [], threading.Barrier(8)
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        try:
+            store.create(target, f"writer {n}".encode())
+            winners.append(n)
+        except PreconditionFailed:
+            pass
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and store.read_bytes(target) == f"writer {winners[0]}".encode()
+
+
+def test_staged_write_is_published_whole_or_not_at_all(store: Store, root: str) -> None:
+    target = join(root, "cache", "train.parquet")
+    with pytest.raises(RuntimeError, match="disk full"), store.staged(target) as tmp:
+        tmp.write_bytes(b"half of it")
+        raise RuntimeError("disk full")
+    assert not store.exists(target)
+    with store.staged(target) as tmp:
+        tmp.write_bytes(b"all of it")
+    assert store.read_bytes(target) == b"all of it"
+
+
+def test_local_copy_is_verified_and_reused(store: Store, root: str, tmp_path: Path) -> None:
+    data = b"model bytes" * 1000
+    target = join(root, "runs", "r1", "model.keras")
+    store.write_bytes(target, data)
+    stored = StoredFile(target, hashlib.sha256(data).hexdigest())
+    copy = store.local_copy(stored)
+    assert copy.read_bytes() == data and copy.suffix == ".keras"
+    assert is_remote(root) == (copy != Path(target))  # on S3 a scratch copy, on disk the file itself
+    assert store.local_copy(stored).stat().st_ino == copy.stat().st_ino  # reused, not fetched again
+    with pytest.raises(IntegrityError, match=r"model.keras: sha256 \w+ is not the recorded 0{64}"):
+        store.local_copy(StoredFile(target, "0" * 64))
+    if is_remote(root):
+        copy.write_bytes(data[:-1] + b"X")  # a damaged scratch copy is noticed, and fetched again
+        assert store.local_copy(stored).read_bytes() == data
+    store.write_bytes(target, b"tampered")  # what is stored changed: refused, whatever scratch holds
+    with pytest.raises(IntegrityError, match="is not the recorded"):
+        store.local_copy(stored)
+    store.delete(target)
+    with pytest.raises(FileNotFoundError, match=r"model\.keras: not found"):
+        store.local_copy(stored)
+
+
+def test_put_tree_writes_its_marker_last(store: Store, root: str, tmp_path: Path, monkeypatch) -> None:
+    local = tmp_path / "result"
+    (local / "docs").mkdir(parents=True)
+    (local / "docs" / "index.html").write_text("<html/>")
+    (local / "report.json").write_text("{}")
+    (local / "result.json").write_text("{}")
+    real_put, calls = store.put_file, []
+
+    def failing_put(file: Path, location: str) -> None:
+        calls.append(file.name)
+        if len(calls) == 2:
+            raise StorageError(f"{location}: connection lost")
+        real_put(file, location)
+
+    monkeypatch.setattr(store, "put_file", failing_put)
+    with pytest.raises(StorageError, match="connection lost"):
+        store.put_tree(local, join(root, "validation", "k1"), marker="report.json")
+    assert not store.exists(join(root, "validation", "k1", "report.json"))
+    monkeypatch.setattr(store, "put_file", real_put)
+    store.put_tree(local, join(root, "validation", "k1"), marker="report.json")
+    assert store.find(join(root, "validation", "k1")) == ["docs/index.html", "report.json", "result.json"]
+    with store.local_tree(join(root, "validation", "k1")) as folder:
+        assert (folder / "docs" / "index.html").read_text() == "<html/>"
+
+
+def test_locations_are_normalized_and_credentials_refused(tmp_path: Path) -> None:
+    assert normalize("s3://bucket/prefix/") == "s3://bucket/prefix"
+    assert normalize("S3://bucket") == "s3://bucket"
+    assert normalize(f"file://{tmp_path}/x") == str(tmp_path / "x")
+    assert normalize("relative/dir") == str(Path("relative/dir").resolve())
+    with pytest.raises(StorageError, match="credentials do not belong in a storage URL") as refused:
+        normalize(f"s3://AKIAEXAMPLE:{SECRET_KEY}@bucket/prefix")
+    assert SECRET_KEY not in str(refused.value) and "AKIAEXAMPLE" not in str(refused.value)
+    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+        normalize("gs://bucket/x")
+    with pytest.raises(StorageError, match="no bucket name"):
+        normalize("s3:///x")
+
+
+def test_missing_bucket_is_named(s3_env: S3Server, store: Store) -> None:
+    expected = "s3://no-such-bucket-here/registry/champion.json: bucket 'no-such-bucket-here' does not exist at "
+    with pytest.raises(StorageError, match=re.escape(expected + s3_env.endpoint)) as exc:
+        store.read_versioned("s3://no-such-bucket-here/registry/champion.json")
+    assert SECRET_KEY not in str(exc.value)
+
+
+def test_wrong_credentials_are_refused_with_a_hint(bucket: str, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match=r"access denied by .* check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        Store(scratch=tmp_path).write_bytes(join(bucket, "x"), b"1")
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers: an endpoint that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_unreachable_endpoint_fails_within_its_timeout(s3_env: S3Server, silent_endpoint: str, monkeypatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    for endpoint in (f"http://127.0.0.1:{closed_port}", silent_endpoint):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=f"s3://fmnist/data: cannot reach the object store at {endpoint}"):
+            Store(timeout_s=1).exists("s3://fmnist/data")
+        # Three attempts of at most 1 s each, with backoff between them: never a hang.
+        assert time.monotonic() - started < 20
+
+
+def test_no_secret_in_any_error(bucket: str, tmp_path: Path, monkeypatch) -> None:
+    store = Store(scratch=tmp_path)
+    errors = []
+    for action in (
+        lambda: store.read_bytes(join(bucket, "missing")),
+        lambda: store.create(join(bucket, "x"), b"1") or store.create(join(bucket, "x"), b"2"),
+        lambda: store.local_copy(StoredFile(join(bucket, "x"), "0" * 64)),
+    ):
+        with pytest.raises((StorageError, FileNotFoundError)) as exc:
+            action()
+        errors.append(repr(exc.value) + str(exc.value.__cause__))
+    assert all(SECRET_KEY not in e for e in errors)
+    assert json.dumps(errors)  # messages are plain text
