@@ -23,6 +23,7 @@ export UV_PYTHON_DOWNLOADS := never
 # The operator's Prefect server (make server) and what talks to it.
 PREFECT := .venv/bin/prefect
 PREFECT_PORT ?= 4200
+PREFECT_HOST ?= 127.0.0.1
 SERVER := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
@@ -40,14 +41,14 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test lint format bench server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data run test test-slow lint format bench bench-storage server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
-	@echo "make test    install, get the data, run the tests"
+	@echo "make test    install, get the data, run the tests (make test-slow: the real-data training too)"
 	@echo "make lint    ruff check and format check"
-	@echo "make bench   data-stage timings on the real data"
+	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
 	@echo "make deploy  create the work pools and deploy the single-host deployments to that server"
 	@echo "make deploy-cluster FMNIST_DATA_ROOT=s3://... FMNIST_REGISTRY_ROOT=s3://...   the cluster deployments"
@@ -81,7 +82,11 @@ run: install data
 	$(PY) -m flows.retrain
 
 test: install data
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+# Minutes of training on the real 70,000 images (three seeds of the reference recipe).
+test-slow: install data
+	$(PY) -m pytest -m slow
 
 lint: install
 	.venv/bin/ruff check .
@@ -102,9 +107,12 @@ format: install
 bench: install data
 	$(PY) bench/data_stages.py
 
+bench-storage: install data
+	$(PY) bench/storage.py
+
 server: install
 	# The UI must be told the port: prefect 3.8 otherwise points it at 4200 whatever --port says.
-	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
 # Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
 pools: install

@@ -469,6 +469,13 @@ class Store:
         with self._errors(location):
             fs.put_file(str(local), path)
 
+    @contextmanager
+    def staged_tree(self, location: str, *, marker: str) -> Iterator[Path]:
+        """Yield an empty local folder to fill; if the block succeeds, publish it at `location`, `marker` last."""
+        with tempfile.TemporaryDirectory(prefix="fmnist-staged-") as folder:
+            yield Path(folder)
+            self.put_tree(Path(folder), location, marker=marker)
+
     def put_tree(self, local: Path, location: str, *, marker: str) -> None:
         """Copy a local folder to `location`, its `marker` file last: readers see it once the marker is there."""
         files = sorted(p for p in local.rglob("*") if p.is_file())

@@ -6,9 +6,6 @@ split is always the canonical test set, so every model version is compared on th
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -69,9 +66,8 @@ def normalize_and_cache(
         FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
         for name, (pixels, labels) in splits.items()
     ]
-    with tempfile.TemporaryDirectory(prefix="fmnist-validation-") as out_dir:
-        outcomes = run_checks(checks, Path(out_dir))
-        store.put_tree(Path(out_dir), join(layout.validation, f"normalized-{key}"), marker="result.json")
+    with store.staged_tree(join(layout.validation, f"normalized-{key}"), marker="result.json") as staged:
+        outcomes = run_checks(checks, staged)
     failures = [f"{o.suite}: {f}" for o in outcomes for f in o.failures]
     if failures:
         raise DataValidationError("Normalized data failed validation:\n  - " + "\n  - ".join(failures))

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -261,8 +260,8 @@ def validate_raw(
             return ValidationReport(**{**report, "reused": True})
     except (FileNotFoundError, IntegrityError, KeyError, TypeError):
         pass  # none yet, or unreadable: validate again
-    with tempfile.TemporaryDirectory(prefix="fmnist-validation-") as tmp:
-        outcomes = run_checks(raw_checks(spec, raw, incoming, store), Path(tmp))
+    with store.staged_tree(out_dir, marker="report.json") as staged:
+        outcomes = run_checks(raw_checks(spec, raw, incoming, store), staged)
         report = ValidationReport(
             key=key,
             success=all(o.success for o in outcomes),
@@ -270,8 +269,7 @@ def validate_raw(
             docs_index=join(out_dir, "docs", "index.html"),
             suites=outcomes,
         )
-        (Path(tmp) / "report.json").write_text(json.dumps(asdict(report), indent=1))
-        store.put_tree(Path(tmp), out_dir, marker="report.json")
+        (staged / "report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
 
 

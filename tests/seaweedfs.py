@@ -7,10 +7,7 @@ checks credentials (one identity; a wrong key is refused), and creates no bucket
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.processes import free_ports, stop
+
 ACCESS_KEY = "fmnist-test-access-key"
 SECRET_KEY = "fmnist-test-secret-" + "s3cr3t"
 REGION = "us-east-1"
 # weed mini's listeners besides S3; each also opens a gRPC port, so each gets two free ports.
 _SERVICES = ("master", "volume", "filer", "s3", "admin")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass(frozen=True)
@@ -116,13 +104,7 @@ def seaweedfs(data_dir: Path, startup_timeout_s: float = 60) -> Iterator[S3Serve
         _wait_until_serving(server, data_dir / "weed.log", startup_timeout_s)
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
         log.close()
 
 

@@ -56,6 +56,7 @@ def test_real_data_verifies_validates_and_caches(real) -> None:
     np.testing.assert_array_equal(np.bincount(train_labels), [6_000] * 10)
 
 
+@pytest.mark.slow
 def test_reference_recipe_reaches_its_accuracy(real, tmp_path: Path) -> None:
     # One 5-epoch run of this recipe lands anywhere in 0.870-0.878 depending on the seed (9 seeds measured
     # on a 2-core CPU; another CPU's kernels round differently), so one seed would test luck as well as the

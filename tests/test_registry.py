@@ -279,3 +279,16 @@ def test_cli(registry_with_model: Registry, tmp_path: Path, capsys) -> None:
     assert "big.png: image is 30x30; expected 28x28" in capsys.readouterr().err
     assert cli.main([*root, "show", "v0009"]) == 1
     assert "no version 'v0009'" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_bucket_and_refused_credentials(s3_env: S3Server, monkeypatch, capsys, tmp_path) -> None:
+    scratch = ["--scratch", str(tmp_path)]
+    assert cli.main(["--registry", "s3://no-such-bucket-here/registry", *scratch, "versions"]) == 1
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket-here/registry/champion.json: bucket 'no-such-bucket-here' does not exist at" in err
+    bucket = s3_env.new_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    assert cli.main(["--registry", f"s3://{bucket}/registry", *scratch, "versions"]) == 1
+    err = capsys.readouterr().err
+    assert f"s3://{bucket}/registry/champion.json: access denied" in err and "check AWS_ACCESS_KEY_ID" in err
+    assert "not-the-secret" not in err

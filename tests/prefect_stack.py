@@ -1,0 +1,143 @@
+"""A real Prefect stack for the end-to-end tests: `prefect server start` on a free loopback port, workers,
+`prefect deployment run --watch` as an operator types it, and reads of the server's REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.processes import free_ports, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+@dataclass
+class Stack:
+    """A Prefect server, and the processes (workers, CLIs) started against it."""
+
+    env: dict[str, str]
+    api: str
+    port: int
+    tmp: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(
+        self, name: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, prefect: str = PREFECT
+    ) -> subprocess.Popen:
+        """`prefect ARGS` in its own session (so it and its children can be stopped together); log in tmp."""
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            [prefect, *args], cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append(process)
+        return process
+
+    def get(self, path: str) -> dict:
+        response = httpx.get(self.api + path, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def filter(self, path: str, body: dict) -> list[dict]:
+        response = httpx.post(self.api + path, json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def artifacts(self, flow_run_id: str) -> dict[str, str]:
+        found = self.filter("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        return {a["key"]: str(a["data"]) for a in found}
+
+    def logs(self, flow_run_ids: list[str]) -> list[str]:
+        found = self.filter("/logs/filter", {"logs": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200})
+        return [log["message"] for log in found]
+
+    def child_runs(self, parent_id: str, deployment: str) -> list[dict]:
+        """Runs of `deployment` started by the flow run `parent_id`, oldest first."""
+        runs = self.filter(
+            "/flow_runs/filter",
+            {
+                "deployments": {"name": {"any_": [deployment]}},
+                "flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}},
+            },
+        )
+        return sorted(runs, key=lambda r: r["created"])
+
+    def deployment_run(self, deployment: str, **parameters: dict) -> subprocess.Popen:
+        """`prefect deployment run --watch` with `--param name=JSON` for each parameter."""
+        params = [arg for name, value in parameters.items() for arg in ("--param", f"{name}={json.dumps(value)}")]
+        return subprocess.Popen(
+            [PREFECT, "deployment", "run", deployment, *params, "--watch", "--watch-interval", "2"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def finished(self, cli: subprocess.Popen, timeout_s: float = 700) -> dict:
+        """Wait for the watching CLI to end; the flow run as the API has it."""
+        stdout, stderr = cli.communicate(timeout=timeout_s)
+        match = re.search(r"UUID:\s+([0-9a-f-]{36})", stdout)
+        assert match, stdout[-3000:] + stderr[-3000:]
+        return self.get(f"/flow_runs/{match.group(1)}")
+
+
+def wait_until_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def prefect_server(tmp: Path) -> Iterator[Stack]:
+    """A `prefect server start` of its own (own PREFECT_HOME, free port); stops it and every process after."""
+    [port] = free_ports(1)
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
+    stack = Stack(env, api, port, tmp)
+    try:
+        server = stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        wait_until_healthy(api, server, tmp / "server.log")
+        yield stack
+    finally:
+        for process in reversed(stack.processes):
+            stop(process)
+
+
+def make(stack: Stack, target: str, **variables: str) -> None:
+    """`make TARGET VAR=value ...` against this stack's server, as an operator runs it."""
+    args = [f"{name}={value}" for name, value in variables.items()]
+    done = subprocess.run(
+        ["make", target, f"PREFECT_PORT={stack.port}", *args],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
