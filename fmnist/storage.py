@@ -33,6 +33,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 S3 = "s3://"
 S3_ATTEMPTS = 3  # per request, with botocore's exponential backoff; s3fs adds no retry layer of its own
+SCRATCH_KEPT_S = 14 * 24 * 3600  # a scratch copy unused for two weeks is deleted (it can be fetched again)
 _CHUNK = 1 << 20
 
 
@@ -225,6 +227,10 @@ class Store:
         return getattr(getattr(client, "meta", None), "endpoint_url", None) or os.environ.get(
             "AWS_ENDPOINT_URL", "the default AWS endpoint"
         )
+
+    def prune_scratch(self) -> int:
+        """Delete this host's scratch copies unused for `SCRATCH_KEPT_S`; how many (none without scratch)."""
+        return Scratch(self.scratch).prune() if self.scratch else 0
 
     def require_scratch(self, location: str) -> Path:
         if self.scratch is None:
@@ -497,10 +503,26 @@ class Scratch:
 
     `<copy>.sources.json` maps each s3:// location to the etag its object had when this content was
     fetched or published there: a copy stands for a location only while that object is unchanged.
+    Run folders' local working copies sit beside them in `runs/<id>/`. Everything here can be
+    fetched again, so `prune` drops what has not been used for a while.
     """
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.objects = root / "objects"
+
+    def prune(self, unused_for_s: float = SCRATCH_KEPT_S) -> int:
+        """Delete copies and run folders unused for `unused_for_s`; return how many were deleted."""
+        cutoff = time.time() - unused_for_s
+        stale = [p for folder in (self.objects, self.root / "runs") if folder.is_dir() for p in folder.iterdir()]
+        stale = [p for p in stale if not p.name.endswith(".sources.json") and p.stat().st_mtime < cutoff]
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.with_name(path.name + ".sources.json").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+        return len(stale)
 
     def path(self, file: StoredFile) -> Path:
         return self.objects / (file.sha256 + posixpath.splitext(file.location)[1])

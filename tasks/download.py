@@ -213,9 +213,10 @@ def download_dataset(
 def download_task(
     spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, retries: int
 ) -> RawDataset:
-    raw = download_dataset(
-        spec, mirrors, storage.store(), storage.data.raw, timeout_s=timeout_s, retries=retries, logger=get_run_logger()
-    )
+    store, logger = storage.store(), get_run_logger()
+    if pruned := store.prune_scratch():
+        logger.info("Deleted %d scratch copies unused for two weeks from %s", pruned, store.scratch)
+    raw = download_dataset(spec, mirrors, store, storage.data.raw, timeout_s=timeout_s, retries=retries, logger=logger)
     create_table_artifact(
         key="fashion-mnist-download",
         table=[{"file": posixpath.basename(f.path), "sha256": f.sha256, "source": f.source} for f in raw.files],

@@ -200,7 +200,10 @@ def train_task(cached: CachedDataset, params: TrainParams, run_dir: str, storage
             description=f"Epoch {done}/{epochs}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}",
         )
 
-    run = RunFolder(storage.store(), run_dir)
+    store = storage.store()
+    if pruned := store.prune_scratch():
+        logger.info("Deleted %d scratch copies unused for two weeks from %s", pruned, store.scratch)
+    run = RunFolder(store, run_dir)
     result = train_model(cached, params, run, on_epoch=report, logger=logger)
     save_result(run, result)
     logger.info(

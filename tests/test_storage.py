@@ -239,3 +239,21 @@ def test_no_secret_in_any_error(bucket: str, tmp_path: Path, monkeypatch) -> Non
         errors.append(repr(exc.value) + str(exc.value.__cause__))
     assert all(SECRET_KEY not in e for e in errors)
     assert json.dumps(errors)  # messages are plain text
+
+
+def test_scratch_copies_unused_for_two_weeks_are_pruned(store: Store, bucket: str, tmp_path: Path) -> None:
+    files = []
+    for name in ("old.parquet", "recent.parquet"):
+        data = name.encode() * 100
+        store.write_bytes(join(bucket, name), data)
+        files.append(StoredFile(join(bucket, name), hashlib.sha256(data).hexdigest()))
+    old, recent = (store.local_copy(f) for f in files)
+    stale_run = tmp_path / "scratch" / "runs" / "run-1"
+    stale_run.mkdir(parents=True)
+    weeks_ago = time.time() - 15 * 24 * 3600
+    for path in (old, stale_run):
+        os.utime(path, (weeks_ago, weeks_ago))
+    assert store.prune_scratch() == 2
+    assert not old.exists() and not stale_run.exists() and recent.exists()
+    assert store.local_copy(files[0]).read_bytes() == b"old.parquet" * 100  # fetched again when needed
+    assert Store().prune_scratch() == 0  # a store without scratch has nothing to prune
