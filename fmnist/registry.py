@@ -138,24 +138,31 @@ class Registry:
         }
         return sorted((v for v in published if VERSION.fullmatch(v)), key=_number)
 
+    def _unknown(self, version: str) -> RegistryError:
+        known = ", ".join(self.versions()) or "none"
+        return RegistryError(f"no version {version!r} in {self.root} (versions: {known})")
+
     def version_dir(self, version: str) -> str:
         if not VERSION.fullmatch(version) or not self.store.exists(join(self.versions_root, version, "manifest.json")):
-            known = ", ".join(self.versions()) or "none"
-            raise RegistryError(f"no version {version!r} in {self.root} (versions: {known})")
+            raise self._unknown(version)
         return join(self.versions_root, version)
 
     def manifest(self, version: str) -> dict:
-        location = join(self.version_dir(version), "manifest.json")
+        if not VERSION.fullmatch(version):
+            raise self._unknown(version)
         try:
-            return self.store.read_json(location)
+            return self.store.read_json(join(self.versions_root, version, "manifest.json"))
+        except FileNotFoundError:
+            raise self._unknown(version) from None
         except IntegrityError as exc:
             raise RegistryError(f"{exc}; the version's manifest is damaged") from exc
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
-        folder = self.version_dir(version)
+        files = self.manifest(version)["files"]
+        folder = join(self.versions_root, version)
         damaged = []
-        for name, digest in self.manifest(version)["files"].items():
+        for name, digest in files.items():
             try:
                 if self.store.sha256(join(folder, name)) != digest:
                     damaged.append(name)
@@ -168,7 +175,7 @@ class Registry:
         files = self.manifest(version)["files"]
         if name not in files:
             raise RegistryError(f"{version} has no {name}")
-        return StoredFile(join(self.version_dir(version), name), files[name])
+        return StoredFile(join(self.versions_root, version, name), files[name])
 
     def _claim_version(self, claimant: dict) -> str:
         """A new version number, claimed create-only: numbers another writer holds are skipped."""

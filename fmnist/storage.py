@@ -125,6 +125,12 @@ def default_scratch_dir() -> Path:
     return Path(cache) / "fashion-mnist-pipeline"
 
 
+def _verify(path: Path, file: StoredFile) -> None:
+    """Raise IntegrityError, naming `file`'s location, unless the local `path` holds `file`'s content."""
+    if (found := sha256_file(path)) != file.sha256:
+        raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+
+
 def _s3_error_code(exc: BaseException) -> str | None:
     """The S3 error code ('NoSuchBucket', 'PreconditionFailed', ...) behind an s3fs exception."""
     for error in (exc, exc.__cause__):
@@ -333,8 +339,7 @@ class Store:
             path = Path(file.location)
             if not path.is_file():
                 raise NotFound(file.location)
-            if (found := sha256_file(path)) != file.sha256:
-                raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+            _verify(path, file)
             return path
         fs, path = self._fs(file.location)
         with self._errors(file.location):
@@ -352,8 +357,7 @@ class Store:
         fs, path = self._fs(file.location)
         with atomic_path(target) as tmp, self._errors(file.location):
             fs.get_file(path, str(tmp))
-            if (found := sha256_file(tmp)) != file.sha256:
-                raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+            _verify(tmp, file)
 
     @contextmanager
     def local_tree(self, location: str) -> Iterator[Path]:
