@@ -26,10 +26,10 @@ STAGES = ("download", "collect_incoming", "validate", "normalize_cache")
 def run_stages(root: Path, cold: bool) -> dict:
     started = time.perf_counter()
     from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.incoming import collect_incoming
     from fmnist.layout import DataLayout
     from fmnist.storage import Store
     from tasks.download import download_dataset
-    from tasks.incoming import collect_incoming
     from tasks.normalize import normalize_and_cache
     from tasks.validate import validate_raw
 

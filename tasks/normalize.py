@@ -12,19 +12,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from fmnist import idx
 from fmnist.cache import CachedDataset, ParquetCache, cache_key
-from fmnist.dataset import DatasetSpec
-from fmnist.layout import DataLayout, StorageParams
-from fmnist.storage import Store, join
-from tasks.download import RawDataset
-from tasks.incoming import IncomingBatch, input_hashes, load_collected
-from tasks.validate import (
+from fmnist.contract import (
     DataValidationError,
     FrameCheck,
-    ValidationReport,
     normalized_expectations,
     normalized_summary,
     run_checks,
 )
+from fmnist.dataset import DatasetSpec
+from fmnist.incoming import IncomingBatch, load_collected
+from fmnist.layout import DataLayout, StorageParams
+from fmnist.storage import Store, join
+from tasks.download import RawDataset
+from tasks.incoming import input_hashes
+from tasks.validate import ValidationReport
 
 
 def normalize(images: np.ndarray) -> np.ndarray:

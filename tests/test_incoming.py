@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmnist.incoming import IncomingBatchError, collect_incoming, load_collected
 from fmnist.storage import Store
-from tasks.incoming import IncomingBatchError, collect_incoming, load_collected
 from tests.helpers import synthetic_images, write_idx_batch
 
 

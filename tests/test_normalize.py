@@ -9,13 +9,14 @@ import pytest
 
 from fmnist import idx
 from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, read_metadata, read_split
+from fmnist.contract import DataValidationError
 from fmnist.dataset import DatasetSpec
+from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.storage import Store, StoredFile, join
 from tasks.download import RawDataset, download_dataset
-from tasks.incoming import collect_incoming
 from tasks.normalize import normalize, normalize_and_cache
-from tasks.validate import DataValidationError, ValidationReport, validate_raw
+from tasks.validate import ValidationReport, validate_raw
 from tests.helpers import synthetic_images, write_idx_batch
 
 

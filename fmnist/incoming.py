@@ -1,0 +1,133 @@
+"""New labeled data: batches dropped in the incoming folder join the training set.
+
+Each batch is a folder of its own under the incoming folder (a local folder or an s3:// prefix), in
+one of two forms:
+- an IDX pair: one `*images-idx3-ubyte[.gz]` and one `*labels-idx1-ubyte[.gz]` file;
+- PNG images (28x28, 8-bit grayscale) in one sub-folder per class, named by the class
+  (`t-shirt-top`, `trouser`, ..., `ankle-boot`; case, spaces and `_` are forgiven) or its index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fmnist import idx
+from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.png import ImageFileError, read_grayscale_png
+from fmnist.storage import Store, join
+
+
+class IncomingBatchError(ValueError):
+    """A batch folder that cannot be read; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class IncomingBatch:
+    name: str
+    path: str  # its location: a local folder or an s3:// prefix
+    kind: Literal["idx", "png"]
+    sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
+    rows: int
+
+
+def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()
+
+
+def _one(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern)) + sorted(folder.glob(pattern + ".gz"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise IncomingBatchError(f"{folder}: more than one file matches {pattern}[.gz]: {names}")
+    return found[0] if found else None
+
+
+def _class_index(folder: Path) -> int:
+    name = folder.name
+    if name.isdigit() and int(name) < NUM_CLASSES:
+        return int(name)
+    try:
+        return CLASS_SLUGS.index(class_slug(name))
+    except ValueError:
+        raise IncomingBatchError(
+            f"{folder}: not a class name; use one of {', '.join(CLASS_SLUGS)} or 0-{NUM_CLASSES - 1}"
+        ) from None
+
+
+def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for class_dir in class_dirs:
+        label = _class_index(class_dir)
+        for png in sorted(class_dir.glob("*.png")):
+            try:
+                image = read_grayscale_png(png)
+            except ImageFileError as exc:
+                raise IncomingBatchError(str(exc)) from exc
+            if images and image.shape != images[0].shape:
+                raise IncomingBatchError(
+                    f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "
+                    f"{images[0].shape[1]}x{images[0].shape[0]} images before it in {folder}"
+                )
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise IncomingBatchError(f"{folder}: class folders hold no .png files")
+    return np.stack(images), np.asarray(labels, dtype=np.uint8)
+
+
+def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """The batch's kind, its (n, rows, columns) uint8 images and (n,) labels."""
+    images_file = _one(folder, "*images-idx3-ubyte")
+    labels_file = _one(folder, "*labels-idx1-ubyte")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if images_file and labels_file and not class_dirs:
+        images, labels = idx.read_pair(images_file, labels_file)
+        return "idx", images, labels
+    if class_dirs and not (images_file or labels_file):
+        return "png", *_read_png_batch(folder, class_dirs)
+    raise IncomingBatchError(
+        f"{folder}: a batch holds either one *images-idx3-ubyte[.gz] file with one "
+        "*labels-idx1-ubyte[.gz] file, or PNG images in one folder per class"
+    )
+
+
+def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """`load_batch` of a batch wherever it is stored; errors name the stored location."""
+    with store.local_tree(location) as folder:
+        try:
+            return load_batch(folder)
+        except (IncomingBatchError, idx.IdxFormatError) as exc:
+            if folder == Path(location):
+                raise
+            raise IncomingBatchError(str(exc).replace(str(folder), location)) from exc
+
+
+def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
+    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name."""
+    batches = []
+    for name in store.listdir(incoming_dir):
+        if name.startswith("."):
+            continue
+        entry = join(incoming_dir, name)
+        if not store.is_dir(entry):
+            raise IncomingBatchError(f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/")
+        kind, images, labels = read_batch(store, entry)
+        batches.append(IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)))
+    return batches
+
+
+def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's arrays, refusing a batch whose content changed since it was collected."""
+    _, images, labels = read_batch(store, batch.path)
+    if content_sha256(images, labels) != batch.sha256:
+        raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
+    return images, labels
