@@ -29,6 +29,9 @@ CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
 PARAMS ?= {}
 DEPLOYMENT ?= adhoc
+# Seconds between flow-run heartbeats (Prefect's minimum is 30); a run silent for three is marked Crashed.
+FMNIST_HEARTBEAT_S ?= 60
+FASHION_MNIST := .venv/bin/fashion-mnist
 
 # The cluster deployments (hosts that share no disk): where the code and the data are.
 FMNIST_REPO_URL ?= $(shell git remote get-url origin 2>/dev/null)
@@ -42,7 +45,7 @@ EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
 .PHONY: help install data run test test-slow lint format bench bench-storage server pools deploy deploy-cluster worker-cpu worker-gpu \
-	retrain-now requirements
+	retrain-now requirements automations webhook prune
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
@@ -50,10 +53,12 @@ help:
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
-	@echo "make deploy  create the work pools and deploy the single-host deployments to that server"
+	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
+	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
 	@echo "make deploy-cluster FMNIST_DATA_ROOT=s3://... FMNIST_REGISTRY_ROOT=s3://...   the cluster deployments"
 	@echo "make worker-cpu / worker-gpu   start a worker for the CPU / GPU pool"
 	@echo "make retrain-now PARAMS='{\"training\": {\"epochs\": 10}}'   run the ad-hoc deployment"
+	@echo "make prune   delete old run folders (KEEP_LAST=20 KEEP_DAYS=14; never a version's or a running one)"
 	@echo "make requirements   export requirements/*.txt from uv.lock (after changing the lock)"
 
 $(UV):
@@ -112,7 +117,9 @@ bench-storage: install data
 
 server: install
 	# The UI must be told the port: prefect 3.8 otherwise points it at 4200 whatever --port says.
-	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+	# PREFECT_UI_URL: the links in notifications.
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_UI_URL=http://$(PREFECT_HOST):$(PREFECT_PORT) \
+	  $(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
 # Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
 pools: install
@@ -122,7 +129,24 @@ pools: install
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
 
 deploy: pools
-	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) $(PREFECT) --no-prompt deploy --name nightly --name adhoc --name gpu
+	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \
+	  $(PREFECT) --no-prompt deploy --name nightly --name adhoc --name gpu
+	$(MAKE) --no-print-directory automations
+
+# prefect.yaml cannot hold automations: automations.yaml, created or updated by name (safe to repeat).
+automations: install
+	$(SERVER) $(FASHION_MNIST) automations apply --file automations.yaml --heartbeat-s $(FMNIST_HEARTBEAT_S)
+
+webhook: install
+	@[ -n "$(WEBHOOK_URL)" ] || { echo "set WEBHOOK_URL to the URL notifications are POSTed to"; exit 1; }
+	$(SERVER) $(FASHION_MNIST) webhook '$(WEBHOOK_URL)'
+	$(MAKE) --no-print-directory automations
+
+KEEP_LAST ?= 20
+KEEP_DAYS ?= 14
+prune: install
+	$(SERVER) $(FASHION_MNIST) --registry $(or $(FMNIST_REGISTRY_ROOT),artifacts) prune-runs \
+	  --keep-last $(KEEP_LAST) --keep-days $(KEEP_DAYS)
 
 # Code from git at the pinned commit, everything else in object storage (see prefect.yaml).
 deploy-cluster: pools
@@ -135,7 +159,9 @@ deploy-cluster: pools
 	$(SERVER) FMNIST_REPO_URL=$(FMNIST_REPO_URL) FMNIST_COMMIT=$(FMNIST_COMMIT) \
 	  FMNIST_GPU_REQUIREMENTS=$(FMNIST_GPU_REQUIREMENTS) \
 	  FMNIST_DATA_ROOT=$(FMNIST_DATA_ROOT) FMNIST_REGISTRY_ROOT=$(FMNIST_REGISTRY_ROOT) \
+	  FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \
 	  $(PREFECT) --no-prompt deploy --name nightly-cluster --name adhoc-cluster --name gpu-cluster
+	$(MAKE) --no-print-directory automations
 
 worker-cpu: install data
 	$(SERVER) $(PREFECT) worker start --pool $(CPU_POOL)

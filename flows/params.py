@@ -9,7 +9,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
+from fmnist.drift import DriftSetting
 from fmnist.model import TrainParams
+from fmnist.retention import RetentionParams
 
 
 class PromotionParams(BaseModel):
@@ -37,3 +39,14 @@ class RetrainParams(BaseModel):
     training: TrainParams = Field(default_factory=TrainParams, description="The model and how to train it")
     promotion: PromotionParams = Field(default_factory=PromotionParams)
     force_retrain: bool = Field(False, description="Train even if the champion was made from the same data and code")
+    drift: DriftSetting = Field(
+        "warn",
+        description="Incoming batches unlike the training data: warn (and train on them), fail (stop), off (no check)",
+    )
+    training_silence_timeout_s: float = Field(
+        1800,
+        ge=60,
+        description="Fail when the training run shows no heartbeat or state change for this long "
+        "(a lost GPU host, or no GPU worker to take the run)",
+    )
+    retention: RetentionParams = Field(default_factory=RetentionParams, description="Run folders kept under runs/")

@@ -11,12 +11,14 @@ from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
 from flows.train import train, train_on_deployment
+from fmnist import events
 from fmnist.layout import StorageParams
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
 from tasks.normalize import normalize_task
 from tasks.register import build_manifest, champion_current_task, fingerprint, register_task, test_set_id
+from tasks.retention import prune_runs_task
 from tasks.validate import validate_task
 
 
@@ -31,7 +33,17 @@ class RetrainOutcome:
     run_dir: str | None = None
 
 
-@flow(name="retrain-fashion-mnist")
+def report_failure(flow, flow_run, state) -> None:
+    """Tell the operator (through the notification automation) why the run failed."""
+    try:
+        location = StorageParams.model_validate(flow_run.parameters.get("storage", {})).registry
+    except ValueError:
+        location = "unknown"
+    message = f"Run {flow_run.name} failed: {state.message}"
+    events.emit(events.RUN_FAILED, location, message, flow_run_id=str(flow_run.id))
+
+
+@flow(name="retrain-fashion-mnist", on_failure=[report_failure])
 def retrain(
     params: RetrainParams = RetrainParams(),
     storage: StorageParams = StorageParams(),
@@ -47,7 +59,9 @@ def retrain(
         retries=params.download_retries,
     )
     incoming = collect_incoming_task(storage=storage)
-    validation = validate_task(spec=params.dataset, raw=raw, incoming=incoming, storage=storage)
+    validation = validate_task(
+        spec=params.dataset, raw=raw, incoming=incoming, storage=storage, drift_setting=params.drift
+    )
     cached = normalize_task(spec=params.dataset, raw=raw, incoming=incoming, validation=validation, storage=storage)
     run_fingerprint = fingerprint(cached.key, params.training)
     current = champion_current_task(storage=storage, run_fingerprint=run_fingerprint)
@@ -55,12 +69,15 @@ def retrain(
         message = f"Champion {current} is current: same data, code and parameters. Nothing retrained."
         get_run_logger().info(message)
         create_markdown_artifact(key="retrain-report", markdown=f"# {message}\n\nFingerprint `{run_fingerprint}`.")
+        prune_runs_task(storage=storage, retention=params.retention, current_run=flow_run.get_id())
         return RetrainOutcome(data_key=cached.key, champion=current)
 
     # The flow run's id names its folder, so a retried run finds its own training backup.
     run_dir = storage.run_folder(flow_run.get_id() or uuid.uuid4().hex)
     if training_deployment:
-        trained = train_on_deployment(training_deployment, cached, params.training, run_dir, storage)
+        trained = train_on_deployment(
+            training_deployment, cached, params.training, run_dir, storage, params.training_silence_timeout_s
+        )
     else:
         trained = train(cached=cached, params=params.training, run_dir=run_dir, storage=storage)
     evaluation = evaluate_task(trained=trained, cached=cached, storage=storage)
@@ -82,6 +99,7 @@ def retrain(
         tolerance=params.promotion.tolerance,
         force=params.promotion.force,
     )
+    prune_runs_task(storage=storage, retention=params.retention, current_run=flow_run.get_id())
     return RetrainOutcome(
         data_key=cached.key,
         champion=registration.champion,

@@ -6,25 +6,35 @@ fashion-mnist promote v0002            make a version champion by hand
 fashion-mnist rollback                 make the previous champion the champion again
 fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
+fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
+                                       folder, and announce it (the ad-hoc deployment retrains)
+fashion-mnist prune-runs               delete run folders the retention setting does not keep
+fashion-mnist automations apply        create or update the automations of automations.yaml
+fashion-mnist webhook URL              where notifications go (a Prefect block)
 
---registry takes a folder or an s3://bucket/prefix URL (credentials from the AWS_* variables).
+--registry, --data-root and --incoming take a folder or an s3://bucket/prefix URL (credentials from
+the AWS_* variables). The last four commands talk to the Prefect server PREFECT_API_URL names.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from fmnist import automations, events, idx
 from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
+from fmnist.incoming import add_batch
 from fmnist.layout import StorageParams
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
 from fmnist.registry import Registry, RegistryError, gate_of
-from fmnist.storage import StorageError
+from fmnist.retention import RetentionParams, prune_run_folders, registered_runs, runs_in_progress
+from fmnist.storage import StorageError, join
 
 
 def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
@@ -94,6 +104,62 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
         print(f"{path}\t{CLASS_NAMES[best]}\t{row[best]:.3f}")
 
 
+def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    storage = StorageParams(
+        data_root=args.data_root, registry_root=args.registry, incoming_dir=args.incoming, scratch_dir=args.scratch
+    )
+    batch = add_batch(registry.store, args.folder, storage.incoming, args.name)
+    print(f"Added batch {batch.name}: {batch.rows} {batch.kind} images, at {batch.path}")
+    if not PREFECT_API_URL.value():
+        print("No Prefect server (PREFECT_API_URL is not set): no retrain started; the next scheduled run includes it")
+        return
+    announced = {
+        "data_root": storage.data.root,
+        "registry_root": storage.registry,
+        "incoming_dir": storage.incoming,
+    }
+    message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
+    try:
+        asyncio.run(events.send(events.BATCH_ADDED, storage.incoming, message, batch=batch.name, storage=announced))
+    except Exception as exc:  # the batch is in; only the announcement failed
+        print(
+            f"fashion-mnist: could not announce the batch to {PREFECT_API_URL.value()} ({exc}); "
+            "no retrain started: the next scheduled run includes it, or run make retrain-now",
+            file=sys.stderr,
+        )
+        return
+    print(f"Announced it ({events.BATCH_ADDED}): the ad-hoc deployment retrains once batches stop arriving")
+
+
+def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
+    retention = RetentionParams(keep_last=args.keep_last, keep_days=args.keep_days)
+    protected = registered_runs(registry) | runs_in_progress()
+    deleted = prune_run_folders(registry.store, join(registry.root, "runs"), retention, protected)
+    print(f"Deleted {len(deleted)} run folders from {join(registry.root, 'runs')}: {', '.join(deleted) or 'none'}")
+
+
+def cmd_automations_apply(registry: Registry, args: argparse.Namespace) -> None:
+    applied = automations.apply(args.file, args.heartbeat_s)
+    for verb in ("created", "updated", "deleted"):
+        for name in getattr(applied, verb):
+            print(f"{verb:8} {name}")
+    if applied.skipped:
+        print(
+            f"left out (no webhook block {automations.WEBHOOK_BLOCK!r}: make webhook WEBHOOK_URL=...): "
+            + ", ".join(applied.skipped)
+        )
+
+
+def cmd_webhook(registry: Registry, args: argparse.Namespace) -> None:
+    block_id = automations.configure_webhook(args.url)
+    print(
+        f"Notifications go to the webhook block {automations.WEBHOOK_BLOCK!r} ({block_id}); run make deploy "
+        "(or fashion-mnist automations apply) to connect the automations to it"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -120,6 +186,25 @@ def parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify PNG files with the champion")
     predict.add_argument("images", nargs="+", type=Path)
     predict.set_defaults(run=cmd_predict)
+    add = commands.add_parser("add-batch", help="check a batch and add it to the incoming folder")
+    add.add_argument("folder", type=Path, help="an IDX pair, or PNG images in one folder per class")
+    add.add_argument("--name", help="the batch's name in the incoming folder (default: the folder's name)")
+    add.add_argument("--data-root", default="data", help="the pipeline's data root (default: data)")
+    add.add_argument("--incoming", default=None, help="the incoming folder (default: <data root>/incoming)")
+    add.set_defaults(run=cmd_add_batch)
+    prune = commands.add_parser("prune-runs", help="delete run folders beyond the retention setting")
+    prune.add_argument("--keep-last", type=int, default=RetentionParams().keep_last)
+    prune.add_argument("--keep-days", type=float, default=RetentionParams().keep_days)
+    prune.set_defaults(run=cmd_prune_runs)
+    auto = commands.add_parser("automations", help="the pipeline's Prefect automations")
+    auto_commands = auto.add_subparsers(dest="action", required=True)
+    apply = auto_commands.add_parser("apply", help="create or update the automations of a file, by name")
+    apply.add_argument("--file", type=Path, default=Path("automations.yaml"))
+    apply.add_argument("--heartbeat-s", type=int, default=60, help="the flow runs' heartbeat interval")
+    apply.set_defaults(run=cmd_automations_apply)
+    webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
+    webhook.add_argument("url")
+    webhook.set_defaults(run=cmd_webhook)
     return main
 
 
@@ -128,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage = StorageParams(registry_root=args.registry, scratch_dir=args.scratch)
         args.run(Registry(storage.store(), storage.registry), args)
-    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
+    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError, idx.IdxFormatError) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1
     return 0

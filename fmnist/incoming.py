@@ -10,6 +10,9 @@ one of two forms:
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +23,11 @@ from fmnist import idx
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.png import ImageFileError, read_grayscale_png
 from fmnist.storage import Store, join
+
+log = logging.getLogger(__name__)
+# Present while `add_batch` copies a batch in: runs leave such a folder alone.
+INCOMPLETE = ".incomplete"
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class IncomingBatchError(ValueError):
@@ -112,12 +120,18 @@ def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.n
 
 
 def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
-    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name."""
+    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name.
+
+    A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
+    """
     batches = []
     for name in store.listdir(incoming_dir):
         if name.startswith("."):
             continue
         entry = join(incoming_dir, name)
+        if store.exists(join(entry, INCOMPLETE)):
+            log.warning("%s: still being added (or the copy was interrupted): left out of this run", entry)
+            continue
         if not store.is_dir(entry):
             raise IncomingBatchError(f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/")
         kind, images, labels = read_batch(store, entry)
@@ -131,3 +145,52 @@ def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.n
     if content_sha256(images, labels) != batch.sha256:
         raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
     return images, labels
+
+
+def check_batch(folder: Path, name: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """Read a batch as a run would, and hold it to the same contract suite; raise as the flow would."""
+    from fmnist.contract import (
+        DataValidationError,
+        FrameCheck,
+        failure_lines,
+        raw_expectations,
+        raw_summary,
+        run_checks,
+    )
+
+    kind, images, labels = load_batch(folder)
+    with tempfile.TemporaryDirectory(prefix="fmnist-batch-") as results:
+        check = FrameCheck(f"raw-incoming-{name}", raw_summary(images, labels), raw_expectations(None, None))
+        outcomes = run_checks([check], Path(results))
+    if not outcomes[0].success:
+        raise DataValidationError("Data validation failed:\n  - " + "\n  - ".join(failure_lines(outcomes)))
+    return kind, images, labels
+
+
+def add_batch(store: Store, source: Path, incoming_dir: str, name: str | None = None) -> IncomingBatch:
+    """Check the batch in the local folder `source` and copy it into `incoming_dir` as `name`.
+
+    Nothing is copied unless the whole batch passes. Runs see the batch whole or not at all: its
+    folder holds the `.incomplete` marker from before the first file until after the last.
+    """
+    name = name or source.resolve().name
+    if not BATCH_NAME.match(name):
+        raise IncomingBatchError(
+            f"{name!r}: a batch name is letters, digits, '.', '_' and '-', starting with one of the first two"
+        )
+    if not source.is_dir():
+        raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")
+    kind, images, labels = check_batch(source, name)
+    target = join(incoming_dir, name)
+    if store.find(target):
+        raise IncomingBatchError(f"{target}: a batch of that name is already there; choose another --name")
+    store.create(join(target, INCOMPLETE), b"being copied by fashion-mnist add-batch\n")
+    files = [
+        f
+        for f in sorted(source.rglob("*"))
+        if f.is_file() and not any(p.startswith(".") for p in f.relative_to(source).parts)
+    ]
+    for file in files:
+        store.put_file(file, join(target, *file.relative_to(source).parts))
+    store.delete(join(target, INCOMPLETE))
+    return IncomingBatch(name, target, kind, content_sha256(images, labels), len(labels))

@@ -62,8 +62,12 @@ class StorageParams(BaseModel):
     def incoming(self) -> str:
         return normalize(self.incoming_dir) if self.incoming_dir else join(self.data.root, "incoming")
 
+    @property
+    def runs(self) -> str:
+        return join(self.registry, "runs")
+
     def run_folder(self, run_id: str) -> str:
-        return join(self.registry, "runs", run_id)
+        return join(self.runs, run_id)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,6 +316,17 @@ class Store:
             found = fs.find(path)
         prefix = path.rstrip("/") + "/"
         return sorted(f.removeprefix(prefix) for f in found if f.startswith(prefix))
+
+    def last_modified(self, location: str) -> datetime | None:
+        """When a file at or below `location` last changed; None if there is none."""
+        fs, path = self._fs(location)
+        with self._errors(location):
+            found = fs.find(path, detail=True)
+        times = [
+            info["LastModified"] if "LastModified" in info else datetime.fromtimestamp(info["mtime"], UTC)
+            for info in found.values()
+        ]
+        return max(times, default=None)
 
     def iter_chunks(self, location: str) -> Iterator[bytes]:
         fs, path = self._fs(location)

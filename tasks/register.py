@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fmnist import lineage
+from fmnist import events, lineage
 from fmnist.cache import CachedDataset
 from fmnist.files import sha256_text
 from fmnist.layout import StorageParams
@@ -210,11 +210,18 @@ def register_task(
         markdown=run_report(registration, manifest, evaluation),
         description="Data, metrics, the promotion decision and where the version lives",
     )
-    get_run_logger().info(
-        "Registered %s (%s): %s; champion is %s",
-        registration.version,
-        "promoted" if registration.promoted else "not promoted",
-        registration.decision.reason,
-        registration.champion,
+    summary = (
+        f"{registration.version} (test accuracy {evaluation.test_accuracy:.4f}) "
+        f"{'promoted to champion' if registration.promoted else 'registered but kept back'}: "
+        f"{registration.decision.reason}; champion is {registration.champion or 'none'}"
+    )
+    get_run_logger().info("Registered %s", summary)
+    events.emit(
+        events.MODEL_PROMOTED if registration.promoted else events.MODEL_KEPT_BACK,
+        storage.registry,
+        summary,
+        version=registration.version,
+        champion=registration.champion,
+        test_accuracy=evaluation.test_accuracy,
     )
     return registration

@@ -13,23 +13,29 @@ from dataclasses import asdict, dataclass
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fmnist import idx
+from fmnist import drift, events, idx
 from fmnist.contract import (
     DataValidationError,
     FrameCheck,
     SuiteOutcome,
+    failure_lines,
     raw_expectations,
     raw_summary,
     run_checks,
     suite_version,
 )
 from fmnist.dataset import NUM_CLASSES, DatasetSpec
+from fmnist.drift import DriftSetting
 from fmnist.files import sha256_text
 from fmnist.incoming import IncomingBatch, load_collected
 from fmnist.layout import StorageParams
 from fmnist.storage import IntegrityError, Store, join
 from tasks.download import RawDataset
 from tasks.incoming import input_hashes
+
+
+class DriftError(DataValidationError):
+    """Incoming batches unlike the training data, and the run was told to stop on drift."""
 
 
 @dataclass(frozen=True)
@@ -41,24 +47,33 @@ class ValidationReport:
     suites: list[SuiteOutcome]
     reused: bool = False
 
+    @property
+    def drifted(self) -> list[SuiteOutcome]:
+        """The incoming batches' drift suites that failed: batches unlike the training data."""
+        return [o for o in self.suites if o.kind == "drift" and not o.success]
+
     def raise_for_failure(self) -> None:
         if self.success:
             return
-        lines = [f"{o.suite}: {f}" for o in self.suites for f in o.failures]
         raise DataValidationError(
             "Data validation failed:\n  - "
-            + "\n  - ".join(lines)
+            + "\n  - ".join(failure_lines(self.suites))
             + f"\nFull result: {self.result_path}\nData Docs: {self.docs_index}"
         )
 
 
-def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store) -> list[FrameCheck]:
-    """A suite for each canonical split and each incoming batch."""
+def raw_checks(
+    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store, check_drift: bool
+) -> list[FrameCheck]:
+    """A contract suite for each canonical split and each incoming batch; a drift suite for each batch
+    big enough to judge."""
     rows = {"train": spec.train_rows, "test": spec.test_rows}
     pairs = {"train": (raw.train_images, raw.train_labels), "test": (raw.test_images, raw.test_labels)}
-    checks = []
+    checks, reference = [], None
     for split, (images_file, labels_file) in pairs.items():
         images, labels = idx.read_pair(store.local_copy(images_file.file), store.local_copy(labels_file.file))
+        if split == "train" and check_drift and incoming:
+            reference = drift.reference(images, labels)
         checks.append(
             FrameCheck(
                 f"raw-canonical-{split}",
@@ -71,14 +86,29 @@ def raw_checks(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch]
         checks.append(
             FrameCheck(f"raw-incoming-{batch.name}", raw_summary(images, labels), raw_expectations(None, None))
         )
+        if reference is not None and batch.rows >= drift.MIN_ROWS:
+            checks.append(
+                FrameCheck(
+                    f"drift-incoming-{batch.name}",
+                    drift.image_features(images, labels),
+                    drift.drift_expectations(reference),
+                    kind="drift",
+                )
+            )
     return checks
 
 
 def validate_raw(
-    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store, validation_dir: str
+    spec: DatasetSpec,
+    raw: RawDataset,
+    incoming: list[IncomingBatch],
+    store: Store,
+    validation_dir: str,
+    check_drift: bool = True,
 ) -> ValidationReport:
     """Validate every input; reuse an earlier passing result for the same inputs and suites."""
-    key = sha256_text("raw-validation", suite_version(), *input_hashes(raw, incoming))
+    suites = (suite_version(), drift.suite_version()) if check_drift else (suite_version(), "no-drift")
+    key = sha256_text("raw-validation", *suites, *input_hashes(raw, incoming))
     out_dir = join(validation_dir, key)
     try:
         report = store.read_json(join(out_dir, "report.json"))
@@ -88,10 +118,10 @@ def validate_raw(
     except (FileNotFoundError, IntegrityError, KeyError, TypeError):
         pass  # none yet, or unreadable: validate again
     with store.staged_tree(out_dir, marker="report.json") as staged:
-        outcomes = run_checks(raw_checks(spec, raw, incoming, store), staged)
+        outcomes = run_checks(raw_checks(spec, raw, incoming, store, check_drift), staged)
         report = ValidationReport(
             key=key,
-            success=all(o.success for o in outcomes),
+            success=all(o.success for o in outcomes if o.kind == "contract"),
             result_path=join(out_dir, "result.json"),
             docs_index=join(out_dir, "docs", "index.html"),
             suites=outcomes,
@@ -100,7 +130,7 @@ def validate_raw(
     return report
 
 
-def report_markdown(report: ValidationReport) -> str:
+def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> str:
     status = "passed" if report.success else "**FAILED**"
     lines = [
         f"# Data validation {status}",
@@ -113,27 +143,67 @@ def report_markdown(report: ValidationReport) -> str:
     lines += [
         f"| {o.suite} | {o.rows:,} | {o.evaluated} | {'passed' if o.success else f'{len(o.failures)} failed'} |"
         for o in report.suites
+        if o.kind == "contract" or drift_setting != "off"
     ]
-    failures = [f"- `{o.suite}`: {f}" for o in report.suites for f in o.failures]
+    failures = [f"- `{o.suite}`: {f}" for o in report.suites if o.kind == "contract" for f in o.failures]
     if failures:
         lines += ["", "## Failed expectations", "", *failures]
+    if report.drifted and drift_setting != "off":
+        lines += [
+            "",
+            f"## Drift ({'stops the run' if drift_setting == 'fail' else 'a warning'}: drift={drift_setting})",
+            "",
+            f"Batches unlike the canonical training data (KL divergence limit {drift.KL_THRESHOLD}; median "
+            "within the training interquartile range):",
+            "",
+            *[f"- `{o.suite}`: {f}" for o in report.drifted for f in o.failures],
+        ]
     lines += ["", f"Result JSON: `{report.result_path}`", "", f"Data Docs: `{report.docs_index}`"]
     return "\n".join(lines)
 
 
+def drift_message(report: ValidationReport) -> str:
+    batches = ", ".join(o.suite.removeprefix("drift-incoming-") for o in report.drifted)
+    details = "; ".join(f for o in report.drifted for f in o.failures)
+    return f"Incoming batches unlike the training data: {batches}. {details}"
+
+
 @task(name="validate")
 def validate_task(
-    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], storage: StorageParams
+    spec: DatasetSpec,
+    raw: RawDataset,
+    incoming: list[IncomingBatch],
+    storage: StorageParams,
+    drift_setting: DriftSetting = "warn",
 ) -> ValidationReport:
-    report = validate_raw(spec, raw, incoming, storage.store(), storage.data.validation)
-    create_markdown_artifact(
-        key="data-validation", markdown=report_markdown(report), description="great-expectations results"
+    logger = get_run_logger()
+    report = validate_raw(
+        spec, raw, incoming, storage.store(), storage.data.validation, check_drift=drift_setting != "off"
     )
-    get_run_logger().info(
+    create_markdown_artifact(
+        key="data-validation",
+        markdown=report_markdown(report, drift_setting),
+        description="great-expectations results",
+    )
+    logger.info(
         "Validation %s%s: %s",
         "passed" if report.success else "FAILED",
         " (reused)" if report.reused else "",
         report.docs_index,
     )
+    if not report.success:
+        failures = failure_lines(report.suites)
+        events.emit(
+            events.VALIDATION_FAILED,
+            storage.registry,
+            f"Data validation failed: {'; '.join(failures)}",
+            failures=failures[:20],
+        )
     report.raise_for_failure()
+    if report.drifted and drift_setting != "off":
+        message = drift_message(report)
+        events.emit(events.DRIFT_DETECTED, storage.registry, message, batches=[o.suite for o in report.drifted])
+        if drift_setting == "fail":
+            raise DriftError(f"{message}\nSet drift to 'warn' to train on them anyway. Data Docs: {report.docs_index}")
+        logger.warning("%s (drift=warn: training on them anyway)", message)
     return report

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.incoming import IncomingBatchError, collect_incoming, load_collected
+from fmnist.contract import DataValidationError
+from fmnist.incoming import INCOMPLETE, IncomingBatchError, add_batch, collect_incoming, load_collected
 from fmnist.storage import Store
 from tests.helpers import synthetic_images, write_idx_batch
 
@@ -110,3 +111,56 @@ def test_batches_in_a_bucket_are_read_and_errors_name_the_url(
     s3_env.filesystem().pipe_file(bucket.removeprefix("s3://") + "/incoming/c-bad/bag/0.png", b"junk")
     with pytest.raises(IncomingBatchError, match=rf"{bucket}/incoming/c-bad/bag/0\.png: not a readable PNG image"):
         collect_incoming(store, f"{bucket}/incoming")
+
+
+def snapshot(store: Store, location: str) -> dict[str, bytes]:
+    return {name: store.read_bytes(f"{location}/{name}") for name in store.find(location)}
+
+
+def test_add_batch_copies_a_checked_batch_whole(data_layout, store: Store, tmp_path: Path) -> None:
+    incoming = f"{data_layout.root}/incoming"
+    labels = np.arange(20, dtype=np.uint8) % 10
+    source = write_idx_batch(tmp_path / "shoes", synthetic_images(labels, seed=3), labels)
+    (source / ".DS_Store").write_bytes(b"finder litter")
+    added = add_batch(store, source, incoming, name="shoes-2026-11")
+    assert (added.name, added.kind, added.rows) == ("shoes-2026-11", "idx", 20)
+    [collected] = collect_incoming(store, incoming)
+    assert collected == added
+    assert sorted(store.find(incoming)) == [
+        "shoes-2026-11/batch-images-idx3-ubyte.gz",
+        "shoes-2026-11/batch-labels-idx1-ubyte.gz",
+    ]
+
+
+def test_add_batch_refuses_what_the_flow_would_refuse_and_changes_nothing(
+    data_layout, store: Store, tmp_path: Path
+) -> None:
+    incoming = f"{data_layout.root}/incoming"
+    good = np.array([1, 2], dtype=np.uint8)
+    add_batch(store, write_idx_batch(tmp_path / "good", synthetic_images(good, seed=1), good), incoming)
+    before = snapshot(store, incoming)
+
+    labels = np.array([3, 10, 4], dtype=np.uint8)
+    bad = write_idx_batch(tmp_path / "bad", synthetic_images(labels % 10, seed=2), labels)
+    with pytest.raises(
+        DataValidationError, match=r"raw-incoming-bad: expect_column_values_to_be_between\(column=label"
+    ):
+        add_batch(store, bad, incoming)
+    with pytest.raises(IncomingBatchError, match="already there"):
+        add_batch(store, tmp_path / "good", incoming)
+    with pytest.raises(IncomingBatchError, match="batch name"):
+        add_batch(store, tmp_path / "good", incoming, name="../escape")
+    with pytest.raises(IncomingBatchError, match="not a folder"):
+        add_batch(store, tmp_path / "absent", incoming)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IncomingBatchError, match="either one"):
+        add_batch(store, tmp_path / "empty", incoming)
+    assert snapshot(store, incoming) == before
+
+
+def test_a_batch_still_being_copied_is_left_out(tmp_path: Path, store: Store) -> None:
+    labels = np.array([1, 2], dtype=np.uint8)
+    write_idx_batch(tmp_path / "in" / "half-copied", synthetic_images(labels, seed=1), labels)
+    (tmp_path / "in" / "half-copied" / INCOMPLETE).write_text("being copied")
+    write_idx_batch(tmp_path / "in" / "whole", synthetic_images(labels, seed=2), labels)
+    assert [b.name for b in collect_incoming(store, str(tmp_path / "in"))] == ["whole"]

@@ -10,6 +10,7 @@ import pytest
 from fmnist import idx
 from fmnist.cache import CachedDataset, read_split
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.model import TrainParams
 from fmnist.storage import Store
@@ -18,7 +19,7 @@ from tasks.evaluate import evaluate_model
 from tasks.normalize import normalize_and_cache
 from tasks.train import train_model
 from tasks.validate import validate_raw
-from tests.helpers import local_run
+from tests.helpers import local_run, write_idx_batch
 
 LOCAL_MIRROR = Path(DEFAULT_MIRRORS[0])
 
@@ -54,6 +55,22 @@ def test_real_data_verifies_validates_and_caches(real) -> None:
     train_images, train_labels = read_split(Path(cached.train.path))
     assert train_images.shape == (60_000, 28, 28) and 0.0 <= train_images.min() < train_images.max() <= 1.0
     np.testing.assert_array_equal(np.bincount(train_labels), [6_000] * 10)
+
+
+def test_drift_on_the_real_images(real, tmp_path: Path) -> None:
+    """Test images (unseen, same distribution) pass; the same images inverted, or one class alone, do not."""
+    raw, _ = real
+    images, labels = idx.read_pair(Path(raw.test_images.path), Path(raw.test_labels.path))
+    incoming = tmp_path / "incoming"
+    write_idx_batch(incoming / "unseen", images[:500], labels[:500])
+    write_idx_batch(incoming / "inverted", 255 - images[500:1000], labels[500:1000])
+    sandals = np.flatnonzero(labels == 5)[:200]
+    write_idx_batch(incoming / "sandals-only", images[sandals], labels[sandals])
+    store = Store()
+    batches = collect_incoming(store, str(incoming))
+    report = validate_raw(FASHION_MNIST, raw, batches, store, str(tmp_path / "validation"))
+    assert report.success
+    assert sorted(o.suite for o in report.drifted) == ["drift-incoming-inverted", "drift-incoming-sandals-only"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,129 @@
+"""The pipeline's Prefect automations (`automations.yaml`) and the operator's webhook, applied idempotently.
+
+Prefect creates automations but never upserts them, so applying matches by name: an automation of
+the file that exists is updated in place (duplicates left by earlier tools are deleted), a missing
+one is created, and one named with the pipeline's prefix that the file no longer has is deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PREFIX = "fashion-mnist: "
+WEBHOOK_BLOCK = "fashion-mnist-operator"
+PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+NOTIFY_BLOCK = "notify_block_id"
+
+
+class AutomationsError(ValueError):
+    """The automations file is unusable; the message names the automation and the problem."""
+
+
+@dataclass
+class Applied:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # notifications, while no webhook is configured
+
+
+def fill(value: Any, values: dict[str, Any]) -> Any:
+    """`value` with each `${name}` replaced; a string that is one placeholder takes the value's type."""
+    if isinstance(value, dict):
+        return {key: fill(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill(item, values) for item in value]
+    if not isinstance(value, str):
+        return value
+    if (whole := PLACEHOLDER.fullmatch(value)) is not None:
+        return values[whole.group(1)]
+    return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), value)
+
+
+def placeholders(value: Any) -> set[str]:
+    return set(PLACEHOLDER.findall(yaml.safe_dump(value)))
+
+
+def load(path: Path, values: dict[str, Any]) -> tuple[list, list[str]]:
+    """The file's automations, filled in and validated, and the names of those left out (no webhook)."""
+    from prefect.events.schemas.automations import AutomationCore
+    from pydantic import ValidationError
+
+    specs = (yaml.safe_load(path.read_text()) or {}).get("automations") or []
+    automations, skipped = [], []
+    for spec in specs:
+        name = spec.get("name", "")
+        if not name.startswith(PREFIX):
+            raise AutomationsError(f"{path}: {name!r}: the pipeline's automations are named {PREFIX!r}...")
+        missing = placeholders(spec) - values.keys()
+        if missing == {NOTIFY_BLOCK}:
+            skipped.append(name)
+            continue
+        if missing:
+            raise AutomationsError(f"{path}: {name!r}: no value for {', '.join(sorted(missing))}")
+        try:
+            automations.append(AutomationCore.model_validate(fill(spec, values)))
+        except ValidationError as exc:
+            raise AutomationsError(f"{path}: {name!r}: {exc}") from None
+    return automations, skipped
+
+
+def webhook_block_id() -> str | None:
+    """The id of the operator's webhook block, if one was configured (`configure_webhook`)."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    try:
+        return str(CustomWebhookNotificationBlock.load(WEBHOOK_BLOCK)._block_document_id)
+    except ValueError:  # no such block
+        return None
+
+
+def configure_webhook(url: str) -> str:
+    """Create or replace the webhook block the notifications use: one JSON POST with subject and body."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(
+        name="Fashion-MNIST operator",
+        url=url,
+        method="POST",
+        json_data={"subject": "{{subject}}", "text": "{{body}}"},
+    )
+    return str(block.save(WEBHOOK_BLOCK, overwrite=True))
+
+
+def apply(path: Path, heartbeat_s: int) -> Applied:
+    """Create or update the file's automations on the Prefect server PREFECT_API_URL names."""
+    from prefect.client.orchestration import get_client
+
+    values: dict[str, Any] = {"heartbeat_window_s": 3 * heartbeat_s}
+    if block_id := webhook_block_id():
+        values[NOTIFY_BLOCK] = block_id
+    automations, skipped = load(path, values)
+    applied = Applied(skipped=skipped)
+    wanted = {a.name for a in automations}
+    with get_client(sync_client=True) as client:
+        existing: dict[str, list] = {}
+        for found in client.read_automations():
+            existing.setdefault(found.name, []).append(found)
+        for automation in automations:
+            current = existing.pop(automation.name, [])
+            if current:
+                client.update_automation(current[0].id, automation)
+                applied.updated.append(automation.name)
+            else:
+                client.create_automation(automation)
+                applied.created.append(automation.name)
+            for duplicate in current[1:]:
+                client.delete_automation(duplicate.id)
+                applied.deleted.append(duplicate.name)
+        for name, stale in existing.items():
+            if name.startswith(PREFIX) and name not in wanted:
+                for automation in stale:
+                    client.delete_automation(automation.id)
+                    applied.deleted.append(name)
+    return applied

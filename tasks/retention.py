@@ -1,0 +1,32 @@
+"""Prune stage: delete the run folders the retention setting no longer keeps (`fmnist.retention`)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from fmnist.layout import StorageParams
+from fmnist.registry import Registry
+from fmnist.retention import RetentionParams, prune_run_folders, registered_runs, runs_in_progress
+from fmnist.storage import StorageError
+
+
+@task(name="prune-runs")
+def prune_runs_task(storage: StorageParams, retention: RetentionParams, current_run: str | None) -> list[str]:
+    logger = get_run_logger()
+    store = storage.store()
+    protected = registered_runs(Registry(store, storage.registry)) | runs_in_progress() | {current_run or ""}
+    try:
+        deleted = prune_run_folders(store, storage.runs, retention, protected)
+    except StorageError as exc:
+        # Housekeeping: a store that refuses deletes must not fail a run that registered a model.
+        logger.warning("Could not prune the run folders in %s: %s", storage.runs, exc)
+        return []
+    logger.info(
+        "Deleted %d run folders from %s (keeping the newest %d, those changed within %g days, and those of "
+        "registered versions and unfinished runs)",
+        len(deleted),
+        storage.runs,
+        retention.keep_last,
+        retention.keep_days,
+    )
+    return deleted

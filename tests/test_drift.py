@@ -1,0 +1,69 @@
+"""Drift: incoming batches unlike the training data are flagged with numbers; a sample of it is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist import drift
+from fmnist.dataset import DatasetSpec
+from fmnist.incoming import collect_incoming
+from fmnist.layout import DataLayout
+from fmnist.storage import Store
+from tasks.download import RawDataset, download_dataset
+from tasks.validate import report_markdown, validate_raw
+from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
+
+
+@pytest.fixture(scope="module")
+def big_mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]:
+    """Enough training rows (1,000) for the reference deciles to mean something."""
+    folder = tmp_path_factory.mktemp("mirror")
+    return folder, write_mirror(folder, train_per_class=100, test_per_class=5)
+
+
+@pytest.fixture
+def raw(big_mirror, layout: DataLayout, store: Store) -> RawDataset:
+    folder, spec = big_mirror
+    return download_dataset(spec, [str(folder)], store, layout.raw)
+
+
+def validate_batches(spec, raw, layout, store, incoming: Path, check_drift: bool = True):
+    return validate_raw(spec, raw, collect_incoming(store, str(incoming)), store, layout.validation, check_drift)
+
+
+def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(big_mirror, raw, layout, store, tmp_path):
+    _, spec = big_mirror
+    incoming = tmp_path / "incoming"
+    like = balanced_labels(10, seed=7)  # the training distribution, other images (another seed)
+    write_idx_batch(incoming / "like-training", synthetic_images(like, seed=7), like)
+    write_idx_batch(incoming / "inverted", 255 - synthetic_images(like, seed=8), like)
+    one_class = np.full(100, 4, dtype=np.uint8)
+    write_idx_batch(incoming / "one-class", synthetic_images(one_class, seed=9), one_class)
+    tiny = np.full(drift.MIN_ROWS - 1, 4, dtype=np.uint8)
+    write_idx_batch(incoming / "tiny", synthetic_images(tiny, seed=10), tiny)
+
+    report = validate_batches(spec, raw, layout, store, incoming)
+    assert report.success, "drift is not a contract failure"
+    report.raise_for_failure()
+    assert sorted(o.suite for o in report.drifted) == ["drift-incoming-inverted", "drift-incoming-one-class"]
+    drift_suites = {o.suite for o in report.suites if o.kind == "drift"}
+    assert "drift-incoming-tiny" not in drift_suites, "too small to judge"
+    by_suite = {o.suite: o for o in report.suites}
+    inverted = " ".join(by_suite["drift-incoming-inverted"].failures)
+    assert "column=mean_intensity" in inverted and "observed" in inverted
+    [label_kl] = [f for f in by_suite["drift-incoming-one-class"].failures if "column=label" in f]
+    assert float(label_kl.rsplit("observed ", 1)[1]) == pytest.approx(np.log(10), abs=1e-6)
+    markdown = report_markdown(report, "warn")
+    assert "## Drift (a warning: drift=warn)" in markdown and "drift-incoming-one-class" in markdown
+    assert "Drift" not in report_markdown(report, "off")
+
+
+def test_drift_off_checks_nothing(big_mirror, raw, layout, store, tmp_path):
+    _, spec = big_mirror
+    labels = np.full(100, 4, dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
+    report = validate_batches(spec, raw, layout, store, tmp_path / "incoming", check_drift=False)
+    assert report.success and not [o for o in report.suites if o.kind == "drift"]
