@@ -115,14 +115,8 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
     if not PREFECT_API_URL.value():
         print("No Prefect server (PREFECT_API_URL is not set): no retrain started; the next scheduled run includes it")
         return
-    announced = {
-        "data_root": storage.data.root,
-        "registry_root": storage.registry,
-        "incoming_dir": storage.incoming,
-    }
-    message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
     try:
-        asyncio.run(events.send(events.BATCH_ADDED, storage.incoming, message, batch=batch.name, storage=announced))
+        asyncio.run(events.announce_batch(batch, storage))
     except Exception as exc:  # the batch is in; only the announcement failed
         print(
             f"fashion-mnist: could not announce the batch to {PREFECT_API_URL.value()} ({exc}); "

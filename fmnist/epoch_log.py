@@ -1,4 +1,5 @@
-"""A Keras callback that records each epoch as it ends; imports Keras (and so TensorFlow)."""
+"""Keras callbacks of a training run: each epoch recorded as it ends, and a backup that survives a
+kill at any instant; imports Keras (and so TensorFlow)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,27 @@ class EpochLog(keras.callbacks.Callback):
         )
         if self.hook:
             self.hook(epoch + 1, self.epochs, metrics)
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore` with two checkpoints, and a way out when the first one is torn.
+
+    Keras falls back to the previous checkpoint when the latest cannot be read, but the first
+    checkpoint has none before it: a process killed while writing it (a lost host, at the end of
+    epoch 1) left a backup that made every later attempt fail. Then training starts over; the
+    epochs it runs again replace their records in the history.
+    """
+
+    def __init__(self, backup_dir: Path, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        super().__init__(str(backup_dir), double_checkpoint=True)
+        self.logger = logger
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as exc:  # h5 cannot be opened; metadata torn
+            self.logger.warning(
+                "The backup in %s is torn (%s) and has no earlier copy: starting over", self.backup_dir, exc
+            )
+            for path in (self._weights_path, self._training_metadata_path, self._prev_weights_path):
+                Path(path).unlink(missing_ok=True)

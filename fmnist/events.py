@@ -8,7 +8,11 @@ Prefect relates the event to that run by itself, so the link points at the run t
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fmnist.incoming import IncomingBatch
+    from fmnist.layout import StorageParams
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +65,10 @@ async def send(event: str, location: str, message: str, **payload: Any) -> None:
         await client.emit(
             Event(event=event, resource=pipeline_resource(location), payload={"message": message, **payload})
         )
+
+
+async def announce_batch(batch: IncomingBatch, storage: StorageParams) -> None:
+    """Say that `batch` was added; the ad-hoc deployments' trigger retrains on the storage it names."""
+    where = {"data_root": storage.data.root, "registry_root": storage.registry, "incoming_dir": storage.incoming}
+    message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
+    await send(BATCH_ADDED, storage.incoming, message, batch=batch.name, rows=batch.rows, storage=where)

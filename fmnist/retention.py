@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fmnist.registry import Registry
 from fmnist.storage import Store, join
 
+PAGE = 200  # the most flow runs the Prefect API returns at once
+
 
 class RetentionParams(BaseModel):
     """How many run folders to keep under <registry>/runs/."""
@@ -37,12 +39,14 @@ def runs_in_progress() -> set[str]:
     from prefect.client.schemas.objects import StateType
 
     unfinished = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+    query = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished)))
+    found: set[str] = set()
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
-            limit=10_000,
-        )
-    return {str(run.id) for run in runs}
+        while page := client.read_flow_runs(flow_run_filter=query, limit=PAGE, offset=len(found)):
+            found |= {str(run.id) for run in page}
+            if len(page) < PAGE:
+                break
+    return found
 
 
 def prune_run_folders(

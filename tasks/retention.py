@@ -7,19 +7,17 @@ from prefect import get_run_logger, task
 from fmnist.layout import StorageParams
 from fmnist.registry import Registry
 from fmnist.retention import RetentionParams, prune_run_folders, registered_runs, runs_in_progress
-from fmnist.storage import StorageError
 
 
 @task(name="prune-runs")
 def prune_runs_task(storage: StorageParams, retention: RetentionParams, current_run: str | None) -> list[str]:
     logger = get_run_logger()
     store = storage.store()
-    protected = registered_runs(Registry(store, storage.registry)) | runs_in_progress() | {current_run or ""}
     try:
+        protected = registered_runs(Registry(store, storage.registry)) | runs_in_progress() | {current_run or ""}
         deleted = prune_run_folders(store, storage.runs, retention, protected)
-    except StorageError as exc:
-        # Housekeeping: a store that refuses deletes must not fail a run that registered a model.
-        logger.warning("Could not prune the run folders in %s: %s", storage.runs, exc)
+    except Exception as exc:  # housekeeping: it must not fail a run that registered a model
+        logger.warning("Could not prune the run folders in %s: %s", storage.runs, exc, exc_info=True)
         return []
     logger.info(
         "Deleted %d run folders from %s (keeping the newest %d, those changed within %g days, and those of "

@@ -112,7 +112,7 @@ def train_model(
     import keras
     import tensorflow as tf
 
-    from fmnist.epoch_log import EpochLog
+    from fmnist.epoch_log import Backup, EpochLog
 
     plan = plan_devices(params)
     logger.info(
@@ -135,7 +135,7 @@ def train_model(
     callbacks = [
         epoch_log,  # before the backup: an epoch is recorded before it counts as done
         # Two checkpoints: a process killed while writing one resumes from the other.
-        keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True),
+        Backup(run.backup_dir, logger),
         keras.callbacks.TensorBoard(str(run.local("tensorboard")), write_graph=False, profile_batch=0),
         # After the backup is written: with the run folder in a bucket, the epoch is saved there.
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: run.save_epoch(epoch + 1)),

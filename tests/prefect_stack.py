@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,3 +143,47 @@ def make(stack: Stack, target: str, **variables: str) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float, every_s: float = 1.0) -> object:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+class WebhookReceiver:
+    """An operator's webhook endpoint on a free loopback port: keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/notify"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def wait_for(self, *needles: str, timeout_s: float = 90) -> dict:
+        """The first notification whose text holds every needle."""
+
+        def found() -> dict | None:
+            return next((n for n in self.received if all(x in json.dumps(n) for x in needles)), None)
+
+        return wait_for(f"a notification with {needles} (received: {self.received})", found, timeout_s)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

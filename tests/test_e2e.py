@@ -1,32 +1,60 @@
 """End to end with real parts: `prefect server start`, the work pools and a worker for each,
-`make deploy` (prefect deploy from prefect.yaml), and `prefect deployment run` of the ad-hoc retrain,
-which hops to the training deployment on the GPU pool. Small generated data, one epoch."""
+`make webhook` and `make deploy` (prefect deploy from prefect.yaml, automations.yaml), and `prefect
+deployment run` of the ad-hoc retrain, which hops to the training deployment on the GPU pool; an
+operator's webhook endpoint on loopback receives the notifications. Small generated data.
+
+Runs send heartbeats every 30 s (Prefect's minimum), so a lost host is found within 90 s."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
+from flows.train import TrainingRunSilent, wait_for_run
+from fmnist import events
+from fmnist.incoming import add_batch, collect_incoming
+from fmnist.layout import StorageParams
 from fmnist.registry import Registry
 from fmnist.storage import Store
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
-from tests.prefect_stack import Stack, make, prefect_server
+from tests.prefect_stack import Stack, WebhookReceiver, make, prefect_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
+HEARTBEAT_S = 30
+AUTOMATIONS = {
+    "fashion-mnist: crash runs whose heartbeats stopped",
+    "fashion-mnist: tell the operator",
+    "fashion-mnist: tell the operator about crashed runs",
+}
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver) -> Iterator[Stack]:
     with prefect_server(tmp_path_factory.mktemp("e2e")) as stack:
-        make(stack, "deploy")
+        make(stack, "webhook", WEBHOOK_URL=webhook.url, FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
+        make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
+        make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))  # twice, as operators do
         stack.start("worker-cpu", "worker", "start", "--pool", "fashion-mnist-cpu")
         stack.start("worker-gpu", "worker", "start", "--pool", "fashion-mnist-gpu")
         yield stack
@@ -71,7 +99,18 @@ def test_deployments_from_prefect_yaml(stack: Stack) -> None:
         assert stack.get(f"/work_pools/{pool}")["concurrency_limit"] == 1
 
 
-def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params: dict) -> None:
+def test_deploying_twice_leaves_one_of_each_automation(stack: Stack) -> None:
+    automations = stack.filter("/automations/filter", {})
+    names = [a["name"] for a in automations]
+    assert sorted(n for n in names if n.startswith("fashion-mnist: ")) == sorted(AUTOMATIONS)
+    assert names.count("adhoc__automation_1") == 1, "the new-batch trigger of prefect.yaml, once"
+    crash = next(a for a in automations if a["name"] == "fashion-mnist: crash runs whose heartbeats stopped")
+    assert crash["trigger"]["within"] == 3 * HEARTBEAT_S
+    gpu = stack.get("/deployments/name/train-fashion-mnist/gpu")
+    assert gpu["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+
+
+def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params: dict, webhook) -> None:
     run = deployment_run(stack, run_params)
     assert run["state_type"] == "COMPLETED", run["state"]
     [training] = stack.child_runs(run["id"], "gpu")
@@ -89,9 +128,14 @@ def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params
     assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
     assert registry.manifest("v0001")["flow_run_id"] == run["id"]
     assert registry.damaged_files("v0001") == []
+    # The operator hears of it: what happened, which run, and a link to it.
+    promoted = webhook.wait_for("fashion-mnist.model.promoted", "v0001", run["name"])
+    assert f"/runs/flow-run/{run['id']}" in promoted["text"], promoted
 
 
-def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(stack: Stack, run_params: dict) -> None:
+def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(
+    stack: Stack, run_params: dict, webhook: WebhookReceiver
+) -> None:
     registry_root = stack.tmp / "artifacts"
     assert local_registry(registry_root).champion() == "v0001", "runs after the registering test"
     before = {p: p.read_bytes() for p in registry_root.rglob("*") if p.is_file()}
@@ -105,6 +149,9 @@ def test_bad_incoming_batch_fails_at_validation_and_leaves_the_registry(stack: S
     assert states["validate"] == "FAILED" and "train" not in states and "register" not in states
     assert "Data validation **FAILED**" in stack.artifacts(run["id"])["data-validation"]
     assert {p: p.read_bytes() for p in registry_root.rglob("*") if p.is_file()} == before
+    failed = webhook.wait_for("fashion-mnist.run.failed", run["name"])
+    assert "raw-incoming-bad: expect_column_values_to_be_between(column=label" in failed["text"], failed
+    assert f"/runs/flow-run/{run['id']}" in failed["text"]
 
 
 def test_crashed_training_run_is_started_again_and_resumes(stack: Stack, run_params: dict) -> None:
@@ -140,3 +187,145 @@ def test_crashed_training_run_is_started_again_and_resumes(stack: Stack, run_par
     # before the backup, and one more epoch may have ended between reading it and the kill.
     assert 2 <= int(resumes[0].split("epoch ")[1].split(" ")[0]) <= killed_at + 2
     assert local_registry(stack.tmp / "artifacts-crash").champion() == "v0001"
+
+
+@contextmanager
+def api_client(stack: Stack) -> Iterator:
+    """This process's Prefect client and settings, pointed at the test's server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.api}), get_client(sync_client=True) as client:
+        yield client
+
+
+def test_a_training_run_no_worker_takes_fails_the_wait_with_what_to_check(stack: Stack) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with api_client(stack) as client:
+        client.create_work_pool(WorkPoolCreate(name="fashion-mnist-unattended", type="process"))
+        flow_id = client.create_flow_from_name("train-fashion-mnist")
+        deployment_id = client.create_deployment(
+            flow_id=flow_id, name="nobody-serves", work_pool_name="fashion-mnist-unattended", entrypoint="x.py:f"
+        )
+        waiting = client.create_flow_run_from_deployment(deployment_id)
+        started = time.monotonic()
+        with pytest.raises(TrainingRunSilent, match="no worker took it: check that a worker is running for work pool"):
+            wait_for_run(waiting.id, silence_timeout_s=8)
+        assert time.monotonic() - started < 60
+        after = client.read_flow_run(waiting.id).state
+        assert after.type.value == "CRASHED" and "fashion-mnist-unattended" in after.message
+
+
+def test_new_batches_start_one_adhoc_run_after_they_stop_arriving(stack: Stack) -> None:
+    data_root = stack.tmp / "data-batches"
+    incoming = data_root / "incoming"
+    cpu_pool = f"{stack.api}/work_pools/fashion-mnist-cpu"
+    # The triggered run is only counted, not run: its pool is paused, so it waits as Scheduled.
+    httpx.patch(cpu_pool, json={"is_paused": True}, timeout=30).raise_for_status()
+    triggered: list[dict] = []
+    try:
+        labels = np.array([3, 10, 4], dtype=np.uint8)
+        bad = write_idx_batch(stack.tmp / "batches" / "bad", synthetic_images(labels % 10, seed=2), labels)
+        refused = add_batch_cli(stack, bad, data_root)
+        assert refused.returncode == 1 and "raw-incoming-bad: expect_column_values_to_be_between" in refused.stderr
+        assert not incoming.exists() or not any(incoming.iterdir())
+
+        good_labels = np.arange(30, dtype=np.uint8) % 10
+        first = write_idx_batch(stack.tmp / "batches" / "b00", synthetic_images(good_labels, seed=0), good_labels)
+        added = add_batch_cli(stack, first, data_root)
+        assert added.returncode == 0 and "Announced it" in added.stdout, added.stdout + added.stderr
+        # Nine more in quick succession, through the same calls the CLI makes (a CLI start costs seconds).
+        storage = StorageParams(data_root=str(data_root), registry_root=str(stack.tmp / "artifacts-batches"))
+        announced = {
+            "data_root": storage.data.root,
+            "registry_root": storage.registry,
+            "incoming_dir": storage.incoming,
+        }
+        with api_client(stack):
+            for i in range(1, 10):
+                source = write_idx_batch(
+                    stack.tmp / "batches" / f"b{i:02}", synthetic_images(good_labels, i), good_labels
+                )
+                batch = add_batch(Store(), source, storage.incoming)
+                asyncio.run(
+                    events.send(events.BATCH_ADDED, storage.incoming, "test", batch=batch.name, storage=announced)
+                )
+        assert len(collect_incoming(Store(), storage.incoming)) == 10
+
+        def runs_for_these_batches() -> list[dict]:
+            runs = stack.filter("/flow_runs/filter", {"deployments": {"name": {"any_": ["adhoc"]}}})
+            return [r for r in runs if r["parameters"].get("storage", {}).get("incoming_dir") == str(incoming)]
+
+        triggered = wait_for("a triggered ad-hoc run", runs_for_these_batches, timeout_s=150, every_s=2)
+        time.sleep(5)  # the trigger fired and dropped its window: nothing else can start a run
+        triggered = runs_for_these_batches()
+        assert len(triggered) == 1, triggered
+        assert triggered[0]["created_by"]["type"] == "AUTOMATION"
+        assert triggered[0]["parameters"]["storage"]["registry_root"] == str(stack.tmp / "artifacts-batches")
+        batch_events = stack.filter("/events/filter", {"filter": {"event": {"name": ["fashion-mnist.batch.added"]}}})
+        assert {e["payload"]["batch"] for e in batch_events["events"]} == {f"b{i:02}" for i in range(10)}
+    finally:
+        for run in triggered:
+            httpx.delete(f"{stack.api}/flow_runs/{run['id']}", timeout=30)
+        httpx.patch(cpu_pool, json={"is_paused": False}, timeout=30).raise_for_status()
+
+
+def add_batch_cli(stack: Stack, folder: Path, data_root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "fashion-mnist"),
+            "--registry",
+            str(stack.tmp / "artifacts-batches"),
+            "add-batch",
+            str(folder),
+            "--data-root",
+            str(data_root),
+        ],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_lost_gpu_host_is_detected_and_the_run_completes_by_itself(stack: Stack) -> None:
+    """The GPU worker and its training process die together during epoch 2 (a reclaimed spot host); the
+    heartbeat automation marks the training run Crashed, the retraining run starts it again, and a new
+    GPU worker resumes it after its last saved epoch."""
+    epochs = 8
+    spec = write_mirror(stack.tmp / "mirror-lost", train_per_class=100, test_per_class=10)
+    params = {
+        "mirrors": [str(stack.tmp / "mirror-lost")],
+        "dataset": spec.model_dump(),
+        # Small batches: epochs of a few seconds on 1,000 rows, long enough to lose the host in one.
+        "training": {"epochs": epochs, "batch_size": 2, "steps_per_execution": 1},
+        "promotion": {"min_accuracy": 0.5},
+    }
+    cli = start_deployment_run(stack, params, local_storage(stack, "-lost"))
+    runs = stack.tmp / "artifacts-lost" / "runs"
+    gpu_worker = next(p for p in stack.processes if "fashion-mnist-gpu" in p.args and p.poll() is None)
+
+    def first_epoch_done() -> bool:
+        histories = list(runs.glob("*/history.json"))
+        return bool(histories) and len(json.loads(histories[0].read_text())["epochs"]) == 1
+
+    wait_for("the end of epoch 1", first_epoch_done, timeout_s=300, every_s=0.05)
+    children = subprocess.run(["pgrep", "-P", str(gpu_worker.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the training run's process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    os.killpg(gpu_worker.pid, signal.SIGKILL)
+    lost_at = time.monotonic()
+    stack.start("worker-gpu-replacement", "worker", "start", "--pool", "fashion-mnist-gpu")
+
+    run = stack.finished(cli, timeout_s=600)
+    print(f"host lost to retraining run completed: {time.monotonic() - lost_at:.0f} s")
+    assert run["state_type"] == "COMPLETED", run["state"]
+    training = stack.child_runs(run["id"], "gpu")
+    assert [r["state_type"] for r in training] == ["CRASHED", "COMPLETED"]
+    assert "No heartbeat" in training[0]["state"]["message"]
+    registry = local_registry(stack.tmp / "artifacts-lost")
+    [version] = registry.versions()
+    history = json.loads(registry.store.read_bytes(registry.file(version, "history.json").location))["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch exactly once

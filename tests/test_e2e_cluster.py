@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 from fmnist.registry import Registry
 from fmnist.storage import Store, join
 from tests.helpers import synthetic_images, write_mirror
-from tests.prefect_stack import PREFECT, ROOT, Stack, make, prefect_server
+from tests.prefect_stack import PREFECT, ROOT, Stack, make, prefect_server, wait_for
 from tests.processes import stop
 from tests.seaweedfs import SECRET_KEY, S3Server
 
@@ -181,15 +180,6 @@ def test_a_run_across_hosts_that_share_no_disk(cluster: Cluster, run_params: dic
     assert [line.split("\t")[1] for line in predicted.stdout.splitlines()[1:]] == ["Trouser", "Sneaker", "Ankle boot"]
 
 
-def wait_for(condition, what: str, timeout_s: float = 300, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(every_s)
-    raise TimeoutError(f"waited {timeout_s} s for {what}")
-
-
 def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster, run_params: dict) -> None:
     epochs = 30
     stack, store = cluster.stack, Store(scratch=cluster.hosts / "inspector")
@@ -197,6 +187,7 @@ def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster,
         "retrain-fashion-mnist/adhoc-cluster", params={**run_params, "training": {"epochs": epochs}}
     )
     [parent] = wait_for(
+        "the retraining run to start",
         lambda: stack.filter(
             "/flow_runs/filter",
             {
@@ -204,9 +195,10 @@ def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster,
                 "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}},
             },
         ),
-        "the retraining run to start",
+        timeout_s=300,
+        every_s=0.2,
     )
-    wait_for(lambda: stack.child_runs(parent["id"], "gpu-cluster"), "the training run to be scheduled")
+    wait_for("the training run to be scheduled", lambda: stack.child_runs(parent["id"], "gpu-cluster"), timeout_s=300)
     # The first GPU host takes that one run. Once a few epochs are in the bucket the host is lost: its
     # training process is SIGKILLed; the worker reports the run Crashed and, started with --run-once, exits.
     first_host = cluster.start_worker("gpu-host-1", GPU_POOL, "--run-once", "--limit", "1")
@@ -215,7 +207,7 @@ def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster,
     def epochs_saved() -> int:
         return len(store.read_json(history)["epochs"]) if store.exists(history) else 0
 
-    wait_for(lambda: epochs_saved() >= 2, "two epochs in the bucket", every_s=0.05)
+    wait_for("two epochs in the bucket", lambda: epochs_saved() >= 2, timeout_s=300, every_s=0.05)
     children = subprocess.run(["pgrep", "-P", str(first_host.pid)], capture_output=True, text=True).stdout.split()
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from flows.retrain import retrain
 from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
 from fmnist.registry import Registry
+from fmnist.retention import RetentionParams
 from fmnist.storage import Store
+from tasks.validate import DriftError
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.seaweedfs import SECRET_KEY
 
@@ -173,3 +177,38 @@ def test_parameters_are_checked_before_anything_runs() -> None:
     with pytest.raises(ValueError, match="credentials do not belong in a storage URL") as refused:
         StorageParams(registry_root="s3://AKIAEXAMPLE:s3cr3t@bucket/registry")
     assert "s3cr3t" not in str(refused.value) and "AKIAEXAMPLE" not in str(refused.value)
+
+
+def test_drifted_batch_warns_by_default_and_stops_the_run_when_told(learnable_mirror, tmp_path: Path) -> None:
+    labels = np.full(100, 3, dtype=np.uint8)  # one class only
+    write_idx_batch(tmp_path / "data" / "incoming" / "dresses-only", synthetic_images(labels, seed=4), labels)
+    stopped = retrain(params_for(learnable_mirror, drift="fail"), local_storage(tmp_path), return_state=True)
+    assert stopped.is_failed()
+    with pytest.raises(DriftError, match=r"dresses-only.*column=label, threshold=0.5\): observed 2.30"):
+        stopped.result()
+    assert Registry(Store(), str(tmp_path / "artifacts")).versions() == []
+
+    warned = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
+    assert warned.is_completed() and warned.result().version == "v0001"
+    report = artifacts_of(warned.state_details.flow_run_id)["data-validation"]
+    assert "## Drift (a warning: drift=warn)" in report and "drift-incoming-dresses-only" in report
+    assert "Incoming batches unlike the training data: dresses-only" in logs_of(warned.state_details.flow_run_id)
+
+
+def test_old_run_folders_are_pruned_but_not_a_versions_or_this_runs(learnable_mirror, tmp_path: Path) -> None:
+    first = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True).result()
+    runs = tmp_path / "artifacts" / "runs"
+    month_ago = time.time() - 30 * 86400
+    for name in ("abandoned-1", "abandoned-2"):
+        (runs / name).mkdir()
+        (runs / name / "history.json").write_text("{}")
+    for path in runs.rglob("*"):
+        os.utime(path, (month_ago, month_ago))
+    retention = RetentionParams(keep_last=1, keep_days=7)
+    second = retrain(
+        params_for(learnable_mirror, force_retrain=True, retention=retention),
+        local_storage(tmp_path),
+        return_state=True,
+    ).result()
+    assert second.version == "v0002"
+    assert sorted(p.name for p in runs.iterdir()) == sorted([Path(first.run_dir).name, Path(second.run_dir).name])

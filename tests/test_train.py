@@ -101,6 +101,21 @@ def test_killed_training_resumes_at_the_next_epoch(cached: CachedDataset, tmp_pa
     ]
 
 
+def test_a_first_checkpoint_torn_by_the_kill_starts_over(cached: CachedDataset, tmp_path: Path, caplog) -> None:
+    """The process died while writing the first checkpoint, which has no earlier copy to fall back on."""
+    run_dir = tmp_path / "run"
+    kill_after_first_epoch(cached, str(run_dir), tmp_path / "scratch")
+    weights = run_dir / "backup" / "latest.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])  # torn mid-write
+    (run_dir / "backup" / "latest.weights.h5.bkp").unlink(missing_ok=True)
+
+    with caplog.at_level(logging.INFO):
+        result = train_model(cached, TrainParams(epochs=3, seed=7), local_run(run_dir))
+    assert result.resumed_at_epoch == 1 and result.epochs == 3
+    assert [h["epoch"] for h in json.loads(Path(result.history.location).read_text())["epochs"]] == [1, 2, 3]
+    assert any("is torn" in m and "starting over" in m for m in caplog.messages)
+
+
 def test_a_replacement_host_resumes_from_the_bucket(tmp_path: Path, bucket: str, caplog) -> None:
     """The run folder in S3: a host killed after epoch 1, another host (no shared disk) finishes the run."""
     cached = learnable_cache(f"{bucket}/cache", store=Store(scratch=tmp_path / "orchestrator"))

@@ -1,0 +1,42 @@
+"""automations.yaml: every automation validates as Prefect's model, with its deploy-time values filled in."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from fmnist.automations import AutomationsError, load
+
+FILE = Path(__file__).resolve().parent.parent / "automations.yaml"
+
+
+def test_heartbeat_window_and_webhook_are_filled_in() -> None:
+    automations, skipped = load(
+        FILE, {"heartbeat_window_s": 90, "notify_block_id": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
+    )
+    assert skipped == []
+    by_name = {a.name: a for a in automations}
+    crash = by_name["fashion-mnist: crash runs whose heartbeats stopped"]
+    assert crash.trigger.within == timedelta(seconds=90) and crash.trigger.posture == "Proactive"
+    assert crash.actions[0].type == "change-flow-run-state" and "90 s" in crash.actions[0].message
+    notify = by_name["fashion-mnist: tell the operator"]
+    assert {"fashion-mnist.run.failed", "fashion-mnist.model.promoted"} <= notify.trigger.expect
+    assert str(notify.actions[0].block_document_id).startswith("00000000")
+
+
+def test_without_a_webhook_the_notifications_are_left_out() -> None:
+    automations, skipped = load(FILE, {"heartbeat_window_s": 540})
+    assert [a.name for a in automations] == ["fashion-mnist: crash runs whose heartbeats stopped"]
+    assert len(skipped) == 2 and all(name.startswith("fashion-mnist: tell the operator") for name in skipped)
+
+
+def test_a_bad_automation_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "automations.yaml"
+    bad.write_text("automations:\n  - name: 'fashion-mnist: broken'\n    trigger: {type: nonsense}\n    actions: []\n")
+    with pytest.raises(AutomationsError, match="'fashion-mnist: broken'"):
+        load(bad, {})
+    bad.write_text("automations:\n  - name: someone else's\n    trigger: {}\n    actions: []\n")
+    with pytest.raises(AutomationsError, match="named 'fashion-mnist: '"):
+        load(bad, {})
