@@ -199,16 +199,20 @@ def api_client(stack: Stack) -> Iterator:
         yield client
 
 
-def test_a_training_run_no_worker_takes_fails_the_wait_with_what_to_check(stack: Stack) -> None:
+def unserved_deployment(client, name: str):
+    """A deployment of the training flow in a pool no worker serves: its runs wait until told otherwise."""
     from prefect.client.schemas.actions import WorkPoolCreate
 
+    client.create_work_pool(WorkPoolCreate(name="fashion-mnist-unattended", type="process"), overwrite=True)
+    flow_id = client.create_flow_from_name("train-fashion-mnist")
+    return client.create_deployment(
+        flow_id=flow_id, name=name, work_pool_name="fashion-mnist-unattended", entrypoint="flows/train.py:train"
+    )
+
+
+def test_a_training_run_no_worker_takes_fails_the_wait_with_what_to_check(stack: Stack) -> None:
     with api_client(stack) as client:
-        client.create_work_pool(WorkPoolCreate(name="fashion-mnist-unattended", type="process"))
-        flow_id = client.create_flow_from_name("train-fashion-mnist")
-        deployment_id = client.create_deployment(
-            flow_id=flow_id, name="nobody-serves", work_pool_name="fashion-mnist-unattended", entrypoint="x.py:f"
-        )
-        waiting = client.create_flow_run_from_deployment(deployment_id)
+        waiting = client.create_flow_run_from_deployment(unserved_deployment(client, "nobody-serves"))
         started = time.monotonic()
         with pytest.raises(TrainingRunSilent, match="no worker took it: check that a worker is running for work pool"):
             wait_for_run(waiting.id, silence_timeout_s=8)
@@ -329,3 +333,17 @@ def test_a_lost_gpu_host_is_detected_and_the_run_completes_by_itself(stack: Stac
     [version] = registry.versions()
     history = json.loads(registry.store.read_bytes(registry.file(version, "history.json").location))["epochs"]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch exactly once
+
+
+def test_a_late_heartbeat_cannot_crash_a_finished_run(stack: Stack) -> None:
+    """A heartbeat sent just as a run completes opens the automation's window (prefect#18653); when it
+    fires, its change to Crashed is not forced, and the server keeps the finished run as it was."""
+    from prefect.states import Completed, Crashed, Running
+
+    with api_client(stack) as client:
+        run = client.create_flow_run_from_deployment(unserved_deployment(client, "late-heartbeat"))
+        for state in (Running(), Completed()):
+            client.set_flow_run_state(run.id, state, force=True)
+        refused = client.set_flow_run_state(run.id, Crashed(message="No heartbeat"), force=False)
+        assert refused.status.value != "ACCEPT"
+        assert client.read_flow_run(run.id).state.type.value == "COMPLETED"
