@@ -72,13 +72,13 @@ def last_sign_of_life(client: SyncPrefectClient, run: FlowRun) -> datetime:
     return max(times)
 
 
-def silence_message(run: FlowRun, silent_s: float, pool: str | None) -> str:
+def silence_message(run: FlowRun, silent_s: float) -> str:
     state = run.state.name if run.state else "no state"
     if run.state and (run.state.is_scheduled() or run.state.is_pending()):
         return (
             f"training run {run.name} ({run.id}) waited {silent_s:.0f} s in state {state} and no worker took it: "
-            f"check that a worker is running for work pool {pool} (make worker-gpu) and that the pool and the "
-            "deployment are not paused or full"
+            f"check that a worker is running for work pool {run.work_pool_name} (make worker-gpu) and that the "
+            "pool and the deployment are not paused or full"
         )
     return (
         f"training run {run.name} ({run.id}) has been {state} without a heartbeat or state change for "
@@ -97,7 +97,7 @@ def wait_for_run(run_id: UUID, silence_timeout_s: float) -> FlowRun:
                 return run
             silent_s = (datetime.now(UTC) - last_sign_of_life(client, run)).total_seconds()
             if silent_s > silence_timeout_s:
-                message = silence_message(run, silent_s, run.work_pool_name)
+                message = silence_message(run, silent_s)
                 client.set_flow_run_state(run_id, Crashed(message=message), force=True)
                 raise TrainingRunSilent(message)
             time.sleep(POLL_S)

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import automations, events, idx
+from fmnist import automations, events
 from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
 from fmnist.incoming import add_batch
 from fmnist.layout import StorageParams
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
 from fmnist.registry import Registry, RegistryError, gate_of
-from fmnist.retention import RetentionParams, prune_run_folders, registered_runs, runs_in_progress
-from fmnist.storage import StorageError, join
+from fmnist.retention import RetentionParams, prune_runs
+from fmnist.storage import StorageError
 
 
 def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
@@ -129,9 +129,9 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
 
 def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
     retention = RetentionParams(keep_last=args.keep_last, keep_days=args.keep_days)
-    protected = registered_runs(registry) | runs_in_progress()
-    deleted = prune_run_folders(registry.store, join(registry.root, "runs"), retention, protected)
-    print(f"Deleted {len(deleted)} run folders from {join(registry.root, 'runs')}: {', '.join(deleted) or 'none'}")
+    runs = StorageParams(registry_root=args.registry).runs
+    deleted = prune_runs(registry, runs, retention, keep=set())
+    print(f"Deleted {len(deleted)} run folders from {runs}: {', '.join(deleted) or 'none'}")
 
 
 def cmd_automations_apply(registry: Registry, args: argparse.Namespace) -> None:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage = StorageParams(registry_root=args.registry, scratch_dir=args.scratch)
         args.run(Registry(storage.store(), storage.registry), args)
-    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError, idx.IdxFormatError) as exc:
+    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1
     return 0

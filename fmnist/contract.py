@@ -61,6 +61,16 @@ def failure_lines(outcomes: list[SuiteOutcome]) -> list[str]:
     return [f"{o.suite}: {f}" for o in outcomes if o.kind == "contract" for f in o.failures]
 
 
+def failure_message(outcomes: list[SuiteOutcome]) -> str:
+    """What a run, or add-batch, says when data broke the contract."""
+    return "Data validation failed:\n  - " + "\n  - ".join(failure_lines(outcomes))
+
+
+def incoming_check(name: str, images: np.ndarray, labels: np.ndarray) -> FrameCheck:
+    """The contract suite of the incoming batch `name`: the same for a run and for add-batch."""
+    return FrameCheck(f"raw-incoming-{name}", raw_summary(images, labels), raw_expectations(None, None))
+
+
 @cache
 def suite_version() -> str:
     """Changes whenever the expectations below change, so cached results are re-checked."""

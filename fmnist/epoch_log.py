@@ -73,7 +73,8 @@ class Backup(keras.callbacks.BackupAndRestore):
             super().on_train_begin(logs)
         except (OSError, ValueError, KeyError) as exc:  # h5 cannot be opened; metadata torn
             self.logger.warning(
-                "The backup in %s is torn (%s) and has no earlier copy: starting over", self.backup_dir, exc
+                "The backup in %s is torn (%s), with no copy to fall back on: starting over", self.backup_dir, exc
             )
-            for path in (self._weights_path, self._training_metadata_path, self._prev_weights_path):
+            backup = (self._weights_path, self._training_metadata_path, self._prev_weights_path)
+            for path in (*backup, self._prev_training_metadata_path):
                 Path(path).unlink(missing_ok=True)

@@ -44,12 +44,12 @@ def emit(event: str, location: str, message: str, *, flow_run_id: str | None = N
 
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 20] + " ... (cut)"
-    related = [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
+    run = {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}
     try:
         emit_event(
             event=event,
             resource=pipeline_resource(location),
-            related=related if flow_run_id else None,
+            related=[run] if flow_run_id else None,
             payload={"message": message, **payload},
         )
     except Exception:  # an event is a notification, never a reason to fail the pipeline

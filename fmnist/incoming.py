@@ -149,21 +149,13 @@ def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.n
 
 def check_batch(folder: Path, name: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
     """Read a batch as a run would, and hold it to the same contract suite; raise as the flow would."""
-    from fmnist.contract import (
-        DataValidationError,
-        FrameCheck,
-        failure_lines,
-        raw_expectations,
-        raw_summary,
-        run_checks,
-    )
+    from fmnist.contract import DataValidationError, failure_message, incoming_check, run_checks
 
     kind, images, labels = load_batch(folder)
     with tempfile.TemporaryDirectory(prefix="fmnist-batch-") as results:
-        check = FrameCheck(f"raw-incoming-{name}", raw_summary(images, labels), raw_expectations(None, None))
-        outcomes = run_checks([check], Path(results))
+        outcomes = run_checks([incoming_check(name, images, labels)], Path(results))
     if not outcomes[0].success:
-        raise DataValidationError("Data validation failed:\n  - " + "\n  - ".join(failure_lines(outcomes)))
+        raise DataValidationError(failure_message(outcomes))
     return kind, images, labels
 
 
@@ -176,7 +168,7 @@ def add_batch(store: Store, source: Path, incoming_dir: str, name: str | None = 
     name = name or source.resolve().name
     if not BATCH_NAME.match(name):
         raise IncomingBatchError(
-            f"{name!r}: a batch name is letters, digits, '.', '_' and '-', starting with one of the first two"
+            f"{name!r}: a batch name is up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     if not source.is_dir():
         raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")

@@ -49,6 +49,13 @@ def runs_in_progress() -> set[str]:
     return found
 
 
+def prune_runs(registry: Registry, runs_root: str, retention: RetentionParams, keep: set[str]) -> list[str]:
+    """`prune_run_folders` in the registry's store, protecting registered versions' runs, unfinished
+    runs and `keep`."""
+    protected = registered_runs(registry) | runs_in_progress() | keep
+    return prune_run_folders(registry.store, runs_root, retention, protected)
+
+
 def prune_run_folders(
     store: Store,
     runs_root: str,

@@ -6,16 +6,15 @@ from prefect import get_run_logger, task
 
 from fmnist.layout import StorageParams
 from fmnist.registry import Registry
-from fmnist.retention import RetentionParams, prune_run_folders, registered_runs, runs_in_progress
+from fmnist.retention import RetentionParams, prune_runs
 
 
 @task(name="prune-runs")
 def prune_runs_task(storage: StorageParams, retention: RetentionParams, current_run: str | None) -> list[str]:
     logger = get_run_logger()
-    store = storage.store()
     try:
-        protected = registered_runs(Registry(store, storage.registry)) | runs_in_progress() | {current_run or ""}
-        deleted = prune_run_folders(store, storage.runs, retention, protected)
+        keep = {current_run} if current_run else set()
+        deleted = prune_runs(Registry(storage.store(), storage.registry), storage.runs, retention, keep)
     except Exception as exc:  # housekeeping: it must not fail a run that registered a model
         logger.warning("Could not prune the run folders in %s: %s", storage.runs, exc, exc_info=True)
         return []

@@ -19,6 +19,8 @@ from fmnist.contract import (
     FrameCheck,
     SuiteOutcome,
     failure_lines,
+    failure_message,
+    incoming_check,
     raw_expectations,
     raw_summary,
     run_checks,
@@ -56,9 +58,7 @@ class ValidationReport:
         if self.success:
             return
         raise DataValidationError(
-            "Data validation failed:\n  - "
-            + "\n  - ".join(failure_lines(self.suites))
-            + f"\nFull result: {self.result_path}\nData Docs: {self.docs_index}"
+            f"{failure_message(self.suites)}\nFull result: {self.result_path}\nData Docs: {self.docs_index}"
         )
 
 
@@ -83,9 +83,7 @@ def raw_checks(
         )
     for batch in incoming:
         images, labels = load_collected(store, batch)
-        checks.append(
-            FrameCheck(f"raw-incoming-{batch.name}", raw_summary(images, labels), raw_expectations(None, None))
-        )
+        checks.append(incoming_check(batch.name, images, labels))
         if reference is not None and batch.rows >= drift.MIN_ROWS:
             checks.append(
                 FrameCheck(
