@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
 from fmnist.drift import DriftSetting
+from fmnist.incoming import BadBatches
 from fmnist.model import TrainParams
 from fmnist.retention import RetentionParams
 
@@ -34,6 +35,9 @@ class RetrainParams(BaseModel):
         description="Tried in order: local paths, file://, http(s):// or s3:// folders holding the .gz files",
     )
     download_timeout_s: float = Field(30.0, gt=0, le=600, description="Per network read")
+    download_deadline_s: float = Field(
+        900.0, gt=0, le=7200, description="Per file and mirror: a mirror still sending after this is skipped"
+    )
     download_retries: int = Field(2, ge=0, le=10, description="Retries per mirror on network errors")
     dataset: DatasetSpec = Field(FASHION_MNIST, description="The files to fetch, pinned by sha256")
     training: TrainParams = Field(default_factory=TrainParams, description="The model and how to train it")
@@ -48,5 +52,10 @@ class RetrainParams(BaseModel):
         ge=60,
         description="Fail when the training run shows no heartbeat or state change for this long "
         "(a lost GPU host, or no GPU worker to take the run)",
+    )
+    bad_batches: BadBatches = Field(
+        "fail",
+        description="An incoming batch that cannot be used (unreadable, test-set images, broken contract): "
+        "fail the run, or quarantine it (move it to <data_root>/quarantine/ with its error) and train on the rest",
     )
     retention: RetentionParams = Field(default_factory=RetentionParams, description="Run folders kept under runs/")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
@@ -17,7 +16,7 @@ from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
 from tasks.normalize import normalize_task
-from tasks.register import build_manifest, champion_current_task, fingerprint, register_task, test_set_id
+from tasks.register import build_manifest, fingerprint, prior_run_task, register_task, test_set_id
 from tasks.retention import prune_runs_task
 from tasks.validate import validate_task
 
@@ -56,21 +55,26 @@ def retrain(
         mirrors=params.mirrors,
         storage=storage,
         timeout_s=params.download_timeout_s,
+        deadline_s=params.download_deadline_s,
         retries=params.download_retries,
     )
-    incoming = collect_incoming_task(storage=storage)
+    incoming = collect_incoming_task(storage=storage, raw=raw, bad_batches=params.bad_batches)
     validation = validate_task(
         spec=params.dataset, raw=raw, incoming=incoming, storage=storage, drift_setting=params.drift
     )
     cached = normalize_task(spec=params.dataset, raw=raw, incoming=incoming, validation=validation, storage=storage)
     run_fingerprint = fingerprint(cached.key, params.training)
-    current = champion_current_task(storage=storage, run_fingerprint=run_fingerprint)
-    if current and not params.force_retrain:
-        message = f"Champion {current} is current: same data, code and parameters. Nothing retrained."
-        get_run_logger().info(message)
-        create_markdown_artifact(key="retrain-report", markdown=f"# {message}\n\nFingerprint `{run_fingerprint}`.")
+    prior = None
+    if not params.force_retrain:
+        prior = prior_run_task(
+            storage=storage,
+            run_fingerprint=run_fingerprint,
+            floor=params.promotion.min_accuracy,
+            tolerance=params.promotion.tolerance,
+        )
+    if prior:
         prune_runs_task(storage=storage, retention=params.retention, current_run=flow_run.get_id())
-        return RetrainOutcome(data_key=cached.key, champion=current)
+        return RetrainOutcome(data_key=cached.key, champion=prior.champion)
 
     # The flow run's id names its folder, so a retried run finds its own training backup.
     run_dir = storage.run_folder(flow_run.get_id() or uuid.uuid4().hex)

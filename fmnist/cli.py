@@ -5,6 +5,7 @@ fashion-mnist show v0003               one version's manifest, gate verdict and 
 fashion-mnist promote v0002            make a version champion by hand
 fashion-mnist rollback                 make the previous champion the champion again
 fashion-mnist promotions               every champion change, in order (the audit log)
+fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
 fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
                                        folder, and announce it (the ad-hoc deployment retrains)
@@ -27,28 +28,38 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import automations, events
-from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
-from fmnist.incoming import add_batch
+from fmnist.dataset import CLASS_NAMES, FASHION_MNIST, IMAGE_SIZE
+from fmnist.incoming import add_batch, known_images
 from fmnist.layout import StorageParams
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
 from fmnist.registry import Registry, RegistryError, gate_of
 from fmnist.retention import RetentionParams, prune_runs
-from fmnist.storage import StorageError
+from fmnist.storage import StorageError, StoredFile, join
 
 
 def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
-    champion = registry.champion()
+    try:
+        champion = registry.champion()
+    except RegistryError as exc:  # still list the versions: the operator needs them to repair it
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        champion = "damaged"
     versions = registry.versions()
     if not versions:
         print(f"No versions in {registry.root}")
         return
+    served = {e["version"] for e in registry.promotions()}
     print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
     for version in versions:
         m = registry.manifest(version)
         mark = "*" if version == champion else ""
         gate = gate_of(m)
-        decision = ("passed the gate: " if gate["passed"] else "kept back: ") + gate["reason"]
+        if not gate["passed"]:
+            decision = f"kept back: {gate['reason']}"
+        elif version in served or version == champion:
+            decision = f"promoted: {gate['reason']}"
+        else:  # its run stopped before the pointer moved, or another version won the race
+            decision = f"passed the gate, never champion: {gate['reason']}"
         print(
             f"{mark:2}{version:9}{m['registered_at']:27}{m['metrics']['test_accuracy']:>9.4f}  "
             f"{m['params']['preset']:8}{decision}"
@@ -76,6 +87,12 @@ def cmd_rollback(registry: Registry, args: argparse.Namespace) -> None:
     replaced = registry.champion()
     restored = registry.rollback(args.reason)
     print(f"{restored} is the champion again (was {replaced})")
+
+
+def cmd_repair_champion(registry: Registry, args: argparse.Namespace) -> None:
+    record = registry.repair_champion()
+    print(f"{registry.champion_file} restored from change {record['sequence']} of the audit log: ", end="")
+    print(f"{record['version']} is the champion")
 
 
 def cmd_promotions(registry: Registry, args: argparse.Namespace) -> None:
@@ -110,7 +127,13 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
     storage = StorageParams(
         data_root=args.data_root, registry_root=args.registry, incoming_dir=args.incoming, scratch_dir=args.scratch
     )
-    batch = add_batch(registry.store, args.folder, storage.incoming, args.name)
+    store, raw = registry.store, storage.data.raw
+    pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
+    test, train = (StoredFile(join(raw, f.raw_name), f.sha256) for f in pinned)
+    known = known_images(store, test, train) if store.exists(test.location) else None
+    if known is None:
+        print(f"No verified test set in {raw} yet: the first run checks the batch for test-set images")
+    batch = add_batch(store, args.folder, storage.incoming, args.name, known)
     print(f"Added batch {batch.name}: {batch.rows} {batch.kind} images, at {batch.path}")
     if not PREFECT_API_URL.value():
         print("No Prefect server (PREFECT_API_URL is not set): no retrain started; the next scheduled run includes it")
@@ -177,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="rolled back by the operator")
     rollback.set_defaults(run=cmd_rollback)
     commands.add_parser("promotions", help="every champion change").set_defaults(run=cmd_promotions)
+    commands.add_parser(
+        "repair-champion", help="rewrite a damaged champion.json from the audit log's last entry"
+    ).set_defaults(run=cmd_repair_champion)
     predict = commands.add_parser("predict", help="classify PNG files with the champion")
     predict.add_argument("images", nargs="+", type=Path)
     predict.set_defaults(run=cmd_predict)

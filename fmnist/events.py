@@ -24,6 +24,7 @@ MODEL_PROMOTED = f"{PREFIX}.model.promoted"
 MODEL_KEPT_BACK = f"{PREFIX}.model.kept-back"
 RUN_FAILED = f"{PREFIX}.run.failed"
 BATCH_ADDED = f"{PREFIX}.batch.added"
+BATCH_QUARANTINED = f"{PREFIX}.batch.quarantined"
 
 # Prefect refuses events over its size limit (1.5 MB by default): a long list of failures is cut.
 MAX_MESSAGE_CHARS = 4000

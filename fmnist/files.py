@@ -6,8 +6,11 @@ own local working folder (Keras checkpoints, plots) before they are published to
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +32,31 @@ def sha256_text(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+class NotARegularFile(OSError):
+    """A path that is a symbolic link, a folder, a device or a FIFO where a regular file was expected."""
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """Open a regular file for reading, refusing anything else before a byte is read.
+
+    A symbolic link could point at `/dev/zero` or outside the folder being read, a device could be
+    endless and a FIFO blocks its reader forever: untrusted input is read only from regular files.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFile(errno.ELOOP, "a symbolic link; only regular files are read", str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise NotARegularFile(errno.EINVAL, f"{kind}, not a regular file", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a folder's entries') data to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -36,6 +64,17 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(folder: Path) -> None:
+    """Create `folder` and its missing parents, each fsynced into its parent so a crash cannot lose it."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_path(new.parent)
 
 
 def temp_path_beside(target: Path) -> Path:
@@ -49,7 +88,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
     After a crash at any moment `target` holds either its old content or the whole new one.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     tmp = temp_path_beside(target)
     try:
         yield tmp

@@ -9,25 +9,34 @@ one of two forms:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from fmnist import idx
+from fmnist import idx, overlap
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.overlap import KnownImages
 from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.storage import Store, join
+from fmnist.storage import Store, StoredFile, TooLarge, join
 
 log = logging.getLogger(__name__)
 # Present while `add_batch` copies a batch in: runs leave such a folder alone.
 INCOMPLETE = ".incomplete"
+QUARANTINE_NOTE = "QUARANTINED.txt"  # beside a quarantined batch: why it was refused
+# What a run does with a batch it cannot use: stop, or move it aside and train on the rest.
+BadBatches = Literal["fail", "quarantine"]
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Split big deliveries into several batches: this bounds a run's memory per batch (78 MB of pixels).
+MAX_BATCH_ROWS = 100_000
+MAX_BATCH_BYTES = 512 << 20  # a batch in a bucket is downloaded whole before it is read: at most this
 
 
 class IncomingBatchError(ValueError):
@@ -50,12 +59,25 @@ def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _one(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern)) + sorted(folder.glob(pattern + ".gz"))
+def _entries(folder: Path) -> list[Path]:
+    """What `folder` holds, in name order, without hidden files (`.DS_Store`, macOS's `._x.png`, ...)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _one(entries: list[Path], folder: Path, suffix: str) -> Path | None:
+    """The one entry whose name ends in `suffix` or `suffix.gz`, in any case."""
+    found = [p for p in entries if p.name.lower().removesuffix(".gz").endswith(suffix)]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise IncomingBatchError(f"{folder}: more than one file matches {pattern}[.gz]: {names}")
+        raise IncomingBatchError(f"{folder}: more than one file matches *{suffix}[.gz]: {names}")
     return found[0] if found else None
+
+
+def _real_folder(path: Path) -> bool:
+    """A folder, and not through a symbolic link (which could lead anywhere, outside incoming/ too)."""
+    if path.is_symlink():
+        raise IncomingBatchError(f"{path}: a symbolic link; a batch holds only real files and folders")
+    return path.is_dir()
 
 
 def _class_index(folder: Path) -> int:
@@ -71,22 +93,25 @@ def _class_index(folder: Path) -> int:
 
 
 def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    files = [(png, _class_index(class_dir)) for class_dir in class_dirs for png in _entries(class_dir)]
+    if len(files) > MAX_BATCH_ROWS:
+        raise IncomingBatchError(f"{folder}: {len(files):,} images, over the {MAX_BATCH_ROWS:,}-image limit per batch")
     images: list[np.ndarray] = []
     labels: list[int] = []
-    for class_dir in class_dirs:
-        label = _class_index(class_dir)
-        for png in sorted(class_dir.glob("*.png")):
-            try:
-                image = read_grayscale_png(png)
-            except ImageFileError as exc:
-                raise IncomingBatchError(str(exc)) from exc
-            if images and image.shape != images[0].shape:
-                raise IncomingBatchError(
-                    f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "
-                    f"{images[0].shape[1]}x{images[0].shape[0]} images before it in {folder}"
-                )
-            images.append(image)
-            labels.append(label)
+    for png, label in files:
+        if png.suffix.lower() != ".png":
+            raise IncomingBatchError(f"{png}: not a .png file; a class folder holds only PNG images")
+        try:
+            image = read_grayscale_png(png)
+        except ImageFileError as exc:
+            raise IncomingBatchError(str(exc)) from exc
+        if images and image.shape != images[0].shape:
+            raise IncomingBatchError(
+                f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "
+                f"{images[0].shape[1]}x{images[0].shape[0]} images before it in {folder}"
+            )
+        images.append(image)
+        labels.append(label)
     if not images:
         raise IncomingBatchError(f"{folder}: class folders hold no .png files")
     return np.stack(images), np.asarray(labels, dtype=np.uint8)
@@ -94,11 +119,18 @@ def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, n
 
 def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
     """The batch's kind, its (n, rows, columns) uint8 images and (n,) labels."""
-    images_file = _one(folder, "*images-idx3-ubyte")
-    labels_file = _one(folder, "*labels-idx1-ubyte")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not _real_folder(folder):
+        raise IncomingBatchError(f"{folder}: not a folder")
+    entries = _entries(folder)
+    images_file = _one(entries, folder, "images-idx3-ubyte")
+    labels_file = _one(entries, folder, "labels-idx1-ubyte")
+    class_dirs = [p for p in entries if _real_folder(p)]
     if images_file and labels_file and not class_dirs:
         images, labels = idx.read_pair(images_file, labels_file)
+        if len(labels) > MAX_BATCH_ROWS:
+            raise IncomingBatchError(
+                f"{images_file}: {len(labels):,} images, over the {MAX_BATCH_ROWS:,}-image limit per batch"
+            )
         return "idx", images, labels
     if class_dirs and not (images_file or labels_file):
         return "png", *_read_png_batch(folder, class_dirs)
@@ -110,7 +142,11 @@ def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndar
 
 def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
     """`load_batch` of a batch wherever it is stored; errors name the stored location."""
-    with store.local_tree(location) as folder:
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(store.local_tree(location, MAX_BATCH_BYTES))
+        except TooLarge as exc:
+            raise IncomingBatchError(str(exc)) from exc
         try:
             return load_batch(folder)
         except (IncomingBatchError, idx.IdxFormatError) as exc:
@@ -119,12 +155,52 @@ def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.n
             raise IncomingBatchError(str(exc).replace(str(folder), location)) from exc
 
 
-def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
-    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name.
+@dataclass(frozen=True)
+class RefusedBatch:
+    name: str
+    path: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The batches a run may use, those it may not (and why), and repeated images worth knowing about."""
+
+    batches: list[IncomingBatch]
+    refused: list[RefusedBatch]
+    repeats: list[str]  # one line per batch that repeats another batch's or the training set's images
+
+    def raise_for_refused(self) -> None:
+        if len(self.refused) == 1:
+            raise IncomingBatchError(self.refused[0].error)
+        if self.refused:
+            raise IncomingBatchError(
+                f"{len(self.refused)} incoming batches refused:\n  - " + "\n  - ".join(r.error for r in self.refused)
+            )
+
+
+def test_set_copies_error(location: str, images: np.ndarray, known: KnownImages) -> str | None:
+    """Why a batch that repeats test-set images may not be trained on (None: it repeats none)."""
+    found = overlap.copies(images, known.test)
+    if not found:
+        return None
+    row, test_row = found[0]
+    return (
+        f"{location}: {len(found):,} of its {len(images):,} images are copies of test-set images (its image "
+        f"{row} is test image {test_row}); training on them would inflate the test accuracy the gate relies on"
+    )
+
+
+def screen_incoming(
+    store: Store, incoming_dir: str, known: KnownImages | None = None, *, contract: bool = True
+) -> Screening:
+    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name, read and
+    checked: readable, no test-set images (with `known`), and its contract suite passed (with `contract`).
 
     A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
     """
-    batches = []
+    read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]] = []
+    refused: list[RefusedBatch] = []
     for name in store.listdir(incoming_dir):
         if name.startswith("."):
             continue
@@ -132,11 +208,59 @@ def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
         if store.exists(join(entry, INCOMPLETE)):
             log.warning("%s: still being added (or the copy was interrupted): left out of this run", entry)
             continue
-        if not store.is_dir(entry):
-            raise IncomingBatchError(f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/")
-        kind, images, labels = read_batch(store, entry)
-        batches.append(IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)))
-    return batches
+        try:
+            if not store.is_dir(entry):
+                raise IncomingBatchError(
+                    f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
+                )
+            kind, images, labels = read_batch(store, entry)
+        except (IncomingBatchError, idx.IdxFormatError) as exc:
+            refused.append(RefusedBatch(name, entry, str(exc)))
+            continue
+        if known and (error := test_set_copies_error(entry, images, known)):
+            refused.append(RefusedBatch(name, entry, error))
+            continue
+        read.append((IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)), images, labels))
+    if contract and read:
+        from fmnist.contract import failure_message, incoming_check, run_checks
+
+        with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
+            outcomes = run_checks([incoming_check(b.name, i, lab) for b, i, lab in read], Path(results))
+        refused += [
+            RefusedBatch(b.name, b.path, f"{b.path}: {failure_message([o])}")
+            for (b, _, _), o in zip(read, outcomes, strict=True)
+            if not o.success
+        ]
+        failed = {r.name for r in refused}
+        read = [r for r in read if r[0].name not in failed]
+    return Screening([b for b, _, _ in read], refused, _repeats(read, known))
+
+
+def _repeats(read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]], known: KnownImages | None) -> list[str]:
+    lines, seen = [], {}
+    for batch, images, _ in read:
+        if batch.sha256 in seen:
+            lines.append(f"{batch.name} repeats batch {seen[batch.sha256]} exactly: its images count twice")
+            continue
+        seen[batch.sha256] = batch.name
+        if known and (count := len(overlap.copies(images, known.train))):
+            lines.append(f"{batch.name}: {count:,} of its {batch.rows:,} images are already in the training set")
+    return lines
+
+
+def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
+    """The readable batches in `incoming_dir` (see `screen_incoming`); a batch that is not raises."""
+    screening = screen_incoming(store, incoming_dir, contract=False)
+    screening.raise_for_refused()
+    return screening.batches
+
+
+def quarantine(store: Store, batch: RefusedBatch, quarantine_dir: str, note: str) -> str:
+    """Move a refused batch out of the incoming folder, with why beside it; return where it went."""
+    target = join(quarantine_dir, f"{batch.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    store.move(batch.path, target)
+    store.write_bytes(join(target, QUARANTINE_NOTE), f"{batch.error}\n\n{note}\n".encode())
+    return target
 
 
 def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -147,11 +271,22 @@ def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.n
     return images, labels
 
 
-def check_batch(folder: Path, name: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
-    """Read a batch as a run would, and hold it to the same contract suite; raise as the flow would."""
+def known_images(store: Store, test_images: StoredFile, train_images: StoredFile) -> KnownImages:
+    """The canonical images' digests, from their verified IDX files, read on first use."""
+    return KnownImages(
+        lambda: idx.read_images(store.local_copy(test_images)), lambda: idx.read_images(store.local_copy(train_images))
+    )
+
+
+def check_batch(
+    folder: Path, name: str, known: KnownImages | None = None
+) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """Read a batch as a run would, and hold it to the same checks; raise as the flow would."""
     from fmnist.contract import DataValidationError, failure_message, incoming_check, run_checks
 
     kind, images, labels = load_batch(folder)
+    if known and (error := test_set_copies_error(str(folder), images, known)):
+        raise IncomingBatchError(error)
     with tempfile.TemporaryDirectory(prefix="fmnist-batch-") as results:
         outcomes = run_checks([incoming_check(name, images, labels)], Path(results))
     if not outcomes[0].success:
@@ -159,20 +294,23 @@ def check_batch(folder: Path, name: str) -> tuple[Literal["idx", "png"], np.ndar
     return kind, images, labels
 
 
-def add_batch(store: Store, source: Path, incoming_dir: str, name: str | None = None) -> IncomingBatch:
+def add_batch(
+    store: Store, source: Path, incoming_dir: str, name: str | None = None, known: KnownImages | None = None
+) -> IncomingBatch:
     """Check the batch in the local folder `source` and copy it into `incoming_dir` as `name`.
 
     Nothing is copied unless the whole batch passes. Runs see the batch whole or not at all: its
     folder holds the `.incomplete` marker from before the first file until after the last.
     """
-    name = name or source.resolve().name
+    source = source.resolve()  # the operator's own path may go through links; what the batch holds may not
+    name = name or source.name
     if not BATCH_NAME.match(name):
         raise IncomingBatchError(
             f"{name!r}: a batch name is up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     if not source.is_dir():
         raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")
-    kind, images, labels = check_batch(source, name)
+    kind, images, labels = check_batch(source, name, known)
     target = join(incoming_dir, name)
     if store.find(target):
         raise IncomingBatchError(f"{target}: a batch of that name is already there; choose another --name")
@@ -180,7 +318,7 @@ def add_batch(store: Store, source: Path, incoming_dir: str, name: str | None = 
     files = [
         f
         for f in sorted(source.rglob("*"))
-        if f.is_file() and not any(p.startswith(".") for p in f.relative_to(source).parts)
+        if f.is_file() and not f.is_symlink() and not any(p.startswith(".") for p in f.relative_to(source).parts)
     ]
     for file in files:
         store.put_file(file, join(target, *file.relative_to(source).parts))

@@ -63,6 +63,11 @@ class StorageParams(BaseModel):
         return normalize(self.incoming_dir) if self.incoming_dir else join(self.data.root, "incoming")
 
     @property
+    def quarantine(self) -> str:
+        """Where refused incoming batches are moved (with `bad_batches="quarantine"`), each with its error."""
+        return join(self.data.root, "quarantine")
+
+    @property
     def runs(self) -> str:
         return join(self.registry, "runs")
 

@@ -32,8 +32,10 @@ from typing import Any
 
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
 
+MODEL = "model.keras"
 VERSION = re.compile(r"v(\d{4,})")  # v0001 ... v9999, v10000 ...: anything else in versions/ is ignored
 CHAMPION_MOVE_ATTEMPTS = 50
+FINGERPRINT_SCAN = 200  # versions searched for an earlier run of the same fingerprint, newest first
 
 
 class RegistryError(RuntimeError):
@@ -203,21 +205,18 @@ class Registry:
 
         `model_card` turns the version's final manifest (with its number and verdict) into markdown.
         """
+        champion = self.champion()  # first: a damaged pointer stops the registration before a number is taken
         version = self._claim_version({"flow_run_id": manifest.get("flow_run_id"), "claimed_at": _now()})
-        champion = self.champion()
-        decision = decide(
-            manifest["metrics"]["test_accuracy"],
-            manifest["data"]["test_set"],
-            self.manifest(champion) if champion else None,
-            floor=floor,
-            tolerance=tolerance,
-            force=force,
-        )
+        decision = self._gate(manifest, champion, floor=floor, tolerance=tolerance, force=force)
         folder = join(self.versions_root, version)
         hashes = {}
         for name, file in files.items():
-            # The copy is checked against the hash the run recorded: what was evaluated is what is kept.
-            self.store.put_file(self.store.local_copy(file), join(folder, name))
+            # Checked against the hash the run recorded, before and after the copy: what was
+            # evaluated is what is kept.
+            stored = join(folder, name)
+            self.store.put_file(self.store.local_copy(file), stored)
+            if (found := self.store.sha256(stored)) != file.sha256:
+                raise IntegrityError(f"{stored}: the copy hashes to {found}, not the recorded {file.sha256}")
             hashes[name] = file.sha256
         record = {**manifest, "version": version, "registered_at": _now(), "gate": asdict(decision)}
         if model_card:
@@ -226,8 +225,25 @@ class Registry:
             hashes["model_card.md"] = hashlib.sha256(card).hexdigest()
         record["files"] = dict(sorted(hashes.items()))
         self.store.create(join(folder, "manifest.json"), json.dumps(record, indent=1).encode())
+        return self._promote_if_passed(version, record, decision, force)
+
+    def promote_registered(self, version: str, *, floor: float, tolerance: float) -> Registered:
+        """Gate again a version that passed but never became champion (its run stopped before the
+        champion moved, or another version won the race), against today's champion; promote it if it passes."""
+        if damaged := self.damaged_files(version):
+            raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); not promoting it")
+        record = self.manifest(version)
+        decision = self._gate(record, self.champion(), floor=floor, tolerance=tolerance)
+        return self._promote_if_passed(version, record, decision, force=False)
+
+    def _gate(self, record: dict, champion: str | None, **gate: Any) -> Decision:
+        """The gate's verdict on the candidate `record` (a manifest) against the version `champion`."""
+        in_service = self.manifest(champion) if champion else None
+        return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], in_service, **gate)
+
+    def _promote_if_passed(self, version: str, record: dict, decision: Decision, force: bool) -> Registered:
         if not decision.passed:
-            return Registered(version, decision, False, champion)
+            return Registered(version, decision, False, decision.champion_version)
         try:
             self._move_champion(lambda current: self._promotion(current, version, record, decision, force))
         except _Declined as declined:
@@ -239,16 +255,10 @@ class Registry:
         in_service = current["version"] if current else None
         if in_service != decision.champion_version and not force:
             # Another version was promoted since the gate ran: the candidate must beat that one.
-            decision = decide(
-                record["metrics"]["test_accuracy"],
-                record["data"]["test_set"],
-                self.manifest(in_service) if in_service else None,
-                floor=decision.floor,
-                tolerance=decision.tolerance,
-            )
+            decision = self._gate(record, in_service, floor=decision.floor, tolerance=decision.tolerance)
             if not decision.passed:
                 raise _Declined(decision)
-        return _next_record(current, version, decision.reason, "promote")
+        return _next_record(current, version, decision.reason, "promote", record["files"][MODEL])
 
     # --- the champion -----------------------------------------------------------------------------
 
@@ -306,7 +316,7 @@ class Registry:
     def _log(self, record: dict) -> None:
         if "sequence" not in record:
             return  # a pointer from before the audit log had sequence numbers
-        entry = {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason")}
+        entry = {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason", "model_sha256")}
         with contextlib.suppress(PreconditionFailed):  # logged already, by its writer or by a reader before us
             self.store.create(join(self.log_root, f"{record['sequence']:08d}.json"), json.dumps(entry).encode())
 
@@ -314,48 +324,107 @@ class Registry:
         """Every champion change, in order (the audit log)."""
         return [self.store.read_json(join(self.log_root, name)) for name in self.store.listdir(self.log_root)]
 
+    def _vouched_model(self, version: str) -> str:
+        """The sha256 of `version`'s model, once its files verify and its model is the one it was
+        champion with before (if ever): an edited model with an edited manifest is refused."""
+        if damaged := self.damaged_files(version):
+            raise RegistryError(f"{version} is damaged ({', '.join(damaged)})")
+        model = self.manifest(version)["files"][MODEL]
+        for entry in self.promotions():
+            if entry["version"] == version and entry.get("model_sha256") not in (None, model):
+                raise RegistryError(
+                    f"{version}'s model hashes to {model}, not the {entry['model_sha256']} it was champion with "
+                    f"(promotions/{entry['sequence']:08d}.json): its files were replaced"
+                )
+        return model
+
     def promote(self, version: str, reason: str) -> None:
         """Make `version` the champion by hand, if its files are intact (this also replaces a damaged pointer)."""
-        if damaged := self.damaged_files(version):
-            raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); refusing to promote it")
+        try:
+            model = self._vouched_model(version)
+        except RegistryError as exc:
+            raise RegistryError(f"refusing to promote {version}: {exc}") from exc
 
         def promotion(current: dict | None) -> dict:
             if current and current["version"] == version:
                 raise RegistryError(f"{version} is already the champion")
-            return _next_record(current, version, reason, "promote")
+            return _next_record(current, version, reason, "promote", model)
 
         self._move_champion(promotion, repair=True)
 
     def rollback(self, reason: str = "rolled back by the operator") -> str:
-        """Make the previous champion the champion again; return its version."""
+        """Make the previous champion the champion again, checked as `promote` checks; return its version."""
 
         def rollback(current: dict | None) -> dict:
             if not current or not current["previous"]:
                 raise RegistryError("there is no earlier champion to roll back to")
             previous = current["previous"][-1]
-            if damaged := self.damaged_files(previous):
-                raise RegistryError(f"cannot roll back to {previous}: it is damaged ({', '.join(damaged)})")
-            return _next_record(current, previous, reason, "rollback")
+            try:
+                model = self._vouched_model(previous)
+            except RegistryError as exc:
+                raise RegistryError(f"cannot roll back to {previous}: {exc}") from exc
+            return _next_record(current, previous, reason, "rollback", model)
 
         return self._move_champion(rollback)["version"]
 
-    def champion_if_current(self, fingerprint: str) -> str | None:
-        """The champion if it was made from exactly this data, code and parameters and is intact."""
-        champion = self.champion()
-        if champion is None or self.manifest(champion).get("fingerprint") != fingerprint:
-            return None
-        return None if self.damaged_files(champion) else champion
+    def repair_champion(self) -> dict:
+        """Rewrite a damaged or missing champion pointer from the audit log's last entry; return it."""
+        found = self.store.read_versioned(self.champion_file)
+        if found is not None:
+            try:
+                record, _ = self._read_champion()
+            except RegistryError:
+                pass
+            else:
+                raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
+        entries = self.promotions()
+        if not entries:
+            raise RegistryError(f"no audit log in {self.log_root} to restore the champion pointer from")
+        previous: list[str] = []
+        for entry in entries:  # replayed as _next_record built each pointer
+            if entry["event"] == "rollback":
+                previous = previous[:-1]
+            else:
+                previous = [*previous, entry["replaced"]] if entry["replaced"] else []
+        last = entries[-1]
+        model = last.get("model_sha256") or self._vouched_model(last["version"])
+        record = {**last, "previous": previous, "model_sha256": model}
+        self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), found[1] if found else None)
+        return record
+
+    def prior_version(self, fingerprint: str) -> str | None:
+        """The newest of the last `FINGERPRINT_SCAN` versions made from exactly this data, code and parameters."""
+        for version in reversed(self.versions()[-FINGERPRINT_SCAN:]):
+            if self.manifest(version).get("fingerprint") == fingerprint:
+                return version
+        return None
+
+    def ever_champion(self) -> set[str]:
+        """Every version that has been champion (the audit log, and the pointer)."""
+        return {e["version"] for e in self.promotions()} | ({self.champion()} - {None})
 
     def champion_model(self) -> StoredFile:
-        """The champion's model file and the sha256 it must have."""
-        champion = self.champion()
-        if champion is None:
+        """The champion's model file and the sha256 it was put in service with."""
+        record = self.champion_record()
+        if record is None:
             raise RegistryError(f"no champion in {self.root}: no version has been promoted yet")
-        return self.file(champion, "model.keras")
+        version = record["version"]
+        model = self.file(version, MODEL)
+        promoted = record.get("model_sha256", model.sha256)  # pointers from before it was recorded
+        if model.sha256 != promoted:
+            raise RegistryError(
+                f"{version}'s manifest records model sha256 {model.sha256}, but it was made champion with "
+                f"{promoted}: its files were replaced; promote a version that verifies"
+            )
+        return model
 
 
-def _next_record(current: dict | None, version: str, reason: str, event: str) -> dict[str, Any]:
-    """The champion record after `event` makes `version` champion; `previous` lists earlier champions."""
+def _next_record(current: dict | None, version: str, reason: str, event: str, model_sha256: str) -> dict[str, Any]:
+    """The champion record after `event` makes `version` champion; `previous` lists earlier champions.
+
+    `model_sha256` is the model put in service: loading the champion checks the file against it, so
+    a model and manifest edited together in the version's folder are still refused.
+    """
     if current is None:
         previous: list[str] = []
     elif event == "rollback":
@@ -370,6 +439,7 @@ def _next_record(current: dict | None, version: str, reason: str, event: str) ->
         "replaced": current["version"] if current else None,
         "reason": reason,
         "previous": previous,
+        "model_sha256": model_sha256,
     }
 
 

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fmnist.files import atomic_path, atomic_write_bytes, fsync_path, sha256_file, temp_path_beside
+from fmnist.files import atomic_path, atomic_write_bytes, fsync_path, make_dirs, sha256_file, temp_path_beside
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -60,6 +60,10 @@ class StorageError(RuntimeError):
 
 class PreconditionFailed(StorageError):
     """A conditional write lost: the file already exists (create) or changed since it was read (replace)."""
+
+
+class TooLarge(StorageError):
+    """A folder holding more bytes than its reader accepts."""
 
 
 class IntegrityError(StorageError):
@@ -372,13 +376,20 @@ class Store:
             _verify(tmp, file)
 
     @contextmanager
-    def local_tree(self, location: str) -> Iterator[Path]:
-        """The folder `location` as a local folder: itself on disk, else a temporary download of it."""
+    def local_tree(self, location: str, max_bytes: int | None = None) -> Iterator[Path]:
+        """The folder `location` as a local folder: itself on disk, else a temporary download of it
+        (refused before any download if it holds more than `max_bytes`)."""
         if not is_remote(location):
             yield Path(location)
             return
         fs, path = self._fs(location)
+        with self._errors(location):
+            sizes = fs.find(path, detail=True)
+        if max_bytes is not None and (total := sum(info["size"] for info in sizes.values())) > max_bytes:
+            raise TooLarge(f"{location}: {total:,} bytes, over the {max_bytes:,}-byte limit for this folder")
         names = self.find(location)
+        if escaping := [name for name in names if ".." in name.split("/")]:
+            raise StorageError(f"{join(location, escaping[0])}: a key with '..' in it would land outside {location}")
         tmp_root = self.require_scratch(location) / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
@@ -413,7 +424,7 @@ class Store:
                 raise PreconditionFailed(f"{location}: already exists") from exc.__cause__
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent)
         tmp = temp_path_beside(target)
         try:
             tmp.write_bytes(data)
@@ -505,6 +516,28 @@ class Store:
             raise StorageError(f"{local}: no {marker} to publish {location} with")
         for file in [f for f in files if f != local / marker] + [local / marker]:
             self.put_file(file, join(location, *file.relative_to(local).parts))
+
+    def move(self, source: str, target: str) -> None:
+        """Move the folder `source` and all it holds to `target`, where nothing may be yet.
+
+        On disk one rename; in a bucket a copy of each object, then the originals' deletion (a crash
+        in between leaves both, never neither).
+        """
+        if self.find(target):
+            raise PreconditionFailed(f"{target}: already exists")
+        fs, path = self._fs(source)
+        if not is_remote(source):
+            make_dirs(Path(target).parent)
+            with self._errors(source):
+                shutil.move(path, target)  # a rename, or a copy where the target is on another disk
+            fsync_path(Path(target).parent)
+            fsync_path(Path(path).parent)
+            return
+        _, target_path = self._fs(target)
+        with self._errors(source):
+            for name in self.find(source):
+                fs.copy(join(path, name), join(target_path, name))
+        self.delete(source)
 
     def delete(self, location: str) -> None:
         """Remove a file or a folder and all it holds; nothing there is not an error."""

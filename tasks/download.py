@@ -96,31 +96,50 @@ def _read_chunks(location: str, timeout_s: float, store: Store) -> Iterator[byte
                 raise _Transient(f"HTTP {response.status_code}")
             if response.status_code != 200:
                 raise _Unverified(f"HTTP {response.status_code}")
-            yield from response.iter_bytes(_CHUNK)
+            yield from response.iter_bytes()  # as it arrives: the deadline is checked between reads
     except httpx.TimeoutException as exc:
         raise _Transient(f"timed out after {timeout_s:g} s ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise _Transient(f"network error ({type(exc).__name__}: {exc})") from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # redirect loops, bad content encodings: next mirror
+        raise _Unverified(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _stream_verified(chunks: Iterator[bytes], remote: RemoteFile, out: Path) -> None:
-    """Decompress `chunks` into `out`, raising _Unverified unless size and sha256 match."""
+def _stream_verified(chunks: Iterator[bytes], remote: RemoteFile, out: Path, deadline_s: float) -> None:
+    """Decompress `chunks` into `out`, raising _Unverified unless size and sha256 match.
+
+    Whatever the mirror sends, this reads at most `max_received(remote)` bytes for at most
+    `deadline_s` seconds (plus one read timeout), inflates no more than the pinned size, and stops
+    reading at the end of the gzip stream: a hostile mirror cannot fill the disk or memory or hold
+    the run. These failures move on to the next mirror.
+    """
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip container only
     digest = hashlib.sha256()
-    size = 0
-    received = 0
+    size = received = 0
+    limit = max_received(remote)
+    started = time.monotonic()
     with open(out, "wb") as f:
         for chunk in chunks:
             received += len(chunk)
-            try:
-                data = inflater.decompress(chunk)
-            except zlib.error as exc:
-                raise _Unverified(f"not a valid gzip stream ({exc})") from exc
-            size += len(data)
-            if size > remote.raw_size:
-                raise _Unverified(f"decompresses to more than the expected {remote.raw_size:,} bytes")
-            digest.update(data)
-            f.write(data)
+            if received > limit:
+                raise _Unverified(f"sent more than {limit:,} bytes for a file of {remote.raw_size:,}")
+            if time.monotonic() - started > deadline_s:
+                raise _Unverified(f"still sending after {deadline_s:g} s (the download deadline)")
+            pending = chunk
+            while pending and not inflater.eof:
+                try:
+                    # Bounded: one more byte than the pinned size is enough to know it is too big.
+                    data = inflater.decompress(pending, remote.raw_size - size + 1)
+                except zlib.error as exc:
+                    raise _Unverified(f"not a valid gzip stream ({exc})") from exc
+                size += len(data)
+                if size > remote.raw_size:
+                    raise _Unverified(f"decompresses to more than the expected {remote.raw_size:,} bytes")
+                digest.update(data)
+                f.write(data)
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break  # whatever a mirror sends after the stream's end is not read (it could be endless)
     if received == 0:
         raise _Unverified("empty file")
     if not inflater.eof:
@@ -131,6 +150,11 @@ def _stream_verified(chunks: Iterator[bytes], remote: RemoteFile, out: Path) -> 
         raise _Unverified(f"sha256 {digest.hexdigest()} does not match the pinned {remote.sha256}")
 
 
+def max_received(remote: RemoteFile) -> int:
+    """The most bytes a mirror may send for `remote`: gzip never grows data by more than a fraction of 1%."""
+    return remote.raw_size + remote.raw_size // 100 + (1 << 20)
+
+
 def fetch_verified(
     remote: RemoteFile,
     mirrors: Sequence[str],
@@ -138,6 +162,7 @@ def fetch_verified(
     raw_dir: str,
     *,
     timeout_s: float = 30.0,
+    deadline_s: float = 900.0,
     retries: int = 2,
     backoff_s: float = 1.0,
     logger: logging.Logger | logging.LoggerAdapter = log,
@@ -158,7 +183,7 @@ def fetch_verified(
             started = time.perf_counter()
             try:
                 with store.staged(target) as tmp:
-                    _stream_verified(_read_chunks(url, timeout_s, store), remote, tmp)
+                    _stream_verified(_read_chunks(url, timeout_s, store), remote, tmp, deadline_s)
             except _Transient as exc:
                 if attempt < retries:
                     delay = backoff_s * 2**attempt
@@ -193,6 +218,7 @@ def download_dataset(
     raw_dir: str,
     *,
     timeout_s: float = 30.0,
+    deadline_s: float = 900.0,
     retries: int = 2,
     backoff_s: float = 1.0,
     logger: logging.Logger | logging.LoggerAdapter = log,
@@ -202,7 +228,15 @@ def download_dataset(
         _check_mirror(mirror)  # reject unsupported schemes before any download starts
     fetched = [
         fetch_verified(
-            remote, mirrors, store, raw_dir, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, logger=logger
+            remote,
+            mirrors,
+            store,
+            raw_dir,
+            timeout_s=timeout_s,
+            deadline_s=deadline_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            logger=logger,
         )
         for remote in spec.files
     ]
@@ -211,12 +245,21 @@ def download_dataset(
 
 @task(name="download", retries=1, retry_delay_seconds=30)
 def download_task(
-    spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, retries: int
+    spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, deadline_s: float, retries: int
 ) -> RawDataset:
     store, logger = storage.store(), get_run_logger()
     if pruned := store.prune_scratch():
         logger.info("Deleted %d scratch copies unused for two weeks from %s", pruned, store.scratch)
-    raw = download_dataset(spec, mirrors, store, storage.data.raw, timeout_s=timeout_s, retries=retries, logger=logger)
+    raw = download_dataset(
+        spec,
+        mirrors,
+        store,
+        storage.data.raw,
+        timeout_s=timeout_s,
+        deadline_s=deadline_s,
+        retries=retries,
+        logger=logger,
+    )
     create_table_artifact(
         key="fashion-mnist-download",
         table=[{"file": posixpath.basename(f.path), "sha256": f.sha256, "source": f.source} for f in raw.files],

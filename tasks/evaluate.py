@@ -35,6 +35,7 @@ class Evaluation:
     train_test_gap: float  # train accuracy minus test accuracy: how much the model overfits
     per_class: list[dict]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    model_sha256: str  # of the model these numbers are about: registration keeps only that one
     metrics: StoredFile  # metrics.json in the run folder
     plots: dict[str, StoredFile]  # each plot's PNG in the run folder
 
@@ -100,6 +101,7 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return Evaluation(
         **metrics,
+        model_sha256=trained.model.sha256,
         metrics=run.publish("evaluation", "metrics.json"),
         plots={name: run.publish("evaluation", f"{name}.png") for name in PLOTS},
     )

@@ -1,10 +1,13 @@
-"""Collect stage: the labeled batches waiting in the incoming folder (`fmnist.incoming`)."""
+"""Collect stage: the labeled batches waiting in the incoming folder (`fmnist.incoming`), screened."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
-from fmnist.incoming import IncomingBatch, collect_incoming
+from fmnist import events
+from fmnist.incoming import BadBatches, IncomingBatch, known_images, quarantine, screen_incoming
 from fmnist.layout import StorageParams
 from tasks.download import RawDataset
 
@@ -15,11 +18,39 @@ def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
 
 
 @task(name="collect-incoming")
-def collect_incoming_task(storage: StorageParams) -> list[IncomingBatch]:
-    batches = collect_incoming(storage.store(), storage.incoming)
-    logger = get_run_logger()
-    if not batches:
-        logger.info("No incoming batches in %s", storage.incoming)
-    for batch in batches:
+def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: BadBatches) -> list[IncomingBatch]:
+    """The incoming batches a run may train on: readable, free of test-set images, within the contract.
+
+    A batch that is not fails the run (`bad_batches="fail"`), or is moved to the quarantine folder with
+    its error beside it, so this run and the next train on the rest (`"quarantine"`).
+    """
+    store, logger = storage.store(), get_run_logger()
+    screening = screen_incoming(
+        store, storage.incoming, known_images(store, raw.test_images.file, raw.train_images.file)
+    )
+    for line in screening.repeats:
+        logger.warning("Incoming batch %s", line)
+    rows = [
+        {"batch": b.name, "kind": b.kind, "rows": b.rows, "status": "used", "note": b.sha256[:12]}
+        for b in screening.batches
+    ]
+    for refused in screening.refused:
+        status = "refused: the run stops"
+        if bad_batches == "quarantine":
+            where = quarantine(store, refused, storage.quarantine, f"Quarantined by flow run {flow_run.get_id()}.")
+            message = f"{refused.error}\nMoved to {where}; this run trains on the other batches"
+            logger.warning("%s", message)
+            events.emit(events.BATCH_QUARANTINED, storage.incoming, message, batch=refused.name, moved_to=where)
+            status = f"quarantined: moved to {where}"
+        rows.append({"batch": refused.name, "kind": "", "rows": 0, "status": status, "note": refused.error})
+    if rows:
+        create_table_artifact(
+            key="incoming-batches", table=rows, description="Incoming batches: used, or quarantined and why"
+        )
+    if bad_batches == "fail":
+        screening.raise_for_refused()
+    if not screening.batches:
+        logger.info("No incoming batches to use in %s", storage.incoming)
+    for batch in screening.batches:
         logger.info("Incoming batch %s: %d %s images, sha256 %s", batch.name, batch.rows, batch.kind, batch.sha256[:12])
-    return batches
+    return screening.batches

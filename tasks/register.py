@@ -12,7 +12,7 @@ from fmnist.cache import CachedDataset
 from fmnist.files import sha256_text
 from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
-from fmnist.registry import Decision, Registry
+from fmnist.registry import Decision, Registry, RegistryError, gate_of
 from tasks.evaluate import Evaluation
 from tasks.train import TrainResult
 
@@ -126,6 +126,11 @@ def register_model(
     force: bool,
 ) -> Registration:
     """Publish the run's model, history, metrics and plots as a new version; apply the gate."""
+    if trained.model.sha256 != evaluation.model_sha256:
+        raise RegistryError(
+            f"{trained.model.location} hashes to {trained.model.sha256}, but the evaluation is of the model "
+            f"{evaluation.model_sha256}: not registering a model whose numbers are another's"
+        )
     files = {
         "model.keras": trained.model,
         "history.json": trained.history,
@@ -185,10 +190,75 @@ Champion now: **{registration.champion or "none"}**.
 """
 
 
-@task(name="check-champion")
-def champion_current_task(storage: StorageParams, run_fingerprint: str) -> str | None:
-    """The champion if nothing changed since it was trained (same data, code and parameters)."""
-    return Registry(storage.store(), storage.registry).champion_if_current(run_fingerprint)
+@dataclass(frozen=True)
+class PriorRun:
+    """A version already registered from the same data, code and parameters: no reason to train again."""
+
+    version: str
+    champion: str | None  # after this check (which may have promoted `version`)
+    promoted: bool  # whether this check made `version` champion
+    message: str
+
+
+def prior_run(registry: Registry, run_fingerprint: str, *, floor: float, tolerance: float) -> PriorRun | None:
+    """What became of an earlier run of this fingerprint, if any; None: train.
+
+    A version kept back stays kept back (training it again would only reroll the dice against the
+    gate); one that was champion and was replaced (a rollback) is not put back behind the operator's
+    back; one that passed the gate but never became champion (its run stopped before the pointer
+    moved) is gated again against today's champion and promoted if it passes.
+    """
+    champion = registry.champion()
+    version = registry.prior_version(run_fingerprint)
+    if version is None:
+        return None
+    same = "was trained from the same data, code and parameters"
+    if version == champion:
+        if registry.damaged_files(version):
+            return None  # the champion's files are damaged: train a replacement
+        return PriorRun(version, champion, False, f"Champion {version} is current: {same[4:]}. Nothing retrained.")
+    gate = gate_of(registry.manifest(version))
+    if not gate["passed"]:
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same} and was kept back ({gate['reason']}). Nothing retrained; "
+            "set force_retrain to train it again.",
+        )
+    if version in registry.ever_champion():
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same}; it was champion and was replaced (champion now: {champion}). Nothing retrained; "
+            f"`fashion-mnist promote {version}` puts it back in service.",
+        )
+    registered = registry.promote_registered(version, floor=floor, tolerance=tolerance)
+    outcome = "promoted it" if registered.promoted else "kept it back"
+    return PriorRun(
+        version,
+        registered.champion,
+        registered.promoted,
+        f"{version} {same} and passed the gate, but never became champion (its run stopped first, or another "
+        f"version won); gated again against {champion or 'no champion'}: {registered.decision.reason}; "
+        f"{outcome}. Nothing retrained.",
+    )
+
+
+@task(name="check-registered")
+def prior_run_task(storage: StorageParams, run_fingerprint: str, floor: float, tolerance: float) -> PriorRun | None:
+    """An earlier version of the same data, code and parameters, and what became of it (None: train)."""
+    prior = prior_run(Registry(storage.store(), storage.registry), run_fingerprint, floor=floor, tolerance=tolerance)
+    if prior is None:
+        return None
+    get_run_logger().info(prior.message)
+    create_markdown_artifact(key="retrain-report", markdown=f"# {prior.message}\n\nFingerprint `{run_fingerprint}`.")
+    if prior.promoted:
+        events.emit(
+            events.MODEL_PROMOTED, storage.registry, prior.message, version=prior.version, champion=prior.champion
+        )
+    return prior
 
 
 @task(name="register")

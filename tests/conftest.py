@@ -4,7 +4,7 @@ import functools
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,12 +42,12 @@ def data_layout(request: pytest.FixtureRequest, tmp_path: Path) -> DataLayout:
     return DataLayout(request.getfixturevalue("bucket") + "/data")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
 
-class _StallingHandler(_QuietHandler):
+class _StallingHandler(QuietHandler):
     """Sends the headers and a few bytes, then goes silent: a server that hangs mid-download."""
 
     stall_s = 5.0
@@ -74,18 +74,24 @@ def _serve(handler: type[http.server.BaseHTTPRequestHandler], folder: Path) -> I
 
 
 @pytest.fixture
-def http_mirror_of() -> Iterator:
-    """Serve a folder over HTTP on a free loopback port: `url = http_mirror_of(folder)`."""
+def serve_with() -> Iterator:
+    """Serve a folder with a request handler of the test's own: `url = serve_with(Handler, folder)`."""
     servers = []
 
-    def start(folder: Path) -> str:
-        gen = _serve(_QuietHandler, folder)
+    def start(handler: type[http.server.BaseHTTPRequestHandler], folder: Path) -> str:
+        gen = _serve(handler, folder)
         servers.append(gen)
         return next(gen)
 
     yield start
     for gen in servers:
         gen.close()
+
+
+@pytest.fixture
+def http_mirror_of(serve_with) -> Callable[[Path], str]:
+    """Serve a folder over HTTP on a free loopback port: `url = http_mirror_of(folder)`."""
+    return functools.partial(serve_with, QuietHandler)
 
 
 @pytest.fixture

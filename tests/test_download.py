@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import shutil
 import time
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from fmnist.files import sha256_file
 from fmnist.layout import DataLayout
 from fmnist.storage import Store, join
 from tasks.download import DownloadError, download_dataset
+from tests.conftest import QuietHandler
 
 
 def corrupt_copy(mirror_dir: Path, dest: Path, how: str) -> Path:
@@ -149,3 +153,105 @@ def test_unsupported_scheme_is_refused_before_downloading(mirror, layout, store)
     with pytest.raises(ValueError, match=r"mirror 'ftp://example.org/': unsupported scheme 'ftp'"):
         download_dataset(spec, ["ftp://example.org/"], store, layout.raw)
     assert not Path(layout.raw).exists()
+
+
+# --- hostile mirrors: each is left for the next mirror within a bounded time and number of bytes ----
+
+
+class _Hostile(QuietHandler):
+    """Answers every GET with 200 and what `body` yields, for at most 30 s (a test's server must stop)."""
+
+    def body(self) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        ends = time.monotonic() + 30
+        try:
+            for data in self.body():
+                self.wfile.write(data)
+                if time.monotonic() > ends:
+                    return
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading: what these tests want
+
+
+class _GoodFileThenEndlessZeros(_Hostile):
+    def body(self) -> Iterator[bytes]:
+        yield (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        while True:
+            yield bytes(1 << 16)
+
+
+class _EndlessGzipOfZeros(_Hostile):
+    def body(self) -> Iterator[bytes]:
+        packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        while True:
+            yield packer.compress(bytes(1 << 20))
+
+
+class _EndlessEmptyDeflateBlocks(_Hostile):
+    """A gzip header, then empty stored blocks forever: never any output, never the end of the stream."""
+
+    def body(self) -> Iterator[bytes]:
+        yield gzip.compress(b"")[:10]
+        while True:
+            yield b"\x00\x00\x00\xff\xff" * 4096
+
+
+class _Dripping(_Hostile):
+    def body(self) -> Iterator[bytes]:
+        for byte in gzip.compress(bytes(1 << 20)):
+            time.sleep(0.05)
+            yield bytes([byte])
+
+
+class _RedirectLoop(QuietHandler):
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.path)
+        self.end_headers()
+
+
+class _BadContentEncoding(QuietHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", "20")
+        self.end_headers()
+        self.wfile.write(b"this is not gzip....")
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"),
+    [
+        (_EndlessGzipOfZeros, "decompresses to more than the expected"),
+        (_EndlessEmptyDeflateBlocks, r"sent more than [\d,]+ bytes for a file of"),
+        (_Dripping, r"still sending after 1 s \(the download deadline\)"),
+        (_RedirectLoop, "TooManyRedirects"),
+        (_BadContentEncoding, "DecodingError"),
+    ],
+    ids=["gzip-bomb", "endless-empty-blocks", "dripping", "redirect-loop", "bad-content-encoding"],
+)
+def test_a_hostile_mirror_is_left_for_the_next_one(
+    mirror, layout, store, serve_with, http_mirror_of, caplog, handler, message: str
+) -> None:
+    folder, spec = mirror
+    hostile, good = serve_with(handler, folder), http_mirror_of(folder)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        raw = download_dataset(spec, [hostile, good], store, layout.raw, timeout_s=5, deadline_s=1, retries=0)
+    assert {f.source for f in raw.files} == {good}
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(f"{hostile}train-images-idx3-ubyte.gz: .*{message}", warnings), warnings
+    assert time.perf_counter() - started < 30
+
+
+def test_reading_stops_at_the_end_of_the_gzip_stream(mirror, layout, store, serve_with) -> None:
+    folder, spec = mirror
+    endless = serve_with(_GoodFileThenEndlessZeros, folder)
+    started = time.perf_counter()
+    raw = download_dataset(spec, [endless], store, layout.raw, timeout_s=5, deadline_s=20, retries=0)
+    assert {f.source for f in raw.files} == {endless}  # verified: what came after the stream was never read
+    assert time.perf_counter() - started < 15

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from fmnist.model import TrainParams
+from fmnist.registry import Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
 from tasks.evaluate import confusion_matrix, evaluate_model, evaluation_markdown, per_class_metrics
+from tasks.register import register_model
 from tasks.train import train_model
 from tests.helpers import learnable_cache, local_run
 
@@ -45,10 +47,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     return cached, train_model(cached, TrainParams(epochs=2, seed=3), local_run(root / "run"))
 
 
-def test_evaluation_writes_metrics_and_plots(trained) -> None:
+def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
     cached, result = trained
     run = local_run(Path(result.run_dir))
     evaluation = evaluate_model(result, cached, run)
+    assert evaluation.model_sha256 == result.model.sha256
+
+    # Registration keeps only the model these numbers are about.
+    other_model = dataclasses.replace(result, model=StoredFile(result.history.location, result.history.sha256))
+    registry = Registry(run.store, str(tmp_path / "registry"))
+    with pytest.raises(RegistryError, match=r"but the evaluation is of the model \w+: not registering a model whose"):
+        register_model(registry, other_model, evaluation, {}, floor=0.5, tolerance=0.005, force=False)
+    assert registry.versions() == [] and not (tmp_path / "registry").exists()
     matrix = np.array(evaluation.confusion_matrix)
     assert matrix.sum() == cached.test.rows
     assert evaluation.test_accuracy == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)

@@ -15,6 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import PromotionParams, RetrainParams
 from flows.retrain import retrain
+from fmnist import idx
 from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
 from fmnist.registry import Registry
@@ -40,13 +41,8 @@ def learnable_mirror(tmp_path_factory: pytest.TempPathFactory):
 
 def params_for(mirror, **overrides) -> RetrainParams:
     folder, spec = mirror
-    return RetrainParams(
-        mirrors=[str(folder)],
-        dataset=spec,
-        training=TrainParams(epochs=1),
-        promotion=PromotionParams(min_accuracy=0.5),
-        **overrides,
-    )
+    defaults = {"training": TrainParams(epochs=1), "promotion": PromotionParams(min_accuracy=0.5)}
+    return RetrainParams(mirrors=[str(folder)], dataset=spec, **{**defaults, **overrides})
 
 
 def local_storage(root: Path) -> StorageParams:
@@ -121,20 +117,63 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert forced.result().version == "v0002" and registry.versions() == ["v0001", "v0002"]
 
 
-def test_bad_incoming_batch_fails_at_validation_and_changes_nothing(learnable_mirror, tmp_path: Path) -> None:
+def files_under(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_bad_incoming_batch_fails_the_run_and_changes_nothing(learnable_mirror, tmp_path: Path) -> None:
     assert retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True).is_completed()
-    registry_files = {p: p.read_bytes() for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
+    registry_files = files_under(tmp_path / "artifacts")
     labels = np.array([0, 10], dtype=np.uint8)
-    write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=1), labels)
+    write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=11), labels)
     state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"raw-incoming-bad-labels: expect_column_values_to_be_between\(column=label"):
         state.result()
-    after = {p: p.read_bytes() for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
-    assert after == registry_files  # the champion and every version exactly as they were
+    assert files_under(tmp_path / "artifacts") == registry_files  # the champion and every version as they were
+    assert (tmp_path / "data" / "incoming" / "bad-labels").is_dir()  # fail mode moves nothing
     artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert "Data validation **FAILED**" in artifacts["data-validation"]
+    assert "refused: the run stops" in artifacts["incoming-batches"]
     assert "evaluation-report" not in artifacts and "retrain-report" not in artifacts
+
+
+def test_quarantine_moves_bad_batches_aside_and_trains_on_the_rest(learnable_mirror, tmp_path: Path) -> None:
+    folder, _ = learnable_mirror
+    incoming = tmp_path / "data" / "incoming"
+    labels = np.array([0, 10], dtype=np.uint8)
+    write_idx_batch(incoming / "bad-labels", synthetic_images(labels % 10, seed=11), labels)
+    test_images = idx.read_images(Path(folder) / "t10k-images-idx3-ubyte.gz")
+    write_idx_batch(incoming / "test-copies", test_images[:5], np.arange(5, dtype=np.uint8))
+    good_labels = np.arange(10, dtype=np.uint8)
+    write_idx_batch(incoming / "good", synthetic_images(good_labels, seed=7), good_labels)
+
+    state = retrain(params_for(learnable_mirror, bad_batches="quarantine"), local_storage(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    registry = Registry(Store(), str(tmp_path / "artifacts"))
+    assert list(registry.manifest(state.result().version)["data"]["sources"]["incoming"]) == ["good"]
+    assert sorted(p.name for p in incoming.iterdir()) == ["good"]
+    moved = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "data" / "quarantine").iterdir()}
+    assert sorted(moved) == ["bad-labels", "test-copies"]
+    assert "expect_column_values_to_be_between(column=label" in (moved["bad-labels"] / "QUARANTINED.txt").read_text()
+    note = (moved["test-copies"] / "QUARANTINED.txt").read_text()
+    assert "5 of its 5 images are copies of test-set images (its image 0 is test image 0)" in note
+    assert (moved["test-copies"] / "batch-labels-idx1-ubyte.gz").is_file()  # moved whole, not deleted
+    assert "quarantined: moved to" in artifacts_of(state.state_details.flow_run_id)["incoming-batches"]
+
+
+def test_a_version_kept_back_is_not_trained_again_every_night(learnable_mirror, tmp_path: Path) -> None:
+    """Only the champion's fingerprint used to count: a candidate kept back was retrained every night."""
+    assert retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True).result().promoted
+    # Another test set: the gate keeps the candidate back as not comparable with the champion.
+    other = write_mirror(tmp_path / "other-mirror", train_per_class=50, test_per_class=10, seed=5)
+    other_test_set = params_for((tmp_path / "other-mirror", other))
+    kept_back = retrain(other_test_set, local_storage(tmp_path), return_state=True).result()
+    assert (kept_back.version, kept_back.promoted) == ("v0002", False)
+    again = retrain(other_test_set, local_storage(tmp_path), return_state=True)
+    assert again.result().version is None and again.result().champion == "v0001"
+    assert Registry(Store(), str(tmp_path / "artifacts")).versions() == ["v0001", "v0002"]
+    report = artifacts_of(again.state_details.flow_run_id)["retrain-report"]
+    assert "v0002 was trained from the same data, code and parameters and was kept back (champion v0001 was" in report
 
 
 def test_the_whole_flow_on_object_storage(learnable_mirror, bucket: str, tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_batch_changed_after_collection_is_refused(tmp_path: Path, store: Store)
         (lambda d: (d / "stray.png").write_bytes(b""), r"stray.png: put each batch in a folder of its own"),
         (
             lambda d: (write_png_batch(d / "b", {"bag": 1}), (d / "b" / "bag" / "9.png").write_bytes(b"junk")),
-            r"b/bag/9.png: not a readable PNG image",
+            r"b/bag/9.png: not a PNG image",
         ),
         (
             lambda d: (
@@ -109,7 +109,7 @@ def test_batches_in_a_bucket_are_read_and_errors_name_the_url(
     np.testing.assert_array_equal(load_collected(store, remote[1])[1], labels)
 
     s3_env.filesystem().pipe_file(bucket.removeprefix("s3://") + "/incoming/c-bad/bag/0.png", b"junk")
-    with pytest.raises(IncomingBatchError, match=rf"{bucket}/incoming/c-bad/bag/0\.png: not a readable PNG image"):
+    with pytest.raises(IncomingBatchError, match=rf"{bucket}/incoming/c-bad/bag/0\.png: not a PNG image"):
         collect_incoming(store, f"{bucket}/incoming")
 
 

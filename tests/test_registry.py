@@ -17,6 +17,7 @@ from fmnist import cli
 from fmnist.model import TrainParams, load_verified_model
 from fmnist.registry import Registry, RegistryError, decide
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
+from tasks.register import prior_run
 from tasks.train import train_model
 from tests.helpers import learnable_cache, local_run, synthetic_images
 from tests.seaweedfs import S3Server
@@ -149,7 +150,7 @@ def test_damaged_version_is_refused(registry: Registry) -> None:
     assert registry.champion() == "v0001"
     registry.store.delete(join(registry.version_dir("v0001"), "metrics.json"))
     register(registry, 0.86)  # v0003 becomes champion; rolling back to the damaged v0001 is refused
-    with pytest.raises(RegistryError, match=r"cannot roll back to v0001: it is damaged \(metrics.json\)"):
+    with pytest.raises(RegistryError, match=r"cannot roll back to v0001: v0001 is damaged \(metrics.json\)"):
         registry.rollback()
     assert registry.champion() == "v0003"
 
@@ -292,3 +293,132 @@ def test_cli_names_a_missing_bucket_and_refused_credentials(s3_env: S3Server, mo
     err = capsys.readouterr().err
     assert f"s3://{bucket}/registry/champion.json: access denied" in err and "check AWS_ACCESS_KEY_ID" in err
     assert "not-the-secret" not in err
+
+
+# --- a careless operator, a damaged pointer, a crash, an edited version -----------------------------
+
+
+def snapshot(registry: Registry) -> dict[str, bytes]:
+    return {name: registry.store.read_bytes(join(registry.root, name)) for name in registry.store.find(registry.root)}
+
+
+def test_only_version_names_of_the_registry_are_accepted(registry: Registry, tmp_path: Path, capsys) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    before = snapshot(registry)
+    outside = tmp_path / "some" / "other" / "folder"
+    outside.mkdir(parents=True)
+    (outside / "manifest.json").write_text(json.dumps({"files": {}}))
+    root = ["--registry", registry.root, "--scratch", str(tmp_path / "scratch")]
+    for name in (str(outside), "../v0001", "versions/v0001", "v1", "v0001-backup"):
+        assert cli.main([*root, "promote", name]) == 1
+        assert f"no version {name!r} in {registry.root} (versions: v0001, v0002)" in capsys.readouterr().err
+    assert snapshot(registry) == before
+
+
+def test_a_damaged_champion_pointer_is_reported_and_repaired_from_the_audit_log(
+    registry: Registry, tmp_path: Path, capsys
+) -> None:
+    for accuracy in (0.85, 0.86, 0.87):
+        register(registry, accuracy)
+    registry.rollback()  # champion v0002, previous [v0001]
+    expected = registry.champion_record()
+    registry.store.write_bytes(registry.champion_file, b'{"version": "v00')  # torn by a crash or a careless edit
+    root = ["--registry", registry.root, "--scratch", str(tmp_path / "scratch")]
+
+    assert cli.main([*root, "versions"]) == 0  # still lists what there is, to repair from
+    captured = capsys.readouterr()
+    assert "champion.json: the champion pointer is damaged" in captured.err
+    assert "v0003" in captured.out and "* champion: damaged" in captured.out
+    assert cli.main([*root, "rollback"]) == 1
+    assert "the champion pointer is damaged" in capsys.readouterr().err
+    versions_before = registry.store.find(registry.versions_root)
+    with pytest.raises(RegistryError, match="the champion pointer is damaged"):
+        register(registry, 0.9)
+    assert registry.store.find(registry.versions_root) == versions_before  # no number was taken
+
+    assert cli.main([*root, "repair-champion"]) == 0
+    assert "restored from change 4 of the audit log: v0002 is the champion" in capsys.readouterr().out
+    assert registry.champion_record() == expected
+    assert registry.rollback() == "v0001"  # the history came back with it
+    assert cli.main([*root, "repair-champion"]) == 1
+    assert "is intact (champion v0001); nothing to repair" in capsys.readouterr().err
+
+
+def test_rollback_to_a_deleted_version_is_refused(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    registry.store.delete(registry.version_dir("v0001"))
+    pointer = registry.store.read_bytes(registry.champion_file)
+    with pytest.raises(RegistryError, match=r"cannot roll back to v0001: no version 'v0001' in .* \(versions: v0002\)"):
+        registry.rollback()
+    assert registry.store.read_bytes(registry.champion_file) == pointer
+
+
+def test_a_model_replaced_together_with_its_manifest_is_refused(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)  # champion v0002; v0001 was champion with its own model
+    registry.rollback()  # v0001 in service again
+    for version in ("v0001", "v0002"):
+        folder = registry.version_dir(version)
+        swapped = f"a model someone swapped into {version}".encode()
+        registry.store.write_bytes(join(folder, "model.keras"), swapped)
+        record = registry.manifest(version)
+        record["files"]["model.keras"] = hashlib.sha256(swapped).hexdigest()
+        registry.store.write_bytes(join(folder, "manifest.json"), json.dumps(record).encode())
+        assert registry.damaged_files(version) == []  # its own manifest vouches for it: not enough
+    with pytest.raises(RegistryError, match=r"v0001's manifest records model sha256 \w+, but it was made champion"):
+        registry.champion_model()
+    with pytest.raises(RegistryError, match=r"refusing to promote v0002: v0002's model hashes to \w+, not the \w+ it"):
+        registry.promote("v0002", "try")
+    assert registry.champion() == "v0001"
+
+
+def test_a_copy_that_does_not_verify_publishes_no_version(registry: Registry, monkeypatch) -> None:
+    register(registry, 0.85)
+    before = {k: v for k, v in snapshot(registry).items() if "runs/" not in k}
+    put_file = registry.store.put_file
+
+    def flipping_put_file(local: Path, location: str) -> None:
+        put_file(local, location)
+        if location.endswith("model.keras"):  # a bit flipped on the way, by the disk or the network
+            registry.store.write_bytes(location, registry.store.read_bytes(location)[:-1] + b"?")
+
+    monkeypatch.setattr(registry.store, "put_file", flipping_put_file)
+    with pytest.raises(IntegrityError, match=r"v0002/model.keras: the copy hashes to \w+, not the recorded"):
+        register(registry, 0.9)
+    assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
+    assert {k: v for k, v in snapshot(registry).items() if "v0002" not in k and "runs/" not in k} == before
+
+
+def test_a_version_whose_run_stopped_before_the_champion_moved_is_promoted_next_time(
+    registry: Registry, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    register(registry, 0.85)
+
+    def killed(change) -> None:
+        raise KeyboardInterrupt("the host died before the champion pointer moved")
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "_move_champion", killed)
+        files = run_files(registry.store, join(registry.root, "runs", "crashed"), "crashed")
+        registry.register(files, {**manifest(0.9), "fingerprint": "fp-crashed"}, floor=0.8, tolerance=0.005)
+    assert registry.champion() == "v0001" and registry.manifest("v0002")["gate"]["passed"]
+    assert cli.main(["--registry", registry.root, "--scratch", str(tmp_path), "versions"]) == 0
+    assert "passed the gate, never champion" in capsys.readouterr().out
+
+    prior = prior_run(registry, "fp-crashed", floor=0.8, tolerance=0.005)
+    assert (prior.version, prior.promoted, prior.champion) == ("v0002", True, "v0002")
+    assert "never became champion" in prior.message and registry.champion() == "v0002"
+    assert prior_run(registry, "fp-crashed", floor=0.8, tolerance=0.005).message.startswith("Champion v0002 is current")
+
+
+def test_a_version_rolled_back_from_is_not_put_back_by_the_schedule(registry: Registry) -> None:
+    register(registry, 0.85)
+    files = run_files(registry.store, join(registry.root, "runs", "bad-in-service"), "bad")
+    registry.register(files, {**manifest(0.9), "fingerprint": "fp-2"}, floor=0.8, tolerance=0.005)
+    registry.rollback("it misbehaved in service")
+    prior = prior_run(registry, "fp-2", floor=0.8, tolerance=0.005)
+    assert (prior.version, prior.promoted, prior.champion) == ("v0002", False, "v0001")
+    assert "it was champion and was replaced" in prior.message and registry.champion() == "v0001"
+    assert prior_run(registry, "fp-never-seen", floor=0.8, tolerance=0.005) is None

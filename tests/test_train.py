@@ -17,7 +17,7 @@ import pytest
 from fmnist.cache import CachedDataset
 from fmnist.model import TrainParams, build_model
 from fmnist.run_folder import RunFolder
-from fmnist.storage import Store
+from fmnist.storage import IntegrityError, Store
 from tasks.train import ChanceLevelError, NoGpuError, plan_devices, train_model
 from tests.helpers import cached_dataset, learnable_cache, local_run
 
@@ -225,3 +225,12 @@ def test_default_preset_starts_from_the_tutorials_exact_weights() -> None:
     assert [
         layer.seed_generator.state.numpy().tolist() for layer in model.layers if "Dropout" in type(layer).__name__
     ] == dropout_seeds
+
+
+def test_training_reads_only_parquet_that_matches_the_cache_manifest(tmp_path: Path) -> None:
+    cached = learnable_cache(tmp_path / "cache")
+    parquet = Path(cached.train.path)
+    parquet.write_bytes(parquet.read_bytes() + b" appended by someone")
+    with pytest.raises(IntegrityError, match=rf"{parquet}: sha256 \w+ is not the recorded {cached.train.sha256}"):
+        train_model(cached, ONE_EPOCH, local_run(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
