@@ -123,7 +123,7 @@ def files_under(root: Path) -> dict[Path, bytes]:
 
 def test_bad_incoming_batch_fails_the_run_and_changes_nothing(learnable_mirror, tmp_path: Path) -> None:
     assert retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True).is_completed()
-    registry_files = files_under(tmp_path / "artifacts")
+    registry_files, cache_files = files_under(tmp_path / "artifacts"), files_under(tmp_path / "data" / "cache")
     labels = np.array([0, 10], dtype=np.uint8)
     write_idx_batch(tmp_path / "data" / "incoming" / "bad-labels", synthetic_images(labels % 10, seed=11), labels)
     state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
@@ -131,6 +131,7 @@ def test_bad_incoming_batch_fails_the_run_and_changes_nothing(learnable_mirror, 
     with pytest.raises(Exception, match=r"raw-incoming-bad-labels: expect_column_values_to_be_between\(column=label"):
         state.result()
     assert files_under(tmp_path / "artifacts") == registry_files  # the champion and every version as they were
+    assert files_under(tmp_path / "data" / "cache") == cache_files
     assert (tmp_path / "data" / "incoming" / "bad-labels").is_dir()  # fail mode moves nothing
     artifacts = artifacts_of(state.state_details.flow_run_id)
     assert "refused: the run stops" in artifacts["incoming-batches"]
