@@ -53,6 +53,10 @@ class Decision:
     champion_accuracy: float | None
     floor: float
     tolerance: float
+    # The best champion so far on the same test set, when better than the one in service: the
+    # tolerance is measured from it, so it cannot accumulate over a chain of promotions.
+    best_version: str | None = None
+    best_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,34 @@ def decide(
     floor: float,
     tolerance: float,
     force: bool = False,
+    best: dict | None = None,
 ) -> Decision:
-    """The promotion gate: an absolute floor, then not worse than the champion beyond `tolerance`."""
+    """The promotion gate: an absolute floor, then not worse than the champion beyond `tolerance`.
+
+    `best` (the manifest of the best earlier champion still in the chain that rollbacks leave) raises
+    the bar when it beats the champion: measured from the champion alone, each new champion could
+    be `tolerance` worse than the last, and accuracy could ratchet down a little every night.
+    """
     champion_version = champion["version"] if champion else None
     champion_accuracy = champion["metrics"]["test_accuracy"] if champion else None
+    if best is not None and (best["data"]["test_set"] != test_set or champion is None):
+        best = None
+    if best is not None and best["metrics"]["test_accuracy"] <= champion_accuracy:
+        best = None
+    best_version, best_accuracy = (best["version"], best["metrics"]["test_accuracy"]) if best else (None, None)
 
     def verdict(passed: bool, reason: str) -> Decision:
-        return Decision(passed, reason, candidate_accuracy, champion_version, champion_accuracy, floor, tolerance)
+        return Decision(
+            passed,
+            reason,
+            candidate_accuracy,
+            champion_version,
+            champion_accuracy,
+            floor,
+            tolerance,
+            best_version,
+            best_accuracy,
+        )
 
     if force:
         return verdict(True, "promotion forced by the operator")
@@ -94,6 +119,12 @@ def decide(
             False,
             f"test accuracy {candidate_accuracy:.4f} is worse than champion {champion_version}'s "
             f"{champion_accuracy:.4f} by more than {tolerance:.4f}",
+        )
+    if best_accuracy is not None and candidate_accuracy < best_accuracy - tolerance:
+        return verdict(
+            False,
+            f"test accuracy {candidate_accuracy:.4f} is worse than {best_version}'s {best_accuracy:.4f}, the best "
+            f"champion so far, by more than {tolerance:.4f} (the tolerance does not add up over promotions)",
         )
     return verdict(
         True,
@@ -205,9 +236,9 @@ class Registry:
 
         `model_card` turns the version's final manifest (with its number and verdict) into markdown.
         """
-        champion = self.champion()  # first: a damaged pointer stops the registration before a number is taken
+        current = self.champion_record()  # first: a damaged pointer stops the registration before a number is taken
         version = self._claim_version({"flow_run_id": manifest.get("flow_run_id"), "claimed_at": _now()})
-        decision = self._gate(manifest, champion, floor=floor, tolerance=tolerance, force=force)
+        decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
         folder = join(self.versions_root, version)
         hashes = {}
         for name, file in files.items():
@@ -233,13 +264,21 @@ class Registry:
         if damaged := self.damaged_files(version):
             raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); not promoting it")
         record = self.manifest(version)
-        decision = self._gate(record, self.champion(), floor=floor, tolerance=tolerance)
+        decision = self._gate(record, self.champion_record(), floor=floor, tolerance=tolerance)
         return self._promote_if_passed(version, record, decision, force=False)
 
-    def _gate(self, record: dict, champion: str | None, **gate: Any) -> Decision:
-        """The gate's verdict on the candidate `record` (a manifest) against the version `champion`."""
-        in_service = self.manifest(champion) if champion else None
-        return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], in_service, **gate)
+    def _gate(self, record: dict, current: dict | None, **gate: Any) -> Decision:
+        """The gate's verdict on the candidate `record` (a manifest) against the champion record `current`
+        and the best of the champions before it (those a rollback has not taken back)."""
+        if current is None:
+            return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], None, **gate)
+        earlier = []
+        for version in current["previous"]:
+            with contextlib.suppress(RegistryError):  # a version deleted since: no longer a yardstick
+                earlier.append(self.manifest(version))
+        best = max(earlier, key=lambda m: m["metrics"]["test_accuracy"], default=None)
+        champion = self.manifest(current["version"])
+        return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], champion, best=best, **gate)
 
     def _promote_if_passed(self, version: str, record: dict, decision: Decision, force: bool) -> Registered:
         if not decision.passed:
@@ -255,7 +294,7 @@ class Registry:
         in_service = current["version"] if current else None
         if in_service != decision.champion_version and not force:
             # Another version was promoted since the gate ran: the candidate must beat that one.
-            decision = self._gate(record, in_service, floor=decision.floor, tolerance=decision.tolerance)
+            decision = self._gate(record, current, floor=decision.floor, tolerance=decision.tolerance)
             if not decision.passed:
                 raise _Declined(decision)
         return _next_record(current, version, decision.reason, "promote", record["files"][MODEL])

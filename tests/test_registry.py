@@ -69,6 +69,24 @@ def test_gate_floor_first_tolerance_and_force() -> None:
     assert not other.passed and "another test set" in other.reason
     forced = decide(0.5, TEST_SET, champion, floor=0.8, tolerance=0.005, force=True)
     assert forced.passed and forced.reason == "promotion forced by the operator"
+    best = {"version": "v0000", "metrics": {"test_accuracy": 0.89}, "data": {"test_set": TEST_SET}}
+    below_best = decide(0.882, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best)
+    assert not below_best.passed and "worse than v0000's 0.8900, the best champion so far" in below_best.reason
+    assert (below_best.best_version, below_best.best_accuracy) == ("v0000", 0.89)
+    assert decide(0.886, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best).passed
+    other_best = {**best, "data": {"test_set": "test-set-b"}}  # not comparable: not a yardstick
+    assert decide(0.876, TEST_SET, champion, floor=0.8, tolerance=0.005, best=other_best).passed
+
+
+def test_the_tolerance_does_not_ratchet_accuracy_down_night_after_night(registry: Registry) -> None:
+    assert register(registry, 0.880).promoted
+    assert register(registry, 0.876).promoted  # within 0.005 of v0001
+    ratchet = register(registry, 0.872)  # within 0.005 of v0002, but 0.008 below v0001
+    assert not ratchet.promoted and "worse than v0001's 0.8800, the best champion so far" in ratchet.decision.reason
+    registry.rollback()  # v0002 taken out of service: v0001 is champion, and the chain is [v0001]
+    assert register(registry, 0.877).promoted
+    registry.store.delete(registry.version_dir("v0001"))  # a deleted version is no longer a yardstick
+    assert register(registry, 0.873).promoted  # within 0.005 of v0004, the champion
 
 
 def test_versions_are_numbered_immutable_and_self_describing(registry: Registry) -> None:
