@@ -44,12 +44,13 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test test-slow lint format bench bench-storage server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
 	@echo "make test    install, get the data, run the tests (make test-slow: the real-data training too)"
+	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
@@ -89,9 +90,17 @@ run: install data
 test: install data
 	$(PY) -m pytest -m "not slow"
 
-# Minutes of training on the real 70,000 images (three seeds of the reference recipe).
+# Minutes of training on the real 70,000 images (three seeds of the reference recipe), and the lost-host test.
 test-slow: install data
 	$(PY) -m pytest -m slow
+
+# Tiers you can run alone: the readers, registry, storage and data stages without training or a
+# Prefect stack (about 2 minutes); and everything, slow tier included.
+test-quick: install data
+	$(PY) -m pytest -m "not slow and not e2e and not training"
+
+test-all: install data
+	$(PY) -m pytest
 
 lint: install
 	.venv/bin/ruff check .

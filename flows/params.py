@@ -38,7 +38,13 @@ class RetrainParams(BaseModel):
     download_deadline_s: float = Field(
         900.0, gt=0, le=7200, description="Per file and mirror: a mirror still sending after this is skipped"
     )
-    download_retries: int = Field(2, ge=0, le=10, description="Retries per mirror on network errors")
+    download_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of the whole download, 10 s, 20 s, ... apart, when a mirror failed in a way that "
+        "may pass (time-out, dropped connection, HTTP 429/5xx); never after a checksum mismatch",
+    )
     dataset: DatasetSpec = Field(FASHION_MNIST, description="The files to fetch, pinned by sha256")
     training: TrainParams = Field(default_factory=TrainParams, description="The model and how to train it")
     promotion: PromotionParams = Field(default_factory=PromotionParams)

@@ -12,7 +12,7 @@ from flows.params import RetrainParams
 from flows.train import train, train_on_deployment
 from fmnist import events
 from fmnist.layout import StorageParams
-from tasks.download import download_task
+from tasks.download import download_with_retries
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
 from tasks.normalize import normalize_task
@@ -50,13 +50,12 @@ def retrain(
 ) -> RetrainOutcome:
     """`params`: what to train; `storage`: where data, models and runs live (local paths or s3:// URLs);
     `training_deployment` ('flow/deployment'): where training runs (None: in this process)."""
-    raw = download_task(
+    raw = download_with_retries(params.download_retries)(
         spec=params.dataset,
         mirrors=params.mirrors,
         storage=storage,
         timeout_s=params.download_timeout_s,
         deadline_s=params.download_deadline_s,
-        retries=params.download_retries,
     )
     incoming = collect_incoming_task(storage=storage, raw=raw, bad_batches=params.bad_batches)
     validation = validate_task(

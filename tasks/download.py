@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import exponential_backoff
 
 from fmnist.dataset import DatasetSpec, RemoteFile
 from fmnist.layout import StorageParams
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize
 
 _CHUNK = 1 << 20
+RETRY_BACKOFF_S = 10.0  # before the download task's first retry; doubled for each one after
 log = logging.getLogger(__name__)
 
 
@@ -34,12 +37,28 @@ class DownloadError(RuntimeError):
     """No mirror served a verified copy of a file."""
 
 
+class TransientDownloadError(DownloadError):
+    """No mirror served a verified copy, and at least one failed in a way that may pass (a time-out, a
+    dropped connection, HTTP 429 or 5xx): the download task is retried later, with backoff."""
+
+
+def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """The download task's retry condition: a checksum or a missing file will not change after a pause."""
+    try:
+        state.result()
+    except TransientDownloadError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 class _Unverified(Exception):
     """The mirror answered, but with content that is not the pinned file (no point retrying)."""
 
 
 class _Transient(Exception):
-    """A network failure worth retrying on the same mirror."""
+    """A network failure that may pass: worth trying this mirror again later."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +182,6 @@ def fetch_verified(
     *,
     timeout_s: float = 30.0,
     deadline_s: float = 900.0,
-    retries: int = 2,
-    backoff_s: float = 1.0,
     logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> VerifiedFile:
     """The decompressed, verified file in `raw_dir`, from the cache or the first good mirror."""
@@ -177,38 +194,32 @@ def fetch_verified(
     except IntegrityError:
         logger.warning("%s: stored copy does not verify; downloading it again", target)
     failures: list[str] = []
+    transient = False
     for mirror in mirrors:
         url = _file_url(mirror, remote.name)
-        for attempt in range(retries + 1):
-            started = time.perf_counter()
-            try:
-                with store.staged(target) as tmp:
-                    _stream_verified(_read_chunks(url, timeout_s, store), remote, tmp, deadline_s)
-            except _Transient as exc:
-                if attempt < retries:
-                    delay = backoff_s * 2**attempt
-                    logger.warning("%s: %s; retrying in %.1f s", url, exc, delay)
-                    time.sleep(delay)
-                    continue
-                failures.append(f"{url}: {exc} (after {retries + 1} attempts)")
-            except _Unverified as exc:
-                failures.append(f"{url}: {exc}")
-            else:
-                logger.info(
-                    "%s: %s bytes verified from %s in %.2f s",
-                    remote.raw_name,
-                    f"{remote.raw_size:,}",
-                    mirror,
-                    time.perf_counter() - started,
-                )
-                return VerifiedFile(target, remote.sha256, mirror)
-            logger.warning("%s", failures[-1])
-            break
-    raise DownloadError(
-        f"{remote.name}: no mirror served a verified copy; tried:\n  - " + "\n  - ".join(failures)
-        if failures
-        else f"{remote.name}: no mirrors given"
-    )
+        started = time.perf_counter()
+        try:
+            with store.staged(target) as tmp:
+                _stream_verified(_read_chunks(url, timeout_s, store), remote, tmp, deadline_s)
+        except _Transient as exc:  # the next mirror now; this one again on the task's retry
+            transient = True
+            failures.append(f"{url}: {exc}")
+        except _Unverified as exc:
+            failures.append(f"{url}: {exc}")
+        else:
+            logger.info(
+                "%s: %s bytes verified from %s in %.2f s",
+                remote.raw_name,
+                f"{remote.raw_size:,}",
+                mirror,
+                time.perf_counter() - started,
+            )
+            return VerifiedFile(target, remote.sha256, mirror)
+        logger.warning("%s", failures[-1])
+    if not failures:
+        raise DownloadError(f"{remote.name}: no mirrors given")
+    error = TransientDownloadError if transient else DownloadError
+    raise error(f"{remote.name}: no mirror served a verified copy; tried:\n  - " + "\n  - ".join(failures))
 
 
 def download_dataset(
@@ -219,8 +230,6 @@ def download_dataset(
     *,
     timeout_s: float = 30.0,
     deadline_s: float = 900.0,
-    retries: int = 2,
-    backoff_s: float = 1.0,
     logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> RawDataset:
     """All four files of `spec`, each verified."""
@@ -234,8 +243,6 @@ def download_dataset(
             raw_dir,
             timeout_s=timeout_s,
             deadline_s=deadline_s,
-            retries=retries,
-            backoff_s=backoff_s,
             logger=logger,
         )
         for remote in spec.files
@@ -243,10 +250,12 @@ def download_dataset(
     return RawDataset(*fetched)
 
 
-@task(name="download", retries=1, retry_delay_seconds=30)
+@task(name="download", retry_condition_fn=retry_if_transient)
 def download_task(
-    spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, deadline_s: float, retries: int
+    spec: DatasetSpec, mirrors: list[str], storage: StorageParams, timeout_s: float, deadline_s: float
 ) -> RawDataset:
+    """The one retry layer: a failed mirror passes to the next at once, and `download_with_retries`
+    retries the whole task, with backoff, when a failure may pass (never after a checksum mismatch)."""
     store, logger = storage.store(), get_run_logger()
     if pruned := store.prune_scratch():
         logger.info("Deleted %d scratch copies unused for two weeks from %s", pruned, store.scratch)
@@ -257,7 +266,6 @@ def download_task(
         storage.data.raw,
         timeout_s=timeout_s,
         deadline_s=deadline_s,
-        retries=retries,
         logger=logger,
     )
     create_table_artifact(
@@ -266,3 +274,9 @@ def download_task(
         description="Verified raw IDX files and where each came from",
     )
     return raw
+
+
+def download_with_retries(retries: int, backoff_s: float = RETRY_BACKOFF_S) -> Task:
+    """`download_task`, retried up to `retries` times on transient failures: `backoff_s`, then twice
+    that, and so on, apart."""
+    return download_task.with_options(retries=retries, retry_delay_seconds=exponential_backoff(backoff_s))

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect.states import Failed
 
 from fmnist.dataset import DatasetSpec
 from fmnist.files import sha256_file
 from fmnist.layout import DataLayout
 from fmnist.storage import Store, join
-from tasks.download import DownloadError, download_dataset
+from tasks.download import DownloadError, TransientDownloadError, download_dataset, retry_if_transient
 from tests.conftest import QuietHandler
 
 
@@ -110,21 +111,31 @@ def test_all_mirrors_bad_names_each_and_leaves_no_file(mirror, data_layout, stor
     assert not [p for p in (tmp_path / "data").rglob(".part-*")]
 
 
-def test_stalled_server_times_out_retries_and_falls_back(
+def test_stalled_server_times_out_and_falls_back_at_once(
     mirror, layout, store, stalling_server, http_mirror_of, caplog
 ):
     folder, spec = mirror
     good = http_mirror_of(folder)
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
-        raw = download_dataset(
-            spec, [stalling_server, good], store, layout.raw, timeout_s=0.3, retries=1, backoff_s=0.05
-        )
-    assert raw.train_images.source == good
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("timed out after 0.3 s" in m and "retrying" in m for m in messages)
-    assert any("(after 2 attempts)" in m for m in messages)
-    assert time.perf_counter() - started < 30  # a stall costs (timeout + backoff) per attempt, not forever
+        raw = download_dataset(spec, [stalling_server, good], store, layout.raw, timeout_s=0.3)
+    assert {f.source for f in raw.files} == {good}
+    stalled = [r.getMessage() for r in caplog.records if r.getMessage().startswith(stalling_server)]
+    # One attempt a file: retrying is the task's business, after every mirror was tried.
+    assert len(stalled) == 4 and all("timed out after 0.3 s" in m for m in stalled)
+    assert time.perf_counter() - started < 30  # a stall costs one timeout per file, not forever
+
+
+def test_only_failures_that_may_pass_make_the_task_retry(mirror, layout, store, tmp_path) -> None:
+    _, spec = mirror
+    with pytest.raises(TransientDownloadError, match=r"127.0.0.1:9/train-images-idx3-ubyte.gz: network error"):
+        download_dataset(spec, ["http://127.0.0.1:9/", str(tmp_path / "nowhere")], store, layout.raw, timeout_s=1)
+    with pytest.raises(DownloadError) as caught:
+        download_dataset(spec, [str(tmp_path / "nowhere")], store, layout.raw)
+    assert not isinstance(caught.value, TransientDownloadError)
+    assert retry_if_transient(None, None, Failed(data=TransientDownloadError("a time-out")))
+    assert not retry_if_transient(None, None, Failed(data=DownloadError("sha256 does not match")))
+    assert not retry_if_transient(None, None, Failed(data=ValueError("a bug")))
 
 
 def test_verified_cache_is_reused_without_any_mirror(mirror, data_layout, store, tmp_path) -> None:
@@ -132,9 +143,7 @@ def test_verified_cache_is_reused_without_any_mirror(mirror, data_layout, store,
     download_dataset(spec, [str(folder)], store, data_layout.raw)
     # Another host: nothing in its scratch folder, the files come from the data root, verified.
     elsewhere = Store(scratch=tmp_path / "other-host")
-    raw = download_dataset(
-        spec, ["http://127.0.0.1:9/unreachable/"], elsewhere, data_layout.raw, timeout_s=0.1, retries=0
-    )
+    raw = download_dataset(spec, ["http://127.0.0.1:9/unreachable/"], elsewhere, data_layout.raw, timeout_s=0.1)
     assert {f.source for f in raw.files} == {"cache"}
 
 
@@ -241,7 +250,7 @@ def test_a_hostile_mirror_is_left_for_the_next_one(
     hostile, good = serve_with(handler, folder), http_mirror_of(folder)
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
-        raw = download_dataset(spec, [hostile, good], store, layout.raw, timeout_s=5, deadline_s=1, retries=0)
+        raw = download_dataset(spec, [hostile, good], store, layout.raw, timeout_s=5, deadline_s=1)
     assert {f.source for f in raw.files} == {good}
     warnings = "\n".join(r.getMessage() for r in caplog.records)
     assert re.search(f"{hostile}train-images-idx3-ubyte.gz: .*{message}", warnings), warnings
@@ -252,6 +261,6 @@ def test_reading_stops_at_the_end_of_the_gzip_stream(mirror, layout, store, serv
     folder, spec = mirror
     endless = serve_with(_GoodFileThenEndlessZeros, folder)
     started = time.perf_counter()
-    raw = download_dataset(spec, [endless], store, layout.raw, timeout_s=5, deadline_s=20, retries=0)
+    raw = download_dataset(spec, [endless], store, layout.raw, timeout_s=5, deadline_s=20)
     assert {f.source for f in raw.files} == {endless}  # verified: what came after the stream was never read
     assert time.perf_counter() - started < 15

@@ -17,6 +17,8 @@ from tasks.register import register_model
 from tasks.train import train_model
 from tests.helpers import learnable_cache, local_run
 
+pytestmark = pytest.mark.training
+
 
 def test_metrics_match_a_hand_computed_example() -> None:
     true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
@@ -21,9 +22,12 @@ from fmnist.model import TrainParams
 from fmnist.registry import Registry
 from fmnist.retention import RetentionParams
 from fmnist.storage import Store
+from tasks.download import download_with_retries
 from tasks.validate import DriftError
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.seaweedfs import SECRET_KEY
+
+pytestmark = pytest.mark.training
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,3 +256,24 @@ def test_old_run_folders_are_pruned_but_not_a_versions_or_this_runs(learnable_mi
     ).result()
     assert second.version == "v0002"
     assert sorted(p.name for p in runs.iterdir()) == sorted([Path(first.run_dir).name, Path(second.run_dir).name])
+
+
+def test_the_download_task_retries_only_what_may_pass(learnable_mirror, tmp_path: Path) -> None:
+    """One retry layer: mirrors fall through at once; Prefect retries the task, and only on transient errors."""
+    _, spec = learnable_mirror
+
+    @flow
+    def download_from(mirrors: list[str]) -> tuple[bool, object]:
+        state = download_with_retries(2, backoff_s=0)(
+            spec=spec, mirrors=mirrors, storage=local_storage(tmp_path), timeout_s=1, deadline_s=30, return_state=True
+        )
+        return state.is_failed(), state.state_details.task_run_id
+
+    def attempts(mirrors: list[str]) -> int:
+        failed, task_run_id = download_from(mirrors)
+        assert failed
+        with get_client(sync_client=True) as client:
+            return client.read_task_run(task_run_id).run_count
+
+    assert attempts(["http://127.0.0.1:9/"]) == 3  # connection refused: may pass, so two retries
+    assert attempts([str(tmp_path / "no-such-mirror")]) == 1  # a missing file will not appear after a pause

@@ -261,6 +261,7 @@ def registry_with_model(registry: Registry, trained_model) -> Registry:
     return registry
 
 
+@pytest.mark.training
 def test_champion_loads_only_when_its_hash_matches(registry_with_model: Registry) -> None:
     registry = registry_with_model
     assert load_verified_model(registry.store, registry.champion_model()).output_shape == (None, 10)
@@ -272,6 +273,7 @@ def test_champion_loads_only_when_its_hash_matches(registry_with_model: Registry
         load_verified_model(registry.store, registry.champion_model())
 
 
+@pytest.mark.training
 def test_cli(registry_with_model: Registry, tmp_path: Path, capsys) -> None:
     root = ["--registry", registry_with_model.root, "--scratch", str(tmp_path / "cli-scratch")]
     images = []
