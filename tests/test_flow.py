@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
@@ -277,3 +279,17 @@ def test_the_download_task_retries_only_what_may_pass(learnable_mirror, tmp_path
 
     assert attempts(["http://127.0.0.1:9/"]) == 3  # connection refused: may pass, so two retries
     assert attempts([str(tmp_path / "no-such-mirror")]) == 1  # a missing file will not appear after a pause
+
+
+def test_a_png_batch_joins_the_training_data(learnable_mirror, tmp_path: Path) -> None:
+    bag = tmp_path / "data" / "incoming" / "photos" / "Ankle_Boot"
+    bag.mkdir(parents=True)
+    images = synthetic_images(np.full(6, 9, dtype=np.uint8), seed=44)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(bag / f"{i}.PNG")
+    state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    data = Registry(Store(), str(tmp_path / "artifacts")).manifest(state.result().version)["data"]
+    assert list(data["sources"]["incoming"]) == ["photos"] and data["train_rows"] == 500 + 6
+    [row] = json.loads(artifacts_of(state.state_details.flow_run_id)["incoming-batches"])
+    assert (row["batch"], row["kind"], row["rows"], row["status"]) == ("photos", "png", 6, "used")

@@ -14,6 +14,7 @@ from fmnist.dataset import DatasetSpec
 from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.storage import Store, StoredFile, join
+from tasks import normalize as normalize_module
 from tasks.download import RawDataset, download_dataset
 from tasks.normalize import normalize, normalize_and_cache
 from tasks.validate import ValidationReport, validate_raw
@@ -101,6 +102,19 @@ def test_refuses_data_that_failed_validation(mirror, data_layout, store, raw) ->
     with pytest.raises(DataValidationError, match="refusing to cache data that failed validation k"):
         normalize_and_cache(spec, raw, [], failed, store, data_layout)
     assert store.find(data_layout.cache) == []
+
+
+def test_a_normalization_bug_is_caught_by_the_normalized_suite(mirror, data_layout, store, raw, monkeypatch) -> None:
+    """The second contract is a safety net under normalize(): pixels that skipped the division fail it."""
+    _, spec = mirror
+
+    def forgot_the_division(images: np.ndarray) -> np.ndarray:
+        return images.reshape(len(images), -1).astype(np.float32)
+
+    monkeypatch.setattr(normalize_module, "normalize", forgot_the_division)
+    with pytest.raises(DataValidationError, match=r"Normalized data failed validation:\n  - normalized-train: "):
+        build(spec, raw, store, data_layout)
+    assert store.find(data_layout.cache) == []  # nothing cached
 
 
 def test_failed_write_publishes_no_entry_and_leaves_no_temp_files(data_layout, store, tmp_path) -> None:

@@ -365,6 +365,22 @@ def test_a_damaged_champion_pointer_is_reported_and_repaired_from_the_audit_log(
     assert "is intact (champion v0001); nothing to repair" in capsys.readouterr().err
 
 
+def test_cli_promote_and_rollback_move_the_champion(registry: Registry, tmp_path: Path, capsys) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    root = ["--registry", registry.root, "--scratch", str(tmp_path / "scratch")]
+    assert cli.main([*root, "promote", "v0001", "--reason", "v0002 misbehaves"]) == 0
+    assert "v0001 is now the champion" in capsys.readouterr().out and registry.champion() == "v0001"
+    assert cli.main([*root, "rollback"]) == 0
+    assert "v0002 is the champion again (was v0001)" in capsys.readouterr().out and registry.champion() == "v0002"
+    assert cli.main([*root, "promote", "v0002"]) == 1
+    assert "v0002 is already the champion" in capsys.readouterr().err
+    assert [(e["event"], e["version"], e["reason"]) for e in registry.promotions()][2:] == [
+        ("promote", "v0001", "v0002 misbehaves"),
+        ("rollback", "v0002", "rolled back by the operator"),
+    ]
+
+
 def test_rollback_to_a_deleted_version_is_refused(registry: Registry) -> None:
     register(registry, 0.85)
     register(registry, 0.86)
