@@ -54,6 +54,16 @@ class CachedDataset:
     reused: bool = False
 
 
+def normalize(images: np.ndarray) -> np.ndarray:
+    """(n, 28, 28) uint8 -> (n, 784) float32 in [0, 1]; bit-identical to the tutorials' x / 255.0.
+
+    The one place the scaling is written: the cache, the CLI and any server use it, never their own.
+    """
+    pixels = images.reshape(len(images), -1).astype(np.float32)
+    pixels /= np.float32(255)
+    return pixels
+
+
 def cache_key(source_hashes: list[str]) -> str:
     return sha256_text("normalized", PREPROCESSING_VERSION, *source_hashes)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import automations, events
+from fmnist.cache import normalize
 from fmnist.dataset import CLASS_NAMES, FASHION_MNIST, IMAGE_SIZE
 from fmnist.incoming import add_batch, known_images
 from fmnist.layout import StorageParams
@@ -114,7 +115,8 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
             raise ImageFileError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
         images.append(image)
     model = load_verified_model(registry.store, registry.champion_model())
-    probabilities = model.predict(np.stack(images).astype(np.float32) / np.float32(255), verbose=0)
+    batch = np.stack(images)
+    probabilities = model.predict(normalize(batch).reshape(batch.shape), verbose=0)
     print(f"champion {registry.champion()}")
     for path, row in zip(args.images, probabilities, strict=True):
         best = int(row.argmax())

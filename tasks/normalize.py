@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from fmnist import idx
-from fmnist.cache import CachedDataset, ParquetCache, cache_key
+from fmnist.cache import CachedDataset, ParquetCache, cache_key, normalize
 from fmnist.contract import (
     DataValidationError,
     FrameCheck,
@@ -26,13 +26,6 @@ from fmnist.storage import Store, join
 from tasks.download import RawDataset
 from tasks.incoming import input_hashes
 from tasks.validate import ValidationReport
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """(n, 28, 28) uint8 -> (n, 784) float32 in [0, 1]; bit-identical to the tutorials' x / 255.0."""
-    pixels = images.reshape(len(images), -1).astype(np.float32)
-    pixels /= np.float32(255)
-    return pixels
 
 
 def normalize_and_cache(

@@ -64,9 +64,8 @@ def cached_dataset(
     root: Path | str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], store=None
 ):
     """A parquet cache entry under `root` (a folder or an s3:// URL) holding the uint8 images and labels, normalized."""
-    from fmnist.cache import ParquetCache
+    from fmnist.cache import ParquetCache, normalize
     from fmnist.storage import Store
-    from tasks.normalize import normalize
 
     splits = {name: (normalize(images), labels) for name, (images, labels) in (("train", train), ("test", test))}
     key = hashlib.sha256(repr(root).encode()).hexdigest()

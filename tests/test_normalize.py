@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmnist import idx
-from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, read_metadata, read_split
+from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, normalize, read_metadata, read_split
 from fmnist.contract import DataValidationError
 from fmnist.dataset import DatasetSpec
 from fmnist.incoming import collect_incoming
@@ -16,7 +16,7 @@ from fmnist.layout import DataLayout
 from fmnist.storage import Store, StoredFile, join
 from tasks import normalize as normalize_module
 from tasks.download import RawDataset, download_dataset
-from tasks.normalize import normalize, normalize_and_cache
+from tasks.normalize import normalize_and_cache
 from tasks.validate import ValidationReport, validate_raw
 from tests.helpers import synthetic_images, write_idx_batch
 
