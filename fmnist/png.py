@@ -44,22 +44,20 @@ def read_grayscale_png(path: Path) -> np.ndarray:
     """The image as a (rows, columns) uint8 array; it must be an 8-bit grayscale PNG."""
     data = _read_limited(path)
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            image.verify()  # every chunk's CRC: a flipped bit in the pixel data is an error, not a wrong image
         # The pixel limit below is ours and lower; Pillow's warning about its own would only be noise.
-        with (
-            warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning),
-            Image.open(io.BytesIO(data), formats=["PNG"]) as image,
-        ):
-            width, height = image.size
-            if width * height > MAX_PNG_PIXELS:
-                raise ImageFileError(
-                    f"{path}: image is {width}x{height}, over the {MAX_PNG_PIXELS:,}-pixel limit (expected 28x28)"
-                )
-            if image.mode != "L":
-                raise ImageFileError(f"{path}: colour mode {image.mode}; expected 8-bit grayscale (L)")
-            image.load()
-            return np.asarray(image, dtype=np.uint8)
+        with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning):
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                width, height = image.size  # from the header: nothing is decoded yet
+                if width * height > MAX_PNG_PIXELS:
+                    raise ImageFileError(
+                        f"{path}: image is {width}x{height}, over the {MAX_PNG_PIXELS:,}-pixel limit (expected 28x28)"
+                    )
+                image.verify()  # every chunk's CRC: a flipped bit in the pixel data is an error, not a wrong image
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:  # verify() leaves an image unusable
+                if image.mode != "L":
+                    raise ImageFileError(f"{path}: colour mode {image.mode}; expected 8-bit grayscale (L)")
+                image.load()
+                return np.asarray(image, dtype=np.uint8)
     except ImageFileError:
         raise
     except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, ValueError, DecompressionBombError...

@@ -301,8 +301,11 @@ class Registry:
 
     # --- the champion -----------------------------------------------------------------------------
 
-    def _read_champion(self) -> tuple[dict | None, str | None]:
-        """The champion record and its etag; (None, None) before the first promotion."""
+    def _read_champion(self, *, damaged_ok: bool = False) -> tuple[dict | None, str | None]:
+        """The champion record and its etag; (None, None) before the first promotion.
+
+        A damaged pointer raises, or with `damaged_ok` reads as no champion, with the etag to replace it by.
+        """
         found = self.store.read_versioned(self.champion_file)
         if found is None:
             return None, None
@@ -312,9 +315,11 @@ class Registry:
             if not isinstance(record, dict) or not VERSION.fullmatch(str(record.get("version"))):
                 raise ValueError("no version in it")
         except ValueError as exc:
+            if damaged_ok:
+                return None, etag
             raise RegistryError(
-                f"{self.champion_file}: the champion pointer is damaged ({exc}); "
-                "`fashion-mnist promote VERSION` replaces it"
+                f"{self.champion_file}: the champion pointer is damaged ({exc}); `fashion-mnist repair-champion` "
+                "restores it from the audit log, `fashion-mnist promote VERSION` replaces it"
             ) from exc
         return record, etag
 
@@ -331,13 +336,7 @@ class Registry:
         `repair`: a damaged pointer is replaced instead of refused (an operator's promote).
         """
         for attempt in range(CHAMPION_MOVE_ATTEMPTS):
-            try:
-                current, etag = self._read_champion()
-            except RegistryError:
-                if not repair:
-                    raise
-                found = self.store.read_versioned(self.champion_file)
-                current, etag = None, found[1] if found else None
+            current, etag = self._read_champion(damaged_ok=repair)
             if current:
                 self._log(current)  # its writer may have died before logging it
             new = change(current)
@@ -408,14 +407,9 @@ class Registry:
 
     def repair_champion(self) -> dict:
         """Rewrite a damaged or missing champion pointer from the audit log's last entry; return it."""
-        found = self.store.read_versioned(self.champion_file)
-        if found is not None:
-            try:
-                record, _ = self._read_champion()
-            except RegistryError:
-                pass
-            else:
-                raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
+        record, etag = self._read_champion(damaged_ok=True)
+        if record is not None:
+            raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
         entries = self.promotions()
         if not entries:
             raise RegistryError(f"no audit log in {self.log_root} to restore the champion pointer from")
@@ -428,14 +422,15 @@ class Registry:
         last = entries[-1]
         model = last.get("model_sha256") or self._vouched_model(last["version"])
         record = {**last, "previous": previous, "model_sha256": model}
-        self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), found[1] if found else None)
+        self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), etag)
         return record
 
-    def prior_version(self, fingerprint: str) -> str | None:
-        """The newest of the last `FINGERPRINT_SCAN` versions made from exactly this data, code and parameters."""
+    def prior_version(self, fingerprint: str) -> dict | None:
+        """The manifest of the newest of the last `FINGERPRINT_SCAN` versions made from exactly this data,
+        code and parameters."""
         for version in reversed(self.versions()[-FINGERPRINT_SCAN:]):
-            if self.manifest(version).get("fingerprint") == fingerprint:
-                return version
+            if (manifest := self.manifest(version)).get("fingerprint") == fingerprint:
+                return manifest
         return None
 
     def ever_champion(self) -> set[str]:

@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,6 +134,12 @@ def _verify(path: Path, file: StoredFile) -> None:
     """Raise IntegrityError, naming `file`'s location, unless the local `path` holds `file`'s content."""
     if (found := sha256_file(path)) != file.sha256:
         raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
+
+
+def _below(path: str, found: Iterable[str]) -> dict[str, str]:
+    """Each of the listed paths `found` that is below `path`, by its path relative to `path`."""
+    prefix = path.rstrip("/") + "/"
+    return {f.removeprefix(prefix): f for f in found if f.startswith(prefix)}
 
 
 def _s3_error_code(exc: BaseException) -> str | None:
@@ -317,9 +323,7 @@ class Store:
         """Paths, relative to `location`, of every file below it."""
         fs, path = self._fs(location)
         with self._errors(location):
-            found = fs.find(path)
-        prefix = path.rstrip("/") + "/"
-        return sorted(f.removeprefix(prefix) for f in found if f.startswith(prefix))
+            return sorted(_below(path, fs.find(path)))
 
     def last_modified(self, location: str) -> datetime | None:
         """When a file at or below `location` last changed; None if there is none."""
@@ -384,10 +388,11 @@ class Store:
             return
         fs, path = self._fs(location)
         with self._errors(location):
-            sizes = fs.find(path, detail=True)
-        if max_bytes is not None and (total := sum(info["size"] for info in sizes.values())) > max_bytes:
+            found = fs.find(path, detail=True)  # one listing: the names and their sizes
+        below = _below(path, found)
+        if max_bytes is not None and (total := sum(found[key]["size"] for key in below.values())) > max_bytes:
             raise TooLarge(f"{location}: {total:,} bytes, over the {max_bytes:,}-byte limit for this folder")
-        names = self.find(location)
+        names = sorted(below)
         if escaping := [name for name in names if ".." in name.split("/")]:
             raise StorageError(f"{join(location, escaping[0])}: a key with '..' in it would land outside {location}")
         tmp_root = self.require_scratch(location) / "tmp"

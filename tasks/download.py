@@ -28,7 +28,6 @@ from fmnist.dataset import DatasetSpec, RemoteFile
 from fmnist.layout import StorageParams
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize
 
-_CHUNK = 1 << 20
 RETRY_BACKOFF_S = 10.0  # before the download task's first retry; doubled for each one after
 log = logging.getLogger(__name__)
 

@@ -209,15 +209,17 @@ def prior_run(registry: Registry, run_fingerprint: str, *, floor: float, toleran
     moved) is gated again against today's champion and promoted if it passes.
     """
     champion = registry.champion()
-    version = registry.prior_version(run_fingerprint)
-    if version is None:
+    manifest = registry.prior_version(run_fingerprint)
+    if manifest is None:
         return None
+    version = manifest["version"]
     same = "was trained from the same data, code and parameters"
     if version == champion:
         if registry.damaged_files(version):
             return None  # the champion's files are damaged: train a replacement
-        return PriorRun(version, champion, False, f"Champion {version} is current: {same[4:]}. Nothing retrained.")
-    gate = gate_of(registry.manifest(version))
+        message = f"Champion {version} is current: trained from the same data, code and parameters. Nothing retrained."
+        return PriorRun(version, champion, False, message)
+    gate = gate_of(manifest)
     if not gate["passed"]:
         return PriorRun(
             version,
