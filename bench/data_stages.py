@@ -26,12 +26,12 @@ STAGES = ("download", "collect_incoming", "validate", "normalize_cache")
 def run_stages(root: Path, cold: bool) -> dict:
     started = time.perf_counter()
     from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.download import download_dataset
     from fmnist.incoming import collect_incoming
     from fmnist.layout import DataLayout
+    from fmnist.normalization import normalize_and_cache
     from fmnist.storage import Store
-    from tasks.download import download_dataset
-    from tasks.normalize import normalize_and_cache
-    from tasks.validate import validate_raw
+    from fmnist.validation import validate_raw
 
     if cold:
         import great_expectations  # noqa: F401  (imported by validation on a miss; timed apart)

@@ -35,14 +35,14 @@ def project_run(seed: int, epochs: int) -> dict:
 
     from fmnist.cache import read_split
     from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
-    from fmnist.layout import DataLayout
+    from fmnist.download import download_dataset
+    from fmnist.layout import DataLayout, RunLayout
     from fmnist.model import TrainParams
+    from fmnist.normalization import normalize_and_cache
     from fmnist.run_folder import RunFolder
     from fmnist.storage import Store
-    from tasks.download import download_dataset
-    from tasks.normalize import normalize_and_cache
-    from tasks.train import train_model
-    from tasks.validate import validate_raw
+    from fmnist.training import train_model
+    from fmnist.validation import validate_raw
 
     with tempfile.TemporaryDirectory() as tmp:
         layout, store = DataLayout(str(Path(tmp) / "data")), Store()
@@ -50,7 +50,9 @@ def project_run(seed: int, epochs: int) -> dict:
         report = validate_raw(FASHION_MNIST, raw, [], store, layout.validation)
         cached = normalize_and_cache(FASHION_MNIST, raw, [], report, store, layout)
         started = time.perf_counter()
-        result = train_model(cached, TrainParams(seed=seed, epochs=epochs), RunFolder(store, str(Path(tmp) / "run")))
+        result = train_model(
+            cached, TrainParams(seed=seed, epochs=epochs), RunFolder(store, RunLayout(str(Path(tmp) / "run")))
+        )
         fit_s = time.perf_counter() - started
         history = json.loads(Path(result.history.location).read_text())["epochs"]
         test_images, test_labels = read_split(Path(cached.test.path))

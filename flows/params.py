@@ -12,17 +12,8 @@ from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
 from fmnist.drift import DriftSetting
 from fmnist.incoming import BadBatches
 from fmnist.model import TrainParams
+from fmnist.registry import PromotionParams
 from fmnist.retention import RetentionParams
-
-
-class PromotionParams(BaseModel):
-    """The gate a new version must pass to become champion."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_accuracy: float = Field(0.80, ge=0, le=1, description="Absolute floor on test accuracy (chance is 0.10)")
-    tolerance: float = Field(0.005, ge=0, le=1, description="How far below the champion a new version may be")
-    force: bool = Field(False, description="Promote whatever the metrics say (an operator's decision)")
 
 
 class RetrainParams(BaseModel):

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
-from flows.train import train, train_on_deployment
+from flows.train import run_training
 from fmnist import events
 from fmnist.layout import StorageParams
 from tasks.download import download_with_retries
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task
 from tasks.normalize import normalize_task
-from tasks.register import build_manifest, fingerprint, prior_run_task, register_task, test_set_id
+from tasks.register import prior_run_task, register_task
 from tasks.retention import prune_runs_task
 from tasks.validate import validate_task
 
@@ -62,45 +61,35 @@ def retrain(
         spec=params.dataset, raw=raw, incoming=incoming, storage=storage, drift_setting=params.drift
     )
     cached = normalize_task(spec=params.dataset, raw=raw, incoming=incoming, validation=validation, storage=storage)
-    run_fingerprint = fingerprint(cached.key, params.training)
-    prior = None
-    if not params.force_retrain:
-        prior = prior_run_task(
-            storage=storage,
-            run_fingerprint=run_fingerprint,
-            floor=params.promotion.min_accuracy,
-            tolerance=params.promotion.tolerance,
-        )
+    prior = prior_run_task(
+        storage=storage,
+        cached=cached,
+        params=params.training,
+        promotion=params.promotion,
+        force_retrain=params.force_retrain,
+    )
     if prior:
         prune_runs_task(storage=storage, retention=params.retention, current_run=flow_run.get_id())
         return RetrainOutcome(data_key=cached.key, champion=prior.champion)
 
-    # The flow run's id names its folder, so a retried run finds its own training backup.
-    run_dir = storage.run_folder(flow_run.get_id() or uuid.uuid4().hex)
-    if training_deployment:
-        trained = train_on_deployment(
-            training_deployment, cached, params.training, run_dir, storage, params.training_silence_timeout_s
-        )
-    else:
-        trained = train(cached=cached, params=params.training, run_dir=run_dir, storage=storage)
-    evaluation = evaluate_task(trained=trained, cached=cached, storage=storage)
-    manifest = build_manifest(
-        run_fingerprint=run_fingerprint,
+    run = storage.run_layout(flow_run.get_id())
+    trained = run_training(
+        training_deployment,
         cached=cached,
-        test_set=test_set_id(raw.test_images.sha256, raw.test_labels.sha256),
+        params=params.training,
+        run=run,
+        storage=storage,
+        silence_timeout_s=params.training_silence_timeout_s,
+    )
+    evaluation = evaluate_task(trained=trained, cached=cached, storage=storage)
+    registration = register_task(
+        storage=storage,
+        raw=raw,
+        cached=cached,
         params=params.training,
         trained=trained,
         evaluation=evaluation,
-        flow_run_id=flow_run.get_id(),
-    )
-    registration = register_task(
-        storage=storage,
-        trained=trained,
-        evaluation=evaluation,
-        manifest=manifest,
-        floor=params.promotion.min_accuracy,
-        tolerance=params.promotion.tolerance,
-        force=params.promotion.force,
+        promotion=params.promotion,
     )
     prune_runs_task(storage=storage, retention=params.retention, current_run=flow_run.get_id())
     return RetrainOutcome(
@@ -110,7 +99,7 @@ def retrain(
         version_dir=registration.version_dir,
         promoted=registration.promoted,
         test_accuracy=evaluation.test_accuracy,
-        run_dir=run_dir,
+        run_dir=run.location,
     )
 
 

@@ -1,7 +1,7 @@
 """The training flow: its own deployment, so training can run on a GPU worker's pool.
 
 The retraining flow hands it small things only (the cached dataset's locations and hashes, the
-parameters, the run folder's location, where things are stored); the hosts share no disk, only the
+parameters, the run folder's layout, where things are stored); the hosts share no disk, only the
 store (a bucket, or a shared folder). The result comes back through `train_result.json` in the run
 folder, not through Prefect's result storage, which another host does not share.
 
@@ -30,10 +30,11 @@ from prefect.states import Crashed
 
 from fmnist import events
 from fmnist.cache import CachedDataset
-from fmnist.layout import StorageParams
+from fmnist.layout import RunLayout, StorageParams
 from fmnist.model import TrainParams
 from fmnist.run_folder import RunFolder
-from tasks.train import TrainResult, load_result, train_task
+from fmnist.training import TrainResult, load_result
+from tasks.train import train_task
 
 # A training run that crashed is started again, twice at most: enough for a reclaimed spot host and
 # an OOM kill in one night, not a loop on a run that cannot succeed.
@@ -51,9 +52,9 @@ class TrainingRunSilent(TrainingRunFailed):
 
 @flow(name="train-fashion-mnist")
 def train(
-    cached: CachedDataset, params: TrainParams, run_dir: str, storage: StorageParams = StorageParams()
+    cached: CachedDataset, params: TrainParams, run: RunLayout, storage: StorageParams = StorageParams()
 ) -> TrainResult:
-    return train_task(cached=cached, params=params, run_dir=run_dir, storage=storage)
+    return train_task(cached=cached, params=params, run=run, storage=storage)
 
 
 def last_sign_of_life(client: SyncPrefectClient, run: FlowRun) -> datetime:
@@ -107,7 +108,7 @@ def train_on_deployment(
     deployment: str,
     cached: CachedDataset,
     params: TrainParams,
-    run_dir: str,
+    run: RunLayout,
     storage: StorageParams,
     silence_timeout_s: float,
 ) -> TrainResult:
@@ -115,7 +116,7 @@ def train_on_deployment(
     parameters = {
         "cached": asdict(cached),
         "params": params.model_dump(),
-        "run_dir": run_dir,
+        "run": asdict(run),
         "storage": storage.model_dump(),
     }
     attempts = CRASH_RESUBMISSIONS + 1
@@ -125,7 +126,7 @@ def train_on_deployment(
         flow_run = wait_for_run(submitted.id, silence_timeout_s)
         state = flow_run.state
         if state is not None and state.is_completed():
-            return load_result(RunFolder(storage.store(), run_dir))
+            return load_result(RunFolder(storage.store(), run))
         if state is None or not state.is_crashed() or attempt == attempts:
             raise TrainingRunFailed(
                 f"training run {flow_run.name} ({flow_run.id}) on {deployment} ended "
@@ -138,3 +139,18 @@ def train_on_deployment(
         get_run_logger().warning(message)
         events.emit(events.TRAINING_RESTARTED, storage.registry, message, crashed_run=str(flow_run.id))
         attempt += 1
+
+
+def run_training(
+    deployment: str | None,
+    *,
+    cached: CachedDataset,
+    params: TrainParams,
+    run: RunLayout,
+    storage: StorageParams,
+    silence_timeout_s: float,
+) -> TrainResult:
+    """Train on `deployment` ('flow/deployment', e.g. on the GPU pool), or in this process when None."""
+    if deployment is None:
+        return train(cached=cached, params=params, run=run, storage=storage)
+    return train_on_deployment(deployment, cached, params, run, storage, silence_timeout_s)

@@ -14,7 +14,7 @@ dictionary-encoded (a normalized 8-bit image has at most 256 distinct values) an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class CachedDataset:
     train: CachedSplit
     test: CachedSplit
     sources: dict  # the content hashes it was made from: {"canonical": [...], "incoming": {batch: hash}}
+    rows_by_source: dict[str, int] = field(default_factory=dict)  # training rows: canonical, then each batch
     reused: bool = False
 
 
@@ -118,7 +119,13 @@ class ParquetCache:
                 self.store.local_copy(split.file)
         except (FileNotFoundError, IntegrityError, KeyError, TypeError):
             return None  # a store that fails (unreachable, access denied) raises: that is no cache miss
-        return CachedDataset(key=key, sources=manifest.get("sources", {}), reused=True, **splits)
+        return CachedDataset(
+            key=key,
+            sources=manifest.get("sources", {}),
+            rows_by_source=manifest.get("train_rows_by_source", {}),
+            reused=True,
+            **splits,
+        )
 
     def store_entry(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], metadata: dict) -> CachedDataset:
         """Write every split, then publish the entry by writing its manifest; a failure publishes nothing."""
@@ -138,4 +145,9 @@ class ParquetCache:
         manifest = {"key": key, "preprocessing_version": PREPROCESSING_VERSION, **metadata}
         manifest["splits"] = {name: vars(split) for name, split in written.items()}
         self.store.write_json(join(self.entry(key), "manifest.json"), manifest)
-        return CachedDataset(key=key, sources=metadata.get("sources", {}), **written)
+        return CachedDataset(
+            key=key,
+            sources=metadata.get("sources", {}),
+            rows_by_source=metadata.get("train_rows_by_source", {}),
+            **written,
+        )

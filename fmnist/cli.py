@@ -34,7 +34,7 @@ from fmnist.incoming import add_batch, known_images
 from fmnist.layout import StorageParams
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.registry import Registry, RegistryError, gate_of
+from fmnist.registry import Registry, RegistryError
 from fmnist.retention import RetentionParams, prune_runs
 from fmnist.storage import StorageError, StoredFile, join
 
@@ -54,17 +54,14 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
     for version in versions:
         m = registry.manifest(version)
         mark = "*" if version == champion else ""
-        gate = gate_of(m)
-        if not gate["passed"]:
-            decision = f"kept back: {gate['reason']}"
+        gate = m.gate
+        if not gate.passed:
+            decision = f"kept back: {gate.reason}"
         elif version in served or version == champion:
-            decision = f"promoted: {gate['reason']}"
+            decision = f"promoted: {gate.reason}"
         else:  # its run stopped before the pointer moved, or another version won the race
-            decision = f"passed the gate, never champion: {gate['reason']}"
-        print(
-            f"{mark:2}{version:9}{m['registered_at']:27}{m['metrics']['test_accuracy']:>9.4f}  "
-            f"{m['params']['preset']:8}{decision}"
-        )
+            decision = f"passed the gate, never champion: {gate.reason}"
+        print(f"{mark:2}{version:9}{m.registered_at:27}{m.metrics.test_accuracy:>9.4f}  {m.params.preset:8}{decision}")
     print(f"\n* champion: {champion or 'none'}")
 
 
@@ -76,7 +73,7 @@ def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
         "files_intact": not damaged,
         "damaged_files": damaged,
     }
-    print(json.dumps({**status, **registry.manifest(args.version)}, indent=1))
+    print(json.dumps({**status, **registry.manifest(args.version).to_json()}, indent=1))
 
 
 def cmd_promote(registry: Registry, args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.overlap import KnownImages
 from fmnist.png import ImageFileError, read_grayscale_png
 from fmnist.storage import Store, StoredFile, TooLarge, join
+
+if TYPE_CHECKING:
+    from fmnist.download import RawDataset
 
 log = logging.getLogger(__name__)
 # Present while `add_batch` copies a batch in: runs leave such a folder alone.
@@ -324,3 +327,8 @@ def add_batch(
         store.put_file(file, join(target, *file.relative_to(source).parts))
     store.delete(join(target, INCOMPLETE))
     return IncomingBatch(name, target, kind, content_sha256(images, labels), len(labels))
+
+
+def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
+    """What the data stages' cache keys are made of: the canonical files' and each batch's content."""
+    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]

@@ -6,8 +6,10 @@ reads and writes them.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,8 +73,9 @@ class StorageParams(BaseModel):
     def runs(self) -> str:
         return join(self.registry, "runs")
 
-    def run_folder(self, run_id: str) -> str:
-        return join(self.runs, run_id)
+    def run_layout(self, run_id: str | None) -> RunLayout:
+        """The folder of the run `run_id` (a flow run's id, so a retried run finds its own training backup)."""
+        return RunLayout(join(self.runs, run_id or uuid.uuid4().hex))
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,30 @@ class DataLayout:
     @property
     def cache(self) -> str:
         return join(self.root, "cache")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One run's folder in the registry's store, `<registry_root>/runs/<run id>/`, and what the stages
+    write in it (`fmnist.run_folder` reads and writes it, and resumes a run from it on any host):
+
+        history.json            per-epoch metrics, kept across resumes
+        model.keras             the trained model
+        train_result.json       what training hands back to the retraining flow (which may run elsewhere)
+        tensorboard/            TensorBoard logs
+        evaluation/             metrics.json and the plots
+        backup/                 Keras BackupAndRestore state while training runs
+    """
+
+    location: str
+    HISTORY: ClassVar[str] = "history.json"
+    MODEL: ClassVar[str] = "model.keras"
+    TRAIN_RESULT: ClassVar[str] = "train_result.json"
+    TENSORBOARD: ClassVar[str] = "tensorboard"
+    EVALUATION: ClassVar[str] = "evaluation"
+    METRICS: ClassVar[str] = "metrics.json"  # in evaluation/
+    BACKUP: ClassVar[str] = "backup"
+
+    def file(self, *parts: str) -> str:
+        """The location of a file of this run in the store."""
+        return join(self.location, *parts)

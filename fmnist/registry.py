@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fmnist.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
 
 MODEL = "model.keras"
@@ -42,21 +45,19 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done; the message says why."""
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The promotion gate's verdict on a candidate, and the numbers it compared."""
+class PromotionParams(BaseModel):
+    """The gate a new version must pass to become champion."""
 
-    passed: bool
-    reason: str
-    candidate_accuracy: float
-    champion_version: str | None
-    champion_accuracy: float | None
-    floor: float
-    tolerance: float
-    # The best champion so far on the same test set, when better than the one in service: the
-    # tolerance is measured from it, so it cannot accumulate over a chain of promotions.
-    best_version: str | None = None
-    best_accuracy: float | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    min_accuracy: float = Field(0.80, ge=0, le=1, description="Absolute floor on test accuracy (chance is 0.10)")
+    tolerance: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="How far below the champion, and below the best champion before it, a new version may be",
+    )
+    force: bool = Field(False, description="Promote whatever the metrics say (an operator's decision)")
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,12 @@ class Registered:
 def decide(
     candidate_accuracy: float,
     test_set: str,
-    champion: dict | None,
+    champion: VersionManifest | None,
     *,
     floor: float,
     tolerance: float,
     force: bool = False,
-    best: dict | None = None,
+    best: VersionManifest | None = None,
 ) -> Decision:
     """The promotion gate: an absolute floor, then not worse than the champion beyond `tolerance`.
 
@@ -85,13 +86,13 @@ def decide(
     the bar when it beats the champion: measured from the champion alone, each new champion could
     be `tolerance` worse than the last, and accuracy could ratchet down a little every night.
     """
-    champion_version = champion["version"] if champion else None
-    champion_accuracy = champion["metrics"]["test_accuracy"] if champion else None
-    if best is not None and (best["data"]["test_set"] != test_set or champion is None):
+    champion_version = champion.version if champion else None
+    champion_accuracy = champion.metrics.test_accuracy if champion else None
+    if best is not None and (best.data.test_set != test_set or champion is None):
         best = None
-    if best is not None and best["metrics"]["test_accuracy"] <= champion_accuracy:
+    if best is not None and best.metrics.test_accuracy <= champion_accuracy:
         best = None
-    best_version, best_accuracy = (best["version"], best["metrics"]["test_accuracy"]) if best else (None, None)
+    best_version, best_accuracy = (best.version, best.metrics.test_accuracy) if best else (None, None)
 
     def verdict(passed: bool, reason: str) -> Decision:
         return Decision(
@@ -112,7 +113,7 @@ def decide(
         return verdict(False, f"test accuracy {candidate_accuracy:.4f} is below the floor {floor:.4f}")
     if champion is None:
         return verdict(True, f"first version to clear the floor ({candidate_accuracy:.4f} >= {floor:.4f})")
-    if champion["data"]["test_set"] != test_set:
+    if champion.data.test_set != test_set:
         return verdict(False, f"champion {champion_version} was measured on another test set; not comparable")
     if candidate_accuracy < champion_accuracy - tolerance:
         return verdict(
@@ -138,14 +139,6 @@ class _Declined(Exception):
 
     def __init__(self, decision: Decision) -> None:
         self.decision = decision
-
-
-def gate_of(manifest: dict) -> dict:
-    """The gate's verdict in a version's manifest (`passed`, `reason`, ...); early manifests called it `decision`."""
-    if "gate" in manifest:
-        return manifest["gate"]
-    old = manifest["decision"]
-    return {**old, "passed": old["promoted"]}
 
 
 def _number(version: str) -> int:
@@ -180,19 +173,22 @@ class Registry:
             raise self._unknown(version)
         return join(self.versions_root, version)
 
-    def manifest(self, version: str) -> dict:
+    def manifest(self, version: str) -> VersionManifest:
         if not VERSION.fullmatch(version):
             raise self._unknown(version)
+        location = join(self.versions_root, version, "manifest.json")
         try:
-            return self.store.read_json(join(self.versions_root, version, "manifest.json"))
+            return VersionManifest.model_validate(self.store.read_json(location))
         except FileNotFoundError:
             raise self._unknown(version) from None
         except IntegrityError as exc:
             raise RegistryError(f"{exc}; the version's manifest is damaged") from exc
+        except ValidationError as exc:
+            raise RegistryError(f"{location}: the version's manifest is damaged ({exc})") from exc
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
-        files = self.manifest(version)["files"]
+        files = self.manifest(version).files
         folder = join(self.versions_root, version)
         damaged = []
         for name, digest in files.items():
@@ -205,7 +201,7 @@ class Registry:
 
     def file(self, version: str, name: str) -> StoredFile:
         """A file of `version` and the sha256 its manifest records for it."""
-        files = self.manifest(version)["files"]
+        files = self.manifest(version).files
         if name not in files:
             raise RegistryError(f"{version} has no {name}")
         return StoredFile(join(self.versions_root, version, name), files[name])
@@ -225,19 +221,19 @@ class Registry:
     def register(
         self,
         files: dict[str, StoredFile],
-        manifest: dict,
+        manifest: RunManifest,
         *,
         floor: float,
         tolerance: float,
         force: bool = False,
-        model_card: Callable[[dict], str] | None = None,
+        model_card: Callable[[VersionManifest], str] | None = None,
     ) -> Registered:
         """Publish a new version of `files` (each verified against its sha256); promote it if it passes the gate.
 
         `model_card` turns the version's final manifest (with its number and verdict) into markdown.
         """
         current = self.champion_record()  # first: a damaged pointer stops the registration before a number is taken
-        version = self._claim_version({"flow_run_id": manifest.get("flow_run_id"), "claimed_at": _now()})
+        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now()})
         decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
         folder = join(self.versions_root, version)
         hashes = {}
@@ -249,13 +245,15 @@ class Registry:
             if (found := self.store.sha256(stored)) != file.sha256:
                 raise IntegrityError(f"{stored}: the copy hashes to {found}, not the recorded {file.sha256}")
             hashes[name] = file.sha256
-        record = {**manifest, "version": version, "registered_at": _now(), "gate": asdict(decision)}
+        record = VersionManifest.model_validate(
+            {**manifest.to_json(), "version": version, "registered_at": _now(), "gate": asdict(decision)}
+        )
         if model_card:
             card = model_card(record).encode()
             self.store.write_bytes(join(folder, "model_card.md"), card)
             hashes["model_card.md"] = hashlib.sha256(card).hexdigest()
-        record["files"] = dict(sorted(hashes.items()))
-        self.store.create(join(folder, "manifest.json"), json.dumps(record, indent=1).encode())
+        record = record.model_copy(update={"files": dict(sorted(hashes.items()))})
+        self.store.create(join(folder, "manifest.json"), json.dumps(record.to_json(), indent=1).encode())
         return self._promote_if_passed(version, record, decision, force)
 
     def promote_registered(self, version: str, *, floor: float, tolerance: float) -> Registered:
@@ -267,20 +265,20 @@ class Registry:
         decision = self._gate(record, self.champion_record(), floor=floor, tolerance=tolerance)
         return self._promote_if_passed(version, record, decision, force=False)
 
-    def _gate(self, record: dict, current: dict | None, **gate: Any) -> Decision:
+    def _gate(self, record: RunManifest, current: dict | None, **gate: Any) -> Decision:
         """The gate's verdict on the candidate `record` (a manifest) against the champion record `current`
         and the best of the champions before it (those a rollback has not taken back)."""
         if current is None:
-            return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], None, **gate)
+            return decide(record.metrics.test_accuracy, record.data.test_set, None, **gate)
         earlier = []
         for version in current["previous"]:
             with contextlib.suppress(RegistryError):  # a version deleted since: no longer a yardstick
                 earlier.append(self.manifest(version))
-        best = max(earlier, key=lambda m: m["metrics"]["test_accuracy"], default=None)
+        best = max(earlier, key=lambda m: m.metrics.test_accuracy, default=None)
         champion = self.manifest(current["version"])
-        return decide(record["metrics"]["test_accuracy"], record["data"]["test_set"], champion, best=best, **gate)
+        return decide(record.metrics.test_accuracy, record.data.test_set, champion, best=best, **gate)
 
-    def _promote_if_passed(self, version: str, record: dict, decision: Decision, force: bool) -> Registered:
+    def _promote_if_passed(self, version: str, record: VersionManifest, decision: Decision, force: bool) -> Registered:
         if not decision.passed:
             return Registered(version, decision, False, decision.champion_version)
         try:
@@ -289,7 +287,9 @@ class Registry:
             return Registered(version, declined.decision, False, self.champion())
         return Registered(version, decision, True, version)
 
-    def _promotion(self, current: dict | None, version: str, record: dict, decision: Decision, force: bool) -> dict:
+    def _promotion(
+        self, current: dict | None, version: str, record: VersionManifest, decision: Decision, force: bool
+    ) -> dict:
         """The champion record that makes `version` champion, if it still passes against `current`."""
         in_service = current["version"] if current else None
         if in_service != decision.champion_version and not force:
@@ -297,7 +297,7 @@ class Registry:
             decision = self._gate(record, current, floor=decision.floor, tolerance=decision.tolerance)
             if not decision.passed:
                 raise _Declined(decision)
-        return _next_record(current, version, decision.reason, "promote", record["files"][MODEL])
+        return _next_record(current, version, decision.reason, "promote", record.files[MODEL])
 
     # --- the champion -----------------------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class Registry:
         champion with before (if ever): an edited model with an edited manifest is refused."""
         if damaged := self.damaged_files(version):
             raise RegistryError(f"{version} is damaged ({', '.join(damaged)})")
-        model = self.manifest(version)["files"][MODEL]
+        model = self.manifest(version).files[MODEL]
         for entry in self.promotions():
             if entry["version"] == version and entry.get("model_sha256") not in (None, model):
                 raise RegistryError(
@@ -425,11 +425,11 @@ class Registry:
         self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), etag)
         return record
 
-    def prior_version(self, fingerprint: str) -> dict | None:
+    def prior_version(self, fingerprint: str) -> VersionManifest | None:
         """The manifest of the newest of the last `FINGERPRINT_SCAN` versions made from exactly this data,
         code and parameters."""
         for version in reversed(self.versions()[-FINGERPRINT_SCAN:]):
-            if (manifest := self.manifest(version)).get("fingerprint") == fingerprint:
+            if (manifest := self.manifest(version)).fingerprint == fingerprint:
                 return manifest
         return None
 

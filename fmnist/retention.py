@@ -29,7 +29,7 @@ class RetentionParams(BaseModel):
 
 def registered_runs(registry: Registry) -> set[str]:
     """The flow runs whose folders hold a registered version's history: never pruned."""
-    return {run for v in registry.versions() if (run := registry.manifest(v).get("flow_run_id"))}
+    return {run for v in registry.versions() if (run := registry.manifest(v).flow_run_id)}
 
 
 def runs_in_progress() -> set[str]:

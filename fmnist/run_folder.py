@@ -1,13 +1,5 @@
-"""A run's folder: where training and evaluation write, and how a crashed run resumes on any host.
-
-The folder lives in the registry's store, `<registry_root>/runs/<flow run id>/`:
-
-    history.json            per-epoch metrics, kept across resumes
-    model.keras             the trained model
-    train_result.json       what training hands back to the retraining flow (which may run elsewhere)
-    tensorboard/            TensorBoard logs
-    evaluation/             metrics.json and the plots
-    backup/                 Keras BackupAndRestore state while training runs
+"""A run's folder (`fmnist.layout.RunLayout`): where training and evaluation write, and how a crashed
+run resumes on any host.
 
 On local disk the stages write straight into it. With an s3:// registry they write into a working
 folder on the host (`<scratch>/runs/<id>/`) and publish what they make. After every epoch, training
@@ -25,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.files import atomic_write_bytes, sha256_file
+from fmnist.layout import RunLayout
 from fmnist.storage import IntegrityError, Store, StoredFile, is_remote, join
 
 # What Keras' BackupAndRestore keeps for a resume (its `.bkp` copies are for a crash during a local write).
@@ -34,19 +27,20 @@ SNAPSHOTS_KEPT = 2
 
 
 class RunFolder:
-    def __init__(self, store: Store, location: str) -> None:
+    def __init__(self, store: Store, layout: RunLayout) -> None:
         self.store = store
-        self.location = location
-        self.remote = is_remote(location)
+        self.layout = layout
+        self.location = layout.location
+        self.remote = is_remote(self.location)
         if self.remote:
-            self.work_dir = store.require_scratch(location) / "runs" / posixpath.basename(location)
+            self.work_dir = store.require_scratch(self.location) / "runs" / posixpath.basename(self.location)
         else:
-            self.work_dir = Path(location)
+            self.work_dir = Path(self.location)
         self._pushed: dict[Path, tuple[int, int]] = {}  # TensorBoard files uploaded: (size, mtime)
 
     def file(self, *parts: str) -> str:
         """The location of a file of this run in the store."""
-        return join(self.location, *parts)
+        return self.layout.file(*parts)
 
     def local(self, *parts: str) -> Path:
         """The path of a file of this run in the local working folder."""
@@ -54,7 +48,7 @@ class RunFolder:
 
     @property
     def backup_dir(self) -> Path:
-        return self.local("backup")
+        return self.local(RunLayout.BACKUP)
 
     def publish(self, *parts: str) -> StoredFile:
         """The local file `parts`, published in the run folder (on disk it already is), with its sha256."""
@@ -78,9 +72,9 @@ class RunFolder:
             return 0
         # The store is the record: a newer local backup may be one the store never got, so it is dropped.
         shutil.rmtree(self.backup_dir, ignore_errors=True)
-        history = self.local("history.json")
+        history = self.local(RunLayout.HISTORY)
         try:
-            atomic_write_bytes(history, self.store.read_bytes(self.file("history.json")))
+            atomic_write_bytes(history, self.store.read_bytes(self.file(RunLayout.HISTORY)))
         except FileNotFoundError:
             history.unlink(missing_ok=True)
         for snapshot in reversed(self._snapshots()):
@@ -102,9 +96,9 @@ class RunFolder:
         """
         if not self.remote:
             return
-        self.store.put_file(self.local("history.json"), self.file("history.json"))
+        self.store.put_file(self.local(RunLayout.HISTORY), self.file(RunLayout.HISTORY))
         self.push_logs()
-        snapshot = self.file("backup", f"epoch-{epochs_done:05d}")
+        snapshot = self.file(RunLayout.BACKUP, f"epoch-{epochs_done:05d}")
         files = {}
         for name in CHECKPOINT_FILES:
             files[name] = sha256_file(self.backup_dir / name)
@@ -115,20 +109,20 @@ class RunFolder:
 
     def push_logs(self) -> None:
         """Upload the TensorBoard files that changed since the last upload."""
-        folder = self.local("tensorboard")
+        folder = self.local(RunLayout.TENSORBOARD)
         if not self.remote or not folder.is_dir():
             return
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             stat = path.stat()
             if self._pushed.get(path) != (stat.st_size, stat.st_mtime_ns):
-                self.store.put_file(path, self.file("tensorboard", *path.relative_to(folder).parts))
+                self.store.put_file(path, self.file(RunLayout.TENSORBOARD, *path.relative_to(folder).parts))
                 self._pushed[path] = (stat.st_size, stat.st_mtime_ns)
 
     def drop_checkpoints(self) -> None:
         """Training is over: its snapshots are no longer needed (Keras removes its local backup itself)."""
         if self.remote:
-            self.store.delete(self.file("backup"))
+            self.store.delete(self.file(RunLayout.BACKUP))
 
     def _snapshots(self) -> list[str]:
-        names = [n for n in self.store.listdir(self.file("backup")) if n.startswith("epoch-")]
-        return [self.file("backup", name) for name in sorted(names)]
+        names = [n for n in self.store.listdir(self.file(RunLayout.BACKUP)) if n.startswith("epoch-")]
+        return [self.file(RunLayout.BACKUP, name) for name in sorted(names)]

@@ -1,110 +1,20 @@
-"""Evaluate stage: the trained model on the fixed test set (and the training set, for the gap)."""
+"""Evaluate stage, as a Prefect task: `fmnist.evaluation`, with the per-class metrics, the confusion
+matrix and a report with the plots as artifacts."""
 
 from __future__ import annotations
 
 import base64
-import json
-from dataclasses import dataclass
 
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from fmnist import plots
-from fmnist.cache import CachedDataset, read_split
-from fmnist.dataset import CLASS_NAMES, NUM_CLASSES
-from fmnist.files import atomic_write_text
-from fmnist.layout import StorageParams
-from fmnist.model import load_verified_model
+from fmnist.cache import CachedDataset
+from fmnist.dataset import CLASS_NAMES
+from fmnist.evaluation import Evaluation, evaluate_model
+from fmnist.layout import RunLayout, StorageParams
 from fmnist.run_folder import RunFolder
 from fmnist.storage import Store, StoredFile
-from tasks.train import TrainResult
-
-PLOTS = ("learning_curves", "confusion_matrix", "sample_predictions")
-
-SAMPLE_IMAGES = 24
-PREDICT_BATCH = 1024
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    test_accuracy: float
-    test_loss: float
-    train_accuracy: float
-    train_loss: float
-    train_test_gap: float  # train accuracy minus test accuracy: how much the model overfits
-    per_class: list[dict]
-    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
-    model_sha256: str  # of the model these numbers are about: registration keeps only that one
-    metrics: StoredFile  # metrics.json in the run folder
-    plots: dict[str, StoredFile]  # each plot's PNG in the run folder
-
-
-def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
-    return np.bincount(true.astype(np.int64) * classes + predicted, minlength=classes * classes).reshape(
-        classes, classes
-    )
-
-
-def per_class_metrics(matrix: np.ndarray) -> list[dict]:
-    """Precision, recall and F1 of each class from a confusion matrix (0 where undefined)."""
-    hits = np.diag(matrix).astype(float)
-    predicted = matrix.sum(axis=0)
-    actual = matrix.sum(axis=1)
-    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
-    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
-    return [
-        {
-            "class": CLASS_NAMES[i],
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(actual[i]),
-        }
-        for i in range(len(matrix))
-    ]
-
-
-def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) -> Evaluation:
-    """Metrics and plots of the trained model, published in the run folder's `evaluation/`."""
-    store = run.store
-    model = load_verified_model(store, trained.model)
-    test_images, test_labels = read_split(store.local_copy(cached.test.file))
-    train_images, train_labels = read_split(store.local_copy(cached.train.file))
-    test_loss, test_accuracy = model.evaluate(test_images, test_labels, batch_size=PREDICT_BATCH, verbose=0)
-    train_loss, train_accuracy = model.evaluate(train_images, train_labels, batch_size=PREDICT_BATCH, verbose=0)
-    predicted = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0).argmax(axis=1)
-    matrix = confusion_matrix(test_labels, predicted)
-
-    history = json.loads(store.local_copy(trained.history).read_text())["epochs"]
-    out_dir = run.local("evaluation")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots.learning_curves(history, float(test_accuracy), out_dir / "learning_curves.png")
-    plots.confusion_matrix_plot(matrix, out_dir / "confusion_matrix.png")
-    plots.sample_predictions(
-        test_images[:SAMPLE_IMAGES],
-        test_labels[:SAMPLE_IMAGES],
-        predicted[:SAMPLE_IMAGES],
-        out_dir / "sample_predictions.png",
-    )
-    metrics = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "train_accuracy": float(train_accuracy),
-        "train_loss": float(train_loss),
-        "train_test_gap": float(train_accuracy - test_accuracy),
-        "per_class": per_class_metrics(matrix),
-        "confusion_matrix": matrix.tolist(),
-    }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    return Evaluation(
-        **metrics,
-        model_sha256=trained.model.sha256,
-        metrics=run.publish("evaluation", "metrics.json"),
-        plots={name: run.publish("evaluation", f"{name}.png") for name in PLOTS},
-    )
+from fmnist.training import TrainResult
 
 
 def _embedded_png(store: Store, png: StoredFile, title: str) -> str:
@@ -131,14 +41,14 @@ def evaluation_markdown(evaluation: Evaluation, trained: TrainResult, store: Sto
             "",
             _embedded_png(store, evaluation.plots["sample_predictions"], "Sample predictions"),
             "",
-            f"Files: `{trained.run_dir}/evaluation`",
+            f"Files: `{trained.run.file(RunLayout.EVALUATION)}`",
         ]
     )
 
 
 @task(name="evaluate")
 def evaluate_task(trained: TrainResult, cached: CachedDataset, storage: StorageParams) -> Evaluation:
-    run = RunFolder(storage.store(), trained.run_dir)
+    run = RunFolder(storage.store(), trained.run)
     evaluation = evaluate_model(trained, cached, run)
     create_table_artifact(
         key="per-class-metrics",

@@ -7,14 +7,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from fmnist import events
+from fmnist.download import RawDataset
 from fmnist.incoming import BadBatches, IncomingBatch, known_images, quarantine, screen_incoming
 from fmnist.layout import StorageParams
-from tasks.download import RawDataset
-
-
-def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
-    """What the data stages' cache keys are made of: the canonical files' and each batch's content."""
-    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
 
 
 @task(name="collect-incoming")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from fmnist.dataset import IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
+from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
 from fmnist.idx import encode_idx
+from fmnist.layout import RunLayout
+from fmnist.manifest import Decision, RunManifest, VersionManifest
 
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -88,4 +91,51 @@ def local_run(folder: Path):
     from fmnist.run_folder import RunFolder
     from fmnist.storage import Store
 
-    return RunFolder(Store(), str(folder))
+    return RunFolder(Store(), RunLayout(str(folder)))
+
+
+def run_manifest(
+    accuracy: float, test_set: str = "test-set-a", run: str = "run", fingerprint: str = "fp"
+) -> RunManifest:
+    """A complete manifest of a run whose model scored `accuracy` on the test set `test_set`."""
+    per_class = [
+        {"class": name, "precision": accuracy, "recall": accuracy, "f1": accuracy, "support": 10}
+        for name in CLASS_NAMES
+    ]
+    return RunManifest.model_validate(
+        {
+            "fingerprint": fingerprint,
+            "flow_run_id": run,
+            "data": {
+                "cache_key": "k" * 64,
+                "test_set": test_set,
+                "train_rows": 200,
+                "test_rows": 100,
+                "train_parquet_sha256": "a" * 64,
+                "test_parquet_sha256": "b" * 64,
+                "sources": {"canonical": ["c" * 64] * 4},
+                "train_rows_by_source": {"canonical": 200},
+            },
+            "params": {"preset": "dnn"},
+            "code": {"sha256": "d" * 64},
+            "libraries": {"tensorflow": "2.x", "keras": "3.x"},
+            "hardware": {"device": "CPU", "mixed_precision": False},
+            "training": {"epochs": 1, "seconds_per_epoch": 1.0},
+            "metrics": {
+                "test_accuracy": accuracy,
+                "test_loss": 0.5,
+                "train_accuracy": accuracy,
+                "train_loss": 0.5,
+                "train_test_gap": 0.0,
+            },
+            "per_class": per_class,
+        }
+    )
+
+
+def version_manifest(version: str, accuracy: float, test_set: str = "test-set-a") -> VersionManifest:
+    """The manifest of a registered version `version` (one that passed the gate) scoring `accuracy`."""
+    gate = Decision(True, "passed", accuracy, None, None, 0.8, 0.005)
+    return VersionManifest.model_validate(
+        {**run_manifest(accuracy, test_set).to_json(), "version": version, "registered_at": "now", "gate": asdict(gate)}
+    )

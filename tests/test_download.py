@@ -16,10 +16,11 @@ import pytest
 from prefect.states import Failed
 
 from fmnist.dataset import DatasetSpec
+from fmnist.download import DownloadError, TransientDownloadError, download_dataset
 from fmnist.files import sha256_file
 from fmnist.layout import DataLayout
 from fmnist.storage import Store, join
-from tasks.download import DownloadError, TransientDownloadError, download_dataset, retry_if_transient
+from tasks.download import retry_if_transient
 from tests.conftest import QuietHandler
 
 

@@ -9,11 +9,12 @@ import pytest
 
 from fmnist import drift
 from fmnist.dataset import DatasetSpec
+from fmnist.download import RawDataset, download_dataset
 from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.storage import Store
-from tasks.download import RawDataset, download_dataset
-from tasks.validate import report_markdown, validate_raw
+from fmnist.validation import validate_raw
+from tasks.validate import report_markdown
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
 

@@ -115,7 +115,7 @@ def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params
     assert run["state_type"] == "COMPLETED", run["state"]
     [training] = stack.child_runs(run["id"], "gpu")
     assert training["state_type"] == "COMPLETED" and training["work_pool_name"] == "fashion-mnist-gpu"
-    assert training["parameters"]["run_dir"] == str(stack.tmp / "artifacts" / "runs" / run["id"])
+    assert training["parameters"]["run"] == {"location": str(stack.tmp / "artifacts" / "runs" / run["id"])}
 
     artifacts = stack.artifacts(run["id"])
     assert {"data-validation", "data-cache", "evaluation-report", "per-class-metrics", "confusion-matrix"} <= set(
@@ -126,7 +126,7 @@ def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params
 
     registry = local_registry(stack.tmp / "artifacts")
     assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
-    assert registry.manifest("v0001")["flow_run_id"] == run["id"]
+    assert registry.manifest("v0001").flow_run_id == run["id"]
     assert registry.damaged_files("v0001") == []
     # The operator hears of it: what happened, which run, and a link to it.
     promoted = webhook.wait_for("fashion-mnist.model.promoted", "v0001", run["name"])

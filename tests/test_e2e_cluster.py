@@ -153,14 +153,14 @@ def test_a_run_across_hosts_that_share_no_disk(cluster: Cluster, run_params: dic
     assert run["state_type"] == "COMPLETED", run["state"]
     [training] = cluster.stack.child_runs(run["id"], "gpu-cluster")
     assert training["state_type"] == "COMPLETED" and training["work_pool_name"] == GPU_POOL
-    assert training["parameters"]["run_dir"] == f"{cluster.bucket}/registry/runs/{run['id']}"
+    assert training["parameters"]["run"] == {"location": f"{cluster.bucket}/registry/runs/{run['id']}"}
 
     registry = cluster.registry()
     assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
     assert registry.damaged_files("v0001") == []  # every file in the bucket hashes to its manifest
     manifest = registry.manifest("v0001")
-    assert manifest["flow_run_id"] == run["id"]
-    assert manifest["code"]["git_commit"] == cluster.commit  # both hosts ran the pinned commit, cloned per run
+    assert manifest.flow_run_id == run["id"]
+    assert manifest.code.git_commit == cluster.commit  # both hosts ran the pinned commit, cloned per run
     # Each host kept verified copies in its own scratch folder; nothing else of the pipeline's on its disk.
     for host in ("cpu-host", "gpu-host"):
         scratch = cluster.hosts / host / ".cache" / "fashion-mnist-pipeline"

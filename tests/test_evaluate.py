@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmnist.evaluation import confusion_matrix, evaluate_model, per_class_metrics
 from fmnist.model import TrainParams
-from fmnist.registry import Registry, RegistryError
+from fmnist.registration import register_model
+from fmnist.registry import PromotionParams, Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
-from tasks.evaluate import confusion_matrix, evaluate_model, evaluation_markdown, per_class_metrics
-from tasks.register import register_model
-from tasks.train import train_model
-from tests.helpers import learnable_cache, local_run
+from fmnist.training import train_model
+from tasks.evaluate import evaluation_markdown
+from tests.helpers import learnable_cache, local_run, run_manifest
 
 pytestmark = pytest.mark.training
 
@@ -51,7 +52,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
     cached, result = trained
-    run = local_run(Path(result.run_dir))
+    run = local_run(Path(result.run.location))
     evaluation = evaluate_model(result, cached, run)
     assert evaluation.model_sha256 == result.model.sha256
 
@@ -59,7 +60,7 @@ def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
     other_model = dataclasses.replace(result, model=StoredFile(result.history.location, result.history.sha256))
     registry = Registry(run.store, str(tmp_path / "registry"))
     with pytest.raises(RegistryError, match=r"but the evaluation is of the model \w+: not registering a model whose"):
-        register_model(registry, other_model, evaluation, {}, floor=0.5, tolerance=0.005, force=False)
+        register_model(registry, other_model, evaluation, run_manifest(0.9), PromotionParams(min_accuracy=0.5))
     assert registry.versions() == [] and not (tmp_path / "registry").exists()
     matrix = np.array(evaluation.confusion_matrix)
     assert matrix.sum() == cached.test.rows

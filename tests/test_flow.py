@@ -16,16 +16,17 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.params import PromotionParams, RetrainParams
+from flows.params import RetrainParams
 from flows.retrain import retrain
 from fmnist import idx
+from fmnist.dataset import CLASS_NAMES
 from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
-from fmnist.registry import Registry
+from fmnist.registry import PromotionParams, Registry
 from fmnist.retention import RetentionParams
 from fmnist.storage import Store
+from fmnist.validation import DriftError
 from tasks.download import download_with_retries
-from tasks.validate import DriftError
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.seaweedfs import SECRET_KEY
 
@@ -77,7 +78,7 @@ def training_progress_of(run_dir: str) -> str:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-progress"])))
         for artifact in found:
             run = client.read_flow_run(artifact.flow_run_id)
-            if run.parameters.get("run_dir") == run_dir:
+            if run.parameters.get("run", {}).get("location") == run_dir:
                 assert run.parent_task_run_id is not None  # ran as a subflow of the retraining run
                 return str(artifact.data)
     raise AssertionError(f"no training-progress artifact for {run_dir}")
@@ -92,13 +93,16 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert Path(outcome.run_dir) == tmp_path / "artifacts" / "runs" / str(flow_run_id)
     registry = Registry(Store(), str(tmp_path / "artifacts"))
     version = registry.manifest("v0001")
-    assert version["flow_run_id"] == str(flow_run_id) and version["data"]["cache_key"] == outcome.data_key
+    assert version.flow_run_id == str(flow_run_id) and version.data.cache_key == outcome.data_key
     assert {"model.keras", "model_card.md", "metrics.json", "history.json", "confusion_matrix.png"} <= set(
-        version["files"]
+        version.files
     )
+    assert version.data.train_rows_by_source == {"canonical": 500}  # the mirror's spec: 50 images a class
     card = (Path(registry.version_dir("v0001")) / "model_card.md").read_text()
-    weakest = min(version["per_class"], key=lambda c: c["f1"])
-    assert f"(lowest F1):\n{weakest['class']} ({weakest['f1']:.3f})" in card
+    weakest = min(version.per_class, key=lambda c: c.f1)
+    assert f"(lowest F1):\n{weakest.name} ({weakest.f1:.3f})" in card
+    assert "500 training rows: the canonical training set (500 images);" in card
+    assert f"the 10 classes ({', '.join(CLASS_NAMES)})" in card
     artifacts = artifacts_of(flow_run_id)
     assert set(artifacts) == {
         "fashion-mnist-download",
@@ -157,7 +161,7 @@ def test_quarantine_moves_bad_batches_aside_and_trains_on_the_rest(learnable_mir
     state = retrain(params_for(learnable_mirror, bad_batches="quarantine"), local_storage(tmp_path), return_state=True)
     assert state.is_completed(), state.message
     registry = Registry(Store(), str(tmp_path / "artifacts"))
-    assert list(registry.manifest(state.result().version)["data"]["sources"]["incoming"]) == ["good"]
+    assert list(registry.manifest(state.result().version).data.sources.incoming) == ["good"]
     assert sorted(p.name for p in incoming.iterdir()) == ["good"]
     moved = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "data" / "quarantine").iterdir()}
     assert sorted(moved) == ["bad-labels", "test-copies"]
@@ -198,7 +202,7 @@ def test_the_whole_flow_on_object_storage(learnable_mirror, bucket: str, tmp_pat
     store = Store(scratch=tmp_path / "another-host")
     registry = Registry(store, f"{bucket}/registry")
     assert registry.versions() == ["v0001"] and registry.damaged_files("v0001") == []
-    assert {"model.keras", "model_card.md", "history.json", "metrics.json"} <= set(registry.manifest("v0001")["files"])
+    assert {"model.keras", "model_card.md", "history.json", "metrics.json"} <= set(registry.manifest("v0001").files)
     assert store.find(f"{bucket}/data/raw") == sorted(r.raw_name for r in learnable_mirror[1].files)
     # Nothing of the credentials anywhere: not in the bucket, the artifacts or the logs.
     everything = b"".join(store.read_bytes(f"{bucket}/{name}") for name in store.find(bucket))
@@ -289,7 +293,8 @@ def test_a_png_batch_joins_the_training_data(learnable_mirror, tmp_path: Path) -
         Image.fromarray(image).save(bag / f"{i}.PNG")
     state = retrain(params_for(learnable_mirror), local_storage(tmp_path), return_state=True)
     assert state.is_completed(), state.message
-    data = Registry(Store(), str(tmp_path / "artifacts")).manifest(state.result().version)["data"]
-    assert list(data["sources"]["incoming"]) == ["photos"] and data["train_rows"] == 500 + 6
+    data = Registry(Store(), str(tmp_path / "artifacts")).manifest(state.result().version).data
+    assert list(data.sources.incoming) == ["photos"] and data.train_rows == 500 + 6
+    assert data.train_rows_by_source == {"canonical": 500, "photos": 6}
     [row] = json.loads(artifacts_of(state.state_details.flow_run_id)["incoming-batches"])
     assert (row["batch"], row["kind"], row["rows"], row["status"]) == ("photos", "png", 6, "used")

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from fmnist import idx
+from fmnist import normalization as normalize_module
 from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, normalize, read_metadata, read_split
 from fmnist.contract import DataValidationError
 from fmnist.dataset import DatasetSpec
+from fmnist.download import RawDataset, download_dataset
 from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
+from fmnist.normalization import normalize_and_cache
 from fmnist.storage import Store, StoredFile, join
-from tasks import normalize as normalize_module
-from tasks.download import RawDataset, download_dataset
-from tasks.normalize import normalize_and_cache
-from tasks.validate import ValidationReport, validate_raw
+from fmnist.validation import ValidationReport, validate_raw
 from tests.helpers import synthetic_images, write_idx_batch
 
 

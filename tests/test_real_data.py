@@ -10,15 +10,15 @@ import pytest
 from fmnist import idx
 from fmnist.cache import CachedDataset, read_split
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+from fmnist.download import RawDataset, download_dataset
+from fmnist.evaluation import evaluate_model
 from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.model import TrainParams
+from fmnist.normalization import normalize_and_cache
 from fmnist.storage import Store
-from tasks.download import RawDataset, download_dataset
-from tasks.evaluate import evaluate_model
-from tasks.normalize import normalize_and_cache
-from tasks.train import train_model
-from tasks.validate import validate_raw
+from fmnist.training import train_model
+from fmnist.validation import validate_raw
 from tests.helpers import local_run, write_idx_batch
 
 LOCAL_MIRROR = Path(DEFAULT_MIRRORS[0])

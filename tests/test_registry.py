@@ -15,23 +15,15 @@ from PIL import Image
 
 from fmnist import cli
 from fmnist.model import TrainParams, load_verified_model
-from fmnist.registry import Registry, RegistryError, decide
+from fmnist.registration import prior_run
+from fmnist.registry import PromotionParams, Registry, RegistryError, decide
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
-from tasks.register import prior_run
-from tasks.train import train_model
-from tests.helpers import learnable_cache, local_run, synthetic_images
+from fmnist.training import train_model
+from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
 from tests.seaweedfs import S3Server
 
 TEST_SET = "test-set-a"
-
-
-def manifest(accuracy: float, test_set: str = TEST_SET, run: str = "run") -> dict:
-    return {
-        "metrics": {"test_accuracy": accuracy},
-        "data": {"test_set": test_set},
-        "flow_run_id": run,
-        "params": {"preset": "dnn"},
-    }
+GATE = PromotionParams(min_accuracy=0.8, tolerance=0.005)
 
 
 def run_files(store: Store, run_dir: str, tag: str) -> dict[str, StoredFile]:
@@ -53,11 +45,11 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Re
 def register(registry: Registry, accuracy: float, **kwargs):
     tag = f"{accuracy}-{len(registry.versions())}"
     files = run_files(registry.store, join(registry.root, "runs", tag), tag)
-    return registry.register(files, manifest(accuracy, **kwargs), floor=0.8, tolerance=0.005)
+    return registry.register(files, run_manifest(accuracy, **kwargs), floor=0.8, tolerance=0.005)
 
 
 def test_gate_floor_first_tolerance_and_force() -> None:
-    champion = {"version": "v0001", "metrics": {"test_accuracy": 0.88}, "data": {"test_set": TEST_SET}}
+    champion = version_manifest("v0001", 0.88, TEST_SET)
     assert not decide(0.79, TEST_SET, None, floor=0.8, tolerance=0.005).passed
     first = decide(0.85, TEST_SET, None, floor=0.8, tolerance=0.005)
     assert first.passed and first.reason.startswith("first version to clear the floor")
@@ -69,12 +61,12 @@ def test_gate_floor_first_tolerance_and_force() -> None:
     assert not other.passed and "another test set" in other.reason
     forced = decide(0.5, TEST_SET, champion, floor=0.8, tolerance=0.005, force=True)
     assert forced.passed and forced.reason == "promotion forced by the operator"
-    best = {"version": "v0000", "metrics": {"test_accuracy": 0.89}, "data": {"test_set": TEST_SET}}
+    best = version_manifest("v0000", 0.89, TEST_SET)
     below_best = decide(0.882, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best)
     assert not below_best.passed and "worse than v0000's 0.8900, the best champion so far" in below_best.reason
     assert (below_best.best_version, below_best.best_accuracy) == ("v0000", 0.89)
     assert decide(0.886, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best).passed
-    other_best = {**best, "data": {"test_set": "test-set-b"}}  # not comparable: not a yardstick
+    other_best = version_manifest("v0000", 0.89, "test-set-b")  # not comparable: not a yardstick
     assert decide(0.876, TEST_SET, champion, floor=0.8, tolerance=0.005, best=other_best).passed
 
 
@@ -96,8 +88,8 @@ def test_versions_are_numbered_immutable_and_self_describing(registry: Registry)
     assert (kept.version, kept.promoted, kept.decision.passed) == ("v0002", False, False)
     assert registry.versions() == ["v0001", "v0002"] and registry.champion() == "v0001"
     record = registry.manifest("v0002")
-    assert record["gate"]["passed"] is False and record["version"] == "v0002"
-    assert set(record["files"]) == {"model.keras", "metrics.json"}
+    assert record.gate.passed is False and record.version == "v0002"
+    assert set(record.files) == {"model.keras", "metrics.json"}
     assert registry.damaged_files("v0002") == []
     assert registry.store.read_bytes(join(registry.version_dir("v0002"), "model.keras")) == b"model 0.7-1"
     assert [(e["sequence"], e["event"], e["version"]) for e in registry.promotions()] == [(1, "promote", "v0001")]
@@ -107,14 +99,14 @@ def test_worse_version_is_registered_but_not_promoted(registry: Registry) -> Non
     register(registry, 0.88)
     worse = register(registry, 0.86)
     assert not worse.promoted and registry.champion() == "v0001"
-    assert registry.manifest(worse.version)["gate"]["champion_accuracy"] == 0.88
+    assert registry.manifest(worse.version).gate.champion_accuracy == 0.88
 
 
 def test_a_run_file_that_changed_after_evaluation_is_not_registered(registry: Registry) -> None:
     files = run_files(registry.store, join(registry.root, "runs", "r"), "evaluated")
     registry.store.write_bytes(files["model.keras"].location, b"swapped after evaluation")
     with pytest.raises(IntegrityError, match=r"model\.keras: sha256 .* is not the recorded"):
-        registry.register(files, manifest(0.9), floor=0.8, tolerance=0.005)
+        registry.register(files, run_manifest(0.9), floor=0.8, tolerance=0.005)
     assert registry.versions() == [] and registry.champion() is None
 
 
@@ -205,7 +197,9 @@ def _register_in_process(args: tuple[str, str, int, dict]) -> tuple[str, bool]:
     store = Store(scratch=Path(scratch))
     registry = Registry(store, root)
     files = run_files(store, join(root, "runs", f"run-{index}"), str(index))
-    registered = registry.register(files, manifest(0.85 + index / 1000, run=f"run-{index}"), floor=0.8, tolerance=0.005)
+    registered = registry.register(
+        files, run_manifest(0.85 + index / 1000, run=f"run-{index}"), floor=0.8, tolerance=0.005
+    )
     return registered.version, registered.promoted
 
 
@@ -215,7 +209,7 @@ def test_concurrent_registrations_lose_nothing(registry: Registry, tmp_path: Pat
         results = pool.map(_register_in_process, jobs)
     versions = [version for version, _ in results]
     assert sorted(versions) == registry.versions() == [f"v{i:04d}" for i in range(1, 9)]
-    runs = {registry.manifest(v)["flow_run_id"] for v in registry.versions()}
+    runs = {registry.manifest(v).flow_run_id for v in registry.versions()}
     assert runs == {f"run-{i}" for i in range(8)}
     assert all(registry.damaged_files(v) == [] for v in registry.versions())
     # Every promotion is in the audit log exactly once, in order, and the pointer is its last entry.
@@ -257,7 +251,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def registry_with_model(registry: Registry, trained_model) -> Registry:
-    registry.register({"model.keras": trained_model.model}, manifest(0.9), floor=0.8, tolerance=0.005)
+    registry.register({"model.keras": trained_model.model}, run_manifest(0.9), floor=0.8, tolerance=0.005)
     return registry
 
 
@@ -399,7 +393,7 @@ def test_a_model_replaced_together_with_its_manifest_is_refused(registry: Regist
         folder = registry.version_dir(version)
         swapped = f"a model someone swapped into {version}".encode()
         registry.store.write_bytes(join(folder, "model.keras"), swapped)
-        record = registry.manifest(version)
+        record = registry.manifest(version).to_json()
         record["files"]["model.keras"] = hashlib.sha256(swapped).hexdigest()
         registry.store.write_bytes(join(folder, "manifest.json"), json.dumps(record).encode())
         assert registry.damaged_files(version) == []  # its own manifest vouches for it: not enough
@@ -438,23 +432,23 @@ def test_a_version_whose_run_stopped_before_the_champion_moved_is_promoted_next_
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(registry, "_move_champion", killed)
         files = run_files(registry.store, join(registry.root, "runs", "crashed"), "crashed")
-        registry.register(files, {**manifest(0.9), "fingerprint": "fp-crashed"}, floor=0.8, tolerance=0.005)
-    assert registry.champion() == "v0001" and registry.manifest("v0002")["gate"]["passed"]
+        registry.register(files, run_manifest(0.9, fingerprint="fp-crashed"), floor=0.8, tolerance=0.005)
+    assert registry.champion() == "v0001" and registry.manifest("v0002").gate.passed
     assert cli.main(["--registry", registry.root, "--scratch", str(tmp_path), "versions"]) == 0
     assert "passed the gate, never champion" in capsys.readouterr().out
 
-    prior = prior_run(registry, "fp-crashed", floor=0.8, tolerance=0.005)
+    prior = prior_run(registry, "fp-crashed", GATE)
     assert (prior.version, prior.promoted, prior.champion) == ("v0002", True, "v0002")
     assert "never became champion" in prior.message and registry.champion() == "v0002"
-    assert prior_run(registry, "fp-crashed", floor=0.8, tolerance=0.005).message.startswith("Champion v0002 is current")
+    assert prior_run(registry, "fp-crashed", GATE).message.startswith("Champion v0002 is current")
 
 
 def test_a_version_rolled_back_from_is_not_put_back_by_the_schedule(registry: Registry) -> None:
     register(registry, 0.85)
     files = run_files(registry.store, join(registry.root, "runs", "bad-in-service"), "bad")
-    registry.register(files, {**manifest(0.9), "fingerprint": "fp-2"}, floor=0.8, tolerance=0.005)
+    registry.register(files, run_manifest(0.9, fingerprint="fp-2"), floor=0.8, tolerance=0.005)
     registry.rollback("it misbehaved in service")
-    prior = prior_run(registry, "fp-2", floor=0.8, tolerance=0.005)
+    prior = prior_run(registry, "fp-2", GATE)
     assert (prior.version, prior.promoted, prior.champion) == ("v0002", False, "v0001")
     assert "it was champion and was replaced" in prior.message and registry.champion() == "v0001"
-    assert prior_run(registry, "fp-never-seen", floor=0.8, tolerance=0.005) is None
+    assert prior_run(registry, "fp-never-seen", GATE) is None

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from fmnist.cache import CachedDataset
+from fmnist.layout import RunLayout
 from fmnist.model import TrainParams, build_model
 from fmnist.run_folder import RunFolder
 from fmnist.storage import IntegrityError, Store
-from tasks.train import ChanceLevelError, NoGpuError, plan_devices, train_model
+from fmnist.training import ChanceLevelError, NoGpuError, plan_devices, train_model
 from tests.helpers import cached_dataset, learnable_cache, local_run
 
 pytestmark = pytest.mark.training
@@ -61,17 +62,18 @@ KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
     import keras
     from pydantic import TypeAdapter
     from fmnist.cache import CachedDataset
+    from fmnist.layout import RunLayout
     from fmnist.model import TrainParams
     from fmnist.run_folder import RunFolder
     from fmnist.storage import Store
-    from tasks.train import train_model
+    from fmnist.training import train_model
 
     class KillAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             os.kill(os.getpid(), signal.SIGKILL)  # no clean-up code runs
 
     cached = TypeAdapter(CachedDataset).validate_json(sys.argv[1])
-    run = RunFolder(Store(scratch=Path(sys.argv[3])), sys.argv[2])
+    run = RunFolder(Store(scratch=Path(sys.argv[3])), RunLayout(sys.argv[2]))
     train_model(cached, TrainParams(epochs=3, seed=7), run, extra_callbacks=(KillAfterFirstEpoch(),))
     """
 )
@@ -128,7 +130,7 @@ def test_a_replacement_host_resumes_from_the_bucket(tmp_path: Path, bucket: str,
     assert [h["epoch"] for h in store.read_json(f"{run_dir}/history.json")["epochs"]] == [1]
 
     with caplog.at_level(logging.INFO):
-        result = train_model(cached, TrainParams(epochs=3, seed=7), RunFolder(store, run_dir))
+        result = train_model(cached, TrainParams(epochs=3, seed=7), RunFolder(store, RunLayout(run_dir)))
     assert "Restored the checkpoint of epoch 1 from " + run_dir in caplog.text
     assert result.resumed_at_epoch == 2 and result.epochs == 3
     assert (

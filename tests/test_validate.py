@@ -12,11 +12,11 @@ import pytest
 
 from fmnist.contract import DataValidationError, FrameCheck, normalized_expectations, normalized_summary, run_checks
 from fmnist.dataset import DatasetSpec
+from fmnist.download import RawDataset, VerifiedFile, download_dataset
 from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.storage import Store
-from tasks.download import RawDataset, VerifiedFile, download_dataset
-from tasks.validate import validate_raw
+from fmnist.validation import validate_raw
 from tests.helpers import synthetic_images, write_idx_batch
 
 

@@ -1,0 +1,69 @@
+"""Normalize stage: float32 pixels in [0, 1], checked by GX, cached as parquet (`fmnist.cache`).
+
+The training split is the canonical training set followed by the incoming batches; the test
+split is always the canonical test set, so every model version is compared on the same images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fmnist import idx
+from fmnist.cache import CachedDataset, ParquetCache, cache_key, normalize
+from fmnist.contract import (
+    DataValidationError,
+    FrameCheck,
+    normalized_expectations,
+    normalized_summary,
+    run_checks,
+)
+from fmnist.dataset import DatasetSpec
+from fmnist.download import RawDataset
+from fmnist.incoming import IncomingBatch, input_hashes, load_collected
+from fmnist.layout import DataLayout
+from fmnist.storage import Store, join
+from fmnist.validation import ValidationReport
+
+
+def normalize_and_cache(
+    spec: DatasetSpec,
+    raw: RawDataset,
+    incoming: list[IncomingBatch],
+    validation: ValidationReport,
+    store: Store,
+    layout: DataLayout,
+) -> CachedDataset:
+    """The cached normalized dataset for these inputs: reused when present and intact, else built."""
+    if not validation.success:
+        raise DataValidationError(f"refusing to cache data that failed validation {validation.key}")
+    hashes = input_hashes(raw, incoming)
+    cache = ParquetCache(store, layout.cache)
+    key = cache_key(hashes)
+    if hit := cache.lookup(key):
+        return hit
+    train_parts = [idx.read_pair(store.local_copy(raw.train_images.file), store.local_copy(raw.train_labels.file))]
+    train_parts += [load_collected(store, batch) for batch in incoming]
+    test_images, test_labels = idx.read_pair(
+        store.local_copy(raw.test_images.file), store.local_copy(raw.test_labels.file)
+    )
+    splits = {
+        "train": (
+            normalize(np.concatenate([images for images, _ in train_parts])),
+            np.concatenate([labels for _, labels in train_parts]),
+        ),
+        "test": (normalize(test_images), test_labels),
+    }
+    checks = [
+        FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
+        for name, (pixels, labels) in splits.items()
+    ]
+    with store.staged_tree(join(layout.validation, f"normalized-{key}"), marker="result.json") as staged:
+        outcomes = run_checks(checks, staged)
+    failures = [f"{o.suite}: {f}" for o in outcomes for f in o.failures]
+    if failures:
+        raise DataValidationError("Normalized data failed validation:\n  - " + "\n  - ".join(failures))
+    metadata = {
+        "sources": {"canonical": [f.sha256 for f in raw.files], "incoming": {b.name: b.sha256 for b in incoming}},
+        "train_rows_by_source": {"canonical": spec.train_rows, **{b.name: b.rows for b in incoming}},
+    }
+    return cache.store_entry(key, splits, metadata)
