@@ -22,14 +22,18 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.train import TrainingRunSilent, wait_for_run
+from flows.train import TrainingRunFailed, TrainingRunSilent, train_on_deployment, wait_for_run
 from fmnist import events
+from fmnist.cache import CachedDataset, CachedSplit
 from fmnist.incoming import add_batch, collect_incoming
-from fmnist.layout import StorageParams
+from fmnist.layout import RunLayout, StorageParams
+from fmnist.model import TrainParams
 from fmnist.registry import Registry
 from fmnist.storage import Store
+from fmnist.training import TrainResult
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
-from tests.prefect_stack import Stack, WebhookReceiver, make, prefect_server, wait_for
+from tests.prefect_stack import ROOT, Stack, WebhookReceiver, make, prefect_server, wait_for
+from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
 
@@ -220,6 +224,81 @@ def test_a_training_run_no_worker_takes_fails_the_wait_with_what_to_check(stack:
         assert time.monotonic() - started < 60
         after = client.read_flow_run(waiting.id).state
         assert after.type.value == "CRASHED" and "fashion-mnist-unattended" in after.message
+
+
+@pytest.fixture(scope="module")
+def double_deployment(stack: Stack) -> str:
+    """`tests/training_doubles.py` deployed on a pool of its own, with a process worker for it."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with api_client(stack) as client:
+        client.create_work_pool(WorkPoolCreate(name="fashion-mnist-doubles", type="process"), overwrite=True)
+        client.create_deployment(
+            flow_id=client.create_flow_from_name("training-double"),
+            name="double",
+            work_pool_name="fashion-mnist-doubles",
+            entrypoint="tests/training_doubles.py:training_double",
+            job_variables={"working_dir": str(ROOT)},
+        )
+    stack.start("worker-doubles", "worker", "start", "--pool", "fashion-mnist-doubles")
+    return "training-double/double"
+
+
+def wait_on_double(stack: Stack, deployment: str, run_dir: Path, plan: dict, monkeypatch) -> tuple:
+    """`train_on_deployment` inside a flow run of this process, on the double told `plan`; its final state."""
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.train
+
+    monkeypatch.setattr(flows.train, "POLL_S", 0.5)
+    run_dir.mkdir(parents=True)
+    (run_dir / PLAN).write_text(json.dumps(plan))
+    split = CachedSplit(str(run_dir / "none.parquet"), 1, "0" * 64)
+    cached = CachedDataset(key="k", train=split, test=split, sources={})
+
+    @flow(name="waits-on-training")
+    def waits_on_training() -> TrainResult:
+        return train_on_deployment(
+            deployment, cached, TrainParams(epochs=1), RunLayout(str(run_dir)), StorageParams(), silence_timeout_s=300
+        )
+
+    with temporary_settings({PREFECT_API_URL: stack.api}):
+        state = waits_on_training(return_state=True)
+    return state, stack.child_runs(str(state.state_details.flow_run_id), "double")
+
+
+def test_a_training_run_that_crashes_twice_is_started_again_and_its_third_attempt_counts(
+    stack: Stack, double_deployment: str, webhook: WebhookReceiver, tmp_path: Path, monkeypatch
+) -> None:
+    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 2}, monkeypatch)
+    assert state.is_completed(), state.message
+    assert state.result().resumed_at_epoch == 3  # the result the third attempt handed back
+    assert [c["state_type"] for c in children] == ["CRASHED", "CRASHED", "COMPLETED"]
+    parent = stack.get(f"/flow_runs/{state.state_details.flow_run_id}")
+    for attempt in (2, 3):
+        webhook.wait_for("fashion-mnist.training.restarted", parent["name"], f"(attempt {attempt} of 3)")
+
+
+def test_a_training_run_that_crashes_three_times_fails_the_wait(
+    stack: Stack, double_deployment: str, tmp_path: Path, monkeypatch
+) -> None:
+    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 3}, monkeypatch)
+    assert state.is_failed()
+    last = children[-1]["name"]
+    with pytest.raises(TrainingRunFailed, match=rf"training run {last} \(.*\) on {double_deployment} ended Crashed"):
+        state.result()
+    assert [c["state_type"] for c in children] == ["CRASHED"] * 3  # started again twice, not a fourth time
+
+
+def test_a_training_run_that_fails_is_not_started_again(
+    stack: Stack, double_deployment: str, tmp_path: Path, monkeypatch
+) -> None:
+    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"fail": True}, monkeypatch)
+    assert state.is_failed()
+    with pytest.raises(TrainingRunFailed, match=r"ended Failed: .*the double failed on attempt 1, as planned"):
+        state.result()
+    assert [c["state_type"] for c in children] == ["FAILED"]  # a failure is not a crash: no second attempt
 
 
 def test_new_batches_start_one_adhoc_run_after_they_stop_arriving(stack: Stack) -> None:
