@@ -184,7 +184,10 @@ class Registry:
         except IntegrityError as exc:
             raise RegistryError(f"{exc}; the version's manifest is damaged") from exc
         except ValidationError as exc:
-            raise RegistryError(f"{location}: the version's manifest is damaged ({exc})") from exc
+            errors = exc.errors()
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in errors[:4])
+            more = f"; and {len(errors) - 4} more" if len(errors) > 4 else ""
+            raise RegistryError(f"{location}: the version's manifest is damaged ({problems}{more})") from None
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""

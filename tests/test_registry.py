@@ -165,6 +165,31 @@ def test_damaged_version_is_refused(registry: Registry) -> None:
     assert registry.champion() == "v0003"
 
 
+def test_a_manifest_of_the_first_format_still_reads_and_gates(registry: Registry, capsys, tmp_path: Path) -> None:
+    register(registry, 0.85)
+    location = join(registry.version_dir("v0001"), "manifest.json")
+    record = registry.manifest("v0001").to_json()
+    gate = record.pop("gate")  # the first manifests called the verdict "decision", with "promoted"
+    old = {**record, "decision": {**gate, "promoted": gate.pop("passed")}, "added_later": {"kept": True}}
+    registry.store.write_bytes(location, json.dumps(old).encode())
+    assert registry.manifest("v0001").gate.passed and registry.manifest("v0001").to_json()["added_later"]["kept"]
+    worse = register(registry, 0.84)  # gated against the old-format champion
+    assert not worse.promoted and worse.decision.champion_accuracy == 0.85
+    assert cli.main(["--registry", registry.root, "--scratch", str(tmp_path), "versions"]) == 0
+    assert "v0001" in capsys.readouterr().out
+
+
+def test_a_manifest_that_is_not_a_manifest_is_named(registry: Registry) -> None:
+    register(registry, 0.85)
+    location = join(registry.version_dir("v0001"), "manifest.json")
+    registry.store.write_bytes(location, json.dumps({"version": "v0001", "metrics": "high"}).encode())
+    with pytest.raises(
+        RegistryError, match=rf"{location}: the version's manifest is damaged \(fingerprint: Field"
+    ) as e:
+        registry.manifest("v0001")
+    assert "; and 7 more)" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_stray_folders_and_large_numbers_are_handled(registry: Registry) -> None:
     register(registry, 0.85)
     registry.store.write_bytes(join(registry.versions_root, "v0003-backup", "manifest.json"), b"{}")
