@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,15 +23,12 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.train import TrainingRunFailed, TrainingRunSilent, train_on_deployment, wait_for_run
+from flows.train import TrainingRunSilent, wait_for_run
 from fmnist import events
-from fmnist.cache import CachedDataset, CachedSplit
 from fmnist.incoming import add_batch, collect_incoming
-from fmnist.layout import RunLayout, StorageParams
-from fmnist.model import TrainParams
+from fmnist.layout import StorageParams
 from fmnist.registry import Registry
 from fmnist.storage import Store
-from fmnist.training import TrainResult
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.prefect_stack import ROOT, Stack, WebhookReceiver, make, prefect_server, wait_for
 from tests.training_doubles import PLAN
@@ -244,60 +242,82 @@ def double_deployment(stack: Stack) -> str:
     return "training-double/double"
 
 
-def wait_on_double(stack: Stack, deployment: str, run_dir: Path, plan: dict, monkeypatch) -> tuple:
-    """`train_on_deployment` inside a flow run of this process, on the double told `plan`; its final state."""
-    from prefect import flow
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+WAIT_ON_TRAINING = """
+import json, sys
+from prefect import flow
+import flows.train
+from fmnist.cache import CachedDataset, CachedSplit
+from fmnist.layout import RunLayout, StorageParams
+from fmnist.model import TrainParams
 
-    import flows.train
+flows.train.POLL_S = 0.5
+deployment, run_dir = sys.argv[1:]
+split = CachedSplit(run_dir + "/none.parquet", 1, "0" * 64)
+cached = CachedDataset(key="k", train=split, test=split, sources={})
 
-    monkeypatch.setattr(flows.train, "POLL_S", 0.5)
+@flow(name="waits-on-training")
+def waits_on_training():
+    return flows.train.train_on_deployment(
+        deployment, cached, TrainParams(epochs=1), RunLayout(run_dir), StorageParams(), silence_timeout_s=300
+    )
+
+state = waits_on_training(return_state=True)
+result = state.result(raise_on_failure=False)
+print(json.dumps({
+    "flow_run_id": str(state.state_details.flow_run_id),
+    "completed": state.is_completed(),
+    "resumed_at_epoch": getattr(result, "resumed_at_epoch", None),
+    "error": f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else None,
+}))
+"""
+
+
+def wait_on_double(stack: Stack, deployment: str, run_dir: Path, plan: dict) -> tuple[dict, list[dict]]:
+    """`train_on_deployment` in a flow run of its own process (so no Prefect client or event worker of this
+    process is tied to this server), on the double told `plan`; how it ended, and the training runs."""
     run_dir.mkdir(parents=True)
     (run_dir / PLAN).write_text(json.dumps(plan))
-    split = CachedSplit(str(run_dir / "none.parquet"), 1, "0" * 64)
-    cached = CachedDataset(key="k", train=split, test=split, sources={})
-
-    @flow(name="waits-on-training")
-    def waits_on_training() -> TrainResult:
-        return train_on_deployment(
-            deployment, cached, TrainParams(epochs=1), RunLayout(str(run_dir)), StorageParams(), silence_timeout_s=300
-        )
-
-    with temporary_settings({PREFECT_API_URL: stack.api}):
-        state = waits_on_training(return_state=True)
-    return state, stack.child_runs(str(state.state_details.flow_run_id), "double")
+    waited = subprocess.run(
+        [sys.executable, "-c", WAIT_ON_TRAINING, deployment, str(run_dir)],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert waited.returncode == 0, waited.stderr[-3000:]
+    outcome = json.loads(waited.stdout.strip().splitlines()[-1])
+    return outcome, stack.child_runs(outcome["flow_run_id"], "double")
 
 
 def test_a_training_run_that_crashes_twice_is_started_again_and_its_third_attempt_counts(
-    stack: Stack, double_deployment: str, webhook: WebhookReceiver, tmp_path: Path, monkeypatch
+    stack: Stack, double_deployment: str, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
-    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 2}, monkeypatch)
-    assert state.is_completed(), state.message
-    assert state.result().resumed_at_epoch == 3  # the result the third attempt handed back
+    outcome, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 2})
+    assert outcome["completed"], outcome["error"]
+    assert outcome["resumed_at_epoch"] == 3  # the result the third attempt handed back
     assert [c["state_type"] for c in children] == ["CRASHED", "CRASHED", "COMPLETED"]
-    parent = stack.get(f"/flow_runs/{state.state_details.flow_run_id}")
+    parent = stack.get(f"/flow_runs/{outcome['flow_run_id']}")
     for attempt in (2, 3):
         webhook.wait_for("fashion-mnist.training.restarted", parent["name"], f"(attempt {attempt} of 3)")
 
 
 def test_a_training_run_that_crashes_three_times_fails_the_wait(
-    stack: Stack, double_deployment: str, tmp_path: Path, monkeypatch
+    stack: Stack, double_deployment: str, tmp_path: Path
 ) -> None:
-    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 3}, monkeypatch)
-    assert state.is_failed()
+    outcome, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"crashes": 3})
+    assert not outcome["completed"]
     last = children[-1]["name"]
-    with pytest.raises(TrainingRunFailed, match=rf"training run {last} \(.*\) on {double_deployment} ended Crashed"):
-        state.result()
+    assert re.match(
+        rf"TrainingRunFailed: training run {last} \(.*\) on {double_deployment} ended Crashed", outcome["error"]
+    )
     assert [c["state_type"] for c in children] == ["CRASHED"] * 3  # started again twice, not a fourth time
 
 
-def test_a_training_run_that_fails_is_not_started_again(
-    stack: Stack, double_deployment: str, tmp_path: Path, monkeypatch
-) -> None:
-    state, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"fail": True}, monkeypatch)
-    assert state.is_failed()
-    with pytest.raises(TrainingRunFailed, match=r"ended Failed: .*the double failed on attempt 1, as planned"):
-        state.result()
+def test_a_training_run_that_fails_is_not_started_again(stack: Stack, double_deployment: str, tmp_path: Path) -> None:
+    outcome, children = wait_on_double(stack, double_deployment, tmp_path / "run", {"fail": True})
+    assert not outcome["completed"] and outcome["error"].startswith("TrainingRunFailed: ")
+    assert re.search(r"ended Failed: .*the double failed on attempt 1, as planned", outcome["error"])
     assert [c["state_type"] for c in children] == ["FAILED"]  # a failure is not a crash: no second attempt
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.objects import StateType
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import RetrainParams
@@ -278,8 +279,13 @@ def test_the_download_task_retries_only_what_may_pass(learnable_mirror, tmp_path
     def attempts(mirrors: list[str]) -> int:
         failed, task_run_id = download_from(mirrors)
         assert failed
+        # Task run states reach the server through its event stream: wait until the last one has.
         with get_client(sync_client=True) as client:
-            return client.read_task_run(task_run_id).run_count
+            deadline = time.monotonic() + 60
+            while (run := client.read_task_run(task_run_id)).state_type != StateType.FAILED:
+                assert time.monotonic() < deadline, f"task run still {run.state_type} after 60 s"
+                time.sleep(0.5)
+            return run.run_count
 
     assert attempts(["http://127.0.0.1:9/"]) == 3  # connection refused: may pass, so two retries
     assert attempts([str(tmp_path / "no-such-mirror")]) == 1  # a missing file will not appear after a pause
