@@ -65,6 +65,11 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def pixels_of(normalized: np.ndarray) -> np.ndarray:
+    """The uint8 pixels that `normalize` made `normalized` from (exactly: each value is k / 255)."""
+    return np.rint(normalized * np.float32(255)).astype(np.uint8)
+
+
 def cache_key(source_hashes: list[str]) -> str:
     return sha256_text("normalized", PREPROCESSING_VERSION, *source_hashes)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmnist import plots
-from fmnist.cache import CachedDataset, read_split
+from fmnist.cache import CachedDataset, pixels_of, read_split
 from fmnist.dataset import CLASS_NAMES, NUM_CLASSES
+from fmnist.export import SERVING_VERSION, check_export, export_saved_model, files_of
 from fmnist.files import atomic_write_text
 from fmnist.layout import RunLayout
 from fmnist.model import load_verified_model
@@ -18,10 +20,14 @@ from fmnist.run_folder import RunFolder
 from fmnist.storage import StoredFile
 from fmnist.training import TrainResult
 
+if TYPE_CHECKING:
+    import keras
+
 PLOTS = ("learning_curves", "confusion_matrix", "sample_predictions")
 
 SAMPLE_IMAGES = 24
 PREDICT_BATCH = 1024
+EXPORT_CHECK_IMAGES = 1000  # test images the SavedModel must score as the Keras model does
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class Evaluation:
     model_sha256: str  # of the model these numbers are about: registration keeps only that one
     metrics: StoredFile  # metrics.json in the run folder
     plots: dict[str, StoredFile]  # each plot's PNG in the run folder
+    saved_model: dict[str, StoredFile]  # the checked SavedModel's files, by their name in the run folder
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -73,8 +80,10 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
     train_images, train_labels = read_split(store.local_copy(cached.train.file))
     test_loss, test_accuracy = model.evaluate(test_images, test_labels, batch_size=PREDICT_BATCH, verbose=0)
     train_loss, train_accuracy = model.evaluate(train_images, train_labels, batch_size=PREDICT_BATCH, verbose=0)
-    predicted = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0).argmax(axis=1)
+    probabilities = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0)
+    predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(test_labels, predicted)
+    saved_model = export_checked(model, run, test_images[:EXPORT_CHECK_IMAGES], probabilities[:EXPORT_CHECK_IMAGES])
 
     history = json.loads(store.local_copy(trained.history).read_text())["epochs"]
     out_dir = run.local(RunLayout.EVALUATION)
@@ -102,4 +111,19 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
         model_sha256=trained.model.sha256,
         metrics=run.publish(RunLayout.EVALUATION, RunLayout.METRICS),
         plots={name: run.publish(RunLayout.EVALUATION, f"{name}.png") for name in PLOTS},
+        saved_model=saved_model,
     )
+
+
+def export_checked(
+    model: keras.Model, run: RunFolder, images: np.ndarray, expected: np.ndarray
+) -> dict[str, StoredFile]:
+    """The model's SavedModel (`fmnist.export`), published in the run folder once it gives `expected` for
+    `images` (normalized test images, sent to it as the raw uint8 pixels they were made from)."""
+    folder = run.local(RunLayout.SAVED_MODEL, SERVING_VERSION)
+    export_saved_model(model, folder)
+    check_export(folder, pixels_of(images), expected)
+    return {
+        f"{RunLayout.SAVED_MODEL}/{SERVING_VERSION}/{name}": run.publish(RunLayout.SAVED_MODEL, SERVING_VERSION, name)
+        for name in files_of(folder)
+    }

@@ -107,6 +107,7 @@ class RunLayout:
         train_result.json       what training hands back to the retraining flow (which may run elsewhere)
         tensorboard/            TensorBoard logs
         evaluation/             metrics.json and the plots
+        saved_model/1/          the TensorFlow SavedModel (fmnist.export), checked against the Keras model
         backup/                 Keras BackupAndRestore state while training runs
     """
 
@@ -117,6 +118,7 @@ class RunLayout:
     TENSORBOARD: ClassVar[str] = "tensorboard"
     EVALUATION: ClassVar[str] = "evaluation"
     METRICS: ClassVar[str] = "metrics.json"  # in evaluation/
+    SAVED_MODEL: ClassVar[str] = "saved_model"
     BACKUP: ClassVar[str] = "backup"
 
     def file(self, *parts: str) -> str:

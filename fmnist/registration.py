@@ -39,6 +39,7 @@ def register_model(
         RunLayout.HISTORY: trained.history,
         RunLayout.METRICS: evaluation.metrics,
         **{f"{name}.png": png for name, png in evaluation.plots.items()},
+        **evaluation.saved_model,
     }
     registered = registry.register(
         files,

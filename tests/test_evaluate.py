@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fmnist.cache import normalize
 from fmnist.evaluation import confusion_matrix, evaluate_model, per_class_metrics
-from fmnist.model import TrainParams
+from fmnist.export import ExportError, check_export, export_saved_model
+from fmnist.model import TrainParams, load_verified_model
 from fmnist.registration import register_model
 from fmnist.registry import PromotionParams, Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
 from fmnist.training import train_model
 from tasks.evaluate import evaluation_markdown
-from tests.helpers import learnable_cache, local_run, run_manifest
+from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
 
 pytestmark = pytest.mark.training
 
@@ -87,3 +91,54 @@ def test_damaged_model_is_refused_before_loading(trained, tmp_path: Path) -> Non
     with pytest.raises(IntegrityError, match=r"model.keras: sha256 [0-9a-f]{64} is not the recorded"):
         evaluate_model(damaged, cached, local_run(tmp_path / "run"))
     assert not (tmp_path / "run" / "evaluation").exists()
+
+
+SAVED_MODEL_IN_A_FRESH_PROCESS = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+spec = serve.structured_input_signature[1]["images"]
+assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28], spec
+np.save(sys.argv[3], serve(images=tf.constant(np.load(sys.argv[2])))["probabilities"].numpy())
+"""
+
+
+def test_the_saved_model_takes_raw_pixels_and_gives_the_keras_models_predictions(trained, tmp_path: Path) -> None:
+    cached, result = trained
+    run = local_run(tmp_path / "run")
+    evaluation = evaluate_model(result, cached, run)
+    assert "saved_model/1/saved_model.pb" in evaluation.saved_model
+    assert all(run.store.sha256(f.location) == f.sha256 for f in evaluation.saved_model.values())
+    labels = np.random.default_rng(5).integers(0, 10, 1000).astype(np.uint8)
+    images = synthetic_images(labels, seed=5)
+    np.save(tmp_path / "images.npy", images)
+    folder = run.local("saved_model", "1")
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SAVED_MODEL_IN_A_FRESH_PROCESS,
+            str(folder),
+            tmp_path / "images.npy",
+            tmp_path / "out.npy",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    keras_model = load_verified_model(run.store, result.model)
+    expected = keras_model.predict(normalize(images).reshape(images.shape), verbose=0)
+    assert np.abs(np.load(tmp_path / "out.npy") - expected).max() <= 1e-5
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_refused(trained, tmp_path: Path) -> None:
+    _, result = trained
+    model = load_verified_model(local_run(tmp_path).store, result.model)
+    images = synthetic_images(np.arange(10, dtype=np.uint8), seed=6)
+    export_saved_model(model, tmp_path / "export")
+    expected = model.predict(normalize(images).reshape(images.shape), verbose=0)
+    assert check_export(tmp_path / "export", images, expected) <= 1e-5
+    with pytest.raises(ExportError, match=r"export: the SavedModel's probabilities differ from the Keras model's by"):
+        check_export(tmp_path / "export", images, expected + 1e-3)
