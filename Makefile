@@ -32,6 +32,10 @@ DEPLOYMENT ?= adhoc
 # Seconds between flow-run heartbeats (Prefect's minimum is 30); a run silent for three is marked Crashed.
 FMNIST_HEARTBEAT_S ?= 60
 FASHION_MNIST := .venv/bin/fashion-mnist
+# The prediction server (make serve): the registry it serves from, and where it listens.
+REGISTRY ?= artifacts
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8501
 
 # The cluster deployments (hosts that share no disk): where the code and the data are.
 FMNIST_REPO_URL ?= $(shell git remote get-url origin 2>/dev/null)
@@ -44,7 +48,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage bench-serve serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -53,6 +57,7 @@ help:
 	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
+	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
 	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
@@ -123,6 +128,14 @@ bench: install data
 
 bench-storage: install data
 	$(PY) bench/storage.py
+
+# The prediction server under 16 concurrent clients against a bare model.predict loop (needs a champion: make run).
+bench-serve: install
+	$(PY) bench/serve_load.py --registry $(REGISTRY)
+
+# Serve the registry's champion over TF Serving's REST API on 127.0.0.1:$(SERVE_PORT); follows promotions.
+serve: install
+	$(FASHION_MNIST) --registry $(REGISTRY) serve --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 server: install
 	# The UI must be told the port: prefect 3.8 otherwise points it at 4200 whatever --port says.

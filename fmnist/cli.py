@@ -7,6 +7,8 @@ fashion-mnist rollback                 make the previous champion the champion a
 fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
+fashion-mnist serve [--port 8501]      serve the champion over TF Serving's REST API; follows promotions
+fashion-mnist export v0003 [--out D]   a version's SavedModel, as D/3/ (TF Serving's layout); or: champion
 fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
                                        folder, and announce it (the ad-hoc deployment retrains)
 fashion-mnist prune-runs               delete run folders the retention setting does not keep
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,11 +33,12 @@ import numpy as np
 from fmnist import automations, events
 from fmnist.cache import normalize
 from fmnist.dataset import CLASS_NAMES, FASHION_MNIST, IMAGE_SIZE
+from fmnist.export import SERVING_VERSION, export_saved_model
 from fmnist.incoming import add_batch, known_images
-from fmnist.layout import StorageParams
+from fmnist.layout import RunLayout, StorageParams
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.registry import Registry, RegistryError
+from fmnist.registry import MODEL, Registry, RegistryError
 from fmnist.retention import RetentionParams, prune_runs
 from fmnist.storage import StorageError, StoredFile, join
 
@@ -118,6 +122,32 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
     for path, row in zip(args.images, probabilities, strict=True):
         best = int(row.argmax())
         print(f"{path}\t{CLASS_NAMES[best]}\t{row[best]:.3f}")
+
+
+def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
+    from fmnist.serving import serve
+
+    serve(registry, args.host, args.port, args.poll_s, access_log=args.access_log)
+
+
+def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
+    version = registry.champion() if args.version == "champion" else args.version
+    if version is None:
+        raise RegistryError(f"no champion in {registry.root} to export")
+    manifest = registry.manifest(version)
+    number = str(int(version[1:]))
+    out = args.out / number
+    staging = args.out / f".{number}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    prefix = f"{RunLayout.SAVED_MODEL}/{SERVING_VERSION}/"
+    exported = [name for name in manifest.files if name.startswith(prefix)]
+    for name in exported:
+        registry.store.fetch(registry.file(version, name), staging / name.removeprefix(prefix))
+    if not exported:  # registered before versions held their export: made from the verified model
+        export_saved_model(load_verified_model(registry.store, registry.file(version, MODEL)), staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"{version}'s SavedModel is in {out}: TF Serving serves it as version {number} of the model in {args.out}")
 
 
 def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
@@ -205,6 +235,19 @@ def parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify PNG files with the champion")
     predict.add_argument("images", nargs="+", type=Path)
     predict.set_defaults(run=cmd_predict)
+    serve = commands.add_parser("serve", help="serve the champion over HTTP (TF Serving's REST API)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8501, help="TF Serving's REST port by default")
+    serve.add_argument("--poll-s", type=float, default=2.0, help="how often the champion pointer is read")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=cmd_serve)
+    export = commands.add_parser("export", help="write a version's TensorFlow SavedModel for TF Serving")
+    export.add_argument("version", help="v0003, or champion")
+    export.add_argument("--out", type=Path, default=Path("models/fashion-mnist"), help="the model's base path")
+    export.add_argument(
+        "--format", choices=["saved_model"], default="saved_model", help="SavedModel only (see the README on ONNX)"
+    )
+    export.set_defaults(run=cmd_export)
     add = commands.add_parser("add-batch", help="check a batch and add it to the incoming folder")
     add.add_argument("folder", type=Path, help="an IDX pair, or PNG images in one folder per class")
     add.add_argument("--name", help="the batch's name in the incoming folder (default: the folder's name)")

@@ -35,14 +35,20 @@ def _read_limited(path: Path) -> bytes:
         raise ImageFileError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
     if max(size, len(data)) > MAX_PNG_BYTES:
         raise ImageFileError(f"{path}: {size:,} bytes, over the {MAX_PNG_BYTES:,}-byte limit for one image")
-    if not data.startswith(PNG_SIGNATURE):
-        raise ImageFileError(f"{path}: not a PNG image (it does not start with the PNG signature)")
     return data
 
 
 def read_grayscale_png(path: Path) -> np.ndarray:
     """The image as a (rows, columns) uint8 array; it must be an 8-bit grayscale PNG."""
-    data = _read_limited(path)
+    return decode_grayscale_png(_read_limited(path), str(path))
+
+
+def decode_grayscale_png(data: bytes, path: str) -> np.ndarray:
+    """The PNG image in `data` (named `path` in errors) as a (rows, columns) uint8 array."""
+    if len(data) > MAX_PNG_BYTES:
+        raise ImageFileError(f"{path}: {len(data):,} bytes, over the {MAX_PNG_BYTES:,}-byte limit for one image")
+    if not data.startswith(PNG_SIGNATURE):
+        raise ImageFileError(f"{path}: not a PNG image (it does not start with the PNG signature)")
     try:
         # The pixel limit below is ours and lower; Pillow's warning about its own would only be noise.
         with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning):

@@ -440,9 +440,10 @@ class Registry:
         """Every version that has been champion (the audit log, and the pointer)."""
         return {e["version"] for e in self.promotions()} | ({self.champion()} - {None})
 
-    def champion_model(self) -> StoredFile:
-        """The champion's model file and the sha256 it was put in service with."""
-        record = self.champion_record()
+    def champion_model(self, record: dict | None = None) -> StoredFile:
+        """The champion's model file and the sha256 it was put in service with (of the champion record
+        `record`, read from the pointer when not given)."""
+        record = record or self.champion_record()
         if record is None:
             raise RegistryError(f"no champion in {self.root}: no version has been promoted yet")
         version = record["version"]

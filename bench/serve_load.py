@@ -1,0 +1,158 @@
+"""The prediction server under load, against a bare `model.predict` loop on the same images.
+
+Starts `fashion-mnist serve` on the registry's champion (on a free loopback port), then N concurrent
+clients, each sending single-image TF Serving predict requests one after another for a fixed time;
+then, in this process with the server stopped, the same images through `model.predict`, one image a
+call, for the same time. Prints requests/s, images/s, p50/p99 latency, errors, and the ratio of the
+server's images/s to the bare loop's, then one JSON line. Target: at 16 clients, a ratio of at least
+0.5 with p99 under 50 ms.
+
+    .venv/bin/python bench/serve_load.py [--registry artifacts] [--clients 16] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests' process helpers
+
+from tests.processes import free_ports, stop  # noqa: E402
+
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
+RAW_TEST_IMAGES = ROOT / "data" / "raw" / "t10k-images-idx3-ubyte"
+
+
+def test_images(count: int) -> np.ndarray:
+    """Real test images when a run has put them in the data root; else random ones (same cost to serve)."""
+    if RAW_TEST_IMAGES.exists():
+        from fmnist.idx import read_idx
+
+        return read_idx(RAW_TEST_IMAGES)[:count]
+    return np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+
+
+def start_server(registry: str, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry, "serve", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    stop(process)
+    raise SystemExit(f"the server was not ready in 120 s:\n{log.read_text()[-3000:]}")
+
+
+async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[list[float], int, float]:
+    """Latencies (s) of the answered requests, the failures, and the wall time, of `clients` clients."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        end = time.perf_counter() + seconds
+
+        async def one_client(first: int) -> None:
+            nonlocal errors
+            i = first
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                try:
+                    answer = await client.post("/v1/models/fashion-mnist:predict", content=bodies[i % len(bodies)])
+                    answer.raise_for_status()
+                except httpx.HTTPError:
+                    errors += 1
+                else:
+                    latencies.append(time.perf_counter() - started)
+                i += clients
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        return latencies, errors, time.perf_counter() - started
+
+
+def bare_predict_rate(registry: str, images: np.ndarray, seconds: float) -> float:
+    """Images a second through `model.predict`, one image a call (the yardstick), on the same images."""
+    from fmnist.cache import normalize
+    from fmnist.layout import StorageParams
+    from fmnist.model import load_verified_model
+    from fmnist.registry import Registry
+
+    storage = StorageParams(registry_root=registry)
+    reg = Registry(storage.store(), storage.registry)
+    model = load_verified_model(reg.store, reg.champion_model())
+    pixels = normalize(images).reshape(images.shape)
+    model.predict(pixels[:1], verbose=0)  # traced before the clock starts
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        model.predict(pixels[done % len(pixels) : done % len(pixels) + 1], verbose=0)
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default="artifacts")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    images = test_images(1000)
+    bodies = [json.dumps({"instances": [image.tolist()]}).encode() for image in images]
+    [port] = free_ports(1)
+    server = start_server(args.registry, port, ROOT / ".serve-bench.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(load(url, bodies, args.clients, 2.0))  # warm-up: connections, the server's first batches
+        latencies, errors, wall_s = asyncio.run(load(url, bodies, args.clients, args.seconds))
+        version = httpx.get(f"{url}/readyz").json()["version"]
+    finally:
+        stop(server)
+    bare = bare_predict_rate(args.registry, images, args.seconds)
+
+    served = len(latencies) / wall_s
+    p50, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 99)) if latencies else (float("nan"),) * 2
+    ratio = served / bare
+    print(f"Champion {version} of {args.registry}; {args.clients} clients, single-image requests, {args.seconds:g} s")
+    print(f"{'':28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'server (requests = images)':28}{served:>10.0f}{p50:>9.1f}{p99:>9.1f}{errors:>8}")
+    print(f"{'bare model.predict loop':28}{bare:>10.0f}")
+    verdict = "meets" if ratio >= TARGET_RATIO and p99 < TARGET_P99_MS and errors == 0 else "misses"
+    print(
+        f"Server / bare loop: {ratio:.2f}x ({verdict} the target: >= {TARGET_RATIO}x, p99 < {TARGET_P99_MS:g} ms, "
+        "no errors)"
+    )
+    figures = {
+        "bench": "serve_load",
+        "version": version,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "requests_per_s": round(served, 1),
+        "images_per_s": round(served, 1),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "errors": errors,
+        "bare_predict_images_per_s": round(bare, 1),
+        "ratio": round(ratio, 3),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

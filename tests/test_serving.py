@@ -1,0 +1,248 @@
+"""The prediction server as a real process on a free loopback port, called over real HTTP: TF Serving's
+request and response shapes, PNG classification, a 400 (or 413) naming each bad input, and the switch
+to a new champion under a load of concurrent clients with no failed request."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist.cache import normalize
+from fmnist.dataset import CLASS_NAMES
+from fmnist.model import TrainParams, load_verified_model
+from fmnist.registry import Registry
+from fmnist.serving import MAX_INSTANCES, MAX_JSON_BYTES
+from fmnist.storage import Store, join
+from fmnist.training import train_model
+from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
+from tests.processes import free_ports, stop
+
+pytestmark = pytest.mark.training
+
+PREDICT = "/v1/models/fashion-mnist:predict"
+CLASSIFY = "/v1/models/fashion-mnist:classify-png"
+POLL_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """v0001 the champion; v0002 (another seed) registered but kept back."""
+    root = tmp_path_factory.mktemp("serving")
+    cached = learnable_cache(root / "cache")
+    registry = Registry(Store(), str(root / "artifacts"))
+    for seed, accuracy in ((1, 0.9), (2, 0.85)):
+        trained = train_model(cached, TrainParams(epochs=1, seed=seed), local_run(root / f"run-{seed}"))
+        registry.register({"model.keras": trained.model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+    assert registry.champion() == "v0001"
+    return registry
+
+
+@pytest.fixture(scope="module")
+def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    [port] = free_ports(1)
+    log = tmp_path_factory.mktemp("server-log") / "serve.log"
+    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry.root, "serve", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*command, "--poll-s", str(POLL_S)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready in 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        yield url
+        assert process.poll() is None, f"the server died:\n{log.read_text()[-3000:]}"
+    finally:
+        stop(process)
+
+
+def keras_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
+    model = load_verified_model(registry.store, registry.file(version, "model.keras"))
+    return model.predict(normalize(images).reshape(images.shape), verbose=0)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_tf_serving_requests_and_answers(server: str, registry: Registry) -> None:
+    status = httpx.get(f"{server}/v1/models/fashion-mnist")
+    assert status.json() == {
+        "model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
+    images = synthetic_images(np.array([0, 3, 7, 9], dtype=np.uint8), seed=11)
+    expected = keras_probabilities(registry, "v0001", images)
+    instances = [
+        images[0].tolist(),  # 28x28 integers: raw pixels
+        (images[1].reshape(-1) / 255).tolist(),  # 784 floats in [0, 1]
+        {"images": images[2].tolist()},  # the input named, as TF Serving allows
+        images[3].reshape(-1).tolist(),  # 784 integers
+    ]
+    answer = httpx.post(f"{server}{PREDICT}", json={"instances": instances})
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == "v0001"
+    predictions = np.array(answer.json()["predictions"])
+    assert predictions.shape == (4, 10) and np.abs(predictions - expected).max() <= 1e-5
+    columnar = httpx.post(f"{server}{PREDICT}", json={"inputs": [images[0].tolist()]})
+    assert np.abs(np.array(columnar.json()["outputs"]) - expected[:1]).max() <= 1e-5
+    assert httpx.get(f"{server}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{server}/readyz").json()["version"] == "v0001"
+
+
+def test_png_uploads_are_classified(server: str, registry: Registry) -> None:
+    images = synthetic_images(np.array([1, 8], dtype=np.uint8), seed=12)
+    files = [("image", ("trouser.png", png_bytes(images[0]))), ("image", ("bag.png", png_bytes(images[1])))]
+    answer = httpx.post(f"{server}{CLASSIFY}", files=files)
+    assert answer.status_code == 200, answer.text
+    expected = keras_probabilities(registry, "v0001", images)
+    for result, row, name in zip(answer.json()["results"], expected, ("trouser.png", "bag.png"), strict=True):
+        best = int(row.argmax())
+        assert result == {
+            "file": name,
+            "class": CLASS_NAMES[best],
+            "index": best,
+            "probability": pytest.approx(float(row[best]), abs=1e-5),
+            "version": "v0001",
+        }
+
+
+def image_rows(value) -> list:
+    return [[value] * 28] * 28
+
+
+BAD_PREDICT_BODIES = {
+    "not JSON": (b"{instances: [", 400, "the body is not JSON"),
+    "no instances": (b'{"images": []}', 400, 'expected a JSON object with "instances"'),
+    "empty": (b'{"instances": []}', 400, '"instances" must be a non-empty list of images'),
+    "wrong shape": (json.dumps({"instances": [[[0] * 28] * 27]}).encode(), 400, "instance 0: expected 28x28"),
+    "ragged": (json.dumps({"instances": [[[0] * 28] * 27 + [[0] * 3]]}).encode(), 400, "rows of different lengths"),
+    "pixel over 255": (
+        json.dumps({"instances": [image_rows(256)]}).encode(),
+        400,
+        "integer pixels are raw 8-bit values, 0..255; got 256..256",
+    ),
+    "negative pixel": (json.dumps({"instances": [image_rows(-1)]}).encode(), 400, "0..255; got -1..-1"),
+    "float over 1": (json.dumps({"instances": [image_rows(1.5)]}).encode(), 400, "float pixels must be in [0, 1]"),
+    "NaN": (json.dumps({"instances": [image_rows(float("nan"))]}).encode(), 400, "NaN or infinity"),
+    "strings": (json.dumps({"instances": [image_rows("x")]}).encode(), 400, "only numbers are pixels"),
+    "too many": (
+        json.dumps({"instances": [[0] * 784] * (MAX_INSTANCES + 1)}).encode(),
+        400,
+        f"{MAX_INSTANCES + 1:,} instances; at most {MAX_INSTANCES:,}",
+    ),
+    "too big": (b" " * (MAX_JSON_BYTES + 1), 413, f"at most {MAX_JSON_BYTES:,} are accepted"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PREDICT_BODIES, ids=list(BAD_PREDICT_BODIES))
+def test_a_bad_predict_request_gets_an_error_that_names_the_problem(server: str, case: str) -> None:
+    body, status, message = BAD_PREDICT_BODIES[case]
+    answer = httpx.post(f"{server}{PREDICT}", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status and message in answer.json()["error"], answer.text
+
+
+def test_bad_uploads_and_paths_get_errors_and_the_server_goes_on(server: str) -> None:
+    small = np.zeros((27, 27), np.uint8)
+    cases = [
+        ({"content": b"\x89PNG..."}, 400, "send the PNG files as multipart/form-data"),
+        ({"files": [("image", ("notes.png", b"hello"))]}, 400, "notes.png: not a PNG image"),
+        ({"files": [("image", ("small.png", png_bytes(small)))]}, 400, "small.png: image is 27x27; expected 28x28"),
+        ({"data": {"comment": "no file"}, "files": [("x", ("x.png", b""))]}, 400, "form field 'comment' is not a file"),
+        ({"files": [("image", ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(2 << 20)))]}, 400, "over the 1,048,576-byte"),
+    ]
+    for request, status, message in cases:
+        answer = httpx.post(f"{server}{CLASSIFY}", **request)
+        assert answer.status_code == status and message in answer.json()["error"], (message, answer.text)
+    answer = httpx.post(f"{server}/v1/models/other:predict", json={"instances": [image_rows(0)]})
+    assert answer.status_code == 404 and "the model is 'fashion-mnist'" in answer.json()["error"]
+    assert httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]}).status_code == 200
+
+
+def hammer(server: str, image: list, stop_at: threading.Event, seen: list, failures: list) -> None:
+    """One client: single-image requests, one after another, until told to stop."""
+    with httpx.Client(base_url=server, timeout=30) as client:
+        while not stop_at.is_set():
+            try:
+                answer = client.post(PREDICT, json={"instances": [image]})
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+                continue
+            if answer.status_code != 200:
+                failures.append(f"{answer.status_code} {answer.text}")
+            else:
+                seen.append(answer.headers["x-model-version"])
+
+
+def versions_under_load(server: str, change, until: str, clients: int = 8) -> list[list[str]]:
+    """Each client's versions, in order, while `change()` moves the champion, until one serves `until`."""
+    image = image_rows(0)
+    stop_at, failures = threading.Event(), []
+    seen = [[] for _ in range(clients)]
+    threads = [threading.Thread(target=hammer, args=(server, image, stop_at, s, failures)) for s in seen]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        change()
+        deadline = time.monotonic() + 30
+        while not any(until in s for s in seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # and then some more requests on the new one
+    finally:
+        stop_at.set()
+        for thread in threads:
+            thread.join()
+    assert failures == [], failures[:5]
+    return seen
+
+
+def test_a_promotion_and_a_rollback_switch_the_served_version_with_no_failed_request(
+    server: str, registry: Registry
+) -> None:
+    seen = versions_under_load(server, lambda: registry.promote("v0002", "under load"), until="v0002")
+    for versions in seen:  # every request answered; each client saw v0001, then only v0002
+        assert versions and versions == sorted(versions) and versions[-1] == "v0002", versions[:3]
+    assert sum(len(v) for v in seen) > 50
+    images = synthetic_images(np.array([4], dtype=np.uint8), seed=13)
+    answer = httpx.post(f"{server}{PREDICT}", json={"instances": images.tolist()}).json()["predictions"]
+    assert np.abs(np.array(answer) - keras_probabilities(registry, "v0002", images)).max() <= 1e-5
+    assert httpx.get(f"{server}/v1/models/fashion-mnist").json()["model_version_status"][0]["version"] == "2"
+
+    seen = versions_under_load(server, lambda: registry.rollback("back"), until="v0001")
+    assert all(v and v == sorted(v, reverse=True) and v[-1] == "v0001" for v in seen)
+
+
+def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
+    served = httpx.get(f"{server}/readyz").json()["version"]
+    other = "v0002" if served == "v0001" else "v0001"
+    # Someone swaps the other version's model and points champion.json at it by hand.
+    registry.store.write_bytes(join(registry.version_dir(other), "model.keras"), b"not the registered model")
+    model_sha256 = registry.manifest(other).files["model.keras"]  # the pointer vouches for the registered model
+    pointer = {**registry.champion_record(), "version": other, "sequence": 99, "model_sha256": model_sha256}
+    Path(registry.champion_file).write_text(json.dumps(pointer))
+    time.sleep(4 * POLL_S)
+    answer = httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]})
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == served
+    assert httpx.get(f"{server}/readyz").json()["version"] == served
