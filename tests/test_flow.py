@@ -19,8 +19,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import RetrainParams
 from flows.retrain import retrain
-from fmnist import idx
+from fmnist import cli, idx
 from fmnist.dataset import CLASS_NAMES
+from fmnist.files import sha256_file
 from fmnist.layout import StorageParams
 from fmnist.model import TrainParams
 from fmnist.registry import PromotionParams, Registry
@@ -104,6 +105,14 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert f"(lowest F1):\n{weakest.name} ({weakest.f1:.3f})" in card
     assert "500 training rows: the canonical training set (500 images);" in card
     assert f"the 10 classes ({', '.join(CLASS_NAMES)})" in card
+    # Its SavedModel is part of the version, hashed; `export` hands TF Serving a verified copy as version 1.
+    exported = {
+        name.removeprefix("saved_model/1/"): sha for name, sha in version.files.items() if "saved_model" in name
+    }
+    assert "saved_model.pb" in exported and "variables/variables.index" in exported
+    assert cli.main(["--registry", registry.root, "export", "champion", "--out", str(tmp_path / "models")]) == 0
+    copied = tmp_path / "models" / "1"
+    assert {str(p.relative_to(copied)): sha256_file(p) for p in copied.rglob("*") if p.is_file()} == exported
     artifacts = artifacts_of(flow_run_id)
     assert set(artifacts) == {
         "fashion-mnist-download",

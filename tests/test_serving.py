@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmnist import cli
 from fmnist.cache import normalize
 from fmnist.dataset import CLASS_NAMES
+from fmnist.export import saved_model_predictions
 from fmnist.model import TrainParams, load_verified_model
 from fmnist.registry import Registry
 from fmnist.serving import MAX_INSTANCES, MAX_JSON_BYTES
@@ -232,6 +234,18 @@ def test_a_promotion_and_a_rollback_switch_the_served_version_with_no_failed_req
 
     seen = versions_under_load(server, lambda: registry.rollback("back"), until="v0001")
     assert all(v and v == sorted(v, reverse=True) and v[-1] == "v0001" for v in seen)
+
+
+def test_a_version_registered_without_an_export_is_exported_from_its_verified_model(
+    registry: Registry, tmp_path: Path
+) -> None:
+    assert not [name for name in registry.manifest("v0002").files if name.startswith("saved_model/")]
+    assert cli.main(["--registry", registry.root, "export", "v0002", "--out", str(tmp_path / "models")]) == 0
+    images = synthetic_images(np.arange(10, dtype=np.uint8), seed=14)
+    exported = saved_model_predictions(tmp_path / "models" / "2", images)
+    assert np.abs(exported - keras_probabilities(registry, "v0002", images)).max() <= 1e-5
+    assert cli.main(["--registry", registry.root, "export", "v0009", "--out", str(tmp_path / "models")]) == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["2"]  # nothing half-written
 
 
 def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
