@@ -2,6 +2,7 @@
 
     POST /v1/models/fashion-mnist:predict        {"instances": [image, ...]} -> {"predictions": [[p0..p9], ...]}
     GET  /v1/models/fashion-mnist                the version served and its state, as TF Serving reports it
+    GET  /v1/models/fashion-mnist/metadata       its signature, and its registry record (metrics, preset, ...)
     POST /v1/models/fashion-mnist:classify-png   PNG uploads (multipart/form-data) -> class, index, probability
     GET  /healthz                                alive
     GET  /readyz                                 a verified model is loaded
@@ -36,7 +37,8 @@ from starlette.exceptions import HTTPException
 
 from fmnist.cache import normalize
 from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
-from fmnist.export import INPUT
+from fmnist.export import INPUT, OUTPUT, SIGNATURE
+from fmnist.manifest import VersionManifest
 from fmnist.model import load_verified_model
 from fmnist.png import MAX_PNG_BYTES, ImageFileError, decode_grayscale_png
 from fmnist.registry import Registry
@@ -72,6 +74,7 @@ class Served:
     model_sha256: str
     sequence: int | None  # of the champion change that put it in service
     predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, 28, 28) in [0, 1] -> (n, 10) probabilities
+    manifest: VersionManifest
 
     @property
     def number(self) -> str:
@@ -92,7 +95,9 @@ def load_served(registry: Registry, record: dict) -> Served:
         return call(tf.constant(images)).numpy()
 
     predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32))  # traced before it serves
-    return Served(record["version"], stored.sha256, record.get("sequence"), predict)
+    return Served(
+        record["version"], stored.sha256, record.get("sequence"), predict, registry.manifest(record["version"])
+    )
 
 
 class Champion:
@@ -271,6 +276,35 @@ async def uploaded_pngs(request: Request) -> list[tuple[str, np.ndarray]]:
     return images
 
 
+def model_metadata(served: Served) -> dict:
+    """TF Serving's metadata answer (the signature of the export, which this server's JSON mirrors) and,
+    under `fashion_mnist`, what the registry knows of the version: how it did, on what, from what."""
+
+    def tensor(name: str, dtype: str, dims: tuple[int, ...]) -> dict:
+        shape = {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}
+        return {"dtype": dtype, "tensor_shape": shape, "name": name}
+
+    signature = {
+        "inputs": {INPUT: tensor(f"{SIGNATURE}_{INPUT}:0", "DT_UINT8", (-1, IMAGE_SIZE, IMAGE_SIZE))},
+        "outputs": {OUTPUT: tensor("StatefulPartitionedCall:0", "DT_FLOAT", (-1, len(CLASS_NAMES)))},
+        "method_name": "tensorflow/serving/predict",
+    }
+    manifest = served.manifest
+    return {
+        "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": served.number},
+        "metadata": {"signature_def": {"signature_def": {SIGNATURE: signature}}},
+        "fashion_mnist": {
+            "version": served.version,
+            "classes": list(CLASS_NAMES),
+            "registered_at": manifest.registered_at,
+            "metrics": manifest.metrics.model_dump(),
+            "preset": manifest.params.preset,
+            "gate": manifest.gate.reason,
+            "model_sha256": served.model_sha256,
+        },
+    }
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)  # TF Serving's error body
 
@@ -325,6 +359,11 @@ def create_app(registry: Registry, poll_s: float = 2.0) -> FastAPI:
             return JSONResponse({"model_version_status": [status]}, status_code=503)
         status = {"version": served.number, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
         return JSONResponse({"model_version_status": [status]}, headers={"X-Model-Version": served.version})
+
+    @app.get(f"/v1/models/{MODEL_NAME}/metadata")
+    async def metadata() -> JSONResponse:
+        served = champion.require()
+        return JSONResponse(model_metadata(served), headers={"X-Model-Version": served.version})
 
     @app.post(f"/v1/models/{MODEL_NAME}:predict")
     async def predict(request: Request) -> JSONResponse:

@@ -109,6 +109,10 @@ def test_tf_serving_requests_and_answers(server: str, registry: Registry) -> Non
     assert predictions.shape == (4, 10) and np.abs(predictions - expected).max() <= 1e-5
     columnar = httpx.post(f"{server}{PREDICT}", json={"inputs": [images[0].tolist()]})
     assert np.abs(np.array(columnar.json()["outputs"]) - expected[:1]).max() <= 1e-5
+    metadata = httpx.get(f"{server}/v1/models/fashion-mnist/metadata").json()
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["images"]["dtype"] == "DT_UINT8" and metadata["model_spec"]["version"] == "1"
+    assert metadata["fashion_mnist"]["metrics"]["test_accuracy"] == registry.manifest("v0001").metrics.test_accuracy
     assert httpx.get(f"{server}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{server}/readyz").json()["version"] == "v0001"
 
