@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,7 @@ from fmnist.storage import Store, join
 from fmnist.training import train_model
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
 from tests.processes import free_ports, stop
+from tests.seaweedfs import S3Server
 
 pytestmark = pytest.mark.training
 
@@ -50,14 +53,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return registry
 
 
-@pytest.fixture(scope="module")
-def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def running_server(registry_root: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`fashion-mnist serve` on a free loopback port, until it is ready; its URL. Stopped after."""
     [port] = free_ports(1)
-    log = tmp_path_factory.mktemp("server-log") / "serve.log"
-    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry.root, "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry_root, "--scratch", str(log.parent)]
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [*command, "--poll-s", str(POLL_S)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*command, "serve", "--port", str(port), "--poll-s", str(POLL_S)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -75,6 +82,12 @@ def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
         assert process.poll() is None, f"the server died:\n{log.read_text()[-3000:]}"
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(registry.root, tmp_path_factory.mktemp("server") / "serve.log") as url:
+        yield url
 
 
 def keras_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
@@ -250,6 +263,31 @@ def test_a_version_registered_without_an_export_is_exported_from_its_verified_mo
     assert np.abs(exported - keras_probabilities(registry, "v0002", images)).max() <= 1e-5
     assert cli.main(["--registry", registry.root, "export", "v0009", "--out", str(tmp_path / "models")]) == 1
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["2"]  # nothing half-written
+
+
+def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
+    registry: Registry, s3_server: S3Server, tmp_path: Path
+) -> None:
+    env = s3_server.env()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        in_bucket = Registry(Store(scratch=tmp_path / "scratch"), f"s3://{s3_server.new_bucket()}/registry")
+        for version, accuracy in (("v0001", 0.9), ("v0002", 0.85)):
+            model = registry.file(version, "model.keras")
+            in_bucket.register({"model.keras": model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+        with running_server(in_bucket.root, tmp_path / "serve.log", env) as url:
+            answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]})
+            assert answer.status_code == 200 and answer.headers["x-model-version"] == "v0001"
+            in_bucket.promote("v0002", "in the bucket")
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/readyz").json()["version"] != "v0002":
+                assert time.monotonic() < deadline, "still serving v0001 30 s after the promotion"
+                time.sleep(0.2)
+            images = synthetic_images(np.array([5], dtype=np.uint8), seed=15)
+            answer = httpx.post(f"{url}{PREDICT}", json={"instances": images.tolist()})
+            expected = keras_probabilities(registry, "v0002", images)
+            assert np.abs(np.array(answer.json()["predictions"]) - expected).max() <= 1e-5
 
 
 def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
