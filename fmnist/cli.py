@@ -127,7 +127,7 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
 def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
     from fmnist.serving import serve
 
-    serve(registry, args.host, args.port, args.poll_s, access_log=args.access_log)
+    serve(registry, args.host, args.port, args.poll_s, max_connections=args.max_connections, access_log=args.access_log)
 
 
 def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
@@ -239,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8501, help="TF Serving's REST port by default")
     serve.add_argument("--poll-s", type=float, default=2.0, help="how often the champion pointer is read")
+    serve.add_argument(
+        "--max-connections", type=int, default=256, help="connections at once; beyond it a 503 (bounds memory)"
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=cmd_serve)
     export = commands.add_parser("export", help="write a version's TensorFlow SavedModel for TF Serving")

@@ -49,6 +49,7 @@ MAX_BATCH = 1024  # images per model call, across requests
 MAX_FILES = 64  # PNG uploads per request
 MAX_JSON_BYTES = 16 << 20  # 1,024 images as JSON floats take about 9 MB
 MAX_UPLOAD_BYTES = MAX_FILES * (MAX_PNG_BYTES + 4096)
+MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -394,10 +395,20 @@ def create_app(registry: Registry, poll_s: float = 2.0) -> FastAPI:
     return app
 
 
-def serve(registry: Registry, host: str, port: int, poll_s: float, access_log: bool = False) -> None:
+def serve(
+    registry: Registry,
+    host: str,
+    port: int,
+    poll_s: float,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    access_log: bool = False,
+) -> None:
     """Run the server until interrupted (one process: the model is loaded once)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("Serving the champion of %s on http://%s:%d (pointer read every %g s)", registry.root, host, port, poll_s)
-    uvicorn.run(create_app(registry, poll_s), host=host, port=port, access_log=access_log, log_level="info")
+    app = create_app(registry, poll_s)
+    # Beyond `max_connections` open requests uvicorn answers 503 at once: memory stays bounded under overload.
+    uvicorn.run(app, host=host, port=port, limit_concurrency=max_connections, access_log=access_log, log_level="info")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -54,13 +55,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 
 @contextmanager
-def running_server(registry_root: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def running_server(registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str) -> Iterator[str]:
     """`fashion-mnist serve` on a free loopback port, until it is ready; its URL. Stopped after."""
     [port] = free_ports(1)
     command = [sys.executable, "-m", "fmnist.cli", "--registry", registry_root, "--scratch", str(log.parent)]
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [*command, "serve", "--port", str(port), "--poll-s", str(POLL_S)],
+            [*command, "serve", "--port", str(port), "--poll-s", str(POLL_S), *options],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -288,6 +289,22 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
             answer = httpx.post(f"{url}{PREDICT}", json={"instances": images.tolist()})
             expected = keras_probabilities(registry, "v0002", images)
             assert np.abs(np.array(answer.json()["predictions"]) - expected).max() <= 1e-5
+
+
+def test_beyond_its_connection_limit_the_server_answers_503_at_once(registry: Registry, tmp_path: Path) -> None:
+    with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3") as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port))) for _ in range(3)]  # open, and silent
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}, timeout=10)
+            assert answer.status_code == 503 and time.monotonic() - started < 5
+        finally:
+            for connection in held:
+                connection.close()
+        time.sleep(0.5)
+        assert httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}).status_code == 200
 
 
 def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
