@@ -8,7 +8,7 @@ Unknown fields are kept, so a manifest written by a newer version of the code su
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,7 +47,7 @@ class _Record(BaseModel):
 
 
 class Sources(_Record):
-    canonical: list[str] = Field(description="sha256 of each canonical IDX file")
+    canonical: list[str] = Field(default_factory=list, description="sha256 of each canonical IDX file")
     incoming: dict[str, str] = Field(default_factory=dict, description="each incoming batch's content hash")
 
 
@@ -77,9 +77,20 @@ class Hardware(_Record):
     cpus: int | None = None
 
 
+class ValidationRecord(_Record):
+    """The training rows held out for model selection: the test set is only ever used to evaluate."""
+
+    fraction: float
+    seed: int
+    rows: int
+    per_class: list[int]
+    indices_sha256: str = Field(description="of the held-out row numbers (int64, sorted) in the training split")
+
+
 class TrainingRecord(_Record):
     epochs: int
     seconds_per_epoch: float
+    validation: ValidationRecord | None = None
 
 
 class Metrics(_Record):
@@ -161,16 +172,25 @@ def model_card(manifest: VersionManifest) -> str:
     if batches:
         added = data.train_rows - canonical
         sources += f" and {batches} incoming batch{'' if batches == 1 else 'es'} ({added:,} images)"
+    optimizer = f"{'AdamW' if params.weight_decay else 'Adam'} {params.learning_rate}"
+    if params.schedule != "constant":
+        optimizer += f" ({params.schedule} schedule)"
+    selection = ""
+    if held := manifest.training.validation:
+        selection = (
+            f"\n**Model selection**: on {held.rows:,} training images held out ({held.fraction:g} of each class, "
+            f"seed {held.seed}); the test set is used only to evaluate.\n"
+        )
     return f"""# Fashion-MNIST classifier {manifest.version}
 
-**Model**: `{params.preset}` preset, {params.epochs} epochs, batch {params.batch_size}, Adam \
-{params.learning_rate}, dropout {params.dropout}, seed {params.seed}.
+**Model**: `{params.preset}` preset, {params.epochs} epochs at most ({manifest.training.epochs} run), batch \
+{params.batch_size}, {optimizer}, dropout {params.dropout}, seed {params.seed}.
 **Input**: 28x28 grayscale images scaled to [0, 1] (pixel / 255). **Output**: probabilities of the \
 {len(CLASS_NAMES)} classes ({", ".join(CLASS_NAMES)}).
 
 **Data**: {data.train_rows:,} training rows: {sources};
 evaluated on the fixed canonical test set ({data.test_rows:,} images). Data key `{data.cache_key[:16]}`.
-
+{selection}
 **Metrics**: test accuracy {metrics.test_accuracy:.4f}, test loss {metrics.test_loss:.4f}, train-test gap
 {metrics.train_test_gap:+.4f}.
 
@@ -215,7 +235,11 @@ def build_manifest(
         # Of the machine that trained: the orchestrating flow may run on another host.
         libraries=trained.libraries,
         hardware=Hardware(**trained.host, device=trained.device, mixed_precision=trained.mixed_precision),
-        training=TrainingRecord(epochs=trained.epochs, seconds_per_epoch=trained.seconds_per_epoch),
+        training=TrainingRecord(
+            epochs=trained.epochs,
+            seconds_per_epoch=trained.seconds_per_epoch,
+            validation=ValidationRecord(**asdict(trained.validation)) if trained.validation else None,
+        ),
         metrics=Metrics(**{k: getattr(evaluation, k) for k in Metrics.model_fields}),
         per_class=[ClassMetrics.model_validate(c) for c in evaluation.per_class],
     )

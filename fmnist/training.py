@@ -12,11 +12,13 @@ the run resumes on whichever host starts it again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydantic import TypeAdapter
 
 from fmnist import lineage
@@ -24,7 +26,7 @@ from fmnist.cache import CachedDataset, read_split
 from fmnist.dataset import NUM_CLASSES
 from fmnist.files import atomic_path
 from fmnist.layout import RunLayout
-from fmnist.model import TrainParams, build_model, compile_model
+from fmnist.model import TrainParams, build_model, compile_model, one_hot_labels
 from fmnist.run_folder import RunFolder
 from fmnist.storage import StoredFile
 
@@ -64,6 +66,24 @@ class TrainResult:
     seconds_per_epoch: float  # mean over the epochs this call ran
     loss: float
     accuracy: float
+    validation: ValidationSplit | None = None  # held out of the training data for model selection
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """The training rows held out for early stopping (the test set never is), as the manifest records them."""
+
+    fraction: float
+    seed: int
+    rows: int
+    per_class: list[int]
+    indices_sha256: str  # of the held-out row numbers (int64, sorted) in the cached training split
+
+    @classmethod
+    def of(cls, labels: np.ndarray, held_out: np.ndarray, params: TrainParams) -> ValidationSplit:
+        per_class = np.bincount(labels[held_out], minlength=NUM_CLASSES).tolist()
+        digest = hashlib.sha256(held_out.astype(np.int64).tobytes()).hexdigest()
+        return cls(params.validation_fraction, params.seed, len(held_out), per_class, digest)
 
 
 def plan_devices(params: TrainParams) -> DevicePlan:
@@ -118,11 +138,20 @@ def train_model(
     keras.utils.set_random_seed(params.seed)
     keras.mixed_precision.set_global_policy("mixed_float16" if plan.mixed_precision else "float32")
     images, labels = read_split(run.store.local_copy(cached.train.file))
+    split, validation_data = None, None
+    if params.validation_fraction:
+        held_out = validation_indices(labels, params.validation_fraction, params.seed)
+        split = ValidationSplit.of(labels, held_out, params)
+        kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+        validation_data = (images[held_out], targets(labels[held_out], params))
+        images, labels = images[kept], labels[kept]
+        logger.info("Holding out %d training images (%g, by class) for model selection", split.rows, split.fraction)
 
     strategy = tf.distribute.MirroredStrategy() if plan.gpus > 1 else tf.distribute.get_strategy()
     with strategy.scope():
         model = build_model(params)
-        compile_model(model, params, jit_compile=plan.jit_compile)
+        steps_per_epoch = math.ceil(len(labels) / params.batch_size)
+        compile_model(model, params, jit_compile=plan.jit_compile, steps_per_epoch=steps_per_epoch)
 
     if restored := run.restore():
         logger.info("Restored the checkpoint of epoch %d from %s", restored, run.location)
@@ -136,14 +165,22 @@ def train_model(
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: run.save_epoch(epoch + 1)),
         *extra_callbacks,
     ]
+    if params.early_stopping_patience:
+        # The best epoch's weights are kept in memory: a run resumed after a crash keeps the best since.
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                "val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
+            )
+        )
     model.fit(
         images,
-        labels,
+        targets(labels, params),
         batch_size=params.batch_size,
         epochs=params.epochs,
         shuffle=True,
         verbose=0,
         callbacks=callbacks,
+        validation_data=validation_data,
     )
     run.push_logs()
     run.drop_checkpoints()
@@ -164,7 +201,23 @@ def train_model(
         seconds_per_epoch=sum(epoch_log.seconds) / max(len(epoch_log.seconds), 1),
         loss=final["loss"],
         accuracy=final["accuracy"],
+        validation=split,
     )
+
+
+def validation_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows held out of training, sorted: `fraction` of each class, picked by a generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in range(NUM_CLASSES):
+        rows = np.flatnonzero(labels == label)
+        picked.append(rng.permutation(rows)[: round(fraction * len(rows))])
+    return np.sort(np.concatenate(picked))
+
+
+def targets(labels: np.ndarray, params: TrainParams) -> np.ndarray:
+    """What the loss compares the output with: class indices, or one-hot rows for label smoothing."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[labels] if one_hot_labels(params) else labels
 
 
 def save_result(run: RunFolder, result: TrainResult) -> None:

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from fmnist.cache import normalize
+from fmnist.download import RawDataset, VerifiedFile
 from fmnist.evaluation import confusion_matrix, evaluate_model, per_class_metrics
 from fmnist.export import ExportError, check_export, export_saved_model
+from fmnist.manifest import Decision, VersionManifest, build_manifest, model_card
 from fmnist.model import TrainParams, load_verified_model
 from fmnist.registration import register_model
 from fmnist.registry import PromotionParams, Registry, RegistryError
@@ -142,3 +144,27 @@ def test_an_export_that_does_not_reproduce_the_model_is_refused(trained, tmp_pat
     assert check_export(tmp_path / "export", images, expected) <= 1e-5
     with pytest.raises(ExportError, match=r"export: the SavedModel's probabilities differ from the Keras model's by"):
         check_export(tmp_path / "export", images, expected + 1e-3)
+
+
+def test_a_tuned_model_is_evaluated_exported_and_its_split_recorded(tmp_path: Path) -> None:
+    cached = learnable_cache(tmp_path / "cache")
+    params = TrainParams(preset="dnn-tuned", epochs=2, batch_size=32)
+    run = local_run(tmp_path / "run")
+    trained = train_model(cached, params, run)
+    evaluation = evaluate_model(trained, cached, run)  # trained on smoothed one-hot labels: scored on classes
+    assert evaluation.test_accuracy > 0.5 and 0 < evaluation.test_loss < 2.3
+    assert "saved_model/1/saved_model.pb" in evaluation.saved_model  # batch normalization exports as it runs
+    unknown = VerifiedFile("none", "0" * 64, "test")
+    raw = RawDataset(unknown, unknown, unknown, unknown)
+    manifest = build_manifest(
+        raw=raw, cached=cached, params=params, trained=trained, evaluation=evaluation, flow_run_id=None
+    )
+    held = manifest.training.validation
+    assert (held.fraction, held.seed, held.rows) == (0.1, params.seed, round(0.1 * cached.train.rows))
+    gate = Decision(True, "passed", evaluation.test_accuracy, None, None, 0.5, 0.005)
+    version = VersionManifest.model_validate(
+        {**manifest.to_json(), "version": "v0001", "registered_at": "now", "gate": dataclasses.asdict(gate)}
+    )
+    card = model_card(version)
+    assert f"**Model selection**: on {held.rows:,} training images held out (0.1 of each class" in card
+    assert "AdamW 0.001 (cosine schedule)" in card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -14,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.cache import CachedDataset
+from fmnist.cache import CachedDataset, read_split
 from fmnist.layout import RunLayout
-from fmnist.model import TrainParams, build_model
+from fmnist.model import TrainParams, build_model, load_verified_model
 from fmnist.run_folder import RunFolder
 from fmnist.storage import IntegrityError, Store
-from fmnist.training import ChanceLevelError, NoGpuError, plan_devices, train_model
+from fmnist.training import ChanceLevelError, NoGpuError, plan_devices, train_model, validation_indices
 from tests.helpers import cached_dataset, learnable_cache, local_run
 
 pytestmark = pytest.mark.training
@@ -61,7 +62,7 @@ KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
     from pathlib import Path
     import keras
     from pydantic import TypeAdapter
-    from fmnist.cache import CachedDataset
+    from fmnist.cache import CachedDataset, read_split
     from fmnist.layout import RunLayout
     from fmnist.model import TrainParams
     from fmnist.run_folder import RunFolder
@@ -184,6 +185,36 @@ def test_presets_build_the_tutorial_networks() -> None:
     )
     for model in (dnn, cnn):
         assert model.output_shape == (None, 10)
+
+
+def test_the_tuned_preset_brings_its_recipe_and_can_be_overridden() -> None:
+    tuned = TrainParams(preset="dnn-tuned")
+    assert (tuned.epochs, tuned.batch_size, tuned.validation_fraction, tuned.schedule) == (35, 128, 0.1, "cosine")
+    assert TrainParams(preset="dnn-tuned", epochs=3).epochs == 3
+    assert TrainParams().validation_fraction == 0 and TrainParams().schedule == "constant"  # the tutorial's
+    with pytest.raises(ValueError, match="early_stopping_patience needs a validation_fraction"):
+        TrainParams(early_stopping_patience=3)
+    model = build_model(tuned)
+    dense = [layer.units for layer in model.layers if type(layer).__name__ == "Dense"]
+    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    assert dense == [1024, 512, 10] and len(norms) == 2
+    assert not [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]  # a plain MLP
+
+
+def test_the_tuned_preset_selects_on_held_out_training_rows(cached: CachedDataset, tmp_path: Path) -> None:
+    params = TrainParams(preset="dnn-tuned", epochs=2, batch_size=32, early_stopping_patience=1)
+    result = train_model(cached, params, local_run(tmp_path / "run"))
+    split = result.validation
+    _, labels = read_split(Path(cached.train.file.location))
+    held_out = validation_indices(labels, 0.1, params.seed)
+    assert split.rows == len(held_out) == round(0.1 * cached.train.rows)
+    assert split.per_class == np.bincount(labels[held_out], minlength=10).tolist()  # stratified
+    assert len(set(split.per_class)) == 1  # a balanced split stays balanced
+    assert split.indices_sha256 == hashlib.sha256(held_out.astype(np.int64).tobytes()).hexdigest()
+    assert not np.array_equal(held_out, validation_indices(labels, 0.1, params.seed + 1))  # seeded
+    history = json.loads(Path(result.history.location).read_text())["epochs"]
+    assert all("val_accuracy" in epoch for epoch in history)
+    assert load_verified_model(Store(), result.model).count_params() == build_model(params).count_params()
 
 
 def test_mixed_precision_keeps_a_float32_output() -> None:
