@@ -71,7 +71,8 @@ class TrainParams(BaseModel):
     early_stopping_patience: int = Field(
         0,
         ge=0,
-        description="Stop after this many epochs without a better validation accuracy, keeping the best; 0: off",
+        description="From half-way, stop after this many epochs without a better validation accuracy, keeping "
+        "the best epoch's weights; 0: off",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay (AdamW) when above 0")

@@ -166,10 +166,15 @@ def train_model(
         *extra_callbacks,
     ]
     if params.early_stopping_patience:
+        # Not in the first half: a schedule's best epochs come as the rate falls, after a plateau that
+        # would stop it early (seed 0 stopped at epoch 22 of 35 at 0.8885, against 0.907 run to the end).
         # The best epoch's weights are kept in memory: a run resumed after a crash keeps the best since.
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                "val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
+                "val_accuracy",
+                patience=params.early_stopping_patience,
+                restore_best_weights=True,
+                start_from_epoch=params.epochs // 2,
             )
         )
     model.fit(
