@@ -18,6 +18,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,13 +139,15 @@ def main() -> None:
     images = test_images(1000)
     bodies = [json.dumps({"instances": [image.tolist()]}).encode() for image in images]
     [port] = free_ports(1)
-    server = start_server(args.registry, port, ROOT / ".serve-bench.log")
+    logs = tempfile.TemporaryDirectory(prefix="serve-bench-")
+    server = start_server(args.registry, port, Path(logs.name) / "serve.log")
     try:
         asyncio.run(load(port, bodies, args.clients, 2.0))  # warm-up: the server's first batches
         latencies, errors, wall_s = asyncio.run(load(port, bodies, args.clients, args.seconds))
         version = httpx.get(f"http://127.0.0.1:{port}/readyz").json()["version"]
     finally:
         stop(server)
+        logs.cleanup()
     bare, bare_call = bare_rates(args.registry, images, args.seconds)
 
     served = len(latencies) / wall_s
