@@ -32,13 +32,13 @@ import numpy as np
 
 from fmnist import automations, events
 from fmnist.cache import normalize
-from fmnist.dataset import CLASS_NAMES, FASHION_MNIST, IMAGE_SIZE
+from fmnist.dataset import CLASS_NAMES, FASHION_MNIST
 from fmnist.export import SERVING_VERSION, export_saved_model
 from fmnist.incoming import add_batch, known_images
 from fmnist.layout import RunLayout, StorageParams
 from fmnist.model import load_verified_model
-from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.registry import MODEL, Registry, RegistryError
+from fmnist.png import ImageFileError, model_sized, read_grayscale_png
+from fmnist.registry import MODEL, Registry, RegistryError, version_number
 from fmnist.retention import RetentionParams, prune_runs
 from fmnist.storage import StorageError, StoredFile, join
 
@@ -109,12 +109,7 @@ def cmd_promotions(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
-    images = []
-    for path in args.images:
-        image = read_grayscale_png(path)
-        if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ImageFileError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
-        images.append(image)
+    images = [model_sized(read_grayscale_png(path), path) for path in args.images]
     model = load_verified_model(registry.store, registry.champion_model())
     batch = np.stack(images)
     probabilities = model.predict(normalize(batch).reshape(batch.shape), verbose=0)
@@ -135,7 +130,7 @@ def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
     if version is None:
         raise RegistryError(f"no champion in {registry.root} to export")
     manifest = registry.manifest(version)
-    number = str(int(version[1:]))
+    number = str(version_number(version))
     out = args.out / number
     staging = args.out / f".{number}.partial"
     shutil.rmtree(staging, ignore_errors=True)

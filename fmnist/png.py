@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fmnist.dataset import IMAGE_SIZE
 from fmnist.files import open_regular
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,6 +42,13 @@ def _read_limited(path: Path) -> bytes:
 def read_grayscale_png(path: Path) -> np.ndarray:
     """The image as a (rows, columns) uint8 array; it must be an 8-bit grayscale PNG."""
     return decode_grayscale_png(_read_limited(path), str(path))
+
+
+def model_sized(image: np.ndarray, path: str | Path) -> np.ndarray:
+    """`image` if it is 28x28, the model's input; else an `ImageFileError` naming `path`."""
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ImageFileError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
+    return image
 
 
 def decode_grayscale_png(data: bytes, path: str) -> np.ndarray:

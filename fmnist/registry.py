@@ -141,7 +141,8 @@ class _Declined(Exception):
         self.decision = decision
 
 
-def _number(version: str) -> int:
+def version_number(version: str) -> int:
+    """v0003 -> 3: the order of versions, and TF Serving's version number for it."""
     return int(version[1:])
 
 
@@ -162,7 +163,7 @@ class Registry:
             for path in self.store.find(self.versions_root)
             if path.count("/") == 1 and path.endswith("/manifest.json")
         }
-        return sorted((v for v in published if VERSION.fullmatch(v)), key=_number)
+        return sorted((v for v in published if VERSION.fullmatch(v)), key=version_number)
 
     def _unknown(self, version: str) -> RegistryError:
         known = ", ".join(self.versions()) or "none"
@@ -211,7 +212,7 @@ class Registry:
 
     def _claim_version(self, claimant: dict) -> str:
         """A new version number, claimed create-only: numbers another writer holds are skipped."""
-        taken = [_number(n) for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
+        taken = [version_number(n) for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
         number = max(taken, default=0) + 1
         while True:
             version = f"v{number:04d}"

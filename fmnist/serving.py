@@ -40,8 +40,8 @@ from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE
 from fmnist.export import INPUT, OUTPUT, SIGNATURE
 from fmnist.manifest import VersionManifest
 from fmnist.model import load_verified_model
-from fmnist.png import MAX_PNG_BYTES, ImageFileError, decode_grayscale_png
-from fmnist.registry import Registry
+from fmnist.png import MAX_PNG_BYTES, ImageFileError, decode_grayscale_png, model_sized
+from fmnist.registry import Registry, version_number
 
 MODEL_NAME = "fashion-mnist"
 MAX_INSTANCES = 1024  # per request
@@ -80,7 +80,7 @@ class Served:
     @property
     def number(self) -> str:
         """TF Serving's version: the registry's number (`fashion-mnist export` writes the same)."""
-        return str(int(self.version[1:]))
+        return str(version_number(self.version))
 
 
 def load_served(registry: Registry, record: dict) -> Served:
@@ -268,10 +268,7 @@ async def uploaded_pngs(request: Request) -> list[tuple[str, np.ndarray]]:
         if not isinstance(value, UploadFile):
             raise BadRequest(f"form field {field!r} is not a file; send each PNG as a file")
         name = value.filename or field
-        image = decode_grayscale_png(await value.read(), name)
-        if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            raise BadRequest(f"{name}: image is {image.shape[1]}x{image.shape[0]}; expected 28x28")
-        images.append((name, image))
+        images.append((name, model_sized(decode_grayscale_png(await value.read(), name), name)))
     if not images:
         raise BadRequest("no PNG file in the form")
     return images
