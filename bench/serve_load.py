@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' process helpers
 
-from tests.processes import free_ports, stop  # noqa: E402
+from tests.processes import free_ports, stop, wait_until_ready  # noqa: E402
 
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 50.0
@@ -48,18 +48,12 @@ def start_server(registry: str, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "fmnist.cli", "--registry", registry, "serve", "--port", str(port)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop(process)
-    raise SystemExit(f"the server was not ready in 120 s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, log)
+    except (RuntimeError, TimeoutError) as exc:
+        stop(process)
+        raise SystemExit(f"the server did not start: {exc}") from None
+    return process
 
 
 async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> tuple[list[float], int, float]:

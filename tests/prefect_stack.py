@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.processes import free_ports, stop
+from tests.processes import free_ports, stop, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -94,20 +94,6 @@ class Stack:
         return self.get(f"/flow_runs/{match.group(1)}")
 
 
-def wait_until_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 @contextmanager
 def prefect_server(tmp: Path) -> Iterator[Stack]:
     """A `prefect server start` of its own (own PREFECT_HOME, free port); stops it and every process after."""
@@ -124,7 +110,7 @@ def prefect_server(tmp: Path) -> Iterator[Stack]:
     stack = Stack(env, api, port, tmp)
     try:
         server = stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_until_healthy(api, server, tmp / "server.log")
+        wait_until_ready(f"{api}/health", server, tmp / "server.log")
         yield stack
     finally:
         for process in reversed(stack.processes):

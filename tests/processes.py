@@ -6,6 +6,10 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from pathlib import Path
+
+import httpx
 
 
 def free_ports(count: int) -> list[int]:
@@ -17,6 +21,21 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200; raise (with the end of `log`) if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:

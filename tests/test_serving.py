@@ -31,7 +31,7 @@ from fmnist.serving import MAX_INSTANCES, MAX_JSON_BYTES
 from fmnist.storage import Store, join
 from fmnist.training import train_model
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
-from tests.processes import free_ports, stop
+from tests.processes import free_ports, stop, wait_until_ready
 from tests.seaweedfs import S3Server
 
 pytestmark = pytest.mark.training
@@ -69,16 +69,7 @@ def running_server(registry_root: str, log: Path, env: dict[str, str] | None = N
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 120 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
+        wait_until_ready(f"{url}/readyz", process, log)
         yield url
         assert process.poll() is None, f"the server died:\n{log.read_text()[-3000:]}"
     finally:
