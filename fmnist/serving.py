@@ -124,7 +124,7 @@ class Champion:
             served = load_served(self.registry, record)
         except Exception as exc:  # a damaged pointer or model: keep serving what was verified
             self.problem = f"cannot load the champion: {exc}"
-            log.warning("%s%s", self.problem, f"; still serving {current.version}" if self.current else "")
+            log.warning("%s%s", self.problem, f"; still serving {self.current.version}" if self.current else "")
             return
         self.current = served  # one reference: each model call takes the model in service as it starts
         self.problem = ""
@@ -150,11 +150,10 @@ class Batcher:
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
 
     async def predict(self, images: np.ndarray) -> tuple[np.ndarray, Served]:
-        served = self.champion.require()  # fail at once, not after queueing, when nothing is loaded
+        self.champion.require()  # fail at once, not after queueing, when nothing is loaded
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((images, future))
-        probabilities, served = await future
-        return probabilities, served
+        return await future
 
     async def run(self) -> None:
         carried = None  # a request that did not fit into the last call: first in the next

@@ -298,6 +298,22 @@ def test_beyond_its_connection_limit_the_server_answers_503_at_once(registry: Re
         assert httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}).status_code == 200
 
 
+def test_a_damaged_pointer_keeps_the_version_in_service_and_the_server_follows_its_repair(
+    server: str, registry: Registry
+) -> None:
+    served = httpx.get(f"{server}/readyz").json()["version"]
+    other = "v0002" if served == "v0001" else "v0001"
+    Path(registry.champion_file).write_text("{not json")
+    time.sleep(4 * POLL_S)
+    answer = httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]})
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == served
+    registry.promote(other, "replaces the damaged pointer")  # the server still follows the pointer
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server}/readyz").json()["version"] != other:
+        assert time.monotonic() < deadline, f"still serving {served} 30 s after the pointer was repaired"
+        time.sleep(0.2)
+
+
 def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
     served = httpx.get(f"{server}/readyz").json()["version"]
     other = "v0002" if served == "v0001" else "v0001"
