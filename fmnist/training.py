@@ -127,12 +127,15 @@ def train_model(
     import keras
     import tensorflow as tf
 
+    from fmnist import fast_fit
     from fmnist.epoch_log import Backup, EpochLog
 
     plan = plan_devices(params)
     logger.info(
         "Training %s on %s%s", params.preset, plan.description, ", mixed precision" if plan.mixed_precision else ""
     )
+    if (why_not := fast_fit.unsupported(params, plan)) is None:
+        fast_fit.set_cpu_threads()
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(params.seed)
@@ -177,16 +180,21 @@ def train_model(
                 start_from_epoch=params.epochs // 2,
             )
         )
-    model.fit(
-        images,
-        targets(labels, params),
-        batch_size=params.batch_size,
-        epochs=params.epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=callbacks,
-        validation_data=validation_data,
-    )
+    if why_not is None and (why_not := fast_fit.unsupported_network(model)) is None:
+        logger.info("Each epoch runs as one compiled graph with fused Adam (training.exact: Keras' fit)")
+        fast_fit.fit(model, images, labels, params, callbacks)
+    else:
+        logger.info("Training with Keras' fit: %s", why_not)
+        model.fit(
+            images,
+            targets(labels, params),
+            batch_size=params.batch_size,
+            epochs=params.epochs,
+            shuffle=True,
+            verbose=0,
+            callbacks=callbacks,
+            validation_data=validation_data,
+        )
     run.push_logs()
     run.drop_checkpoints()
     final = epoch_log.history[-1]

@@ -1,0 +1,93 @@
+"""The dense presets' fast path (`fmnist.fast_fit`): Keras' Adam step for step, which runs take it, and
+the exact switch that keeps the tutorial's own `fit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.cache import read_split
+from fmnist.fast_fit import fit, unsupported, unsupported_network
+from fmnist.model import TrainParams, build_model, compile_model
+from fmnist.storage import Store
+from fmnist.training import DevicePlan, train_model
+from tests.helpers import balanced_labels, learnable_cache, local_run, synthetic_images
+
+pytestmark = pytest.mark.training
+
+CPU = DevicePlan("CPU", 0, mixed_precision=False, jit_compile=False)
+
+
+def compiled(params: TrainParams):
+    import keras
+
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params)
+    compile_model(model, params, jit_compile=False, steps_per_epoch=1)
+    return model
+
+
+def test_an_epoch_graph_makes_kerass_adam_steps() -> None:
+    """Without dropout and with one batch an epoch (so shuffling cannot matter), three epochs of the fast
+    path give Keras' own weights, optimizer moments and logged metrics, to float rounding."""
+    import keras
+
+    labels = balanced_labels(12, seed=3)
+    images = synthetic_images(labels, seed=3).astype(np.float32) / 255
+    params = TrainParams(dropout=0.0, epochs=3, batch_size=len(labels), seed=5)
+    reference, fast = compiled(params), compiled(params)
+    history = reference.fit(images, labels, batch_size=len(labels), epochs=3, shuffle=False, verbose=0).history
+    logged = keras.callbacks.History()
+    fit(fast, images, labels, params, [logged])
+
+    assert int(fast.optimizer.iterations) == int(reference.optimizer.iterations) == 3
+    for ours, keras_own in zip(fast.optimizer.variables, reference.optimizer.variables, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(keras_own), rtol=1e-4, atol=1e-6, err_msg=ours.path)
+    for ours, keras_own in zip(fast.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, keras_own, rtol=1e-4, atol=1e-6)
+    assert logged.history["loss"] == pytest.approx(history["loss"], rel=1e-5)
+    assert logged.history["accuracy"] == pytest.approx(history["accuracy"])
+    assert history["loss"][-1] < history["loss"][0]  # the steps did something
+
+
+def test_which_runs_take_the_fast_path() -> None:
+    assert unsupported(TrainParams(), CPU) is None
+    assert unsupported(TrainParams(exact=True), CPU) == "training.exact is set"
+    gpu = DevicePlan("1 x GPU", 1, mixed_precision=False, jit_compile=True)
+    assert "until it is checked on GPUs" in unsupported(TrainParams(), gpu)
+    assert "validation split" in unsupported(TrainParams(preset="dnn-tuned"), CPU)
+    assert unsupported_network(compiled(TrainParams())) is None
+    assert unsupported_network(compiled(TrainParams(preset="mlp128"))) is None
+    assert "not Flatten, Dense(relu)" in unsupported_network(compiled(TrainParams(preset="cnn")))
+    tuned_network = compiled(TrainParams(preset="dnn-tuned", validation_fraction=0, early_stopping_patience=0))
+    assert "AdamW" in unsupported_network(tuned_network)
+
+
+def test_the_exact_switch_gives_the_tutorials_own_fit_bit_for_bit(tmp_path: Path) -> None:
+    """`training.exact`: the pipeline's run is the tutorial script's `fit` on the same arrays, to the bit."""
+    import keras
+
+    cached = learnable_cache(tmp_path / "cache", train_per_class=20)
+    params = TrainParams(exact=True, epochs=2, seed=11)
+    result = train_model(cached, params, local_run(tmp_path / "run"))
+    images, labels = read_split(Path(cached.train.path))
+
+    keras.utils.set_random_seed(params.seed)  # the tutorial's script, as bench/plain_tutorial.py runs it
+    tutorial = build_model(params)
+    tutorial.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    tutorial.fit(images, labels, epochs=2, batch_size=64, verbose=0)
+    trained = keras.models.load_model(Store().local_copy(result.model))
+    for ours, theirs in zip(trained.get_weights(), tutorial.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_fast_path_learns_and_is_reproducible(tmp_path: Path) -> None:
+    cached = learnable_cache(tmp_path / "cache")
+    params = TrainParams(epochs=2, seed=3)
+    first = train_model(cached, params, local_run(tmp_path / "a"))
+    again = train_model(cached, params, local_run(tmp_path / "b"))
+    exact = train_model(cached, params.model_copy(update={"exact": True}), local_run(tmp_path / "c"))
+    assert first.accuracy > 0.5 and (first.loss, first.accuracy) == (again.loss, again.accuracy)
+    assert first.loss != exact.loss  # other random draws: the switch does change the path
