@@ -90,7 +90,7 @@ data:
 	fi
 
 run: install data
-	$(PY) -m flows.retrain
+	$(PY) -m flows.run_once
 
 test: install data
 	$(PY) -m pytest -m "not slow"

@@ -101,15 +101,3 @@ def retrain(
         test_accuracy=evaluation.test_accuracy,
         run_dir=run.location,
     )
-
-
-if __name__ == "__main__":
-    outcome = retrain()
-    if outcome.version is None:
-        print(f"Champion {outcome.champion} is current; nothing retrained.")
-    else:
-        print(
-            f"Registered {outcome.version} (test accuracy {outcome.test_accuracy:.4f}, "
-            f"{'promoted' if outcome.promoted else 'not promoted'}); champion: {outcome.champion}"
-        )
-        print(f"Version folder (model, model card, manifest, metrics, plots): {outcome.version_dir}")

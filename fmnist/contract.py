@@ -169,12 +169,18 @@ def _describe_failure(result: dict) -> str:
     return text
 
 
-def run_checks(checks: list[FrameCheck], out_dir: Path) -> list[SuiteOutcome]:
-    """Run each suite on its frame; write `result.json` and Data Docs (`docs/`) into `out_dir`."""
+def import_great_expectations():
     # GX reads this when imported: a pipeline run never reports usage to GX's servers (the Makefile
     # sets it too; this covers flows started any other way).
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+    import great_expectations
+
+    return great_expectations
+
+
+def run_checks(checks: list[FrameCheck], out_dir: Path) -> list[SuiteOutcome]:
+    """Run each suite on its frame; write `result.json` and Data Docs (`docs/`) into `out_dir`."""
+    gx = import_great_expectations()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

@@ -1,0 +1,123 @@
+"""One retraining run in this process (`make run`), with Prefect's temporary server started first.
+
+Called bare, a flow starts Prefect's temporary API server when it is called, after this process's
+imports, and waits for it: about 5 s here, 10 s the first time, when its database is made. Started
+first, in a child process, the server comes up while this process imports the pipeline and the libraries
+the run is sure to need: great-expectations when the data root holds no validation yet, TensorFlow
+when the registry has no champion (or `force_retrain`). A run that may find nothing changed imports
+neither. With `PREFECT_API_URL` set (an operator's server) nothing is started.
+
+    python -m flows.run_once [--params '{"training": {"epochs": 10}}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.params import RetrainParams
+    from fmnist.layout import StorageParams
+
+# A first start makes the database (10 s on 2 cores); a loaded CI machine may take several times that.
+SERVER_START_TIMEOUT_S = 120
+
+
+def start_temporary_server() -> Callable[[], str]:
+    """Start a Prefect server for this run in a child process; the returned call waits for it and gives
+    its API URL. It is Prefect's own temporary server (`PREFECT__SERVER_EPHEMERAL`: its services, no
+    UI), started by the public CLI before this process imports Prefect, and stopped when it exits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open while the server runs; a pipe nobody reads could stall it
+    server = subprocess.Popen(
+        [*command, "--no-ui"],
+        env={**os.environ, "PREFECT__SERVER_EPHEMERAL": "1"},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    atexit.register(_stop, server)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def api_url() -> str:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                output.seek(0)
+                raise RuntimeError(
+                    f"the temporary Prefect server exited ({server.returncode}): {output.read()[-2000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.1)
+        _stop(server)
+        raise RuntimeError(f"the temporary Prefect server did not answer on {url} within {SERVER_START_TIMEOUT_S} s")
+
+    return api_url
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def import_what_the_run_needs(params: RetrainParams, storage: StorageParams) -> None:
+    """Import the heavy libraries this run is certain to import anyway: only the wait moves."""
+    from fmnist.contract import import_great_expectations
+    from fmnist.registry import Registry
+
+    store = storage.store()
+    if not store.listdir(storage.data.validation):
+        import_great_expectations()
+    if params.force_retrain or Registry(store, storage.registry).champion() is None:
+        import tensorflow  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.run_once", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="{}", help="RetrainParams as JSON (the flow's `params`)")
+    args = parser.parse_args(argv)
+
+    # Before Prefect is imported: the server's start overlaps this process's imports.
+    api_url = None if os.environ.get("PREFECT_API_URL") else start_temporary_server()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.params import RetrainParams
+    from flows.retrain import retrain
+    from fmnist.layout import StorageParams
+
+    params, storage = RetrainParams.model_validate_json(args.params), StorageParams()
+    import_what_the_run_needs(params, storage)
+    with temporary_settings({PREFECT_API_URL: api_url()} if api_url else {}):
+        outcome = retrain(params, storage)
+    if outcome.version is None:
+        print(f"Champion {outcome.champion} is current; nothing retrained.")
+    else:
+        print(
+            f"Registered {outcome.version} (test accuracy {outcome.test_accuracy:.4f}, "
+            f"{'promoted' if outcome.promoted else 'not promoted'}); champion: {outcome.champion}"
+        )
+        print(f"Version folder (model, model card, manifest, metrics, plots): {outcome.version_dir}")
+
+
+if __name__ == "__main__":
+    main()
