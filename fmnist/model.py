@@ -30,7 +30,21 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay": 1e-4,
         "schedule": "cosine",
     },
+    # 24 epochs of about 28 s on 2 CPU cores: 12 minutes, under the 15 the preset is allowed.
+    "cnn": {
+        "epochs": 24,
+        "batch_size": 128,
+        "dropout": 0.3,
+        "validation_fraction": 0.1,
+        "early_stopping_patience": 6,
+        "label_smoothing": 0.1,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
+    },
 }
+# The cnn preset's augmentation: shifts of up to 2 pixels each way, and mirror images (a left shoe
+# mirrored is a right shoe; no class of Fashion-MNIST changes under a horizontal flip).
+SHIFT_PIXELS = 2
 
 
 class TrainParams(BaseModel):
@@ -40,8 +54,9 @@ class TrainParams(BaseModel):
 
     preset: Preset = Field(
         "dnn",
-        description="dnn: the tutorial's 512-128 DNN; dnn-tuned: a 1024-512 MLP with batch normalization, its "
-        "own recipe (RECIPES) for what is not set; mlp128: one hidden layer of 128; cnn: 3 conv layers",
+        description="dnn: the tutorial's 512-128 DNN; dnn-tuned: a 1024-512 MLP with batch normalization; "
+        "mlp128: one hidden layer of 128; cnn: 3 batch-normalized conv layers with augmentation (shifts, flips). "
+        "dnn-tuned and cnn bring their own recipe (RECIPES) for the knobs not set",
     )
     epochs: int = Field(5, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=65536)
@@ -126,21 +141,34 @@ def build_model(params: TrainParams) -> keras.Model:
             ]
     elif params.preset == "mlp128":
         hidden = [layers.Flatten(), layers.Dense(128, activation="relu")]
-    else:  # cnn
+    else:  # cnn: augmentation (active in training only), then 32 and 2 x 64 3x3 filters, batch-normalized
+        shift = SHIFT_PIXELS / IMAGE_SIZE
         hidden = [
             layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1)),
-            layers.Conv2D(32, 3, activation="relu"),
+            layers.RandomTranslation(shift, shift, fill_mode="constant"),
+            layers.RandomFlip("horizontal"),
+            *_conv_bn_relu(32),
+            layers.MaxPooling2D(2),
+            *_conv_bn_relu(64),
+            *_conv_bn_relu(64),
             layers.MaxPooling2D(2),
             layers.Dropout(params.dropout),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Dropout(params.dropout),
-            layers.Conv2D(64, 3, activation="relu"),
             layers.Flatten(),
+            layers.Dense(256, use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Dropout(params.dropout),
         ]
     # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
     output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
     return keras.Sequential([inputs, *hidden, output], name=params.preset)
+
+
+def _conv_bn_relu(filters: int) -> list:
+    from keras import layers
+
+    # Batch normalization makes the convolution's bias redundant.
+    return [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
 
 
 def compile_model(model: keras.Model, params: TrainParams, *, jit_compile: bool, steps_per_epoch: int) -> None:

@@ -168,3 +168,14 @@ def test_a_tuned_model_is_evaluated_exported_and_its_split_recorded(tmp_path: Pa
     card = model_card(version)
     assert f"**Model selection**: on {held.rows:,} training images held out (0.1 of each class" in card
     assert "AdamW 0.001 (cosine schedule)" in card
+
+
+def test_a_cnn_with_augmentation_trains_evaluates_and_exports(tmp_path: Path) -> None:
+    """The augmentation layers act in training only: the export, checked against the Keras model's
+    predictions, would be refused if they shifted or flipped images at inference."""
+    cached = learnable_cache(tmp_path / "cache")
+    trained = train_model(cached, TrainParams(preset="cnn", epochs=1, batch_size=32), local_run(tmp_path / "run"))
+    evaluation = evaluate_model(trained, cached, local_run(tmp_path / "run"))
+    assert trained.validation.rows == round(0.1 * cached.train.rows)
+    assert "saved_model/1/saved_model.pb" in evaluation.saved_model
+    assert sum(row["support"] for row in evaluation.per_class) == cached.test.rows
