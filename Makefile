@@ -48,7 +48,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage bench-serve serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -57,6 +57,7 @@ help:
 	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
+	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
@@ -132,6 +133,14 @@ bench-storage: install data
 # The prediction server under 16 concurrent clients against a bare model.predict loop (needs a champion: make run).
 bench-serve: install
 	$(PY) bench/serve_load.py --registry $(REGISTRY)
+
+# The dnn recipe's epoch and a whole cold run against the tutorial's script, side by side (about 7 minutes).
+bench-train: install data
+	$(PY) bench/train_speed.py
+
+# Each preset's test accuracy and training time on the real data, seeds 0-2 (about 50 minutes on 2 cores).
+bench-presets: install data
+	$(PY) bench/preset_accuracy.py
 
 # Serve the registry's champion over TF Serving's REST API on 127.0.0.1:$(SERVE_PORT); follows promotions.
 serve: install

@@ -52,8 +52,12 @@ def unsupported_network(model: keras.Model) -> str | None:
     """Why this compiled model cannot take the fast path (`None`: it can)."""
     import keras
 
-    if type(model.optimizer) is not keras.optimizers.Adam:  # AdamW is a subclass, with other math
-        return f"the optimizer is {type(model.optimizer).__name__}, not Adam"
+    optimizer = model.optimizer
+    if type(optimizer) is not keras.optimizers.Adam:  # AdamW is a subclass, with other math
+        return f"the optimizer is {type(optimizer).__name__}, not Adam"
+    extras = (optimizer.amsgrad, optimizer.clipnorm, optimizer.clipvalue, optimizer.global_clipnorm, optimizer.use_ema)
+    if any(extras) or not isinstance(optimizer.learning_rate, keras.Variable):
+        return "the optimizer uses AMSGrad, clipping, an average of weights or a learning-rate schedule"
     if dense_layers(model) is None:
         return "the network is not Flatten, Dense(relu) and Dropout layers with a softmax output"
     return None

@@ -94,7 +94,12 @@ def test_deployments_from_prefect_yaml(stack: Stack) -> None:
     [schedule] = nightly["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Berlin"
     assert nightly["work_pool_name"] == "fashion-mnist-cpu"
-    assert nightly["parameters"] == {"training_deployment": "train-fashion-mnist/gpu"}
+    assert nightly["parameters"] == {
+        "training_deployment": "train-fashion-mnist/gpu",
+        "params": {"training": {"preset": "cnn"}},  # the best preset, every night
+    }
+    adhoc = stack.get("/deployments/name/retrain-fashion-mnist/adhoc")
+    assert adhoc["parameters"] == {"training_deployment": "train-fashion-mnist/gpu"}  # the defaults: quick
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert stack.get("/deployments/name/train-fashion-mnist/gpu")["work_pool_name"] == "fashion-mnist-gpu"
     for pool in ("fashion-mnist-cpu", "fashion-mnist-gpu"):

@@ -53,6 +53,8 @@ def test_an_epoch_graph_makes_kerass_adam_steps() -> None:
 
 
 def test_which_runs_take_the_fast_path() -> None:
+    import keras
+
     assert unsupported(TrainParams(), CPU) is None
     assert unsupported(TrainParams(exact=True), CPU) == "training.exact is set"
     gpu = DevicePlan("1 x GPU", 1, mixed_precision=False, jit_compile=True)
@@ -63,6 +65,9 @@ def test_which_runs_take_the_fast_path() -> None:
     assert "not Flatten, Dense(relu)" in unsupported_network(compiled(TrainParams(preset="cnn")))
     tuned_network = compiled(TrainParams(preset="dnn-tuned", validation_fraction=0, early_stopping_patience=0))
     assert "AdamW" in unsupported_network(tuned_network)
+    clipped = compiled(TrainParams())
+    clipped.compile(optimizer=keras.optimizers.Adam(clipnorm=1.0), loss="sparse_categorical_crossentropy")
+    assert "clipping" in unsupported_network(clipped)
 
 
 def test_the_exact_switch_gives_the_tutorials_own_fit_bit_for_bit(tmp_path: Path) -> None:
