@@ -121,7 +121,7 @@ def pipeline_run(folder: Path, seed: int, epochs: int, prefect_home: Path) -> di
         version = versions[-1]
         history = json.loads((version / "history.json").read_text())["epochs"]
         manifest = json.loads((version / "manifest.json").read_text())
-        result.update(epoch_s=[h["seconds"] for h in history], test_accuracy=manifest["test_accuracy"])
+        result.update(epoch_s=[h["seconds"] for h in history], test_accuracy=manifest["metrics"]["test_accuracy"])
     return result
 
 
@@ -185,7 +185,9 @@ def main() -> None:
     for kind, results in runs.items():
         summary[kind] = {
             "seconds_per_epoch": statistics.median(statistics.mean(r["epoch_s"]) for r in results),
-            "steady_seconds_per_epoch": statistics.median(statistics.mean(r["epoch_s"][1:]) for r in results),
+            "steady_seconds_per_epoch": statistics.median(
+                statistics.mean(r["epoch_s"][1:] or r["epoch_s"]) for r in results
+            ),
             "mean_test_accuracy": statistics.mean(r["test_accuracy"] for r in results),
             "test_accuracies": [r["test_accuracy"] for r in results],
         }
