@@ -62,7 +62,9 @@ def test_which_runs_take_the_fast_path() -> None:
     assert "validation split" in unsupported(TrainParams(preset="dnn-tuned"), CPU)
     assert unsupported_network(compiled(TrainParams())) is None
     assert unsupported_network(compiled(TrainParams(preset="mlp128"))) is None
-    assert "not Flatten, Dense(relu)" in unsupported_network(compiled(TrainParams(preset="cnn")))
+    plain_adam_cnn = TrainParams(preset="cnn", weight_decay=0, schedule="constant")
+    assert "not Flatten, Dense(relu)" in unsupported_network(compiled(plain_adam_cnn))
+    assert "AdamW" in unsupported_network(compiled(TrainParams(preset="cnn")))
     tuned_network = compiled(TrainParams(preset="dnn-tuned", validation_fraction=0, early_stopping_patience=0))
     assert "AdamW" in unsupported_network(tuned_network)
     clipped = compiled(TrainParams())
