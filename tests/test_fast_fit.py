@@ -88,3 +88,11 @@ def test_the_exact_switch_gives_the_tutorials_own_fit_bit_for_bit(tmp_path: Path
     trained = keras.models.load_model(Store().local_copy(result.model))
     for ours, theirs in zip(trained.get_weights(), tutorial.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_one_layer_preset_takes_the_fast_path_too(tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="fmnist.training")
+    cached = learnable_cache(tmp_path / "cache")
+    result = train_model(cached, TrainParams(preset="mlp128", epochs=1), local_run(tmp_path / "run"))
+    assert result.accuracy > 0.5
+    assert "Each epoch runs as one compiled graph" in caplog.text
