@@ -116,9 +116,8 @@ def pipeline_run(folder: Path, seed: int, epochs: int, prefect_home: Path) -> di
     )
     wall = time.perf_counter() - started
     result = {"wall_s": wall, "flow_s": flow_seconds(out.stdout + out.stderr)}
-    versions = sorted((folder / "artifacts" / "versions").glob("v*"))
     if "nothing retrained" not in out.stdout:
-        version = versions[-1]
+        version = sorted((folder / "artifacts" / "versions").glob("v*"))[-1]
         history = json.loads((version / "history.json").read_text())["epochs"]
         manifest = json.loads((version / "manifest.json").read_text())
         result.update(epoch_s=[h["seconds"] for h in history], test_accuracy=manifest["metrics"]["test_accuracy"])

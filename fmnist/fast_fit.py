@@ -68,19 +68,18 @@ def dense_layers(model: keras.Model) -> list[DenseLayer] | None:
     from keras import layers
 
     found: list[DenseLayer] = []
+    activations: list[str] = []
     for layer in model.layers:
         if isinstance(layer, layers.Flatten) and not found:
             continue
         if isinstance(layer, layers.Dropout) and found and not found[-1].dropout:
             found[-1] = DenseLayer(found[-1].kernel, found[-1].bias, layer.rate)
-        elif type(layer) is layers.Dense and layer.use_bias and layer.activation.__name__ in ("relu", "softmax"):
+        elif type(layer) is layers.Dense and layer.use_bias:
             found.append(DenseLayer(layer.kernel, layer.bias, 0.0))
+            activations.append(layer.activation.__name__)
         else:
             return None
-    hidden, output = model.layers[:-1], model.layers[-1]
-    if not found or output.activation.__name__ != "softmax" or found[-1].dropout:
-        return None
-    if any(getattr(layer, "activation", None) is not None and layer.activation.__name__ != "relu" for layer in hidden):
+    if activations[-1:] != ["softmax"] or found[-1].dropout or set(activations[:-1]) - {"relu"}:
         return None
     return found
 
