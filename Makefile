@@ -93,8 +93,13 @@ data:
 run: install data
 	$(PY) -m flows.run_once
 
+# Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist): the e2e
+# files spend most of their time waiting on servers, workers and triggers, so two overlap well on 2 cores.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+
 test: install data
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL)
 
 # An hour of training on the real 70,000 images (three seeds each of dnn, dnn-tuned and cnn), and the lost-host test.
 test-slow: install data
@@ -103,7 +108,7 @@ test-slow: install data
 # Tiers you can run alone: the readers, registry, storage and data stages without training or a
 # Prefect stack (about 2 minutes); and everything, slow tier included.
 test-quick: install data
-	$(PY) -m pytest -m "not slow and not e2e and not training"
+	$(PY) -m pytest -m "not slow and not e2e and not training" $(PYTEST_PARALLEL)
 
 test-all: install data
 	$(PY) -m pytest
