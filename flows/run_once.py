@@ -5,7 +5,8 @@ imports, and waits for it: about 5 s here, 10 s the first time, when its databas
 first, in a child process, the server comes up while this process imports the pipeline and the libraries
 the run is sure to need: great-expectations when the data root holds no validation yet, TensorFlow
 when the registry has no champion (or `force_retrain`). A run that may find nothing changed imports
-neither. With `PREFECT_API_URL` set (an operator's server) nothing is started.
+neither. With `PREFECT_API_URL` set (an operator's server) nothing is started, and the runs send
+heartbeats as that server's settings say.
 
     python -m flows.run_once [--params '{"training": {"epochs": 10}}']
 """
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Before Prefect is imported: the server's start overlaps this process's imports.
     api_url = None if os.environ.get("PREFECT_API_URL") else start_temporary_server()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.params import RetrainParams
     from flows.retrain import retrain
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params, storage = RetrainParams.model_validate_json(args.params), StorageParams()
     import_what_the_run_needs(params, storage)
-    with temporary_settings({PREFECT_API_URL: api_url()} if api_url else {}):
+    # Heartbeats let an operator's server crash a run whose host died. The temporary server lives and dies
+    # with this process, and each flow run's heartbeat thread (on by default in Prefect 3.8) costs up to a
+    # second at the run's end, as it is joined: off for it.
+    temporary = {PREFECT_API_URL: api_url(), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if api_url else {}
+    with temporary_settings(temporary):
         outcome = retrain(params, storage)
     if outcome.version is None:
         print(f"Champion {outcome.champion} is current; nothing retrained.")

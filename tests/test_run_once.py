@@ -24,9 +24,9 @@ RUN_AND_REPORT = (
 )
 
 
-def run_once(cwd: Path, params: dict) -> tuple[str, list[str]]:
+def run_once(cwd: Path, params: dict, **env_vars: str) -> tuple[str, list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no server given: it starts one
-    env.update(PREFECT_HOME=str(cwd / ".prefect"), PYTHONPATH=str(ROOT))
+    env.update(PREFECT_HOME=str(cwd / ".prefect"), PYTHONPATH=str(ROOT), **env_vars)
     done = subprocess.run(
         [sys.executable, "-c", RUN_AND_REPORT, "--params", json.dumps(params)],
         cwd=cwd,
@@ -37,7 +37,7 @@ def run_once(cwd: Path, params: dict) -> tuple[str, list[str]]:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     imported = json.loads(done.stdout.split("IMPORTED ")[-1])
-    return done.stdout, imported
+    return done.stdout + done.stderr, imported  # Prefect's log is on stderr
 
 
 def test_a_first_run_trains_and_a_run_with_nothing_new_imports_neither_tensorflow_nor_gx(tmp_path: Path) -> None:
@@ -48,9 +48,11 @@ def test_a_first_run_trains_and_a_run_with_nothing_new_imports_neither_tensorflo
         "training": {"epochs": 1},
         "promotion": {"min_accuracy": 0.5},
     }
-    first, imported = run_once(tmp_path, params)
+    first, imported = run_once(tmp_path, params, PREFECT_LOGGING_LEVEL="DEBUG")
     assert "Registered v0001" in first and (tmp_path / "artifacts" / "versions" / "v0001" / "model.keras").is_file()
     assert {"tensorflow", "great_expectations"} <= set(imported)
+    # No heartbeats to a server that dies with the process: joining their thread cost up to 1 s a flow run.
+    assert "DEBUG   | Flow run" in first and "heartbeat" not in first
 
     again, imported = run_once(tmp_path, params)
     assert "Champion v0001 is current; nothing retrained." in again
