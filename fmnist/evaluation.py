@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 PLOTS = ("learning_curves", "confusion_matrix", "sample_predictions")
 
 SAMPLE_IMAGES = 24
-PREDICT_BATCH = 1024
+PREDICT_ROWS = 4096  # images per forward pass: few calls, and a cnn's activations stay under half a GB
 EXPORT_CHECK_IMAGES = 1000  # test images the SavedModel must score as the Keras model does
 
 
@@ -80,17 +80,24 @@ def loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[fl
     return float(loss), float((probabilities.argmax(axis=1) == labels).mean())
 
 
+def predicted_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """The model's probabilities for `images`: `predict`'s forward pass, without the tf.data pipeline it
+    builds for each call, which copied the images and took 3-5x the arithmetic's time (1.7 s against 0.35 s
+    for the 70,000 images and the dnn)."""
+    return np.concatenate(
+        [model.predict_on_batch(images[start : start + PREDICT_ROWS]) for start in range(0, len(images), PREDICT_ROWS)]
+    )
+
+
 def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) -> Evaluation:
     """Metrics and plots of the trained model, published in the run folder's `evaluation/`."""
     store = run.store
     model = load_verified_model(store, trained.model)
     test_images, test_labels = read_split(store.local_copy(cached.test.file))
     train_images, train_labels = read_split(store.local_copy(cached.train.file))
-    probabilities = model.predict(test_images, batch_size=PREDICT_BATCH, verbose=0)
+    probabilities = predicted_probabilities(model, test_images)
     test_loss, test_accuracy = loss_and_accuracy(probabilities, test_labels)
-    train_loss, train_accuracy = loss_and_accuracy(
-        model.predict(train_images, batch_size=PREDICT_BATCH, verbose=0), train_labels
-    )
+    train_loss, train_accuracy = loss_and_accuracy(predicted_probabilities(model, train_images), train_labels)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(test_labels, predicted)
     saved_model = export_checked(model, run, test_images[:EXPORT_CHECK_IMAGES], probabilities[:EXPORT_CHECK_IMAGES])

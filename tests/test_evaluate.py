@@ -13,7 +13,7 @@ import pytest
 
 from fmnist.cache import normalize
 from fmnist.download import RawDataset, VerifiedFile
-from fmnist.evaluation import confusion_matrix, evaluate_model, per_class_metrics
+from fmnist.evaluation import PREDICT_ROWS, confusion_matrix, evaluate_model, per_class_metrics, predicted_probabilities
 from fmnist.export import ExportError, check_export, export_saved_model
 from fmnist.manifest import Decision, VersionManifest, build_manifest, model_card
 from fmnist.model import TrainParams, load_verified_model
@@ -81,6 +81,16 @@ def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
     markdown = evaluation_markdown(evaluation, result, run.store)
     assert markdown.count("](data:image/png;base64,") == 3
     assert f"| test accuracy | {evaluation.test_accuracy:.4f} |" in markdown
+
+
+def test_probabilities_in_chunks_are_keras_predict_for_every_image(trained) -> None:
+    _, result = trained
+    model = load_verified_model(local_run(Path(result.run.location)).store, result.model)
+    labels = np.arange(2 * PREDICT_ROWS + 7) % 10  # two whole chunks and a short one
+    images = normalize(synthetic_images(labels, seed=4)).reshape(-1, 28, 28)
+    chunked = predicted_probabilities(model, images)
+    assert chunked.shape == (len(images), 10)
+    np.testing.assert_allclose(chunked, model.predict(images, batch_size=1024, verbose=0), atol=1e-6)
 
 
 def test_damaged_model_is_refused_before_loading(trained, tmp_path: Path) -> None:
