@@ -122,6 +122,18 @@ def test_normalized_suite_catches_nan_and_out_of_range(tmp_path) -> None:
     assert "column=pixel_min, min_value=0.0, max_value=1.0): 1 of 4 rows unexpected; e.g. row=3 pixel_min=-0.25" in text
 
 
+def test_normalized_summary_leaves_nans_out_of_each_images_range() -> None:
+    pixels = np.full((4, 784), 0.5, dtype=np.float32)
+    pixels[0, :3] = [np.nan, 0.0, 1.0]
+    pixels[1] = np.nan  # nothing but NaN: no range at all
+    pixels[2, 7] = np.inf
+    summary = normalized_summary(pixels, np.array([4, 3, 2, 1], dtype=np.uint8))
+    assert summary["pixel_min"].tolist() == [0.0, np.inf, 0.5, 0.5]
+    assert summary["pixel_max"].tolist() == [1.0, -np.inf, np.inf, 0.5]
+    assert summary["nan_count"].tolist() == [1, 784, 0, 0]
+    assert summary["label"].tolist() == [4, 3, 2, 1] and summary["row"].tolist() == [0, 1, 2, 3]
+
+
 def test_results_in_a_bucket_are_published_whole_and_reused(mirror, store: Store, bucket: str, tmp_path) -> None:
     folder, spec = mirror
     layout = DataLayout(f"{bucket}/data")
