@@ -134,6 +134,13 @@ class ParquetCache:
 
     def store_entry(self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], metadata: dict) -> CachedDataset:
         """Write every split, then publish the entry by writing its manifest; a failure publishes nothing."""
+        return self.publish(key, self.write_splits(key, splits, metadata), metadata)
+
+    def write_splits(
+        self, key: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], metadata: dict
+    ) -> dict[str, CachedSplit]:
+        """Write each split's parquet file (whole) into `key`'s entry. They are no entry until `publish`
+        writes its manifest, and `discard` removes them."""
         written = {}
         for name in SPLITS:
             pixels, labels = splits[name]
@@ -147,6 +154,10 @@ class ParquetCache:
                 )
                 digest = sha256_file(tmp)
             written[name] = CachedSplit(location, len(labels), digest)
+        return written
+
+    def publish(self, key: str, written: dict[str, CachedSplit], metadata: dict) -> CachedDataset:
+        """Make the written splits `key`'s entry: its manifest, written last."""
         manifest = {"key": key, "preprocessing_version": PREPROCESSING_VERSION, **metadata}
         manifest["splits"] = {name: vars(split) for name, split in written.items()}
         self.store.write_json(join(self.entry(key), "manifest.json"), manifest)
@@ -156,3 +167,8 @@ class ParquetCache:
             rows_by_source=metadata.get("train_rows_by_source", {}),
             **written,
         )
+
+    def discard(self, key: str) -> None:
+        """Remove what `write_splits` wrote for `key`, unless it has become an entry."""
+        if not self.store.exists(join(self.entry(key), "manifest.json")):
+            self.store.delete(self.entry(key))
