@@ -6,8 +6,9 @@ UV_VERSION := 0.13.9
 UV := .tools/bin/uv
 # On a GPU host: make install UV_EXTRAS="--extra and-cuda" (and keep passing it: a plain sync drops the extra).
 UV_EXTRAS ?=
-# One install stamp per set of extras, so changing UV_EXTRAS re-syncs.
-STAMP := .venv/.installed$(shell printf '%s' '$(UV_EXTRAS)' | tr -c 'A-Za-z0-9' '_')
+# One install stamp per set of extras, so changing UV_EXTRAS re-syncs ("-pyc": environments made before
+# the bytecode was compiled at install are synced once more).
+STAMP := .venv/.installed-pyc$(shell printf '%s' '$(UV_EXTRAS)' | tr -c 'A-Za-z0-9' '_')
 PY := .venv/bin/python
 LOCAL_MIRROR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -71,8 +72,12 @@ help:
 $(UV):
 	python3 -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
 
+# --compile-bytecode: uv, unlike pip, leaves the .pyc files to the first import, and where Python may not
+# write them (PYTHONDONTWRITEBYTECODE, a read-only environment) every process would compile TensorFlow,
+# Prefect and GX from source again, in every run, worker and test process: importing them took 6.7, 1.9
+# and 5.4 s here instead of 2.4, 0.7 and 2.2 s. About 12 s once, at install.
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen $(UV_EXTRAS)
+	$(UV) sync --frozen --compile-bytecode $(UV_EXTRAS)
 	@touch $@
 
 install: $(STAMP)
