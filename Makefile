@@ -106,7 +106,7 @@ PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 test: install data
 	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL)
 
-# An hour of training on the real 70,000 images (three seeds each of dnn, dnn-tuned and cnn), and the lost-host test.
+# An hour of training on the real 70,000 images: three seeds each of dnn, dnn-tuned and cnn.
 test-slow: install data
 	$(PY) -m pytest -m slow
 

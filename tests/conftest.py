@@ -16,6 +16,12 @@ from tests.helpers import write_mirror
 from tests.seaweedfs import S3Server, seaweedfs
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The e2e files first: they take the longest, mostly waiting, and with the files split between
+    processes (make test) the others run beside them."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 @pytest.fixture(scope="session")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]:
     """A local mirror folder with a small generated dataset, and the spec pinning its files."""

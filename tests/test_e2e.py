@@ -406,7 +406,6 @@ def add_batch_cli(stack: Stack, folder: Path, data_root: Path) -> subprocess.Com
     )
 
 
-@pytest.mark.slow  # two and a half minutes of waiting for missed heartbeats: it would push make test past 15
 def test_a_lost_gpu_host_is_detected_and_the_run_completes_by_itself(stack: Stack) -> None:
     """The GPU worker and its training process die together during epoch 2 (a reclaimed spot host); the
     heartbeat automation marks the training run Crashed, the retraining run starts it again, and a new
