@@ -52,6 +52,34 @@ def test_an_epoch_graph_makes_kerass_adam_steps() -> None:
     assert history["loss"][-1] < history["loss"][0]  # the steps did something
 
 
+def test_an_epoch_starts_from_the_keras_state_and_leaves_its_own_there() -> None:
+    """A wide layer trains as blocks of its own variables; between epochs the Keras variables must hold
+    the state: a run stopped after epoch 1 and resumed in a fresh model (as `BackupAndRestore` does)
+    ends where the unbroken run ends."""
+    labels = balanced_labels(30, seed=4)  # 300 images: 4 batches of 64 and one of 44 an epoch
+    images = synthetic_images(labels, seed=4).astype(np.float32) / 255
+    params = TrainParams(epochs=2, batch_size=64, seed=9)  # the dnn: 512 units, so 4 blocks, and dropout
+    unbroken, first_half, resumed = compiled(params), compiled(params), compiled(params)
+    fit(unbroken, images, labels, params, [])
+    fit(first_half, images, labels, params.model_copy(update={"epochs": 1}), [])
+
+    resumed.set_weights(first_half.get_weights())
+    resumed.optimizer.build(resumed.trainable_variables)
+    for target, source in zip(resumed.optimizer.variables, first_half.optimizer.variables, strict=True):
+        target.assign(source)
+    resumed._initial_epoch = 1  # where BackupAndRestore leaves a model it restored after epoch 1
+    fit(resumed, images, labels, params, [])
+
+    assert int(resumed.optimizer.iterations) == int(unbroken.optimizer.iterations) == 2 * 5
+    for ours, theirs in zip(resumed.optimizer.variables, unbroken.optimizer.variables, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7, err_msg=ours.path)
+    for ours, theirs, before in zip(
+        resumed.get_weights(), unbroken.get_weights(), first_half.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+        assert not np.array_equal(ours, before)  # epoch 2 changed every variable
+
+
 def test_which_runs_take_the_fast_path() -> None:
     import keras
 
