@@ -20,16 +20,32 @@ pytestmark = pytest.mark.training
 CPU = DevicePlan("CPU", 0, mixed_precision=False, jit_compile=False)
 
 
-def compiled(params: TrainParams):
+def compiled(params: TrainParams, hidden_units: int | None = None):
+    """The preset's network compiled with its recipe; or, with `hidden_units`, one hidden layer that wide."""
     import keras
 
     keras.utils.set_random_seed(params.seed)
-    model = build_model(params)
+    if hidden_units is None:
+        model = build_model(params)
+    else:
+        model = keras.Sequential(
+            [
+                keras.Input((28, 28)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(hidden_units, activation="relu"),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
     compile_model(model, params, jit_compile=False, steps_per_epoch=1)
     return model
 
 
-def test_an_epoch_graph_makes_kerass_adam_steps() -> None:
+@pytest.mark.parametrize(
+    "hidden_units",
+    [None, 385],
+    ids=["dnn: 512 units in 4 blocks and 128 whole", "385 units in 3 uneven blocks"],
+)
+def test_an_epoch_graph_makes_kerass_adam_steps(hidden_units: int | None) -> None:
     """Without dropout and with one batch an epoch (so shuffling cannot matter), three epochs of the fast
     path give Keras' own weights, optimizer moments and logged metrics, to float rounding."""
     import keras
@@ -37,7 +53,7 @@ def test_an_epoch_graph_makes_kerass_adam_steps() -> None:
     labels = balanced_labels(12, seed=3)
     images = synthetic_images(labels, seed=3).astype(np.float32) / 255
     params = TrainParams(dropout=0.0, epochs=3, batch_size=len(labels), seed=5)
-    reference, fast = compiled(params), compiled(params)
+    reference, fast = compiled(params, hidden_units), compiled(params, hidden_units)
     history = reference.fit(images, labels, batch_size=len(labels), epochs=3, shuffle=False, verbose=0).history
     logged = keras.callbacks.History()
     fit(fast, images, labels, params, [logged])
