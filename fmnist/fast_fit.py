@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from fmnist.model import TrainParams
 
@@ -130,11 +130,7 @@ def fit(
     layers = dense_layers(model)
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
-    moments = [
-        (optimizer._momentums[i], optimizer._velocities[i])  # the Keras optimizer's own state, checkpointed with it
-        for i in (optimizer._get_variable_index(v) for layer in layers for v in (layer.kernel, layer.bias))
-    ]
-    epoch_graph = _epoch_graph(layers, moments, optimizer, params.batch_size)
+    epoch_graph = _epoch_graph(layers, optimizer, params.batch_size)
     x = tf.constant(images.reshape(len(images), -1), tf.float32)
     y = tf.constant(labels, tf.int32)
 
@@ -152,20 +148,21 @@ def fit(
     hooks.on_train_end()
 
 
-def _epoch_graph(layers: list[DenseLayer], moments: list, optimizer, batch_size: int):
+def _epoch_graph(layers: list[DenseLayer], optimizer, batch_size: int):
     import tensorflow as tf
 
-    # Each hidden layer as blocks of its units, each block with variables of its own.
+    # Each hidden layer as blocks of its units, each block with variables of its own: per layer, its
+    # kernel's and its bias' blocks with their Adam moments.
     parts = [max(1, layer.kernel.shape[1] // BLOCK_COLUMNS) for layer in layers[:-1]] + [1]
-    variables = [(layer.kernel, layer.bias) for layer in layers]
     blocks = [
-        [tuple(_ColumnBlocks.of(w.value, count) for w in (variable, m, v)) for variable, (m, v) in pairs]
-        for count, pairs in zip(parts, _pairs(variables, moments), strict=True)
+        [_AdamBlocks.of(variable, optimizer, count) for variable in (layer.kernel, layer.bias)]
+        for layer, count in zip(layers, parts, strict=True)
     ]
-    every_split = [split for layer in blocks for triple in layer for split in triple]
-    kernels = [layer[0][0].blocks for layer in blocks]
-    biases = [layer[1][0].blocks for layer in blocks]
-    sizes = [layer[0][0].sizes for layer in blocks[:-1]]  # each hidden layer's block widths
+    every_split = [split for layer in blocks for adam in layer for split in adam]
+    kernels = [kernel.variable.blocks for kernel, _ in blocks]
+    biases = [bias.variable.blocks for _, bias in blocks]
+    sizes = [kernel.variable.sizes for kernel, _ in blocks[:-1]]  # each hidden layer's block widths
+    widths = [width for layer in sizes for width in layer]  # every hidden block's, in order
     rates = [layer.dropout for layer in layers[:-1]]
     dropout = any(rates)
     iterations, learning_rate = optimizer.iterations.value, optimizer.learning_rate
@@ -183,7 +180,6 @@ def _epoch_graph(layers: list[DenseLayer], moments: list, optimizer, batch_size:
             batch = order[i * batch_size : tf.minimum((i + 1) * batch_size, rows)]
             inputs, targets = tf.gather(x, batch), tf.gather(y, batch)
             if dropout:  # one draw for every block's mask
-                widths = [width for layer in sizes for width in layer]
                 noise = tf.random.stateless_uniform(
                     tf.stack([tf.shape(batch)[0], sum(widths)]),
                     seed=tf.random.experimental.stateless_fold_in(key, i + 1),
@@ -239,9 +235,9 @@ def _epoch_graph(layers: list[DenseLayer], moments: list, optimizer, batch_size:
                     grad=block_gradients[which],
                 )
                 for layer, layer_gradients in zip(blocks, gradients, strict=True)
-                for which, (variables, ms, vs) in enumerate(layer)
+                for which, adam in enumerate(layer)
                 for variable, m, v, block_gradients in zip(
-                    variables.blocks, ms.blocks, vs.blocks, layer_gradients, strict=True
+                    adam.variable.blocks, adam.m.blocks, adam.v.blocks, layer_gradients, strict=True
                 )
             ]
             with tf.control_dependencies(updates):
@@ -258,12 +254,6 @@ def _epoch_graph(layers: list[DenseLayer], moments: list, optimizer, batch_size:
         return loss_sum / tf.cast(rows, tf.float32), tf.cast(correct, tf.float32) / tf.cast(rows, tf.float32)
 
     return epoch
-
-
-def _pairs(variables: list[tuple], moments: list) -> list[list[tuple]]:
-    """Per layer, (variable, (m, v)) for its kernel and its bias."""
-    flat = iter(moments)
-    return [[(variable, next(flat)) for variable in layer] for layer in variables]
 
 
 @dataclass(frozen=True)
@@ -304,3 +294,17 @@ class _ColumnBlocks:
 
         if len(self.blocks) > 1:
             self.whole.assign(tf.concat(self.blocks, axis=-1))
+
+
+class _AdamBlocks(NamedTuple):
+    """A Keras variable and the Keras optimizer's own moments for it (checkpointed with it), as blocks."""
+
+    variable: _ColumnBlocks
+    m: _ColumnBlocks
+    v: _ColumnBlocks
+
+    @classmethod
+    def of(cls, variable, optimizer, count: int) -> _AdamBlocks:
+        index = optimizer._get_variable_index(variable)
+        moments = (optimizer._momentums[index], optimizer._velocities[index])
+        return cls(*(_ColumnBlocks.of(w.value, count) for w in (variable, *moments)))
