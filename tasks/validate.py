@@ -13,7 +13,7 @@ from fmnist.download import RawDataset
 from fmnist.drift import DriftSetting
 from fmnist.incoming import IncomingBatch
 from fmnist.layout import StorageParams
-from fmnist.validation import DriftError, ValidationReport, validate_raw
+from fmnist.validation import DriftError, ValidationReport, drifted_names, validate_raw
 
 
 def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> str:
@@ -49,9 +49,8 @@ def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> st
 
 
 def drift_message(report: ValidationReport) -> str:
-    batches = ", ".join(o.suite.removeprefix("drift-incoming-") for o in report.drifted)
     details = "; ".join(f for o in report.drifted for f in o.failures)
-    return f"Incoming batches unlike the training data: {batches}. {details}"
+    return f"Incoming data unlike the training data: {', '.join(drifted_names(report))}. {details}"
 
 
 @task(name="validate")

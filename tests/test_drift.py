@@ -14,7 +14,7 @@ from fmnist.incoming import collect_incoming
 from fmnist.layout import DataLayout
 from fmnist.storage import Store
 from fmnist.validation import validate_raw
-from tasks.validate import report_markdown
+from tasks.validate import drift_message, report_markdown
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
 
@@ -51,6 +51,7 @@ def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(big_mi
     report.raise_for_failure()
     assert sorted(o.suite for o in report.drifted) == ["drift-incoming-inverted", "drift-incoming-one-class"]
     drift_suites = {o.suite for o in report.suites if o.kind == "drift"}
+    assert "drift-all-incoming" in drift_suites, "the four together are judged too (and, mixed, pass)"
     assert "drift-incoming-tiny" not in drift_suites, "too small to judge"
     by_suite = {o.suite: o for o in report.suites}
     inverted = " ".join(by_suite["drift-incoming-inverted"].failures)
@@ -68,3 +69,26 @@ def test_drift_off_checks_nothing(big_mirror, raw, layout, store, tmp_path):
     write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
     report = validate_batches(spec, raw, layout, store, tmp_path / "incoming", check_drift=False)
     assert report.success and not [o for o in report.suites if o.kind == "drift"]
+
+
+def test_a_drifted_delivery_split_into_batches_too_small_to_judge_is_judged_as_a_whole(
+    big_mirror, raw, layout, store, tmp_path
+):
+    """147 inverted images of one class passed unflagged as three batches of 49 (each under MIN_ROWS)."""
+    _, spec = big_mirror
+    incoming = tmp_path / "incoming"
+    labels = np.full(drift.MIN_ROWS - 1, 2, dtype=np.uint8)
+    for part in range(3):
+        write_idx_batch(incoming / f"part-{part}", 255 - synthetic_images(labels, seed=20 + part), labels)
+    report = validate_batches(spec, raw, layout, store, incoming)
+    assert [o.suite for o in report.drifted] == ["drift-all-incoming"]
+    assert not [o for o in report.suites if o.suite.startswith("drift-incoming-")], "each alone is too small"
+    assert "all incoming batches together" in drift_message(report)
+
+
+def test_one_batch_is_not_judged_twice(big_mirror, raw, layout, store, tmp_path):
+    _, spec = big_mirror
+    labels = np.full(100, 4, dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
+    report = validate_batches(spec, raw, layout, store, tmp_path / "incoming")
+    assert [o.suite for o in report.suites if o.kind == "drift"] == ["drift-incoming-one-class"]

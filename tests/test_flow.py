@@ -252,7 +252,7 @@ def test_drifted_batch_warns_by_default_and_stops_the_run_when_told(learnable_mi
     assert warned.is_completed() and warned.result().version == "v0001"
     report = artifacts_of(warned.state_details.flow_run_id)["data-validation"]
     assert "## Drift (a warning: drift=warn)" in report and "drift-incoming-dresses-only" in report
-    assert "Incoming batches unlike the training data: dresses-only" in logs_of(warned.state_details.flow_run_id)
+    assert "Incoming data unlike the training data: batch dresses-only" in logs_of(warned.state_details.flow_run_id)
 
 
 def test_old_run_folders_are_pruned_but_not_a_versions_or_this_runs(learnable_mirror, tmp_path: Path) -> None:
