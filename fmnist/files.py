@@ -36,14 +36,17 @@ class NotARegularFile(OSError):
     """A path that is a symbolic link, a folder, a device or a FIFO where a regular file was expected."""
 
 
-def open_regular(path: Path) -> io.BufferedReader:
+def open_regular(path: Path, *, follow_symlinks: bool = False) -> io.BufferedReader:
     """Open a regular file for reading, refusing anything else before a byte is read.
 
     A symbolic link could point at `/dev/zero` or outside the folder being read, a device could be
     endless and a FIFO blocks its reader forever: untrusted input is read only from regular files.
+    `follow_symlinks` reads what a link leads to, if that is a regular file (a folder of links to
+    files on another disk); the FIFO and the device are refused all the same.
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotARegularFile(errno.ELOOP, "a symbolic link; only regular files are read", str(path)) from None

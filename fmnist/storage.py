@@ -20,14 +20,25 @@ every stage relies on, on local disk and on object storage alike:
 - **Secrets stay out.** Credentials and the endpoint come from the standard AWS chain
   (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_REGION`, or a profile); a
   location with credentials in it is refused, so none reaches a parameter, a record or a log line.
+- **Names are literal.** `*`, `?`, `[` in a name are characters, on every backend: listing, copying,
+  moving and deleting never expand a pattern (fsspec's `copy`, `mv`, `rm` and `expand_path` glob on S3,
+  so they are not used). A name read from a record or a key is resolved with `inside`, which refuses
+  one that would land outside its folder.
+- **Lost acknowledgements.** A create-only or compare-and-swap PUT whose answer was lost may have
+  landed: its retry (botocore's, or aiohttp's own, unseen, on a dropped connection) then meets the
+  writer's own write and gets 412. So a conditional write that fails against exactly the bytes it meant
+  to write has succeeded; writers put a token of their own in such files (a claim's, a record's), so
+  equal bytes are theirs, on disk and in a bucket alike.
 - **No hangs.** Every S3 request has a timeout and a bounded number of attempts; an error names the
   location and the problem (no such bucket, access denied, endpoint unreachable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -43,7 +54,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fmnist.files import atomic_path, atomic_write_bytes, fsync_path, make_dirs, sha256_file, temp_path_beside
+from fmnist.files import (
+    NotARegularFile,
+    atomic_path,
+    atomic_write_bytes,
+    fsync_path,
+    make_dirs,
+    open_regular,
+    sha256_file,
+    temp_path_beside,
+)
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -60,6 +80,10 @@ class StorageError(RuntimeError):
 
 class PreconditionFailed(StorageError):
     """A conditional write lost: the file already exists (create) or changed since it was read (replace)."""
+
+
+class Unreachable(StorageError):
+    """The object store did not answer (refused, timed out, dropped the connection)."""
 
 
 class TooLarge(StorageError):
@@ -102,16 +126,52 @@ def parent(location: str) -> str:
     return posixpath.dirname(location)
 
 
+class UnsafeName(StorageError):
+    """A name from a record or a key that would resolve outside its folder."""
+
+
+def name_parts(location: str, name: str) -> list[str]:
+    """The parts of a relative `name` taken from a record or a key, refused unless it stays in `location`.
+
+    A name is untrusted: an absolute path, an empty or `.`/`..` part, a backslash or a NUL would put
+    what it names (or what is written under it) outside the folder.
+    """
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        raise UnsafeName(f"{location}: {name!r} is not a name inside this folder; refusing it")
+    return parts
+
+
+def inside(location: str, name: str) -> str:
+    """`location/name`, for a `name` that `name_parts` accepts."""
+    return join(location, *name_parts(location, name))
+
+
+def without_credentials(url: str) -> str:
+    """`url` as it may be shown in a log, an artifact or a message: a user name or password in it hidden."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="<credentials>@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def refuse_credentials(url: str, kind: str, instead: str) -> None:
+    """Raise StorageError, showing `url` without them, if it holds credentials (which would reach the
+    flow run's parameters, the logs, the artifacts and the notifications)."""
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        raise StorageError(f"{without_credentials(url)}: credentials do not belong in a {kind} URL; {instead}")
+
+
 def normalize(location: str) -> str:
     """An absolute local path, or `s3://bucket[/key]` without a trailing slash; anything else is refused."""
+    if not location.strip():
+        raise StorageError("an empty location; give a folder or an s3://bucket/prefix URL")
     parts = urllib.parse.urlsplit(location)
     scheme = parts.scheme.lower()
     if scheme == "s3":
-        if "@" in parts.netloc:
-            raise StorageError(
-                f"s3://<credentials>@{parts.netloc.rsplit('@', 1)[1]}{parts.path}: credentials do not belong in a "
-                "storage URL; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead"
-            )
+        refuse_credentials(
+            location, "storage", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead"
+        )
         if not parts.netloc:
             raise StorageError(f"{location!r}: no bucket name (expected s3://bucket/prefix)")
         if parts.query or parts.fragment:
@@ -128,6 +188,17 @@ def default_scratch_dir() -> Path:
     """This host's folder for verified copies of remote files: `$XDG_CACHE_HOME/fashion-mnist-pipeline`."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "fashion-mnist-pipeline"
+
+
+def _open_local(location: str) -> io.BufferedReader:
+    """A local file opened for reading, if it is a regular one: a FIFO would block forever, a device
+    (`/dev/zero`) never end; a folder is reported as not found."""
+    try:
+        return open_regular(Path(location), follow_symlinks=True)
+    except NotARegularFile as exc:
+        if os.path.isdir(location):
+            raise NotFound(location, "is a folder, not a file") from None
+        raise StorageError(f"{location}: {exc.strerror}") from None
 
 
 def _verify(path: Path, file: StoredFile) -> None:
@@ -178,18 +249,7 @@ class Store:
                 self._local = LocalFileSystem()
             return self._local, location
         if self._s3fs is None:
-            import s3fs
-
-            self._s3fs = s3fs.S3FileSystem(
-                skip_instance_cache=True,  # credentials are read when a store is made, never reused stale
-                use_listings_cache=False,  # another host may have written since: always list afresh
-                config_kwargs={
-                    "connect_timeout": self.timeout_s,
-                    "read_timeout": self.timeout_s,
-                    "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
-                },
-            )
-            self._s3fs.retries = 1  # botocore retries (above); no second layer of retries around it
+            self._s3fs = self._s3_filesystem(S3_ATTEMPTS)
         path = location.removeprefix(S3)
         bucket = path.split("/", 1)[0]
         if bucket not in self._checked_buckets:  # once per bucket: a clear error before anything else
@@ -200,6 +260,21 @@ class Store:
                 raise StorageError(f"{location}: bucket {bucket!r} does not exist at {self.endpoint()}") from exc
             self._checked_buckets.add(bucket)
         return self._s3fs, path
+
+    def _s3_filesystem(self, attempts: int) -> AbstractFileSystem:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            skip_instance_cache=True,  # credentials are read when a store is made, never reused stale
+            use_listings_cache=False,  # another host may have written since: always list afresh
+            config_kwargs={
+                "connect_timeout": self.timeout_s,
+                "read_timeout": self.timeout_s,
+                "retries": {"max_attempts": attempts, "mode": "standard"},
+            },
+        )
+        fs.retries = 1  # botocore retries (above); no second layer of retries around it
+        return fs
 
     @contextmanager
     def _errors(self, location: str) -> Iterator[None]:
@@ -229,7 +304,7 @@ class Store:
                 f"{location}: no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from exc
         except BotoCoreError as exc:  # connection refused, timeouts, DNS: after S3_ATTEMPTS attempts
-            raise StorageError(
+            raise Unreachable(
                 f"{location}: cannot reach the object store at {self.endpoint()} after {S3_ATTEMPTS} attempts "
                 f"({type(exc).__name__}: {exc}); check AWS_ENDPOINT_URL and the network"
             ) from exc
@@ -263,6 +338,9 @@ class Store:
 
     def read_bytes(self, location: str) -> bytes:
         """The file's content; FileNotFoundError (naming it) if there is none."""
+        if not is_remote(location):
+            with self._errors(location), _open_local(location) as f:
+                return f.read()
         fs, path = self._fs(location)
         with self._errors(location):
             try:
@@ -282,7 +360,8 @@ class Store:
         fs, path = self._fs(location)
         if not is_remote(location):
             try:
-                data = Path(path).read_bytes()
+                with self._errors(location), _open_local(location) as f:
+                    data = f.read()
             except FileNotFoundError:
                 return None
             return data, hashlib.sha256(data).hexdigest()
@@ -337,10 +416,15 @@ class Store:
         return max(times, default=None)
 
     def iter_chunks(self, location: str) -> Iterator[bytes]:
-        fs, path = self._fs(location)
-        with self._errors(location), fs.open(path, "rb") as f:
+        with self._errors(location), self._open(location) as f:
             while chunk := f.read(_CHUNK):
                 yield chunk
+
+    def _open(self, location: str) -> Any:
+        if not is_remote(location):
+            return _open_local(location)
+        fs, path = self._fs(location)
+        return fs.open(path, "rb")
 
     def sha256(self, location: str) -> str:
         digest = hashlib.sha256()
@@ -380,9 +464,10 @@ class Store:
             _verify(tmp, file)
 
     @contextmanager
-    def local_tree(self, location: str, max_bytes: int | None = None) -> Iterator[Path]:
+    def local_tree(self, location: str, max_bytes: int | None = None, max_files: int | None = None) -> Iterator[Path]:
         """The folder `location` as a local folder: itself on disk, else a temporary download of it
-        (refused before any download if it holds more than `max_bytes`)."""
+        (refused before any download if it holds more than `max_bytes`, or more than `max_files` files,
+        or a key that is no name inside it, or a name that is both a file and a folder)."""
         if not is_remote(location):
             yield Path(location)
             return
@@ -390,11 +475,18 @@ class Store:
         with self._errors(location):
             found = fs.find(path, detail=True)  # one listing: the names and their sizes
         below = _below(path, found)
+        if max_files is not None and len(below) > max_files:
+            raise TooLarge(f"{location}: {len(below):,} files, over the {max_files:,}-file limit for this folder")
         if max_bytes is not None and (total := sum(found[key]["size"] for key in below.values())) > max_bytes:
             raise TooLarge(f"{location}: {total:,} bytes, over the {max_bytes:,}-byte limit for this folder")
         names = sorted(below)
-        if escaping := [name for name in names if ".." in name.split("/")]:
-            raise StorageError(f"{join(location, escaping[0])}: a key with '..' in it would land outside {location}")
+        for name in names:
+            name_parts(location, name)
+        folders = {name.rsplit("/", depth)[0] for name in names for depth in range(1, name.count("/") + 1)}
+        if clashing := sorted(folders & set(names)):
+            raise StorageError(
+                f"{join(location, clashing[0])}: both a file and a folder in this bucket, which no disk can hold"
+            )
         tmp_root = self.require_scratch(location) / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
@@ -419,16 +511,28 @@ class Store:
         self.write_bytes(location, json.dumps(value, indent=1).encode())
 
     def create(self, location: str, data: bytes) -> None:
-        """Publish `data` at `location` only if nothing is there; else raise PreconditionFailed."""
-        fs, path = self._fs(location)
+        """Publish `data` at `location` only if nothing is there; else raise PreconditionFailed.
+
+        A location that already holds exactly `data` was created by this writer: its answer was lost and
+        the retry (botocore's, or aiohttp's own on a dropped connection) met its own write. So `data`
+        must say whose it is (a token, a time), or another writer's equal bytes pass for this one's.
+        """
+        try:
+            self._create(location, data)
+        except PreconditionFailed:
+            if not self._holds(location, data):
+                raise
+
+    def _create(self, location: str, data: bytes) -> None:
         if is_remote(location):
+            fs, path = self._fs(location)
             try:
                 with self._errors(location):
                     fs.pipe_file(path, data, mode="create")
             except PreconditionFailed as exc:  # some servers do not say which precondition failed
                 raise PreconditionFailed(f"{location}: already exists") from exc.__cause__
             return
-        target = Path(path)
+        target = Path(location)
         make_dirs(target.parent)
         tmp = temp_path_beside(target)
         try:
@@ -442,22 +546,37 @@ class Store:
         fsync_path(target.parent)
 
     def replace(self, location: str, data: bytes, etag: str | None) -> None:
-        """Publish `data` only if `location` still has `etag` (None: if it still does not exist)."""
+        """Publish `data` only if `location` still has `etag` (None: if it still does not exist).
+
+        As with `create`, a location that already holds exactly `data` was replaced by this writer.
+        """
         if etag is None:
             self.create(location, data)
             return
-        fs, path = self._fs(location)
+        try:
+            self._replace(location, data, etag)
+        except PreconditionFailed:
+            if not self._holds(location, data):
+                raise
+
+    def _replace(self, location: str, data: bytes, etag: str) -> None:
         if is_remote(location):
+            fs, path = self._fs(location)
             with self._errors(location):
                 fs.pipe_file(path, data, IfMatch=etag)
             return
-        target = Path(path)
+        target = Path(location)
         with open(target.with_name(f".{target.name}.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             current = self.read_versioned(location)
             if current is None or current[1] != etag:
                 raise PreconditionFailed(f"{location}: changed by another writer")
             atomic_write_bytes(target, data)
+
+    def _holds(self, location: str, data: bytes) -> bool:
+        """Whether `location` holds exactly `data` now."""
+        current = self.read_versioned(location)
+        return current is not None and current[0] == data
 
     @contextmanager
     def staged(self, location: str) -> Iterator[Path]:
@@ -523,33 +642,74 @@ class Store:
             self.put_file(file, join(location, *file.relative_to(local).parts))
 
     def move(self, source: str, target: str) -> None:
-        """Move the folder `source` and all it holds to `target`, where nothing may be yet.
+        """Move the file or folder `source`, and all it holds, to `target`, where nothing may be yet.
 
-        On disk one rename; in a bucket a copy of each object, then the originals' deletion (a crash
-        in between leaves both, never neither).
+        Names are literal. On disk one rename. In a bucket each object is copied, the copies are
+        listed and checked against the originals' sizes, and only then are the originals deleted (a
+        crash in between leaves both, never neither; a failed copy leaves the source as it was).
         """
-        if self.find(target):
+        if self.exists(target) or self.find(target):
             raise PreconditionFailed(f"{target}: already exists")
-        fs, path = self._fs(source)
         if not is_remote(source):
+            if not os.path.lexists(source):
+                raise NotFound(source)
             make_dirs(Path(target).parent)
             with self._errors(source):
-                shutil.move(path, target)  # a rename, or a copy where the target is on another disk
+                shutil.move(source, target)  # a rename, or a copy where the target is on another disk
             fsync_path(Path(target).parent)
-            fsync_path(Path(path).parent)
+            fsync_path(Path(source).parent)
             return
+        fs, path = self._fs(source)
         _, target_path = self._fs(target)
-        with self._errors(source):
-            for name in self.find(source):
-                fs.copy(join(path, name), join(target_path, name))
-        self.delete(source)
+        objects = self._objects(source)
+        if not objects:
+            raise NotFound(source)
+        copies = {key: target_path + key.removeprefix(path) for key in objects}
+        try:
+            with self._errors(source):
+                for key, copy in copies.items():
+                    fs.cp_file(key, copy)  # one object, by its literal key
+            arrived = self._objects(target)
+            if missing := [c for k, c in copies.items() if arrived.get(c, {}).get("size") != objects[k]["size"]]:
+                raise StorageError(f"{S3}{missing[0]}: the copy did not arrive whole; {source} is left as it was")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._delete_objects(target, [c for c in copies.values()])
+            raise
+        self._delete_objects(source, list(objects))
 
     def delete(self, location: str) -> None:
-        """Remove a file or a folder and all it holds; nothing there is not an error."""
+        """Remove a file or a folder and all it holds (names are literal); nothing there is not an error."""
+        if not is_remote(location):
+            path = Path(location)
+            with self._errors(location):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            return
+        self._delete_objects(location, list(self._objects(location)))
+
+    def _objects(self, location: str) -> dict[str, dict]:
+        """The objects of a bucket location: the key itself and every key below it, by key, with details."""
         fs, path = self._fs(location)
         with self._errors(location):
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            found = fs.find(path, detail=True)  # a prefix listing: literal
+        return {key: info for key, info in found.items() if key == path or key.startswith(path + "/")}
+
+    def _delete_objects(self, location: str, keys: list[str]) -> None:
+        fs, path = self._fs(location)
+        bucket = path.split("/", 1)[0]
+        for start in range(0, len(keys), 1000):  # S3 deletes at most 1,000 keys a request
+            objects = [{"Key": key.split("/", 1)[1]} for key in keys[start : start + 1000]]
+            with self._errors(location):
+                answer = fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise StorageError(
+                    f"{S3}{bucket}/{first.get('Key')}: could not be deleted ({first.get('Code')}: "
+                    f"{first.get('Message')}); {len(errors)} of {len(objects)} keys left"
+                )
 
 
 class Scratch:

@@ -21,10 +21,13 @@ from fmnist.storage import (
     StorageError,
     Store,
     StoredFile,
+    UnsafeName,
+    inside,
     is_remote,
     join,
     normalize,
 )
+from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import SECRET_KEY, S3Server
 
 
@@ -73,15 +76,18 @@ def test_replace_is_compare_and_swap(store: Store, root: str) -> None:
 
 
 def _increment(args: tuple[str, str, int, dict]) -> int:
-    """Add 1 to a counter file `times` times by compare-and-swap; return how many conflicts it met."""
+    """Add 1 to a counter file `times` times by compare-and-swap; return how many conflicts it met.
+
+    Each write carries the writer's token, as the store asks: equal bytes count as the writer's own.
+    """
     root, scratch, times, env = args
     os.environ.update(env)
-    store, target, conflicts = Store(scratch=Path(scratch)), join(root, "counter"), 0
+    store, target, conflicts, token = Store(scratch=Path(scratch)), join(root, "counter"), 0, os.urandom(8).hex()
     for _ in range(times):
         while True:
             data, etag = store.read_versioned(target)
             try:
-                store.replace(target, str(int(data) + 1).encode(), etag)
+                store.replace(target, f"{int(data.split()[0]) + 1} {token}".encode(), etag)
                 break
             except PreconditionFailed:
                 conflicts += 1
@@ -95,7 +101,7 @@ def test_compare_and_swap_from_many_processes_loses_no_update(
     jobs = [(root, str(tmp_path / "scratch"), 10, s3_server.env()) for _ in range(6)]
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         conflicts = pool.map(_increment, jobs)
-    assert store.read_bytes(join(root, "counter")) == b"60"
+    assert store.read_bytes(join(root, "counter")).split()[0] == b"60"
     assert sum(conflicts) > 0, "the processes never raced: the test proved nothing"
 
 
@@ -257,3 +263,99 @@ def test_scratch_copies_unused_for_two_weeks_are_pruned(store: Store, bucket: st
     assert not old.exists() and not stale_run.exists() and recent.exists()
     assert store.local_copy(files[0]).read_bytes() == b"old.parquet" * 100  # fetched again when needed
     assert Store().prune_scratch() == 0  # a store without scratch has nothing to prune
+
+
+def test_names_are_literal_on_every_backend(store: Store, root: str) -> None:
+    """fsspec's copy, move and delete glob on S3: deleting `shoes[1]` deleted `shoes1`, moving `bad*` moved
+    `bad-day` and `badges`. Every store operation takes a name as it is."""
+    names = ["shoes1", "shoes[1]", "bad-day", "badges", "bad*", "q?", "qx", "a{b,c}", "ab"]
+    for name in names:
+        store.write_bytes(join(root, "in", name, "f.txt"), name.encode())
+    assert store.listdir(join(root, "in")) == sorted(names)
+    store.delete(join(root, "in", "shoes[1]"))
+    store.move(join(root, "in", "bad*"), join(root, "moved", "bad*"))
+    store.delete(join(root, "in", "q?"))
+    store.delete(join(root, "in", "a{b,c}"))
+    assert store.listdir(join(root, "in")) == ["ab", "bad-day", "badges", "qx", "shoes1"]
+    assert store.find(join(root, "moved")) == ["bad*/f.txt"]
+    for name in ("ab", "bad-day", "badges", "qx", "shoes1"):
+        assert store.read_bytes(join(root, "in", name, "f.txt")) == name.encode()
+    assert store.exists(join(root, "moved", "bad*", "f.txt")) and not store.exists(join(root, "in", "q?", "f.txt"))
+
+
+def test_move_carries_a_file_or_a_folder_whole_and_never_over_anything(store: Store, root: str) -> None:
+    store.write_bytes(join(root, "stray.zip"), b"zip")
+    store.write_bytes(join(root, "batch", "x", "y.txt"), b"y")
+    store.write_bytes(join(root, "batch", "z.txt"), b"z")
+    store.move(join(root, "stray.zip"), join(root, "q", "one", "stray.zip"))
+    store.move(join(root, "batch"), join(root, "q", "two"))
+    assert store.find(join(root, "q")) == ["one/stray.zip", "two/x/y.txt", "two/z.txt"]
+    assert store.read_bytes(join(root, "q", "one", "stray.zip")) == b"zip"
+    assert store.listdir(root) == ["q"]
+    store.write_bytes(join(root, "again.zip"), b"again")
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.move(join(root, "again.zip"), join(root, "q", "two"))
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.move(join(root, "again.zip"), join(root, "q", "one", "stray.zip"))
+    assert store.read_bytes(join(root, "again.zip")) == b"again"
+    with pytest.raises(FileNotFoundError):
+        store.move(join(root, "never-was"), join(root, "q", "three"))
+
+
+def test_a_fifo_or_a_device_is_refused_not_waited_on(store: Store, tmp_path: Path) -> None:
+    """A FIFO blocks its reader forever: a mirror or a record that is one hung the run with heartbeats flowing."""
+    fifo = tmp_path / "names-a-fifo.gz"
+    os.mkfifo(fifo)
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    started = time.monotonic()
+    for location in (str(fifo), str(tmp_path / "zero")):
+        for read in (store.read_bytes, store.read_versioned, lambda loc: list(store.iter_chunks(loc))):
+            with pytest.raises(StorageError, match=rf"{re.escape(location)}: a (FIFO|device or socket), not a regular"):
+                read(location)
+    assert time.monotonic() - started < 5
+    (tmp_path / "real").write_bytes(b"data")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert store.read_bytes(str(tmp_path / "link")) == b"data"  # a link to a regular file is read
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a\\..\\b", "a\0b", "saved_model/1/.."]
+)
+def test_a_name_from_a_record_must_stay_inside_its_folder(name: str) -> None:
+    with pytest.raises(UnsafeName, match="is not a name inside this folder"):
+        inside("s3://bucket/versions/v0001", name)
+
+
+def test_names_inside_a_folder_are_joined() -> None:
+    assert inside("/r/v0001", "saved_model/1/saved_model.pb") == "/r/v0001/saved_model/1/saved_model.pb"
+    assert inside("s3://b/v", "a..b/c") == "s3://b/v/a..b/c"
+
+
+def test_a_lost_answer_to_a_conditional_write_is_known_for_the_writers_own(
+    s3_env: S3Server, bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A create-only PUT that landed but whose answer was lost: its retry got 412 'already exists' for the
+    writer's own write, and a compare-and-swap 'changed by another writer'."""
+    with lossy_proxy(s3_env.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        store = Store(scratch=tmp_path / "scratch", timeout_s=5)
+        target = join(bucket, "claim.json")
+        proxy.lose_answers = 1
+        store.create(target, b"mine")
+        proxy.lose_answers = 1
+        store.replace(target, b"mine, moved", store.read_versioned(target)[1])
+        assert proxy.answers_lost == 2 and store.read_bytes(target) == b"mine, moved"
+        # A request lost before it reached the server is simply sent again.
+        proxy.lose_requests = 1
+        store.create(join(bucket, "second.json"), b"two")
+        assert proxy.requests_lost == 1 and store.read_bytes(join(bucket, "second.json")) == b"two"
+        # Another writer's bytes are never taken for this writer's, and a lost race stays lost.
+        proxy.lose_requests = 1
+        with pytest.raises(PreconditionFailed, match="already exists"):
+            store.create(target, b"someone else's")
+        etag = store.read_versioned(target)[1]
+        store.replace(target, b"moved on", etag)
+        proxy.lose_answers = 1
+        with pytest.raises(PreconditionFailed, match="changed by another writer"):
+            store.replace(target, b"from a stale read", etag)
+        assert store.read_bytes(target) == b"moved on"
