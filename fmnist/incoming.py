@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
+import posixpath
 import re
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +29,7 @@ from fmnist import idx, overlap
 from fmnist.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.overlap import KnownImages
 from fmnist.png import ImageFileError, read_grayscale_png
-from fmnist.storage import Store, StoredFile, TooLarge, join
+from fmnist.storage import PreconditionFailed, StorageError, Store, StoredFile, TooLarge, join
 
 if TYPE_CHECKING:
     from fmnist.download import RawDataset
@@ -36,10 +40,14 @@ INCOMPLETE = ".incomplete"
 QUARANTINE_NOTE = "QUARANTINED.txt"  # beside a quarantined batch: why it was refused
 # What a run does with a batch it cannot use: stop, or move it aside and train on the rest.
 BadBatches = Literal["fail", "quarantine"]
-BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name; runs and add-batch alike
+BATCH_NAME_RULE = "a batch name is up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
 # Split big deliveries into several batches: this bounds a run's memory per batch (78 MB of pixels).
 MAX_BATCH_ROWS = 100_000
 MAX_BATCH_BYTES = 512 << 20  # a batch in a bucket is downloaded whole before it is read: at most this
+# Counted from the listing, before a download: one file per PNG image, and room for a few stray files.
+MAX_BATCH_FILES = MAX_BATCH_ROWS + 100
+QUARANTINE_ATTEMPTS = 10  # target names tried when a quarantine folder of the same name and second exists
 
 
 class IncomingBatchError(ValueError):
@@ -53,6 +61,16 @@ class IncomingBatch:
     kind: Literal["idx", "png"]
     sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
     rows: int
+
+
+def printable(text: str) -> str:
+    """`text` with any byte that is not UTF-8 (a file name on disk may hold such) shown as an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_batch_name(name: str) -> None:
+    if not BATCH_NAME.fullmatch(name):
+        raise IncomingBatchError(f"{printable(repr(name))}: not a batch name; {BATCH_NAME_RULE}")
 
 
 def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
@@ -147,8 +165,8 @@ def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.n
     """`load_batch` of a batch wherever it is stored; errors name the stored location."""
     with contextlib.ExitStack() as stack:
         try:
-            folder = stack.enter_context(store.local_tree(location, MAX_BATCH_BYTES))
-        except TooLarge as exc:
+            folder = stack.enter_context(store.local_tree(location, MAX_BATCH_BYTES, MAX_BATCH_FILES))
+        except (TooLarge, StorageError) as exc:  # too big, or keys no folder on disk can hold
             raise IncomingBatchError(str(exc)) from exc
         try:
             return load_batch(folder)
@@ -160,8 +178,8 @@ def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.n
 
 @dataclass(frozen=True)
 class RefusedBatch:
-    name: str
-    path: str
+    name: str  # printable (see `printable`): it goes into logs, artifacts and events
+    path: str  # the stored location as it is, which may hold bytes that are not UTF-8
     error: str
 
 
@@ -208,17 +226,18 @@ def screen_incoming(
         if name.startswith("."):
             continue
         entry = join(incoming_dir, name)
-        if store.exists(join(entry, INCOMPLETE)):
-            log.warning("%s: still being added (or the copy was interrupted): left out of this run", entry)
-            continue
         try:
             if not store.is_dir(entry):
                 raise IncomingBatchError(
-                    f"{entry}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
+                    f"{printable(entry)}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
                 )
+            if store.exists(join(entry, INCOMPLETE)):
+                log.warning("%s: still being added (or the copy was interrupted): left out of this run", entry)
+                continue
+            check_batch_name(name)
             kind, images, labels = read_batch(store, entry)
         except (IncomingBatchError, idx.IdxFormatError) as exc:
-            refused.append(RefusedBatch(name, entry, str(exc)))
+            refused.append(RefusedBatch(printable(name), entry, printable(str(exc))))
             continue
         if known and (error := test_set_copies_error(entry, images, known)):
             refused.append(RefusedBatch(name, entry, error))
@@ -258,12 +277,49 @@ def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
     return screening.batches
 
 
+class QuarantineError(RuntimeError):
+    """A refused batch that could not be moved: it stays where it is, as it was."""
+
+
 def quarantine(store: Store, batch: RefusedBatch, quarantine_dir: str, note: str) -> str:
-    """Move a refused batch out of the incoming folder, with why beside it; return where it went."""
-    target = join(quarantine_dir, f"{batch.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    store.move(batch.path, target)
-    store.write_bytes(join(target, QUARANTINE_NOTE), f"{batch.error}\n\n{note}\n".encode())
+    """Move a refused batch (a folder, or a stray file) out of the incoming folder whole, with why beside
+    it in `QUARANTINED.txt`; return the folder it went to.
+
+    The folder is `<quarantine>/<name>-<UTC time>/`: a folder batch's files are in it as they were, a
+    stray file is in it under its own name. A name that is no batch name is replaced by one made from
+    its hash. What cannot be moved stays where it is, and `QuarantineError` says why.
+    """
+    stem = (
+        batch.name
+        if BATCH_NAME.fullmatch(batch.name)
+        else f"unnamed-{hashlib.sha256(batch.name.encode()).hexdigest()[:12]}"
+    )
+    stamp = f"{stem}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    try:
+        folder = store.is_dir(batch.path)
+        for attempt in range(QUARANTINE_ATTEMPTS):
+            target = join(quarantine_dir, stamp if attempt == 0 else f"{stamp}-{attempt + 1}")
+            try:
+                store.move(batch.path, target if folder else join(target, posixpath.basename(batch.path)))
+                break
+            except PreconditionFailed:
+                continue  # a folder of that name and second: the next name
+        else:
+            raise QuarantineError(f"{batch.name}: {QUARANTINE_ATTEMPTS} quarantine folders named {stamp}[-N] exist")
+        taken = set(store.listdir(target))
+        name = next(n for n in _note_names() if n not in taken)  # never over a file of the batch
+        store.create(join(target, name), f"{batch.error}\n\n{note}\n".encode())
+    except (StorageError, OSError) as exc:
+        raise QuarantineError(
+            f"{printable(batch.path)}: could not be quarantined ({printable(str(exc))}); left where it is"
+        ) from exc
     return target
+
+
+def _note_names() -> Iterator[str]:
+    yield QUARANTINE_NOTE
+    for number in itertools.count(2):
+        yield f"QUARANTINED-{number}.txt"
 
 
 def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -307,17 +363,15 @@ def add_batch(
     """
     source = source.resolve()  # the operator's own path may go through links; what the batch holds may not
     name = name or source.name
-    if not BATCH_NAME.match(name):
-        raise IncomingBatchError(
-            f"{name!r}: a batch name is up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
-        )
+    check_batch_name(name)
     if not source.is_dir():
         raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")
     kind, images, labels = check_batch(source, name, known)
     target = join(incoming_dir, name)
     if store.find(target):
         raise IncomingBatchError(f"{target}: a batch of that name is already there; choose another --name")
-    store.create(join(target, INCOMPLETE), b"being copied by fashion-mnist add-batch\n")
+    # Unique content: a create-only write that meets the same bytes takes them for its own.
+    store.create(join(target, INCOMPLETE), f"being copied by fashion-mnist add-batch {uuid.uuid4()}\n".encode())
     files = [
         f
         for f in sorted(source.rglob("*"))

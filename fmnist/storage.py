@@ -648,6 +648,8 @@ class Store:
         listed and checked against the originals' sizes, and only then are the originals deleted (a
         crash in between leaves both, never neither; a failed copy leaves the source as it was).
         """
+        if is_remote(source) != is_remote(target):
+            raise StorageError(f"{source} -> {target}: a move stays on one store")
         if self.exists(target) or self.find(target):
             raise PreconditionFailed(f"{target}: already exists")
         if not is_remote(source):

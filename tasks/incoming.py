@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 
 from fmnist import events
 from fmnist.download import RawDataset
-from fmnist.incoming import BadBatches, IncomingBatch, known_images, quarantine, screen_incoming
+from fmnist.incoming import BadBatches, IncomingBatch, QuarantineError, known_images, quarantine, screen_incoming
 from fmnist.layout import StorageParams
 
 
@@ -32,11 +32,16 @@ def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: 
     for refused in screening.refused:
         status = "refused: the run stops"
         if bad_batches == "quarantine":
-            where = quarantine(store, refused, storage.quarantine, f"Quarantined by flow run {flow_run.get_id()}.")
-            message = f"{refused.error}\nMoved to {where}; this run trains on the other batches"
-            logger.warning("%s", message)
-            events.emit(events.BATCH_QUARANTINED, storage.incoming, message, batch=refused.name, moved_to=where)
-            status = f"quarantined: moved to {where}"
+            try:
+                where = quarantine(store, refused, storage.quarantine, f"Quarantined by flow run {flow_run.get_id()}.")
+            except QuarantineError as exc:  # left in place: refused again by the next run, never used
+                logger.error("%s\n%s; this run trains on the other batches", refused.error, exc)
+                status = f"refused, left in place: {exc}"
+            else:
+                message = f"{refused.error}\nMoved to {where}; this run trains on the other batches"
+                logger.warning("%s", message)
+                events.emit(events.BATCH_QUARANTINED, storage.incoming, message, batch=refused.name, moved_to=where)
+                status = f"quarantined: moved to {where}"
         rows.append({"batch": refused.name, "kind": "", "rows": 0, "status": status, "note": refused.error})
     if rows:
         create_table_artifact(
