@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fmnist.storage import StorageError, Store, default_scratch_dir, join, normalize
 
@@ -20,7 +20,7 @@ class StorageParams(BaseModel):
     """Where the pipeline keeps its data, models and runs: set per deployment, the same on every host."""
 
     # hide_input_in_errors: a URL with credentials in it is refused without echoing them.
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     data_root: str = Field(
         "data", description="Raw files, validation results and the parquet cache: a local path or s3://bucket/prefix"
@@ -48,9 +48,41 @@ class StorageParams(BaseModel):
                 raise ValueError(str(exc)) from None
         return location
 
+    @model_validator(mode="after")
+    def _disjoint(self) -> StorageParams:
+        """No root inside another: with an incoming folder that holds the registry, quarantine moved the
+        champion pointer and then the versions away, and the next run issued v0001 again."""
+        areas = self.areas()
+        for i, (name, location) in enumerate(areas):
+            for other, other_location in areas[i + 1 :]:
+                if (name, other) in _NESTED or not _overlap(location, other_location):
+                    continue
+                how = "is" if location == other_location else "overlaps"
+                raise ValueError(
+                    f"{name} ({location}) {how} {other} ({other_location}): each must be a folder of its own, "
+                    "neither inside the other"
+                )
+        return self
+
+    def areas(self) -> list[tuple[str, str]]:
+        """Every folder the pipeline writes in, named as a user sets it: these must not overlap."""
+        data = self.data
+        return [
+            ("data_root", data.root),
+            ("<data_root>/raw", data.raw),
+            ("<data_root>/validation", data.validation),
+            ("<data_root>/cache", data.cache),
+            ("incoming_dir", self.incoming),
+            ("<data_root>/quarantine", self.quarantine),
+            ("registry_root", self.registry),
+            ("scratch_dir", str(self.scratch_path())),
+        ]
+
+    def scratch_path(self) -> Path:
+        return scratch_path(self.scratch_dir)
+
     def store(self) -> Store:
-        scratch = Path(self.scratch_dir).expanduser() if self.scratch_dir else default_scratch_dir()
-        return Store(scratch=scratch.resolve(), timeout_s=self.timeout_s)
+        return Store(scratch=self.scratch_path(), timeout_s=self.timeout_s)
 
     @property
     def data(self) -> DataLayout:
@@ -71,11 +103,32 @@ class StorageParams(BaseModel):
 
     @property
     def runs(self) -> str:
-        return join(self.registry, "runs")
+        return runs_root(self.registry)
 
     def run_layout(self, run_id: str | None) -> RunLayout:
         """The folder of the run `run_id` (a flow run's id, so a retried run finds its own training backup)."""
         return RunLayout(join(self.runs, run_id or uuid.uuid4().hex))
+
+
+def runs_root(registry_root: str) -> str:
+    """Where each run's folder is: `<registry_root>/runs/`."""
+    return join(registry_root, "runs")
+
+
+def scratch_path(scratch_dir: str | None) -> Path:
+    """The host's scratch folder: `scratch_dir`, or the default one."""
+    return (Path(scratch_dir).expanduser() if scratch_dir else default_scratch_dir()).resolve()
+
+
+# The folders that live inside the data root by design (the data root first in `areas`).
+_NESTED = {
+    ("data_root", name) for name in ("<data_root>/raw", "<data_root>/validation", "<data_root>/cache", "incoming_dir")
+} | {("data_root", "<data_root>/quarantine")}
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one location is the other or inside it (by whole path parts, on disk and in a bucket)."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 @dataclass(frozen=True)
