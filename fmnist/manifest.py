@@ -11,17 +11,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fmnist import lineage
 from fmnist.dataset import CLASS_NAMES
 from fmnist.files import sha256_text
-from fmnist.model import TrainParams
+from fmnist.storage import UnsafeName, name_parts
 
 if TYPE_CHECKING:
     from fmnist.cache import CachedDataset
     from fmnist.download import RawDataset
     from fmnist.evaluation import Evaluation
+    from fmnist.model import TrainParams
     from fmnist.training import TrainResult
 
 
@@ -109,13 +110,42 @@ class ClassMetrics(_Record):
     support: int
 
 
+class ParamsRecord(_Record):
+    """The training parameters a version was made with, as recorded. `fmnist.model.TrainParams` checks
+    what a run may be given; a record written by other code (a newer commit, an older one) may hold
+    knobs or values this code does not know, and is read all the same, every field kept."""
+
+    preset: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    dropout: float
+    seed: int
+    weight_decay: float
+    schedule: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """What a record leaves out is what its preset's parameters default to (as `TrainParams` fills them)."""
+        from typing import get_args
+
+        from fmnist.model import Preset, TrainParams
+
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "dnn")
+        defaults = TrainParams(preset=preset if preset in get_args(Preset) else "dnn")
+        return {**defaults.model_dump(mode="json"), **data}
+
+
 class RunManifest(_Record):
     """What a run records about the model it trained."""
 
     fingerprint: str = Field(description="Same data, code and parameters: same fingerprint")
     flow_run_id: str | None = None
     data: DataRecord
-    params: TrainParams
+    params: ParamsRecord
     code: CodeRecord
     libraries: dict[str, str | None]
     hardware: Hardware
@@ -134,6 +164,17 @@ class VersionManifest(RunManifest):
     registered_at: str
     gate: Decision
     files: dict[str, str] = Field(default_factory=dict, description="each file's sha256")
+
+    @field_validator("files")
+    @classmethod
+    def _names_inside(cls, files: dict[str, str]) -> dict[str, str]:
+        """Each name is read and written inside the version's folder (and an export's): never outside it."""
+        for name in files:
+            try:
+                name_parts("the version's folder", name)
+            except UnsafeName as exc:
+                raise ValueError(str(exc)) from None
+        return files
 
     @model_validator(mode="before")
     @classmethod
@@ -230,7 +271,7 @@ def build_manifest(
             sources=Sources.model_validate(cached.sources),
             train_rows_by_source=cached.rows_by_source,
         ),
-        params=params,
+        params=ParamsRecord.model_validate(params.model_dump(mode="json")),
         code=CodeRecord(sha256=lineage.code_sha256(), git_commit=lineage.git_commit()),
         # Of the machine that trained: the orchestrating flow may run on another host.
         libraries=trained.libraries,

@@ -25,6 +25,7 @@ import json
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,9 @@ from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile
 MODEL = "model.keras"
 VERSION = re.compile(r"v(\d{4,})")  # v0001 ... v9999, v10000 ...: anything else in versions/ is ignored
 CHAMPION_MOVE_ATTEMPTS = 50
+CLAIM_ATTEMPTS = 100  # version numbers tried before a registration gives up, saying which
+LOG_ENTRY = re.compile(r"(\d{8,})\.json")  # promotions/00000001.json; anything else there is not an entry
+SHA256 = re.compile(r"[0-9a-f]{64}")
 FINGERPRINT_SCAN = 200  # versions searched for an earlier run of the same fingerprint, newest first
 
 
@@ -48,7 +52,7 @@ class RegistryError(RuntimeError):
 class PromotionParams(BaseModel):
     """The gate a new version must pass to become champion."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min_accuracy: float = Field(0.80, ge=0, le=1, description="Absolute floor on test accuracy (chance is 0.10)")
     tolerance: float = Field(
@@ -153,6 +157,7 @@ class Registry:
         self.versions_root = join(root, "versions")
         self.champion_file = join(root, "champion.json")
         self.log_root = join(root, "promotions")
+        self.claims_root = join(root, "claims")
 
     # --- versions ---------------------------------------------------------------------------------
 
@@ -211,16 +216,37 @@ class Registry:
         return StoredFile(join(self.versions_root, version, name), files[name])
 
     def _claim_version(self, claimant: dict) -> str:
-        """A new version number, claimed create-only: numbers another writer holds are skipped."""
-        taken = [version_number(n) for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
-        number = max(taken, default=0) + 1
-        while True:
+        """A new version number, claimed create-only, above every number ever claimed or in service.
+
+        A claim is written twice, `claims/vNNNN.json` then `versions/vNNNN/claim.json`, and the next
+        number is derived from both folders and the champion chain, so deleting a version's folder (or
+        one claim) never makes its number free again. The claim carries a token of this writer's own:
+        a create that meets its own bytes after a lost acknowledgement is this writer's claim.
+        """
+        claim = json.dumps({**claimant, "token": uuid.uuid4().hex}).encode()
+        number = self._highest_number() + 1
+        tried = []
+        for _ in range(CLAIM_ATTEMPTS):
             version = f"v{number:04d}"
+            tried.append(version)
             try:
-                self.store.create(join(self.versions_root, version, "claim.json"), json.dumps(claimant).encode())
+                self.store.create(join(self.claims_root, f"{version}.json"), claim)
+                self.store.create(join(self.versions_root, version, "claim.json"), claim)
                 return version
             except PreconditionFailed:
-                number += 1
+                number += 1  # another writer's (or one left by a crash): never reused
+        raise RegistryError(
+            f"{self.root}: no version number could be claimed after {CLAIM_ATTEMPTS} attempts "
+            f"({tried[0]} to {tried[-1]} were taken); are other runs registering at this very moment?"
+        )
+
+    def _highest_number(self) -> int:
+        """The highest version number claimed, published or named by the champion chain."""
+        names = [n for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
+        names += [n.removesuffix(".json") for n in self.store.listdir(self.claims_root) if n.endswith(".json")]
+        if record := self._read_champion(damaged_ok=True)[0]:
+            names += [record["version"], *record["previous"]]
+        return max((version_number(n) for n in names if VERSION.fullmatch(n)), default=0)
 
     def register(
         self,
@@ -306,29 +332,64 @@ class Registry:
     # --- the champion -----------------------------------------------------------------------------
 
     def _read_champion(self, *, damaged_ok: bool = False) -> tuple[dict | None, str | None]:
-        """The champion record and its etag; (None, None) before the first promotion.
+        """The champion pointer's record as written, and its etag; (None, None) if there is none.
 
-        A damaged pointer raises, or with `damaged_ok` reads as no champion, with the etag to replace it by.
+        A pointer that is not a record raises, or with `damaged_ok` reads as none, with the etag to replace it by.
         """
         found = self.store.read_versioned(self.champion_file)
         if found is None:
             return None, None
         data, etag = found
         try:
-            record = json.loads(data)
-            if not isinstance(record, dict) or not VERSION.fullmatch(str(record.get("version"))):
-                raise ValueError("no version in it")
+            record = _pointer(json.loads(data))
         except ValueError as exc:
             if damaged_ok:
                 return None, etag
-            raise RegistryError(
-                f"{self.champion_file}: the champion pointer is damaged ({exc}); `fashion-mnist repair-champion` "
-                "restores it from the audit log, `fashion-mnist promote VERSION` replaces it"
-            ) from exc
+            raise self._damaged(f"the champion pointer is damaged ({exc})") from None
         return record, etag
 
+    def _damaged(self, problem: str) -> RegistryError:
+        return RegistryError(
+            f"{self.champion_file}: {problem}; `fashion-mnist repair-champion` restores it from the audit log "
+            f"({self.log_root}), `fashion-mnist promote VERSION` replaces it"
+        )
+
+    def _state(self) -> tuple[dict | None, str | None, int]:
+        """The champion record, its etag and the audit log's last sequence number, checked together.
+
+        The pointer must be the log's last change, or the one change after it whose writer has not
+        logged it yet. A pointer behind the log (restored from an older copy), beside it (edited), or a
+        missing pointer while the log records changes, is damage: it raises, naming the repair.
+        """
+        for _ in range(CHAMPION_MOVE_ATTEMPTS):
+            record, etag = self._read_champion()
+            # Listed after the pointer was read: every change before the one read is logged by then.
+            last = self._last_sequence()
+            if record is None:
+                if last:
+                    raise self._damaged(f"missing, though the audit log records {last} champion changes")
+                return None, None, 0
+            sequence = record.get("sequence")
+            if sequence is None:  # a pointer from before the audit log
+                if last:
+                    raise self._damaged("it has no sequence number, though the audit log records changes")
+                return record, etag, 0
+            if sequence == last + 1 or (sequence == last and self._logged_entry(sequence) == _entry(record)):
+                return record, etag, last
+            if sequence > last + 1:
+                raise self._damaged(f"it is change {sequence}, but the audit log ends at change {last}")
+            if (now := self.store.read_versioned(self.champion_file)) is None or now[1] != etag:
+                continue  # moved since it was read: check the new one
+            raise self._damaged(
+                f"it is change {sequence} ({record['version']}), but the audit log records "
+                + (f"change {sequence} differently" if sequence == last else f"changes up to {last}")
+                + ": it was restored from an older copy or edited"
+            )
+        raise RegistryError(f"{self.champion_file}: still changing after {CHAMPION_MOVE_ATTEMPTS} reads; try again")
+
     def champion_record(self) -> dict | None:
-        return self._read_champion()[0]
+        """The champion's record, checked against the audit log (see `_state`); None before the first promotion."""
+        return self._state()[0]
 
     def champion(self) -> str | None:
         record = self.champion_record()
@@ -337,15 +398,23 @@ class Registry:
     def _move_champion(self, change: Callable[[dict | None], dict], *, repair: bool = False) -> dict:
         """Compare-and-swap the champion pointer to `change(current)`; re-read and retry when another wins.
 
-        `repair`: a damaged pointer is replaced instead of refused (an operator's promote).
+        `repair`: a damaged pointer is replaced instead of refused (an operator's promote), and the
+        change is made from the champion the audit log records.
         """
         for attempt in range(CHAMPION_MOVE_ATTEMPTS):
-            current, etag = self._read_champion(damaged_ok=repair)
-            if current:
-                self._log(current)  # its writer may have died before logging it
+            try:
+                current, etag, last = self._state()
+            except RegistryError:
+                if not repair:
+                    raise
+                _, etag = self._read_champion(damaged_ok=True)
+                current, last = self._replayed(), self._last_sequence()
+            else:
+                if current and current.get("sequence") == last + 1:
+                    self._log(current)  # its writer may have died before logging it
+                    last += 1
             new = change(current)
-            if current is None:
-                new["sequence"] = max((e["sequence"] for e in self.promotions()), default=0) + 1
+            new["sequence"] = last + 1
             try:
                 self.store.replace(self.champion_file, json.dumps(new, indent=1).encode(), etag)
             except PreconditionFailed:
@@ -356,15 +425,54 @@ class Registry:
         raise RegistryError(f"{self.champion_file}: still changing after {CHAMPION_MOVE_ATTEMPTS} attempts; try again")
 
     def _log(self, record: dict) -> None:
-        if "sequence" not in record:
-            return  # a pointer from before the audit log had sequence numbers
-        entry = {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason", "model_sha256")}
-        with contextlib.suppress(PreconditionFailed):  # logged already, by its writer or by a reader before us
-            self.store.create(join(self.log_root, f"{record['sequence']:08d}.json"), json.dumps(entry).encode())
+        """Log the change `record` made under its sequence number, once: an entry already there must be it."""
+        entry = _entry(record)
+        location = join(self.log_root, f"{record['sequence']:08d}.json")
+        try:
+            self.store.create(location, json.dumps(entry).encode())
+        except PreconditionFailed:  # logged already, by its writer or by a reader before us
+            if self._logged_entry(record["sequence"]) != entry:
+                raise self._damaged(f"the audit log records change {record['sequence']} otherwise") from None
+
+    def _sequences(self) -> list[int]:
+        """The audit log's sequence numbers, in order; names that are no entry (temporary files) are skipped."""
+        return sorted(int(m[1]) for n in self.store.listdir(self.log_root) if (m := LOG_ENTRY.fullmatch(n)))
+
+    def _last_sequence(self) -> int:
+        """The audit log's last sequence number (0: empty), once its numbers are checked to run 1, 2, ... on."""
+        sequences = self._sequences()
+        if missing := sorted(set(range(1, len(sequences) + 1)) - set(sequences)):
+            raise RegistryError(
+                f"{self.log_root}: the audit log misses change {missing[0]} ({len(missing)} missing in all): "
+                "restore the missing entries from a backup"
+            )
+        return sequences[-1] if sequences else 0
+
+    def _logged_entry(self, sequence: int) -> dict:
+        location = join(self.log_root, f"{sequence:08d}.json")
+        try:
+            entry = self.store.read_json(location)
+            if not isinstance(entry, dict) or entry.get("sequence") != sequence:
+                raise ValueError(f"not the record of change {sequence}")
+            _pointer(entry, log=True)
+        except (IntegrityError, ValueError) as exc:
+            raise RegistryError(f"{location}: a damaged audit log entry ({exc}); restore it from a backup") from None
+        return entry
 
     def promotions(self) -> list[dict]:
-        """Every champion change, in order (the audit log)."""
-        return [self.store.read_json(join(self.log_root, name)) for name in self.store.listdir(self.log_root)]
+        """Every champion change, in order (the audit log); a damaged or missing entry raises, naming it."""
+        return [self._logged_entry(sequence) for sequence in range(1, self._last_sequence() + 1)]
+
+    def _replayed(self) -> dict | None:
+        """The champion record the audit log leads to (as `_next_record` built each), or None if it is empty."""
+        entries = self.promotions()
+        previous: list[str] = []
+        for entry in entries:
+            if entry["event"] == "rollback":
+                previous = previous[:-1]
+            else:
+                previous = [*previous, entry["replaced"]] if entry["replaced"] else []
+        return {**entries[-1], "previous": previous} if entries else None
 
     def _vouched_model(self, version: str) -> str:
         """The sha256 of `version`'s model, once its files verify and its model is the one it was
@@ -410,22 +518,27 @@ class Registry:
         return self._move_champion(rollback)["version"]
 
     def repair_champion(self) -> dict:
-        """Rewrite a damaged or missing champion pointer from the audit log's last entry; return it."""
-        record, etag = self._read_champion(damaged_ok=True)
-        if record is not None:
+        """Rewrite a missing, damaged or stale champion pointer from the audit log's last change, once that
+        version verifies; return the record written."""
+        try:
+            record, _, _ = self._state()
+        except RegistryError:
+            pass
+        else:
+            if record is None:
+                raise RegistryError(f"no champion and no audit log in {self.root}: nothing to repair")
             raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
-        entries = self.promotions()
-        if not entries:
+        _, etag = self._read_champion(damaged_ok=True)
+        record = self._replayed()
+        if record is None:
             raise RegistryError(f"no audit log in {self.log_root} to restore the champion pointer from")
-        previous: list[str] = []
-        for entry in entries:  # replayed as _next_record built each pointer
-            if entry["event"] == "rollback":
-                previous = previous[:-1]
-            else:
-                previous = [*previous, entry["replaced"]] if entry["replaced"] else []
-        last = entries[-1]
-        model = last.get("model_sha256") or self._vouched_model(last["version"])
-        record = {**last, "previous": previous, "model_sha256": model}
+        try:
+            self._vouched_model(record["version"])
+        except RegistryError as exc:
+            raise RegistryError(
+                f"the audit log's champion {record['version']} does not verify ({exc}); "
+                "`fashion-mnist promote VERSION` makes a version that does the champion"
+            ) from exc
         self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), etag)
         return record
 
@@ -456,6 +569,34 @@ class Registry:
                 f"{promoted}: its files were replaced; promote a version that verifies"
             )
         return model
+
+
+def _pointer(record: Any, *, log: bool = False) -> dict:
+    """`record` if it is a champion pointer (or, with `log`, an audit log entry); else ValueError saying why.
+
+    Fields that pointers from before them lack (`sequence`, `previous`, `model_sha256`) may be absent.
+    """
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(record.get("version"), str) or not VERSION.fullmatch(record["version"]):
+        raise ValueError(f"no version in it (version: {record.get('version')!r})")
+    sequence = record.get("sequence")
+    if sequence is not None and (type(sequence) is not int or sequence < 1):
+        raise ValueError(f"sequence {sequence!r} is not a number from 1")
+    previous = record.setdefault("previous", []) if not log else []
+    if not isinstance(previous, list) or not all(isinstance(v, str) and VERSION.fullmatch(v) for v in previous):
+        raise ValueError("previous is not a list of versions")
+    if (model := record.get("model_sha256")) is not None and not (isinstance(model, str) and SHA256.fullmatch(model)):
+        raise ValueError("model_sha256 is not a sha256")
+    for name in ("event", "replaced", "reason", "at"):
+        if (value := record.get(name)) is not None and not isinstance(value, str):
+            raise ValueError(f"{name} is not text")
+    return record
+
+
+def _entry(record: dict) -> dict:
+    """The audit log entry of the change that made the champion record `record`."""
+    return {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason", "model_sha256")}
 
 
 def _next_record(current: dict | None, version: str, reason: str, event: str, model_sha256: str) -> dict[str, Any]:

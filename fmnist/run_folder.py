@@ -18,7 +18,7 @@ from typing import Any
 
 from fmnist.files import atomic_write_bytes, sha256_file
 from fmnist.layout import RunLayout
-from fmnist.storage import IntegrityError, Store, StoredFile, is_remote, join
+from fmnist.storage import IntegrityError, Store, StoredFile, UnsafeName, is_remote, join, name_parts
 
 # What Keras' BackupAndRestore keeps for a resume (its `.bkp` copies are for a crash during a local write).
 CHECKPOINT_FILES = ("latest.weights.h5", "training_metadata.json")
@@ -81,8 +81,9 @@ class RunFolder:
             try:
                 record = self.store.read_json(join(snapshot, SNAPSHOT_MARKER))
                 for name, sha256 in record["files"].items():
-                    self.store.fetch(StoredFile(join(snapshot, name), sha256), self.backup_dir / name)
-            except (FileNotFoundError, IntegrityError, KeyError, TypeError, AttributeError):
+                    parts = name_parts(snapshot, name)  # a name from the record: only inside both folders
+                    self.store.fetch(StoredFile(join(snapshot, *parts), sha256), self.backup_dir.joinpath(*parts))
+            except (FileNotFoundError, IntegrityError, UnsafeName, KeyError, TypeError, AttributeError):
                 shutil.rmtree(self.backup_dir, ignore_errors=True)
                 continue  # incomplete or damaged: try the one before
             return int(record["epoch"])

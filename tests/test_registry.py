@@ -477,3 +477,163 @@ def test_a_version_rolled_back_from_is_not_put_back_by_the_schedule(registry: Re
     assert (prior.version, prior.promoted, prior.champion) == ("v0002", False, "v0001")
     assert "it was champion and was replaced" in prior.message and registry.champion() == "v0001"
     assert prior_run(registry, "fp-never-seen", GATE) is None
+
+
+def test_a_deleted_champion_pointer_is_damage_not_a_first_version(registry: Registry) -> None:
+    """With versions and the audit log intact, a deleted champion.json made the next registration a "first
+    version": 0.81 promoted over a 0.93 champion."""
+    assert register(registry, 0.93).promoted
+    registry.store.delete(registry.champion_file)
+    with pytest.raises(
+        RegistryError, match=r"missing, though the audit log records 1 champion changes.*repair-champion"
+    ):
+        register(registry, 0.81)
+    assert registry.versions() == ["v0001"]  # refused before a number was claimed
+    assert registry.repair_champion()["version"] == "v0001"
+    worse = register(registry, 0.81)
+    assert not worse.promoted and registry.champion() == "v0001"
+
+
+def test_a_stray_file_in_the_audit_log_is_skipped(registry: Registry) -> None:
+    """A `.part-*` left by an interrupted write disabled rollback, versions and every run."""
+    register(registry, 0.85)
+    register(registry, 0.86)
+    registry.store.write_bytes(join(registry.log_root, ".part-1234-00000003.json"), b'{"seq')
+    registry.store.write_bytes(join(registry.log_root, "notes.txt"), b"an operator's notes")
+    assert [e["version"] for e in registry.promotions()] == ["v0001", "v0002"]
+    assert registry.rollback() == "v0001"
+    assert register(registry, 0.87).promoted and [e["sequence"] for e in registry.promotions()] == [1, 2, 3, 4]
+
+
+def test_a_torn_audit_log_entry_is_named(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    registry.store.write_bytes(join(registry.log_root, "00000001.json"), b'{"sequence": 1, "ver')
+    with pytest.raises(RegistryError, match=r"00000001\.json: a damaged audit log entry"):
+        registry.promotions()
+    registry.store.delete(join(registry.log_root, "00000001.json"))
+    with pytest.raises(RegistryError, match="the audit log misses change 1"):
+        registry.champion()
+
+
+def test_a_champion_pointer_restored_from_an_older_copy_is_caught_and_repaired(registry: Registry) -> None:
+    """An older champion.json restored from a backup made the next change reuse a logged sequence number,
+    whose log write was silently skipped, and repair-champion later restored the wrong version."""
+    register(registry, 0.85)
+    old = registry.store.read_bytes(registry.champion_file)
+    register(registry, 0.86)
+    register(registry, 0.87)
+    registry.store.write_bytes(registry.champion_file, old)  # v0001, change 1, from the backup
+    with pytest.raises(RegistryError, match=r"it is change 1 \(v0001\), but the audit log records changes up to 3"):
+        registry.champion()
+    with pytest.raises(RegistryError, match="restored from an older copy"):
+        register(registry, 0.88)
+    assert registry.repair_champion()["version"] == "v0003"
+    assert register(registry, 0.88).promoted
+    assert [(e["sequence"], e["version"]) for e in registry.promotions()] == [
+        (1, "v0001"),
+        (2, "v0002"),
+        (3, "v0003"),
+        (4, "v0004"),
+    ]
+
+
+def test_an_edited_champion_pointer_is_caught(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.86)
+    record = json.loads(registry.store.read_bytes(registry.champion_file))
+    registry.store.write_bytes(registry.champion_file, json.dumps({**record, "version": "v0001"}).encode())
+    with pytest.raises(RegistryError, match="records change 2 differently"):
+        registry.champion()
+
+
+@pytest.mark.parametrize(
+    "pointer",
+    [
+        {"version": "v0001", "sequence": 1},  # no `previous`: tracebacks before
+        {"version": "v0001", "sequence": 1, "previous": "v0000"},
+        {"version": "v0001", "sequence": "1", "previous": []},
+        {"version": "v0001", "sequence": 1, "previous": [], "model_sha256": 5},
+        {"version": "../v0001", "sequence": 1},
+        ["v0001"],
+    ],
+)
+def test_a_champion_pointer_of_the_wrong_shape_is_named(registry: Registry, pointer) -> None:
+    register(registry, 0.85)
+    registry.store.write_bytes(registry.champion_file, json.dumps(pointer).encode())
+    try:
+        champion = registry.champion()
+    except RegistryError as exc:
+        assert "champion.json" in str(exc) and "repair-champion" in str(exc)
+    else:  # only a pointer that is the log's own change, less its `previous`, reads
+        assert champion == "v0001" and pointer == {"version": "v0001", "sequence": 1}
+        assert registry.champion_record()["previous"] == []
+
+
+def test_a_deleted_version_folder_never_frees_its_number(registry: Registry) -> None:
+    register(registry, 0.85)
+    register(registry, 0.70)  # v0002, kept back
+    registry.store.delete(join(registry.versions_root, "v0002"))
+    assert register(registry, 0.86).version == "v0003"
+    registry.store.delete(join(registry.claims_root, "v0003.json"))  # one of its two claims
+    assert register(registry, 0.86).version == "v0004"
+
+
+def test_a_manifest_with_a_knob_this_code_does_not_know_still_reads(registry: Registry, capsys, tmp_path) -> None:
+    """A manifest from a newer (or older) commit made every registration, prior-run check and `versions`
+    fail: "Extra inputs are not permitted"."""
+    register(registry, 0.85)
+    location = join(registry.version_dir("v0001"), "manifest.json")
+    record = json.loads(registry.store.read_bytes(location))
+    record["params"] = {**record["params"], "warmup_epochs": 3, "seed": 2**40}
+    registry.store.write_bytes(location, json.dumps(record).encode())
+    assert registry.manifest("v0001").to_json()["params"]["warmup_epochs"] == 3
+    assert register(registry, 0.86).promoted
+    assert prior_run(registry, "fp", GATE) is not None
+    assert cli.main(["--registry", registry.root, "--scratch", str(tmp_path / "s"), "versions"]) == 0
+    assert "v0001" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../../outside.txt", "/tmp/absolute", "saved_model/1/../../../x"])
+def test_a_manifest_naming_files_outside_its_folder_is_damaged(registry: Registry, tmp_path: Path, name: str) -> None:
+    register(registry, 0.85)
+    location = join(registry.version_dir("v0001"), "manifest.json")
+    record = json.loads(registry.store.read_bytes(location))
+    record["files"][name] = "0" * 64
+    registry.store.write_bytes(location, json.dumps(record).encode())
+    with pytest.raises(RegistryError, match=r"the version.s manifest is damaged .*not a name inside"):
+        registry.manifest("v0001")
+    out = tmp_path / "export"
+    assert cli.main(
+        ["--registry", registry.root, "--scratch", str(tmp_path / "s"), "export", "v0001", "--out", str(out)]
+    )
+    assert not (tmp_path / "outside.txt").exists() and not out.exists()
+
+
+def test_a_checkpoint_snapshot_naming_files_outside_its_folder_is_not_restored(
+    store: Store, bucket: str, tmp_path: Path
+) -> None:
+    """Restoring a snapshot wrote each of its record's names under the local backup folder, `..` and all."""
+    from fmnist.layout import RunLayout
+    from fmnist.run_folder import SNAPSHOT_MARKER, RunFolder
+
+    run = RunFolder(store, RunLayout(join(bucket, "runs", "r1")))
+    good, evil = b"weights of epoch 1", b"not a checkpoint"
+    first = join(run.file("backup"), "epoch-00001")
+    store.write_bytes(join(first, "latest.weights.h5"), good)
+    store.write_json(join(first, SNAPSHOT_MARKER), {"epoch": 1, "files": {"latest.weights.h5": _sha(good)}})
+    # An absolute name: joined to the snapshot's location it named a file of this host, read and
+    # written outside both folders.
+    outside = tmp_path / "elsewhere" / "latest.weights.h5"
+    outside.parent.mkdir()
+    outside.write_bytes(evil)
+    second = join(run.file("backup"), "epoch-00002")
+    for name in (str(outside), "../epoch-00001/latest.weights.h5"):
+        store.write_json(join(second, SNAPSHOT_MARKER), {"epoch": 2, "files": {name: _sha(evil)}})
+        assert run.restore() == 1  # the damaged snapshot is passed over for the one before
+        assert (run.backup_dir / "latest.weights.h5").read_bytes() == good
+        assert sorted(p.name for p in run.backup_dir.iterdir()) == ["latest.weights.h5"]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
