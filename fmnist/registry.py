@@ -262,9 +262,10 @@ class Registry:
 
         `model_card` turns the version's final manifest (with its number and verdict) into markdown.
         """
-        current = self.champion_record()  # first: a damaged pointer stops the registration before a number is taken
-        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now()})
+        # First the champion and the gate: damage stops the registration before a number is taken.
+        current = self.champion_record()
         decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
+        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now()})
         folder = join(self.versions_root, version)
         hashes = {}
         for name, file in files.items():
@@ -414,7 +415,8 @@ class Registry:
                     self._log(current)  # its writer may have died before logging it
                     last += 1
             new = change(current)
-            new["sequence"] = last + 1
+            # The token makes this writer's pointer its own: a write that meets these bytes was this one.
+            new.update(sequence=last + 1, token=uuid.uuid4().hex)
             try:
                 self.store.replace(self.champion_file, json.dumps(new, indent=1).encode(), etag)
             except PreconditionFailed:
