@@ -6,9 +6,10 @@ sets it once, and an operator's `--param params='{...}'` replaces only this obje
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
+from fmnist.download import check_mirror
 from fmnist.drift import DriftSetting
 from fmnist.incoming import BadBatches
 from fmnist.model import TrainParams
@@ -18,7 +19,8 @@ from fmnist.retention import RetentionParams
 
 class RetrainParams(BaseModel):
     # A misspelt or misplaced field (e.g. `data_root`, which belongs to `storage`) is an error, not ignored.
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a mirror URL with credentials in it is refused without echoing them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
     mirrors: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MIRRORS),
@@ -47,6 +49,7 @@ class RetrainParams(BaseModel):
     training_silence_timeout_s: float = Field(
         1800,
         ge=60,
+        le=7 * 24 * 3600,
         description="Fail when the training run shows no heartbeat or state change for this long "
         "(a lost GPU host, or no GPU worker to take the run)",
     )
@@ -56,3 +59,10 @@ class RetrainParams(BaseModel):
         "fail the run, or quarantine it (move it to <data_root>/quarantine/ with its error) and train on the rest",
     )
     retention: RetentionParams = Field(default_factory=RetentionParams, description="Run folders kept under runs/")
+
+    @field_validator("mirrors")
+    @classmethod
+    def _usable_mirrors(cls, mirrors: list[str]) -> list[str]:
+        for mirror in mirrors:
+            check_mirror(mirror)  # before a run starts: no unknown scheme, no credentials to leak
+        return mirrors

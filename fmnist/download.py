@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from fmnist.dataset import DatasetSpec, RemoteFile
-from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize
+from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize, refuse_credentials
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,17 @@ def _is_http(location: str) -> bool:
     return urllib.parse.urlsplit(location).scheme.lower() in ("http", "https")
 
 
-def _check_mirror(mirror: str) -> None:
-    if not _is_http(mirror):
-        try:
+def check_mirror(mirror: str) -> None:
+    """Refuse (ValueError) a mirror of an unsupported scheme, or one with credentials in its URL."""
+    try:
+        if _is_http(mirror):
+            refuse_credentials(
+                mirror, "mirror", "serve the mirror without them, or from a bucket (s3://, AWS_* variables)"
+            )
+        else:
             normalize(mirror)
-        except StorageError as exc:
-            raise ValueError(f"mirror {exc}") from None
+    except StorageError as exc:
+        raise ValueError(f"mirror {exc}") from None
 
 
 def _read_chunks(location: str, timeout_s: float, store: Store) -> Iterator[bytes]:
@@ -215,7 +220,7 @@ def download_dataset(
 ) -> RawDataset:
     """All four files of `spec`, each verified."""
     for mirror in mirrors:
-        _check_mirror(mirror)  # reject unsupported schemes before any download starts
+        check_mirror(mirror)  # reject unsupported schemes and credentials before any download starts
     fetched = [
         fetch_verified(
             remote,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 from prefect.states import Failed
+from pydantic import ValidationError
 
+from flows.params import RetrainParams
 from fmnist.dataset import DatasetSpec
 from fmnist.download import DownloadError, TransientDownloadError, download_dataset
 from fmnist.files import sha256_file
@@ -265,3 +269,43 @@ def test_reading_stops_at_the_end_of_the_gzip_stream(mirror, layout, store, serv
     raw = download_dataset(spec, [endless], store, layout.raw, timeout_s=5, deadline_s=20)
     assert {f.source for f in raw.files} == {endless}  # verified: what came after the stream was never read
     assert time.perf_counter() - started < 15
+
+
+def test_a_local_mirror_that_is_or_names_a_fifo_is_left_at_once(mirror, layout, store, tmp_path) -> None:
+    """A FIFO blocks whoever opens it: such a mirror hung the download forever, deadline and timeout aside,
+    with heartbeats flowing, so no automation fired."""
+    folder, spec = mirror
+    named = tmp_path / "names-fifos"
+    shutil.copytree(folder, named)
+    (named / "train-images-idx3-ubyte.gz").unlink()
+    os.mkfifo(named / "train-images-idx3-ubyte.gz")
+    os.mkfifo(tmp_path / "is-a-fifo")
+    outcome: list[object] = []
+
+    def download() -> None:
+        try:
+            download_dataset(spec, [str(named), str(tmp_path / "is-a-fifo")], store, layout.raw)
+        except DownloadError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "the download waited on a FIFO"
+    [error] = outcome
+    assert f"{named}/train-images-idx3-ubyte.gz: a FIFO, not a regular file" in str(error)
+    assert f"{tmp_path}/is-a-fifo/train-images-idx3-ubyte.gz" in str(error)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://operator:s3cr3t@127.0.0.1:1/mirror/", "https://token-s3cr3t@mirror.example/fmnist/"]
+)
+def test_a_mirror_url_with_credentials_is_refused_without_showing_them(mirror, layout, store, url: str) -> None:
+    """Credentials in a mirror URL reached the log, the download artifact and the webhook's failure message."""
+    _, spec = mirror
+    with pytest.raises(ValueError, match="credentials do not belong in a mirror URL") as refused:
+        download_dataset(spec, [url], store, layout.raw)
+    assert "s3cr3t" not in str(refused.value) and "<credentials>@" in str(refused.value)
+    with pytest.raises(ValidationError) as invalid:
+        RetrainParams(mirrors=[url])
+    assert "s3cr3t" not in str(invalid.value) and "credentials do not belong in a mirror URL" in str(invalid.value)
