@@ -18,6 +18,9 @@ PREFIX = "fashion-mnist: "
 WEBHOOK_BLOCK = "fashion-mnist-operator"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 NOTIFY_BLOCK = "notify_block_id"
+# Flow-run heartbeats: Prefect's minimum interval, and a day (a crash found later than three days is no help).
+MIN_HEARTBEAT_S = 30
+MAX_HEARTBEAT_S = 86_400
 
 
 class AutomationsError(ValueError):
@@ -99,6 +102,9 @@ def configure_webhook(url: str) -> str:
 def apply(path: Path, heartbeat_s: int) -> Applied:
     """Create or update the file's automations on the Prefect server PREFECT_API_URL names."""
     from prefect.client.orchestration import get_client
+
+    if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
+        raise ValueError(f"heartbeat every {heartbeat_s} s: give {MIN_HEARTBEAT_S} to {MAX_HEARTBEAT_S} s")
 
     values: dict[str, Any] = {"heartbeat_window_s": 3 * heartbeat_s}
     if block_id := webhook_block_id():

@@ -38,10 +38,11 @@ CLASS_SLUGS = tuple(class_slug(name) for name in CLASS_NAMES)
 class RemoteFile(BaseModel):
     """One gzip-compressed IDX file as mirrors serve it, pinned by its decompressed content."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=r"^[\w.-]+\.gz$", description="File name on the mirror")
-    raw_size: int = Field(gt=0, description="Bytes after decompression")
+    # A plain file name: it is joined to each mirror's URL and, less `.gz`, to the raw folder.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.gz$", description="File name on the mirror")
+    raw_size: int = Field(gt=0, le=1 << 32, description="Bytes after decompression")
     # Of the decompressed bytes: mirrors recompress the same content differently.
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -53,14 +54,14 @@ class RemoteFile(BaseModel):
 class DatasetSpec(BaseModel):
     """The four files of an image/label dataset and the row counts they must hold."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     train_images: RemoteFile
     train_labels: RemoteFile
     test_images: RemoteFile
     test_labels: RemoteFile
-    train_rows: int = Field(gt=0)
-    test_rows: int = Field(gt=0)
+    train_rows: int = Field(gt=0, le=10_000_000)
+    test_rows: int = Field(gt=0, le=10_000_000)
 
     @property
     def files(self) -> tuple[RemoteFile, ...]:

@@ -50,7 +50,7 @@ SHIFT_PIXELS = 2
 class TrainParams(BaseModel):
     """Every knob of a training run. The defaults are the reference tutorials' DNN recipe."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt knob is an error, not silently the default
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a misspelt knob is an error, not the default
 
     preset: Preset = Field(
         "dnn",
@@ -62,7 +62,7 @@ class TrainParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=65536)
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam")
     dropout: float = Field(0.2, ge=0, lt=1, description="After each hidden layer that has dropout")
-    seed: int = Field(42, ge=0, description="Same seed, data and machine: same metrics")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Same seed, data and machine: same metrics")
     steps_per_execution: int = Field(
         64, ge=1, le=10000, description="Batches per compiled call; a throughput setting, not a recipe change"
     )
@@ -92,6 +92,7 @@ class TrainParams(BaseModel):
     early_stopping_patience: int = Field(
         0,
         ge=0,
+        le=1000,
         description="From half-way, stop after this many epochs without a better validation accuracy, keeping "
         "the best epoch's weights; 0: off",
     )

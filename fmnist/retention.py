@@ -21,10 +21,10 @@ PAGE = 200  # the most flow runs the Prefect API returns at once
 class RetentionParams(BaseModel):
     """How many run folders to keep under <registry>/runs/."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    keep_last: int = Field(20, ge=1, description="Always keep this many of the newest run folders")
-    keep_days: float = Field(14, ge=0, description="Always keep run folders changed within this many days")
+    keep_last: int = Field(20, ge=1, le=100_000, description="Always keep this many of the newest run folders")
+    keep_days: float = Field(14, ge=0, le=36_500, description="Always keep run folders changed within this many days")
 
 
 def registered_runs(registry: Registry) -> set[str]:
