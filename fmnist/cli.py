@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,12 +36,16 @@ from fmnist.cache import normalize
 from fmnist.dataset import CLASS_NAMES, FASHION_MNIST
 from fmnist.export import SERVING_VERSION, export_saved_model
 from fmnist.incoming import add_batch, known_images
-from fmnist.layout import RunLayout, StorageParams
+from fmnist.layout import RunLayout, StorageParams, runs_root, scratch_path
 from fmnist.model import load_verified_model
 from fmnist.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.registry import MODEL, Registry, RegistryError, version_number
 from fmnist.retention import RetentionParams, prune_runs
-from fmnist.storage import StorageError, StoredFile, join
+from fmnist.storage import StorageError, Store, StoredFile, join
+from fmnist.storage import normalize as normalize_location
+
+DEFAULT_REGISTRY = "artifacts"
+PROJECT_FILE = "prefect.yaml"  # how add-batch knows it runs in the project folder, whose data/ the deployments use
 
 
 def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
@@ -145,12 +150,35 @@ def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
     print(f"{version}'s SavedModel is in {out}: TF Serving serves it as version {number} of the model in {args.out}")
 
 
+def deployed_storage(args: argparse.Namespace, project: Path) -> tuple[StorageParams, str]:
+    """The storage `add-batch` adds to, and where that came from: the flags, else the FMNIST_DATA_ROOT and
+    FMNIST_REGISTRY_ROOT variables (the cluster deployments'), else the project folder's `data/` and
+    `artifacts/` (the single-host deployments') when run from it. Anywhere else it refuses: a batch
+    added to a folder no deployment reads would never be trained on."""
+    data_root = args.data_root or os.environ.get("FMNIST_DATA_ROOT") or None
+    registry_root = args.registry or os.environ.get("FMNIST_REGISTRY_ROOT") or None
+    source = "--data-root / --registry, or FMNIST_DATA_ROOT / FMNIST_REGISTRY_ROOT"
+    if data_root is None or registry_root is None:
+        if not (project / PROJECT_FILE).is_file():
+            raise ValueError(
+                f"{project} is not the project folder (no {PROJECT_FILE}): say which storage the deployments use "
+                "with --data-root and --registry (or FMNIST_DATA_ROOT and FMNIST_REGISTRY_ROOT), or run from "
+                "the project folder"
+            )
+        data_root = data_root or str(project / "data")
+        registry_root = registry_root or str(project / DEFAULT_REGISTRY)
+        source = f"the project folder {project}"
+    storage = StorageParams(
+        data_root=data_root, registry_root=registry_root, incoming_dir=args.incoming, scratch_dir=args.scratch
+    )
+    return storage, source
+
+
 def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
     from prefect.settings import PREFECT_API_URL
 
-    storage = StorageParams(
-        data_root=args.data_root, registry_root=args.registry, incoming_dir=args.incoming, scratch_dir=args.scratch
-    )
+    storage, source = deployed_storage(args, Path.cwd())
+    print(f"Adding to {storage.incoming} (registry {storage.registry}; from {source})")
     store, raw = registry.store, storage.data.raw
     pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
     test, train = (StoredFile(join(raw, f.raw_name), f.sha256) for f in pinned)
@@ -176,7 +204,7 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
 
 def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
     retention = RetentionParams(keep_last=args.keep_last, keep_days=args.keep_days)
-    runs = StorageParams(registry_root=args.registry).runs
+    runs = runs_root(registry.root)
     deleted = prune_runs(registry, runs, retention, keep=set())
     print(f"Deleted {len(deleted)} run folders from {runs}: {', '.join(deleted) or 'none'}")
 
@@ -201,12 +229,30 @@ def cmd_webhook(registry: Registry, args: argparse.Namespace) -> None:
     )
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a finite number of `kind` from `low` to `high`, or a usage error that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not low <= value <= high:  # also refuses nan, and inf beyond `high`
+            raise argparse.ArgumentTypeError(f"{text} is not between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     main.add_argument(
-        "--registry", default="artifacts", help="registry root: a folder or s3://bucket/prefix (default: artifacts)"
+        "--registry",
+        default=None,
+        help=f"registry root: a folder or s3://bucket/prefix (default: {DEFAULT_REGISTRY}; for add-batch, "
+        "FMNIST_REGISTRY_ROOT or the project folder's)",
     )
     main.add_argument(
         "--scratch", default=None, help="local folder for verified copies of s3:// files (default: ~/.cache/...)"
@@ -232,10 +278,15 @@ def parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
     serve = commands.add_parser("serve", help="serve the champion over HTTP (TF Serving's REST API)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8501, help="TF Serving's REST port by default")
-    serve.add_argument("--poll-s", type=float, default=2.0, help="how often the champion pointer is read")
+    serve.add_argument("--port", type=bounded(int, 0, 65535), default=8501, help="TF Serving's REST port by default")
     serve.add_argument(
-        "--max-connections", type=int, default=256, help="connections at once; beyond it a 503 (bounds memory)"
+        "--poll-s", type=bounded(float, 0.05, 3600), default=2.0, help="how often the champion pointer is read"
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=bounded(int, 1, 65536),
+        default=256,
+        help="connections at once; beyond it a 503 (bounds memory)",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=cmd_serve)
@@ -249,18 +300,27 @@ def parser() -> argparse.ArgumentParser:
     add = commands.add_parser("add-batch", help="check a batch and add it to the incoming folder")
     add.add_argument("folder", type=Path, help="an IDX pair, or PNG images in one folder per class")
     add.add_argument("--name", help="the batch's name in the incoming folder (default: the folder's name)")
-    add.add_argument("--data-root", default="data", help="the pipeline's data root (default: data)")
+    add.add_argument(
+        "--data-root",
+        default=None,
+        help="the deployments' data root (default: FMNIST_DATA_ROOT, or data/ when run in the project folder)",
+    )
     add.add_argument("--incoming", default=None, help="the incoming folder (default: <data root>/incoming)")
     add.set_defaults(run=cmd_add_batch)
     prune = commands.add_parser("prune-runs", help="delete run folders beyond the retention setting")
-    prune.add_argument("--keep-last", type=int, default=RetentionParams().keep_last)
-    prune.add_argument("--keep-days", type=float, default=RetentionParams().keep_days)
+    prune.add_argument("--keep-last", type=bounded(int, 1, 100_000), default=RetentionParams().keep_last)
+    prune.add_argument("--keep-days", type=bounded(float, 0, 36_500), default=RetentionParams().keep_days)
     prune.set_defaults(run=cmd_prune_runs)
     auto = commands.add_parser("automations", help="the pipeline's Prefect automations")
     auto_commands = auto.add_subparsers(dest="action", required=True)
     apply = auto_commands.add_parser("apply", help="create or update the automations of a file, by name")
     apply.add_argument("--file", type=Path, default=Path("automations.yaml"))
-    apply.add_argument("--heartbeat-s", type=int, default=60, help="the flow runs' heartbeat interval")
+    apply.add_argument(
+        "--heartbeat-s",
+        type=bounded(int, automations.MIN_HEARTBEAT_S, automations.MAX_HEARTBEAT_S),
+        default=60,
+        help="the flow runs' heartbeat interval (Prefect's minimum is 30 s)",
+    )
     apply.set_defaults(run=cmd_automations_apply)
     webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
     webhook.add_argument("url")
@@ -271,8 +331,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        storage = StorageParams(registry_root=args.registry, scratch_dir=args.scratch)
-        args.run(Registry(storage.store(), storage.registry), args)
+        # Only the registry: the commands that also write data (add-batch) check every root together.
+        registry = Registry(
+            Store(scratch=scratch_path(args.scratch)), normalize_location(args.registry or DEFAULT_REGISTRY)
+        )
+        args.run(registry, args)
     except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1

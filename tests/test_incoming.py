@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmnist import cli
 from fmnist.contract import DataValidationError
 from fmnist.incoming import INCOMPLETE, IncomingBatchError, add_batch, collect_incoming, load_collected
 from fmnist.storage import Store
@@ -164,3 +165,38 @@ def test_a_batch_still_being_copied_is_left_out(tmp_path: Path, store: Store) ->
     (tmp_path / "in" / "half-copied" / INCOMPLETE).write_text("being copied")
     write_idx_batch(tmp_path / "in" / "whole", synthetic_images(labels, seed=2), labels)
     assert [b.name for b in collect_incoming(store, str(tmp_path / "in"))] == ["whole"]
+
+
+def test_add_batch_outside_the_project_folder_refuses_until_told_the_storage(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Run from elsewhere, add-batch created <cwd>/data/incoming, said the next scheduled run would include
+    it, and announced a registry (<cwd>/artifacts) that no deployment uses."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("FMNIST_DATA_ROOT", raising=False)
+    monkeypatch.delenv("FMNIST_REGISTRY_ROOT", raising=False)
+    labels = np.arange(20, dtype=np.uint8) % 10
+    source = write_idx_batch(tmp_path / "shoes", synthetic_images(labels, seed=3), labels)
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scratch = ["--scratch", str(tmp_path / "scratch")]
+    assert cli.main([*scratch, "add-batch", str(source)]) == 1
+    assert "is not the project folder (no prefect.yaml)" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+
+    monkeypatch.setenv("FMNIST_DATA_ROOT", str(tmp_path / "team" / "data"))
+    monkeypatch.setenv("FMNIST_REGISTRY_ROOT", str(tmp_path / "team" / "artifacts"))
+    assert cli.main([*scratch, "add-batch", str(source), "--name", "from-env"]) == 0
+    assert f"Adding to {tmp_path}/team/data/incoming" in capsys.readouterr().out
+    assert (tmp_path / "team" / "data" / "incoming" / "from-env").is_dir()
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "prefect.yaml").write_text("name: fashion-mnist-pipeline\n")
+    monkeypatch.delenv("FMNIST_DATA_ROOT")
+    monkeypatch.delenv("FMNIST_REGISTRY_ROOT")
+    monkeypatch.chdir(project)
+    assert cli.main([*scratch, "add-batch", str(source), "--name", "in-project"]) == 0
+    assert f"from the project folder {project}" in capsys.readouterr().out
+    assert (project / "data" / "incoming" / "in-project").is_dir() and list(elsewhere.iterdir()) == []
