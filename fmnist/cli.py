@@ -58,7 +58,11 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
     if not versions:
         print(f"No versions in {registry.root}")
         return
-    served = {e["version"] for e in registry.promotions()}
+    try:
+        served = {e["version"] for e in registry.promotions()}
+    except RegistryError as exc:  # the audit log is damaged: still list the versions
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        served = set()
     print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
     for version in versions:
         m = registry.manifest(version)

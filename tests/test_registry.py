@@ -637,3 +637,23 @@ def test_a_checkpoint_snapshot_naming_files_outside_its_folder_is_not_restored(
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def test_a_registration_whose_writes_each_lose_their_first_answer_registers_once(
+    s3_env: S3Server, bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Each claim's first acknowledgement lost: the retry met its own claim, took it for another writer's,
+    and claimed the next number, for ever (56,000 numbers in 15 minutes)."""
+    from tests.s3_proxy import lossy_proxy
+
+    with lossy_proxy(s3_env.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        registry = Registry(Store(scratch=tmp_path / "scratch", timeout_s=5), bucket + "/registry")
+        proxy.lose_every_first = True
+        first, second = register(registry, 0.85), register(registry, 0.86)
+        proxy.lose_every_first = False
+        assert proxy.answers_lost >= 8  # two claims, a manifest, a pointer move and a log entry each
+    assert (first.version, second.version) == ("v0001", "v0002") and second.promoted
+    assert registry.store.listdir(registry.claims_root) == ["v0001.json", "v0002.json"]
+    assert [(e["sequence"], e["version"]) for e in registry.promotions()] == [(1, "v0001"), (2, "v0002")]
+    assert registry.champion() == "v0002"
