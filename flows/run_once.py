@@ -27,12 +27,16 @@ if TYPE_CHECKING:
 def import_what_the_run_needs(params: RetrainParams, storage: StorageParams) -> None:
     """Import the heavy libraries this run is certain to import anyway: only the wait moves."""
     from fmnist.contract import import_great_expectations
-    from fmnist.registry import Registry
+    from fmnist.registry import Registry, RegistryError
 
     store = storage.store()
     if not store.listdir(storage.data.validation):
         import_great_expectations()
-    if params.force_retrain or Registry(store, storage.registry).champion() is None:
+    try:
+        needs_training = params.force_retrain or Registry(store, storage.registry).champion() is None
+    except RegistryError:  # a damaged registry: the run itself says so, with the repair to make
+        needs_training = False
+    if needs_training:
         import tensorflow  # noqa: F401
 
 

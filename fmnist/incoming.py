@@ -232,7 +232,9 @@ def screen_incoming(
                     f"{printable(entry)}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
                 )
             if store.exists(join(entry, INCOMPLETE)):
-                log.warning("%s: still being added (or the copy was interrupted): left out of this run", entry)
+                log.warning(
+                    "%s: still being added (or the copy was interrupted): left out of this run", printable(entry)
+                )
                 continue
             check_batch_name(name)
             kind, images, labels = read_batch(store, entry)

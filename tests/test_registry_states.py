@@ -1,7 +1,8 @@
 """The registry's invariants under random histories (hypothesis stateful testing), on disk and in SeaweedFS.
 
-Random sequences of registrations, promotions, rollbacks and repairs, with a crash at any write, and
-files deleted, torn, restored from an older copy or added anywhere in the registry. After every step:
+Random sequences of registrations, promotions, rollbacks and repairs, with a crash at any write of a
+registration or a promotion, and files deleted, torn, restored from an older copy or added anywhere in
+the registry. After every step:
 - no version number is issued twice, and each is above every number issued before it;
 - the champion's model verifies, or the registry says it is damaged and names the repair;
 - the audit log runs 1, 2, ... with no gap, and holds every champion change exactly once (the one a
@@ -14,6 +15,7 @@ FMNIST_STATE_RANDOM=1 draws new histories instead of the same ones every run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,6 +139,18 @@ def machine_for(store: Store, new_root) -> type[RuleBasedStateMachine]:
             if self.issued:
                 version = data.draw(st.sampled_from(self.issued))
                 self._attempt(lambda: self.registry.promote(version, "by the machine"))
+
+        @rule(data=st.data(), crash_at=st.integers(1, 3))
+        def promote_and_crash(self, data: st.DataObject, crash_at: int) -> None:
+            """Writes of a promotion: the log entry its predecessor's writer left out, the pointer, its log entry."""
+            if not self.issued:
+                return
+            version = data.draw(st.sampled_from(self.issued))
+            before = self._champion_or_none()
+            crashing = Registry(CrashingStore(store, crash_at), self.registry.root)
+            with contextlib.suppress(Crash):
+                self._attempt(lambda: crashing.promote(version, "by the machine"))
+            assert self._champion_or_none() in {before, version}
 
         @rule()
         def rollback(self) -> None:
