@@ -111,7 +111,7 @@ test-slow: install data
 	$(PY) -m pytest -m slow
 
 # Tiers you can run alone: the readers, registry, storage and data stages without training or a
-# Prefect stack (about a minute and a half); and everything, slow tier included.
+# Prefect stack (about two minutes); and everything, slow tier included.
 test-quick: install data
 	$(PY) -m pytest -m "not slow and not e2e and not training" $(PYTEST_PARALLEL)
 
