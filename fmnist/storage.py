@@ -249,7 +249,7 @@ class Store:
                 self._local = LocalFileSystem()
             return self._local, location
         if self._s3fs is None:
-            self._s3fs = self._s3_filesystem(S3_ATTEMPTS)
+            self._s3fs = self._s3_filesystem()
         path = location.removeprefix(S3)
         bucket = path.split("/", 1)[0]
         if bucket not in self._checked_buckets:  # once per bucket: a clear error before anything else
@@ -261,7 +261,7 @@ class Store:
             self._checked_buckets.add(bucket)
         return self._s3fs, path
 
-    def _s3_filesystem(self, attempts: int) -> AbstractFileSystem:
+    def _s3_filesystem(self) -> AbstractFileSystem:
         import s3fs
 
         fs = s3fs.S3FileSystem(
@@ -270,7 +270,7 @@ class Store:
             config_kwargs={
                 "connect_timeout": self.timeout_s,
                 "read_timeout": self.timeout_s,
-                "retries": {"max_attempts": attempts, "mode": "standard"},
+                "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
             },
         )
         fs.retries = 1  # botocore retries (above); no second layer of retries around it
