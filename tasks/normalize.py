@@ -3,7 +3,7 @@ and an artifact naming its files."""
 
 from __future__ import annotations
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from fmnist.cache import CachedDataset
@@ -15,6 +15,7 @@ from fmnist.normalization import normalize_and_cache
 from fmnist.validation import ValidationReport
 
 
+@task(name="normalize")
 def normalize_task(
     spec: DatasetSpec,
     raw: RawDataset,

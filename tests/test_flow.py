@@ -66,6 +66,19 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
     return {a.key: str(a.data) for a in found}
 
 
+def task_runs_of(flow_run_id) -> list[str]:
+    """The stage names of a flow run's own task runs, in the order they started (`validate-3af` -> `validate`)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+    return [run.name.rsplit("-", 1)[0] for run in runs if run.flow_run_id == flow_run_id]
+
+
 def logs_of(flow_run_id) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -92,6 +105,18 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     outcome = state.result()
     flow_run_id = state.state_details.flow_run_id
     assert (outcome.version, outcome.promoted, outcome.champion) == ("v0001", True, "v0001")
+    # Every stage is a task run of its own in the UI's graph (normalize once ran inside the flow run).
+    assert task_runs_of(flow_run_id) == [
+        "download",
+        "collect-incoming",
+        "validate",
+        "normalize",
+        "check-registered",
+        "train-fashion-mnist",  # the training flow, a subflow here (a deployment run on the GPU pool)
+        "evaluate",
+        "register",
+        "prune-runs",
+    ]
     assert Path(outcome.run_dir) == tmp_path / "artifacts" / "runs" / str(flow_run_id)
     registry = Registry(Store(), str(tmp_path / "artifacts"))
     version = registry.manifest("v0001")
