@@ -242,8 +242,8 @@ class Registry:
 
     def _highest_number(self) -> int:
         """The highest version number claimed, published or named by the champion chain."""
-        names = [n for n in self.store.listdir(self.versions_root) if VERSION.fullmatch(n)]
-        names += [n.removesuffix(".json") for n in self.store.listdir(self.claims_root) if n.endswith(".json")]
+        names = self.store.listdir(self.versions_root)
+        names += [n.removesuffix(".json") for n in self.store.listdir(self.claims_root)]
         if record := self._read_champion(damaged_ok=True)[0]:
             names += [record["version"], *record["previous"]]
         return max((version_number(n) for n in names if VERSION.fullmatch(n)), default=0)
