@@ -25,13 +25,13 @@ STAGES = ("download", "collect_incoming", "validate", "normalize_cache")
 
 def run_stages(root: Path, cold: bool) -> dict:
     started = time.perf_counter()
-    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
-    from fmnist.download import download_dataset
-    from fmnist.incoming import collect_incoming
-    from fmnist.layout import DataLayout
-    from fmnist.normalization import normalize_and_cache
+    from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.data.download import download_dataset
+    from fmnist.data.incoming import collect_incoming
+    from fmnist.data.normalization import normalize_and_cache
+    from fmnist.data.validation import validate_raw
     from fmnist.storage import Store
-    from fmnist.validation import validate_raw
+    from fmnist.storage.layout import DataLayout
 
     if cold:
         import great_expectations  # noqa: F401  (imported by validation on a miss; timed apart)

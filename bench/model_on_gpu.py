@@ -19,8 +19,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from fmnist.epoch_log import EpochLog
-from fmnist.model import TrainParams, build_model, compile_model
+from fmnist.training.epoch_log import EpochLog
+from fmnist.training.model import TrainParams, build_model, compile_model
 from tests.helpers import balanced_labels, synthetic_images
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from fmnist import idx
+from fmnist.data import idx
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -16,16 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from fmnist.dataset import FASHION_MNIST
-from fmnist.download import download_dataset
-from fmnist.evaluation import evaluate_model
-from fmnist.layout import DataLayout, RunLayout
-from fmnist.model import TrainParams
-from fmnist.normalization import normalize_and_cache
-from fmnist.run_folder import RunFolder
+from fmnist.data.dataset import FASHION_MNIST
+from fmnist.data.download import download_dataset
+from fmnist.data.normalization import normalize_and_cache
+from fmnist.data.validation import validate_raw
+from fmnist.evaluation.evaluate import evaluate_model
 from fmnist.storage import Store
-from fmnist.training import train_model
-from fmnist.validation import validate_raw
+from fmnist.storage.layout import DataLayout, RunLayout
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams
+from fmnist.training.run_folder import RunFolder
 
 LOCAL_MIRROR = "/usr/share/datasets/fashion-mnist"
 

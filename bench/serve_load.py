@@ -38,14 +38,14 @@ RAW_TEST_IMAGES = ROOT / "data" / "raw" / "t10k-images-idx3-ubyte"
 def test_images(count: int) -> np.ndarray:
     """Real test images when a run has put them in the data root; else random ones (same cost to serve)."""
     if RAW_TEST_IMAGES.exists():
-        from fmnist.idx import read_idx
+        from fmnist.data.idx import read_idx
 
         return read_idx(RAW_TEST_IMAGES)[:count]
     return np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
 
 
 def start_server(registry: str, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry, "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry, "serve", "--port", str(port)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -100,11 +100,11 @@ async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> 
 def bare_rates(registry: str, images: np.ndarray, seconds: float) -> tuple[float, float]:
     """Images a second, one image a call, on the same images: through `model.predict` (the yardstick),
     and through the compiled call the server makes (what one image costs without HTTP or batching)."""
-    from fmnist.cache import normalize
-    from fmnist.layout import StorageParams
-    from fmnist.model import load_verified_model
-    from fmnist.registry import Registry
-    from fmnist.serving import load_served
+    from fmnist.data.cache import normalize
+    from fmnist.registry.versions import Registry
+    from fmnist.serving.server import load_served
+    from fmnist.storage.layout import StorageParams
+    from fmnist.training.model import load_verified_model
 
     storage = StorageParams(registry_root=registry)
     reg = Registry(storage.store(), storage.registry)

@@ -35,8 +35,8 @@ RUN = """
 import json, sys, time
 from flows.params import RetrainParams
 from flows.retrain import retrain
-from fmnist.layout import StorageParams
-from fmnist.model import TrainParams
+from fmnist.storage.layout import StorageParams
+from fmnist.training.model import TrainParams
 
 params = RetrainParams(mirrors=["/usr/share/datasets/fashion-mnist/"], training=TrainParams(epochs=int(sys.argv[4])))
 storage = StorageParams(data_root=sys.argv[1], registry_root=sys.argv[2], scratch_dir=sys.argv[3])

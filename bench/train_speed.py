@@ -45,16 +45,16 @@ def project_run(seed: int, epochs: int) -> dict:
     """The pipeline's own stages: data from the parquet cache, then `train_model`."""
     import keras
 
-    from fmnist.cache import read_split
-    from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
-    from fmnist.download import download_dataset
-    from fmnist.layout import DataLayout, RunLayout
-    from fmnist.model import TrainParams
-    from fmnist.normalization import normalize_and_cache
-    from fmnist.run_folder import RunFolder
+    from fmnist.data.cache import read_split
+    from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+    from fmnist.data.download import download_dataset
+    from fmnist.data.normalization import normalize_and_cache
+    from fmnist.data.validation import validate_raw
     from fmnist.storage import Store
-    from fmnist.training import train_model
-    from fmnist.validation import validate_raw
+    from fmnist.storage.layout import DataLayout, RunLayout
+    from fmnist.training.fit import train_model
+    from fmnist.training.model import TrainParams
+    from fmnist.training.run_folder import RunFolder
 
     with tempfile.TemporaryDirectory() as tmp:
         layout, store = DataLayout(str(Path(tmp) / "data")), Store()

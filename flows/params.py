@@ -1,6 +1,6 @@
 """The retraining flow's parameters: what to train, as one typed object (a form in the Prefect UI).
 
-Where things are kept (`fmnist.layout.StorageParams`) is the flow's second parameter: a deployment
+Where things are kept (`fmnist.storage.layout.StorageParams`) is the flow's second parameter: a deployment
 sets it once, and an operator's `--param params='{...}'` replaces only this object, never the storage.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
-from fmnist.download import check_mirror
-from fmnist.drift import DriftSetting
-from fmnist.incoming import BadBatches
-from fmnist.model import TrainParams
-from fmnist.registry import PromotionParams
-from fmnist.retention import RetentionParams
+from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
+from fmnist.data.download import check_mirror
+from fmnist.data.drift import DriftSetting
+from fmnist.data.incoming import BadBatches
+from fmnist.registry.retention import RetentionParams
+from fmnist.registry.versions import PromotionParams
+from fmnist.training.model import TrainParams
 
 
 class RetrainParams(BaseModel):

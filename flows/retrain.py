@@ -9,8 +9,8 @@ from prefect.runtime import flow_run
 
 from flows.params import RetrainParams
 from flows.train import run_training
-from fmnist import events
-from fmnist.layout import StorageParams
+from fmnist.ops import events
+from fmnist.storage.layout import StorageParams
 from tasks.download import download_with_retries
 from tasks.evaluate import evaluate_task
 from tasks.incoming import collect_incoming_task

@@ -17,17 +17,17 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from fmnist.temporary_server import start_temporary_server
+from fmnist.ops.temporary_server import start_temporary_server
 
 if TYPE_CHECKING:
     from flows.params import RetrainParams
-    from fmnist.layout import StorageParams
+    from fmnist.storage.layout import StorageParams
 
 
 def import_what_the_run_needs(params: RetrainParams, storage: StorageParams) -> None:
     """Import the heavy libraries this run is certain to import anyway: only the wait moves."""
-    from fmnist.contract import import_great_expectations
-    from fmnist.registry import Registry, RegistryError
+    from fmnist.data.contract import import_great_expectations
+    from fmnist.registry.versions import Registry, RegistryError
 
     store = storage.store()
     if not store.listdir(storage.data.validation):
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from flows.params import RetrainParams
     from flows.retrain import retrain
-    from fmnist.layout import StorageParams
+    from fmnist.storage.layout import StorageParams
 
     params, storage = RetrainParams.model_validate_json(args.params), StorageParams()
     import_what_the_run_needs(params, storage)

@@ -28,12 +28,12 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventOccurredFilter, EventResourceFilter
 from prefect.states import Crashed
 
-from fmnist import events
-from fmnist.cache import CachedDataset
-from fmnist.layout import RunLayout, StorageParams
-from fmnist.model import TrainParams
-from fmnist.run_folder import RunFolder
-from fmnist.training import TrainResult, load_result
+from fmnist.data.cache import CachedDataset
+from fmnist.ops import events
+from fmnist.storage.layout import RunLayout, StorageParams
+from fmnist.training.fit import TrainResult, load_result
+from fmnist.training.model import TrainParams
+from fmnist.training.run_folder import RunFolder
 from tasks.train import train_task
 
 # A training run that crashed is started again, twice at most: enough for a reclaimed spot host and

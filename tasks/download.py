@@ -1,4 +1,4 @@
-"""Download stage, as a Prefect task: the verified IDX files (`fmnist.download`), retried with backoff
+"""Download stage, as a Prefect task: the verified IDX files (`fmnist.data.download`), retried with backoff
 when a mirror failed in a way that may pass, and a table of where each file came from."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset, TransientDownloadError, download_dataset
-from fmnist.layout import StorageParams
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset, TransientDownloadError, download_dataset
+from fmnist.storage.layout import StorageParams
 
 RETRY_BACKOFF_S = 10.0  # before the download task's first retry; doubled for each one after
 

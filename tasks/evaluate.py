@@ -1,4 +1,4 @@
-"""Evaluate stage, as a Prefect task: `fmnist.evaluation`, with the per-class metrics, the confusion
+"""Evaluate stage, as a Prefect task: `fmnist.evaluation.evaluate`, with the per-class metrics, the confusion
 matrix and a report with the plots as artifacts."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import base64
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from fmnist.cache import CachedDataset
-from fmnist.dataset import CLASS_NAMES
-from fmnist.evaluation import Evaluation, evaluate_model
-from fmnist.layout import RunLayout, StorageParams
-from fmnist.run_folder import RunFolder
+from fmnist.data.cache import CachedDataset
+from fmnist.data.dataset import CLASS_NAMES
+from fmnist.evaluation.evaluate import Evaluation, evaluate_model
 from fmnist.storage import Store, StoredFile
-from fmnist.training import TrainResult
+from fmnist.storage.layout import RunLayout, StorageParams
+from fmnist.training.fit import TrainResult
+from fmnist.training.run_folder import RunFolder
 
 
 def _embedded_png(store: Store, png: StoredFile, title: str) -> str:

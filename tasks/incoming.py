@@ -1,4 +1,4 @@
-"""Collect stage: the labeled batches waiting in the incoming folder (`fmnist.incoming`), screened."""
+"""Collect stage: the labeled batches waiting in the incoming folder (`fmnist.data.incoming`), screened."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from fmnist import events
-from fmnist.download import RawDataset
-from fmnist.incoming import BadBatches, IncomingBatch, QuarantineError, known_images, quarantine, screen_incoming
-from fmnist.layout import StorageParams
+from fmnist.data.download import RawDataset
+from fmnist.data.incoming import BadBatches, IncomingBatch, QuarantineError, known_images, quarantine, screen_incoming
+from fmnist.ops import events
+from fmnist.storage.layout import StorageParams
 
 
 @task(name="collect-incoming")

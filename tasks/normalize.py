@@ -1,4 +1,4 @@
-"""Normalize stage, as a Prefect task: the parquet cache of normalized data (`fmnist.normalization`)
+"""Normalize stage, as a Prefect task: the parquet cache of normalized data (`fmnist.data.normalization`)
 and an artifact naming its files."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fmnist.cache import CachedDataset
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset
-from fmnist.incoming import IncomingBatch
-from fmnist.layout import StorageParams
-from fmnist.normalization import normalize_and_cache
-from fmnist.validation import ValidationReport
+from fmnist.data.cache import CachedDataset
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset
+from fmnist.data.incoming import IncomingBatch
+from fmnist.data.normalization import normalize_and_cache
+from fmnist.data.validation import ValidationReport
+from fmnist.storage.layout import StorageParams
 
 
 @task(name="normalize")

@@ -1,5 +1,5 @@
 """Register stage, as Prefect tasks: the nothing-changed check before training, and the registration
-(`fmnist.registration`) with the run's report as an artifact and an event for the operator."""
+(`fmnist.registry.registration`) with the run's report as an artifact and an event for the operator."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from fmnist import events
-from fmnist.cache import CachedDataset
-from fmnist.download import RawDataset
-from fmnist.evaluation import Evaluation
-from fmnist.layout import StorageParams
-from fmnist.manifest import RunManifest, build_manifest, fingerprint, per_class_table
-from fmnist.model import TrainParams
-from fmnist.registration import PriorRun, Registration, prior_run, register_model
-from fmnist.registry import PromotionParams, Registry
-from fmnist.training import TrainResult
+from fmnist.data.cache import CachedDataset
+from fmnist.data.download import RawDataset
+from fmnist.evaluation.evaluate import Evaluation
+from fmnist.ops import events
+from fmnist.registry.manifest import RunManifest, build_manifest, fingerprint, per_class_table
+from fmnist.registry.registration import PriorRun, Registration, prior_run, register_model
+from fmnist.registry.versions import PromotionParams, Registry
+from fmnist.storage.layout import StorageParams
+from fmnist.training.fit import TrainResult
+from fmnist.training.model import TrainParams
 
 
 def run_report(registration: Registration, manifest: RunManifest) -> str:

@@ -1,12 +1,12 @@
-"""Prune stage: delete the run folders the retention setting no longer keeps (`fmnist.retention`)."""
+"""Prune stage: delete the run folders the retention setting no longer keeps (`fmnist.registry.retention`)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from fmnist.layout import StorageParams
-from fmnist.registry import Registry
-from fmnist.retention import RetentionParams, prune_runs
+from fmnist.registry.retention import RetentionParams, prune_runs
+from fmnist.registry.versions import Registry
+from fmnist.storage.layout import StorageParams
 
 
 @task(name="prune-runs")

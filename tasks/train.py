@@ -1,4 +1,4 @@
-"""Train stage, as a Prefect task: `fmnist.training` with a progress artifact, retried once unless the
+"""Train stage, as a Prefect task: `fmnist.training.fit` with a progress artifact, retried once unless the
 failure is hopeless (no GPU where one is required, a model at chance level)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from fmnist.cache import CachedDataset
-from fmnist.layout import RunLayout, StorageParams
-from fmnist.model import TrainParams
-from fmnist.run_folder import RunFolder
-from fmnist.training import ChanceLevelError, NoGpuError, TrainResult, save_result, train_model
+from fmnist.data.cache import CachedDataset
+from fmnist.storage.layout import RunLayout, StorageParams
+from fmnist.training.fit import ChanceLevelError, NoGpuError, TrainResult, save_result, train_model
+from fmnist.training.model import TrainParams
+from fmnist.training.run_folder import RunFolder
 
 
 def _retry_unless_hopeless(task, task_run, state) -> bool:

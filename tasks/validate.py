@@ -1,4 +1,4 @@
-"""Validate stage, as a Prefect task: the contract and drift checks (`fmnist.validation`), their report
+"""Validate stage, as a Prefect task: the contract and drift checks (`fmnist.data.validation`), their report
 as an artifact, and the events that tell the operator about a failure or drift."""
 
 from __future__ import annotations
@@ -6,14 +6,15 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fmnist import drift, events
-from fmnist.contract import failure_lines
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset
-from fmnist.drift import DriftSetting
-from fmnist.incoming import IncomingBatch
-from fmnist.layout import StorageParams
-from fmnist.validation import DriftError, ValidationReport, drifted_names, validate_raw
+from fmnist.data import drift
+from fmnist.data.contract import failure_lines
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset
+from fmnist.data.drift import DriftSetting
+from fmnist.data.incoming import IncomingBatch
+from fmnist.data.validation import DriftError, ValidationReport, drifted_names, validate_raw
+from fmnist.ops import events
+from fmnist.storage.layout import StorageParams
 
 
 def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> str:

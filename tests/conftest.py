@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.dataset import DatasetSpec
-from fmnist.layout import DataLayout
+from fmnist.data.dataset import DatasetSpec
 from fmnist.storage import Store
+from fmnist.storage.layout import DataLayout
 from tests.helpers import write_mirror
 from tests.seaweedfs import S3Server, seaweedfs
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
-from fmnist.idx import encode_idx
-from fmnist.layout import RunLayout
-from fmnist.manifest import Decision, RunManifest, VersionManifest
+from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
+from fmnist.data.idx import encode_idx
+from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
+from fmnist.storage.layout import RunLayout
 
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def cached_dataset(
     root: Path | str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], store=None
 ):
     """A parquet cache entry under `root` (a folder or an s3:// URL) holding the uint8 images and labels, normalized."""
-    from fmnist.cache import ParquetCache, normalize
+    from fmnist.data.cache import ParquetCache, normalize
     from fmnist.storage import Store
 
     splits = {name: (normalize(images), labels) for name, (images, labels) in (("train", train), ("test", test))}
@@ -88,8 +88,8 @@ def learnable_cache(root: Path | str, train_per_class: int = 50, test_per_class:
 
 def local_run(folder: Path):
     """A run folder on local disk (no scratch folder needed)."""
-    from fmnist.run_folder import RunFolder
     from fmnist.storage import Store
+    from fmnist.training.run_folder import RunFolder
 
     return RunFolder(Store(), RunLayout(str(folder)))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.automations import AutomationsError, load
+from fmnist.ops.automations import AutomationsError, load
 
 FILE = Path(__file__).resolve().parent.parent / "automations.yaml"
 

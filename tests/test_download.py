@@ -19,11 +19,11 @@ from prefect.states import Failed
 from pydantic import ValidationError
 
 from flows.params import RetrainParams
-from fmnist.dataset import DatasetSpec
-from fmnist.download import DownloadError, TransientDownloadError, download_dataset
-from fmnist.files import sha256_file
-from fmnist.layout import DataLayout
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import DownloadError, TransientDownloadError, download_dataset
 from fmnist.storage import Store, join
+from fmnist.storage.files import sha256_file
+from fmnist.storage.layout import DataLayout
 from tasks.download import retry_if_transient
 from tests.conftest import QuietHandler
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import drift
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset, download_dataset
-from fmnist.incoming import collect_incoming
-from fmnist.layout import DataLayout
+from fmnist.data import drift
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset, download_dataset
+from fmnist.data.incoming import collect_incoming
+from fmnist.data.validation import validate_raw
 from fmnist.storage import Store
-from fmnist.validation import validate_raw
+from fmnist.storage.layout import DataLayout
 from tasks.validate import drift_message, report_markdown
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.registry import Registry
+from fmnist.registry.versions import Registry
 from fmnist.storage import Store, join
 from tests.helpers import synthetic_images, write_mirror
 from tests.prefect_stack import PREFECT, ROOT, Stack, make, prefect_server, wait_for

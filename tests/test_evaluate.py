@@ -11,16 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.cache import normalize
-from fmnist.download import RawDataset, VerifiedFile
-from fmnist.evaluation import PREDICT_ROWS, confusion_matrix, evaluate_model, per_class_metrics, predicted_probabilities
-from fmnist.export import ExportError, check_export, export_saved_model
-from fmnist.manifest import Decision, VersionManifest, build_manifest, model_card
-from fmnist.model import TrainParams, load_verified_model
-from fmnist.registration import register_model
-from fmnist.registry import PromotionParams, Registry, RegistryError
+from fmnist.data.cache import normalize
+from fmnist.data.download import RawDataset, VerifiedFile
+from fmnist.evaluation.evaluate import (
+    PREDICT_ROWS,
+    confusion_matrix,
+    evaluate_model,
+    per_class_metrics,
+    predicted_probabilities,
+)
+from fmnist.registry.manifest import Decision, VersionManifest, build_manifest, model_card
+from fmnist.registry.registration import register_model
+from fmnist.registry.versions import PromotionParams, Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
-from fmnist.training import train_model
+from fmnist.training.export import ExportError, check_export, export_saved_model
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams, load_verified_model
 from tasks.evaluate import evaluation_markdown
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
 

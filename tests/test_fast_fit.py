@@ -1,4 +1,4 @@
-"""The dense presets' fast path (`fmnist.fast_fit`): Keras' Adam step for step, which runs take it, and
+"""The dense presets' fast path (`fmnist.training.fast_fit`): Keras' Adam step for step, which runs take it, and
 the exact switch that keeps the tutorial's own `fit`."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.cache import read_split
-from fmnist.fast_fit import fit, unsupported, unsupported_network
-from fmnist.model import TrainParams, build_model, compile_model
+from fmnist.data.cache import read_split
 from fmnist.storage import Store
-from fmnist.training import DevicePlan, train_model
+from fmnist.training.fast_fit import fit, unsupported, unsupported_network
+from fmnist.training.fit import DevicePlan, train_model
+from fmnist.training.model import TrainParams, build_model, compile_model
 from tests.helpers import balanced_labels, learnable_cache, local_run, synthetic_images
 
 pytestmark = pytest.mark.training
@@ -135,7 +135,7 @@ def test_the_exact_switch_gives_the_tutorials_own_fit_bit_for_bit(tmp_path: Path
 
 
 def test_the_one_layer_preset_takes_the_fast_path_too(tmp_path: Path, caplog) -> None:
-    caplog.set_level("INFO", logger="fmnist.training")
+    caplog.set_level("INFO", logger="fmnist.training.fit")
     cached = learnable_cache(tmp_path / "cache")
     result = train_model(cached, TrainParams(preset="mlp128", epochs=1), local_run(tmp_path / "run"))
     assert result.accuracy > 0.5

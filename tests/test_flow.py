@@ -19,15 +19,16 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import RetrainParams
 from flows.retrain import retrain
-from fmnist import cli, idx
-from fmnist.dataset import CLASS_NAMES
-from fmnist.files import sha256_file
-from fmnist.layout import StorageParams
-from fmnist.model import TrainParams
-from fmnist.registry import PromotionParams, Registry
-from fmnist.retention import RetentionParams
+from fmnist.data import idx
+from fmnist.data.dataset import CLASS_NAMES
+from fmnist.data.validation import DriftError
+from fmnist.ops import cli
+from fmnist.registry.retention import RetentionParams
+from fmnist.registry.versions import PromotionParams, Registry
 from fmnist.storage import Store
-from fmnist.validation import DriftError
+from fmnist.storage.files import sha256_file
+from fmnist.storage.layout import StorageParams
+from fmnist.training.model import TrainParams
 from tasks.download import download_with_retries
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.seaweedfs import SECRET_KEY

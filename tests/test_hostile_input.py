@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import idx, incoming
-from fmnist.idx import IdxFormatError, encode_idx
-from fmnist.incoming import IncomingBatchError, add_batch, collect_incoming, known_images, screen_incoming
-from fmnist.png import ImageFileError, read_grayscale_png
+from fmnist.data import idx, incoming
+from fmnist.data.idx import IdxFormatError, encode_idx
+from fmnist.data.incoming import IncomingBatchError, add_batch, collect_incoming, known_images, screen_incoming
+from fmnist.data.png import ImageFileError, read_grayscale_png
 from fmnist.storage import Store, StoredFile
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 
@@ -32,7 +32,7 @@ def peak_rss_growth_mb(code: str, timeout_s: float = 60) -> tuple[str, float]:
     script = f"""
 import resource, sys
 import numpy, PIL.Image
-from fmnist import idx, incoming, png
+from fmnist.data import idx, incoming, png
 from fmnist.storage import Store
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

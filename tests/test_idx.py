@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import idx
+from fmnist.data import idx
 
 
 def write(path: Path, data: bytes, compress: bool = True) -> Path:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import cli
-from fmnist.contract import DataValidationError
-from fmnist.incoming import INCOMPLETE, IncomingBatchError, add_batch, collect_incoming, load_collected
+from fmnist.data.contract import DataValidationError
+from fmnist.data.incoming import INCOMPLETE, IncomingBatchError, add_batch, collect_incoming, load_collected
+from fmnist.ops import cli
 from fmnist.storage import Store
 from tests.helpers import synthetic_images, write_idx_batch
 

@@ -1,4 +1,5 @@
-"""The code's layers, as the README states them: flows -> tasks -> fmnist, and nothing back.
+"""The code's layers, as `fmnist/__init__.py` states them: flows -> tasks -> fmnist, and nothing back;
+inside `fmnist/`, each stage's package imports only the packages before it.
 
 Read from the sources' import statements (module level and inside functions alike), so a new import
 that breaks a layer fails here rather than in a review.
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# fmnist's packages, each allowed to import those to its left (and itself).
+PACKAGES = ("storage", "data", "training", "evaluation", "registry", "serving", "ops")
 
 
 def imported(path: Path) -> set[str]:
-    """Every module `path` imports, top-level name first (`fmnist.cache`, `prefect.artifacts`, ...)."""
+    """Every module `path` imports, top-level name first (`fmnist.data.cache`, `prefect.artifacts`, ...)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -26,22 +29,41 @@ def imported(path: Path) -> set[str]:
 
 
 def modules(package: str) -> list[Path]:
-    return sorted((ROOT / package).glob("*.py"))
+    return sorted((ROOT / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", modules("tasks"), ids=lambda p: p.name)
+def name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("path", modules("tasks"), ids=name)
 def test_no_task_module_imports_another_or_a_flow(path: Path) -> None:
     crossing = {name for name in imported(path) if name.split(".")[0] in ("tasks", "flows")}
     assert not crossing, f"{path.name} imports {crossing}: records and plain functions belong in fmnist/"
 
 
-@pytest.mark.parametrize("path", modules("fmnist"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", modules("fmnist"), ids=name)
 def test_fmnist_imports_neither_tasks_nor_flows(path: Path) -> None:
     crossing = {name for name in imported(path) if name.split(".")[0] in ("tasks", "flows")}
     assert not crossing, f"{path.name} imports {crossing}"
 
 
-@pytest.mark.parametrize("path", modules("flows"), ids=lambda p: p.name)
+def test_every_fmnist_module_is_in_a_stage_package() -> None:
+    loose = [name(p) for p in modules("fmnist") if p.parent == ROOT / "fmnist" and p.name != "__init__.py"]
+    assert not loose, f"{loose}: put each in the package of the stage it serves ({', '.join(PACKAGES)})"
+    found = {p.parent.name for p in modules("fmnist") if p.parent != ROOT / "fmnist"}
+    assert found == set(PACKAGES), f"packages {sorted(found)}: add a new one to PACKAGES, in its layer"
+
+
+@pytest.mark.parametrize("path", [p for p in modules("fmnist") if p.parent != ROOT / "fmnist"], ids=name)
+def test_a_stage_package_imports_only_the_ones_before_it(path: Path) -> None:
+    allowed = PACKAGES[: PACKAGES.index(path.parent.name) + 1]
+    above = {m for m in imported(path) if m.startswith("fmnist.") and m.split(".")[1] not in allowed}
+    assert not above, f"{name(path)} imports {above}, a later stage's code; move what both need down"
+
+
+@pytest.mark.parametrize("path", modules("flows"), ids=name)
 def test_flows_are_wiring_without_hashing_or_file_formats(path: Path) -> None:
-    work = {"hashlib", "json", "subprocess", "fmnist.files", "fmnist.lineage", "fmnist.manifest", "fmnist.storage"}
+    work = {"hashlib", "json", "subprocess", "fmnist.storage", "fmnist.storage.files", "fmnist.registry.manifest"}
+    work |= {"fmnist.training.lineage"}
     assert not imported(path) & work, f"{path.name} does work a stage should do: {imported(path) & work}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fmnist.layout import StorageParams
+from fmnist.storage.layout import StorageParams
 
 
 @pytest.fixture(params=["local", "s3"])

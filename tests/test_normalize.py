@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import idx
-from fmnist import normalization as normalize_module
-from fmnist.cache import PREPROCESSING_VERSION, ParquetCache, normalize, read_metadata, read_split
-from fmnist.contract import DataValidationError
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset, download_dataset
-from fmnist.incoming import collect_incoming
-from fmnist.layout import DataLayout
-from fmnist.normalization import normalize_and_cache
+from fmnist.data import idx
+from fmnist.data import normalization as normalize_module
+from fmnist.data.cache import PREPROCESSING_VERSION, ParquetCache, normalize, read_metadata, read_split
+from fmnist.data.contract import DataValidationError
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset, download_dataset
+from fmnist.data.incoming import collect_incoming
+from fmnist.data.normalization import normalize_and_cache
+from fmnist.data.validation import ValidationReport, validate_raw
 from fmnist.storage import Store, StoredFile, join
-from fmnist.validation import ValidationReport, validate_raw
+from fmnist.storage.layout import DataLayout
 from tests.helpers import synthetic_images, write_idx_batch
 
 

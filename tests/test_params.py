@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from flows.params import RetrainParams
-from fmnist import automations, cli
-from fmnist.layout import StorageParams
+from fmnist.ops import automations, cli
+from fmnist.storage.layout import StorageParams
 
 
 def numeric_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type]]:

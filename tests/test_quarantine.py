@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import incoming
-from fmnist.incoming import QUARANTINE_NOTE, QuarantineError, quarantine, screen_incoming
+from fmnist.data import incoming
+from fmnist.data.incoming import QUARANTINE_NOTE, QuarantineError, quarantine, screen_incoming
 from fmnist.storage import Store, is_remote, join
 from tests.helpers import synthetic_images, write_idx_batch
 

@@ -7,18 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import idx
-from fmnist.cache import CachedDataset, read_split
-from fmnist.dataset import DEFAULT_MIRRORS, FASHION_MNIST
-from fmnist.download import RawDataset, download_dataset
-from fmnist.evaluation import evaluate_model
-from fmnist.incoming import collect_incoming
-from fmnist.layout import DataLayout
-from fmnist.model import TrainParams
-from fmnist.normalization import normalize_and_cache
+from fmnist.data import idx
+from fmnist.data.cache import CachedDataset, read_split
+from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST
+from fmnist.data.download import RawDataset, download_dataset
+from fmnist.data.incoming import collect_incoming
+from fmnist.data.normalization import normalize_and_cache
+from fmnist.data.validation import validate_raw
+from fmnist.evaluation.evaluate import evaluate_model
 from fmnist.storage import Store
-from fmnist.training import train_model
-from fmnist.validation import validate_raw
+from fmnist.storage.layout import DataLayout
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams
 from tests.helpers import local_run, write_idx_batch
 
 LOCAL_MIRROR = Path(DEFAULT_MIRRORS[0])

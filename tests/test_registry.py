@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import cli
-from fmnist.model import TrainParams, load_verified_model
-from fmnist.registration import prior_run
-from fmnist.registry import PromotionParams, Registry, RegistryError, decide
+from fmnist.ops import cli
+from fmnist.registry.registration import prior_run
+from fmnist.registry.versions import PromotionParams, Registry, RegistryError, decide
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
-from fmnist.training import train_model
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams, load_verified_model
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
 from tests.seaweedfs import S3Server
 
@@ -614,8 +614,8 @@ def test_a_checkpoint_snapshot_naming_files_outside_its_folder_is_not_restored(
     store: Store, bucket: str, tmp_path: Path
 ) -> None:
     """Restoring a snapshot wrote each of its record's names under the local backup folder, `..` and all."""
-    from fmnist.layout import RunLayout
-    from fmnist.run_folder import SNAPSHOT_MARKER, RunFolder
+    from fmnist.storage.layout import RunLayout
+    from fmnist.training.run_folder import SNAPSHOT_MARKER, RunFolder
 
     run = RunFolder(store, RunLayout(join(bucket, "runs", "r1")))
     good, evil = b"weights of epoch 1", b"not a checkpoint"

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from fmnist.registry import Registry, RegistryError
+from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, Store, StoredFile, join
 from tests.helpers import run_manifest
 

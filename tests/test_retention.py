@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from fmnist.retention import RetentionParams, prune_run_folders
+from fmnist.registry.retention import RetentionParams, prune_run_folders
 from fmnist.storage import Store, join
 
 

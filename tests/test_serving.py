@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import cli
-from fmnist.cache import normalize
-from fmnist.dataset import CLASS_NAMES
-from fmnist.export import saved_model_predictions
-from fmnist.model import TrainParams, load_verified_model
-from fmnist.registry import Registry
-from fmnist.serving import MAX_INSTANCES, MAX_JSON_BYTES
+from fmnist.data.cache import normalize
+from fmnist.data.dataset import CLASS_NAMES
+from fmnist.ops import cli
+from fmnist.registry.versions import Registry
+from fmnist.serving.server import MAX_INSTANCES, MAX_JSON_BYTES
 from fmnist.storage import Store, join
-from fmnist.training import train_model
+from fmnist.training.export import saved_model_predictions
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams, load_verified_model
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
 from tests.processes import free_ports, stop, wait_until_ready
 from tests.seaweedfs import S3Server
@@ -58,7 +58,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 def running_server(registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str) -> Iterator[str]:
     """`fashion-mnist serve` on a free loopback port, until it is ready; its URL. Stopped after."""
     [port] = free_ports(1)
-    command = [sys.executable, "-m", "fmnist.cli", "--registry", registry_root, "--scratch", str(log.parent)]
+    command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
     with open(log, "w") as out:
         process = subprocess.Popen(
             [*command, "serve", "--port", str(port), "--poll-s", str(POLL_S), *options],

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.cache import CachedDataset, read_split
-from fmnist.layout import RunLayout
-from fmnist.model import TrainParams, build_model, load_verified_model
-from fmnist.run_folder import RunFolder
+from fmnist.data.cache import CachedDataset, read_split
 from fmnist.storage import IntegrityError, Store
-from fmnist.training import ChanceLevelError, NoGpuError, plan_devices, train_model, validation_indices
+from fmnist.storage.layout import RunLayout
+from fmnist.training.fit import ChanceLevelError, NoGpuError, plan_devices, train_model, validation_indices
+from fmnist.training.model import TrainParams, build_model, load_verified_model
+from fmnist.training.run_folder import RunFolder
 from tests.helpers import cached_dataset, learnable_cache, local_run
 
 pytestmark = pytest.mark.training
@@ -62,12 +62,12 @@ KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
     from pathlib import Path
     import keras
     from pydantic import TypeAdapter
-    from fmnist.cache import CachedDataset, read_split
-    from fmnist.layout import RunLayout
-    from fmnist.model import TrainParams
-    from fmnist.run_folder import RunFolder
+    from fmnist.data.cache import CachedDataset, read_split
+    from fmnist.storage.layout import RunLayout
+    from fmnist.training.model import TrainParams
+    from fmnist.training.run_folder import RunFolder
     from fmnist.storage import Store
-    from fmnist.training import train_model
+    from fmnist.training.fit import train_model
 
     class KillAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

@@ -10,13 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.contract import DataValidationError, FrameCheck, normalized_expectations, normalized_summary, run_checks
-from fmnist.dataset import DatasetSpec
-from fmnist.download import RawDataset, VerifiedFile, download_dataset
-from fmnist.incoming import collect_incoming
-from fmnist.layout import DataLayout
+from fmnist.data.contract import (
+    DataValidationError,
+    FrameCheck,
+    normalized_expectations,
+    normalized_summary,
+    run_checks,
+)
+from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset, VerifiedFile, download_dataset
+from fmnist.data.incoming import collect_incoming
+from fmnist.data.validation import validate_raw
 from fmnist.storage import Store
-from fmnist.validation import validate_raw
+from fmnist.storage.layout import DataLayout
 from tests.helpers import synthetic_images, write_idx_batch
 
 

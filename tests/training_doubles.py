@@ -11,12 +11,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from fmnist.cache import CachedDataset
-from fmnist.layout import RunLayout, StorageParams
-from fmnist.model import TrainParams
-from fmnist.run_folder import RunFolder
+from fmnist.data.cache import CachedDataset
 from fmnist.storage import StoredFile
-from fmnist.training import TrainResult, save_result
+from fmnist.storage.layout import RunLayout, StorageParams
+from fmnist.training.fit import TrainResult, save_result
+from fmnist.training.model import TrainParams
+from fmnist.training.run_folder import RunFolder
 
 PLAN = "plan.json"  # {"crashes": N, "fail": bool}: die the first N attempts; or raise every time
 

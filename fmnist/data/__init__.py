@@ -1,0 +1,1 @@
+"""The data stages' plain code: download, collect incoming batches, validate, normalize and cache."""

@@ -1,0 +1,390 @@
+"""New labeled data: batches dropped in the incoming folder join the training set.
+
+Each batch is a folder of its own under the incoming folder (a local folder or an s3:// prefix), in
+one of two forms:
+- an IDX pair: one `*images-idx3-ubyte[.gz]` and one `*labels-idx1-ubyte[.gz]` file;
+- PNG images (28x28, 8-bit grayscale) in one sub-folder per class, named by the class
+  (`t-shirt-top`, `trouser`, ..., `ankle-boot`; case, spaces and `_` are forgiven) or its index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import posixpath
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from fmnist.data import idx, overlap
+from fmnist.data.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.data.overlap import KnownImages
+from fmnist.data.png import ImageFileError, read_grayscale_png
+from fmnist.storage import PreconditionFailed, StorageError, Store, StoredFile, TooLarge, join
+
+if TYPE_CHECKING:
+    from fmnist.data.download import RawDataset
+
+log = logging.getLogger(__name__)
+# Present while `add_batch` copies a batch in: runs leave such a folder alone.
+INCOMPLETE = ".incomplete"
+QUARANTINE_NOTE = "QUARANTINED.txt"  # beside a quarantined batch: why it was refused
+# What a run does with a batch it cannot use: stop, or move it aside and train on the rest.
+BadBatches = Literal["fail", "quarantine"]
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name; runs and add-batch alike
+BATCH_NAME_RULE = "a batch name is up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
+# Split big deliveries into several batches: this bounds a run's memory per batch (78 MB of pixels).
+MAX_BATCH_ROWS = 100_000
+MAX_BATCH_BYTES = 512 << 20  # a batch in a bucket is downloaded whole before it is read: at most this
+# Counted from the listing, before a download: one file per PNG image, and room for a few stray files.
+MAX_BATCH_FILES = MAX_BATCH_ROWS + 100
+QUARANTINE_ATTEMPTS = 10  # target names tried when a quarantine folder of the same name and second exists
+
+
+class IncomingBatchError(ValueError):
+    """A batch folder that cannot be read; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class IncomingBatch:
+    name: str
+    path: str  # its location: a local folder or an s3:// prefix
+    kind: Literal["idx", "png"]
+    sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
+    rows: int
+
+
+def printable(text: str) -> str:
+    """`text` with any byte that is not UTF-8 (a file name on disk may hold such) shown as an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_batch_name(name: str) -> None:
+    if not BATCH_NAME.fullmatch(name):
+        raise IncomingBatchError(f"{printable(repr(name))}: not a batch name; {BATCH_NAME_RULE}")
+
+
+def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What `folder` holds, in name order, without hidden files (`.DS_Store`, macOS's `._x.png`, ...)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _one(entries: list[Path], folder: Path, suffix: str) -> Path | None:
+    """The one entry whose name ends in `suffix` or `suffix.gz`, in any case."""
+    found = [p for p in entries if p.name.lower().removesuffix(".gz").endswith(suffix)]
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise IncomingBatchError(f"{folder}: more than one file matches *{suffix}[.gz]: {names}")
+    return found[0] if found else None
+
+
+def _real_folder(path: Path) -> bool:
+    """A folder, and not through a symbolic link (which could lead anywhere, outside incoming/ too)."""
+    if path.is_symlink():
+        raise IncomingBatchError(f"{path}: a symbolic link; a batch holds only real files and folders")
+    return path.is_dir()
+
+
+def _class_index(folder: Path) -> int:
+    name = folder.name
+    if name.isdigit() and int(name) < NUM_CLASSES:
+        return int(name)
+    try:
+        return CLASS_SLUGS.index(class_slug(name))
+    except ValueError:
+        raise IncomingBatchError(
+            f"{folder}: not a class name; use one of {', '.join(CLASS_SLUGS)} or 0-{NUM_CLASSES - 1}"
+        ) from None
+
+
+def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    files = [(png, _class_index(class_dir)) for class_dir in class_dirs for png in _entries(class_dir)]
+    if len(files) > MAX_BATCH_ROWS:
+        raise IncomingBatchError(f"{folder}: {len(files):,} images, over the {MAX_BATCH_ROWS:,}-image limit per batch")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for png, label in files:
+        if png.suffix.lower() != ".png":
+            raise IncomingBatchError(f"{png}: not a .png file; a class folder holds only PNG images")
+        try:
+            image = read_grayscale_png(png)
+        except ImageFileError as exc:
+            raise IncomingBatchError(str(exc)) from exc
+        if images and image.shape != images[0].shape:
+            raise IncomingBatchError(
+                f"{png}: image is {image.shape[1]}x{image.shape[0]}, unlike the "
+                f"{images[0].shape[1]}x{images[0].shape[0]} images before it in {folder}"
+            )
+        images.append(image)
+        labels.append(label)
+    if not images:
+        raise IncomingBatchError(f"{folder}: class folders hold no .png files")
+    return np.stack(images), np.asarray(labels, dtype=np.uint8)
+
+
+def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """The batch's kind, its (n, rows, columns) uint8 images and (n,) labels."""
+    if not _real_folder(folder):
+        raise IncomingBatchError(f"{folder}: not a folder")
+    entries = _entries(folder)
+    images_file = _one(entries, folder, "images-idx3-ubyte")
+    labels_file = _one(entries, folder, "labels-idx1-ubyte")
+    class_dirs = [p for p in entries if _real_folder(p)]
+    if images_file and labels_file and not class_dirs:
+        images, labels = idx.read_pair(images_file, labels_file)
+        if len(labels) > MAX_BATCH_ROWS:
+            raise IncomingBatchError(
+                f"{images_file}: {len(labels):,} images, over the {MAX_BATCH_ROWS:,}-image limit per batch"
+            )
+        return "idx", images, labels
+    if class_dirs and not (images_file or labels_file):
+        return "png", *_read_png_batch(folder, class_dirs)
+    raise IncomingBatchError(
+        f"{folder}: a batch holds either one *images-idx3-ubyte[.gz] file with one "
+        "*labels-idx1-ubyte[.gz] file, or PNG images in one folder per class"
+    )
+
+
+def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """`load_batch` of a batch wherever it is stored; errors name the stored location."""
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(store.local_tree(location, MAX_BATCH_BYTES, MAX_BATCH_FILES))
+        except (TooLarge, StorageError) as exc:  # too big, or keys no folder on disk can hold
+            raise IncomingBatchError(str(exc)) from exc
+        try:
+            return load_batch(folder)
+        except (IncomingBatchError, idx.IdxFormatError) as exc:
+            if folder == Path(location):
+                raise
+            raise IncomingBatchError(str(exc).replace(str(folder), location)) from exc
+
+
+@dataclass(frozen=True)
+class RefusedBatch:
+    name: str  # printable (see `printable`): it goes into logs, artifacts and events
+    path: str  # the stored location as it is, which may hold bytes that are not UTF-8
+    error: str
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The batches a run may use, those it may not (and why), and repeated images worth knowing about."""
+
+    batches: list[IncomingBatch]
+    refused: list[RefusedBatch]
+    repeats: list[str]  # one line per batch that repeats another batch's or the training set's images
+
+    def raise_for_refused(self) -> None:
+        if len(self.refused) == 1:
+            raise IncomingBatchError(self.refused[0].error)
+        if self.refused:
+            raise IncomingBatchError(
+                f"{len(self.refused)} incoming batches refused:\n  - " + "\n  - ".join(r.error for r in self.refused)
+            )
+
+
+def test_set_copies_error(location: str, images: np.ndarray, known: KnownImages) -> str | None:
+    """Why a batch that repeats test-set images may not be trained on (None: it repeats none)."""
+    found = overlap.copies(images, known.test)
+    if not found:
+        return None
+    row, test_row = found[0]
+    return (
+        f"{location}: {len(found):,} of its {len(images):,} images are copies of test-set images (its image "
+        f"{row} is test image {test_row}); training on them would inflate the test accuracy the gate relies on"
+    )
+
+
+def screen_incoming(
+    store: Store, incoming_dir: str, known: KnownImages | None = None, *, contract: bool = True
+) -> Screening:
+    """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name, read and
+    checked: readable, no test-set images (with `known`), and its contract suite passed (with `contract`).
+
+    A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
+    """
+    read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]] = []
+    refused: list[RefusedBatch] = []
+    for name in store.listdir(incoming_dir):
+        if name.startswith("."):
+            continue
+        entry = join(incoming_dir, name)
+        try:
+            if not store.is_dir(entry):
+                raise IncomingBatchError(
+                    f"{printable(entry)}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
+                )
+            if store.exists(join(entry, INCOMPLETE)):
+                log.warning(
+                    "%s: still being added (or the copy was interrupted): left out of this run", printable(entry)
+                )
+                continue
+            check_batch_name(name)
+            kind, images, labels = read_batch(store, entry)
+        except (IncomingBatchError, idx.IdxFormatError) as exc:
+            refused.append(RefusedBatch(printable(name), entry, printable(str(exc))))
+            continue
+        if known and (error := test_set_copies_error(entry, images, known)):
+            refused.append(RefusedBatch(name, entry, error))
+            continue
+        read.append((IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)), images, labels))
+    if contract and read:
+        from fmnist.data.contract import failure_message, incoming_check, run_checks
+
+        with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
+            outcomes = run_checks([incoming_check(b.name, i, lab) for b, i, lab in read], Path(results))
+        refused += [
+            RefusedBatch(b.name, b.path, f"{b.path}: {failure_message([o])}")
+            for (b, _, _), o in zip(read, outcomes, strict=True)
+            if not o.success
+        ]
+        failed = {r.name for r in refused}
+        read = [r for r in read if r[0].name not in failed]
+    return Screening([b for b, _, _ in read], refused, _repeats(read, known))
+
+
+def _repeats(read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]], known: KnownImages | None) -> list[str]:
+    lines, seen = [], {}
+    for batch, images, _ in read:
+        if batch.sha256 in seen:
+            lines.append(f"{batch.name} repeats batch {seen[batch.sha256]} exactly: its images count twice")
+            continue
+        seen[batch.sha256] = batch.name
+        if known and (count := len(overlap.copies(images, known.train))):
+            lines.append(f"{batch.name}: {count:,} of its {batch.rows:,} images are already in the training set")
+    return lines
+
+
+def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
+    """The readable batches in `incoming_dir` (see `screen_incoming`); a batch that is not raises."""
+    screening = screen_incoming(store, incoming_dir, contract=False)
+    screening.raise_for_refused()
+    return screening.batches
+
+
+class QuarantineError(RuntimeError):
+    """A refused batch that could not be moved: it stays where it is, as it was."""
+
+
+def quarantine(store: Store, batch: RefusedBatch, quarantine_dir: str, note: str) -> str:
+    """Move a refused batch (a folder, or a stray file) out of the incoming folder whole, with why beside
+    it in `QUARANTINED.txt`; return the folder it went to.
+
+    The folder is `<quarantine>/<name>-<UTC time>/`: a folder batch's files are in it as they were, a
+    stray file is in it under its own name. A name that is no batch name is replaced by one made from
+    its hash. What cannot be moved stays where it is, and `QuarantineError` says why.
+    """
+    stem = (
+        batch.name
+        if BATCH_NAME.fullmatch(batch.name)
+        else f"unnamed-{hashlib.sha256(batch.name.encode()).hexdigest()[:12]}"
+    )
+    stamp = f"{stem}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    try:
+        folder = store.is_dir(batch.path)
+        for attempt in range(QUARANTINE_ATTEMPTS):
+            target = join(quarantine_dir, stamp if attempt == 0 else f"{stamp}-{attempt + 1}")
+            try:
+                store.move(batch.path, target if folder else join(target, posixpath.basename(batch.path)))
+                break
+            except PreconditionFailed:
+                continue  # a folder of that name and second: the next name
+        else:
+            raise QuarantineError(f"{batch.name}: {QUARANTINE_ATTEMPTS} quarantine folders named {stamp}[-N] exist")
+        taken = set(store.listdir(target))
+        name = next(n for n in _note_names() if n not in taken)  # never over a file of the batch
+        store.create(join(target, name), f"{batch.error}\n\n{note}\n".encode())
+    except (StorageError, OSError) as exc:
+        raise QuarantineError(
+            f"{printable(batch.path)}: could not be quarantined ({printable(str(exc))}); left where it is"
+        ) from exc
+    return target
+
+
+def _note_names() -> Iterator[str]:
+    yield QUARANTINE_NOTE
+    for number in itertools.count(2):
+        yield f"QUARANTINED-{number}.txt"
+
+
+def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's arrays, refusing a batch whose content changed since it was collected."""
+    _, images, labels = read_batch(store, batch.path)
+    if content_sha256(images, labels) != batch.sha256:
+        raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
+    return images, labels
+
+
+def known_images(store: Store, test_images: StoredFile, train_images: StoredFile) -> KnownImages:
+    """The canonical images' digests, from their verified IDX files, read on first use."""
+    return KnownImages(
+        lambda: idx.read_images(store.local_copy(test_images)), lambda: idx.read_images(store.local_copy(train_images))
+    )
+
+
+def check_batch(
+    folder: Path, name: str, known: KnownImages | None = None
+) -> tuple[Literal["idx", "png"], np.ndarray, np.ndarray]:
+    """Read a batch as a run would, and hold it to the same checks; raise as the flow would."""
+    from fmnist.data.contract import DataValidationError, failure_message, incoming_check, run_checks
+
+    kind, images, labels = load_batch(folder)
+    if known and (error := test_set_copies_error(str(folder), images, known)):
+        raise IncomingBatchError(error)
+    with tempfile.TemporaryDirectory(prefix="fmnist-batch-") as results:
+        outcomes = run_checks([incoming_check(name, images, labels)], Path(results))
+    if not outcomes[0].success:
+        raise DataValidationError(failure_message(outcomes))
+    return kind, images, labels
+
+
+def add_batch(
+    store: Store, source: Path, incoming_dir: str, name: str | None = None, known: KnownImages | None = None
+) -> IncomingBatch:
+    """Check the batch in the local folder `source` and copy it into `incoming_dir` as `name`.
+
+    Nothing is copied unless the whole batch passes. Runs see the batch whole or not at all: its
+    folder holds the `.incomplete` marker from before the first file until after the last.
+    """
+    source = source.resolve()  # the operator's own path may go through links; what the batch holds may not
+    name = name or source.name
+    check_batch_name(name)
+    if not source.is_dir():
+        raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")
+    kind, images, labels = check_batch(source, name, known)
+    target = join(incoming_dir, name)
+    if store.find(target):
+        raise IncomingBatchError(f"{target}: a batch of that name is already there; choose another --name")
+    # Unique content: a create-only write that meets the same bytes takes them for its own.
+    store.create(join(target, INCOMPLETE), f"being copied by fashion-mnist add-batch {uuid.uuid4()}\n".encode())
+    files = [
+        f
+        for f in sorted(source.rglob("*"))
+        if f.is_file() and not f.is_symlink() and not any(p.startswith(".") for p in f.relative_to(source).parts)
+    ]
+    for file in files:
+        store.put_file(file, join(target, *file.relative_to(source).parts))
+    store.delete(join(target, INCOMPLETE))
+    return IncomingBatch(name, target, kind, content_sha256(images, labels), len(labels))
+
+
+def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
+    """What the data stages' cache keys are made of: the canonical files' and each batch's content."""
+    return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]

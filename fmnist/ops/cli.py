@@ -1,0 +1,350 @@
+"""Operators' command line: the registry's versions and champion, and predictions with the champion.
+
+fashion-mnist versions                 list versions, the champion marked
+fashion-mnist show v0003               one version's manifest, gate verdict and file check
+fashion-mnist promote v0002            make a version champion by hand
+fashion-mnist rollback                 make the previous champion the champion again
+fashion-mnist promotions               every champion change, in order (the audit log)
+fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
+fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
+fashion-mnist serve [--port 8501]      serve the champion over TF Serving's REST API; follows promotions
+fashion-mnist export v0003 [--out D]   a version's SavedModel, as D/3/ (TF Serving's layout); or: champion
+fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
+                                       folder, and announce it (the ad-hoc deployment retrains)
+fashion-mnist prune-runs               delete run folders the retention setting does not keep
+fashion-mnist automations apply        create or update the automations of automations.yaml
+fashion-mnist webhook URL              where notifications go (a Prefect block)
+
+--registry, --data-root and --incoming take a folder or an s3://bucket/prefix URL (credentials from
+the AWS_* variables). The last four commands talk to the Prefect server PREFECT_API_URL names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.data.cache import normalize
+from fmnist.data.dataset import CLASS_NAMES, FASHION_MNIST
+from fmnist.data.incoming import add_batch, known_images
+from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
+from fmnist.ops import automations, events
+from fmnist.registry.retention import RetentionParams, prune_runs
+from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
+from fmnist.storage import StorageError, Store, StoredFile, join
+from fmnist.storage import normalize as normalize_location
+from fmnist.storage.layout import RunLayout, StorageParams, runs_root, scratch_path
+from fmnist.training.export import SERVING_VERSION, export_saved_model
+from fmnist.training.model import load_verified_model
+
+DEFAULT_REGISTRY = "artifacts"
+PROJECT_FILE = "prefect.yaml"  # how add-batch knows it runs in the project folder, whose data/ the deployments use
+
+
+def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
+    try:
+        champion = registry.champion()
+    except RegistryError as exc:  # still list the versions: the operator needs them to repair it
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        champion = "damaged"
+    versions = registry.versions()
+    if not versions:
+        print(f"No versions in {registry.root}")
+        return
+    try:
+        served = {e["version"] for e in registry.promotions()}
+    except RegistryError as exc:  # the audit log is damaged: still list the versions
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        served = set()
+    print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
+    for version in versions:
+        m = registry.manifest(version)
+        mark = "*" if version == champion else ""
+        gate = m.gate
+        if not gate.passed:
+            decision = f"kept back: {gate.reason}"
+        elif version in served or version == champion:
+            decision = f"promoted: {gate.reason}"
+        else:  # its run stopped before the pointer moved, or another version won the race
+            decision = f"passed the gate, never champion: {gate.reason}"
+        print(f"{mark:2}{version:9}{m.registered_at:27}{m.metrics.test_accuracy:>9.4f}  {m.params.preset:8}{decision}")
+    print(f"\n* champion: {champion or 'none'}")
+
+
+def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
+    damaged = registry.damaged_files(args.version)
+    status = {
+        "champion": registry.champion() == args.version,
+        "folder": str(registry.version_dir(args.version)),
+        "files_intact": not damaged,
+        "damaged_files": damaged,
+    }
+    print(json.dumps({**status, **registry.manifest(args.version).to_json()}, indent=1))
+
+
+def cmd_promote(registry: Registry, args: argparse.Namespace) -> None:
+    registry.promote(args.version, args.reason)
+    print(f"{args.version} is now the champion")
+
+
+def cmd_rollback(registry: Registry, args: argparse.Namespace) -> None:
+    replaced = registry.champion()
+    restored = registry.rollback(args.reason)
+    print(f"{restored} is the champion again (was {replaced})")
+
+
+def cmd_repair_champion(registry: Registry, args: argparse.Namespace) -> None:
+    record = registry.repair_champion()
+    print(f"{registry.champion_file} restored from change {record['sequence']} of the audit log: ", end="")
+    print(f"{record['version']} is the champion")
+
+
+def cmd_promotions(registry: Registry, args: argparse.Namespace) -> None:
+    entries = registry.promotions()
+    if not entries:
+        print(f"No champion changes in {registry.root}")
+    for entry in entries:
+        print(
+            f"{entry['sequence']:>4}  {entry['at']}  {entry['event']:9}{entry['version']:8}"
+            f"(was {entry['replaced'] or 'none'})  {entry['reason']}"
+        )
+
+
+def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
+    images = [model_sized(read_grayscale_png(path), path) for path in args.images]
+    model = load_verified_model(registry.store, registry.champion_model())
+    batch = np.stack(images)
+    probabilities = model.predict(normalize(batch).reshape(batch.shape), verbose=0)
+    print(f"champion {registry.champion()}")
+    for path, row in zip(args.images, probabilities, strict=True):
+        best = int(row.argmax())
+        print(f"{path}\t{CLASS_NAMES[best]}\t{row[best]:.3f}")
+
+
+def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
+    from fmnist.serving.server import serve
+
+    serve(registry, args.host, args.port, args.poll_s, max_connections=args.max_connections, access_log=args.access_log)
+
+
+def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
+    version = registry.champion() if args.version == "champion" else args.version
+    if version is None:
+        raise RegistryError(f"no champion in {registry.root} to export")
+    manifest = registry.manifest(version)
+    number = str(version_number(version))
+    out = args.out / number
+    staging = args.out / f".{number}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    prefix = f"{RunLayout.SAVED_MODEL}/{SERVING_VERSION}/"
+    exported = [name for name in manifest.files if name.startswith(prefix)]
+    for name in exported:
+        registry.store.fetch(registry.file(version, name), staging / name.removeprefix(prefix))
+    if not exported:  # registered before versions held their export: made from the verified model
+        export_saved_model(load_verified_model(registry.store, registry.file(version, MODEL)), staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"{version}'s SavedModel is in {out}: TF Serving serves it as version {number} of the model in {args.out}")
+
+
+def deployed_storage(args: argparse.Namespace, project: Path) -> tuple[StorageParams, str]:
+    """The storage `add-batch` adds to, and where that came from: the flags, else the FMNIST_DATA_ROOT and
+    FMNIST_REGISTRY_ROOT variables (the cluster deployments'), else the project folder's `data/` and
+    `artifacts/` (the single-host deployments') when run from it. Anywhere else it refuses: a batch
+    added to a folder no deployment reads would never be trained on."""
+    data_root = args.data_root or os.environ.get("FMNIST_DATA_ROOT") or None
+    registry_root = args.registry or os.environ.get("FMNIST_REGISTRY_ROOT") or None
+    source = "--data-root / --registry, or FMNIST_DATA_ROOT / FMNIST_REGISTRY_ROOT"
+    if data_root is None or registry_root is None:
+        if not (project / PROJECT_FILE).is_file():
+            raise ValueError(
+                f"{project} is not the project folder (no {PROJECT_FILE}): say which storage the deployments use "
+                "with --data-root and --registry (or FMNIST_DATA_ROOT and FMNIST_REGISTRY_ROOT), or run from "
+                "the project folder"
+            )
+        data_root = data_root or str(project / "data")
+        registry_root = registry_root or str(project / DEFAULT_REGISTRY)
+        source = f"the project folder {project}"
+    storage = StorageParams(
+        data_root=data_root, registry_root=registry_root, incoming_dir=args.incoming, scratch_dir=args.scratch
+    )
+    return storage, source
+
+
+def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    storage, source = deployed_storage(args, Path.cwd())
+    print(f"Adding to {storage.incoming} (registry {storage.registry}; from {source})")
+    store, raw = registry.store, storage.data.raw
+    pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
+    test, train = (StoredFile(join(raw, f.raw_name), f.sha256) for f in pinned)
+    known = known_images(store, test, train) if store.exists(test.location) else None
+    if known is None:
+        print(f"No verified test set in {raw} yet: the first run checks the batch for test-set images")
+    batch = add_batch(store, args.folder, storage.incoming, args.name, known)
+    print(f"Added batch {batch.name}: {batch.rows} {batch.kind} images, at {batch.path}")
+    if not PREFECT_API_URL.value():
+        print("No Prefect server (PREFECT_API_URL is not set): no retrain started; the next scheduled run includes it")
+        return
+    try:
+        asyncio.run(events.announce_batch(batch, storage))
+    except Exception as exc:  # the batch is in; only the announcement failed
+        print(
+            f"fashion-mnist: could not announce the batch to {PREFECT_API_URL.value()} ({exc}); "
+            "no retrain started: the next scheduled run includes it, or run make retrain-now",
+            file=sys.stderr,
+        )
+        return
+    print(f"Announced it ({events.BATCH_ADDED}): the ad-hoc deployment retrains once batches stop arriving")
+
+
+def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
+    retention = RetentionParams(keep_last=args.keep_last, keep_days=args.keep_days)
+    runs = runs_root(registry.root)
+    deleted = prune_runs(registry, runs, retention, keep=set())
+    print(f"Deleted {len(deleted)} run folders from {runs}: {', '.join(deleted) or 'none'}")
+
+
+def cmd_automations_apply(registry: Registry, args: argparse.Namespace) -> None:
+    applied = automations.apply(args.file, args.heartbeat_s)
+    for verb in ("created", "updated", "deleted"):
+        for name in getattr(applied, verb):
+            print(f"{verb:8} {name}")
+    if applied.skipped:
+        print(
+            f"left out (no webhook block {automations.WEBHOOK_BLOCK!r}: make webhook WEBHOOK_URL=...): "
+            + ", ".join(applied.skipped)
+        )
+
+
+def cmd_webhook(registry: Registry, args: argparse.Namespace) -> None:
+    block_id = automations.configure_webhook(args.url)
+    print(
+        f"Notifications go to the webhook block {automations.WEBHOOK_BLOCK!r} ({block_id}); run make deploy "
+        "(or fashion-mnist automations apply) to connect the automations to it"
+    )
+
+
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a finite number of `kind` from `low` to `high`, or a usage error that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not low <= value <= high:  # also refuses nan, and inf beyond `high`
+            raise argparse.ArgumentTypeError(f"{text} is not between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    main.add_argument(
+        "--registry",
+        default=None,
+        help=f"registry root: a folder or s3://bucket/prefix (default: {DEFAULT_REGISTRY}; for add-batch, "
+        "FMNIST_REGISTRY_ROOT or the project folder's)",
+    )
+    main.add_argument(
+        "--scratch", default=None, help="local folder for verified copies of s3:// files (default: ~/.cache/...)"
+    )
+    commands = main.add_subparsers(dest="command", required=True)
+    commands.add_parser("versions", help="list versions").set_defaults(run=cmd_versions)
+    show = commands.add_parser("show", help="one version in full")
+    show.add_argument("version")
+    show.set_defaults(run=cmd_show)
+    promote = commands.add_parser("promote", help="make a version champion")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="promoted by the operator")
+    promote.set_defaults(run=cmd_promote)
+    rollback = commands.add_parser("rollback", help="restore the previous champion")
+    rollback.add_argument("--reason", default="rolled back by the operator")
+    rollback.set_defaults(run=cmd_rollback)
+    commands.add_parser("promotions", help="every champion change").set_defaults(run=cmd_promotions)
+    commands.add_parser(
+        "repair-champion", help="rewrite a damaged champion.json from the audit log's last entry"
+    ).set_defaults(run=cmd_repair_champion)
+    predict = commands.add_parser("predict", help="classify PNG files with the champion")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.set_defaults(run=cmd_predict)
+    serve = commands.add_parser("serve", help="serve the champion over HTTP (TF Serving's REST API)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=bounded(int, 0, 65535), default=8501, help="TF Serving's REST port by default")
+    serve.add_argument(
+        "--poll-s", type=bounded(float, 0.05, 3600), default=2.0, help="how often the champion pointer is read"
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=bounded(int, 1, 65536),
+        default=256,
+        help="connections at once; beyond it a 503 (bounds memory)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=cmd_serve)
+    export = commands.add_parser("export", help="write a version's TensorFlow SavedModel for TF Serving")
+    export.add_argument("version", help="v0003, or champion")
+    export.add_argument("--out", type=Path, default=Path("models/fashion-mnist"), help="the model's base path")
+    export.add_argument(
+        "--format", choices=["saved_model"], default="saved_model", help="SavedModel only (see the README on ONNX)"
+    )
+    export.set_defaults(run=cmd_export)
+    add = commands.add_parser("add-batch", help="check a batch and add it to the incoming folder")
+    add.add_argument("folder", type=Path, help="an IDX pair, or PNG images in one folder per class")
+    add.add_argument("--name", help="the batch's name in the incoming folder (default: the folder's name)")
+    add.add_argument(
+        "--data-root",
+        default=None,
+        help="the deployments' data root (default: FMNIST_DATA_ROOT, or data/ when run in the project folder)",
+    )
+    add.add_argument("--incoming", default=None, help="the incoming folder (default: <data root>/incoming)")
+    add.set_defaults(run=cmd_add_batch)
+    prune = commands.add_parser("prune-runs", help="delete run folders beyond the retention setting")
+    prune.add_argument("--keep-last", type=bounded(int, 1, 100_000), default=RetentionParams().keep_last)
+    prune.add_argument("--keep-days", type=bounded(float, 0, 36_500), default=RetentionParams().keep_days)
+    prune.set_defaults(run=cmd_prune_runs)
+    auto = commands.add_parser("automations", help="the pipeline's Prefect automations")
+    auto_commands = auto.add_subparsers(dest="action", required=True)
+    apply = auto_commands.add_parser("apply", help="create or update the automations of a file, by name")
+    apply.add_argument("--file", type=Path, default=Path("automations.yaml"))
+    apply.add_argument(
+        "--heartbeat-s",
+        type=bounded(int, automations.MIN_HEARTBEAT_S, automations.MAX_HEARTBEAT_S),
+        default=60,
+        help="the flow runs' heartbeat interval (Prefect's minimum is 30 s)",
+    )
+    apply.set_defaults(run=cmd_automations_apply)
+    webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
+    webhook.add_argument("url")
+    webhook.set_defaults(run=cmd_webhook)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        # Only the registry: the commands that also write data (add-batch) check every root together.
+        registry = Registry(
+            Store(scratch=scratch_path(args.scratch)), normalize_location(args.registry or DEFAULT_REGISTRY)
+        )
+        args.run(registry, args)
+    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

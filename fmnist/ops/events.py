@@ -1,0 +1,75 @@
+"""The pipeline's own Prefect events: what an operator must hear about, and what starts a retrain.
+
+Each event carries a one-line `message` (what happened, in words) in its payload; the notification
+automations (`automations.yaml`) send that line, the run's name and a link to it. Inside a flow run,
+Prefect relates the event to that run by itself, so the link points at the run that emitted it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fmnist.data.incoming import IncomingBatch
+    from fmnist.storage.layout import StorageParams
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fashion-mnist"
+VALIDATION_FAILED = f"{PREFIX}.validation.failed"
+DRIFT_DETECTED = f"{PREFIX}.drift.detected"
+TRAINING_RESTARTED = f"{PREFIX}.training.restarted"
+MODEL_PROMOTED = f"{PREFIX}.model.promoted"
+MODEL_KEPT_BACK = f"{PREFIX}.model.kept-back"
+RUN_FAILED = f"{PREFIX}.run.failed"
+BATCH_ADDED = f"{PREFIX}.batch.added"
+BATCH_QUARANTINED = f"{PREFIX}.batch.quarantined"
+
+# Prefect refuses events over its size limit (1.5 MB by default): a long list of failures is cut.
+MAX_MESSAGE_CHARS = 4000
+
+
+def pipeline_resource(location: str) -> dict[str, str]:
+    """The resource an event is about: the pipeline whose registry (or incoming folder) is `location`."""
+    return {"prefect.resource.id": f"{PREFIX}.{location}", "prefect.resource.name": location}
+
+
+def emit(event: str, location: str, message: str, *, flow_run_id: str | None = None, **payload: Any) -> None:
+    """Emit `event` from inside a flow run; best effort: a lost event never fails the run.
+
+    Prefect relates the event to the run it is emitted in; `flow_run_id` names the run where no run
+    context is at hand (a state hook).
+    """
+    from prefect.events import emit_event
+
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 20] + " ... (cut)"
+    run = {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}
+    try:
+        emit_event(
+            event=event,
+            resource=pipeline_resource(location),
+            related=[run] if flow_run_id else None,
+            payload={"message": message, **payload},
+        )
+    except Exception:  # an event is a notification, never a reason to fail the pipeline
+        log.warning("Could not emit the %s event", event, exc_info=True)
+
+
+async def send(event: str, location: str, message: str, **payload: Any) -> None:
+    """Send `event` now and wait until the server has it (for a CLI that exits right after)."""
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    async with get_events_client(reconnection_attempts=2) as client:
+        await client.emit(
+            Event(event=event, resource=pipeline_resource(location), payload={"message": message, **payload})
+        )
+
+
+async def announce_batch(batch: IncomingBatch, storage: StorageParams) -> None:
+    """Say that `batch` was added; the ad-hoc deployments' trigger retrains on the storage it names."""
+    where = {"data_root": storage.data.root, "registry_root": storage.registry, "incoming_dir": storage.incoming}
+    message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
+    await send(BATCH_ADDED, storage.incoming, message, batch=batch.name, rows=batch.rows, storage=where)

@@ -1,0 +1,116 @@
+"""Register stage: publish the evaluated model as a new registry version and apply the promotion gate;
+and, before training, what became of an earlier run of the same data, code and parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fmnist.evaluation.evaluate import Evaluation
+from fmnist.registry.manifest import Decision, RunManifest, model_card
+from fmnist.registry.versions import MODEL, PromotionParams, Registry, RegistryError
+from fmnist.storage.layout import RunLayout
+from fmnist.training.fit import TrainResult
+
+
+@dataclass(frozen=True)
+class Registration:
+    version: str
+    version_dir: str  # its location in the registry
+    decision: Decision  # the gate's verdict that counted
+    promoted: bool  # whether it became champion
+    champion: str | None  # after this registration
+
+
+def register_model(
+    registry: Registry,
+    trained: TrainResult,
+    evaluation: Evaluation,
+    manifest: RunManifest,
+    promotion: PromotionParams,
+) -> Registration:
+    """Publish the run's model, history, metrics and plots as a new version; apply the gate."""
+    if trained.model.sha256 != evaluation.model_sha256:
+        raise RegistryError(
+            f"{trained.model.location} hashes to {trained.model.sha256}, but the evaluation is of the model "
+            f"{evaluation.model_sha256}: not registering a model whose numbers are another's"
+        )
+    files = {
+        MODEL: trained.model,
+        RunLayout.HISTORY: trained.history,
+        RunLayout.METRICS: evaluation.metrics,
+        **{f"{name}.png": png for name, png in evaluation.plots.items()},
+        **evaluation.saved_model,
+    }
+    registered = registry.register(
+        files,
+        manifest,
+        floor=promotion.min_accuracy,
+        tolerance=promotion.tolerance,
+        force=promotion.force,
+        model_card=model_card,
+    )
+    return Registration(
+        version=registered.version,
+        version_dir=registry.version_dir(registered.version),
+        decision=registered.decision,
+        promoted=registered.promoted,
+        champion=registered.champion,
+    )
+
+
+@dataclass(frozen=True)
+class PriorRun:
+    """A version already registered from the same data, code and parameters: no reason to train again."""
+
+    version: str
+    champion: str | None  # after this check (which may have promoted `version`)
+    promoted: bool  # whether this check made `version` champion
+    message: str
+
+
+def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionParams) -> PriorRun | None:
+    """What became of an earlier run of this fingerprint, if any; None: train.
+
+    A version kept back stays kept back (training it again would only reroll the dice against the
+    gate); one that was champion and was replaced (a rollback) is not put back behind the operator's
+    back; one that passed the gate but never became champion (its run stopped before the pointer
+    moved) is gated again against today's champion and promoted if it passes.
+    """
+    champion = registry.champion()
+    manifest = registry.prior_version(run_fingerprint)
+    if manifest is None:
+        return None
+    version = manifest.version
+    same = "was trained from the same data, code and parameters"
+    if version == champion:
+        if registry.damaged_files(version):
+            return None  # the champion's files are damaged: train a replacement
+        message = f"Champion {version} is current: trained from the same data, code and parameters. Nothing retrained."
+        return PriorRun(version, champion, False, message)
+    gate = manifest.gate
+    if not gate.passed:
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same} and was kept back ({gate.reason}). Nothing retrained; "
+            "set force_retrain to train it again.",
+        )
+    if version in registry.ever_champion():
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same}; it was champion and was replaced (champion now: {champion}). Nothing retrained; "
+            f"`fashion-mnist promote {version}` puts it back in service.",
+        )
+    registered = registry.promote_registered(version, floor=promotion.min_accuracy, tolerance=promotion.tolerance)
+    outcome = "promoted it" if registered.promoted else "kept it back"
+    return PriorRun(
+        version,
+        registered.champion,
+        registered.promoted,
+        f"{version} {same} and passed the gate, but never became champion (its run stopped first, or another "
+        f"version won); gated again against {champion or 'no champion'}: {registered.decision.reason}; "
+        f"{outcome}. Nothing retrained.",
+    )

@@ -1,0 +1,629 @@
+"""The model registry: immutable, self-describing versions and a champion pointer, on disk or in a bucket.
+
+Layout under the registry root (`artifacts/` by default, or `s3://bucket/prefix`):
+
+    versions/v0001/claim.json      the number's claim, written create-only: no two runs get one number
+    versions/v0001/...             model.keras, metrics.json, history.json, *.png, model_card.md
+    versions/v0001/manifest.json   lineage, metrics, the gate's verdict and every file's sha256; written
+                                   create-only and last: a version folder without it does not exist
+    champion.json                  the version in service; it moves only by compare-and-swap
+    promotions/00000001.json       one create-only record per champion change, by sequence: the audit log
+    runs/<run id>/                 each run's working folder (fmnist.training.run_folder)
+
+No locks, so it works the same from many hosts on object storage: a version number is claimed by a
+create-only write (a number another writer took is skipped); a version is published by the
+create-only write of its manifest; the champion pointer moves by compare-and-swap (a writer that lost
+reads the new champion and decides again); each change is logged once under its sequence number, by
+the writer that made it or, if that one died first, by the next one to read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
+from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
+
+MODEL = "model.keras"
+VERSION = re.compile(r"v(\d{4,})")  # v0001 ... v9999, v10000 ...: anything else in versions/ is ignored
+CHAMPION_MOVE_ATTEMPTS = 50
+CLAIM_ATTEMPTS = 100  # version numbers tried before a registration gives up, saying which
+LOG_ENTRY = re.compile(r"(\d{8,})\.json")  # promotions/00000001.json; anything else there is not an entry
+SHA256 = re.compile(r"[0-9a-f]{64}")
+FINGERPRINT_SCAN = 200  # versions searched for an earlier run of the same fingerprint, newest first
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done; the message says why."""
+
+
+class PromotionParams(BaseModel):
+    """The gate a new version must pass to become champion."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_accuracy: float = Field(0.80, ge=0, le=1, description="Absolute floor on test accuracy (chance is 0.10)")
+    tolerance: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="How far below the champion, and below the best champion before it, a new version may be",
+    )
+    force: bool = Field(False, description="Promote whatever the metrics say (an operator's decision)")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What a registration did: the version it published, the verdict that counted, the champion after."""
+
+    version: str
+    decision: Decision  # the gate at registration, or against a champion promoted meanwhile
+    promoted: bool  # whether this version became champion
+    champion: str | None
+
+
+def decide(
+    candidate_accuracy: float,
+    test_set: str,
+    champion: VersionManifest | None,
+    *,
+    floor: float,
+    tolerance: float,
+    force: bool = False,
+    best: VersionManifest | None = None,
+) -> Decision:
+    """The promotion gate: an absolute floor, then not worse than the champion beyond `tolerance`.
+
+    `best` (the manifest of the best earlier champion still in the chain that rollbacks leave) raises
+    the bar when it beats the champion: measured from the champion alone, each new champion could
+    be `tolerance` worse than the last, and accuracy could ratchet down a little every night.
+    """
+    champion_version = champion.version if champion else None
+    champion_accuracy = champion.metrics.test_accuracy if champion else None
+    if best is not None and (best.data.test_set != test_set or champion is None):
+        best = None
+    if best is not None and best.metrics.test_accuracy <= champion_accuracy:
+        best = None
+    best_version, best_accuracy = (best.version, best.metrics.test_accuracy) if best else (None, None)
+
+    def verdict(passed: bool, reason: str) -> Decision:
+        return Decision(
+            passed,
+            reason,
+            candidate_accuracy,
+            champion_version,
+            champion_accuracy,
+            floor,
+            tolerance,
+            best_version,
+            best_accuracy,
+        )
+
+    if force:
+        return verdict(True, "promotion forced by the operator")
+    if candidate_accuracy < floor:
+        return verdict(False, f"test accuracy {candidate_accuracy:.4f} is below the floor {floor:.4f}")
+    if champion is None:
+        return verdict(True, f"first version to clear the floor ({candidate_accuracy:.4f} >= {floor:.4f})")
+    if champion.data.test_set != test_set:
+        return verdict(False, f"champion {champion_version} was measured on another test set; not comparable")
+    if candidate_accuracy < champion_accuracy - tolerance:
+        return verdict(
+            False,
+            f"test accuracy {candidate_accuracy:.4f} is worse than champion {champion_version}'s "
+            f"{champion_accuracy:.4f} by more than {tolerance:.4f}",
+        )
+    if best_accuracy is not None and candidate_accuracy < best_accuracy - tolerance:
+        return verdict(
+            False,
+            f"test accuracy {candidate_accuracy:.4f} is worse than {best_version}'s {best_accuracy:.4f}, the best "
+            f"champion so far, by more than {tolerance:.4f} (the tolerance does not add up over promotions)",
+        )
+    return verdict(
+        True,
+        f"test accuracy {candidate_accuracy:.4f} is within {tolerance:.4f} of or above champion "
+        f"{champion_version}'s {champion_accuracy:.4f}",
+    )
+
+
+class _Declined(Exception):
+    """A champion move that its writer no longer wants, having seen the pointer move under it."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+
+def version_number(version: str) -> int:
+    """v0003 -> 3: the order of versions, and TF Serving's version number for it."""
+    return int(version[1:])
+
+
+class Registry:
+    def __init__(self, store: Store, root: str) -> None:
+        self.store = store
+        self.root = root
+        self.versions_root = join(root, "versions")
+        self.champion_file = join(root, "champion.json")
+        self.log_root = join(root, "promotions")
+        self.claims_root = join(root, "claims")
+
+    # --- versions ---------------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        """Published versions (those whose manifest is written), in number order."""
+        published = {
+            path.split("/")[0]
+            for path in self.store.find(self.versions_root)
+            if path.count("/") == 1 and path.endswith("/manifest.json")
+        }
+        return sorted((v for v in published if VERSION.fullmatch(v)), key=version_number)
+
+    def _unknown(self, version: str) -> RegistryError:
+        known = ", ".join(self.versions()) or "none"
+        return RegistryError(f"no version {version!r} in {self.root} (versions: {known})")
+
+    def version_dir(self, version: str) -> str:
+        if not VERSION.fullmatch(version) or not self.store.exists(join(self.versions_root, version, "manifest.json")):
+            raise self._unknown(version)
+        return join(self.versions_root, version)
+
+    def manifest(self, version: str) -> VersionManifest:
+        if not VERSION.fullmatch(version):
+            raise self._unknown(version)
+        location = join(self.versions_root, version, "manifest.json")
+        try:
+            return VersionManifest.model_validate(self.store.read_json(location))
+        except FileNotFoundError:
+            raise self._unknown(version) from None
+        except IntegrityError as exc:
+            raise RegistryError(f"{exc}; the version's manifest is damaged") from exc
+        except ValidationError as exc:
+            errors = exc.errors()
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in errors[:4])
+            more = f"; and {len(errors) - 4} more" if len(errors) > 4 else ""
+            raise RegistryError(f"{location}: the version's manifest is damaged ({problems}{more})") from None
+
+    def damaged_files(self, version: str) -> list[str]:
+        """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
+        files = self.manifest(version).files
+        folder = join(self.versions_root, version)
+        damaged = []
+        for name, digest in files.items():
+            try:
+                if self.store.sha256(join(folder, name)) != digest:
+                    damaged.append(name)
+            except FileNotFoundError:
+                damaged.append(name)
+        return damaged
+
+    def file(self, version: str, name: str) -> StoredFile:
+        """A file of `version` and the sha256 its manifest records for it."""
+        files = self.manifest(version).files
+        if name not in files:
+            raise RegistryError(f"{version} has no {name}")
+        return StoredFile(join(self.versions_root, version, name), files[name])
+
+    def _claim_version(self, claimant: dict) -> str:
+        """A new version number, claimed create-only, above every number ever claimed or in service.
+
+        A claim is written twice, `claims/vNNNN.json` then `versions/vNNNN/claim.json`, and the next
+        number is derived from both folders and the champion chain, so deleting a version's folder (or
+        one claim) never makes its number free again. The claim carries a token of this writer's own:
+        a create that meets its own bytes after a lost acknowledgement is this writer's claim.
+        """
+        claim = json.dumps({**claimant, "token": uuid.uuid4().hex}).encode()
+        number = self._highest_number() + 1
+        tried = []
+        for _ in range(CLAIM_ATTEMPTS):
+            version = f"v{number:04d}"
+            tried.append(version)
+            try:
+                self.store.create(join(self.claims_root, f"{version}.json"), claim)
+                self.store.create(join(self.versions_root, version, "claim.json"), claim)
+                return version
+            except PreconditionFailed:
+                number += 1  # another writer's (or one left by a crash): never reused
+        raise RegistryError(
+            f"{self.root}: no version number could be claimed after {CLAIM_ATTEMPTS} attempts "
+            f"({tried[0]} to {tried[-1]} were taken); are other runs registering at this very moment?"
+        )
+
+    def _highest_number(self) -> int:
+        """The highest version number claimed, published or named by the champion chain."""
+        names = self.store.listdir(self.versions_root)
+        names += [n.removesuffix(".json") for n in self.store.listdir(self.claims_root)]
+        if record := self._read_champion(damaged_ok=True)[0]:
+            names += [record["version"], *record["previous"]]
+        return max((version_number(n) for n in names if VERSION.fullmatch(n)), default=0)
+
+    def register(
+        self,
+        files: dict[str, StoredFile],
+        manifest: RunManifest,
+        *,
+        floor: float,
+        tolerance: float,
+        force: bool = False,
+        model_card: Callable[[VersionManifest], str] | None = None,
+    ) -> Registered:
+        """Publish a new version of `files` (each verified against its sha256); promote it if it passes the gate.
+
+        `model_card` turns the version's final manifest (with its number and verdict) into markdown.
+        """
+        # First the champion and the gate: damage stops the registration before a number is taken.
+        current = self.champion_record()
+        decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
+        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now()})
+        folder = join(self.versions_root, version)
+        hashes = {}
+        for name, file in files.items():
+            # Checked against the hash the run recorded, before and after the copy: what was
+            # evaluated is what is kept.
+            stored = join(folder, name)
+            self.store.put_file(self.store.local_copy(file), stored)
+            if (found := self.store.sha256(stored)) != file.sha256:
+                raise IntegrityError(f"{stored}: the copy hashes to {found}, not the recorded {file.sha256}")
+            hashes[name] = file.sha256
+        record = VersionManifest.model_validate(
+            {**manifest.to_json(), "version": version, "registered_at": _now(), "gate": asdict(decision)}
+        )
+        if model_card:
+            card = model_card(record).encode()
+            self.store.write_bytes(join(folder, "model_card.md"), card)
+            hashes["model_card.md"] = hashlib.sha256(card).hexdigest()
+        record = record.model_copy(update={"files": dict(sorted(hashes.items()))})
+        self.store.create(join(folder, "manifest.json"), json.dumps(record.to_json(), indent=1).encode())
+        return self._promote_if_passed(version, record, decision, force)
+
+    def promote_registered(self, version: str, *, floor: float, tolerance: float) -> Registered:
+        """Gate again a version that passed but never became champion (its run stopped before the
+        champion moved, or another version won the race), against today's champion; promote it if it passes."""
+        if damaged := self.damaged_files(version):
+            raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); not promoting it")
+        record = self.manifest(version)
+        decision = self._gate(record, self.champion_record(), floor=floor, tolerance=tolerance)
+        return self._promote_if_passed(version, record, decision, force=False)
+
+    def _gate(self, record: RunManifest, current: dict | None, **gate: Any) -> Decision:
+        """The gate's verdict on the candidate `record` (a manifest) against the champion record `current`
+        and the best of the champions before it (those a rollback has not taken back)."""
+        if current is None:
+            return decide(record.metrics.test_accuracy, record.data.test_set, None, **gate)
+        earlier = []
+        for version in current["previous"]:
+            with contextlib.suppress(RegistryError):  # a version deleted since: no longer a yardstick
+                earlier.append(self.manifest(version))
+        best = max(earlier, key=lambda m: m.metrics.test_accuracy, default=None)
+        champion = self.manifest(current["version"])
+        return decide(record.metrics.test_accuracy, record.data.test_set, champion, best=best, **gate)
+
+    def _promote_if_passed(self, version: str, record: VersionManifest, decision: Decision, force: bool) -> Registered:
+        if not decision.passed:
+            return Registered(version, decision, False, decision.champion_version)
+        try:
+            self._move_champion(lambda current: self._promotion(current, version, record, decision, force))
+        except _Declined as declined:
+            return Registered(version, declined.decision, False, self.champion())
+        return Registered(version, decision, True, version)
+
+    def _promotion(
+        self, current: dict | None, version: str, record: VersionManifest, decision: Decision, force: bool
+    ) -> dict:
+        """The champion record that makes `version` champion, if it still passes against `current`."""
+        in_service = current["version"] if current else None
+        if in_service != decision.champion_version and not force:
+            # Another version was promoted since the gate ran: the candidate must beat that one.
+            decision = self._gate(record, current, floor=decision.floor, tolerance=decision.tolerance)
+            if not decision.passed:
+                raise _Declined(decision)
+        return _next_record(current, version, decision.reason, "promote", record.files[MODEL])
+
+    # --- the champion -----------------------------------------------------------------------------
+
+    def _read_champion(self, *, damaged_ok: bool = False) -> tuple[dict | None, str | None]:
+        """The champion pointer's record as written, and its etag; (None, None) if there is none.
+
+        A pointer that is not a record raises, or with `damaged_ok` reads as none, with the etag to replace it by.
+        """
+        found = self.store.read_versioned(self.champion_file)
+        if found is None:
+            return None, None
+        data, etag = found
+        try:
+            record = _pointer(json.loads(data))
+        except ValueError as exc:
+            if damaged_ok:
+                return None, etag
+            raise self._damaged(f"the champion pointer is damaged ({exc})") from None
+        return record, etag
+
+    def _damaged(self, problem: str) -> RegistryError:
+        return RegistryError(
+            f"{self.champion_file}: {problem}; `fashion-mnist repair-champion` restores it from the audit log "
+            f"({self.log_root}), `fashion-mnist promote VERSION` replaces it"
+        )
+
+    def _state(self) -> tuple[dict | None, str | None, int]:
+        """The champion record, its etag and the audit log's last sequence number, checked together.
+
+        The pointer must be the log's last change, or the one change after it whose writer has not
+        logged it yet. A pointer behind the log (restored from an older copy), beside it (edited), or a
+        missing pointer while the log records changes, is damage: it raises, naming the repair.
+        """
+        for _ in range(CHAMPION_MOVE_ATTEMPTS):
+            record, etag = self._read_champion()
+            # Listed after the pointer was read: every change before the one read is logged by then.
+            last = self._last_sequence()
+            if record is None:
+                if last:
+                    raise self._damaged(f"missing, though the audit log records {last} champion changes")
+                return None, None, 0
+            sequence = record.get("sequence")
+            if sequence is None:  # a pointer from before the audit log
+                if last:
+                    raise self._damaged("it has no sequence number, though the audit log records changes")
+                return record, etag, 0
+            if sequence == last + 1 or (sequence == last and self._logged_entry(sequence) == _entry(record)):
+                return record, etag, last
+            if sequence > last + 1:
+                raise self._damaged(f"it is change {sequence}, but the audit log ends at change {last}")
+            if (now := self.store.read_versioned(self.champion_file)) is None or now[1] != etag:
+                continue  # moved since it was read: check the new one
+            raise self._damaged(
+                f"it is change {sequence} ({record['version']}), but the audit log records "
+                + (f"change {sequence} differently" if sequence == last else f"changes up to {last}")
+                + ": it was restored from an older copy or edited"
+            )
+        raise RegistryError(f"{self.champion_file}: still changing after {CHAMPION_MOVE_ATTEMPTS} reads; try again")
+
+    def champion_record(self) -> dict | None:
+        """The champion's record, checked against the audit log (see `_state`); None before the first promotion."""
+        return self._state()[0]
+
+    def champion(self) -> str | None:
+        record = self.champion_record()
+        return record["version"] if record else None
+
+    def _move_champion(self, change: Callable[[dict | None], dict], *, repair: bool = False) -> dict:
+        """Compare-and-swap the champion pointer to `change(current)`; re-read and retry when another wins.
+
+        `repair`: a damaged pointer is replaced instead of refused (an operator's promote), and the
+        change is made from the champion the audit log records.
+        """
+        for attempt in range(CHAMPION_MOVE_ATTEMPTS):
+            try:
+                current, etag, last = self._state()
+            except RegistryError:
+                if not repair:
+                    raise
+                _, etag = self._read_champion(damaged_ok=True)
+                current, last = self._replayed(), self._last_sequence()
+            else:
+                if current and current.get("sequence") == last + 1:
+                    self._log(current)  # its writer may have died before logging it
+                    last += 1
+            new = change(current)
+            # The token makes this writer's pointer its own: a write that meets these bytes was this one.
+            new.update(sequence=last + 1, token=uuid.uuid4().hex)
+            try:
+                self.store.replace(self.champion_file, json.dumps(new, indent=1).encode(), etag)
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
+                continue
+            self._log(new)
+            return new
+        raise RegistryError(f"{self.champion_file}: still changing after {CHAMPION_MOVE_ATTEMPTS} attempts; try again")
+
+    def _log(self, record: dict) -> None:
+        """Log the change `record` made under its sequence number, once: an entry already there must be it."""
+        entry = _entry(record)
+        location = join(self.log_root, f"{record['sequence']:08d}.json")
+        try:
+            self.store.create(location, json.dumps(entry).encode())
+        except PreconditionFailed:  # logged already, by its writer or by a reader before us
+            if self._logged_entry(record["sequence"]) != entry:
+                raise self._damaged(f"the audit log records change {record['sequence']} otherwise") from None
+
+    def _sequences(self) -> list[int]:
+        """The audit log's sequence numbers, in order; names that are no entry (temporary files) are skipped."""
+        return sorted(int(m[1]) for n in self.store.listdir(self.log_root) if (m := LOG_ENTRY.fullmatch(n)))
+
+    def _last_sequence(self) -> int:
+        """The audit log's last sequence number (0: empty), once its numbers are checked to run 1, 2, ... on."""
+        sequences = self._sequences()
+        if missing := sorted(set(range(1, len(sequences) + 1)) - set(sequences)):
+            raise RegistryError(
+                f"{self.log_root}: the audit log misses change {missing[0]} ({len(missing)} missing in all): "
+                "restore the missing entries from a backup"
+            )
+        return sequences[-1] if sequences else 0
+
+    def _logged_entry(self, sequence: int) -> dict:
+        location = join(self.log_root, f"{sequence:08d}.json")
+        try:
+            entry = self.store.read_json(location)
+            if not isinstance(entry, dict) or entry.get("sequence") != sequence:
+                raise ValueError(f"not the record of change {sequence}")
+            _pointer(entry, log=True)
+        except (IntegrityError, ValueError) as exc:
+            raise RegistryError(f"{location}: a damaged audit log entry ({exc}); restore it from a backup") from None
+        return entry
+
+    def promotions(self) -> list[dict]:
+        """Every champion change, in order (the audit log); a damaged or missing entry raises, naming it."""
+        return [self._logged_entry(sequence) for sequence in range(1, self._last_sequence() + 1)]
+
+    def _replayed(self) -> dict | None:
+        """The champion record the audit log leads to (as `_next_record` built each), or None if it is empty."""
+        entries = self.promotions()
+        previous: list[str] = []
+        for entry in entries:
+            if entry["event"] == "rollback":
+                previous = previous[:-1]
+            else:
+                previous = [*previous, entry["replaced"]] if entry["replaced"] else []
+        return {**entries[-1], "previous": previous} if entries else None
+
+    def _vouched_model(self, version: str) -> str:
+        """The sha256 of `version`'s model, once its files verify and its model is the one it was
+        champion with before (if ever): an edited model with an edited manifest is refused."""
+        if damaged := self.damaged_files(version):
+            raise RegistryError(f"{version} is damaged ({', '.join(damaged)})")
+        model = self.manifest(version).files[MODEL]
+        for entry in self.promotions():
+            if entry["version"] == version and entry.get("model_sha256") not in (None, model):
+                raise RegistryError(
+                    f"{version}'s model hashes to {model}, not the {entry['model_sha256']} it was champion with "
+                    f"(promotions/{entry['sequence']:08d}.json): its files were replaced"
+                )
+        return model
+
+    def promote(self, version: str, reason: str) -> None:
+        """Make `version` the champion by hand, if its files are intact (this also replaces a damaged pointer)."""
+        try:
+            model = self._vouched_model(version)
+        except RegistryError as exc:
+            raise RegistryError(f"refusing to promote {version}: {exc}") from exc
+
+        def promotion(current: dict | None) -> dict:
+            if current and current["version"] == version:
+                raise RegistryError(f"{version} is already the champion")
+            return _next_record(current, version, reason, "promote", model)
+
+        self._move_champion(promotion, repair=True)
+
+    def rollback(self, reason: str = "rolled back by the operator") -> str:
+        """Make the previous champion the champion again, checked as `promote` checks; return its version."""
+
+        def rollback(current: dict | None) -> dict:
+            if not current or not current["previous"]:
+                raise RegistryError("there is no earlier champion to roll back to")
+            previous = current["previous"][-1]
+            try:
+                model = self._vouched_model(previous)
+            except RegistryError as exc:
+                raise RegistryError(f"cannot roll back to {previous}: {exc}") from exc
+            return _next_record(current, previous, reason, "rollback", model)
+
+        return self._move_champion(rollback)["version"]
+
+    def repair_champion(self) -> dict:
+        """Rewrite a missing, damaged or stale champion pointer from the audit log's last change, once that
+        version verifies; return the record written."""
+        try:
+            record, _, _ = self._state()
+        except RegistryError:
+            pass
+        else:
+            if record is None:
+                raise RegistryError(f"no champion and no audit log in {self.root}: nothing to repair")
+            raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
+        _, etag = self._read_champion(damaged_ok=True)
+        record = self._replayed()
+        if record is None:
+            raise RegistryError(f"no audit log in {self.log_root} to restore the champion pointer from")
+        try:
+            self._vouched_model(record["version"])
+        except RegistryError as exc:
+            raise RegistryError(
+                f"the audit log's champion {record['version']} does not verify ({exc}); "
+                "`fashion-mnist promote VERSION` makes a version that does the champion"
+            ) from exc
+        self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), etag)
+        return record
+
+    def prior_version(self, fingerprint: str) -> VersionManifest | None:
+        """The manifest of the newest of the last `FINGERPRINT_SCAN` versions made from exactly this data,
+        code and parameters."""
+        for version in reversed(self.versions()[-FINGERPRINT_SCAN:]):
+            if (manifest := self.manifest(version)).fingerprint == fingerprint:
+                return manifest
+        return None
+
+    def ever_champion(self) -> set[str]:
+        """Every version that has been champion (the audit log, and the pointer)."""
+        return {e["version"] for e in self.promotions()} | ({self.champion()} - {None})
+
+    def champion_model(self, record: dict | None = None) -> StoredFile:
+        """The champion's model file and the sha256 it was put in service with (of the champion record
+        `record`, read from the pointer when not given)."""
+        record = record or self.champion_record()
+        if record is None:
+            raise RegistryError(f"no champion in {self.root}: no version has been promoted yet")
+        version = record["version"]
+        model = self.file(version, MODEL)
+        promoted = record.get("model_sha256", model.sha256)  # pointers from before it was recorded
+        if model.sha256 != promoted:
+            raise RegistryError(
+                f"{version}'s manifest records model sha256 {model.sha256}, but it was made champion with "
+                f"{promoted}: its files were replaced; promote a version that verifies"
+            )
+        return model
+
+
+def _pointer(record: Any, *, log: bool = False) -> dict:
+    """`record` if it is a champion pointer (or, with `log`, an audit log entry); else ValueError saying why.
+
+    Fields that pointers from before them lack (`sequence`, `previous`, `model_sha256`) may be absent.
+    """
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(record.get("version"), str) or not VERSION.fullmatch(record["version"]):
+        raise ValueError(f"no version in it (version: {record.get('version')!r})")
+    sequence = record.get("sequence")
+    if sequence is not None and (type(sequence) is not int or sequence < 1):
+        raise ValueError(f"sequence {sequence!r} is not a number from 1")
+    previous = record.setdefault("previous", []) if not log else []
+    if not isinstance(previous, list) or not all(isinstance(v, str) and VERSION.fullmatch(v) for v in previous):
+        raise ValueError("previous is not a list of versions")
+    if (model := record.get("model_sha256")) is not None and not (isinstance(model, str) and SHA256.fullmatch(model)):
+        raise ValueError("model_sha256 is not a sha256")
+    for name in ("event", "replaced", "reason", "at"):
+        if (value := record.get(name)) is not None and not isinstance(value, str):
+            raise ValueError(f"{name} is not text")
+    return record
+
+
+def _entry(record: dict) -> dict:
+    """The audit log entry of the change that made the champion record `record`."""
+    return {k: record.get(k) for k in ("sequence", "at", "event", "version", "replaced", "reason", "model_sha256")}
+
+
+def _next_record(current: dict | None, version: str, reason: str, event: str, model_sha256: str) -> dict[str, Any]:
+    """The champion record after `event` makes `version` champion; `previous` lists earlier champions.
+
+    `model_sha256` is the model put in service: loading the champion checks the file against it, so
+    a model and manifest edited together in the version's folder are still refused.
+    """
+    if current is None:
+        previous: list[str] = []
+    elif event == "rollback":
+        previous = current["previous"][:-1]
+    else:
+        previous = [*current["previous"], current["version"]]
+    return {
+        "sequence": current.get("sequence", 0) + 1 if current else 1,
+        "version": version,
+        "at": _now(),
+        "event": event,
+        "replaced": current["version"] if current else None,
+        "reason": reason,
+        "previous": previous,
+        "model_sha256": model_sha256,
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,1 @@
+"""Serving the champion: TF Serving's REST API."""
