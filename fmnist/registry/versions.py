@@ -367,6 +367,8 @@ class Registry:
             # Listed after the pointer was read: every change before the one read is logged by then.
             last = self._last_sequence()
             if record is None:
+                if last and self.store.read_versioned(self.champion_file) is not None:
+                    continue  # the first champion was set (and logged) since the pointer was read
                 if last:
                     raise self._damaged(f"missing, though the audit log records {last} champion changes")
                 return None, None, 0
