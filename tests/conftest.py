@@ -40,12 +40,24 @@ def store(tmp_path: Path) -> Store:
     return Store(scratch=tmp_path / "scratch", timeout_s=10)
 
 
-@pytest.fixture(params=["local", "s3"])
-def data_layout(request: pytest.FixtureRequest, tmp_path: Path) -> DataLayout:
-    """A data root on local disk, then in a bucket of a real S3 server: the same test runs on both."""
-    if request.param == "local":
-        return DataLayout(str(tmp_path / "data"))
-    return DataLayout(request.getfixturevalue("bucket") + "/data")
+# Each storage backend, as a way to make a root of a test's own there. A test that takes `root` (or a
+# fixture built on it) runs once per backend: a new backend is its module and one line here.
+BACKEND_ROOTS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "local": lambda request, tmp_path: str(tmp_path / "root"),
+    "s3": lambda request, tmp_path: request.getfixturevalue("bucket") + "/root",  # a real S3 server's bucket
+}
+
+
+@pytest.fixture(params=list(BACKEND_ROOTS))
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A folder of this test's own on each storage backend in turn: the same test runs on every one."""
+    return BACKEND_ROOTS[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def data_layout(root: str) -> DataLayout:
+    """A data root on each storage backend in turn."""
+    return DataLayout(root + "/data")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -12,15 +12,8 @@ import pytest
 
 from fmnist.data import incoming
 from fmnist.data.incoming import QUARANTINE_NOTE, QuarantineError, quarantine, screen_incoming
-from fmnist.storage import Store, is_remote, join
+from fmnist.storage import Store, join
 from tests.helpers import synthetic_images, write_idx_batch
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "root")
-    return request.getfixturevalue("bucket") + "/root"
 
 
 def put_batch(store: Store, tmp_path: Path, location: str, seed: int, rows: int = 5) -> None:
@@ -140,7 +133,7 @@ def test_a_name_that_is_not_utf8_is_refused_and_quarantined(store: Store, tmp_pa
 def test_what_cannot_be_moved_stays_where_it_is(store: Store, root: str, tmp_path: Path) -> None:
     put_batch(store, tmp_path, join(root, "in", "bad[1]"), 2)
     [refused] = screen_incoming(store, join(root, "in"), contract=False).refused
-    if is_remote(root):
+    if store.direct_path(root) is None:
         blocked = "s3://no-such-bucket-for-fmnist/quarantine"
     else:
         blocked = join(root, "quarantine", "under-a-file")

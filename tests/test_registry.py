@@ -35,11 +35,10 @@ def run_files(store: Store, run_dir: str, tag: str) -> dict[str, StoredFile]:
     return files
 
 
-@pytest.fixture(params=["local", "s3"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Registry:
-    if request.param == "local":
-        return Registry(store, str(tmp_path / "artifacts"))
-    return Registry(store, request.getfixturevalue("bucket") + "/registry")
+@pytest.fixture
+def registry(root: str, store: Store) -> Registry:
+    """A registry on each storage backend in turn."""
+    return Registry(store, root + "/registry")
 
 
 def register(registry: Registry, accuracy: float, **kwargs):

@@ -302,23 +302,13 @@ def run_machine(store: Store, base: str, examples: int) -> None:
     )
 
 
-def registries_base(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return str(tmp_path / "registries") if backend == "local" else request.getfixturevalue("bucket")
-
-
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_registry_invariants_hold_under_random_histories(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path, store: Store
-) -> None:
-    run_machine(store, registries_base(backend, request, tmp_path), EXAMPLES)
+def test_registry_invariants_hold_under_random_histories(root: str, store: Store) -> None:
+    run_machine(store, root, EXAMPLES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_registry_invariants_hold_under_many_random_histories(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path, store: Store
-) -> None:
-    run_machine(store, registries_base(backend, request, tmp_path), SLOW_EXAMPLES)
+def test_registry_invariants_hold_under_many_random_histories(root: str, store: Store) -> None:
+    run_machine(store, root, SLOW_EXAMPLES)
 
 
 def test_the_machine_catches_a_registry_that_reissues_numbers(tmp_path: Path, store: Store, monkeypatch) -> None:

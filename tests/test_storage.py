@@ -23,19 +23,11 @@ from fmnist.storage import (
     StoredFile,
     UnsafeName,
     inside,
-    is_remote,
     join,
     normalize,
 )
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import SECRET_KEY, S3Server
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("bucket") + "/store"
 
 
 def test_round_trip_listing_and_delete(store: Store, root: str) -> None:
@@ -142,11 +134,11 @@ def test_local_copy_is_verified_and_reused(store: Store, root: str, tmp_path: Pa
     stored = StoredFile(target, hashlib.sha256(data).hexdigest())
     copy = store.local_copy(stored)
     assert copy.read_bytes() == data and copy.suffix == ".keras"
-    assert is_remote(root) == (copy != Path(target))  # on S3 a scratch copy, on disk the file itself
+    assert (store.direct_path(root) is None) == (copy != Path(target))  # on S3 a scratch copy, on disk the file itself
     assert store.local_copy(stored).stat().st_ino == copy.stat().st_ino  # reused, not fetched again
     with pytest.raises(IntegrityError, match=r"model.keras: sha256 \w+ is not the recorded 0{64}"):
         store.local_copy(StoredFile(target, "0" * 64))
-    if is_remote(root):
+    if store.direct_path(root) is None:
         copy.write_bytes(data[:-1] + b"X")  # a damaged scratch copy is noticed, and fetched again
         assert store.local_copy(stored).read_bytes() == data
     store.write_bytes(target, b"tampered")  # what is stored changed: refused, whatever scratch holds

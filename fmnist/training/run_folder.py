@@ -1,8 +1,9 @@
 """A run's folder (`fmnist.storage.layout.RunLayout`): where training and evaluation write, and how a crashed
 run resumes on any host.
 
-On local disk the stages write straight into it. With an s3:// registry they write into a working
-folder on the host (`<scratch>/runs/<id>/`) and publish what they make. After every epoch, training
+Where the store has a local path for it (a registry on disk), the stages write straight into it.
+Elsewhere (a bucket) they write into a working folder on the host (`<scratch>/runs/<id>/`) and publish
+what they make. After every epoch, training
 uploads the history, the TensorBoard logs and then a checkpoint snapshot,
 `backup/epoch-00003/{latest.weights.h5, training_metadata.json, snapshot.json}`, whose marker
 `snapshot.json` is written last. A run started again, on this host or a replacement, first restores
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fmnist.storage import IntegrityError, Store, StoredFile, UnsafeName, is_remote, join, name_parts
+from fmnist.storage import IntegrityError, Store, StoredFile, UnsafeName, join, name_parts
 from fmnist.storage.files import atomic_write_bytes, sha256_file
 from fmnist.storage.layout import RunLayout
 
@@ -31,11 +32,12 @@ class RunFolder:
         self.store = store
         self.layout = layout
         self.location = layout.location
-        self.remote = is_remote(self.location)
-        if self.remote:
+        direct = store.direct_path(self.location)
+        self.in_copy = direct is None  # the stages work in a copy on this host and publish what they make
+        if direct is None:
             self.work_dir = store.require_scratch(self.location) / "runs" / posixpath.basename(self.location)
         else:
-            self.work_dir = Path(self.location)
+            self.work_dir = direct
         self._pushed: dict[Path, tuple[int, int]] = {}  # TensorBoard files uploaded: (size, mtime)
 
     def file(self, *parts: str) -> str:
@@ -68,7 +70,7 @@ class RunFolder:
         On local disk the working folder is the run folder, and Keras resumes from it directly.
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if not self.remote:
+        if not self.in_copy:
             return 0
         # The store is the record: a newer local backup may be one the store never got, so it is dropped.
         shutil.rmtree(self.backup_dir, ignore_errors=True)
@@ -95,7 +97,7 @@ class RunFolder:
         The history goes first: a crash before the snapshot is complete resumes from the previous one,
         and the epoch that runs again replaces its record.
         """
-        if not self.remote:
+        if not self.in_copy:
             return
         self.store.put_file(self.local(RunLayout.HISTORY), self.file(RunLayout.HISTORY))
         self.push_logs()
@@ -111,7 +113,7 @@ class RunFolder:
     def push_logs(self) -> None:
         """Upload the TensorBoard files that changed since the last upload."""
         folder = self.local(RunLayout.TENSORBOARD)
-        if not self.remote or not folder.is_dir():
+        if not self.in_copy or not folder.is_dir():
             return
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             stat = path.stat()
@@ -121,7 +123,7 @@ class RunFolder:
 
     def drop_checkpoints(self) -> None:
         """Training is over: its snapshots are no longer needed (Keras removes its local backup itself)."""
-        if self.remote:
+        if self.in_copy:
             self.store.delete(self.file(RunLayout.BACKUP))
 
     def _snapshots(self) -> list[str]:
