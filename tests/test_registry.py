@@ -212,6 +212,24 @@ def test_damaged_champion_pointer_is_named_and_promote_repairs_it(registry: Regi
     assert registry.champion() == "v0001" and registry.promotions()[-1]["sequence"] == 3
 
 
+def test_a_first_champion_set_while_it_is_read_is_not_damage(registry: Registry, monkeypatch) -> None:
+    """A reader found no pointer, then the audit log's first entry: another host had set and logged the
+    first champion in between. Eight hosts registering at once read this as a missing pointer."""
+    register(registry, 0.85)
+    read = registry._read_champion
+    reads = []
+
+    def none_at_first(**kwargs):
+        reads.append(kwargs)
+        return (None, None) if len(reads) == 1 else read(**kwargs)
+
+    monkeypatch.setattr(registry, "_read_champion", none_at_first)
+    assert registry.champion() == "v0001" and len(reads) == 2
+    registry.store.delete(registry.champion_file)  # and a pointer that stays missing is still damage
+    with pytest.raises(RegistryError, match="missing, though the audit log records 1 champion changes"):
+        registry.champion()
+
+
 # --- many hosts at once: processes that share only the store -------------------------------------
 
 
