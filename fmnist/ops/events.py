@@ -30,9 +30,17 @@ BATCH_QUARANTINED = f"{PREFIX}.batch.quarantined"
 MAX_MESSAGE_CHARS = 4000
 
 
-def pipeline_resource(location: str) -> dict[str, str]:
-    """The resource an event is about: the pipeline whose registry (or incoming folder) is `location`."""
-    return {"prefect.resource.id": f"{PREFIX}.{location}", "prefect.resource.name": location}
+HOSTS_LABEL = f"{PREFIX}.hosts"  # "shared": every host reads the location; "this-host": a local folder
+
+
+def pipeline_resource(location: str, *, shared: bool | None = None) -> dict[str, str]:
+    """The resource an event is about: the pipeline whose registry (or incoming folder) is `location`;
+    `shared` (when known) says whether hosts that share no disk can read it, which routes batch events
+    to the single-host or the cluster deployments."""
+    resource = {"prefect.resource.id": f"{PREFIX}.{location}", "prefect.resource.name": location}
+    if shared is not None:
+        resource[HOSTS_LABEL] = "shared" if shared else "this-host"
+    return resource
 
 
 def emit(event: str, location: str, message: str, *, flow_run_id: str | None = None, **payload: Any) -> None:
@@ -57,14 +65,18 @@ def emit(event: str, location: str, message: str, *, flow_run_id: str | None = N
         log.warning("Could not emit the %s event", event, exc_info=True)
 
 
-async def send(event: str, location: str, message: str, **payload: Any) -> None:
+async def send(event: str, location: str, message: str, *, shared: bool | None = None, **payload: Any) -> None:
     """Send `event` now and wait until the server has it (for a CLI that exits right after)."""
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
     async with get_events_client(reconnection_attempts=2) as client:
         await client.emit(
-            Event(event=event, resource=pipeline_resource(location), payload={"message": message, **payload})
+            Event(
+                event=event,
+                resource=pipeline_resource(location, shared=shared),
+                payload={"message": message, **payload},
+            )
         )
 
 
@@ -72,4 +84,5 @@ async def announce_batch(batch: IncomingBatch, storage: StorageParams) -> None:
     """Say that `batch` was added; the ad-hoc deployments' trigger retrains on the storage it names."""
     where = {"data_root": storage.data.root, "registry_root": storage.registry, "incoming_dir": storage.incoming}
     message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
-    await send(BATCH_ADDED, storage.incoming, message, batch=batch.name, rows=batch.rows, storage=where)
+    shared = storage.store().direct_path(storage.incoming) is None  # no path on this host: in a bucket
+    await send(BATCH_ADDED, storage.incoming, message, shared=shared, batch=batch.name, rows=batch.rows, storage=where)
