@@ -23,12 +23,12 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.train import TrainingRunSilent, wait_for_run
 from fmnist.data.incoming import add_batch, collect_incoming
 from fmnist.ops import events
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.storage.layout import StorageParams
+from fmnist.training.supervision import TrainingRunSilent, wait_for_run
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.prefect_stack import ROOT, Stack, WebhookReceiver, make, prefect_server, wait_for
 from tests.training_doubles import PLAN
@@ -251,11 +251,12 @@ WAIT_ON_TRAINING = """
 import json, sys
 from prefect import flow
 import flows.train
+import fmnist.training.supervision
 from fmnist.data.cache import CachedDataset, CachedSplit
 from fmnist.storage.layout import RunLayout, StorageParams
 from fmnist.training.model import TrainParams
 
-flows.train.POLL_S = 0.5
+fmnist.training.supervision.POLL_S = 0.5
 deployment, run_dir = sys.argv[1:]
 split = CachedSplit(run_dir + "/none.parquet", 1, "0" * 64)
 cached = CachedDataset(key="k", train=split, test=split, sources={})

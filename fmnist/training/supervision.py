@@ -1,0 +1,120 @@
+"""Supervising a training run on another host: submit it, wait for it, start it again after a crash,
+give up with what to check.
+
+Nobody watches a nightly run, so the retraining flow never waits on a training run forever:
+- a training run that crashed (its process died; or its host was lost, and the heartbeat automation
+  of `automations.yaml` marked it Crashed) is started again, `CRASH_RESUBMISSIONS` times at most, and
+  resumes after its last saved epoch on whichever GPU worker takes it;
+- a training run that shows no sign of life (no heartbeat, no state change) for `silence_timeout_s`
+  is marked Crashed, which frees its concurrency slots, and the wait fails with what to check;
+- a run that failed (its code raised) is not started again: it would fail the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+
+# A training run that crashed is started again, twice at most: enough for a reclaimed spot host and
+# an OOM kill in one night, not a loop on a run that cannot succeed.
+CRASH_RESUBMISSIONS = 2
+POLL_S = 5.0
+
+
+class TrainingRunFailed(RuntimeError):
+    """The training flow run on the training deployment did not complete."""
+
+
+class TrainingRunSilent(TrainingRunFailed):
+    """The training flow run showed no sign of life for longer than allowed."""
+
+
+def last_sign_of_life(client: SyncPrefectClient, run: FlowRun) -> datetime:
+    """When the run last showed it was alive: its newest event (heartbeat or state change), or state."""
+    from prefect.events.filters import EventFilter, EventOccurredFilter, EventResourceFilter
+
+    times = [run.created or datetime.now(UTC)]
+    if run.state and run.state.timestamp:
+        times.append(run.state.timestamp)
+    newest = client.read_events(
+        EventFilter(
+            occurred=EventOccurredFilter(since=times[0]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        ),
+        limit=1,
+    ).events
+    times += [event.occurred for event in newest]
+    return max(times)
+
+
+def silence_message(run: FlowRun, silent_s: float) -> str:
+    """What to check about a run silent for `silent_s`: a worker for its pool if none took it, else its host."""
+    state = run.state.name if run.state else "no state"
+    if run.state and (run.state.is_scheduled() or run.state.is_pending()):
+        return (
+            f"training run {run.name} ({run.id}) waited {silent_s:.0f} s in state {state} and no worker took it: "
+            f"check that a worker is running for work pool {run.work_pool_name} (make worker-gpu) and that the "
+            "pool and the deployment are not paused or full"
+        )
+    return (
+        f"training run {run.name} ({run.id}) has been {state} without a heartbeat or state change for "
+        f"{silent_s:.0f} s: its host or worker is probably lost. Check the GPU worker's host, and that "
+        "make deploy created the heartbeat automation (prefect automation ls); the run was marked Crashed "
+        "so that it frees its slots"
+    )
+
+
+def wait_for_run(run_id: UUID, silence_timeout_s: float) -> FlowRun:
+    """Wait until the flow run ends; raise `TrainingRunSilent` (after marking it Crashed) if it goes silent."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            silent_s = (datetime.now(UTC) - last_sign_of_life(client, run)).total_seconds()
+            if silent_s > silence_timeout_s:
+                message = silence_message(run, silent_s)
+                client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+                raise TrainingRunSilent(message)
+            time.sleep(POLL_S)
+
+
+def supervise(
+    submit: Callable[[], UUID],
+    wait: Callable[[UUID], FlowRun],
+    where: str,
+    on_restart: Callable[[FlowRun, str], None],
+) -> FlowRun:
+    """Submit a training run and wait for it; after a crash, tell `on_restart` why and submit it again.
+
+    Returns the completed run; raises TrainingRunFailed naming the last run, where it ran (`where`)
+    and how it ended, once a run fails, ends otherwise, or crashes `CRASH_RESUBMISSIONS + 1` times.
+    """
+    attempts = CRASH_RESUBMISSIONS + 1
+    attempt = 1
+    while True:
+        run = wait(submit())
+        state = run.state
+        if state is not None and state.is_completed():
+            return run
+        if state is None or not state.is_crashed() or attempt == attempts:
+            raise TrainingRunFailed(
+                f"training run {run.name} ({run.id}) on {where} ended "
+                f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+            )
+        on_restart(
+            run,
+            f"Training run {run.name} crashed ({state.message}); starting it again "
+            f"(attempt {attempt + 1} of {attempts}), to resume after its last saved epoch",
+        )
+        attempt += 1
