@@ -7,7 +7,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from fmnist.data.download import RawDataset
-from fmnist.data.incoming import BadBatches, IncomingBatch, QuarantineError, known_images, quarantine, screen_incoming
+from fmnist.data.incoming import BadBatches, IncomingBatch, dispose, known_images, screen_incoming
 from fmnist.ops import events
 from fmnist.storage.layout import StorageParams
 
@@ -30,19 +30,17 @@ def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: 
         for b in screening.batches
     ]
     for refused in screening.refused:
-        status = "refused: the run stops"
-        if bad_batches == "quarantine":
-            try:
-                where = quarantine(store, refused, storage.quarantine, f"Quarantined by flow run {flow_run.get_id()}.")
-            except QuarantineError as exc:  # left in place: refused again by the next run, never used
-                logger.error("%s\n%s; this run trains on the other batches", refused.error, exc)
-                status = f"refused, left in place: {exc}"
-            else:
-                message = f"{refused.error}\nMoved to {where}; this run trains on the other batches"
-                logger.warning("%s", message)
-                events.emit(events.BATCH_QUARANTINED, storage.incoming, message, batch=refused.name, moved_to=where)
-                status = f"quarantined: moved to {where}"
-        rows.append({"batch": refused.name, "kind": "", "rows": 0, "status": status, "note": refused.error})
+        note = f"Quarantined by flow run {flow_run.get_id()}."
+        disposal = dispose(store, refused, bad_batches, storage.quarantine, note)
+        if disposal.left_because:
+            logger.error("%s\n%s; this run trains on the other batches", refused.error, disposal.left_because)
+        elif disposal.moved_to:
+            message = f"{refused.error}\nMoved to {disposal.moved_to}; this run trains on the other batches"
+            logger.warning("%s", message)
+            events.emit(
+                events.BATCH_QUARANTINED, storage.incoming, message, batch=refused.name, moved_to=disposal.moved_to
+            )
+        rows.append({"batch": refused.name, "kind": "", "rows": 0, "status": disposal.status, "note": refused.error})
     if rows:
         create_table_artifact(
             key="incoming-batches", table=rows, description="Incoming batches: used, or quarantined and why"

@@ -12,7 +12,7 @@ from fmnist.data.dataset import DatasetSpec
 from fmnist.data.download import RawDataset
 from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import IncomingBatch
-from fmnist.data.validation import DriftError, ValidationReport, drifted_names, validate_raw
+from fmnist.data.validation import ValidationReport, drift_verdict, validate_raw
 from fmnist.ops import events
 from fmnist.storage.layout import StorageParams
 
@@ -49,11 +49,6 @@ def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> st
     return "\n".join(lines)
 
 
-def drift_message(report: ValidationReport) -> str:
-    details = "; ".join(f for o in report.drifted for f in o.failures)
-    return f"Incoming data unlike the training data: {', '.join(drifted_names(report))}. {details}"
-
-
 @task(name="validate")
 def validate_task(
     spec: DatasetSpec,
@@ -86,10 +81,9 @@ def validate_task(
             failures=failures[:20],
         )
     report.raise_for_failure()
-    if report.drifted and drift_setting != "off":
-        message = drift_message(report)
-        events.emit(events.DRIFT_DETECTED, storage.registry, message, batches=[o.suite for o in report.drifted])
-        if drift_setting == "fail":
-            raise DriftError(f"{message}\nSet drift to 'warn' to train on them anyway. Data Docs: {report.docs_index}")
-        logger.warning("%s (drift=warn: training on them anyway)", message)
+    verdict = drift_verdict(report, drift_setting)
+    if verdict.message:
+        events.emit(events.DRIFT_DETECTED, storage.registry, verdict.message, batches=[o.suite for o in report.drifted])
+        verdict.raise_if_stopping(report.docs_index)
+        logger.warning("%s (drift=warn: training on them anyway)", verdict.message)
     return report

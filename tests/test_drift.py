@@ -11,10 +11,10 @@ from fmnist.data import drift
 from fmnist.data.dataset import DatasetSpec
 from fmnist.data.download import RawDataset, download_dataset
 from fmnist.data.incoming import collect_incoming
-from fmnist.data.validation import validate_raw
+from fmnist.data.validation import DriftError, drift_verdict, validate_raw
 from fmnist.storage import Store
 from fmnist.storage.layout import DataLayout
-from tasks.validate import drift_message, report_markdown
+from tasks.validate import report_markdown
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
 
@@ -63,6 +63,23 @@ def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(big_mi
     assert "Drift" not in report_markdown(report, "off")
 
 
+def test_the_drift_policy_tells_and_trains_tells_and_stops_or_says_nothing(big_mirror, raw, layout, store, tmp_path):
+    _, spec = big_mirror
+    labels = np.full(100, 4, dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
+    drifted = validate_batches(spec, raw, layout, store, tmp_path / "incoming")
+    warn, fail, off = (drift_verdict(drifted, setting) for setting in ("warn", "fail", "off"))
+    assert warn.message and warn.message.startswith("Incoming data unlike the training data: batch one-class. ")
+    assert fail.message == warn.message and fail.stop and not warn.stop
+    assert off.message is None and not off.stop
+    warn.raise_if_stopping("docs")  # a warning does not stop the run
+    with pytest.raises(DriftError, match=r"batch one-class\. .*\nSet drift to 'warn' to train on them anyway"):
+        fail.raise_if_stopping("docs")
+    (tmp_path / "incoming" / "one-class").rename(tmp_path / "nothing-here")
+    quiet = validate_batches(spec, raw, layout, store, tmp_path / "incoming")
+    assert drift_verdict(quiet, "fail") == drift_verdict(quiet, "warn") == off  # nothing drifted: nothing to say
+
+
 def test_drift_off_checks_nothing(big_mirror, raw, layout, store, tmp_path):
     _, spec = big_mirror
     labels = np.full(100, 4, dtype=np.uint8)
@@ -83,7 +100,7 @@ def test_a_drifted_delivery_split_into_batches_too_small_to_judge_is_judged_as_a
     report = validate_batches(spec, raw, layout, store, incoming)
     assert [o.suite for o in report.drifted] == ["drift-all-incoming"]
     assert not [o for o in report.suites if o.suite.startswith("drift-incoming-")], "each alone is too small"
-    assert "all incoming batches together" in drift_message(report)
+    assert "all incoming batches together" in drift_verdict(report, "warn").message
 
 
 def test_one_batch_is_not_judged_twice(big_mirror, raw, layout, store, tmp_path):

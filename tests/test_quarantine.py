@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmnist.data import incoming
-from fmnist.data.incoming import QUARANTINE_NOTE, QuarantineError, quarantine, screen_incoming
+from fmnist.data.incoming import QUARANTINE_NOTE, Disposal, QuarantineError, dispose, quarantine, screen_incoming
 from fmnist.storage import Store, join
 from tests.helpers import synthetic_images, write_idx_batch
 
@@ -156,3 +156,22 @@ def test_a_bucket_batch_of_too_many_objects_is_refused_from_its_listing(
     [refused] = screen_incoming(store, join(bucket, "in"), contract=False).refused
     assert refused.error == f"{bucket}/in/many: 21 files, over the 20-file limit for this folder"
     assert not list((tmp_path / "scratch").rglob("*.png"))  # nothing was downloaded
+
+
+def test_the_bad_batch_policy_stops_moves_or_leaves_and_says_which(store: Store, root: str, tmp_path: Path) -> None:
+    for name in ("kept[1]", "moved[2]", "stuck[3]"):
+        put_batch(store, tmp_path, join(root, "in", name), 4)
+    kept, moved, stuck = screen_incoming(store, join(root, "in"), contract=False).refused
+    failing = dispose(store, kept, "fail", join(root, "quarantine"), "by the test")
+    assert failing == Disposal(kept, "refused: the run stops") and store.find(join(root, "in", "kept[1]"))
+    quarantined = dispose(store, moved, "quarantine", join(root, "quarantine"), "by the test")
+    assert quarantined.status == f"quarantined: moved to {quarantined.moved_to}" and not quarantined.left_because
+    assert QUARANTINE_NOTE in store.find(quarantined.moved_to) and not store.find(join(root, "in", "moved[2]"))
+    if store.direct_path(root) is None:
+        blocked = "s3://no-such-bucket-for-fmnist/quarantine"
+    else:
+        blocked = join(root, "a-file")
+        Path(blocked).write_bytes(b"a file where the quarantine folder should be")
+    left = dispose(store, stuck, "quarantine", join(blocked, "q"), "by the test")
+    assert left.moved_to is None and left.left_because and left.status == f"refused, left in place: {left.left_because}"
+    assert store.find(join(root, "in", "stuck[3]"))  # still there, refused again by the next run

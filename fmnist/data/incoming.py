@@ -388,3 +388,25 @@ def add_batch(
 def input_hashes(raw: RawDataset, incoming: list[IncomingBatch]) -> list[str]:
     """What the data stages' cache keys are made of: the canonical files' and each batch's content."""
     return [f.sha256 for f in raw.files] + [f"{b.name}:{b.sha256}" for b in incoming]
+
+
+@dataclass(frozen=True)
+class Disposal:
+    """What became of a refused batch under a run's `bad_batches` policy."""
+
+    batch: RefusedBatch
+    status: str  # for the run's table of incoming batches
+    moved_to: str | None = None  # where the quarantine put it
+    left_because: str | None = None  # why it could not be quarantined: it stays, and is refused again next run
+
+
+def dispose(store: Store, refused: RefusedBatch, policy: BadBatches, quarantine_dir: str, note: str) -> Disposal:
+    """The bad-batch policy: `fail` leaves the batch where it is (the run stops); `quarantine` moves it
+    out of the incoming folder with `note`, or, where it cannot be moved, leaves it and says why."""
+    if policy != "quarantine":
+        return Disposal(refused, "refused: the run stops")
+    try:
+        where = quarantine(store, refused, quarantine_dir, note)
+    except QuarantineError as exc:
+        return Disposal(refused, f"refused, left in place: {exc}", left_because=str(exc))
+    return Disposal(refused, f"quarantined: moved to {where}", moved_to=where)

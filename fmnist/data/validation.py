@@ -27,6 +27,7 @@ from fmnist.data.contract import (
 )
 from fmnist.data.dataset import NUM_CLASSES, DatasetSpec
 from fmnist.data.download import RawDataset
+from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import IncomingBatch, input_hashes, load_collected
 from fmnist.storage import IntegrityError, Store, join
 from fmnist.storage.files import sha256_text
@@ -106,6 +107,27 @@ def drifted_names(report: ValidationReport) -> list[str]:
         else f"batch {o.suite.removeprefix(DRIFT_SUITE_PREFIX)}"
         for o in report.drifted
     ]
+
+
+@dataclass(frozen=True)
+class DriftVerdict:
+    """What a run does about drift: tell the operator `message` (None: nothing to tell), and stop if `stop`."""
+
+    message: str | None
+    stop: bool
+
+    def raise_if_stopping(self, docs_index: str) -> None:
+        if self.stop:
+            raise DriftError(f"{self.message}\nSet drift to 'warn' to train on them anyway. Data Docs: {docs_index}")
+
+
+def drift_verdict(report: ValidationReport, setting: DriftSetting) -> DriftVerdict:
+    """The drift policy: `off` says nothing, `warn` tells and trains on the batches, `fail` tells and stops."""
+    if setting == "off" or not report.drifted:
+        return DriftVerdict(None, stop=False)
+    details = "; ".join(f for o in report.drifted for f in o.failures)
+    message = f"Incoming data unlike the training data: {', '.join(drifted_names(report))}. {details}"
+    return DriftVerdict(message, stop=setting == "fail")
 
 
 def validate_raw(
