@@ -8,6 +8,7 @@ that breaks a layer fails here rather than in a review.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,22 @@ def test_flows_are_wiring_without_hashing_or_file_formats(path: Path) -> None:
     work = {"hashlib", "json", "subprocess", "fmnist.storage", "fmnist.storage.files", "fmnist.registry.manifest"}
     work |= {"fmnist.training.lineage"}
     assert not imported(path) & work, f"{path.name} does work a stage should do: {imported(path) & work}"
+
+
+# Where a location's scheme may be looked at: the store that picks a backend, and the backends. A
+# mirror is no storage location, so the download stage tells http(s) mirrors from the store's own.
+SCHEME_AWARE = {"fmnist/storage/store.py", "fmnist/storage/local.py", "fmnist/storage/s3.py", "fmnist/data/download.py"}
+SCHEME_TEST = re.compile(r"is_remote|\.scheme\b|startswith\(\s*[\"'](s3|file|gs|az)|[\"'](s3|file)://[\"']\s*(in|==)")
+
+
+@pytest.mark.parametrize("path", [*modules("fmnist"), *modules("tasks"), *modules("flows")], ids=name)
+def test_only_the_storage_backends_tell_one_kind_of_location_from_another(path: Path) -> None:
+    if name(path) in SCHEME_AWARE:
+        return
+    found = [line.strip() for line in path.read_text().splitlines() if SCHEME_TEST.search(line)]
+    assert not found, f"{name(path)} tests a location's scheme: {found}; ask the Store (e.g. direct_path) instead"
+
+
+def test_the_scheme_check_sees_the_old_ways() -> None:
+    for line in ("if is_remote(location):", "scheme = urlsplit(x).scheme", 'location.startswith("s3://")'):
+        assert SCHEME_TEST.search(line), line
