@@ -46,10 +46,10 @@ FMNIST_DATA_ROOT ?=
 FMNIST_REGISTRY_ROOT ?=
 
 # The per-run install step of the cluster deployments reads these, exported from uv.lock.
-EXPORT := $(UV) export --frozen --no-dev --no-emit-project --no-header -q
+EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test test-slow test-quick test-all lint format bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -57,6 +57,7 @@ help:
 	@echo "make test    install, get the data, run the tests (make test-slow: the real-data training too)"
 	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
+	@echo "make docs    build the docs site into site/ (strict: a broken link fails); make docs-serve: on 127.0.0.1:8000"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
@@ -133,6 +134,14 @@ requirements: $(UV)
 format: install
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
+
+# The docs site; its reference pages are generated from the code at every build (docs/hooks.py).
+docs: install
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+	@echo "docs built in site/ (open site/index.html)"
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
 bench: install data
 	$(PY) bench/data_stages.py

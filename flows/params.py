@@ -40,7 +40,9 @@ class RetrainParams(BaseModel):
     )
     dataset: DatasetSpec = Field(FASHION_MNIST, description="The files to fetch, pinned by sha256")
     training: TrainParams = Field(default_factory=TrainParams, description="The model and how to train it")
-    promotion: PromotionParams = Field(default_factory=PromotionParams)
+    promotion: PromotionParams = Field(
+        default_factory=PromotionParams, description="The gate: an accuracy floor, and a margin over the champion"
+    )
     force_retrain: bool = Field(False, description="Train even if the champion was made from the same data and code")
     drift: DriftSetting = Field(
         "warn",
