@@ -198,10 +198,18 @@ prune: install
 	$(SERVER) $(FASHION_MNIST) --registry $(or $(FMNIST_REGISTRY_ROOT),artifacts) prune-runs \
 	  --keep-last $(KEEP_LAST) --keep-days $(KEEP_DAYS)
 
+# Whether every root given is shared by all hosts: the store's answer (no path on this host), not a scheme test.
+define SHARED_ROOTS
+import sys
+from fmnist.storage import Store, normalize
+sys.exit(any(Store().direct_path(normalize(root)) is not None for root in sys.argv[1:]))
+endef
+export SHARED_ROOTS
+
 # Code from git at the pinned commit, everything else in object storage (see prefect.yaml).
 deploy-cluster: pools
-	@case "$(FMNIST_DATA_ROOT) $(FMNIST_REGISTRY_ROOT)" in s3://*" "s3://*) ;; \
-	  *) echo "set FMNIST_DATA_ROOT and FMNIST_REGISTRY_ROOT to s3:// URLs every host can reach"; exit 1;; esac
+	@$(PY) -c "$$SHARED_ROOTS" "$(FMNIST_DATA_ROOT)" "$(FMNIST_REGISTRY_ROOT)" 2>/dev/null \
+	  || { echo "set FMNIST_DATA_ROOT and FMNIST_REGISTRY_ROOT to locations every host can reach (s3://...)"; exit 1; }
 	@[ -n "$(FMNIST_REPO_URL)" ] && [ -n "$(FMNIST_COMMIT)" ] \
 	  || { echo "set FMNIST_REPO_URL (no git remote 'origin' here) and FMNIST_COMMIT"; exit 1; }
 	@git diff --quiet HEAD 2>/dev/null \
