@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from fmnist.storage.base import (
     verify,
 )
 from fmnist.storage.files import atomic_path
-from fmnist.storage.scratch import Scratch
+from fmnist.storage.scratch import Scratch, require_scratch, temporary_folder
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -157,11 +156,6 @@ class S3Backend:
         return getattr(getattr(client, "meta", None), "endpoint_url", None) or os.environ.get(
             "AWS_ENDPOINT_URL", "the default AWS endpoint"
         )
-
-    def _scratch(self, location: str) -> Path:
-        if self.scratch is None:
-            raise StorageError(f"{location}: reading remote files needs a scratch folder on this host")
-        return self.scratch
 
     def _etag(self, location: str) -> str:
         path = self._path(location)
@@ -300,12 +294,12 @@ class S3Backend:
         """A scratch copy, reused only while the object is the one it was made from (same etag), and
         only after it hashes right again."""
         etag = self._etag(file.location)
-        scratch = Scratch(self._scratch(file.location))
-        if cached := scratch.get(file, etag):
+        copies = Scratch(require_scratch(self.scratch, file.location))
+        if cached := copies.get(file, etag):
             return cached
-        target = scratch.path(file)
+        target = copies.path(file)
         self.fetch(file, target)
-        scratch.remember(file, etag)
+        copies.remember(file, etag)
         return target
 
     def fetch(self, file: StoredFile, target: Path) -> None:
@@ -333,27 +327,18 @@ class S3Backend:
             raise StorageError(
                 f"{join(location, clashing[0])}: both a file and a folder in this bucket, which no disk can hold"
             )
-        tmp_root = self._scratch(location) / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
+        with temporary_folder(self.scratch, location) as folder:
             if names:
                 local = [str(Path(folder, *name.split("/"))) for name in names]
                 with self._errors(location):
                     self._fs.get([join(path, name) for name in names], local)
             yield Path(folder)
 
-    @contextmanager
-    def _temporary(self, location: str) -> Iterator[str]:
-        tmp_root = self._scratch(location) / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
-            yield folder
-
     def keep_copy(self, local: Path, stored: StoredFile) -> None:
         """Keep the file just published as this host's scratch copy: reading it back needs no download."""
         etag = self._etag(stored.location)
-        scratch = Scratch(self._scratch(stored.location))
-        if not scratch.path(stored).is_file():
-            with atomic_path(scratch.path(stored)) as tmp:
+        copies = Scratch(require_scratch(self.scratch, stored.location))
+        if not copies.path(stored).is_file():
+            with atomic_path(copies.path(stored)) as tmp:
                 shutil.copyfile(local, tmp)
-        scratch.remember(stored, etag)
+        copies.remember(stored, etag)

@@ -6,10 +6,13 @@ import json
 import os
 import posixpath
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from fmnist.storage.base import StoredFile
+from fmnist.storage.base import StorageError, StoredFile
 from fmnist.storage.files import atomic_write_bytes, sha256_file
 
 SCRATCH_KEPT_S = 14 * 24 * 3600  # a scratch copy unused for two weeks is deleted (it can be fetched again)
@@ -19,6 +22,22 @@ def default_scratch_dir() -> Path:
     """This host's folder for verified copies of remote files: `$XDG_CACHE_HOME/fashion-mnist-pipeline`."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "fashion-mnist-pipeline"
+
+
+def require_scratch(scratch: Path | None, location: str) -> Path:
+    """`scratch`, or StorageError naming `location` if this host has none."""
+    if scratch is None:
+        raise StorageError(f"{location}: reading remote files needs a scratch folder on this host")
+    return scratch
+
+
+@contextmanager
+def temporary_folder(scratch: Path | None, location: str) -> Iterator[Path]:
+    """A temporary folder in the scratch folder (the disk the copies of `location` go to), deleted after."""
+    tmp_root = require_scratch(scratch, location) / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
+        yield Path(folder)
 
 
 class Scratch:

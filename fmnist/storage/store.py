@@ -22,7 +22,7 @@ from fmnist.storage.base import Backend, IntegrityError, PreconditionFailed, Sto
 from fmnist.storage.files import atomic_path, sha256_file
 from fmnist.storage.local import LocalBackend
 from fmnist.storage.s3 import S3Backend
-from fmnist.storage.scratch import Scratch
+from fmnist.storage.scratch import Scratch, require_scratch, temporary_folder
 
 # A location's scheme -> its backend. A path has none; a one-letter scheme is a Windows drive.
 BACKENDS: dict[str, type[Backend]] = {"": LocalBackend, "file": LocalBackend, "s3": S3Backend}
@@ -73,9 +73,7 @@ class Store:
         return self._backend(location).direct_path(location)
 
     def require_scratch(self, location: str) -> Path:
-        if self.scratch is None:
-            raise StorageError(f"{location}: reading remote files needs a scratch folder on this host")
-        return self.scratch
+        return require_scratch(self.scratch, location)
 
     def prune_scratch(self) -> int:
         """Delete this host's scratch copies unused for two weeks; how many (none without scratch)."""
@@ -205,10 +203,8 @@ class Store:
             with atomic_path(path) as tmp:
                 yield tmp
             return
-        tmp_root = self.require_scratch(location) / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tmp_root) as folder:
-            tmp = Path(folder) / posixpath.basename(location)
+        with temporary_folder(self.scratch, location) as folder:
+            tmp = folder / posixpath.basename(location)
             yield tmp
             self.publish(tmp, location)
 
