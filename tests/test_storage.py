@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -26,6 +27,11 @@ from fmnist.storage import (
     join,
     normalize,
 )
+from fmnist.storage.base import Backend
+from fmnist.storage.local import LocalBackend
+from fmnist.storage.s3 import S3Backend
+from fmnist.storage.store import BACKENDS
+from tests.conftest import BACKEND_ROOTS
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import SECRET_KEY, S3Server
 
@@ -351,3 +357,24 @@ def test_a_lost_answer_to_a_conditional_write_is_known_for_the_writers_own(
         with pytest.raises(PreconditionFailed, match="changed by another writer"):
             store.replace(target, b"from a stale read", etag)
         assert store.read_bytes(target) == b"moved on"
+
+
+def test_every_backend_implements_the_whole_protocol_and_has_a_test_root() -> None:
+    """A backend is one module and one line in BACKENDS; this holds it to every operation of the
+    protocol, with the same signatures, and to a root in conftest's BACKEND_ROOTS for the shared tests."""
+    operations = {
+        name: value for name, value in vars(Backend).items() if not name.startswith("_") or name == "__init__"
+    }
+    operations = {
+        name: value for name, value in operations.items() if callable(value) or isinstance(value, staticmethod)
+    }
+    assert {"create", "replace", "move", "local_tree", "direct_path"} <= set(operations)
+    for backend in set(BACKENDS.values()):
+        for name, wanted in operations.items():
+            found = getattr(backend, name, None)
+            assert found is not None, f"{backend.__name__} has no {name}"
+            assert list(inspect.signature(found).parameters) == list(inspect.signature(wanted).parameters), (
+                f"{backend.__name__}.{name}{inspect.signature(found)} is not the protocol's {inspect.signature(wanted)}"
+            )
+    kinds = {"local": LocalBackend, "s3": S3Backend}
+    assert set(kinds) == set(BACKEND_ROOTS) and set(kinds.values()) == set(BACKENDS.values())

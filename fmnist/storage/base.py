@@ -74,6 +74,8 @@ class Backend(Protocol):
     location.
     """
 
+    def __init__(self, scratch: Path | None, timeout_s: float) -> None: ...
+
     @staticmethod
     def normalize(location: str) -> str:
         """The canonical form of `location`, or StorageError if it is not one of this backend's."""
