@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.e2e
 
 
 HEARTBEAT_S = 30
+DEBOUNCE_TEST_GAP_S = 25  # between the first batch and the rest: under the trigger's 60 s window
 AUTOMATIONS = {
     "fashion-mnist: crash runs whose heartbeats stopped",
     "fashion-mnist: tell the operator",
@@ -353,22 +355,16 @@ def test_new_batches_start_one_adhoc_run_after_they_stop_arriving(stack: Stack) 
         first = write_idx_batch(stack.tmp / "batches" / "b00", synthetic_images(good_labels, seed=0), good_labels)
         added = add_batch_cli(stack, first, data_root)
         assert added.returncode == 0 and "Announced it" in added.stdout, added.stdout + added.stderr
-        # Nine more in quick succession, through the same calls the CLI makes (a CLI start costs seconds).
+        # Nine more, 25 s later and in quick succession, through the same calls the CLI makes (a CLI start
+        # costs seconds): the run must wait for the last of them, not start 60 s after the first.
+        time.sleep(DEBOUNCE_TEST_GAP_S)
         storage = StorageParams(data_root=str(data_root), registry_root=str(stack.tmp / "artifacts-batches"))
-        announced = {
-            "data_root": storage.data.root,
-            "registry_root": storage.registry,
-            "incoming_dir": storage.incoming,
-        }
         with api_client(stack):
             for i in range(1, 10):
                 source = write_idx_batch(
                     stack.tmp / "batches" / f"b{i:02}", synthetic_images(good_labels, i), good_labels
                 )
-                batch = add_batch(Store(), source, storage.incoming)
-                asyncio.run(
-                    events.send(events.BATCH_ADDED, storage.incoming, "test", batch=batch.name, storage=announced)
-                )
+                asyncio.run(events.announce_batch(add_batch(Store(), source, storage.incoming), storage))
         assert len(collect_incoming(Store(), storage.incoming)) == 10
 
         def runs_for_these_batches() -> list[dict]:
@@ -383,6 +379,12 @@ def test_new_batches_start_one_adhoc_run_after_they_stop_arriving(stack: Stack) 
         assert triggered[0]["parameters"]["storage"]["registry_root"] == str(stack.tmp / "artifacts-batches")
         batch_events = stack.filter("/events/filter", {"filter": {"event": {"name": ["fashion-mnist.batch.added"]}}})
         assert {e["payload"]["batch"] for e in batch_events["events"]} == {f"b{i:02}" for i in range(10)}
+        last_batch = max(datetime.fromisoformat(e["occurred"]) for e in batch_events["events"])
+        created = datetime.fromisoformat(triggered[0]["created"])
+        assert (created - last_batch).total_seconds() > 60 - 5, (created, last_batch)  # counted from the last
+        # Nothing fired without a batch: a window kept open with no event once failed every minute.
+        failed = stack.filter("/events/filter", {"filter": {"event": {"name": ["prefect.automation.action.failed"]}}})
+        assert [e["payload"] for e in failed["events"] if e["payload"].get("action_type") == "run-deployment"] == []
     finally:
         for run in triggered:
             httpx.delete(f"{stack.api}/flow_runs/{run['id']}", timeout=30)
