@@ -73,14 +73,17 @@ def test_replace_is_compare_and_swap(store: Store, root: str) -> None:
     assert store.read_bytes(target) == b"v2"
 
 
-def _increment(args: tuple[str, str, int, dict]) -> int:
-    """Add 1 to a counter file `times` times by compare-and-swap; return how many conflicts it met.
+def _increment(args: tuple[str, str, int, dict, float]) -> int:
+    """From `start_at` on, add 1 to a counter file `times` times by compare-and-swap; return how many
+    conflicts it met.
 
     Each write carries the writer's token, as the store asks: equal bytes count as the writer's own.
     """
-    root, scratch, times, env = args
+    root, scratch, times, env, start_at = args
     os.environ.update(env)
     store, target, conflicts, token = Store(scratch=Path(scratch)), join(root, "counter"), 0, os.urandom(8).hex()
+    store.read_versioned(target)  # the first request's set-up (a client, a bucket check) before the start
+    time.sleep(max(0.0, start_at - time.time()))  # all at once: on a busy host, started apart they never raced
     for _ in range(times):
         while True:
             data, etag = store.read_versioned(target)
@@ -96,7 +99,8 @@ def test_compare_and_swap_from_many_processes_loses_no_update(
     store: Store, root: str, tmp_path: Path, s3_server: S3Server
 ) -> None:
     store.write_bytes(join(root, "counter"), b"0")
-    jobs = [(root, str(tmp_path / "scratch"), 10, s3_server.env()) for _ in range(6)]
+    start_at = time.time() + 8  # after the six spawned processes have imported the store
+    jobs = [(root, str(tmp_path / "scratch"), 10, s3_server.env(), start_at) for _ in range(6)]
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         conflicts = pool.map(_increment, jobs)
     assert store.read_bytes(join(root, "counter")).split()[0] == b"60"
