@@ -30,6 +30,12 @@ CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
 PARAMS ?= {}
 DEPLOYMENT ?= adhoc
+# The server's database: sqlite (one person; under PREFECT_HOME) or postgres (a cluster of its own under
+# $(PREFECT_HOME)/postgres: initdb once, loopback only, a free port, a generated password kept there).
+DB ?= sqlite
+# How long a worker, a deploy or a run waits for the API to answer, trying visibly, before it fails.
+API_WAIT_S ?= 60
+WAIT_FOR_API = $(SERVER) $(FASHION_MNIST) wait-for-api --timeout-s $(API_WAIT_S)
 # Seconds between flow-run heartbeats (Prefect's minimum is 30); a run silent for three is marked Crashed.
 FMNIST_HEARTBEAT_S ?= 60
 FASHION_MNIST := .venv/bin/fashion-mnist
@@ -49,7 +55,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -61,7 +67,7 @@ help:
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
-	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT)"
+	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
 	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
 	@echo "make deploy-cluster FMNIST_DATA_ROOT=s3://... FMNIST_REGISTRY_ROOT=s3://...   the cluster deployments"
@@ -96,6 +102,19 @@ data:
 	  echo "No apt-get here: the pipeline will download from the upstream mirrors"; \
 	fi
 
+# PostgreSQL for the Prefect server (make server DB=postgres, and the end-to-end tests): Debian's package.
+POSTGRES_FOUND := command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+postgres:
+	@if $(POSTGRES_FOUND); then \
+	  echo "PostgreSQL: $$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1 || command -v initdb)"; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's postgresql (the server's database in the end-to-end tests)"; \
+	  $(SUDO) apt-get install -y -q postgresql \
+	    || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }; \
+	else \
+	  echo "No PostgreSQL and no apt-get: install PostgreSQL (initdb, postgres), then run this again"; exit 1; \
+	fi
+
 run: install data
 	$(PY) -m flows.run_once
 
@@ -104,11 +123,11 @@ run: install data
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
-test: install data
+test: install data postgres
 	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL)
 
 # An hour of training on the real 70,000 images: three seeds each of dnn, dnn-tuned and cnn.
-test-slow: install data
+test-slow: install data postgres
 	$(PY) -m pytest -m slow
 
 # Tiers you can run alone: the readers, registry, storage and data stages without training or a
@@ -116,7 +135,7 @@ test-slow: install data
 test-quick: install data
 	$(PY) -m pytest -m "not slow and not e2e and not training" $(PYTEST_PARALLEL)
 
-test-all: install data
+test-all: install data postgres
 	$(PY) -m pytest
 
 lint: install
@@ -165,14 +184,17 @@ bench-presets: install data
 serve: install
 	$(FASHION_MNIST) --registry $(REGISTRY) serve --host $(SERVE_HOST) --port $(SERVE_PORT)
 
-server: install
+server: install $(if $(filter postgres,$(DB)),postgres)
+	@case "$(DB)" in sqlite|postgres) ;; *) echo "DB=$(DB): choose sqlite or postgres"; exit 2;; esac
 	# The UI must be told the port: prefect 3.8 otherwise points it at 4200 whatever --port says.
 	# PREFECT_UI_URL: the links in notifications.
 	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_UI_URL=http://$(PREFECT_HOST):$(PREFECT_PORT) \
+	  $(if $(filter postgres,$(DB)),$(PY) -m fmnist.ops.postgres $(PREFECT_HOME)/postgres --) \
 	  $(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
 # Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
 pools: install
+	$(WAIT_FOR_API)
 	$(SERVER) $(PREFECT) work-pool create $(CPU_POOL) --type process --overwrite
 	$(SERVER) $(PREFECT) work-pool create $(GPU_POOL) --type process --overwrite
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(CPU_POOL) 1
@@ -222,10 +244,13 @@ deploy-cluster: pools
 	$(MAKE) --no-print-directory automations
 
 worker-cpu: install data
-	$(SERVER) $(PREFECT) worker start --pool $(CPU_POOL)
+	$(WAIT_FOR_API)
+	$(SERVER) $(FASHION_MNIST) worker --pool $(CPU_POOL)
 
 worker-gpu: install
-	$(SERVER) $(PREFECT) worker start --pool $(GPU_POOL)
+	$(WAIT_FOR_API)
+	$(SERVER) $(FASHION_MNIST) worker --pool $(GPU_POOL)
 
 retrain-now: install
+	$(WAIT_FOR_API)
 	$(SERVER) $(PREFECT) deployment run retrain-fashion-mnist/$(DEPLOYMENT) --param params='$(PARAMS)' --watch
