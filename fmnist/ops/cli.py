@@ -36,6 +36,8 @@ from fmnist.data.dataset import CLASS_NAMES, FASHION_MNIST
 from fmnist.data.incoming import add_batch, known_images
 from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
+from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
+from fmnist.ops.worker import run_worker
 from fmnist.registry.retention import RetentionParams, prune_runs
 from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
 from fmnist.storage import StorageError, Store, StoredFile, join
@@ -233,6 +235,21 @@ def cmd_webhook(registry: Registry, args: argparse.Namespace) -> None:
     )
 
 
+def cmd_wait_for_api(registry: Registry, args: argparse.Namespace) -> None:
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ValueError("PREFECT_API_URL is not set: start a server (make server) and point it there")
+    tries = wait_for_api(url, args.timeout_s, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"the Prefect API at {url} answers" + (f" (try {tries})" if tries > 1 else ""))
+
+
+def cmd_worker(registry: Registry, args: argparse.Namespace) -> None:
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    raise SystemExit(run_worker(args.pool, extra))
+
+
 def bounded(kind: type, low: float, high: float):
     """An argparse type: a finite number of `kind` from `low` to `high`, or a usage error that says so."""
 
@@ -329,6 +346,17 @@ def parser() -> argparse.ArgumentParser:
     webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
     webhook.add_argument("url")
     webhook.set_defaults(run=cmd_webhook)
+    wait = commands.add_parser("wait-for-api", help="wait, trying visibly, until the Prefect API answers")
+    wait.add_argument(
+        "--timeout-s", type=bounded(float, 0, 3600), default=API_WAIT_S, help="give up after this long, naming the URL"
+    )
+    wait.set_defaults(run=cmd_wait_for_api)
+    worker = commands.add_parser(
+        "worker", help="a Prefect process worker that, stopped with SIGTERM or Ctrl-C, hands its runs back"
+    )
+    worker.add_argument("--pool", required=True, help="the work pool to serve")
+    worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more `prefect worker start` options")
+    worker.set_defaults(run=cmd_worker)
     return main
 
 
@@ -340,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             Store(scratch=scratch_path(args.scratch)), normalize_location(args.registry or DEFAULT_REGISTRY)
         )
         args.run(registry, args)
-    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError) as exc:
+    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError, ApiUnreachable) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1
     return 0
