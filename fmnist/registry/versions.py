@@ -223,6 +223,7 @@ class Registry:
         one claim) never makes its number free again. The claim carries a token of this writer's own:
         a create that meets its own bytes after a lost acknowledgement is this writer's claim.
         """
+        self.store.require_conditional_writes(self.root)
         claim = json.dumps({**claimant, "token": uuid.uuid4().hex}).encode()
         number = self._highest_number() + 1
         tried = []
@@ -404,6 +405,7 @@ class Registry:
         `repair`: a damaged pointer is replaced instead of refused (an operator's promote), and the
         change is made from the champion the audit log records.
         """
+        self.store.require_conditional_writes(self.root)
         for attempt in range(CHAMPION_MOVE_ATTEMPTS):
             try:
                 current, etag, last = self._state()

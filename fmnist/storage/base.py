@@ -80,6 +80,9 @@ class Backend(Protocol):
     def normalize(location: str) -> str:
         """The canonical form of `location`, or StorageError if it is not one of this backend's."""
 
+    def endpoint(self) -> str:
+        """Where this backend's files are (a server's URL, this host's disk), for messages."""
+
     # reads
     def exists(self, location: str) -> bool: ...
     def is_dir(self, location: str) -> bool: ...

@@ -71,6 +71,9 @@ class LocalBackend:
         del scratch, timeout_s  # a local disk needs neither a scratch folder nor timeouts
         self._fs_instance: AbstractFileSystem | None = None
 
+    def endpoint(self) -> str:
+        return "this host's file system"
+
     @property
     def _fs(self) -> AbstractFileSystem:
         if self._fs_instance is None:

@@ -12,7 +12,8 @@ import json
 import posixpath
 import tempfile
 import urllib.parse
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,15 @@ def _backend_type(location: str) -> type[Backend]:
     return BACKENDS[scheme]
 
 
+def _lands(write: Callable[[], None]) -> bool:
+    """Whether a write that must be refused went through."""
+    try:
+        write()
+    except PreconditionFailed:
+        return False
+    return True
+
+
 def normalize(location: str) -> str:
     """The canonical form of a location (an absolute path, `s3://bucket[/key]` without a trailing
     slash, ...); anything no backend takes is refused."""
@@ -60,6 +70,7 @@ class Store:
         self.scratch = scratch
         self.timeout_s = timeout_s
         self._backends: dict[type[Backend], Backend] = {}
+        self._conditions_hold: set[str] = set()  # roots whose store was seen to honour conditional writes
 
     def _backend(self, location: str) -> Backend:
         kind = _backend_type(location)
@@ -176,6 +187,38 @@ class Store:
         except PreconditionFailed:
             if not self._holds(location, data):
                 raise
+
+    def require_conditional_writes(self, root: str) -> None:
+        """Refuse a store that ignores create-only and compare-and-swap conditions, before anything is
+        written under `root` that relies on them. Some S3-compatible servers ignore `If-None-Match` and
+        `If-Match`: there two registrations claim one version, and a promotion overwrites another. A
+        probe of this writer's own (`root/.write-check/TOKEN/`) is created, created again and replaced
+        with a stale etag (both must fail), then deleted. Once per root and store."""
+        if root in self._conditions_hold:
+            return
+        folder = join(root, ".write-check", uuid.uuid4().hex)
+        probe = join(folder, "probe.json")
+        try:
+            self.create(probe, b'{"probe": 1}')
+            ignored = [what for what, write in self._conditional_probes(probe) if _lands(write)]
+        finally:
+            self.delete(folder)
+        if ignored:
+            raise StorageError(
+                f"{root}: the store at {self._backend(root).endpoint()} ignores conditional writes "
+                f"({' and '.join(ignored)} succeeded where they must fail). The registry needs create-only "
+                "(If-None-Match: *) and compare-and-swap (If-Match) writes to never give one version number "
+                "twice or lose a promotion: use a store that honours them (AWS S3, MinIO, SeaweedFS, Ceph RGW)"
+            )
+        self._conditions_hold.add(root)
+
+    def _conditional_probes(self, probe: str) -> list[tuple[str, Callable[[], None]]]:
+        """Writes that a store honouring conditions refuses: (what it is, the write)."""
+        backend = self._backend(probe)
+        return [
+            ("a create over an existing file (If-None-Match: *)", lambda: backend.create(probe, b'{"probe": 2}')),
+            ("a replace with a stale etag (If-Match)", lambda: backend.replace(probe, b'{"probe": 3}', '"stale"')),
+        ]
 
     def _holds(self, location: str, data: bytes) -> bool:
         """Whether `location` holds exactly `data` now."""
