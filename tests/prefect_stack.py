@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import httpx
 
+from fmnist.ops.postgres import LocalPostgres
 from tests.processes import free_ports, stop, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 @dataclass
@@ -33,17 +36,34 @@ class Stack:
     port: int
     tmp: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    # The server's own PostgreSQL, when it has one (else SQLite under PREFECT_HOME).
+    postgres: LocalPostgres | None = None
+    server: subprocess.Popen | None = None
 
     def start(
         self, name: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, prefect: str = PREFECT
     ) -> subprocess.Popen:
         """`prefect ARGS` in its own session (so it and its children can be stopped together); log in tmp."""
-        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        log = open(self.tmp / f"{name}.log", "a")  # noqa: SIM115 (closed with the process; a restart appends)
         process = subprocess.Popen(
             [prefect, *args], cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.processes.append(process)
         return process
+
+    def start_server(self) -> None:
+        """`prefect server start` on this stack's port and database; returns once it answers."""
+        env = {**self.env, **(self.postgres.prefect_env() if self.postgres else {})}
+        self.server = self.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=env)
+        wait_until_ready(f"{self.api}/health", self.server, self.tmp / "server.log")
+
+    def stop_server(self, kill: bool = True) -> None:
+        """Stop the server (SIGKILL by default, as a crashed host); its workers and runs go on without it."""
+        if kill:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+        else:
+            stop(self.server)
 
     def get(self, path: str) -> dict:
         response = httpx.get(self.api + path, timeout=30)
@@ -87,16 +107,25 @@ class Stack:
         )
 
     def finished(self, cli: subprocess.Popen, timeout_s: float = 700) -> dict:
-        """Wait for the watching CLI to end; the flow run as the API has it."""
+        """Wait for the watching CLI to end, and the run to finish; the flow run as the API has it. (The
+        CLI stops watching when the server goes away: "Stopped watching flow run ... before it reached a
+        terminal state". The run goes on, and is waited for here.)"""
+        deadline = time.monotonic() + timeout_s
         stdout, stderr = cli.communicate(timeout=timeout_s)
         match = re.search(r"UUID:\s+([0-9a-f-]{36})", stdout)
         assert match, stdout[-3000:] + stderr[-3000:]
-        return self.get(f"/flow_runs/{match.group(1)}")
+
+        def final() -> dict | None:
+            run = self.get(f"/flow_runs/{match.group(1)}")
+            return run if run["state_type"] in FINAL_STATES else None
+
+        return wait_for(f"flow run {match.group(1)} to finish", final, max(deadline - time.monotonic(), 1))
 
 
 @contextmanager
-def prefect_server(tmp: Path) -> Iterator[Stack]:
-    """A `prefect server start` of its own (own PREFECT_HOME, free port); stops it and every process after."""
+def prefect_server(tmp: Path, database: str = "sqlite") -> Iterator[Stack]:
+    """A `prefect server start` of its own (own PREFECT_HOME, free port, its database SQLite or a
+    PostgreSQL cluster of its own); stops it, every process and the database after."""
     [port] = free_ports(1)
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -107,14 +136,17 @@ def prefect_server(tmp: Path) -> Iterator[Stack]:
         "DO_NOT_TRACK": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
     }
-    stack = Stack(env, api, port, tmp)
+    stack = Stack(env, api, port, tmp, postgres=LocalPostgres(tmp / "postgres") if database == "postgres" else None)
     try:
-        server = stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_until_ready(f"{api}/health", server, tmp / "server.log")
+        if stack.postgres:
+            stack.postgres.start()
+        stack.start_server()
         yield stack
     finally:
         for process in reversed(stack.processes):
             stop(process)
+        if stack.postgres:
+            stack.postgres.stop()
 
 
 def make(stack: Stack, target: str, **variables: str) -> None:

@@ -6,6 +6,12 @@
 - `lose_requests = N`: the next N such PUTs are dropped, with the connection, before the server sees them.
 - `lose_every_first = True`: every other such PUT's answer is lost, so each write's first attempt lands
   unanswered and its retry meets it.
+- `down = True`: the store is gone (stopped, its host lost): every connection is dropped, open or new,
+  until it is set back to False. `down_after_puts = N`: it goes down at the (N+1)th PUT from now, which
+  never reaches it (the store stopped in the middle of an upload).
+- `ignore_conditions = True`: such PUTs lose their condition on the way and land unconditionally, as on a
+  store that ignores `If-None-Match` / `If-Match` (the server must not check signatures: the headers were
+  signed).
 
 Requests carry a Content-Length (botocore does not pipeline), so the proxy knows where each one ends, and
 the answer read after a conditional PUT's headers is that PUT's (after any `100 Continue`).
@@ -29,6 +35,9 @@ class LossyProxy:
     lose_answers: int = 0
     lose_requests: int = 0
     lose_every_first: bool = False
+    ignore_conditions: bool = False
+    down: bool = False
+    down_after_puts: int | None = None
     answers_lost: int = 0
     requests_lost: int = 0
     conditional_puts: int = 0
@@ -49,6 +58,15 @@ class LossyProxy:
                 return True
         return False
 
+    def _goes_down(self, head: bytes) -> bool:
+        with self._lock:
+            if head.startswith(b"PUT ") and self.down_after_puts is not None:
+                if self.down_after_puts == 0:
+                    self.down, self.down_after_puts = True, None
+                else:
+                    self.down_after_puts -= 1
+            return self.down
+
     def serve(self) -> None:
         while True:
             try:
@@ -58,6 +76,9 @@ class LossyProxy:
             threading.Thread(target=self._connection, args=(client,), daemon=True).start()
 
     def _connection(self, client: socket.socket) -> None:
+        if self.down:
+            _close(client)
+            return
         upstream = socket.create_connection(self.upstream, timeout=30)
         lose_answer = threading.Event()
         threading.Thread(target=self._answers, args=(upstream, client, lose_answer), daemon=True).start()
@@ -70,6 +91,8 @@ class LossyProxy:
                         return
                     buffer += data
                 head, buffer = buffer.split(_HEAD_END, 1)
+                if self._goes_down(head):
+                    return  # the connection drops with the store
                 conditional = head.startswith(b"PUT ") and any(
                     line.lower().startswith((b"if-none-match:", b"if-match:")) for line in head.split(b"\r\n")
                 )
@@ -80,6 +103,12 @@ class LossyProxy:
                     return  # never forwarded: the connection drops
                 if conditional and self._take("answers"):
                     lose_answer.set()
+                if conditional and self.ignore_conditions:
+                    head = b"\r\n".join(
+                        line
+                        for line in head.split(b"\r\n")
+                        if not line.lower().startswith((b"if-none-match:", b"if-match:"))
+                    )
                 upstream.sendall(head + _HEAD_END)
                 remaining = _content_length(head)
                 while remaining > 0:  # the body, as it comes (after a 100 Continue, with Expect)

@@ -68,8 +68,10 @@ def weed_binary() -> str:
 
 
 @contextmanager
-def seaweedfs(data_dir: Path, startup_timeout_s: float = 60) -> Iterator[S3Server]:
-    """Start `weed mini` in `data_dir`; yield once it stores and returns an object; stop it after."""
+def seaweedfs(data_dir: Path, startup_timeout_s: float = 60, check_credentials: bool = True) -> Iterator[S3Server]:
+    """Start `weed mini` in `data_dir`; yield once it stores and returns an object; stop it after.
+    `check_credentials=False`: anyone may write, and requests are not checked against their signature
+    (so a proxy may change a request's headers)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     identity = {"name": "pipeline", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
@@ -92,7 +94,7 @@ def seaweedfs(data_dir: Path, startup_timeout_s: float = 60) -> Iterator[S3Serve
             "-s3.port.lance=0",
             "-master.telemetry=false",
             "-s3.autoCreateBucket=false",
-            f"-s3.config={config}",
+            *([f"-s3.config={config}"] if check_credentials else []),
             *args,
         ],
         stdout=log,

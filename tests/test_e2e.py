@@ -55,7 +55,7 @@ def webhook() -> Iterator[WebhookReceiver]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver) -> Iterator[Stack]:
-    with prefect_server(tmp_path_factory.mktemp("e2e")) as stack:
+    with prefect_server(tmp_path_factory.mktemp("e2e"), database="postgres") as stack:
         make(stack, "webhook", WEBHOOK_URL=webhook.url, FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
         make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
         make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))  # twice, as operators do

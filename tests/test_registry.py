@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
-from tests.seaweedfs import S3Server
+from tests.s3_proxy import lossy_proxy
+from tests.seaweedfs import S3Server, seaweedfs
 
 TEST_SET = "test-set-a"
 GATE = PromotionParams(min_accuracy=0.8, tolerance=0.005)
@@ -674,3 +676,59 @@ def test_a_registration_whose_writes_each_lose_their_first_answer_registers_once
     assert registry.store.listdir(registry.claims_root) == ["v0001.json", "v0002.json"]
     assert [(e["sequence"], e["version"]) for e in registry.promotions()] == [(1, "v0001"), (2, "v0002")]
     assert registry.champion() == "v0002"
+
+
+@pytest.fixture(scope="module")
+def unchecked_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS of this module's own that checks no signature, so a proxy may drop a request's conditions."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs-unchecked"), check_credentials=False) as server:
+        yield server
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_anything_is_claimed(
+    unchecked_s3: S3Server, tmp_path: Path, monkeypatch
+) -> None:
+    for name, value in unchecked_s3.env().items():
+        monkeypatch.setenv(name, value)
+    root = f"s3://{unchecked_s3.new_bucket()}/registry"
+    with lossy_proxy(unchecked_s3.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        proxy.ignore_conditions = True
+        registry = Registry(Store(scratch=tmp_path / "scratch", timeout_s=5), root)
+        with pytest.raises(StorageError, match="ignores conditional writes") as refused:
+            register(registry, 0.9)
+        assert proxy.endpoint in str(refused.value)
+        assert "If-None-Match" in str(refused.value) and "If-Match" in str(refused.value)
+        # Nothing claimed, no champion, no probe left: only the run's own files (written before it).
+        assert all(path.startswith("runs/") for path in registry.store.find(root)), registry.store.find(root)
+        assert registry.champion() is None
+
+        proxy.ignore_conditions = False  # the same store honouring them: the check passes, once
+        registered = register(Registry(Store(scratch=tmp_path / "scratch", timeout_s=5), root), 0.9)
+        assert registered.version == "v0001" and registered.promoted
+        assert not any(".write-check" in path for path in registry.store.find(root))
+
+
+def test_the_store_gone_mid_publish_leaves_no_version_and_the_next_run_registers_once(
+    s3_env: S3Server, bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    """SeaweedFS stops while a version's files upload (the proxy drops every connection from one PUT
+    on), then comes back: no manifest means no version, the claimed number is not given again, the
+    champion pointer is untouched, and the next registration publishes exactly one version."""
+    with lossy_proxy(s3_env.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        registry = Registry(Store(scratch=tmp_path / "scratch", timeout_s=5), f"{bucket}/registry")
+        assert register(registry, 0.9).version == "v0001"
+        champion_before = registry.store.read_bytes(registry.champion_file)
+        files = run_files(registry.store, join(registry.root, "runs", "second"), "second")
+        proxy.down_after_puts = 2  # the two claims land; the first file's upload meets a stopped store
+        with pytest.raises(StorageError, match=f"cannot reach the object store at {proxy.endpoint}"):
+            registry.register(files, run_manifest(0.95), floor=0.8, tolerance=0.005)
+        assert proxy.down
+        proxy.down = False  # started again
+        assert registry.versions() == ["v0001"]
+        assert registry.store.read_bytes(registry.champion_file) == champion_before
+        again = registry.register(files, run_manifest(0.95), floor=0.8, tolerance=0.005)
+        assert again.version == "v0003" and again.promoted  # v0002 was claimed: never issued twice
+        assert registry.versions() == ["v0001", "v0003"] and registry.champion() == "v0003"
+        assert [entry["version"] for entry in registry.promotions()] == ["v0001", "v0003"]
