@@ -332,8 +332,9 @@ def _claim_from_the_listing(self: Registry, claimant: dict) -> str:
 def test_a_crash_before_the_log_is_written_is_logged_by_the_next_change(tmp_path: Path, store: Store) -> None:
     machine = machine_for(store, lambda: join(str(tmp_path), "r"))()
     machine.register(0.85)
-    # Writes of a registration: two claims, two files, the manifest, the pointer, then the log entry.
-    machine.register_and_crash(0.90, crash_at=7)
+    # Writes of a registration: the store's conditional-write probe, two claims, two files, the
+    # manifest, the pointer, then the log entry.
+    machine.register_and_crash(0.90, crash_at=8)
     record = json.loads(store.read_bytes(machine.registry.champion_file))
     assert record["version"] == "v0002" and [e["sequence"] for e in machine.registry.promotions()] == [1]
     machine.the_audit_log_is_whole_and_matches_the_pointer()
