@@ -19,12 +19,13 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fmnist.ops.temporary_server import free_port
 
 # A first start on a loaded 2-core machine takes a few seconds; a crash-recovery start can take longer.
 POSTGRES_START_TIMEOUT_S = 60
@@ -48,12 +49,6 @@ def postgres_bin(program: str) -> str:
     if installed:
         return str(installed[-1])
     raise PostgresError(f"{program} not found on PATH or in /usr/lib/postgresql/*/bin: apt-get install postgresql")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

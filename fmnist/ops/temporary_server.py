@@ -21,13 +21,18 @@ from collections.abc import Callable
 SERVER_START_TIMEOUT_S = 120
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_temporary_server() -> Callable[[], str]:
     """Start a Prefect server for this run in a child process; the returned call waits for it and gives
     its API URL. It is Prefect's own temporary server (`PREFECT__SERVER_EPHEMERAL`: its services, no
     UI), started by the public CLI before this process imports Prefect, and stopped when it exits."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open while the server runs; a pipe nobody reads could stall it
     server = subprocess.Popen(

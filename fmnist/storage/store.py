@@ -200,7 +200,12 @@ class Store:
         probe = join(folder, "probe.json")
         try:
             self.create(probe, b'{"probe": 1}')
-            ignored = [what for what, write in self._conditional_probes(probe) if _lands(write)]
+            backend = self._backend(probe)
+            refused_writes = {  # each must fail on a store that honours conditions
+                "a create over an existing file (If-None-Match: *)": lambda: backend.create(probe, b'{"probe": 2}'),
+                "a replace with a stale etag (If-Match)": lambda: backend.replace(probe, b'{"probe": 3}', '"stale"'),
+            }
+            ignored = [what for what, write in refused_writes.items() if _lands(write)]
         finally:
             self.delete(folder)
         if ignored:
@@ -211,14 +216,6 @@ class Store:
                 "twice or lose a promotion: use a store that honours them (AWS S3, MinIO, SeaweedFS, Ceph RGW)"
             )
         self._conditions_hold.add(root)
-
-    def _conditional_probes(self, probe: str) -> list[tuple[str, Callable[[], None]]]:
-        """Writes that a store honouring conditions refuses: (what it is, the write)."""
-        backend = self._backend(probe)
-        return [
-            ("a create over an existing file (If-None-Match: *)", lambda: backend.create(probe, b'{"probe": 2}')),
-            ("a replace with a stale etag (If-Match)", lambda: backend.replace(probe, b'{"probe": 3}', '"stale"')),
-        ]
 
     def _holds(self, location: str, data: bytes) -> bool:
         """Whether `location` holds exactly `data` now."""
