@@ -16,6 +16,7 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
 from fmnist.data.cache import CachedDataset
 from fmnist.ops import events
@@ -56,7 +57,7 @@ def train_on_deployment(
 
     supervise(
         submit=lambda: run_deployment(deployment, parameters=parameters, timeout=0).id,
-        wait=lambda run_id: wait_for_run(run_id, silence_timeout_s),
+        wait=lambda run_id: wait_for_run(run_id, silence_timeout_s, waiter=flow_run.id, logger=get_run_logger()),
         where=deployment,
         on_restart=restarted,
     )

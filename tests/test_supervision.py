@@ -4,13 +4,25 @@ server, worker and deployment."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 
+import httpx
 import pytest
 from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
 
-from fmnist.training.supervision import CRASH_RESUBMISSIONS, TrainingRunFailed, silence_message, supervise
+from fmnist.training.supervision import (
+    CRASH_RESUBMISSIONS,
+    TrainingRunFailed,
+    TrainingRunSuperseded,
+    api_unreachable,
+    check_still_running,
+    silence_message,
+    supervise,
+    take_back,
+)
 
 
 def flow_run(state, name: str) -> FlowRun:
@@ -47,6 +59,14 @@ def test_a_run_that_crashes_is_started_again_until_one_completes() -> None:
     assert "crashed (OOM); starting it again (attempt 3 of 3)" in deployment.restarts[1][1]
 
 
+def test_a_run_that_stopped_because_it_had_been_marked_crashed_is_started_again() -> None:
+    """The heartbeat automation crashed it while the server was away; it stopped at its next epoch."""
+    superseded = Failed(message="Flow run encountered an exception: TrainingRunSuperseded: training run x ...")
+    deployment = Deployment(superseded, Completed())
+    assert deployment.supervise().name == "run-2"
+    assert [name for name, _ in deployment.restarts] == ["run-1"]
+
+
 def test_crashes_beyond_the_resubmissions_fail_naming_the_last_run() -> None:
     deployment = Deployment(*[Crashed(message="host lost")] * (CRASH_RESUBMISSIONS + 2))
     with pytest.raises(TrainingRunFailed, match=r"training run run-3 \(.*\) on train/gpu ended Crashed: host lost"):
@@ -68,3 +88,59 @@ def test_a_silent_run_says_what_to_check() -> None:
     lost = silence_message(flow_run(Running(), "lost"), 1800)
     assert "has been Running without a heartbeat or state change for 1800 s" in lost
     assert "heartbeat automation" in lost and "no worker took it" not in lost
+
+
+def status_error(code: int) -> PrefectHTTPStatusError:
+    request = httpx.Request("GET", "http://127.0.0.1:4200/api/flow_runs/x")
+    return PrefectHTTPStatusError.from_httpx_error(
+        httpx.HTTPStatusError("", request=request, response=httpx.Response(code, request=request))
+    )
+
+
+def test_only_an_absent_or_failing_api_counts_as_unreachable() -> None:
+    """What the wait and the epoch report sit out: no connection, or a 5xx (a restarting server, its
+    database away). A 4xx is a wrong request, and a bug in the code is a bug: both are raised."""
+    assert api_unreachable(httpx.ConnectError("All connection attempts failed"))
+    assert api_unreachable(httpx.ReadTimeout("timed out"))
+    assert api_unreachable(status_error(503)) and api_unreachable(status_error(500))
+    assert not api_unreachable(status_error(404)) and not api_unreachable(status_error(422))
+    assert not api_unreachable(ObjectNotFound(http_exc=status_error(404)))
+    assert not api_unreachable(KeyError("loss"))
+
+
+class Runs:
+    """Prefect's client, as far as `check_still_running` reads it: one run in one state."""
+
+    def __init__(self, state) -> None:
+        self.run = flow_run(state, "training")
+
+    def read_flow_run(self, run_id: uuid.UUID) -> FlowRun:
+        assert run_id == self.run.id
+        return self.run
+
+    def set_flow_run_state(self, run_id: uuid.UUID, state, force: bool = False) -> None:
+        assert run_id == self.run.id and force
+        self.run.state = state
+
+
+def test_a_training_run_ended_while_it_ran_stops_and_says_why() -> None:
+    running = Runs(Running())
+    check_still_running(running, running.run.id)  # still its own: goes on
+    for state in (Crashed(message="No heartbeat for 90 s"), Cancelled(message="by an operator")):
+        ended = Runs(state)
+        with pytest.raises(
+            TrainingRunSuperseded, match=rf"was marked {state.name} while it still ran \({state.message}\)"
+        ):
+            check_still_running(ended, ended.run.id)
+
+
+def test_a_live_retraining_run_marked_crashed_takes_itself_back(caplog: pytest.LogCaptureFixture) -> None:
+    runs = Runs(Crashed(message="No heartbeat for 90 s: the run's host or worker was lost"))
+    take_back(runs, runs.run.id, logging.getLogger("test"))
+    assert runs.run.state.is_running()
+    assert "was marked Crashed (No heartbeat for 90 s" in runs.run.state.message
+    assert "Back to Running" in caplog.text
+    for state in (Running(), Cancelled(message="by an operator"), Completed()):  # left as they are
+        runs = Runs(state)
+        take_back(runs, runs.run.id, logging.getLogger("test"))
+        assert runs.run.state is state

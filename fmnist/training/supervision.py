@@ -7,25 +7,37 @@ Nobody watches a nightly run, so the retraining flow never waits on a training r
   resumes after its last saved epoch on whichever GPU worker takes it;
 - a training run that shows no sign of life (no heartbeat, no state change) for `silence_timeout_s`
   is marked Crashed, which frees its concurrency slots, and the wait fails with what to check;
-- a run that failed (its code raised) is not started again: it would fail the same way.
+- a run that failed (its code raised) is not started again: it would fail the same way;
+- the Prefect API not answering (a server restart, an upgrade, its database down) is waited out, for
+  `silence_timeout_s` at most: the training run goes on without the server, and so does the wait.
+
+A server away for longer than the heartbeat automation's window marks every run it hears nothing from
+Crashed when it is back, the live ones too (their heartbeats went nowhere). Then the retraining run,
+alive and waiting, takes itself back to Running (`take_back`); the training run stops at its next
+epoch, before it saves (`check_still_running`), and is started again in its place like any crashed one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+import httpx
+
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.objects import FlowRun, State
 
 # A training run that crashed is started again, twice at most: enough for a reclaimed spot host and
 # an OOM kill in one night, not a loop on a run that cannot succeed.
 CRASH_RESUBMISSIONS = 2
 POLL_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class TrainingRunFailed(RuntimeError):
@@ -34,6 +46,31 @@ class TrainingRunFailed(RuntimeError):
 
 class TrainingRunSilent(TrainingRunFailed):
     """The training flow run showed no sign of life for longer than allowed."""
+
+
+class TrainingRunSuperseded(RuntimeError):
+    """This training run was ended (marked Crashed or Cancelled) by someone else while it still ran."""
+
+
+def api_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the Prefect API is away (no connection, or a 5xx from it or a proxy) rather
+    than that a request was wrong. Prefect's client has already retried it, about a minute."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(exc, PrefectHTTPStatusError | httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError | OSError)
+
+
+def check_still_running(client: SyncPrefectClient, run_id: UUID) -> None:
+    """Raise `TrainingRunSuperseded` if the flow run `run_id` has been moved to a final state."""
+    run = client.read_flow_run(run_id)
+    if run.state and run.state.is_final():
+        raise TrainingRunSuperseded(
+            f"training run {run.name} ({run_id}) was marked {run.state.name} while it still ran "
+            f"({run.state.message or 'no message'}); it stops here, before saving this epoch, so that the run "
+            "started in its place trains alone"
+        )
 
 
 def last_sign_of_life(client: SyncPrefectClient, run: FlowRun) -> datetime:
@@ -71,22 +108,77 @@ def silence_message(run: FlowRun, silent_s: float) -> str:
     )
 
 
-def wait_for_run(run_id: UUID, silence_timeout_s: float) -> FlowRun:
-    """Wait until the flow run ends; raise `TrainingRunSilent` (after marking it Crashed) if it goes silent."""
+def take_back(client: SyncPrefectClient, run_id: UUID, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """If the flow run `run_id`, whose process calls this, was marked Crashed, move it back to Running."""
+    from prefect.states import Running
+
+    run = client.read_flow_run(run_id)
+    if run.state and run.state.is_crashed():
+        message = (
+            f"Back to Running: this run was marked Crashed ({run.state.message or 'no message'}) while its "
+            "process still ran"
+        )
+        client.set_flow_run_state(run_id, Running(message=message), force=True)
+        logger.warning(message)
+
+
+def wait_for_run(
+    run_id: UUID,
+    silence_timeout_s: float,
+    waiter: UUID | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> FlowRun:
+    """Wait until the flow run ends; raise `TrainingRunSilent` (after marking it Crashed) if it goes
+    silent, or `TrainingRunFailed` if the API has not answered for `silence_timeout_s`. `waiter`: the
+    flow run that waits (it is taken back if it was marked Crashed meanwhile)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     with get_client(sync_client=True) as client:
+        away_since: float | None = None
         while True:
-            run = client.read_flow_run(run_id)
-            if run.state and run.state.is_final():
-                return run
-            silent_s = (datetime.now(UTC) - last_sign_of_life(client, run)).total_seconds()
-            if silent_s > silence_timeout_s:
-                message = silence_message(run, silent_s)
-                client.set_flow_run_state(run_id, Crashed(message=message), force=True)
-                raise TrainingRunSilent(message)
+            try:
+                if waiter:
+                    take_back(client, waiter, logger)
+                run = client.read_flow_run(run_id)
+                if run.state and run.state.is_final():
+                    return run
+                silent_s = (datetime.now(UTC) - last_sign_of_life(client, run)).total_seconds()
+                if silent_s > silence_timeout_s:
+                    message = silence_message(run, silent_s)
+                    client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+                    raise TrainingRunSilent(message)
+            except Exception as exc:
+                if not api_unreachable(exc):
+                    raise
+                away_since = away_since or time.monotonic()
+                away_s = time.monotonic() - away_since
+                if away_s > silence_timeout_s:
+                    raise TrainingRunFailed(
+                        f"the Prefect API at {client.api_url} has not answered for {away_s:.0f} s ({exc!r}); "
+                        f"training run {run_id} may still be running: check the server, then the run"
+                    ) from exc
+                logger.warning(
+                    "The Prefect API at %s is not answering (%r) after Prefect's retries; still waiting for "
+                    "training run %s (%.0f s of %.0f s)",
+                    client.api_url,
+                    exc,
+                    run_id,
+                    away_s,
+                    silence_timeout_s,
+                )
+            else:
+                if away_since is not None:
+                    logger.info("The Prefect API answers again after %.0f s", time.monotonic() - away_since)
+                away_since = None
             time.sleep(POLL_S)
+
+
+def restartable(state: State) -> bool:
+    """Whether a training run that ended in `state` is started again: it crashed, or it stopped on
+    finding itself marked Crashed while it still ran (Failed, naming `TrainingRunSuperseded`)."""
+    superseded = state.is_failed() and f"{TrainingRunSuperseded.__name__}:" in (state.message or "")
+    return state.is_crashed() or superseded
 
 
 def supervise(
@@ -107,7 +199,7 @@ def supervise(
         state = run.state
         if state is not None and state.is_completed():
             return run
-        if state is None or not state.is_crashed() or attempt == attempts:
+        if state is None or not restartable(state) or attempt == attempts:
             raise TrainingRunFailed(
                 f"training run {run.name} ({run.id}) on {where} ended "
                 f"{state.name if state else 'without a state'}: {state.message if state else ''}"
