@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,8 @@ FASHION_MNIST = str(Path(sys.executable).parent / "fashion-mnist")
 HEARTBEAT_S = 30
 # Down for less than the client's retry budget (five tries, 2 + 4 + 8 + 16 + 32 s apart).
 SHORT_OUTAGE_S = 15
+# Longer than that budget, and than the heartbeat automation's window (three heartbeats).
+LONG_OUTAGE_S = 4 * HEARTBEAT_S
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +110,36 @@ def test_the_server_and_its_database_restarted_mid_training_the_run_completes_on
     assert failed["events"] == []
 
 
+@pytest.mark.slow
+def test_the_server_down_longer_than_its_clients_retry_the_work_is_finished_once(
+    stack: Stack, run_params: dict
+) -> None:
+    """Past the budget, calls fail: the training run goes on without reporting its epochs, and the
+    retraining run waits for it. Back after the heartbeat window, the server marks both Crashed; the
+    training run stops at its next epoch, the retraining run takes itself back and starts it again."""
+    cli = start_run(stack, run_params, "long-outage")
+    wait_for("the end of epoch 1", lambda: epochs_done(stack, "long-outage") >= 1, timeout_s=300, every_s=0.1)
+    stack.stop_server(kill=True)
+    time.sleep(LONG_OUTAGE_S)
+    stack.start_server()
+
+    first_end = stack.finished(cli)  # Crashed, by the heartbeat automation, as the server came back
+
+    def completed() -> dict | None:
+        run = stack.get(f"/flow_runs/{first_end['id']}")
+        return run if run["state_type"] == "COMPLETED" else None
+
+    run = wait_for("the retraining run, taken back, to complete", completed, timeout_s=600)
+    said = stack.logs([run["id"]])
+    trainings = stack.child_runs(run["id"], "gpu")
+    print("retraining run:", first_end["state"]["message"], "then", [m for m in said if "Back to Running" in m])
+    print("training runs:", [(r["state_name"], r["state"]["message"]) for r in trainings])
+    assert any("Back to Running: this run was marked Crashed (No heartbeat" in m for m in said)
+    # The training run stopped, or was crashed, and the one started in its place completed.
+    assert len(trainings) == 2 and trainings[-1]["state_type"] == "COMPLETED"
+    assert registered_history(stack, "long-outage")[0] == ["v0001"]  # one version, though it trained twice
+
+
 def test_a_worker_stopped_with_sigterm_hands_its_run_on_and_frees_the_slot(stack: Stack, run_params: dict) -> None:
     """`systemctl stop` signals the worker and the run it started together; a new worker resumes it."""
     cli = start_run(stack, run_params, "sigterm")
@@ -136,6 +170,60 @@ def test_a_worker_stopped_with_sigterm_hands_its_run_on_and_frees_the_slot(stack
     assert versions == ["v0001"] and epochs == list(range(1, 7))
     resumed = [m for m in stack.logs([r["id"] for r in stack.child_runs(run["id"], "gpu")]) if "Resuming" in m]
     assert len(resumed) == 1, resumed
+
+
+class DatabaseChaos(threading.Thread):
+    """After DBOS's chaos tests: the server's PostgreSQL stopped every 5-20 s (a crash or a fast
+    shutdown, by chance) and started again 0-5 s later, until told to stop."""
+
+    def __init__(self, postgres: LocalPostgres, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.postgres, self.rng = postgres, random.Random(seed)
+        self.stopping = threading.Event()
+        self.outages: list[float] = []
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.rng.uniform(5, 20)):
+            self.postgres.stop(kill=self.rng.random() < 0.5)
+            down_s = self.rng.uniform(0, 5)
+            time.sleep(down_s)
+            self.postgres.start()
+            self.outages.append(down_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
+CHAOS_RUNS = 4
+
+
+@pytest.mark.slow
+def test_runs_through_a_database_restarted_every_few_seconds_all_complete_once(stack: Stack, run_params: dict) -> None:
+    """Every run completes; their versions are distinct and contiguous; the champion chain checks out."""
+    chaos = DatabaseChaos(stack.postgres, seed=22)
+    params = {**run_params, "force_retrain": True, "training": {**run_params["training"], "epochs": 2}}
+    started = time.monotonic()
+    chaos.start()
+    try:
+        clis = [start_run(stack, params, "chaos") for _ in range(CHAOS_RUNS)]
+        runs = [stack.finished(cli, timeout_s=1200) for cli in clis]
+    finally:
+        chaos.stop()
+    print(
+        f"chaos: {CHAOS_RUNS} runs in {time.monotonic() - started:.0f} s through {len(chaos.outages)} database "
+        f"restarts (down {min(chaos.outages, default=0):.1f}-{max(chaos.outages, default=0):.1f} s)"
+    )
+    assert [r["state_type"] for r in runs] == ["COMPLETED"] * CHAOS_RUNS, [r["state"] for r in runs]
+    assert len(chaos.outages) >= CHAOS_RUNS  # the database did go away while they ran
+    registry = Registry(Store(), str(stack.tmp / "artifacts-chaos"))
+    assert registry.versions() == [f"v{n:04d}" for n in range(1, CHAOS_RUNS + 1)]
+    promotions = registry.promotions()  # raises on a gap or a damaged entry
+    assert [p["sequence"] for p in promotions] == list(range(1, len(promotions) + 1))
+    assert {p["version"] for p in promotions} <= set(registry.versions())
+    assert registry.champion() == promotions[-1]["version"]  # the pointer agrees with the log
+    for run in runs:
+        assert [r["state_type"] for r in stack.child_runs(run["id"], "gpu")][-1] == "COMPLETED"
 
 
 @pytest.mark.slow  # not yet seen passing: written last, with no time left to run it
