@@ -198,7 +198,7 @@ class DatabaseChaos(threading.Thread):
 CHAOS_RUNS = 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # written, not yet seen passing (the session ran out before its first run)
 def test_runs_through_a_database_restarted_every_few_seconds_all_complete_once(stack: Stack, run_params: dict) -> None:
     """Every run completes; their versions are distinct and contiguous; the champion chain checks out."""
     chaos = DatabaseChaos(stack.postgres, seed=22)
