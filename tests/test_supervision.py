@@ -106,6 +106,8 @@ def test_only_an_absent_or_failing_api_counts_as_unreachable() -> None:
     assert not api_unreachable(status_error(404)) and not api_unreachable(status_error(422))
     assert not api_unreachable(ObjectNotFound(http_exc=status_error(404)))
     assert not api_unreachable(KeyError("loss"))
+    assert api_unreachable(ConnectionRefusedError(111, "Connection refused"))
+    assert not api_unreachable(FileNotFoundError("model.keras"))  # a local error, not the API
 
 
 class Runs:

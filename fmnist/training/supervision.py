@@ -59,7 +59,7 @@ def api_unreachable(exc: BaseException) -> bool:
 
     if isinstance(exc, PrefectHTTPStatusError | httpx.HTTPStatusError):
         return exc.response.status_code >= 500
-    return isinstance(exc, httpx.TransportError | OSError)
+    return isinstance(exc, httpx.TransportError | ConnectionError)
 
 
 def check_still_running(client: SyncPrefectClient, run_id: UUID) -> None:
