@@ -27,6 +27,7 @@ import pytest
 
 from fmnist.data.incoming import add_batch, collect_incoming
 from fmnist.ops import events
+from fmnist.ops.worker import RETRIED_SERVER_ERRORS
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.storage.layout import StorageParams
@@ -139,6 +140,8 @@ def test_deploying_twice_leaves_one_of_each_automation(stack: Stack) -> None:
     assert crash["trigger"]["within"] == 3 * HEARTBEAT_S
     gpu = stack.get("/deployments/name/train-fashion-mnist/gpu")
     assert gpu["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+    # The runs retry what a server without its database answers, as fashion-mnist worker does.
+    assert gpu["job_variables"]["env"]["PREFECT_CLIENT_RETRY_EXTRA_CODES"] == RETRIED_SERVER_ERRORS
 
 
 def test_adhoc_run_trains_on_the_gpu_pool_and_registers(stack: Stack, run_params: dict, webhook) -> None:

@@ -25,6 +25,11 @@ from pathlib import Path
 WORKER_STOP_GRACE_S = 45
 # States a stopped worker's runs may be left in: started on this worker, not finished.
 UNFINISHED = ("RUNNING", "PENDING", "CANCELLING")
+# Server errors the worker's client retries besides 429, 502 and 503 (an operator's setting wins). A
+# Prefect server that cannot reach its PostgreSQL answers 500: without a retry, a worker meeting a
+# database restart could not mark the run whose process failed Crashed, and it stayed Pending, holding
+# its deployment's slot for good. prefect.yaml sets the same for the flow runs.
+RETRIED_SERVER_ERRORS = "500"
 
 
 def descendants(pid: int, proc: Path = Path("/proc")) -> set[int]:
@@ -58,6 +63,7 @@ def alive(pid: int) -> bool:
 
 def run_worker(pool: str, extra: list[str], grace_s: float = WORKER_STOP_GRACE_S) -> int:
     """Run `prefect worker start --pool POOL EXTRA...`; on SIGTERM or SIGINT, stop it and hand its runs back."""
+    os.environ.setdefault("PREFECT_CLIENT_RETRY_EXTRA_CODES", RETRIED_SERVER_ERRORS)  # the worker's, and hand_back's
     prefect = str(Path(sys.executable).parent / "prefect")
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, *extra])
     asked: list[int] = []
