@@ -93,9 +93,6 @@ def adhoc_runs(stack: Stack) -> list[dict]:
     return stack.filter("/flow_runs/filter", {"deployments": {"name": {"any_": ["adhoc"]}}})
 
 
-# In the slow tier until it is seen passing beside the hand-back workers: one run of it with them
-# stalled (it passed with plain `prefect worker start` workers, 101 s).
-@pytest.mark.slow
 def test_the_server_and_its_database_restarted_mid_training_the_run_completes_once(
     stack: Stack, run_params: dict
 ) -> None:
@@ -209,7 +206,7 @@ class DatabaseChaos(threading.Thread):
 CHAOS_RUNS = 4
 
 
-@pytest.mark.slow  # written, not yet seen passing (the session ran out before its first run)
+@pytest.mark.slow
 def test_runs_through_a_database_restarted_every_few_seconds_all_complete_once(stack: Stack, run_params: dict) -> None:
     """Every run completes; their versions are distinct and contiguous; the champion chain checks out."""
     chaos = DatabaseChaos(stack.postgres, seed=22)
@@ -237,11 +234,13 @@ def test_runs_through_a_database_restarted_every_few_seconds_all_complete_once(s
         assert [r["state_type"] for r in stack.child_runs(run["id"], "gpu")][-1] == "COMPLETED"
 
 
-@pytest.mark.slow  # not yet seen passing: written last, with no time left to run it
+@pytest.mark.slow
 def test_a_lost_database_starts_over_from_the_registry(stack: Stack, run_params: dict) -> None:
     """Runs after the database is gone (a fresh server): the registry in storage says the champion is
     current, and nothing is trained again. Runs last: it replaces the stack's database."""
-    versions_before, _ = registered_history(stack, "restart")
+    first = stack.finished(start_run(stack, run_params, "lost-database"))
+    assert first["state_type"] == "COMPLETED", first["state"]
+    versions_before, _ = registered_history(stack, "lost-database")
     stack.stop_server(kill=False)
     stack.postgres.stop()
     shutil.rmtree(stack.postgres.folder)
@@ -251,11 +250,11 @@ def test_a_lost_database_starts_over_from_the_registry(stack: Stack, run_params:
     assert adhoc_runs(stack) == []  # nothing of the old server's is left
     make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
 
-    run = stack.finished(start_run(stack, run_params, "restart"))
+    run = stack.finished(start_run(stack, run_params, "lost-database"))
     assert run["state_type"] == "COMPLETED", run["state"]
     assert stack.child_runs(run["id"], "gpu") == []  # nothing trained
     assert any("is current" in m for m in stack.logs([run["id"]]))
-    assert registered_history(stack, "restart")[0] == versions_before
+    assert registered_history(stack, "lost-database")[0] == versions_before
 
 
 @pytest.mark.parametrize("target", ["worker-gpu", "retrain-now"])
