@@ -38,6 +38,8 @@ API_WAIT_S ?= 60
 WAIT_FOR_API = $(SERVER) $(FASHION_MNIST) wait-for-api --timeout-s $(API_WAIT_S)
 # Seconds between flow-run heartbeats (Prefect's minimum is 30); a run silent for three is marked Crashed.
 FMNIST_HEARTBEAT_S ?= 60
+# FMNIST_START_WINDOW_S=N: a run handed to a worker that has not started N s later is marked Crashed
+# (unset: fmnist.ops.automations.START_WINDOW_S).
 FASHION_MNIST := .venv/bin/fashion-mnist
 # The prediction server (make serve): the registry it serves from, and where it listens.
 REGISTRY ?= artifacts
@@ -207,7 +209,8 @@ deploy: pools
 
 # prefect.yaml cannot hold automations: automations.yaml, created or updated by name (safe to repeat).
 automations: install
-	$(SERVER) $(FASHION_MNIST) automations apply --file automations.yaml --heartbeat-s $(FMNIST_HEARTBEAT_S)
+	$(SERVER) $(FASHION_MNIST) automations apply --file automations.yaml --heartbeat-s $(FMNIST_HEARTBEAT_S) \
+	  $(if $(FMNIST_START_WINDOW_S),--start-window-s $(FMNIST_START_WINDOW_S))
 
 webhook: install
 	@[ -n "$(WEBHOOK_URL)" ] || { echo "set WEBHOOK_URL to the URL notifications are POSTed to"; exit 1; }

@@ -46,6 +46,7 @@ LIMITS = [
     ("fmnist.ops.events", "MAX_MESSAGE_CHARS", "An event's message", "characters"),
     ("fmnist.ops.automations", "MIN_HEARTBEAT_S", "Shortest flow-run heartbeat interval", "seconds"),
     ("fmnist.ops.automations", "MAX_HEARTBEAT_S", "Longest flow-run heartbeat interval", "seconds"),
+    ("fmnist.ops.automations", "START_WINDOW_S", "A run handed to a worker, until it must have started", "seconds"),
 ]
 NOT_EXPANDED = {"dataset"}  # the pinned files' names, sizes and hashes: a record, not knobs
 GENERATED = "<!-- Generated from the code by docs/hooks.py at every build: edit the code, not this page. -->\n\n"

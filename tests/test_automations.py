@@ -14,21 +14,32 @@ FILE = Path(__file__).resolve().parent.parent / "automations.yaml"
 
 def test_heartbeat_window_and_webhook_are_filled_in() -> None:
     automations, skipped = load(
-        FILE, {"heartbeat_window_s": 90, "notify_block_id": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
+        FILE,
+        {"heartbeat_window_s": 90, "start_window_s": 600, "notify_block_id": "0" * 8 + "-0000-0000-0000-" + "0" * 12},
     )
     assert skipped == []
     by_name = {a.name: a for a in automations}
     crash = by_name["fashion-mnist: crash runs whose heartbeats stopped"]
     assert crash.trigger.within == timedelta(seconds=90) and crash.trigger.posture == "Proactive"
     assert crash.actions[0].type == "change-flow-run-state" and "90 s" in crash.actions[0].message
+    never_started = by_name["fashion-mnist: crash runs that never started"]
+    assert never_started.trigger.within == timedelta(seconds=600) and never_started.trigger.posture == "Proactive"
+    assert never_started.trigger.after == {"prefect.flow-run.Pending"}
+    # Every state a run leaves Pending for closes the window; a heartbeat is no state, and comes only once it runs.
+    assert {"prefect.flow-run.Running", "prefect.flow-run.Crashed"} <= never_started.trigger.expect
+    assert not any("heartbeat" in e or "*" in e for e in never_started.trigger.expect)
+    assert never_started.actions[0].force is False and "600 s" in never_started.actions[0].message
     notify = by_name["fashion-mnist: tell the operator"]
     assert {"fashion-mnist.run.failed", "fashion-mnist.model.promoted"} <= notify.trigger.expect
     assert str(notify.actions[0].block_document_id).startswith("00000000")
 
 
 def test_without_a_webhook_the_notifications_are_left_out() -> None:
-    automations, skipped = load(FILE, {"heartbeat_window_s": 540})
-    assert [a.name for a in automations] == ["fashion-mnist: crash runs whose heartbeats stopped"]
+    automations, skipped = load(FILE, {"heartbeat_window_s": 540, "start_window_s": 1800})
+    assert [a.name for a in automations] == [
+        "fashion-mnist: crash runs whose heartbeats stopped",
+        "fashion-mnist: crash runs that never started",
+    ]
     assert len(skipped) == 2 and all(name.startswith("fashion-mnist: tell the operator") for name in skipped)
 
 

@@ -43,6 +43,7 @@ HEARTBEAT_S = 30
 DEBOUNCE_TEST_GAP_S = 25  # between the first batch and the rest: under the trigger's 60 s window
 AUTOMATIONS = {
     "fashion-mnist: crash runs whose heartbeats stopped",
+    "fashion-mnist: crash runs that never started",
     "fashion-mnist: tell the operator",
     "fashion-mnist: tell the operator about crashed runs",
 }

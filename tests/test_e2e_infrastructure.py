@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fmnist.ops.postgres import LocalPostgres
@@ -32,6 +34,7 @@ FASHION_MNIST = str(Path(sys.executable).parent / "fashion-mnist")
 HEARTBEAT_S = 30
 # Down for less than the client's retry budget (five tries, 2 + 4 + 8 + 16 + 32 s apart).
 SHORT_OUTAGE_S = 15
+START_WINDOW_S = 60  # runs here start 7-10 s after a worker takes them
 # Longer than that budget, and than the heartbeat automation's window (three heartbeats).
 LONG_OUTAGE_S = 4 * HEARTBEAT_S
 
@@ -39,7 +42,7 @@ LONG_OUTAGE_S = 4 * HEARTBEAT_S
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with prefect_server(tmp_path_factory.mktemp("infra"), database="postgres") as stack:
-        make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
+        make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S), FMNIST_START_WINDOW_S=str(START_WINDOW_S))
         # As make worker-cpu / worker-gpu start them.
         stack.start("worker-cpu", "worker", "--pool", "fashion-mnist-cpu", prefect=FASHION_MNIST)
         stack.start("worker-gpu", "worker", "--pool", "fashion-mnist-gpu", prefect=FASHION_MNIST)
@@ -178,6 +181,34 @@ def test_a_worker_stopped_with_sigterm_hands_its_run_on_and_frees_the_slot(stack
     assert versions == ["v0001"] and epochs == list(range(1, 7))
     resumed = [m for m in stack.logs([r["id"] for r in stack.child_runs(run["id"], "gpu")]) if "Resuming" in m]
     assert len(resumed) == 1, resumed
+
+
+def test_a_run_taken_by_a_worker_that_never_starts_is_crashed_and_frees_its_slot(stack: Stack) -> None:
+    """A worker lost between taking a run (Pending) and starting it: no heartbeat ever comes, and the
+    deployment's one slot stays taken, so every later run would wait. The start watch crashes it."""
+    adhoc = stack.get("/deployments/name/retrain-fashion-mnist/adhoc")
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()  # no worker takes it itself
+    response = httpx.post(
+        f"{stack.api}/deployments/{adhoc['id']}/create_flow_run",
+        json={"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}},
+        timeout=30,
+    )
+    response.raise_for_status()
+    run_id = response.json()["id"]
+    # As a worker takes a run: Pending, which takes the deployment's slot.
+    taken = httpx.post(f"{stack.api}/flow_runs/{run_id}/set_state", json={"state": {"type": "PENDING"}}, timeout=30)
+    assert taken.json()["status"] == "ACCEPT", taken.json()
+    taken_at = time.monotonic()
+    assert stack.get(f"/deployments/{adhoc['id']}")["global_concurrency_limit"]["active_slots"] == 1
+
+    def crashed() -> dict | None:
+        run = stack.get(f"/flow_runs/{run_id}")
+        return run if run["state_type"] != "PENDING" else None
+
+    run = wait_for("the run that never started to be crashed", crashed, timeout_s=START_WINDOW_S + 90, every_s=1)
+    print(f"a run taken and never started: {run['state_name']} after {time.monotonic() - taken_at:.0f} s")
+    assert run["state_type"] == "CRASHED" and f"Not started {START_WINDOW_S} s after" in run["state"]["message"]
+    assert stack.get(f"/deployments/{adhoc['id']}")["global_concurrency_limit"]["active_slots"] == 0
 
 
 class DatabaseChaos(threading.Thread):

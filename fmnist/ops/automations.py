@@ -21,6 +21,11 @@ NOTIFY_BLOCK = "notify_block_id"
 # Flow-run heartbeats: Prefect's minimum interval, and a day (a crash found later than three days is no help).
 MIN_HEARTBEAT_S = 30
 MAX_HEARTBEAT_S = 86_400
+# A run handed to a worker (Pending) that has not started (Running) this long after is marked Crashed.
+# Generous: a cluster host's first run installs TensorFlow (3.5 GB with CUDA) before it starts; runs
+# here start 7-10 s after they are handed over.
+START_WINDOW_S = 1800
+MIN_START_WINDOW_S = 10
 
 
 class AutomationsError(ValueError):
@@ -99,14 +104,16 @@ def configure_webhook(url: str) -> str:
     return str(block.save(WEBHOOK_BLOCK, overwrite=True))
 
 
-def apply(path: Path, heartbeat_s: int) -> Applied:
+def apply(path: Path, heartbeat_s: int, start_window_s: int = START_WINDOW_S) -> Applied:
     """Create or update the file's automations on the Prefect server PREFECT_API_URL names."""
     from prefect.client.orchestration import get_client
 
     if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
         raise ValueError(f"heartbeat every {heartbeat_s} s: give {MIN_HEARTBEAT_S} to {MAX_HEARTBEAT_S} s")
+    if not MIN_START_WINDOW_S <= start_window_s <= MAX_HEARTBEAT_S:
+        raise ValueError(f"a start window of {start_window_s} s: give {MIN_START_WINDOW_S} to {MAX_HEARTBEAT_S} s")
 
-    values: dict[str, Any] = {"heartbeat_window_s": 3 * heartbeat_s}
+    values: dict[str, Any] = {"heartbeat_window_s": 3 * heartbeat_s, "start_window_s": start_window_s}
     if block_id := webhook_block_id():
         values[NOTIFY_BLOCK] = block_id
     automations, skipped = load(path, values)

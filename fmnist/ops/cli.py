@@ -216,7 +216,7 @@ def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def cmd_automations_apply(registry: Registry, args: argparse.Namespace) -> None:
-    applied = automations.apply(args.file, args.heartbeat_s)
+    applied = automations.apply(args.file, args.heartbeat_s, args.start_window_s)
     for verb in ("created", "updated", "deleted"):
         for name in getattr(applied, verb):
             print(f"{verb:8} {name}")
@@ -341,6 +341,12 @@ def parser() -> argparse.ArgumentParser:
         type=bounded(int, automations.MIN_HEARTBEAT_S, automations.MAX_HEARTBEAT_S),
         default=60,
         help="the flow runs' heartbeat interval (Prefect's minimum is 30 s)",
+    )
+    apply.add_argument(
+        "--start-window-s",
+        type=bounded(int, automations.MIN_START_WINDOW_S, automations.MAX_HEARTBEAT_S),
+        default=automations.START_WINDOW_S,
+        help="a run handed to a worker that has not started this long after is marked Crashed",
     )
     apply.set_defaults(run=cmd_automations_apply)
     webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
