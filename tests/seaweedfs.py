@@ -93,6 +93,11 @@ def seaweedfs(data_dir: Path, startup_timeout_s: float = 60, check_credentials: 
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # Each bucket is a collection with volumes of its own, and weed mini allows free disk / 1 GiB
+            # volumes: with 73 GiB free, 73 volumes, a few per bucket, and the eleventh bucket of a session
+            # could not be written ("No writable volumes and no free volumes left"). Small volumes, many of them.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=2000",
             "-s3.autoCreateBucket=false",
             *([f"-s3.config={config}"] if check_credentials else []),
             *args,
