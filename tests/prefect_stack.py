@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -70,10 +71,13 @@ class Stack:
         response.raise_for_status()
         return response.json()
 
-    def filter(self, path: str, body: dict) -> list[dict]:
+    def post(self, path: str, body: dict) -> Any:
         response = httpx.post(self.api + path, json=body, timeout=30)
         response.raise_for_status()
         return response.json()
+
+    def filter(self, path: str, body: dict) -> list[dict]:
+        return self.post(path, body)
 
     def artifacts(self, flow_run_id: str) -> dict[str, str]:
         found = self.filter("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})

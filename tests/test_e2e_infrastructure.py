@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 
 from fmnist.ops.postgres import LocalPostgres
@@ -188,16 +187,11 @@ def test_a_run_taken_by_a_worker_that_never_starts_is_crashed_and_frees_its_slot
     deployment's one slot stays taken, so every later run would wait. The start watch crashes it."""
     adhoc = stack.get("/deployments/name/retrain-fashion-mnist/adhoc")
     later = (datetime.now(UTC) + timedelta(days=30)).isoformat()  # no worker takes it itself
-    response = httpx.post(
-        f"{stack.api}/deployments/{adhoc['id']}/create_flow_run",
-        json={"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}},
-        timeout=30,
-    )
-    response.raise_for_status()
-    run_id = response.json()["id"]
+    scheduled = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}}
+    run_id = stack.post(f"/deployments/{adhoc['id']}/create_flow_run", scheduled)["id"]
     # As a worker takes a run: Pending, which takes the deployment's slot.
-    taken = httpx.post(f"{stack.api}/flow_runs/{run_id}/set_state", json={"state": {"type": "PENDING"}}, timeout=30)
-    assert taken.json()["status"] == "ACCEPT", taken.json()
+    taken = stack.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "PENDING"}})
+    assert taken["status"] == "ACCEPT", taken
     taken_at = time.monotonic()
     assert stack.get(f"/deployments/{adhoc['id']}")["global_concurrency_limit"]["active_slots"] == 1
 
