@@ -51,6 +51,24 @@ def test_round_trip_listing_and_delete(store: Store, root: str) -> None:
     store.delete(join(root, "a"))  # nothing there: no error
 
 
+def test_a_fingerprint_changes_whenever_content_changes(store: Store, root: str) -> None:
+    folder = join(root, "batch")
+    assert store.fingerprint(folder) is None
+    store.write_bytes(join(folder, "a.bin"), b"one")
+    store.write_bytes(join(folder, "sub", "b.bin"), b"two")
+    first = store.fingerprint(folder)
+    assert first and store.fingerprint(folder) == first  # a listing: the same while nothing is written
+    store.write_bytes(join(folder, "sub", "b.bin"), b"TWO")  # same size, other content
+    changed = store.fingerprint(folder)
+    store.write_bytes(join(folder, "c.bin"), b"")  # a file added
+    added = store.fingerprint(folder)
+    store.delete(join(folder, "c.bin"))  # and removed
+    removed = store.fingerprint(folder)
+    assert len({first, changed, added}) == 3 and removed != added
+    one = store.fingerprint(join(folder, "a.bin"))  # of one file, too
+    assert one and one != store.fingerprint(folder)
+
+
 def test_create_is_create_only(store: Store, root: str) -> None:
     target = join(root, "claim.json")
     store.create(target, b"first")

@@ -98,6 +98,9 @@ class Backend(Protocol):
         """Paths, relative to `location`, of every file below it, literally (no patterns)."""
 
     def last_modified(self, location: str) -> datetime | None: ...
+    def stamps(self, location: str) -> dict[str, tuple]:
+        """Each file at or below `location` (by path relative to it, "" for `location` itself) and what
+        changes whenever its content is written: its size and modification stamp."""
 
     # writes
     def write_bytes(self, location: str, data: bytes) -> None:

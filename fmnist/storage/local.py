@@ -133,6 +133,19 @@ class LocalBackend:
             found = self._fs.find(location, detail=True)
         return max((datetime.fromtimestamp(info["mtime"], UTC) for info in found.values()), default=None)
 
+    def stamps(self, location: str) -> dict[str, tuple]:
+        with _errors(location):
+            found = self._fs.find(location, detail=True)
+        # The inode too: every write here publishes by a rename, which makes a new inode.
+        return {
+            "" if path == location else path.removeprefix(location.rstrip("/") + "/"): (
+                info["size"],
+                info["mtime"],
+                info.get("ino"),
+            )
+            for path, info in found.items()
+        }
+
     # --- writes -----------------------------------------------------------------------------------
 
     def write_bytes(self, location: str, data: bytes) -> None:

@@ -215,6 +215,13 @@ class S3Backend:
     def last_modified(self, location: str) -> datetime | None:
         return max((info["LastModified"] for info in self._objects(location).values()), default=None)
 
+    def stamps(self, location: str) -> dict[str, tuple]:
+        path = self._path(location)
+        return {
+            "" if key == path else key.removeprefix(path + "/"): (info["size"], info.get("ETag"))
+            for key, info in self._objects(location).items()
+        }
+
     # --- writes -----------------------------------------------------------------------------------
 
     def write_bytes(self, location: str, data: bytes) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.storage.base import Backend, IntegrityError, PreconditionFailed, StorageError, StoredFile, join
-from fmnist.storage.files import atomic_path, sha256_file
+from fmnist.storage.files import atomic_path, sha256_file, sha256_text
 from fmnist.storage.local import LocalBackend
 from fmnist.storage.s3 import S3Backend
 from fmnist.storage.scratch import Scratch, require_scratch, temporary_folder
@@ -124,6 +124,14 @@ class Store:
     def last_modified(self, location: str) -> datetime | None:
         """When a file at or below `location` last changed; None if there is none."""
         return self._backend(location).last_modified(location)
+
+    def fingerprint(self, location: str) -> str | None:
+        """A digest that changes whenever a file at or below `location` is written, added or removed: of
+        each file's name, size and modification stamp (time and inode on disk, ETag in a bucket), the way
+        make and rsync tell a changed file; None if there is none. It is cheap (one listing) and no proof
+        of content: what is read is still verified against its sha256."""
+        stamps = self._backend(location).stamps(location)
+        return sha256_text(json.dumps(sorted(stamps.items()))) if stamps else None
 
     def iter_chunks(self, location: str) -> Iterator[bytes]:
         return self._backend(location).chunks(location, _CHUNK)
