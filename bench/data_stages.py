@@ -53,7 +53,7 @@ def run_stages(root: Path, cold: bool) -> dict:
         "normalize_cache",
         lambda: normalize_and_cache(FASHION_MNIST, raw, incoming, report, store, layout),
     )
-    assert report.success and cached.train.rows == 60_000
+    assert report.success and cached.train_rows == 60_000
     assert (raw.train_images.source == "cache") is not cold and report.reused is not cold and cached.reused is not cold
     return {
         "imports_s": imports,

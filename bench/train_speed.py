@@ -45,7 +45,7 @@ def project_run(seed: int, epochs: int) -> dict:
     """The pipeline's own stages: data from the parquet cache, then `train_model`."""
     import keras
 
-    from fmnist.data.cache import read_split
+    from fmnist.data.cache import read_part
     from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST
     from fmnist.data.download import download_dataset
     from fmnist.data.normalization import normalize_and_cache
@@ -67,7 +67,7 @@ def project_run(seed: int, epochs: int) -> dict:
         )
         fit_s = time.perf_counter() - started
         history = json.loads(Path(result.history.location).read_text())["epochs"]
-        test_images, test_labels = read_split(Path(cached.test.path))
+        test_images, test_labels = read_part(Path(cached.test.path))
         model = keras.models.load_model(result.model.location)
         test_loss, test_acc = model.evaluate(test_images, test_labels, verbose=0)
     return {

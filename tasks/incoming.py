@@ -21,7 +21,10 @@ def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: 
     """
     store, logger = storage.store(), get_run_logger()
     screening = screen_incoming(
-        store, storage.incoming, known_images(store, raw.test_images.file, raw.train_images.file)
+        store,
+        storage.incoming,
+        known_images(store, raw.test_images.file, raw.train_images.file),
+        receipts=storage.data.screened,
     )
     for line in screening.repeats:
         logger.warning("Incoming batch %s", line)

@@ -23,24 +23,27 @@ def normalize_task(
     validation: ValidationReport,
     storage: StorageParams,
 ) -> CachedDataset:
-    cached = normalize_and_cache(spec, raw, incoming, validation, storage.store(), storage.data)
-    get_run_logger().info(
-        "Parquet cache %s %s: %d train rows, %d test rows",
+    logger = get_run_logger()
+    cached = normalize_and_cache(spec, raw, incoming, validation, storage.store(), storage.data, logger)
+    logger.info(
+        "Parquet cache %s %s: %d train rows in %d parts, %d test rows",
         cached.key[:16],
         "reused" if cached.reused else "written",
-        cached.train.rows,
+        cached.train_rows,
+        len(cached.train),
         cached.test.rows,
     )
+    sources = ["canonical train", *(f"batch {name}" for name in cached.sources.get("incoming", {}))]
     create_markdown_artifact(
         key="data-cache",
         markdown=(
             f"# Normalized data {'(reused)' if cached.reused else '(written)'}\n\n"
-            f"Key `{cached.key}`\n\n| split | rows | file | sha256 |\n| --- | ---: | --- | --- |\n"
+            f"Key `{cached.key}`\n\n| part | rows | file | sha256 |\n| --- | ---: | --- | --- |\n"
             + "\n".join(
-                f"| {name} | {s.rows:,} | `{s.path}` | `{s.sha256[:16]}` |"
-                for name, s in (("train", cached.train), ("test", cached.test))
+                f"| {name} | {part.rows:,} | `{part.path}` | `{part.sha256[:16]}` |"
+                for name, part in [*zip(sources, cached.train, strict=True), ("canonical test", cached.test)]
             )
         ),
-        description="The parquet files training reads",
+        description="The parquet parts training reads",
     )
     return cached

@@ -64,15 +64,25 @@ def write_idx_batch(folder: Path, images: np.ndarray, labels: np.ndarray) -> Pat
 
 
 def cached_dataset(
-    root: Path | str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], store=None
+    root: Path | str,
+    train: tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]],
+    test: tuple[np.ndarray, np.ndarray],
+    store=None,
 ):
-    """A parquet cache entry under `root` (a folder or an s3:// URL) holding the uint8 images and labels, normalized."""
-    from fmnist.data.cache import ParquetCache, normalize
+    """A cached dataset under `root` (a folder or an s3:// URL) of the uint8 images and labels, normalized:
+    `train` as one part, or as a list of parts."""
+    from fmnist.data.cache import PartCache, normalize
     from fmnist.storage import Store
 
-    splits = {name: (normalize(images), labels) for name, (images, labels) in (("train", train), ("test", test))}
+    cache = PartCache(store or Store(), str(root))
+
+    def part(name: str, images: np.ndarray, labels: np.ndarray):
+        key = hashlib.sha256(f"{root!r} {name}".encode()).hexdigest()
+        return cache.publish_part(key, cache.write_part(key, normalize(images), labels, {}), name)
+
+    parts = [part(f"train-{n}", *p) for n, p in enumerate(train if isinstance(train, list) else [train])]
     key = hashlib.sha256(repr(root).encode()).hexdigest()
-    return ParquetCache(store or Store(), str(root)).store_entry(key, splits, {})
+    return cache.publish(key, parts, part("test", *test), {"sources": {}, "train_rows_by_source": {}})
 
 
 def learnable_cache(root: Path | str, train_per_class: int = 50, test_per_class: int = 10, store=None):
@@ -111,7 +121,7 @@ def run_manifest(
                 "test_set": test_set,
                 "train_rows": 200,
                 "test_rows": 100,
-                "train_parquet_sha256": "a" * 64,
+                "train_parts_sha256": ["a" * 64],
                 "test_parquet_sha256": "b" * 64,
                 "sources": {"canonical": ["c" * 64] * 4},
                 "train_rows_by_source": {"canonical": 200},

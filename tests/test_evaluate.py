@@ -176,7 +176,7 @@ def test_a_tuned_model_is_evaluated_exported_and_its_split_recorded(tmp_path: Pa
         raw=raw, cached=cached, params=params, trained=trained, evaluation=evaluation, flow_run_id=None
     )
     held = manifest.training.validation
-    assert (held.fraction, held.seed, held.rows) == (0.1, params.seed, round(0.1 * cached.train.rows))
+    assert (held.fraction, held.seed, held.rows) == (0.1, params.seed, round(0.1 * cached.train_rows))
     gate = Decision(True, "passed", evaluation.test_accuracy, None, None, 0.5, 0.005)
     version = VersionManifest.model_validate(
         {**manifest.to_json(), "version": "v0001", "registered_at": "now", "gate": dataclasses.asdict(gate)}
@@ -192,6 +192,6 @@ def test_a_cnn_with_augmentation_trains_evaluates_and_exports(tmp_path: Path) ->
     cached = learnable_cache(tmp_path / "cache")
     trained = train_model(cached, TrainParams(preset="cnn", epochs=1, batch_size=32), local_run(tmp_path / "run"))
     evaluation = evaluate_model(trained, cached, local_run(tmp_path / "run"))
-    assert trained.validation.rows == round(0.1 * cached.train.rows)
+    assert trained.validation.rows == round(0.1 * cached.train_rows)
     assert "saved_model/1/saved_model.pb" in evaluation.saved_model
     assert sum(row["support"] for row in evaluation.per_class) == cached.test.rows

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.data.cache import read_split
+from fmnist.data.cache import read_part
 from fmnist.storage import Store
 from fmnist.training.fast_fit import fit, unsupported, unsupported_network
 from fmnist.training.fit import DevicePlan, train_model
@@ -51,10 +51,12 @@ def test_an_epoch_graph_makes_kerass_adam_steps(hidden_units: int | None) -> Non
     import keras
 
     labels = balanced_labels(12, seed=3)
-    images = synthetic_images(labels, seed=3).astype(np.float32) / 255
+    images = synthetic_images(labels, seed=3)  # uint8: the fast path scales each batch itself
     params = TrainParams(dropout=0.0, epochs=3, batch_size=len(labels), seed=5)
     reference, fast = compiled(params, hidden_units), compiled(params, hidden_units)
-    history = reference.fit(images, labels, batch_size=len(labels), epochs=3, shuffle=False, verbose=0).history
+    history = reference.fit(
+        images.astype(np.float32) / 255, labels, batch_size=len(labels), epochs=3, shuffle=False, verbose=0
+    ).history
     logged = keras.callbacks.History()
     fit(fast, images, labels, params, [logged])
 
@@ -73,7 +75,7 @@ def test_an_epoch_starts_from_the_keras_state_and_leaves_its_own_there() -> None
     the state: a run stopped after epoch 1 and resumed in a fresh model (as `BackupAndRestore` does)
     ends where the unbroken run ends."""
     labels = balanced_labels(30, seed=4)  # 300 images: 4 batches of 64 and one of 44 an epoch
-    images = synthetic_images(labels, seed=4).astype(np.float32) / 255
+    images = synthetic_images(labels, seed=4)
     params = TrainParams(epochs=2, batch_size=64, seed=9)  # the dnn: 512 units, so 4 blocks, and dropout
     unbroken, first_half, resumed = compiled(params), compiled(params), compiled(params)
     fit(unbroken, images, labels, params, [])
@@ -123,7 +125,7 @@ def test_the_exact_switch_gives_the_tutorials_own_fit_bit_for_bit(tmp_path: Path
     cached = learnable_cache(tmp_path / "cache", train_per_class=20)
     params = TrainParams(exact=True, epochs=2, seed=11)
     result = train_model(cached, params, local_run(tmp_path / "run"))
-    images, labels = read_split(Path(cached.train.path))
+    images, labels = read_part(Path(cached.train[0].path))
 
     keras.utils.set_random_seed(params.seed)  # the tutorial's script, as bench/plain_tutorial.py runs it
     tutorial = build_model(params)

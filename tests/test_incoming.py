@@ -200,3 +200,51 @@ def test_add_batch_outside_the_project_folder_refuses_until_told_the_storage(
     assert cli.main([*scratch, "add-batch", str(source), "--name", "in-project"]) == 0
     assert f"from the project folder {project}" in capsys.readouterr().out
     assert (project / "data" / "incoming" / "in-project").is_dir() and list(elsewhere.iterdir()) == []
+
+
+def test_screening_reads_a_batch_once_and_again_only_when_its_files_change(
+    root: str, store: Store, tmp_path: Path, monkeypatch
+) -> None:
+    """Receipts: a run screens what is new or changed; what it says of the others (repeats too) is kept."""
+    from fmnist.data import incoming
+    from fmnist.data.overlap import KnownImages
+    from fmnist.storage import join
+
+    train = synthetic_images(np.arange(10, dtype=np.uint8), seed=1)
+    known = KnownImages(lambda: synthetic_images(np.arange(10, dtype=np.uint8), seed=2), lambda: train, "sets-1")
+    labels = np.arange(3, dtype=np.uint8)
+    for name, images in (
+        ("a", synthetic_images(labels, seed=3)),
+        ("b", train[:3]),
+        ("c", synthetic_images(labels, seed=3)),
+    ):
+        write_idx_batch(tmp_path / name, images, labels)
+        store.put_tree(tmp_path / name, join(root, "in", name), marker="batch-labels-idx1-ubyte.gz")
+    read: list[str] = []
+    real_read_batch = incoming.read_batch
+
+    def counting(store, location):
+        read.append(location.rsplit("/", 1)[-1])
+        return real_read_batch(store, location)
+
+    monkeypatch.setattr(incoming, "read_batch", counting)
+    receipts = join(root, "receipts")
+    first = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
+    assert read == ["a", "b", "c"] and not first.refused
+    assert first.repeats == [
+        "b: 3 of its 3 images are already in the training set",
+        "c repeats batch a exactly: its images count twice",
+    ]
+    read.clear()
+    again = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
+    assert read == [] and again == first
+    changed = synthetic_images(labels, seed=4)
+    write_idx_batch(tmp_path / "c", changed, labels)
+    store.put_file(tmp_path / "c" / "batch-images-idx3-ubyte.gz", join(root, "in", "c", "batch-images-idx3-ubyte.gz"))
+    third = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
+    assert read == ["c"] and third.batches[2].sha256 != first.batches[2].sha256
+    assert third.repeats == first.repeats[:1]
+    read.clear()
+    other_sets = KnownImages(known._test_images, known._train_images, "sets-2")  # screened against other sets
+    incoming.screen_incoming(store, join(root, "in"), other_sets, receipts=receipts)
+    assert read == ["a", "b", "c"]

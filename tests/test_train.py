@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.data.cache import CachedDataset, read_split
+from fmnist.data.cache import CachedDataset, read_part
 from fmnist.storage import IntegrityError, Store
 from fmnist.storage.layout import RunLayout
 from fmnist.training.fit import ChanceLevelError, NoGpuError, plan_devices, train_model, validation_indices
@@ -62,7 +62,7 @@ KILLED_AFTER_FIRST_EPOCH = textwrap.dedent(
     from pathlib import Path
     import keras
     from pydantic import TypeAdapter
-    from fmnist.data.cache import CachedDataset, read_split
+    from fmnist.data.cache import CachedDataset, read_part
     from fmnist.storage.layout import RunLayout
     from fmnist.training.model import TrainParams
     from fmnist.training.run_folder import RunFolder
@@ -203,9 +203,9 @@ def test_the_tuned_preset_selects_on_held_out_training_rows(cached: CachedDatase
     params = TrainParams(preset="dnn-tuned", epochs=2, batch_size=32, early_stopping_patience=1)
     result = train_model(cached, params, local_run(tmp_path / "run"))
     split = result.validation
-    _, labels = read_split(Path(cached.train.file.location))
+    _, labels = read_part(Path(cached.train[0].file.location))
     held_out = validation_indices(labels, 0.1, params.seed)
-    assert split.rows == len(held_out) == round(0.1 * cached.train.rows)
+    assert split.rows == len(held_out) == round(0.1 * cached.train_rows)
     assert split.per_class == np.bincount(labels[held_out], minlength=10).tolist()  # stratified
     assert len(set(split.per_class)) == 1  # a balanced split stays balanced
     assert split.indices_sha256 == hashlib.sha256(held_out.astype(np.int64).tobytes()).hexdigest()
@@ -263,8 +263,8 @@ def test_default_preset_starts_from_the_tutorials_exact_weights() -> None:
 
 def test_training_reads_only_parquet_that_matches_the_cache_manifest(tmp_path: Path) -> None:
     cached = learnable_cache(tmp_path / "cache")
-    parquet = Path(cached.train.path)
+    parquet = Path(cached.train[0].path)
     parquet.write_bytes(parquet.read_bytes() + b" appended by someone")
-    with pytest.raises(IntegrityError, match=rf"{parquet}: sha256 \w+ is not the recorded {cached.train.sha256}"):
+    with pytest.raises(IntegrityError, match=rf"{parquet}: sha256 \w+ is not the recorded {cached.train[0].sha256}"):
         train_model(cached, ONE_EPOCH, local_run(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fmnist.data import validation
 from fmnist.data.contract import (
     DataValidationError,
     FrameCheck,
@@ -42,12 +44,42 @@ def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, store, r
     ]
     result = json.loads(Path(report.result_path).read_text())
     assert result["success"] is True
-    assert set(result["suites"]) == {"raw-canonical-train", "raw-canonical-test"}
-    docs = Path(report.docs_index)
-    assert docs.is_file() and "raw-canonical-train" in "".join(
-        p.read_text() for p in docs.parent.rglob("*.html") if "validations" in str(p)
-    )
+    assert [s["suite"] for s in result["suites"]] == ["raw-canonical-train", "raw-canonical-test"]
+    # The run's index links each source's own Data Docs, which show its suite's validation.
+    index = Path(report.docs_index)
+    links = re.findall(r'href="([^"]+)"', index.read_text())
+    assert len(links) == 2
+    for link, suite in zip(links, ("raw-canonical-train", "raw-canonical-test"), strict=True):
+        docs = (index.parent / link).resolve()
+        assert docs.is_file() and suite in "".join(
+            p.read_text() for p in docs.parent.rglob("*.html") if "validations" in str(p)
+        )
     report.raise_for_failure()  # no error for a passing report
+
+
+def test_a_new_batch_is_the_only_source_judged_again(mirror, layout, store, raw, tmp_path, monkeypatch) -> None:
+    _, spec = mirror
+    labels = np.array([1, 2, 3], dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "first", synthetic_images(labels, seed=5), labels)
+    validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
+    write_idx_batch(tmp_path / "incoming" / "second", synthetic_images(labels, seed=6), labels)
+    judged = []
+    real_run_checks = validation.run_checks
+
+    def counting(checks, out_dir):
+        judged.extend(check.suite for check in checks)
+        return real_run_checks(checks, out_dir)
+
+    monkeypatch.setattr(validation, "run_checks", counting)
+    report = validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
+    assert report.success and not report.reused
+    assert judged == ["raw-incoming-second"]
+    assert [o.suite for o in report.suites] == [
+        "raw-canonical-train",
+        "raw-canonical-test",
+        "raw-incoming-first",
+        "raw-incoming-second",
+    ]
 
 
 def test_passing_result_is_reused_for_the_same_inputs(mirror, layout, store, raw) -> None:
@@ -145,7 +177,7 @@ def test_results_in_a_bucket_are_published_whole_and_reused(mirror, store: Store
     layout = DataLayout(f"{bucket}/data")
     raw = download_dataset(spec, [str(folder)], store, layout.raw)
     first = validate_raw(spec, raw, [], store, layout.validation)
-    assert first.result_path == f"{bucket}/data/validation/{first.key}/result.json"
+    assert first.result_path == f"{bucket}/data/validation/{first.key}/report.json"
     assert store.read_json(first.result_path)["success"] is True
     assert store.exists(first.docs_index)
     assert store.read_json(f"{bucket}/data/validation/{first.key}/report.json")["key"] == first.key

@@ -54,6 +54,7 @@ class SuiteOutcome:
     evaluated: int
     failures: list[str]
     kind: Literal["contract", "drift"] = "contract"
+    docs: str = ""  # the Data Docs index it is shown in
 
 
 def failure_lines(outcomes: list[SuiteOutcome]) -> list[str]:

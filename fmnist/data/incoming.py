@@ -29,7 +29,8 @@ from fmnist.data import idx, overlap
 from fmnist.data.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, read_grayscale_png
-from fmnist.storage import PreconditionFailed, StorageError, Store, StoredFile, TooLarge, join
+from fmnist.storage import IntegrityError, PreconditionFailed, StorageError, Store, StoredFile, TooLarge, join
+from fmnist.storage.files import sha256_text
 
 if TYPE_CHECKING:
     from fmnist.data.download import RawDataset
@@ -213,14 +214,27 @@ def test_set_copies_error(location: str, images: np.ndarray, known: KnownImages)
 
 
 def screen_incoming(
-    store: Store, incoming_dir: str, known: KnownImages | None = None, *, contract: bool = True
+    store: Store,
+    incoming_dir: str,
+    known: KnownImages | None = None,
+    *,
+    contract: bool = True,
+    receipts: str | None = None,
 ) -> Screening:
     """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name, read and
     checked: readable, no test-set images (with `known`), and its contract suite passed (with `contract`).
 
+    Batches are read one at a time and let go, so memory is that of the largest batch. With `receipts`
+    (a folder), a batch that passed every check leaves a receipt there, keyed by its files' stamps
+    (`Store.fingerprint`) and what it was checked against; a later run finds the receipt and does not
+    read the batch again, so a run's screening costs the batches that are new or changed, plus one
+    listing a batch.
+
     A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
     """
-    read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]] = []
+    from fmnist.data.contract import failure_message, incoming_check, run_checks, suite_version
+
+    screened: list[tuple[IncomingBatch, int | None]] = []  # with how many of its images training holds already
     refused: list[RefusedBatch] = []
     for name in store.listdir(incoming_dir):
         if name.startswith("."):
@@ -237,6 +251,14 @@ def screen_incoming(
                 )
                 continue
             check_batch_name(name)
+            receipt = None
+            if receipts and known and contract and (stamp := store.fingerprint(entry)):
+                receipt = join(
+                    receipts, f"{sha256_text('screened', suite_version(), known.identity, name, stamp)}.json"
+                )
+                if kept := _receipt(store, receipt, name, entry):
+                    screened.append(kept)
+                    continue
             kind, images, labels = read_batch(store, entry)
         except (IncomingBatchError, idx.IdxFormatError) as exc:
             refused.append(RefusedBatch(printable(name), entry, printable(str(exc))))
@@ -244,31 +266,39 @@ def screen_incoming(
         if known and (error := test_set_copies_error(entry, images, known)):
             refused.append(RefusedBatch(name, entry, error))
             continue
-        read.append((IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels)), images, labels))
-    if contract and read:
-        from fmnist.data.contract import failure_message, incoming_check, run_checks
+        batch = IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels))
+        if contract:
+            with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
+                outcomes = run_checks([incoming_check(name, images, labels)], Path(results))
+            if not outcomes[0].success:
+                refused.append(RefusedBatch(name, entry, f"{entry}: {failure_message(outcomes)}"))
+                continue
+        in_training = len(overlap.copies(images, known.train)) if known else None
+        del images, labels
+        if receipt:
+            store.write_json(receipt, {**vars(batch), "in_training": in_training})
+        screened.append((batch, in_training))
+    return Screening([b for b, _ in screened], refused, _repeats(screened))
 
-        with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
-            outcomes = run_checks([incoming_check(b.name, i, lab) for b, i, lab in read], Path(results))
-        refused += [
-            RefusedBatch(b.name, b.path, f"{b.path}: {failure_message([o])}")
-            for (b, _, _), o in zip(read, outcomes, strict=True)
-            if not o.success
-        ]
-        failed = {r.name for r in refused}
-        read = [r for r in read if r[0].name not in failed]
-    return Screening([b for b, _, _ in read], refused, _repeats(read, known))
+
+def _receipt(store: Store, location: str, name: str, entry: str) -> tuple[IncomingBatch, int | None] | None:
+    try:
+        kept = store.read_json(location)
+        batch = IncomingBatch(name, entry, kept["kind"], kept["sha256"], int(kept["rows"]))
+        return batch, kept["in_training"]
+    except (FileNotFoundError, IntegrityError, KeyError, TypeError, ValueError):
+        return None
 
 
-def _repeats(read: list[tuple[IncomingBatch, np.ndarray, np.ndarray]], known: KnownImages | None) -> list[str]:
+def _repeats(screened: list[tuple[IncomingBatch, int | None]]) -> list[str]:
     lines, seen = [], {}
-    for batch, images, _ in read:
+    for batch, in_training in screened:
         if batch.sha256 in seen:
             lines.append(f"{batch.name} repeats batch {seen[batch.sha256]} exactly: its images count twice")
             continue
         seen[batch.sha256] = batch.name
-        if known and (count := len(overlap.copies(images, known.train))):
-            lines.append(f"{batch.name}: {count:,} of its {batch.rows:,} images are already in the training set")
+        if in_training:
+            lines.append(f"{batch.name}: {in_training:,} of its {batch.rows:,} images are already in the training set")
     return lines
 
 
@@ -335,7 +365,9 @@ def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.n
 def known_images(store: Store, test_images: StoredFile, train_images: StoredFile) -> KnownImages:
     """The canonical images' digests, from their verified IDX files, read on first use."""
     return KnownImages(
-        lambda: idx.read_images(store.local_copy(test_images)), lambda: idx.read_images(store.local_copy(train_images))
+        lambda: idx.read_images(store.local_copy(test_images)),
+        lambda: idx.read_images(store.local_copy(train_images)),
+        identity=f"{test_images.sha256}:{train_images.sha256}",
     )
 
 

@@ -1,17 +1,22 @@
-"""Normalize stage: float32 pixels in [0, 1], checked by GX, cached as parquet (`fmnist.data.cache`).
+"""Normalize stage: float32 pixels in [0, 1], checked by GX, cached as parquet parts (`fmnist.data.cache`).
 
-The training split is the canonical training set followed by the incoming batches; the test
-split is always the canonical test set, so every model version is compared on the same images.
+The training set is the canonical training split followed by the incoming batches; the test set is
+always the canonical test split, so every model version is compared on the same images. Each source
+becomes a part of its own, once: a run reads, normalizes, checks and writes only the sources no
+earlier run made a part of, one at a time, so its memory is that of the largest source (a batch is at
+most `MAX_BATCH_ROWS` images), not of the dataset.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
 from fmnist.data import idx
-from fmnist.data.cache import CachedDataset, ParquetCache, cache_key, normalize
+from fmnist.data.cache import CachedDataset, CachedPart, PartCache, dataset_key, normalize, part_key
 from fmnist.data.contract import (
     DataValidationError,
     FrameCheck,
@@ -23,8 +28,16 @@ from fmnist.data.dataset import DatasetSpec
 from fmnist.data.download import RawDataset
 from fmnist.data.incoming import IncomingBatch, input_hashes, load_collected
 from fmnist.data.validation import ValidationReport
-from fmnist.storage import Store, join
+from fmnist.storage import Store, StoredFile, join
 from fmnist.storage.layout import DataLayout
+
+log = logging.getLogger(__name__)
+Loader = Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+def canonical_source(store: Store, images: StoredFile, labels: StoredFile) -> tuple[str, Loader]:
+    """A canonical split's content hash and how to read it."""
+    return f"{images.sha256}:{labels.sha256}", lambda: idx.read_pair(store.local_copy(images), store.local_copy(labels))
 
 
 def normalize_and_cache(
@@ -34,43 +47,67 @@ def normalize_and_cache(
     validation: ValidationReport,
     store: Store,
     layout: DataLayout,
+    logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> CachedDataset:
-    """The cached normalized dataset for these inputs: reused when present and intact, else built."""
+    """The cached normalized dataset for these inputs: reused when present and intact, else made of the
+    parts already there and the ones this call writes."""
     if not validation.success:
         raise DataValidationError(f"refusing to cache data that failed validation {validation.key}")
-    hashes = input_hashes(raw, incoming)
-    cache = ParquetCache(store, layout.cache)
-    key = cache_key(hashes)
+    cache = PartCache(store, layout.cache)
+    key = dataset_key(input_hashes(raw, incoming))
     if hit := cache.lookup(key):
         return hit
-    train_parts = [idx.read_pair(store.local_copy(raw.train_images.file), store.local_copy(raw.train_labels.file))]
-    train_parts += [load_collected(store, batch) for batch in incoming]
-    test_images, test_labels = idx.read_pair(
-        store.local_copy(raw.test_images.file), store.local_copy(raw.test_labels.file)
-    )
-    splits = {
-        "train": (
-            normalize(np.concatenate([images for images, _ in train_parts])),
-            np.concatenate([labels for _, labels in train_parts]),
-        ),
-        "test": (normalize(test_images), test_labels),
+    if legacy := cache.legacy_entry(key):
+        logger.info(
+            "The cache entry %s was written before the cache kept parts; it is rebuilt once as parts (%s can be "
+            "deleted)",
+            key[:16],
+            legacy.removesuffix("/manifest.json"),
+        )
+    sources = {
+        "canonical-train": canonical_source(store, raw.train_images.file, raw.train_labels.file),
+        **{
+            f"incoming-{batch.name}": (batch.sha256, lambda batch=batch: load_collected(store, batch))
+            for batch in incoming
+        },
     }
-    checks = [
-        FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
-        for name, (pixels, labels) in splits.items()
+    train = [
+        cached_part(cache, name, source_hash, load, layout, logger) for name, (source_hash, load) in sources.items()
     ]
+    test = cached_part(
+        cache, "canonical-test", *canonical_source(store, raw.test_images.file, raw.test_labels.file), layout, logger
+    )
     metadata = {
         "sources": {"canonical": [f.sha256 for f in raw.files], "incoming": {b.name: b.sha256 for b in incoming}},
         "train_rows_by_source": {"canonical": spec.train_rows, **{b.name: b.rows for b in incoming}},
     }
-    # The parquet files are written while GX checks the same arrays: the writer works outside the GIL and
-    # GX mostly inside it, so on 2 cores the stage takes about the longer of the two instead of their sum.
-    # The files become a cache entry only once the checks pass; otherwise they are removed.
+    return cache.publish(key, train, test, metadata)
+
+
+def cached_part(
+    cache: PartCache,
+    name: str,
+    source_hash: str,
+    load: Loader,
+    layout: DataLayout,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> CachedPart:
+    """The source's part: found in the cache, else read, normalized, checked and written."""
+    key = part_key(source_hash)
+    if part := cache.lookup_part(key):
+        return part
+    images, labels = load()
+    pixels = normalize(images)
+    del images
+    check = FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))
+    # The parquet file is written while GX checks the same array: the writer works outside the GIL and
+    # GX mostly inside it, so on 2 cores a part takes about the longer of the two instead of their sum.
+    # The file becomes a part only once the check passes; otherwise it is removed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
-        writing = writer.submit(cache.write_splits, key, splits, metadata)
+        writing = writer.submit(cache.write_part, key, pixels, labels, {"source": name})
         try:
-            with store.staged_tree(join(layout.validation, f"normalized-{key}"), marker="result.json") as staged:
-                outcomes = run_checks(checks, staged)
+            with cache.store.staged_tree(join(layout.validation, f"normalized-{key}"), marker="result.json") as staged:
+                outcomes = run_checks([check], staged)
             failures = [f"{o.suite}: {f}" for o in outcomes for f in o.failures]
             if failures:
                 raise DataValidationError("Normalized data failed validation:\n  - " + "\n  - ".join(failures))
@@ -79,4 +116,5 @@ def normalize_and_cache(
             wait([writing])
             cache.discard(key)
             raise
-    return cache.publish(key, written, metadata)
+    logger.info("Cache part %s written: %s, %d rows", key[:16], name, written.rows)
+    return cache.publish_part(key, written, name)

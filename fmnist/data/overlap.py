@@ -37,9 +37,12 @@ def copies(images: np.ndarray, of: dict[bytes, int]) -> list[tuple[int, int]]:
 class KnownImages:
     """The canonical images' digests, computed on first use: only runs with incoming batches need them."""
 
-    def __init__(self, test_images: Callable[[], np.ndarray], train_images: Callable[[], np.ndarray]) -> None:
+    def __init__(
+        self, test_images: Callable[[], np.ndarray], train_images: Callable[[], np.ndarray], identity: str = ""
+    ) -> None:
         self._test_images = test_images
         self._train_images = train_images
+        self.identity = identity  # what the two sets' content is (their files' hashes): screening depends on it
 
     @cached_property
     def test(self) -> dict[bytes, int]:

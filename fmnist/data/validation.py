@@ -1,16 +1,24 @@
 """Validate stage: every input against the data contract (`fmnist.data.contract`), and each incoming batch
 for drift from the canonical training data.
 
-Results are kept as JSON and as GX Data Docs (HTML) in a folder of the data root keyed by the
-inputs' content hashes and the contract's source (published with `report.json` last), so an
-unchanged dataset is not validated twice.
+Each source (a canonical split, an incoming batch) is judged on its own and once: its outcomes, result
+JSON and GX Data Docs (HTML) are kept in a folder of the data root keyed by its content and the
+suites' source, so a run judges only the sources that are new to it, one at a time. A run's report,
+keyed by all its inputs (published with `report.json` last), lists every outcome, so an unchanged
+dataset is not even looked at again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import html
 import json
+import posixpath
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pandas as pd
 
 from fmnist.data import drift, idx
@@ -26,7 +34,7 @@ from fmnist.data.contract import (
     suite_version,
 )
 from fmnist.data.dataset import NUM_CLASSES, DatasetSpec
-from fmnist.data.download import RawDataset
+from fmnist.data.download import RawDataset, VerifiedFile
 from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import IncomingBatch, input_hashes, load_collected
 from fmnist.storage import IntegrityError, Store, join
@@ -62,36 +70,56 @@ class ValidationReport:
         )
 
 
-def raw_checks(
-    spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store, check_drift: bool
-) -> list[FrameCheck]:
-    """A contract suite for each canonical split and each incoming batch; a drift suite for each batch
-    big enough to judge."""
-    rows = {"train": spec.train_rows, "test": spec.test_rows}
-    pairs = {"train": (raw.train_images, raw.train_labels), "test": (raw.test_images, raw.test_labels)}
-    checks, reference = [], None
-    for split, (images_file, labels_file) in pairs.items():
-        images, labels = idx.read_pair(store.local_copy(images_file.file), store.local_copy(labels_file.file))
-        if split == "train" and check_drift and incoming:
-            reference = drift.reference(images, labels)
-        checks.append(
+@dataclass(frozen=True)
+class Source:
+    """One input the contract judges on its own: its suite's name, its content hash, how to read it."""
+
+    suite: str
+    content: str
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    rows: int | None = None  # what the contract requires of a canonical split (None: an incoming batch)
+    batch: str | None = None  # the incoming batch's name
+
+
+def sources(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store) -> list[Source]:
+    def canonical(images: VerifiedFile, labels: VerifiedFile):
+        return lambda: idx.read_pair(store.local_copy(images.file), store.local_copy(labels.file))
+
+    return [
+        Source(
+            "raw-canonical-train",
+            f"{raw.train_images.sha256}:{raw.train_labels.sha256}",
+            canonical(raw.train_images, raw.train_labels),
+            spec.train_rows,
+        ),
+        Source(
+            "raw-canonical-test",
+            f"{raw.test_images.sha256}:{raw.test_labels.sha256}",
+            canonical(raw.test_images, raw.test_labels),
+            spec.test_rows,
+        ),
+        *(
+            Source(f"raw-incoming-{b.name}", b.sha256, lambda b=b: load_collected(store, b), batch=b.name)
+            for b in incoming
+        ),
+    ]
+
+
+def source_checks(source: Source, reference: Callable[[], drift.DriftReference] | None) -> list[FrameCheck]:
+    """The source's contract suite, and with `reference`, an incoming batch's drift suite if it is big
+    enough to judge. The source is read here, and let go once its summaries are made."""
+    images, labels = source.load()
+    if source.batch is None:
+        checks = [
             FrameCheck(
-                f"raw-canonical-{split}",
-                raw_summary(images, labels),
-                raw_expectations(rows[split], rows[split] // NUM_CLASSES),
+                source.suite, raw_summary(images, labels), raw_expectations(source.rows, source.rows // NUM_CLASSES)
             )
-        )
-    features = []
-    for batch in incoming:
-        images, labels = load_collected(store, batch)
-        checks.append(incoming_check(batch.name, images, labels))
-        if reference is not None:
-            features.append(drift.image_features(images, labels))
-            if batch.rows >= drift.MIN_ROWS:
-                checks.append(drift_check(f"{DRIFT_SUITE_PREFIX}{batch.name}", features[-1], reference))
-    # What the run adds in all, too: a drifted delivery split into batches too small to judge is judged here.
-    if len(features) > 1 and sum(len(f) for f in features) >= drift.MIN_ROWS:
-        checks.append(drift_check(ALL_INCOMING_DRIFT_SUITE, pd.concat(features, ignore_index=True), reference))
+        ]
+    else:
+        checks = [incoming_check(source.batch, images, labels)]
+        if reference and len(labels) >= drift.MIN_ROWS:
+            features = drift.image_features(images, labels)
+            checks.append(drift_check(f"{DRIFT_SUITE_PREFIX}{source.batch}", features, reference()))
     return checks
 
 
@@ -102,7 +130,7 @@ def drift_check(suite: str, features: pd.DataFrame, reference: drift.DriftRefere
 def drifted_names(report: ValidationReport) -> list[str]:
     """What drifted, in words: each batch by name, and all the run's batches together."""
     return [
-        "all incoming batches together"
+        f"the batches under {drift.MIN_ROWS} images, together"
         if o.suite == ALL_INCOMING_DRIFT_SUITE
         else f"batch {o.suite.removeprefix(DRIFT_SUITE_PREFIX)}"
         for o in report.drifted
@@ -138,7 +166,14 @@ def validate_raw(
     validation_dir: str,
     check_drift: bool = True,
 ) -> ValidationReport:
-    """Validate every input; reuse an earlier passing result for the same inputs and suites."""
+    """Validate every input; reuse an earlier passing result for the same inputs and suites.
+
+    Each source (a canonical split, an incoming batch) is judged on its own, once: its suites' outcomes
+    are kept in `<validation>/sources/<key>/` (keyed by its content and the suites), with their result
+    JSON and Data Docs, and a later run that has the same source reuses them. So a run reads only the
+    sources no earlier run judged, one at a time. The run's report (`<validation>/<key>/report.json`)
+    lists every suite's outcome and where its Data Docs are (`index.html` beside it links them all).
+    """
     suites = (suite_version(), drift.suite_version()) if check_drift else (suite_version(), "no-drift")
     key = sha256_text("raw-validation", *suites, *input_hashes(raw, incoming))
     out_dir = join(validation_dir, key)
@@ -149,14 +184,84 @@ def validate_raw(
             return ValidationReport(**{**report, "reused": True})
     except (FileNotFoundError, IntegrityError, KeyError, TypeError):
         pass  # none yet, or unreadable: validate again
-    with store.staged_tree(out_dir, marker="report.json") as staged:
-        outcomes = run_checks(raw_checks(spec, raw, incoming, store, check_drift), staged)
-        report = ValidationReport(
-            key=key,
-            success=all(o.success for o in outcomes if o.kind == "contract"),
-            result_path=join(out_dir, "result.json"),
-            docs_index=join(out_dir, "docs", "index.html"),
-            suites=outcomes,
+    reference = _drift_reference(store, raw) if check_drift and incoming else None
+    outcomes = []
+    for source in sources(spec, raw, incoming, store):
+        # The drift reference is the canonical training data: a batch's drift outcome depends on it.
+        judged_with = (raw.train_images.sha256, raw.train_labels.sha256) if source.batch and reference else ()
+        outcomes += judged(
+            store,
+            validation_dir,
+            (*suites, source.suite, source.content, *judged_with),
+            lambda s=source: source_checks(s, reference),
         )
+    # Batches too small to judge alone are judged together: a drifted delivery split into such batches is
+    # caught here. Batches big enough are judged alone only: a mixture of distributions that each pass
+    # the KL divergence and median checks passes them too (KL divergence is convex; a median lies between
+    # the medians of the parts), so judging them together again would find nothing new.
+    small = [b for b in incoming if b.rows < drift.MIN_ROWS]
+    if reference and len(small) > 1 and sum(b.rows for b in small) >= drift.MIN_ROWS:
+
+        def small_batches_check() -> list[FrameCheck]:
+            features = pd.concat([drift.image_features(*load_collected(store, b)) for b in small], ignore_index=True)
+            return [drift_check(ALL_INCOMING_DRIFT_SUITE, features, reference())]
+
+        inputs = (*suites, ALL_INCOMING_DRIFT_SUITE, raw.train_images.sha256, *(b.sha256 for b in small))
+        outcomes += judged(store, validation_dir, inputs, small_batches_check)
+    report = ValidationReport(
+        key=key,
+        success=all(o.success for o in outcomes if o.kind == "contract"),
+        result_path=join(out_dir, "report.json"),
+        docs_index=join(out_dir, "index.html"),
+        suites=outcomes,
+    )
+    with store.staged_tree(out_dir, marker="report.json") as staged:
+        (staged / "index.html").write_text(_docs_index(report))
         (staged / "report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+
+
+def judged(
+    store: Store, validation_dir: str, inputs: tuple[str, ...], checks: Callable[[], list[FrameCheck]]
+) -> list[SuiteOutcome]:
+    """The outcomes of the suites `checks` makes, for `inputs` (what they depend on): kept from an earlier
+    run whose contract suites passed, else run now and kept in `<validation>/sources/<key>/`."""
+    out_dir = join(validation_dir, "sources", sha256_text("source-validation", *inputs))
+    if (kept := _kept(store, out_dir)) is not None:
+        return kept
+    docs = join(out_dir, "docs", "index.html")
+    with store.staged_tree(out_dir, marker="outcomes.json") as staged:
+        outcomes = [dataclasses.replace(o, docs=docs) for o in run_checks(checks(), staged)]
+        (staged / "outcomes.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
+    return outcomes
+
+
+def _kept(store: Store, out_dir: str) -> list[SuiteOutcome] | None:
+    """The outcomes kept in `out_dir` if their contract suites passed (a failure is judged again)."""
+    try:
+        outcomes = [SuiteOutcome(**s) for s in store.read_json(join(out_dir, "outcomes.json"))]
+    except (FileNotFoundError, IntegrityError, KeyError, TypeError):
+        return None
+    return outcomes if all(o.success for o in outcomes if o.kind == "contract") else None
+
+
+def _drift_reference(store: Store, raw: RawDataset) -> Callable[[], drift.DriftReference]:
+    """The canonical training split's drift reference, computed the first time a batch is judged."""
+
+    @functools.cache
+    def reference() -> drift.DriftReference:
+        images, labels = idx.read_pair(store.local_copy(raw.train_images.file), store.local_copy(raw.train_labels.file))
+        return drift.reference(images, labels)
+
+    return reference
+
+
+def _docs_index(report: ValidationReport) -> str:
+    """A page linking each suite's Data Docs (each source's are in its own folder)."""
+    here = posixpath.dirname(report.docs_index)
+    rows = "\n".join(
+        f'<li><a href="{html.escape(posixpath.relpath(o.docs, here))}">{html.escape(o.suite)}</a>: '
+        f"{'passed' if o.success else 'failed'} ({o.rows:,} rows)</li>"
+        for o in report.suites
+    )
+    return f"<!doctype html>\n<title>Data validation {report.key[:16]}</title>\n<ul>\n{rows}\n</ul>\n"

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmnist.data.cache import CachedDataset, pixels_of, read_split
-from fmnist.data.dataset import CLASS_NAMES, NUM_CLASSES
+from fmnist.data.cache import CachedDataset, CachedPart, iter_part, pixels_of, read_part
+from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fmnist.evaluation import plots
-from fmnist.storage import StoredFile
+from fmnist.storage import Store, StoredFile
 from fmnist.storage.files import atomic_write_text
 from fmnist.storage.layout import RunLayout
 from fmnist.training.export import SERVING_VERSION, check_export, export_saved_model, files_of
@@ -72,12 +72,33 @@ def per_class_metrics(matrix: np.ndarray) -> list[dict]:
     ]
 
 
-def loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Cross-entropy and accuracy against class indices, as Keras computes them (probabilities clipped to
-    [1e-7, 1 - 1e-7]); the same for every recipe, whatever loss it trained with (label smoothing, say)."""
+def losses_and_hits(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's cross-entropy against its class index, as Keras computes it (probabilities clipped to
+    [1e-7, 1 - 1e-7]), and whether its top class is right; the same for every recipe, whatever loss it
+    trained with (label smoothing, say)."""
     picked = probabilities[np.arange(len(labels)), labels.astype(np.int64)]
-    loss = -np.log(np.clip(picked, 1e-7, 1 - 1e-7)).mean()
-    return float(loss), float((probabilities.argmax(axis=1) == labels).mean())
+    return -np.log(np.clip(picked, 1e-7, 1 - 1e-7)), probabilities.argmax(axis=1) == labels
+
+
+def loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    losses, hits = losses_and_hits(probabilities, labels)
+    return float(losses.mean()), float(hits.mean())
+
+
+def streamed_loss_and_accuracy(model: keras.Model, store: Store, parts: list[CachedPart]) -> tuple[float, float]:
+    """`loss_and_accuracy` over the parts' images, a row group at a time: a training set of any size is
+    never held whole."""
+    loss_sum, hit_count, rows = 0.0, 0, 0
+    for part in parts:
+        for pixels, labels in iter_part(store.local_copy(part.file)):
+            probabilities = predicted_probabilities(model, pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
+            losses, hits = losses_and_hits(probabilities, labels)
+            loss_sum, hit_count, rows = (
+                loss_sum + losses.sum(dtype=np.float64),
+                hit_count + hits.sum(),
+                rows + len(hits),
+            )
+    return loss_sum / rows, hit_count / rows
 
 
 def predicted_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -93,11 +114,10 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
     """Metrics and plots of the trained model, published in the run folder's `evaluation/`."""
     store = run.store
     model = load_verified_model(store, trained.model)
-    test_images, test_labels = read_split(store.local_copy(cached.test.file))
-    train_images, train_labels = read_split(store.local_copy(cached.train.file))
+    test_images, test_labels = read_part(store.local_copy(cached.test.file))
     probabilities = predicted_probabilities(model, test_images)
     test_loss, test_accuracy = loss_and_accuracy(probabilities, test_labels)
-    train_loss, train_accuracy = loss_and_accuracy(predicted_probabilities(model, train_images), train_labels)
+    train_loss, train_accuracy = streamed_loss_and_accuracy(model, store, cached.train)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(test_labels, predicted)
     saved_model = export_checked(model, run, test_images[:EXPORT_CHECK_IMAGES], probabilities[:EXPORT_CHECK_IMAGES])

@@ -57,7 +57,8 @@ class DataRecord(_Record):
     test_set: str = Field(description="The test set's identity: only versions measured on one set are compared")
     train_rows: int
     test_rows: int
-    train_parquet_sha256: str
+    train_parts_sha256: list[str] = Field(default_factory=list, description="each training part's, in order")
+    train_parquet_sha256: str | None = Field(None, description="the one training file's, before the cache kept parts")
     test_parquet_sha256: str
     sources: Sources
     train_rows_by_source: dict[str, int] = Field(default_factory=dict, description="canonical, then each batch")
@@ -264,9 +265,9 @@ def build_manifest(
         data=DataRecord(
             cache_key=cached.key,
             test_set=test_set_id(raw.test_images.sha256, raw.test_labels.sha256),
-            train_rows=cached.train.rows,
+            train_rows=cached.train_rows,
             test_rows=cached.test.rows,
-            train_parquet_sha256=cached.train.sha256,
+            train_parts_sha256=[part.sha256 for part in cached.train],
             test_parquet_sha256=cached.test.sha256,
             sources=Sources.model_validate(cached.sources),
             train_rows_by_source=cached.rows_by_source,

@@ -149,6 +149,11 @@ class DataLayout:
     def cache(self) -> str:
         return join(self.root, "cache")
 
+    @property
+    def screened(self) -> str:
+        """Receipts of the incoming batches that passed screening (`fmnist.data.incoming.screen_incoming`)."""
+        return join(self.validation, "screened")
+
 
 @dataclass(frozen=True)
 class RunLayout:

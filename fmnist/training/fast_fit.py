@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from fmnist.data.cache import SCALED, TENSOR_ALIGNMENT
 from fmnist.training.model import TrainParams
 
 if TYPE_CHECKING:
@@ -118,20 +119,24 @@ def fit(
     params: TrainParams,
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> None:
-    """Train like `model.fit(images, labels, batch_size, epochs, shuffle=True, callbacks=...)`.
+    """Train like `model.fit(normalize(images), labels, batch_size, epochs, shuffle=True, callbacks=...)`
+    on uint8 `images` ((n, 28, 28) or (n, 784)), which it holds as they are (a quarter of float32).
 
     `callbacks` get the calls `fit` makes per epoch, with `loss` and `accuracy` (means over the
     epoch's training batches, as `fit` reports them); a resumed run starts at the epoch that Keras'
     `BackupAndRestore` restored, as in `fit`.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
 
+    if images.dtype != np.uint8:
+        raise TypeError(f"the fast path takes uint8 images (it scales them itself), not {images.dtype}")
     layers = dense_layers(model)
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     epoch_graph = _epoch_graph(layers, optimizer, params.batch_size)
-    x = tf.constant(images.reshape(len(images), -1), tf.float32)
+    x = as_tensor(images.reshape(len(images), -1))
     y = tf.constant(labels, tf.int32)
 
     hooks = keras.callbacks.CallbackList(list(callbacks), model=model, epochs=params.epochs)
@@ -146,6 +151,17 @@ def fit(
         if model.stop_training:
             break
     hooks.on_train_end()
+
+
+def as_tensor(array: np.ndarray):
+    """A TensorFlow tensor of `array` that shares its memory (through DLPack) where TensorFlow allows it,
+    that is where it is contiguous and aligned (`fmnist.data.cache.aligned_empty`); else a copy.
+    `tf.constant` always copies: the training images would be held twice."""
+    import tensorflow as tf
+
+    if array.flags.c_contiguous and array.ctypes.data % TENSOR_ALIGNMENT == 0:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    return tf.constant(array)
 
 
 def _epoch_graph(layers: list[DenseLayer], optimizer, batch_size: int):
@@ -168,6 +184,8 @@ def _epoch_graph(layers: list[DenseLayer], optimizer, batch_size: int):
     iterations, learning_rate = optimizer.iterations.value, optimizer.learning_rate
     beta_1, beta_2, epsilon = optimizer.beta_1, optimizer.beta_2, optimizer.epsilon
 
+    scaled = tf.constant(SCALED)
+
     @tf.function(autograph=False)
     def epoch(x, y, key):
         for split in every_split:
@@ -178,7 +196,9 @@ def _epoch_graph(layers: list[DenseLayer], optimizer, batch_size: int):
 
         def step(i, loss_sum, correct):
             batch = order[i * batch_size : tf.minimum((i + 1) * batch_size, rows)]
-            inputs, targets = tf.gather(x, batch), tf.gather(y, batch)
+            # Each pixel's float32 value looked up, exactly as `normalize` makes it: the images stay uint8.
+            inputs = tf.gather(scaled, tf.cast(tf.gather(x, batch), tf.int32))
+            targets = tf.gather(y, batch)
             if dropout:  # one draw for every block's mask
                 noise = tf.random.stateless_uniform(
                     tf.stack([tf.shape(batch)[0], sum(widths)]),
