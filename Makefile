@@ -57,7 +57,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -68,6 +68,7 @@ help:
 	@echo "make docs    build the docs site into site/ (strict: a broken link fails); make docs-serve: on 127.0.0.1:8000"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
+	@echo "make bench-scale   data stages, memory and an epoch at 1x, 10x and 100x the training set"
 	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
@@ -180,6 +181,10 @@ bench-serve: install
 # The dnn recipe's epoch and a whole cold run against the tutorial's script, side by side (about 7 minutes).
 bench-train: install data
 	$(PY) bench/train_speed.py
+
+# The data stages, cache and training epochs at 1x, 10x and 100x the training set, and one more batch on top (about 20 minutes, 12 GB of disk).
+bench-scale: install data
+	$(PY) bench/scale.py
 
 # Each preset's test accuracy and training time on the real data, seeds 0-2 (about 50 minutes on 2 cores).
 bench-presets: install data
