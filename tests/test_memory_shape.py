@@ -103,6 +103,7 @@ def test_the_data_stages_memory_does_not_grow_with_the_number_of_batches(dataset
     )
 
 
+@pytest.mark.training
 def test_training_holds_the_pixels_once_as_uint8(datasets) -> None:
     mirror, spec, roots = datasets
     (few, _), (many, _) = (peak_growth_mb("train", mirror, spec, roots[n]) for n in sorted(roots))
