@@ -280,14 +280,14 @@ import json, sys
 from prefect import flow
 import flows.train
 import fmnist.training.supervision
-from fmnist.data.cache import CachedDataset, CachedSplit
+from fmnist.data.cache import CachedDataset, CachedPart
 from fmnist.storage.layout import RunLayout, StorageParams
 from fmnist.training.model import TrainParams
 
 fmnist.training.supervision.POLL_S = 0.5
 deployment, run_dir = sys.argv[1:]
-split = CachedSplit(run_dir + "/none.parquet", 1, "0" * 64)
-cached = CachedDataset(key="k", train=split, test=split, sources={})
+part = CachedPart(run_dir + "/none.parquet", 1, "0" * 64)
+cached = CachedDataset(key="k", train=[part], test=part, sources={})
 
 @flow(name="waits-on-training")
 def waits_on_training():
