@@ -119,7 +119,10 @@ def data_stages(root: Path) -> dict:
     raw = timed("download", lambda: download_dataset(FASHION_MNIST, [MIRROR], store, layout.raw))
     known = known_images(store, raw.test_images.file, raw.train_images.file)
     screening = timed(
-        "collect", lambda: screen_incoming(store, str(root / "incoming"), known, receipts=layout.screened)
+        "collect",
+        lambda: screen_incoming(
+            store, str(root / "incoming"), known, receipts=layout.screened, outcomes=layout.outcomes
+        ),
     )
     assert not screening.refused, [r.error for r in screening.refused]
     report = timed("validate", lambda: validate_raw(FASHION_MNIST, raw, screening.batches, store, layout.validation))

@@ -25,6 +25,7 @@ def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: 
         storage.incoming,
         known_images(store, raw.test_images.file, raw.train_images.file),
         receipts=storage.data.screened,
+        outcomes=storage.data.outcomes,
     )
     for line in screening.repeats:
         logger.warning("Incoming batch %s", line)

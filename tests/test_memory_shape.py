@@ -52,7 +52,8 @@ if stage == "train":
 raw = download_dataset(spec, [mirror], store, layout.raw)
 known = known_images(store, raw.test_images.file, raw.train_images.file)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-batches = screen_incoming(store, str(root / "incoming"), known, receipts=layout.screened).batches
+screening = screen_incoming(store, str(root / "incoming"), known, receipts=layout.screened, outcomes=layout.outcomes)
+batches = screening.batches
 report = validate_raw(spec, raw, batches, store, layout.validation)
 cached = normalize_and_cache(spec, raw, batches, report, store, layout)
 assert report.success

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.data import validation
+from fmnist.data import contract
 from fmnist.data.contract import (
     DataValidationError,
     FrameCheck,
@@ -64,13 +64,13 @@ def test_a_new_batch_is_the_only_source_judged_again(mirror, layout, store, raw,
     validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
     write_idx_batch(tmp_path / "incoming" / "second", synthetic_images(labels, seed=6), labels)
     judged = []
-    real_run_checks = validation.run_checks
+    real_run_checks = contract.run_checks
 
     def counting(checks, out_dir):
         judged.extend(check.suite for check in checks)
         return real_run_checks(checks, out_dir)
 
-    monkeypatch.setattr(validation, "run_checks", counting)
+    monkeypatch.setattr(contract, "run_checks", counting)
     report = validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
     assert report.success and not report.reused
     assert judged == ["raw-incoming-second"]
@@ -184,3 +184,24 @@ def test_results_in_a_bucket_are_published_whole_and_reused(mirror, store: Store
     # Another host, sharing only the bucket, reuses the result.
     again = validate_raw(spec, raw, [], Store(scratch=tmp_path / "other-host"), layout.validation)
     assert again.reused and again.suites == first.suites
+
+
+def test_a_batch_screening_judged_is_not_judged_again_by_validation(mirror, layout, store, raw, tmp_path, monkeypatch):
+    from fmnist.data.incoming import known_images, screen_incoming
+
+    _, spec = mirror
+    labels = np.array([1, 2, 3], dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "screened", synthetic_images(labels, seed=5), labels)
+    known = known_images(store, raw.test_images.file, raw.train_images.file)
+    screening = screen_incoming(store, str(tmp_path / "incoming"), known, outcomes=layout.outcomes)
+    judged = []
+    real_run_checks = contract.run_checks
+
+    def counting(checks, out_dir):
+        judged.extend(check.suite for check in checks)
+        return real_run_checks(checks, out_dir)
+
+    monkeypatch.setattr(contract, "run_checks", counting)
+    report = validate_raw(spec, raw, screening.batches, store, layout.validation)
+    assert report.success and "raw-incoming-screened" in [o.suite for o in report.suites]
+    assert judged == ["raw-canonical-train", "raw-canonical-test"]

@@ -8,9 +8,11 @@ door is refused with the same words the flow would use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from fmnist.data.dataset import IMAGE_SIZE, NUM_CLASSES
-from fmnist.storage.files import sha256_file
+from fmnist.storage import IntegrityError, Store, join
+from fmnist.storage.files import sha256_file, sha256_text
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -229,4 +232,24 @@ def run_checks(checks: list[FrameCheck], out_dir: Path) -> list[SuiteOutcome]:
             default=str,
         )
     )
+    return outcomes
+
+
+def kept_outcomes(
+    store: Store, folder: str, inputs: tuple[str, ...], checks: Callable[[], list[FrameCheck]]
+) -> list[SuiteOutcome]:
+    """The outcomes of the suites `checks` makes, for `inputs` (all they depend on: suite versions,
+    content hashes, suite names): kept in `<folder>/<key>/` by an earlier call whose contract suites
+    passed, else run now and kept there (`outcomes.json` last, with `result.json` and Data Docs)."""
+    out_dir = join(folder, sha256_text("source-validation", *inputs))
+    try:
+        kept = [SuiteOutcome(**s) for s in store.read_json(join(out_dir, "outcomes.json"))]
+        if all(o.success for o in kept if o.kind == "contract"):
+            return kept
+    except (FileNotFoundError, IntegrityError, KeyError, TypeError):
+        pass  # none yet, or unreadable: judge again (a failure is judged again too)
+    docs = join(out_dir, "docs", "index.html")
+    with store.staged_tree(out_dir, marker="outcomes.json") as staged:
+        outcomes = [dataclasses.replace(o, docs=docs) for o in run_checks(checks(), staged)]
+        (staged / "outcomes.json").write_text(json.dumps([dataclasses.asdict(o) for o in outcomes], indent=1))
     return outcomes

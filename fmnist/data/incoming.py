@@ -220,6 +220,7 @@ def screen_incoming(
     *,
     contract: bool = True,
     receipts: str | None = None,
+    outcomes: str | None = None,
 ) -> Screening:
     """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name, read and
     checked: readable, no test-set images (with `known`), and its contract suite passed (with `contract`).
@@ -228,11 +229,12 @@ def screen_incoming(
     (a folder), a batch that passed every check leaves a receipt there, keyed by its files' stamps
     (`Store.fingerprint`) and what it was checked against; a later run finds the receipt and does not
     read the batch again, so a run's screening costs the batches that are new or changed, plus one
-    listing a batch.
+    listing a batch. With `outcomes` (the validation stage's folder of kept outcomes), a batch's contract
+    outcome is kept there, and the validation stage does not judge the batch again.
 
     A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
     """
-    from fmnist.data.contract import failure_message, incoming_check, run_checks, suite_version
+    from fmnist.data.contract import failure_message, incoming_check, kept_outcomes, run_checks, suite_version
 
     screened: list[tuple[IncomingBatch, int | None]] = []  # with how many of its images training holds already
     refused: list[RefusedBatch] = []
@@ -268,10 +270,16 @@ def screen_incoming(
             continue
         batch = IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels))
         if contract:
-            with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
-                outcomes = run_checks([incoming_check(name, images, labels)], Path(results))
-            if not outcomes[0].success:
-                refused.append(RefusedBatch(name, entry, f"{entry}: {failure_message(outcomes)}"))
+            check = [incoming_check(name, images, labels)]
+            if outcomes:
+                inputs = (suite_version(), check[0].suite, batch.sha256)
+                judged = kept_outcomes(store, outcomes, inputs, lambda check=check: check)
+            else:
+                with tempfile.TemporaryDirectory(prefix="fmnist-batches-") as results:
+                    judged = run_checks(check, Path(results))
+            del check
+            if not judged[0].success:
+                refused.append(RefusedBatch(name, entry, f"{entry}: {failure_message(judged)}"))
                 continue
         in_training = len(overlap.copies(images, known.train)) if known else None
         del images, labels

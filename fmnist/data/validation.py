@@ -10,7 +10,6 @@ dataset is not even looked at again.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import html
 import json
@@ -28,9 +27,9 @@ from fmnist.data.contract import (
     SuiteOutcome,
     failure_message,
     incoming_check,
+    kept_outcomes,
     raw_expectations,
     raw_summary,
-    run_checks,
     suite_version,
 )
 from fmnist.data.dataset import NUM_CLASSES, DatasetSpec
@@ -39,6 +38,7 @@ from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import IncomingBatch, input_hashes, load_collected
 from fmnist.storage import IntegrityError, Store, join
 from fmnist.storage.files import sha256_text
+from fmnist.storage.layout import OUTCOMES_FOLDER
 
 DRIFT_SUITE_PREFIX = "drift-incoming-"  # then the batch's name
 ALL_INCOMING_DRIFT_SUITE = "drift-all-incoming"  # no batch's suite: a batch name starts with a letter or digit
@@ -78,7 +78,7 @@ class Source:
     content: str
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
     rows: int | None = None  # what the contract requires of a canonical split (None: an incoming batch)
-    batch: str | None = None  # the incoming batch's name
+    batch: IncomingBatch | None = None
 
 
 def sources(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], store: Store) -> list[Source]:
@@ -98,29 +98,16 @@ def sources(spec: DatasetSpec, raw: RawDataset, incoming: list[IncomingBatch], s
             canonical(raw.test_images, raw.test_labels),
             spec.test_rows,
         ),
-        *(
-            Source(f"raw-incoming-{b.name}", b.sha256, lambda b=b: load_collected(store, b), batch=b.name)
-            for b in incoming
-        ),
+        *(Source(f"raw-incoming-{b.name}", b.sha256, lambda b=b: load_collected(store, b), batch=b) for b in incoming),
     ]
 
 
-def source_checks(source: Source, reference: Callable[[], drift.DriftReference] | None) -> list[FrameCheck]:
-    """The source's contract suite, and with `reference`, an incoming batch's drift suite if it is big
-    enough to judge. The source is read here, and let go once its summaries are made."""
-    images, labels = source.load()
-    if source.batch is None:
-        checks = [
-            FrameCheck(
-                source.suite, raw_summary(images, labels), raw_expectations(source.rows, source.rows // NUM_CLASSES)
-            )
-        ]
-    else:
-        checks = [incoming_check(source.batch, images, labels)]
-        if reference and len(labels) >= drift.MIN_ROWS:
-            features = drift.image_features(images, labels)
-            checks.append(drift_check(f"{DRIFT_SUITE_PREFIX}{source.batch}", features, reference()))
-    return checks
+def contract_check(source: Source, images: np.ndarray, labels: np.ndarray) -> FrameCheck:
+    if source.batch:
+        return incoming_check(source.batch.name, images, labels)
+    return FrameCheck(
+        source.suite, raw_summary(images, labels), raw_expectations(source.rows, source.rows // NUM_CLASSES)
+    )
 
 
 def drift_check(suite: str, features: pd.DataFrame, reference: drift.DriftReference) -> FrameCheck:
@@ -185,16 +172,28 @@ def validate_raw(
     except (FileNotFoundError, IntegrityError, KeyError, TypeError):
         pass  # none yet, or unreadable: validate again
     reference = _drift_reference(store, raw) if check_drift and incoming else None
+    kept_in = join(validation_dir, OUTCOMES_FOLDER)
     outcomes = []
     for source in sources(spec, raw, incoming, store):
-        # The drift reference is the canonical training data: a batch's drift outcome depends on it.
-        judged_with = (raw.train_images.sha256, raw.train_labels.sha256) if source.batch and reference else ()
-        outcomes += judged(
+        load = functools.cache(source.load)  # read once, if both of its suites are judged now
+        # Screening keeps a batch's contract outcome under this same key: a batch it judged is not judged again.
+        outcomes += kept_outcomes(
             store,
-            validation_dir,
-            (*suites, source.suite, source.content, *judged_with),
-            lambda s=source: source_checks(s, reference),
+            kept_in,
+            (suite_version(), source.suite, source.content),
+            lambda s=source, load=load: [contract_check(s, *load())],
         )
+        if source.batch and reference and source.batch.rows >= drift.MIN_ROWS:
+            # Judged against the canonical training data: its outcome depends on that data too.
+            suite = f"{DRIFT_SUITE_PREFIX}{source.batch.name}"
+            inputs = (drift.suite_version(), raw.train_images.sha256, raw.train_labels.sha256, suite, source.content)
+            outcomes += kept_outcomes(
+                store,
+                kept_in,
+                inputs,
+                lambda suite=suite, load=load: [drift_check(suite, drift.image_features(*load()), reference())],
+            )
+        del load
     # Batches too small to judge alone are judged together: a drifted delivery split into such batches is
     # caught here. Batches big enough are judged alone only: a mixture of distributions that each pass
     # the KL divergence and median checks passes them too (KL divergence is convex; a median lies between
@@ -206,8 +205,8 @@ def validate_raw(
             features = pd.concat([drift.image_features(*load_collected(store, b)) for b in small], ignore_index=True)
             return [drift_check(ALL_INCOMING_DRIFT_SUITE, features, reference())]
 
-        inputs = (*suites, ALL_INCOMING_DRIFT_SUITE, raw.train_images.sha256, *(b.sha256 for b in small))
-        outcomes += judged(store, validation_dir, inputs, small_batches_check)
+        inputs = (drift.suite_version(), raw.train_images.sha256, ALL_INCOMING_DRIFT_SUITE, *(b.sha256 for b in small))
+        outcomes += kept_outcomes(store, kept_in, inputs, small_batches_check)
     report = ValidationReport(
         key=key,
         success=all(o.success for o in outcomes if o.kind == "contract"),
@@ -219,30 +218,6 @@ def validate_raw(
         (staged / "index.html").write_text(_docs_index(report))
         (staged / "report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
-
-
-def judged(
-    store: Store, validation_dir: str, inputs: tuple[str, ...], checks: Callable[[], list[FrameCheck]]
-) -> list[SuiteOutcome]:
-    """The outcomes of the suites `checks` makes, for `inputs` (what they depend on): kept from an earlier
-    run whose contract suites passed, else run now and kept in `<validation>/sources/<key>/`."""
-    out_dir = join(validation_dir, "sources", sha256_text("source-validation", *inputs))
-    if (kept := _kept(store, out_dir)) is not None:
-        return kept
-    docs = join(out_dir, "docs", "index.html")
-    with store.staged_tree(out_dir, marker="outcomes.json") as staged:
-        outcomes = [dataclasses.replace(o, docs=docs) for o in run_checks(checks(), staged)]
-        (staged / "outcomes.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-    return outcomes
-
-
-def _kept(store: Store, out_dir: str) -> list[SuiteOutcome] | None:
-    """The outcomes kept in `out_dir` if their contract suites passed (a failure is judged again)."""
-    try:
-        outcomes = [SuiteOutcome(**s) for s in store.read_json(join(out_dir, "outcomes.json"))]
-    except (FileNotFoundError, IntegrityError, KeyError, TypeError):
-        return None
-    return outcomes if all(o.success for o in outcomes if o.kind == "contract") else None
 
 
 def _drift_reference(store: Store, raw: RawDataset) -> Callable[[], drift.DriftReference]:

@@ -131,6 +131,9 @@ def _overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
+OUTCOMES_FOLDER = "sources"  # in the validation folder
+
+
 @dataclass(frozen=True)
 class DataLayout:
     """Where each data stage keeps its files under one data root (shared by every host of a run)."""
@@ -153,6 +156,11 @@ class DataLayout:
     def screened(self) -> str:
         """Receipts of the incoming batches that passed screening (`fmnist.data.incoming.screen_incoming`)."""
         return join(self.validation, "screened")
+
+    @property
+    def outcomes(self) -> str:
+        """Each source's kept validation outcomes (`fmnist.data.contract.kept_outcomes`)."""
+        return join(self.validation, OUTCOMES_FOLDER)
 
 
 @dataclass(frozen=True)
