@@ -57,13 +57,9 @@ def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, store, r
     report.raise_for_failure()  # no error for a passing report
 
 
-def test_a_new_batch_is_the_only_source_judged_again(mirror, layout, store, raw, tmp_path, monkeypatch) -> None:
-    _, spec = mirror
-    labels = np.array([1, 2, 3], dtype=np.uint8)
-    write_idx_batch(tmp_path / "incoming" / "first", synthetic_images(labels, seed=5), labels)
-    validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
-    write_idx_batch(tmp_path / "incoming" / "second", synthetic_images(labels, seed=6), labels)
-    judged = []
+def judged_suites(monkeypatch) -> list[str]:
+    """The suites GX runs from now on, in order."""
+    judged: list[str] = []
     real_run_checks = contract.run_checks
 
     def counting(checks, out_dir):
@@ -71,6 +67,16 @@ def test_a_new_batch_is_the_only_source_judged_again(mirror, layout, store, raw,
         return real_run_checks(checks, out_dir)
 
     monkeypatch.setattr(contract, "run_checks", counting)
+    return judged
+
+
+def test_a_new_batch_is_the_only_source_judged_again(mirror, layout, store, raw, tmp_path, monkeypatch) -> None:
+    _, spec = mirror
+    labels = np.array([1, 2, 3], dtype=np.uint8)
+    write_idx_batch(tmp_path / "incoming" / "first", synthetic_images(labels, seed=5), labels)
+    validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
+    write_idx_batch(tmp_path / "incoming" / "second", synthetic_images(labels, seed=6), labels)
+    judged = judged_suites(monkeypatch)
     report = validate_raw(spec, raw, collect_incoming(store, str(tmp_path / "incoming")), store, layout.validation)
     assert report.success and not report.reused
     assert judged == ["raw-incoming-second"]
@@ -194,14 +200,7 @@ def test_a_batch_screening_judged_is_not_judged_again_by_validation(mirror, layo
     write_idx_batch(tmp_path / "incoming" / "screened", synthetic_images(labels, seed=5), labels)
     known = known_images(store, raw.test_images.file, raw.train_images.file)
     screening = screen_incoming(store, str(tmp_path / "incoming"), known, outcomes=layout.outcomes)
-    judged = []
-    real_run_checks = contract.run_checks
-
-    def counting(checks, out_dir):
-        judged.extend(check.suite for check in checks)
-        return real_run_checks(checks, out_dir)
-
-    monkeypatch.setattr(contract, "run_checks", counting)
+    judged = judged_suites(monkeypatch)
     report = validate_raw(spec, raw, screening.batches, store, layout.validation)
     assert report.success and "raw-incoming-screened" in [o.suite for o in report.suites]
     assert judged == ["raw-canonical-train", "raw-canonical-test"]
