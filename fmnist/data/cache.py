@@ -11,7 +11,7 @@ file, whatever the size of the rest.
 
 A lookup counts a part only if its manifest is there and the part file still has the stamp recorded
 when it was written, which costs one listing; whoever reads a part verifies its sha256 as it reads
-(`Store.local_copy`), and a part that fails is removed (`PartCache.discard_damaged`) so the next run
+(`verified_path`), and a part that fails is removed so the next run
 writes it again.
 
 Each part file has two columns, `image` (fixed-size list of 784 float32 pixels in [0, 1]) and `label`
@@ -213,12 +213,6 @@ class PartCache:
         if not self.store.exists(join(self.part_dir(key), MANIFEST)):
             self.store.delete(self.part_dir(key))
 
-    def discard_damaged(self, part: CachedPart) -> None:
-        """Unpublish a part whose file no longer hashes right: the next run that needs it writes it again."""
-        folder = part.path.removesuffix("/" + PART_FILE)
-        log.warning("Cache part %s does not hash to its manifest's sha256: removed; the next run rebuilds it", folder)
-        self.store.delete(folder)
-
     def publish(self, key: str, train: list[CachedPart], test: CachedPart, metadata: dict) -> CachedDataset:
         """Write the dataset file naming its parts (each already published)."""
         manifest = {
@@ -246,21 +240,28 @@ def aligned_empty(size: int) -> np.ndarray:
     return buffer[start : start + size]
 
 
+def verified_path(store: Store, part: CachedPart) -> Path:
+    """A local file with the part's verified content (`Store.local_copy`). A part whose file no longer
+    hashes right is unpublished, so the next run that needs it writes it again, and IntegrityError raised."""
+    try:
+        return store.local_copy(part.file)
+    except IntegrityError:
+        folder = part.path.removesuffix("/" + PART_FILE)
+        log.warning("Cache part %s does not hash to its manifest's sha256: removed; the next run rebuilds it", folder)
+        store.delete(folder)
+        raise
+
+
 def read_pixels(store: Store, parts: list[CachedPart]) -> tuple[np.ndarray, np.ndarray]:
     """The parts' images as one (n, 28, 28) uint8 array (a quarter of their float32 size) and their (n,)
     labels, read `READ_ROWS` at a time: the only copy of the pixels a reader holds. Each part's file
-    is verified first; one that fails is removed from the cache (`PartCache.discard_damaged`) and raises.
+    is verified first (`verified_path`).
     """
     images = aligned_empty(sum(p.rows for p in parts) * PIXELS).reshape(-1, PIXELS)
     labels = np.empty(len(images), np.uint8)
     row = 0
     for part in parts:
-        try:
-            path = store.local_copy(part.file)
-        except IntegrityError:
-            PartCache(store, part.path.rsplit("/", 3)[0]).discard_damaged(part)
-            raise
-        for pixels, part_labels in iter_part(path):
+        for pixels, part_labels in iter_part(verified_path(store, part)):
             images[row : row + len(pixels)] = pixels_of(pixels)
             labels[row : row + len(pixels)] = part_labels
             row += len(pixels)

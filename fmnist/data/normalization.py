@@ -10,12 +10,8 @@ most `MAX_BATCH_ROWS` images), not of the dataset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import numpy as np
-
-from fmnist.data import idx
 from fmnist.data.cache import CachedDataset, CachedPart, PartCache, dataset_key, normalize, part_key
 from fmnist.data.contract import (
     DataValidationError,
@@ -26,18 +22,12 @@ from fmnist.data.contract import (
 )
 from fmnist.data.dataset import DatasetSpec
 from fmnist.data.download import RawDataset
-from fmnist.data.incoming import IncomingBatch, input_hashes, load_collected
-from fmnist.data.validation import ValidationReport
-from fmnist.storage import Store, StoredFile, join
+from fmnist.data.incoming import IncomingBatch, input_hashes
+from fmnist.data.validation import Source, ValidationReport, sources
+from fmnist.storage import Store, join
 from fmnist.storage.layout import DataLayout
 
 log = logging.getLogger(__name__)
-Loader = Callable[[], tuple[np.ndarray, np.ndarray]]
-
-
-def canonical_source(store: Store, images: StoredFile, labels: StoredFile) -> tuple[str, Loader]:
-    """A canonical split's content hash and how to read it."""
-    return f"{images.sha256}:{labels.sha256}", lambda: idx.read_pair(store.local_copy(images), store.local_copy(labels))
 
 
 def normalize_and_cache(
@@ -64,19 +54,11 @@ def normalize_and_cache(
             key[:16],
             legacy.removesuffix("/manifest.json"),
         )
-    sources = {
-        "canonical-train": canonical_source(store, raw.train_images.file, raw.train_labels.file),
-        **{
-            f"incoming-{batch.name}": (batch.sha256, lambda batch=batch: load_collected(store, batch))
-            for batch in incoming
-        },
-    }
-    train = [
-        cached_part(cache, name, source_hash, load, layout, logger) for name, (source_hash, load) in sources.items()
-    ]
-    test = cached_part(
-        cache, "canonical-test", *canonical_source(store, raw.test_images.file, raw.test_labels.file), layout, logger
-    )
+    # The validation stage's sources, in its order (canonical train, canonical test, each batch), so each
+    # part is keyed by the same content hash as its validation.
+    train_source, test_source, *batches = sources(spec, raw, incoming, store)
+    train = [cached_part(cache, source, layout, logger) for source in (train_source, *batches)]
+    test = cached_part(cache, test_source, layout, logger)
     metadata = {
         "sources": {"canonical": [f.sha256 for f in raw.files], "incoming": {b.name: b.sha256 for b in incoming}},
         "train_rows_by_source": {"canonical": spec.train_rows, **{b.name: b.rows for b in incoming}},
@@ -85,18 +67,13 @@ def normalize_and_cache(
 
 
 def cached_part(
-    cache: PartCache,
-    name: str,
-    source_hash: str,
-    load: Loader,
-    layout: DataLayout,
-    logger: logging.Logger | logging.LoggerAdapter = log,
+    cache: PartCache, source: Source, layout: DataLayout, logger: logging.Logger | logging.LoggerAdapter = log
 ) -> CachedPart:
     """The source's part: found in the cache, else read, normalized, checked and written."""
-    key = part_key(source_hash)
+    key, name = part_key(source.content), source.suite.removeprefix("raw-")  # canonical-train, incoming-<batch>
     if part := cache.lookup_part(key):
         return part
-    images, labels = load()
+    images, labels = source.load()
     pixels = normalize(images)
     del images
     check = FrameCheck(f"normalized-{name}", normalized_summary(pixels, labels), normalized_expectations(len(labels)))

@@ -38,7 +38,7 @@ class KnownImages:
     """The canonical images' digests, computed on first use: only runs with incoming batches need them."""
 
     def __init__(
-        self, test_images: Callable[[], np.ndarray], train_images: Callable[[], np.ndarray], identity: str = ""
+        self, test_images: Callable[[], np.ndarray], train_images: Callable[[], np.ndarray], identity: str
     ) -> None:
         self._test_images = test_images
         self._train_images = train_images

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmnist.data.cache import CachedDataset, CachedPart, iter_part, pixels_of, read_part
+from fmnist.data.cache import CachedDataset, CachedPart, iter_part, pixels_of, read_part, verified_path
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fmnist.evaluation import plots
 from fmnist.storage import Store, StoredFile
@@ -90,7 +90,7 @@ def streamed_loss_and_accuracy(model: keras.Model, store: Store, parts: list[Cac
     never held whole."""
     loss_sum, hit_count, rows = 0.0, 0, 0
     for part in parts:
-        for pixels, labels in iter_part(store.local_copy(part.file)):
+        for pixels, labels in iter_part(verified_path(store, part)):
             probabilities = predicted_probabilities(model, pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
             losses, hits = losses_and_hits(probabilities, labels)
             loss_sum, hit_count, rows = (
@@ -114,7 +114,7 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
     """Metrics and plots of the trained model, published in the run folder's `evaluation/`."""
     store = run.store
     model = load_verified_model(store, trained.model)
-    test_images, test_labels = read_part(store.local_copy(cached.test.file))
+    test_images, test_labels = read_part(verified_path(store, cached.test))
     probabilities = predicted_probabilities(model, test_images)
     test_loss, test_accuracy = loss_and_accuracy(probabilities, test_labels)
     train_loss, train_accuracy = streamed_loss_and_accuracy(model, store, cached.train)
