@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,70 +17,38 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.data.cache import normalize
 from fmnist.data.dataset import CLASS_NAMES
 from fmnist.ops import cli
 from fmnist.registry.versions import Registry
-from fmnist.serving.server import MAX_INSTANCES, MAX_JSON_BYTES
+from fmnist.serving.payloads import MAX_INSTANCES
+from fmnist.serving.server import MAX_JSON_BYTES
 from fmnist.storage import Store, join
 from fmnist.training.export import saved_model_predictions
-from fmnist.training.fit import train_model
-from fmnist.training.model import TrainParams, load_verified_model
-from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
-from tests.processes import free_ports, stop, wait_until_ready
+from tests.helpers import run_manifest, synthetic_images
 from tests.seaweedfs import S3Server
+from tests.serving_helpers import (
+    POLL_S,
+    PREDICT,
+    image_rows,
+    keras_probabilities,
+    running_server,
+    two_version_registry,
+)
 
 pytestmark = pytest.mark.training
 
-PREDICT = "/v1/models/fashion-mnist:predict"
 CLASSIFY = "/v1/models/fashion-mnist:classify-png"
-POLL_S = 0.5
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    """v0001 the champion; v0002 (another seed) registered but kept back."""
-    root = tmp_path_factory.mktemp("serving")
-    cached = learnable_cache(root / "cache")
-    registry = Registry(Store(), str(root / "artifacts"))
-    for seed, accuracy in ((1, 0.9), (2, 0.85)):
-        trained = train_model(cached, TrainParams(epochs=1, seed=seed), local_run(root / f"run-{seed}"))
-        registry.register({"model.keras": trained.model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
-    assert registry.champion() == "v0001"
-    return registry
-
-
-@contextmanager
-def running_server(registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str) -> Iterator[str]:
-    """`fashion-mnist serve` on a free loopback port, until it is ready; its URL. Stopped after."""
-    [port] = free_ports(1)
-    command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [*command, "serve", "--port", str(port), "--poll-s", str(POLL_S), *options],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(f"{url}/readyz", process, log)
-        yield url
-        assert process.poll() is None, f"the server died:\n{log.read_text()[-3000:]}"
-    finally:
-        stop(process)
+    return two_version_registry(tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture(scope="module")
 def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(registry.root, tmp_path_factory.mktemp("server") / "serve.log") as url:
-        yield url
-
-
-def keras_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
-    model = load_verified_model(registry.store, registry.file(version, "model.keras"))
-    return model.predict(normalize(images).reshape(images.shape), verbose=0)
+    with running_server(registry.root, tmp_path_factory.mktemp("server") / "serve.log") as running:
+        yield running.url
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -105,13 +69,15 @@ def test_tf_serving_requests_and_answers(server: str, registry: Registry) -> Non
     instances = [
         images[0].tolist(),  # 28x28 integers: raw pixels
         (images[1].reshape(-1) / 255).tolist(),  # 784 floats in [0, 1]
-        {"images": images[2].tolist()},  # the input named, as TF Serving allows
+        images[2].tolist(),
         images[3].reshape(-1).tolist(),  # 784 integers
     ]
     answer = httpx.post(f"{server}{PREDICT}", json={"instances": instances})
     assert answer.status_code == 200 and answer.headers["x-model-version"] == "v0001"
     predictions = np.array(answer.json()["predictions"])
     assert predictions.shape == (4, 10) and np.abs(predictions - expected).max() <= 1e-5
+    named = httpx.post(f"{server}{PREDICT}", json={"instances": [{"images": image} for image in instances]})
+    assert np.abs(np.array(named.json()["predictions"]) - expected).max() <= 1e-5  # the input named, as TF allows
     columnar = httpx.post(f"{server}{PREDICT}", json={"inputs": [images[0].tolist()]})
     assert np.abs(np.array(columnar.json()["outputs"]) - expected[:1]).max() <= 1e-5
     metadata = httpx.get(f"{server}/v1/models/fashion-mnist/metadata").json()
@@ -139,14 +105,10 @@ def test_png_uploads_are_classified(server: str, registry: Registry) -> None:
         }
 
 
-def image_rows(value) -> list:
-    return [[value] * 28] * 28
-
-
 BAD_PREDICT_BODIES = {
-    "not JSON": (b"{instances: [", 400, "the body is not JSON"),
-    "no instances": (b'{"images": []}', 400, 'expected a JSON object with "instances"'),
-    "empty": (b'{"instances": []}', 400, '"instances" must be a non-empty list of images'),
+    "not JSON": (b"{instances: [", 400, "JSON Parse error"),
+    "no instances": (b'{"images": []}', 400, "Missing 'inputs' or 'instances' key"),
+    "empty": (b'{"instances": []}', 400, "No values in 'instances' array"),
     "wrong shape": (json.dumps({"instances": [[[0] * 28] * 27]}).encode(), 400, "instance 0: expected 28x28"),
     "ragged": (json.dumps({"instances": [[[0] * 28] * 27 + [[0] * 3]]}).encode(), 400, "rows of different lengths"),
     "pixel over 255": (
@@ -156,8 +118,8 @@ BAD_PREDICT_BODIES = {
     ),
     "negative pixel": (json.dumps({"instances": [image_rows(-1)]}).encode(), 400, "0..255; got -1..-1"),
     "float over 1": (json.dumps({"instances": [image_rows(1.5)]}).encode(), 400, "float pixels must be in [0, 1]"),
-    "NaN": (json.dumps({"instances": [image_rows(float("nan"))]}).encode(), 400, "NaN or infinity"),
-    "strings": (json.dumps({"instances": [image_rows("x")]}).encode(), 400, "only numbers are pixels"),
+    "NaN": (json.dumps({"instances": [image_rows(float("nan"))]}).encode(), 400, "NaN and Infinity are not pixels"),
+    "strings": (json.dumps({"instances": [image_rows("x")]}).encode(), 400, "instance 0: pixels must be numbers"),
     "too many": (
         json.dumps({"instances": [[0] * 784] * (MAX_INSTANCES + 1)}).encode(),
         400,
@@ -187,7 +149,7 @@ def test_bad_uploads_and_paths_get_errors_and_the_server_goes_on(server: str) ->
         answer = httpx.post(f"{server}{CLASSIFY}", **request)
         assert answer.status_code == status and message in answer.json()["error"], (message, answer.text)
     answer = httpx.post(f"{server}/v1/models/other:predict", json={"instances": [image_rows(0)]})
-    assert answer.status_code == 404 and "the model is 'fashion-mnist'" in answer.json()["error"]
+    assert answer.status_code == 404 and "Servable not found for request: Latest(other)" in answer.json()["error"]
     assert httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]}).status_code == 200
 
 
@@ -268,7 +230,8 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
         for version, accuracy in (("v0001", 0.9), ("v0002", 0.85)):
             model = registry.file(version, "model.keras")
             in_bucket.register({"model.keras": model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
-        with running_server(in_bucket.root, tmp_path / "serve.log", env) as url:
+        with running_server(in_bucket.root, tmp_path / "serve.log", env) as running:
+            url = running.url
             answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]})
             assert answer.status_code == 200 and answer.headers["x-model-version"] == "v0001"
             in_bucket.promote("v0002", "in the bucket")
@@ -283,7 +246,8 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
 
 
 def test_beyond_its_connection_limit_the_server_answers_503_at_once(registry: Registry, tmp_path: Path) -> None:
-    with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3") as url:
+    with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3") as running:
+        url = running.url
         host, port = url.removeprefix("http://").split(":")
         held = [socket.create_connection((host, int(port))) for _ in range(3)]  # open, and silent
         try:

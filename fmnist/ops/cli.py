@@ -7,7 +7,10 @@ fashion-mnist rollback                 make the previous champion the champion a
 fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
-fashion-mnist serve [--port 8501]      serve the champion over TF Serving's REST API; follows promotions
+fashion-mnist serve [--port 8501]      serve the champion (and labeled versions) over TF Serving's REST
+                                       and gRPC (8500) APIs, with metrics; follows promotions and labels
+fashion-mnist label canary v0007       serve v0007 as the canary beside the champion (--clear: stop)
+fashion-mnist labels                   each label and the version it names
 fashion-mnist export v0003 [--out D]   a version's SavedModel, as D/3/ (TF Serving's layout); or: champion
 fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
                                        folder, and announce it (the ad-hoc deployment retrains)
@@ -38,8 +41,10 @@ from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
 from fmnist.ops.worker import run_worker
+from fmnist.registry.labels import Labels
 from fmnist.registry.retention import RetentionParams, prune_runs
 from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
+from fmnist.serving.options import ServeOptions
 from fmnist.storage import StorageError, Store, StoredFile, join
 from fmnist.storage import normalize as normalize_location
 from fmnist.storage.layout import RunLayout, StorageParams, runs_root, scratch_path
@@ -133,7 +138,40 @@ def cmd_predict(registry: Registry, args: argparse.Namespace) -> None:
 def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
     from fmnist.serving.server import serve
 
-    serve(registry, args.host, args.port, args.poll_s, max_connections=args.max_connections, access_log=args.access_log)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        grpc_port=None if args.no_grpc else args.grpc_port,
+        poll_s=args.poll_s,
+        max_connections=args.max_connections,
+        header_s=args.header_timeout_s,
+        body_s=args.body_timeout_s,
+        max_body_bytes_in_flight=args.max_body_mib_in_flight << 20,
+        parse_workers=args.parse_workers,
+        canary_share=args.canary_share,
+        shadow_share=args.shadow_share,
+        access_log=args.access_log,
+    )
+    serve(registry, options)
+
+
+def cmd_label(registry: Registry, args: argparse.Namespace) -> None:
+    labels = Labels(registry)
+    if args.clear:
+        labels.clear(args.label)
+        print(f"label {args.label!r} removed: servers stop serving it within their poll interval")
+    elif args.version is None:
+        raise RegistryError("name a version to label (fashion-mnist label canary v0007), or --clear")
+    else:
+        labels.set(args.label, args.version, args.reason)
+        print(f"{args.version} is {args.label!r}: servers load it (verified) within their poll interval")
+
+
+def cmd_labels(registry: Registry, args: argparse.Namespace) -> None:
+    champion = registry.champion()
+    print(f"stable\t{champion or '-'}\tthe champion")
+    for label, record in sorted(Labels(registry).records().items()):
+        print(f"{label}\t{record['version']}\t{record.get('reason', '')} ({record.get('at', '')})")
 
 
 def cmd_export(registry: Registry, args: argparse.Namespace) -> None:
@@ -299,18 +337,69 @@ def parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
     serve = commands.add_parser("serve", help="serve the champion over HTTP (TF Serving's REST API)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=bounded(int, 0, 65535), default=8501, help="TF Serving's REST port by default")
+    defaults = ServeOptions()
+    serve.add_argument("--port", type=bounded(int, 0, 65535), default=defaults.port, help="REST; TF Serving's port")
     serve.add_argument(
-        "--poll-s", type=bounded(float, 0.05, 3600), default=2.0, help="how often the champion pointer is read"
+        "--grpc-port", type=bounded(int, 0, 65535), default=defaults.grpc_port, help="gRPC; TF Serving's port"
+    )
+    serve.add_argument("--no-grpc", action="store_true", help="serve REST only")
+    serve.add_argument(
+        "--poll-s",
+        type=bounded(float, 0.05, 3600),
+        default=defaults.poll_s,
+        help="how often the champion pointer and the labels are read",
     )
     serve.add_argument(
         "--max-connections",
         type=bounded(int, 1, 65536),
-        default=256,
+        default=defaults.max_connections,
         help="connections at once; beyond it a 503 (bounds memory)",
+    )
+    serve.add_argument(
+        "--header-timeout-s",
+        type=bounded(float, 0.1, 600),
+        default=defaults.header_s,
+        help="for a request's head, from its first byte; then a 408 and the connection closed",
+    )
+    serve.add_argument(
+        "--body-timeout-s",
+        type=bounded(float, 0.1, 3600),
+        default=defaults.body_s,
+        help="for a request's body, from its head; then a 408 and the connection closed",
+    )
+    serve.add_argument(
+        "--max-body-mib-in-flight",
+        type=bounded(int, 1, 1 << 16),
+        default=defaults.max_body_bytes_in_flight >> 20,
+        help="MiB of request bodies held at once, across requests; beyond it a 429",
+    )
+    serve.add_argument(
+        "--parse-workers",
+        type=bounded(int, 0, 64),
+        default=defaults.parse_workers,
+        help="processes that parse big bodies off the event loop (0: on it)",
+    )
+    serve.add_argument(
+        "--canary-share",
+        type=bounded(float, 0, 1),
+        default=defaults.canary_share,
+        help="share of the requests naming no version or label that the canary answers",
+    )
+    serve.add_argument(
+        "--shadow-share",
+        type=bounded(float, 0, 1),
+        default=defaults.shadow_share,
+        help="share of stable's requests also sent to the canary, to count how often the two agree",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=cmd_serve)
+    label = commands.add_parser("label", help="serve a version under a label beside the champion (canary)")
+    label.add_argument("label", help="canary, or another name (stable is the champion's)")
+    label.add_argument("version", nargs="?", help="v0007")
+    label.add_argument("--clear", action="store_true", help="remove the label")
+    label.add_argument("--reason", default="labeled by the operator")
+    label.set_defaults(run=cmd_label)
+    commands.add_parser("labels", help="each label and the version it names").set_defaults(run=cmd_labels)
     export = commands.add_parser("export", help="write a version's TensorFlow SavedModel for TF Serving")
     export.add_argument("version", help="v0003, or champion")
     export.add_argument("--out", type=Path, default=Path("models/fashion-mnist"), help="the model's base path")

@@ -1,0 +1,120 @@
+"""Version labels: names an operator gives to versions so that clients can ask for them by name.
+
+`stable` is the champion (the pointer in `champion.json`), never written here. Other labels, such as
+`canary`, live in `labels.json` at the registry root, one record each, moved by compare-and-swap as
+the pointer is:
+
+    {"canary": {"version": "v0007", "model_sha256": "...", "at": "...", "reason": "..."}}
+
+A label is set only on a version whose files verify, and its record keeps the model's sha256: the
+server loads a labeled model only if it still hashes to it, as it does the champion's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from typing import Any
+
+from fmnist.registry.versions import CHAMPION_MOVE_ATTEMPTS, SHA256, VERSION, Registry, RegistryError, _now
+from fmnist.storage import PreconditionFailed, join
+
+STABLE = "stable"  # the champion's label
+LABEL = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # canary, shadow-2, ...: what a URL path segment can carry
+MAX_LABELS = 8  # besides stable: each labeled version is a model the server holds in memory
+
+
+class Labels:
+    """The labels of `registry`, beside its champion."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.file = join(registry.root, "labels.json")
+
+    def _read(self) -> tuple[dict[str, dict], str | None]:
+        found = self.registry.store.read_versioned(self.file)
+        if found is None:
+            return {}, None
+        data, etag = found
+        try:
+            return _records(json.loads(data)), etag
+        except ValueError as exc:
+            raise RegistryError(
+                f"{self.file} is damaged ({exc}); `fashion-mnist label NAME VERSION` or `--clear` rewrites it"
+            ) from None
+
+    def records(self) -> dict[str, dict]:
+        """Each label's record (not `stable`: that is the champion's)."""
+        return self._read()[0]
+
+    def set(self, name: str, version: str, reason: str) -> dict:
+        """Point label `name` at `version`, once its files verify; return the label's record."""
+        _check_name(name)
+        try:
+            model = self.registry._vouched_model(version)
+        except RegistryError as exc:
+            raise RegistryError(f"refusing to label {version} {name!r}: {exc}") from exc
+        record = {"version": version, "model_sha256": model, "at": _now(), "reason": reason}
+
+        def change(labels: dict[str, dict]) -> dict[str, dict]:
+            if name not in labels and len(labels) >= MAX_LABELS:
+                raise RegistryError(f"{len(labels)} labels already ({', '.join(labels)}); at most {MAX_LABELS}")
+            return {**labels, name: record}
+
+        self._move(change, damaged_ok=True)
+        return record
+
+    def clear(self, name: str) -> None:
+        """Remove label `name` (the server stops serving it)."""
+        _check_name(name)
+
+        def change(labels: dict[str, dict]) -> dict[str, dict]:
+            if name not in labels:
+                raise RegistryError(f"no label {name!r} (labels: {', '.join(labels) or 'none'})")
+            return {k: v for k, v in labels.items() if k != name}
+
+        self._move(change)
+
+    def _move(self, change, *, damaged_ok: bool = False) -> None:
+        store = self.registry.store
+        store.require_conditional_writes(self.registry.root)
+        for attempt in range(CHAMPION_MOVE_ATTEMPTS):
+            try:
+                labels, etag = self._read()
+            except RegistryError:
+                if not damaged_ok:
+                    raise
+                labels, etag = {}, store.read_versioned(self.file)[1]  # a damaged file is replaced
+            try:
+                store.replace(self.file, json.dumps(change(labels), indent=1).encode(), etag)
+                return
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
+        raise RegistryError(f"{self.file}: still changing after {CHAMPION_MOVE_ATTEMPTS} attempts; try again")
+
+
+def _check_name(name: str) -> None:
+    if name == STABLE:
+        raise RegistryError(f"{STABLE!r} is the champion's label: `fashion-mnist promote VERSION` moves it")
+    if not LABEL.fullmatch(name):
+        raise RegistryError(f"label {name!r}: a label is a lowercase letter, then up to 31 of a-z, 0-9, _ and -")
+
+
+def _records(data: Any) -> dict[str, dict]:
+    """The label records of `labels.json`'s content; ValueError naming the first problem."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if len(data) > MAX_LABELS:
+        raise ValueError(f"{len(data)} labels; at most {MAX_LABELS}")
+    for name, record in data.items():
+        if name == STABLE or not LABEL.fullmatch(name):
+            raise ValueError(f"{name!r} is not a label name")
+        if not isinstance(record, dict):
+            raise ValueError(f"label {name!r} is not a record")
+        if not (isinstance(record.get("version"), str) and VERSION.fullmatch(record["version"])):
+            raise ValueError(f"label {name!r} names no version")
+        if not (isinstance(record.get("model_sha256"), str) and SHA256.fullmatch(record["model_sha256"])):
+            raise ValueError(f"label {name!r} has no model sha256")
+    return data

@@ -1,0 +1,27 @@
+"""How the server runs (`fashion-mnist serve`'s options), in a module light enough for the CLI to read
+its defaults from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
+HEADER_S = 5.0  # from a connection's first byte (or its opening) to its request's complete head
+BODY_S = 30.0  # from the head to the body's last byte: 16 MiB at 4.5 Mbit/s
+MAX_BODY_BYTES_IN_FLIGHT = 256 << 20  # all requests' bodies held at once
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8501  # TF Serving's REST port
+    grpc_port: int | None = 8500  # TF Serving's gRPC port; None: no gRPC
+    poll_s: float = 2.0  # how often the champion pointer and the labels are read
+    max_connections: int = MAX_CONNECTIONS
+    header_s: float = HEADER_S
+    body_s: float = BODY_S
+    max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT
+    parse_workers: int = 2  # processes that parse big bodies; 0: on the event loop
+    canary_share: float = 0.0  # of requests that name no version or label, answered by the canary
+    shadow_share: float = 0.0  # of stable's requests, also sent to the canary to compare
+    access_log: bool = False

@@ -1,0 +1,77 @@
+"""A registry of two trained versions, and `fashion-mnist serve` on free loopback ports, for the
+serving tests: v0001 the champion, v0002 (another seed) registered but kept back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.data.cache import normalize
+from fmnist.registry.versions import Registry
+from fmnist.storage import Store
+from fmnist.training.fit import train_model
+from fmnist.training.model import TrainParams, load_verified_model
+from tests.helpers import learnable_cache, local_run, run_manifest
+from tests.processes import free_ports, stop, wait_until_ready
+
+PREDICT = "/v1/models/fashion-mnist:predict"
+POLL_S = 0.5
+
+
+def two_version_registry(root: Path) -> Registry:
+    cached = learnable_cache(root / "cache")
+    registry = Registry(Store(), str(root / "artifacts"))
+    for seed, accuracy in ((1, 0.9), (2, 0.85)):
+        trained = train_model(cached, TrainParams(epochs=1, seed=seed), local_run(root / f"run-{seed}"))
+        registry.register({"model.keras": trained.model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+    assert registry.champion() == "v0001"
+    return registry
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT
+    process: subprocess.Popen
+    log: Path
+
+
+@contextmanager
+def running_server(
+    registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str
+) -> Iterator[RunningServer]:
+    """`fashion-mnist serve` on free loopback ports (REST and gRPC), until it is ready. Stopped after."""
+    port, grpc_port = free_ports(2)
+    command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
+    serve = ["serve", "--port", str(port), "--grpc-port", str(grpc_port), "--poll-s", str(POLL_S), *options]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*command, *serve],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(f"{url}/readyz", process, log)
+        yield RunningServer(url, f"127.0.0.1:{grpc_port}", process, log)
+        assert process.poll() is None, f"the server died:\n{log.read_text()[-3000:]}"
+    finally:
+        stop(process)
+
+
+def keras_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
+    model = load_verified_model(registry.store, registry.file(version, "model.keras"))
+    return model.predict(normalize(images).reshape(images.shape), verbose=0)
+
+
+def image_rows(value) -> list:
+    return [[value] * 28] * 28
