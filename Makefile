@@ -45,6 +45,7 @@ FASHION_MNIST := .venv/bin/fashion-mnist
 REGISTRY ?= artifacts
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8501
+SERVE_GRPC_PORT ?= 8500
 
 # The cluster deployments (hosts that share no disk): where the code and the data are.
 FMNIST_REPO_URL ?= $(shell git remote get-url origin 2>/dev/null)
@@ -69,7 +70,7 @@ help:
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make bench-scale   data stages, memory and an epoch at 1x, 10x and 100x the training set"
-	@echo "make serve   serve the champion over TF Serving's REST API on $(SERVE_HOST):$(SERVE_PORT) (make bench-serve: its load test)"
+	@echo "make serve   serve the champion over TF Serving's REST ($(SERVE_PORT)) and gRPC ($(SERVE_GRPC_PORT)) APIs on $(SERVE_HOST) (make bench-serve: its load test)"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
 	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
@@ -192,7 +193,7 @@ bench-presets: install data
 
 # Serve the registry's champion over TF Serving's REST API on 127.0.0.1:$(SERVE_PORT); follows promotions.
 serve: install
-	$(FASHION_MNIST) --registry $(REGISTRY) serve --host $(SERVE_HOST) --port $(SERVE_PORT)
+	$(FASHION_MNIST) --registry $(REGISTRY) serve --host $(SERVE_HOST) --port $(SERVE_PORT) --grpc-port $(SERVE_GRPC_PORT)
 
 server: install $(if $(filter postgres,$(DB)),postgres)
 	@case "$(DB)" in sqlite|postgres) ;; *) echo "DB=$(DB): choose sqlite or postgres"; exit 2;; esac

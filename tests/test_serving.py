@@ -19,6 +19,7 @@ from PIL import Image
 
 from fmnist.data.dataset import CLASS_NAMES
 from fmnist.ops import cli
+from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry
 from fmnist.serving.payloads import MAX_INSTANCES
 from fmnist.serving.server import MAX_JSON_BYTES
@@ -242,6 +243,15 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
             images = synthetic_images(np.array([5], dtype=np.uint8), seed=15)
             answer = httpx.post(f"{url}{PREDICT}", json={"instances": images.tolist()})
             expected = keras_probabilities(registry, "v0002", images)
+            assert np.abs(np.array(answer.json()["predictions"]) - expected).max() <= 1e-5
+            Labels(in_bucket).set("canary", "v0001", "a canary in the bucket")  # labels.json in the bucket
+            canary = f"{url}/v1/models/fashion-mnist/labels/canary:predict"
+            deadline = time.monotonic() + 30
+            while (answer := httpx.post(canary, json={"instances": images.tolist()})).status_code != 200:
+                assert time.monotonic() < deadline, f"no canary 30 s after it was labeled: {answer.text}"
+                time.sleep(0.2)
+            assert answer.headers["x-model-version"] == "v0001" and answer.headers["x-model-label"] == "canary"
+            expected = keras_probabilities(registry, "v0001", images)
             assert np.abs(np.array(answer.json()["predictions"]) - expected).max() <= 1e-5
 
 

@@ -97,6 +97,7 @@ class ServingMetrics:
             ("agreed",),
             **self._r,
         )
+        self._children: dict[str, tuple[list, Histogram]] = {}
         self.body_bytes = Gauge(
             "fashion_mnist_body_bytes_in_flight", "Bytes of request bodies held by the server now.", **self._r
         )
@@ -116,13 +117,16 @@ class ServingMetrics:
         self.batch_size.labels(self.model_name).observe(images)
         self.runtime_latency.labels(self.model_name, "predict", "Keras").observe(seconds * 1e6)
 
-    def predictions(self, label: str, probabilities) -> None:
-        best = probabilities.argmax(axis=1)
-        for index, count in zip(*np.unique(best, return_counts=True), strict=True):
-            self.predicted.labels(label, CLASS_NAMES[index]).inc(count)
-        confidence = self.confidence.labels(label)
-        for value in probabilities.max(axis=1):
-            confidence.observe(float(value))
+    def predictions(self, label: str, probabilities: np.ndarray) -> None:
+        """Each image's top class and its probability, under the label that answered it."""
+        children = self._children.get(label)
+        if children is None:  # the labeled series, looked up once (each lookup takes a lock)
+            classes = [self.predicted.labels(label, name) for name in CLASS_NAMES]
+            children = self._children[label] = (classes, self.confidence.labels(label))
+        classes, confidence = children
+        for index, value in zip(probabilities.argmax(axis=1).tolist(), probabilities.max(axis=1).tolist(), strict=True):
+            classes[index].inc()
+            confidence.observe(value)
 
     def page(self) -> bytes:
         text = generate_latest(self.registry)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -231,12 +232,17 @@ class BodyParsers:
     def __init__(self, workers: int) -> None:
         # spawn, not fork: the server process holds TensorFlow's threads, which a fork does not carry.
         context = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=context) if workers else None
+        self.workers = workers
+        # At a lower priority than the server's own process: on a machine with few cores, parsing a
+        # hostile client's big bodies must not take the CPU from the event loop and the model calls.
+        self.pool = None
+        if workers:
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=os.nice, initargs=(10,))
 
     async def start(self) -> None:
         if self.pool:  # each worker imports numpy and this module once, before the first request waits on it
             loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self.pool, _ready) for _ in range(self.pool._max_workers)))
+            await asyncio.gather(*(loop.run_in_executor(self.pool, _ready) for _ in range(self.workers)))
 
     async def run(self, parse, body: bytes, *args):
         if self.pool is None or len(body) <= INLINE_BYTES:

@@ -1,5 +1,5 @@
 """The prediction server: the registry's champion (`stable`) and its labeled versions (`canary`, ...)
-behind TF Serving's REST API (FastAPI on uvicorn) and its gRPC API, with Prometheus metrics.
+behind TF Serving's REST API (Starlette on uvicorn) and its gRPC API, with Prometheus metrics.
 
     POST /v1/models/fashion-mnist[/versions/N | /labels/L]:predict       TF Serving's JSON predict
     GET  /v1/models/fashion-mnist[/versions/N | /labels/L]               the versions served, and their state
@@ -25,10 +25,12 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from fmnist.data.cache import SCALED
 from fmnist.data.dataset import CLASS_NAMES
@@ -49,7 +51,7 @@ MAX_JSON_BYTES = 16 << 20  # 1,024 images as JSON floats take about 9 MB
 log = logging.getLogger(__name__)
 
 
-def create_app(registry: Registry, options: ServeOptions) -> FastAPI:
+def create_app(registry: Registry, options: ServeOptions) -> Starlette:
     metrics = ServingMetrics(MODEL_NAME)
     models = ServedModels(registry, options.poll_s, metrics, options.canary_share)
     core = PredictionCore(models, metrics, options.shadow_share)
@@ -57,7 +59,7 @@ def create_app(registry: Registry, options: ServeOptions) -> FastAPI:
     parsers = BodyParsers(options.parse_workers)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: Starlette):
         following = asyncio.create_task(models.follow())
         await parsers.start()
         grpc = None
@@ -73,31 +75,23 @@ def create_app(registry: Registry, options: ServeOptions) -> FastAPI:
         following.cancel()
         parsers.close()
 
-    app = FastAPI(title="Fashion-MNIST champion", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.models = models
-
-    @app.exception_handler(ServingError)
     async def refused(request: Request, exc: ServingError) -> JSONResponse:
         metrics.refusals.labels(exc.reason).inc()
         return error(exc.status, str(exc))
 
-    @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         served = models.resolve(label=STABLE)
         labels = {label: s.version for label, s in models.by_label.items()}
         ready = {"status": "ready", "version": served.version, "model_sha256": served.model_sha256, "labels": labels}
         return JSONResponse(ready)
 
-    @app.get(METRICS_PATH)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         return Response(metrics.page(), media_type=CONTENT_TYPE_LATEST)
 
     async def answered(api: str, answer) -> Response:
@@ -114,8 +108,7 @@ def create_app(registry: Registry, options: ServeOptions) -> FastAPI:
     async def body_of(request: Request, limit: int, held: list[int]) -> bytes:
         return await read_body(request.receive, request.headers, limit, budget, options.body_s, held)
 
-    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-    async def tf_serving_api(request: Request, rest: str) -> Response:
+    async def tf_serving_api(request: Request) -> Response:
         """TF Serving's paths, matched as it matches them: case-insensitively, under /v1/."""
         path, method = request.url.path, request.method
         if method == "POST" and (matched := tfserving.PREDICT_PATH.fullmatch(path)):
@@ -192,6 +185,15 @@ def create_app(registry: Registry, options: ServeOptions) -> FastAPI:
         served = models.resolve(number, label)
         return JSONResponse(tfserving.as_json(tfserving.status_response([served])))
 
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route(METRICS_PATH, prometheus),
+        Route("/{rest:path}", tf_serving_api, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+    ]
+    handlers = {ServingError: refused, HTTPException: http_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.models = models
     return app
 
 
