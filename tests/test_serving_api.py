@@ -546,3 +546,87 @@ def test_canary_share_routes_requests_and_shadow_mode_counts_agreement(registry:
             assert (yes, no) == (stable_requests * agreement.sum(), stable_requests * (~agreement).sum())
     finally:
         Labels(registry).clear("canary")
+
+
+def test_the_open_inference_protocol_infers_with_either_version(
+    server: RunningServer, registry: Registry, canary: str
+) -> None:
+    v2 = f"{server.url}/v2"
+    assert httpx.get(f"{v2}/health/live").json() == {"live": True}
+    assert httpx.get(f"{v2}/health/ready").json() == {"ready": True}
+    metadata = httpx.get(f"{v2}/models/fashion-mnist").json()
+    assert metadata["versions"] == ["1", "2"] and metadata["inputs"][0]["name"] == "images"
+    assert httpx.get(f"{v2}/models/fashion-mnist/versions/2/ready").json() == {"name": "fashion-mnist", "ready": True}
+    for path, version in (("", "v0001"), ("/versions/2", "v0002")):
+        expected = keras_probabilities(registry, version, IMAGES)
+        for datatype, data in (("UINT8", IMAGES.reshape(-1).tolist()), ("FP32", (IMAGES / 255).tolist())):
+            body = {
+                "id": "r-7",
+                "inputs": [{"name": "images", "shape": [3, 28, 28], "datatype": datatype, "data": data}],
+            }
+            answer = httpx.post(f"{v2}/models/fashion-mnist{path}/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            output = answer.json()
+            assert output["model_version"] == version[1:].lstrip("0") and output["id"] == "r-7"
+            [tensor] = output["outputs"]
+            assert tensor["name"] == "probabilities" and tensor["shape"] == [3, 10] and tensor["datatype"] == "FP32"
+            assert np.abs(np.array(tensor["data"]).reshape(3, 10) - expected).max() <= 1e-5
+
+
+V2_REFUSED = {
+    "not JSON": (b"{", 400, "not JSON"),
+    "no inputs": ({"outputs": []}, 400, 'an object with "inputs"'),
+    "another input": (
+        {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}]},
+        400,
+        'named "images"',
+    ),
+    "a string datatype": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "BYTES", "data": ["a"]}]},
+        400,
+        "datatype 'BYTES'",
+    ),
+    "a wrong shape": (
+        {"inputs": [{"name": "images", "shape": [1, 27, 28], "datatype": "UINT8", "data": [0] * 756}]},
+        400,
+        "expected shape",
+    ),
+    "a shape its data do not fill": (
+        {"inputs": [{"name": "images", "shape": [2, 784], "datatype": "UINT8", "data": [0] * 784}]},
+        400,
+        "784 values for shape [2, 784]",
+    ),
+    "booleans": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "UINT8", "data": [True] * 784}]},
+        400,
+        "data must be numbers",
+    ),
+    "floats as UINT8": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "UINT8", "data": [0.5] * 784}]},
+        400,
+        "integers 0..255",
+    ),
+    "FP32 over 1": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32", "data": [2.0] * 784}]},
+        400,
+        "in [0, 1]",
+    ),
+    "an unknown output": (
+        {
+            "inputs": [{"name": "images", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}],
+            "outputs": [{"name": "logits"}],
+        },
+        400,
+        "unknown output 'logits'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", V2_REFUSED, ids=list(V2_REFUSED))
+def test_the_open_inference_protocol_refuses_bad_requests(server: RunningServer, case: str) -> None:
+    body, status, message = V2_REFUSED[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = httpx.post(f"{server.url}/v2/models/fashion-mnist/infer", content=content)
+    assert answer.status_code == status and message in answer.json()["error"], answer.text[:300]
+    assert httpx.post(f"{server.url}/v2/models/other/infer", content=content).status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/fashion-mnist/versions/9").status_code == 404

@@ -36,7 +36,7 @@ from fmnist.data.cache import SCALED
 from fmnist.data.dataset import CLASS_NAMES
 from fmnist.registry.labels import STABLE
 from fmnist.registry.versions import Registry
-from fmnist.serving import tfserving
+from fmnist.serving import kserve, tfserving
 from fmnist.serving.errors import BadRequest, NotFound, ServingError
 from fmnist.serving.guard import BodyBudget, guarded_protocol, read_body
 from fmnist.serving.metrics import PATH as METRICS_PATH
@@ -115,9 +115,44 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
             return await post(request, *matched.groups())
         if method == "GET" and (matched := tfserving.STATUS_PATH.fullmatch(path)):
             return await get(*matched.groups())
+        if path.startswith("/v2/"):
+            return await open_inference_api(request, path, method)
         if path.lower().startswith("/v1/"):
             raise BadRequest(f"Malformed request: {method} {path[:200]}")
         raise NotFound(f"no such endpoint {path[:200]}; the model is {MODEL_NAME!r}, under /v1/models/")
+
+    async def open_inference_api(request: Request, path: str, method: str) -> Response:
+        """The Open Inference Protocol's (KServe v2) paths."""
+        if method == "GET" and (health := kserve.HEALTH_PATH.fullmatch(path)):
+            ready = health.group(1) == "live" or STABLE in models.by_label
+            return JSONResponse({health.group(1): ready}, status_code=200 if ready else 503)
+        matched = kserve.MODEL_PATH.fullmatch(path)
+        if not matched:
+            raise NotFound(f"no such endpoint {path[:200]}; the model is {MODEL_NAME!r}, under /v2/models/")
+        name, version, verb = matched.groups()
+        if version is not None and not version.isdigit():
+            raise NotFound(f"Servable not found for request: Specific({name[:64]}, {version[:32]})")
+        number, _ = tfserving.requested(name, version, None)
+        if method == "POST" and verb == "/infer":
+            held = [0]
+            try:
+                return await answered("infer", lambda: infer(request, number, held))
+            finally:
+                budget.give(held[0])
+        if method == "GET" and verb == "/ready":
+            ready = bool(models.served()) if number is None else any(s.number == number for s in models.served())
+            return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+        if method == "GET" and verb is None:
+            served = models.served() if number is None else [models.resolve(number)]
+            return JSONResponse(kserve.metadata(MODEL_NAME, [s.number for s in served]))
+        raise BadRequest(f"Malformed request: {method} {path[:200]}")
+
+    async def infer(request: Request, number: int | None, held: list[int]) -> Response:
+        models.resolve(number)
+        parsed = await parsers.run(kserve.parse_infer, await body_of(request, MAX_JSON_BYTES, held))
+        answer = await core.predict(parsed.images, number, None)
+        body = kserve.infer_response(MODEL_NAME, answer.served.number, parsed.id, answer.probabilities)
+        return Response(body, media_type="application/json", headers=served_headers(answer))
 
     async def post(request: Request, name: str, version: str | None, label: str | None, method: str) -> Response:
         method = method.lower()
