@@ -445,7 +445,7 @@ def test_grpc_refuses_with_tf_servings_codes(server: RunningServer) -> None:
 
 
 def test_a_canary_follows_its_label_and_a_label_on_a_version_that_does_not_verify_is_refused(
-    server: RunningServer, registry: Registry, canary: str
+    server: RunningServer, registry: Registry, canary: str, capsys: pytest.CaptureFixture
 ) -> None:
     labels = Labels(registry)
     with pytest.raises(RegistryError, match="'stable' is the champion's label"):
@@ -470,6 +470,14 @@ def test_a_canary_follows_its_label_and_a_label_on_a_version_that_does_not_verif
     assert versions_served(server) == ["1"] and httpx.get(f"{server.url}/readyz").json()["version"] == "v0001"
     assert cli.main(["--registry", registry.root, "label", "canary", "v0002"]) == 0  # rewrites the damaged file
     wait_for(server, lambda: versions_served(server) == ["1", "2"], "v0002 served as canary again")
+    capsys.readouterr()
+    assert cli.main(["--registry", registry.root, "versions"]) == 0
+    assert "labels: canary v0002" in capsys.readouterr().out
+    assert cli.main(["--registry", registry.root, "labels"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "stable\tv0001\tthe champion",
+        "canary\tv0002\tlabeled by the operator (" + labels.records()["canary"]["at"] + ")",
+    ]
 
 
 def metric_samples(server: RunningServer) -> dict[tuple[str, tuple], float]:

@@ -83,6 +83,13 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
             decision = f"passed the gate, never champion: {gate.reason}"
         print(f"{mark:2}{version:9}{m.registered_at:27}{m.metrics.test_accuracy:>9.4f}  {m.params.preset:8}{decision}")
     print(f"\n* champion: {champion or 'none'}")
+    try:
+        labels = Labels(registry).records()
+    except RegistryError as exc:
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        labels = {}
+    if labels:
+        print("labels: " + ", ".join(f"{name} {record['version']}" for name, record in sorted(labels.items())))
 
 
 def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
