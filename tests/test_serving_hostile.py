@@ -50,6 +50,26 @@ def until_closed(connection: socket.socket) -> bytes:
     return received
 
 
+def drip(connection: socket.socket, data: bytes, step: int, pause_s: float, first: bytes = b"") -> tuple[bytes, int]:
+    """Send `first`, then `data` `step` bytes every `pause_s`, until the server answers; what it sent
+    until it closed the connection, and how many bytes of `data` went."""
+    sent, answer = 0, b""
+    try:
+        connection.sendall(first)
+        connection.settimeout(pause_s)
+        while sent < len(data) and not answer:
+            connection.sendall(data[sent : sent + step])
+            sent += step
+            try:
+                answer = connection.recv(65536)
+            except TimeoutError:
+                continue
+        connection.settimeout(15)
+        return answer + until_closed(connection), sent
+    finally:
+        connection.close()
+
+
 def ordinary_request(server: RunningServer) -> int:
     return httpx.post(f"{server.url}{PREDICT}", content=ONE_IMAGE, timeout=15).status_code
 
@@ -78,46 +98,16 @@ def test_a_head_dripped_a_byte_at_a_time_is_cut_off(server: RunningServer) -> No
     head = (
         f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode() + b"X-Pad: " + b"a" * 400
     )
-    connection = connect(server)
-    sent = 0
-    try:
-        connection.settimeout(0.1)
-        answer = b""
-        while sent < len(head) and not answer:
-            connection.sendall(head[sent : sent + 1])
-            sent += 1
-            try:
-                answer = connection.recv(65536)
-            except TimeoutError:
-                continue
-        connection.settimeout(15)
-        answer += until_closed(connection)
-    finally:
-        connection.close()
+    answer, sent = drip(connect(server), head, step=1, pause_s=0.1)
     assert sent < len(head), "the server waited for the whole dripped head"
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
 def test_a_body_dripped_slowly_gets_a_408_and_the_connection_is_closed(server: RunningServer) -> None:
-    connection = connect(server)
-    try:
-        connection.sendall(
-            f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
-            + f"Content-Length: {len(ONE_IMAGE)}\r\n\r\n".encode()
-        )
-        connection.settimeout(0.3)
-        answer = b""
-        for start in range(0, len(ONE_IMAGE) - 1, 8):
-            connection.sendall(ONE_IMAGE[start : start + 8])
-            try:
-                answer = connection.recv(65536)
-                break
-            except TimeoutError:
-                continue
-        connection.settimeout(15)
-        answer += until_closed(connection)
-    finally:
-        connection.close()
+    head = f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(ONE_IMAGE)}\r\n\r\n"
+    answer, sent = drip(connect(server), ONE_IMAGE, step=8, pause_s=0.3, first=head.encode())
+    assert sent < len(ONE_IMAGE), "the server waited for the whole dripped body"
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b"the body was not in within 2 s" in answer
 
