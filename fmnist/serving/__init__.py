@@ -1,1 +1,2 @@
-"""Serving the champion: TF Serving's REST API."""
+"""Serving the champion and its labeled versions: TF Serving's REST and gRPC APIs, the Open Inference
+Protocol, Prometheus metrics (fmnist.serving.server is the entry point)."""
