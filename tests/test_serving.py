@@ -256,11 +256,15 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
 
 
 def test_beyond_its_connection_limit_the_server_answers_503_at_once(registry: Registry, tmp_path: Path) -> None:
+    """Connections busy with a request (their bodies still coming) fill the limit: the next request is a
+    503 at once. Silent connections do not: they are closed to make room (test_serving_hostile)."""
     with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3") as running:
         url = running.url
         host, port = url.removeprefix("http://").split(":")
-        held = [socket.create_connection((host, int(port))) for _ in range(3)]  # open, and silent
+        held = [socket.create_connection((host, int(port))) for _ in range(3)]
         try:
+            for connection in held:  # a head, and the first bytes of a body that never comes
+                connection.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
             time.sleep(0.5)
             started = time.monotonic()
             answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}, timeout=10)

@@ -82,7 +82,7 @@ def rss_bytes(server: RunningServer) -> int:
 
 
 def test_idle_connections_are_closed_at_the_head_deadline_and_lock_no_one_out(server: RunningServer) -> None:
-    idle = [connect(server) for _ in range(CONNECTIONS)]  # every connection the server allows, silent
+    idle = [connect(server) for _ in range(CONNECTIONS - 1)]  # all but one of the connections allowed, silent
     try:
         time.sleep(0.2)
         for connection in idle:
@@ -92,6 +92,20 @@ def test_idle_connections_are_closed_at_the_head_deadline_and_lock_no_one_out(se
         for connection in idle:
             connection.close()
     assert ordinary_request(server) == 200
+
+
+def test_at_the_connection_limit_silent_connections_make_room_for_a_request(server: RunningServer) -> None:
+    idle = [connect(server) for _ in range(CONNECTIONS)]  # every connection the server allows, silent
+    try:
+        time.sleep(0.2)
+        assert ordinary_request(server) == 200  # before the head deadline: the oldest silent one made room
+        answers = [until_closed(connection) for connection in idle]
+    finally:
+        for connection in idle:
+            connection.close()
+    evicted = [a for a in answers if b"at its connection limit" in a]
+    assert evicted and all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+    assert answers[0] in evicted  # the longest open
 
 
 def test_a_head_dripped_a_byte_at_a_time_is_cut_off(server: RunningServer) -> None:

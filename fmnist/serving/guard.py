@@ -4,14 +4,16 @@ budget on the bytes of bodies the server holds at once.
 uvicorn times out a connection only between requests (its keep-alive); a connection that never sends
 a complete request head, or that drips a body, is held for ever, and 256 such were enough to refuse
 every other client. `GuardedH11Protocol` gives each request head `header_s` from its first byte (or
-from the connection's opening), and closes a connection whose client had not finished its request
-when the answer went out (uvicorn would otherwise keep reading what it drips). The body deadline and
+from the connection's opening), closes a connection whose client had not finished its request when
+the answer went out (uvicorn would otherwise keep reading what it drips), and at the connection limit
+closes the longest-open connections that are waiting for a request, to make room. The body deadline and
 the byte budget are kept by `read_body`, which every handler reads its body through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,10 +26,26 @@ def guarded_protocol(header_s: float) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         header_deadline: asyncio.TimerHandle | None = None
+        opened_at = 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self.opened_at = self.loop.time()
             self._arm()
+            if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
+                self._make_room()
+
+        def _waiting(self) -> bool:
+            """No request in progress: between requests, or its head not in yet."""
+            return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+
+        def _make_room(self) -> None:
+            """At the connection limit, close the longest-open connections that are waiting for a request
+            head, so that connections opened and left silent cannot refuse everyone else."""
+            waiting = sorted((c for c in self.connections if c is not self and c._waiting()), key=lambda c: c.opened_at)
+            for connection in waiting[: len(self.connections) - self.limit_concurrency + 1]:
+                connection._close_with_408("the server is at its connection limit and this one sent no request")
+                self.connections.discard(connection)
 
         def _arm(self) -> None:
             self._disarm()
@@ -40,8 +58,11 @@ def guarded_protocol(header_s: float) -> type[H11Protocol]:
 
         def _head_too_slow(self) -> None:
             self.header_deadline = None
+            self._close_with_408(f"no complete request head within {header_s:g} s")
+
+        def _close_with_408(self, why: str) -> None:
             if not self.transport.is_closing():
-                body = b'{"error": "no complete request head within %g s; the connection is closed"}' % header_s
+                body = json.dumps({"error": f"{why}; the connection is closed"}).encode()
                 head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 self.transport.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
                 self.transport.close()
