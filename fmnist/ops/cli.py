@@ -14,6 +14,8 @@ fashion-mnist labels                   each label and the version it names
 fashion-mnist export v0003 [--out D]   a version's SavedModel, as D/3/ (TF Serving's layout); or: champion
 fashion-mnist add-batch DIR [--name N] check a batch of new labeled images, add it to the incoming
                                        folder, and announce it (the ad-hoc deployment retrains)
+fashion-mnist review [--submit]        the images serve captured (--capture-rate) into review/ by
+                                       predicted class; --submit adds the reviewed folder as a batch
 fashion-mnist prune-runs               delete run folders the retention setting does not keep
 fashion-mnist automations apply        create or update the automations of automations.yaml
 fashion-mnist webhook URL              where notifications go (a Prefect block)
@@ -36,10 +38,12 @@ import numpy as np
 
 from fmnist.data.cache import normalize
 from fmnist.data.dataset import CLASS_NAMES, FASHION_MNIST
-from fmnist.data.incoming import add_batch, known_images
+from fmnist.data.incoming import IncomingBatch, add_batch, known_images
+from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
+from fmnist.ops.review import IMAGES, lineage_of, make_review, submit_review
 from fmnist.ops.worker import run_worker
 from fmnist.registry.labels import Labels
 from fmnist.registry.retention import RetentionParams, prune_runs
@@ -47,7 +51,7 @@ from fmnist.registry.versions import MODEL, Registry, RegistryError, version_num
 from fmnist.serving.options import ServeOptions
 from fmnist.storage import StorageError, Store, StoredFile, join
 from fmnist.storage import normalize as normalize_location
-from fmnist.storage.layout import RunLayout, StorageParams, runs_root, scratch_path
+from fmnist.storage.layout import DataLayout, RunLayout, StorageParams, runs_root, scratch_path
 from fmnist.training.export import SERVING_VERSION, export_saved_model
 from fmnist.training.model import load_verified_model
 
@@ -92,15 +96,22 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
         print("labels: " + ", ".join(f"{name} {record['version']}" for name, record in sorted(labels.items())))
 
 
+def data_root_of(args: argparse.Namespace) -> str:
+    return args.data_root or os.environ.get("FMNIST_DATA_ROOT") or "data"
+
+
 def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
     damaged = registry.damaged_files(args.version)
+    manifest = registry.manifest(args.version)
+    feedback = DataLayout(normalize_location(data_root_of(args))).feedback
     status = {
         "champion": registry.champion() == args.version,
         "folder": str(registry.version_dir(args.version)),
         "files_intact": not damaged,
         "damaged_files": damaged,
+        "feedback": lineage_of(registry.store, feedback, manifest.data.train_rows_by_source),
     }
-    print(json.dumps({**status, **registry.manifest(args.version).to_json()}, indent=1))
+    print(json.dumps({**status, **manifest.to_json()}, indent=1))
 
 
 def cmd_promote(registry: Registry, args: argparse.Namespace) -> None:
@@ -157,6 +168,9 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
         parse_workers=args.parse_workers,
         canary_share=args.canary_share,
         shadow_share=args.shadow_share,
+        feedback_root=DataLayout(normalize_location(data_root_of(args))).feedback,
+        capture_rate=args.capture_rate,
+        capture_below=args.capture_below,
         access_log=args.access_log,
     )
     serve(registry, options)
@@ -226,18 +240,29 @@ def deployed_storage(args: argparse.Namespace, project: Path) -> tuple[StoragePa
 
 
 def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
-    from prefect.settings import PREFECT_API_URL
-
     storage, source = deployed_storage(args, Path.cwd())
     print(f"Adding to {storage.incoming} (registry {storage.registry}; from {source})")
-    store, raw = registry.store, storage.data.raw
-    pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
-    test, train = (StoredFile(join(raw, f.raw_name), f.sha256) for f in pinned)
-    known = known_images(store, test, train) if store.exists(test.location) else None
-    if known is None:
-        print(f"No verified test set in {raw} yet: the first run checks the batch for test-set images")
+    store = registry.store
+    known = known_test_and_train(store, storage)
     batch = add_batch(store, args.folder, storage.incoming, args.name, known)
     print(f"Added batch {batch.name}: {batch.rows} {batch.kind} images, at {batch.path}")
+    announce(batch, storage)
+
+
+def known_test_and_train(store: Store, storage: StorageParams) -> KnownImages | None:
+    """The canonical images a batch must not copy, once a run has verified them into the data root."""
+    pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
+    test, train = (StoredFile(join(storage.data.raw, f.raw_name), f.sha256) for f in pinned)
+    if not store.exists(test.location):
+        print(f"No verified test set in {storage.data.raw} yet: the first run checks the batch for test-set images")
+        return None
+    return known_images(store, test, train)
+
+
+def announce(batch: IncomingBatch, storage: StorageParams) -> None:
+    """Send the batch event that starts a retrain, when a Prefect server is there to hear it."""
+    from prefect.settings import PREFECT_API_URL
+
     if not PREFECT_API_URL.value():
         print("No Prefect server (PREFECT_API_URL is not set): no retrain started; the next scheduled run includes it")
         return
@@ -251,6 +276,27 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
         )
         return
     print(f"Announced it ({events.BATCH_ADDED}): the ad-hoc deployment retrains once batches stop arriving")
+
+
+def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
+    storage, _ = deployed_storage(args, Path.cwd())
+    feedback = storage.data.feedback
+    if not args.submit:
+        offered = make_review(registry.store, feedback, args.out)
+        more = f"; {offered.left} more wait for the next review" if offered.left else ""
+        print(f"{offered.images} captured images from {feedback} are in {offered.folder}{more}")
+        print(
+            f"Move each wrong one to its class's folder under {args.out / IMAGES} (or delete it), then: review --submit"
+        )
+        return
+    known = known_test_and_train(registry.store, storage)
+    batch, lineage = submit_review(registry.store, feedback, args.out, storage.incoming, args.name, known)
+    print(
+        f"Added batch {batch.name} to {storage.incoming}: {lineage['submitted']} reviewed images "
+        f"({lineage['relabeled']} relabeled, {lineage['deleted']} deleted), served by "
+        + ", ".join(f"{v} ({n})" for v, n in sorted(lineage["served_versions"].items()))
+    )
+    announce(batch, storage)
 
 
 def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
@@ -310,6 +356,15 @@ def bounded(kind: type, low: float, high: float):
     return parse
 
 
+def data_root_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--data-root",
+        default=None,
+        help="the deployments' data root (default: FMNIST_DATA_ROOT, or data/ when run in the project folder)",
+    )
+    command.add_argument("--incoming", default=None, help="the incoming folder (default: <data root>/incoming)")
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="fashion-mnist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -327,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("versions", help="list versions").set_defaults(run=cmd_versions)
     show = commands.add_parser("show", help="one version in full")
     show.add_argument("version")
+    show.add_argument(
+        "--data-root", default=None, help="whose feedback reviews to read (default: FMNIST_DATA_ROOT, or data/)"
+    )
     show.set_defaults(run=cmd_show)
     promote = commands.add_parser("promote", help="make a version champion")
     promote.add_argument("version")
@@ -398,6 +456,23 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.shadow_share,
         help="share of stable's requests also sent to the canary, to count how often the two agree",
     )
+    serve.add_argument(
+        "--capture-rate",
+        type=bounded(float, 0, 1),
+        default=defaults.capture_rate,
+        help="share of answered images kept for review in <data root>/feedback (default: none)",
+    )
+    serve.add_argument(
+        "--capture-below",
+        type=bounded(float, 0, 1),
+        default=defaults.capture_below,
+        help="images whose top probability is under this are always kept (default: none)",
+    )
+    serve.add_argument(
+        "--data-root",
+        default=None,
+        help="where captured feedback goes, under feedback/ (default: FMNIST_DATA_ROOT, or data/)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=cmd_serve)
     label = commands.add_parser("label", help="serve a version under a label beside the champion (canary)")
@@ -417,13 +492,14 @@ def parser() -> argparse.ArgumentParser:
     add = commands.add_parser("add-batch", help="check a batch and add it to the incoming folder")
     add.add_argument("folder", type=Path, help="an IDX pair, or PNG images in one folder per class")
     add.add_argument("--name", help="the batch's name in the incoming folder (default: the folder's name)")
-    add.add_argument(
-        "--data-root",
-        default=None,
-        help="the deployments' data root (default: FMNIST_DATA_ROOT, or data/ when run in the project folder)",
-    )
-    add.add_argument("--incoming", default=None, help="the incoming folder (default: <data root>/incoming)")
+    data_root_flags(add)
     add.set_defaults(run=cmd_add_batch)
+    review = commands.add_parser("review", help="captured feedback into a folder to review; --submit adds it")
+    review.add_argument("--out", type=Path, default=Path("review"), help="the review folder (default: review/)")
+    review.add_argument("--submit", action="store_true", help="add the reviewed folder as a batch, and retrain")
+    review.add_argument("--name", help="the batch's name (default: feedback-<time>)")
+    data_root_flags(review)
+    review.set_defaults(run=cmd_review)
     prune = commands.add_parser("prune-runs", help="delete run folders beyond the retention setting")
     prune.add_argument("--keep-last", type=bounded(int, 1, 100_000), default=RetentionParams().keep_last)
     prune.add_argument("--keep-days", type=bounded(float, 0, 36_500), default=RetentionParams().keep_days)

@@ -97,6 +97,17 @@ class ServingMetrics:
             ("agreed",),
             **self._r,
         )
+        self.feedback_captured = Counter(
+            "fashion_mnist_feedback_captured",
+            "Images kept for review (serve --capture-rate/--capture-below).",
+            **self._r,
+        )
+        self.feedback_dropped = Counter(
+            "fashion_mnist_feedback_dropped",
+            "Images chosen for capture but not kept: queue_full, files_full, write_failed.",
+            ("reason",),
+            **self._r,
+        )
         self._children: dict[str, tuple[list, Histogram]] = {}
         self.body_bytes = Gauge(
             "fashion_mnist_body_bytes_in_flight", "Bytes of request bodies held by the server now.", **self._r

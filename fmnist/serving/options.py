@@ -24,4 +24,7 @@ class ServeOptions:
     parse_workers: int = 2  # processes that parse big bodies; 0: on the event loop
     canary_share: float = 0.0  # of requests that name no version or label, answered by the canary
     shadow_share: float = 0.0  # of stable's requests, also sent to the canary to compare
+    feedback_root: str | None = None  # <data_root>/feedback: where captured records go
+    capture_rate: float = 0.0  # share of answered images kept for review
+    capture_below: float = 0.0  # images whose top probability is under this are always kept
     access_log: bool = False

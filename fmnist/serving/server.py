@@ -37,6 +37,7 @@ from fmnist.data.dataset import CLASS_NAMES
 from fmnist.registry.labels import STABLE
 from fmnist.registry.versions import Registry
 from fmnist.serving import kserve, tfserving
+from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.errors import BadRequest, NotFound, ServingError
 from fmnist.serving.guard import BodyBudget, guarded_protocol, read_body
 from fmnist.serving.metrics import PATH as METRICS_PATH
@@ -54,13 +55,18 @@ log = logging.getLogger(__name__)
 def create_app(registry: Registry, options: ServeOptions) -> Starlette:
     metrics = ServingMetrics(MODEL_NAME)
     models = ServedModels(registry, options.poll_s, metrics, options.canary_share)
-    core = PredictionCore(models, metrics, options.shadow_share)
+    capture = None
+    if options.feedback_root and (options.capture_rate or options.capture_below):
+        settings = CaptureOptions(options.feedback_root, options.capture_rate, options.capture_below)
+        capture = Capture(registry.store, settings, metrics)
+    core = PredictionCore(models, metrics, options.shadow_share, capture)
     budget = BodyBudget(options.max_body_bytes_in_flight, metrics.body_bytes.set)
     parsers = BodyParsers(options.parse_workers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         following = asyncio.create_task(models.follow())
+        capturing = asyncio.create_task(capture.run()) if capture else None
         await parsers.start()
         grpc = None
         if options.grpc_port is not None:
@@ -73,6 +79,9 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
         if grpc is not None:
             await grpc.stop(grace=2)
         following.cancel()
+        if capturing:  # what is queued is written before the process ends
+            capturing.cancel()
+            await asyncio.gather(capturing, return_exceptions=True)
         parsers.close()
 
     async def refused(request: Request, exc: ServingError) -> JSONResponse:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmnist.registry.labels import STABLE
+from fmnist.serving.capture import Capture
 from fmnist.serving.metrics import ServingMetrics
 from fmnist.serving.models import CANARY, Served, ServedModels
 
@@ -27,16 +28,21 @@ class Answer:
 
 
 class PredictionCore:
-    def __init__(self, models: ServedModels, metrics: ServingMetrics, shadow_share: float = 0.0) -> None:
+    def __init__(
+        self, models: ServedModels, metrics: ServingMetrics, shadow_share: float = 0.0, capture: Capture | None = None
+    ) -> None:
         self.models = models
         self.metrics = metrics
         self.shadow_share = shadow_share
+        self.capture = capture
         self.shadows: set[asyncio.Task] = set()
 
     async def predict(self, images: np.ndarray, version: int | None, label: str | None) -> Answer:
         served_as, served = self.models.choose(version, label, routed=True)
         probabilities = await served.batcher.predict(images)
         self.metrics.predictions(served_as, probabilities)
+        if self.capture:
+            self.capture.offer(images, probabilities, served.version, served_as)
         if served_as == STABLE and self.shadow_share and random.random() < self.shadow_share:
             self._shadow(images, probabilities)
         return Answer(served, served_as, probabilities)

@@ -153,6 +153,11 @@ class DataLayout:
         return join(self.root, "cache")
 
     @property
+    def feedback(self) -> str:
+        """What the server captured for review (`fmnist.serving.capture`), and the reviews' records."""
+        return join(self.root, "feedback")
+
+    @property
     def screened(self) -> str:
         """Receipts of the incoming batches that passed screening (`fmnist.data.incoming.screen_incoming`)."""
         return join(self.validation, "screened")
