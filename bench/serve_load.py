@@ -1,7 +1,7 @@
 """The prediction server under load, side by side in one run: REST and gRPC, 1 and 64 images a
 request, 1/4/16/64 clients; the server's own compiled model call as the yardstick; and a hostile mix
 (idle sockets, dripped bodies, maximal bodies) beside ordinary clients, with bodies parsed in worker
-processes and, for comparison, on the event loop.
+processes and, for comparison, on the event loop; and the cost of feedback capture at 10%.
 
 Starts `fashion-mnist serve` on the registry's champion (free loopback ports). Each client sends a
 request as soon as the last is answered, for a fixed time. Prints images/s, p50/p99 latency and
@@ -309,7 +309,19 @@ def main() -> None:
         mixes[name] = hostile_mix(event_loop.port, ordinary, 2 * args.seconds, args.hostile)
     finally:
         event_loop.stop()
-        logs.cleanup()
+    # Feedback capture's cost: 10% of the images kept, side by side with capture off, alternating.
+    capture = ("--capture-rate", "0.1", "--data-root", str(Path(logs.name) / "data"))
+    captures: dict[str, list[dict]] = {"capture off": [], "capture at 10%": []}
+    for _ in range(2):
+        for name, options in (("capture off", ()), ("capture at 10%", capture)):
+            server = Server(args.registry, Path(logs.name) / "serve-capture.log", *options)
+            try:
+                asyncio.run(rest_clients(server.port, ordinary, 16, 1.0))
+                captures[name].append(asyncio.run(ordinary_mix(server.port, ordinary, 2 * args.seconds)))
+            finally:
+                server.stop()
+    kept = len(list((Path(logs.name) / "data" / "feedback" / "records").glob("*.parquet")))
+    logs.cleanup()
     call = yardstick(args.registry, images, args.seconds)
 
     print(f"{'compiled call, 1 img/call':32}{call[1]:>10.0f}")
@@ -321,6 +333,14 @@ def main() -> None:
             f"{name:44}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}{mix['p99_ms']:>9.1f}{mix['errors']:>8}"
             f"{mix['readyz_max_ms']:>15.1f}"
         )
+    for name, runs in captures.items():
+        mix = {k: round(float(np.median([r[k] for r in runs])), 2) for k in runs[0]}
+        mixes[name] = mix
+        print(
+            f"{name + ' (median of 2)':44}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}{mix['p99_ms']:>9.1f}"
+            f"{mix['errors']:>8.0f}{mix['readyz_max_ms']:>15.1f}"
+        )
+    print(f"Capture wrote {kept} record files")
     under_attack = mixes[f"beside {args.hostile} hostile"]
     meets = under_attack["p99_ms"] < TARGET_P99_MS and under_attack["readyz_max_ms"] < TARGET_READY_S * 1000
     verdict = "meets" if meets and not under_attack["errors"] else "misses"

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import random
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ class Capture:
         confidence = probabilities.max(axis=1)
         keep = confidence < self.options.below
         if self.options.rate:
-            keep |= np.array([random.random() < self.options.rate for _ in range(len(images))])
+            keep |= np.random.random(len(images)) < self.options.rate
         chosen = np.flatnonzero(keep)
         if not len(chosen):
             return
