@@ -20,7 +20,14 @@ import orjson
 
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE
 from fmnist.serving.errors import BadRequest
-from fmnist.serving.payloads import MAX_BRACES, MAX_BRACKETS, MAX_INSTANCES, PIXELS, scaled_pixels
+from fmnist.serving.payloads import (
+    MAX_INSTANCES,
+    PIXELS,
+    check_nesting,
+    holds_boolean,
+    may_hold_booleans,
+    scaled_pixels,
+)
 from fmnist.training.export import INPUT, OUTPUT
 
 MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/infer|/ready)?")
@@ -37,8 +44,7 @@ class InferRequest:
 
 def parse_infer(body: bytes) -> InferRequest:
     """The images of an inference request; BadRequest naming the first problem."""
-    if body.count(b"[") > MAX_BRACKETS or body.count(b"{") > MAX_BRACES:
-        raise BadRequest(f"the body nests more lists or objects than {MAX_INSTANCES:,} images need")
+    check_nesting(body)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -69,7 +75,7 @@ def parse_infer(body: bytes) -> InferRequest:
         values = np.array(data).reshape(-1)
     except ValueError:
         raise BadRequest(f"{INPUT}: data is ragged") from None
-    if values.dtype.kind not in "iuf" or ((b"true" in body or b"false" in body) and _has_boolean(data)):
+    if values.dtype.kind not in "iuf" or (may_hold_booleans(body) and holds_boolean(data)):
         raise BadRequest(f"{INPUT}: data must be numbers")
     if len(values) != shape[0] * PIXELS:
         raise BadRequest(f"{INPUT}: {len(values):,} values for shape {shape} ({shape[0] * PIXELS:,})")
@@ -79,10 +85,6 @@ def parse_infer(body: bytes) -> InferRequest:
         values = values.astype(np.uint8)
     images = scaled_pixels(values.reshape(shape[0], IMAGE_SIZE, IMAGE_SIZE), INPUT)
     return InferRequest(images, request_id)
-
-
-def _has_boolean(data) -> bool:
-    return any(type(v) is bool for v in np.array(data, dtype=object).reshape(-1))
 
 
 def metadata(name: str, versions: list[int]) -> dict:

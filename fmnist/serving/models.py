@@ -37,9 +37,8 @@ class Served:
 
     version: str  # the registry's name, v0003
     model_sha256: str
-    predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, 28, 28) in [0, 1] -> (n, 10) probabilities
     manifest: VersionManifest
-    batcher: Batcher = field(compare=False)
+    batcher: Batcher = field(compare=False)  # its model call: float32 (n, 28, 28) in [0, 1] -> (n, 10)
 
     @property
     def number(self) -> int:
@@ -118,7 +117,7 @@ class ServedModels:
                     continue
                 batcher = Batcher(predict)
                 batcher.on_call = self.events.model_call if self.events else None
-                served = Served(record["version"], sha256, predict, manifest, batcher)
+                served = Served(record["version"], sha256, manifest, batcher)
                 loaded[(served.version, served.model_sha256)] = served
                 self._event("model_loads", "loaded")
             serving[label] = served

@@ -50,11 +50,7 @@ def parse_predict(body: bytes) -> PredictRequest:
     """The images of a TF Serving JSON predict request; BadRequest naming the first problem."""
     if not body.strip():
         raise BadRequest("JSON Parse error: The document is empty")
-    if body.count(b"[") > MAX_BRACKETS or body.count(b"{") > MAX_BRACES:
-        raise BadRequest(
-            f"the body nests more lists or objects than {MAX_INSTANCES:,} images need; "
-            f"send at most {MAX_INSTANCES:,} images of 28x28 numbers"
-        )
+    check_nesting(body)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -70,7 +66,7 @@ def parse_predict(body: bytes) -> PredictRequest:
         raise BadRequest(f'Serving signature name: "{signature[:100]}" not found in signature def')
     if "instances" in payload and "inputs" in payload:
         raise BadRequest("Not formatted correctly: expecting only one of 'inputs' or 'instances' keys to exist")
-    strict = b"true" in body or b"false" in body  # only then can a boolean hide among numbers
+    strict = may_hold_booleans(body)
     if "instances" in payload:
         return PredictRequest(_stack(_rows(payload["instances"]), "instance", strict), columnar=False)
     if "inputs" in payload:
@@ -122,7 +118,7 @@ def _stack(images: list, noun: str, strict: bool) -> np.ndarray:
             image = np.array(values)
         except (ValueError, TypeError):
             raise BadRequest(f"{noun} {number}: rows of different lengths; expected 28x28 or 784 numbers") from None
-        if image.dtype.kind not in "iuf" or (strict and _has_boolean(image, values)):
+        if image.dtype.kind not in "iuf" or (strict and holds_boolean(values)):
             raise BadRequest(f"{noun} {number}: pixels must be numbers (integers 0..255, or floats in [0, 1])")
         if image.shape not in ((IMAGE_SIZE, IMAGE_SIZE), (PIXELS,)):
             shape = "x".join(map(str, image.shape)) or "a single number"
@@ -131,10 +127,22 @@ def _stack(images: list, noun: str, strict: bool) -> np.ndarray:
     return out
 
 
-def _has_boolean(image: np.ndarray, values) -> bool:
-    """Whether the JSON values that became `image` held a boolean (numpy makes True a 1)."""
-    if image.dtype.kind == "b":
-        return True
+def check_nesting(body: bytes) -> None:
+    """Refuse, before parsing, a body with more lists or objects than MAX_INSTANCES images need."""
+    if body.count(b"[") > MAX_BRACKETS or body.count(b"{") > MAX_BRACES:
+        raise BadRequest(
+            f"the body nests more lists or objects than {MAX_INSTANCES:,} images need; "
+            f"send at most {MAX_INSTANCES:,} images of 28x28 numbers"
+        )
+
+
+def may_hold_booleans(body: bytes) -> bool:
+    """Only a body with `true` or `false` in it can hide a boolean among numbers."""
+    return b"true" in body or b"false" in body
+
+
+def holds_boolean(values) -> bool:
+    """Whether JSON values numpy made numbers held a boolean (numpy makes True a 1)."""
     return any(type(v) is bool for v in np.array(values, dtype=object).flat)
 
 
