@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 
 from fmnist.data.cache import CachedDataset
 from fmnist.data.download import RawDataset
+from fmnist.data.feedback import feedback_lineage
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.ops import events
 from fmnist.registry.manifest import RunManifest, build_manifest, fingerprint, per_class_table
@@ -95,6 +96,13 @@ def register_task(
     evaluation: Evaluation,
     promotion: PromotionParams,
 ) -> Registration:
+    feedback = feedback_lineage(storage.store(), storage.data.feedback, cached.sources["incoming"])
+    if feedback.unreadable_ledgers:
+        get_run_logger().warning(
+            "The review ledgers of %s in %s do not parse: the lineage does not count them",
+            ", ".join(feedback.unreadable_ledgers),
+            storage.data.feedback,
+        )
     manifest = build_manifest(
         raw=raw,
         cached=cached,
@@ -102,6 +110,7 @@ def register_task(
         trained=trained,
         evaluation=evaluation,
         flow_run_id=flow_run.get_id(),
+        feedback=feedback,
     )
     registration = register_model(Registry(storage.store(), storage.registry), trained, evaluation, manifest, promotion)
     create_markdown_artifact(

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from fmnist.ops.postgres import LocalPostgres
-from tests.processes import free_ports, stop, wait_until_ready
+from tests.processes import free_ports, stop, stop_all, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -147,8 +147,9 @@ def prefect_server(tmp: Path, database: str = "sqlite") -> Iterator[Stack]:
         stack.start_server()
         yield stack
     finally:
-        for process in reversed(stack.processes):
-            stop(process)
+        # The workers and CLIs first, together, then the server they report to.
+        stop_all([p for p in stack.processes if p is not stack.server])
+        stop_all([p for p in stack.processes if p is stack.server])
         if stack.postgres:
             stack.postgres.stop()
 

@@ -41,10 +41,19 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: 
 def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
     """Stop a process started in a session of its own, and everything it started (workers run flows in
     child processes): SIGTERM, then SIGKILL after `timeout_s`."""
-    if process.poll() is None:
+    stop_all([process], timeout_s)
+
+
+def stop_all(processes: list[subprocess.Popen], timeout_s: float = 20) -> None:
+    """`stop` for several at once: all are sent SIGTERM together and given the same `timeout_s` (one
+    after another, a stack of workers that each wait out the grace took a minute to stop)."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
         os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
         try:
-            process.wait(timeout=timeout_s)
+            process.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

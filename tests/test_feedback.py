@@ -15,13 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fmnist.data.feedback import feedback_lineage, ledger_location
 from fmnist.data.incoming import load_batch
-from fmnist.ops.review import INDEX, ReviewError, lineage_of, make_review, reviewed_ids, submit_review, unreviewed
+from fmnist.ops.review import INDEX, ReviewError, make_review, reviewed_ids, submit_review, unreviewed
+from fmnist.registry.manifest import FeedbackRecord, model_card
 from fmnist.serving import capture
 from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.metrics import ServingMetrics
 from fmnist.storage import Store, join
-from tests.helpers import synthetic_images
+from tests.helpers import synthetic_images, version_manifest
 from tests.serving_helpers import PREDICT, keras_probabilities, running_server, two_version_registry
 
 
@@ -78,19 +80,72 @@ def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, st
     (out / "images" / "sneaker").mkdir(exist_ok=True)
     shutil.move(out / sandal["file"], out / "images" / "sneaker" / Path(sandal["file"]).name)
     (out / rows[0]["file"]).unlink()
-    batch, lineage = submit_review(store, feedback, out, incoming, "feedback-1", None)
-    assert (lineage["submitted"], lineage["relabeled"], lineage["deleted"]) == (4, 1, 1)
-    assert lineage["served_versions"] == {"v0001": 4} and not out.exists()
+    batch, ledger = submit_review(store, feedback, out, incoming, "feedback-1", None)
+    assert (ledger.submitted, ledger.relabeled, ledger.deleted) == (4, 1, 1)
+    assert ledger.served_versions == {"v0001": 4} and not out.exists()
     with store.local_tree(batch.path) as folder:
         labels = load_batch(folder)[2]
     assert sorted(labels.tolist()) == sorted([0, 3, 7, 1])  # the relabeled image is a sneaker (7) now
     assert unreviewed(store, feedback) == []  # submitted and deleted records are not offered again
     assert len(reviewed_ids(store, feedback)) == 5
-    assert lineage_of(store, feedback, {"canonical": 60000, "feedback-1": 4}) == {
-        "reviewed_batches": ["feedback-1"],
-        "reviewed_images": 4,
-        "served_versions": {"v0001": 4},
-    }
+    # The lineage: the batch of that name and content counts; another batch of the same name would not.
+    lineage = feedback_lineage(store, feedback, {"feedback-1": batch.sha256, "hand-made": "e" * 64})
+    assert (lineage.reviewed_batches, lineage.reviewed_images, lineage.served_versions) == (
+        ["feedback-1"],
+        4,
+        {"v0001": 4},
+    )
+    assert feedback_lineage(store, feedback, {"feedback-1": "f" * 64}).reviewed_batches == []
+    version = version_manifest("v0002", 0.9)
+    version = version.model_copy(
+        update={"data": version.data.model_copy(update={"feedback": FeedbackRecord.of(lineage)})}
+    )
+    card = model_card(version)
+    assert "4 of them reviewed feedback from the served versions v0001 (4), in feedback-1" in card
+
+
+def test_a_submit_that_stopped_before_its_ledger_is_finished_by_the_next(
+    root: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    captured(store, feedback, synthetic_images(np.array([2, 4, 6]), seed=35), np.array([2, 4, 6]), np.full(3, 0.4))
+    out = tmp_path / "review"
+    make_review(store, feedback, out)
+    create = Store.create
+
+    def lost(self: Store, location: str, data: bytes) -> None:
+        if "/reviewed/" in location:
+            raise OSError("the host went away")
+        create(self, location, data)
+
+    monkeypatch.setattr(Store, "create", lost)
+    with pytest.raises(OSError, match="went away"):
+        submit_review(store, feedback, out, incoming, None, None)
+    [added] = store.listdir(incoming)  # the batch is in, its records are not marked, the folder is kept
+    assert len(unreviewed(store, feedback)) == 3 and (out / INDEX).exists()
+    monkeypatch.setattr(Store, "create", create)
+    batch, ledger = submit_review(store, feedback, out, incoming, None, None)
+    assert batch.name == added and store.listdir(incoming) == [added] and ledger.submitted == 3
+    assert unreviewed(store, feedback) == [] and not out.exists()
+
+
+def test_review_refuses_a_damaged_ledger_or_index_naming_the_file(root: str, store: Store, tmp_path: Path) -> None:
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    captured(store, feedback, synthetic_images(np.array([1, 3]), seed=36), np.array([1, 3]), np.full(2, 0.4))
+    out = tmp_path / "review"
+    make_review(store, feedback, out)
+    index = (out / INDEX).read_text()
+    (out / INDEX).write_text(index.replace(index.splitlines()[1].split(",")[1], "../../etc"))
+    with pytest.raises(ReviewError, match=r"index\.csv: not the index `fashion-mnist review` wrote"):
+        submit_review(store, feedback, out, incoming, "feedback-x", None)
+    assert not store.find(incoming)  # refused before anything was added
+    (out / INDEX).write_text(index)
+    submit_review(store, feedback, out, incoming, "feedback-x", None)
+    store.write_bytes(ledger_location(feedback, "feedback-x"), b'{"batch": "feedback-x", "records": [{"id": 7}]}')
+    with pytest.raises(ReviewError, match=r"feedback-x\.json: not a review ledger"):
+        make_review(store, feedback, tmp_path / "again")
+    lineage = feedback_lineage(store, feedback, {"feedback-x": "0" * 64})
+    assert lineage.unreadable_ledgers == ["feedback-x"] and lineage.reviewed_images == 0
 
 
 def test_a_review_folder_with_stray_files_wrong_sizes_or_copies_is_refused(

@@ -38,14 +38,16 @@ import numpy as np
 
 from fmnist.data.cache import normalize
 from fmnist.data.dataset import CLASS_NAMES, FASHION_MNIST
+from fmnist.data.feedback import feedback_lineage
 from fmnist.data.incoming import IncomingBatch, add_batch, known_images
 from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
-from fmnist.ops.review import IMAGES, lineage_of, make_review, submit_review
+from fmnist.ops.review import IMAGES, make_review, submit_review
 from fmnist.ops.worker import run_worker
 from fmnist.registry.labels import Labels
+from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.retention import RetentionParams, prune_runs
 from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
 from fmnist.serving.options import ServeOptions
@@ -103,13 +105,16 @@ def data_root_of(args: argparse.Namespace) -> str:
 def cmd_show(registry: Registry, args: argparse.Namespace) -> None:
     damaged = registry.damaged_files(args.version)
     manifest = registry.manifest(args.version)
-    feedback = DataLayout(normalize_location(data_root_of(args))).feedback
+    recorded = manifest.data.feedback
+    if recorded is None:  # registered before versions recorded it: read from the data root's ledgers now
+        feedback = DataLayout(normalize_location(data_root_of(args))).feedback
+        recorded = FeedbackRecord.of(feedback_lineage(registry.store, feedback, manifest.data.sources.incoming))
     status = {
         "champion": registry.champion() == args.version,
         "folder": str(registry.version_dir(args.version)),
         "files_intact": not damaged,
         "damaged_files": damaged,
-        "feedback": lineage_of(registry.store, feedback, manifest.data.train_rows_by_source),
+        "feedback": recorded.model_dump(),
     }
     print(json.dumps({**status, **manifest.to_json()}, indent=1))
 
@@ -290,11 +295,11 @@ def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
         )
         return
     known = known_test_and_train(registry.store, storage)
-    batch, lineage = submit_review(registry.store, feedback, args.out, storage.incoming, args.name, known)
+    batch, ledger = submit_review(registry.store, feedback, args.out, storage.incoming, args.name, known)
     print(
-        f"Added batch {batch.name} to {storage.incoming}: {lineage['submitted']} reviewed images "
-        f"({lineage['relabeled']} relabeled, {lineage['deleted']} deleted), served by "
-        + ", ".join(f"{v} ({n})" for v, n in sorted(lineage["served_versions"].items()))
+        f"Added batch {batch.name} to {storage.incoming}: {ledger.submitted} reviewed images "
+        f"({ledger.relabeled} relabeled, {ledger.deleted} deleted), served by "
+        + ", ".join(f"{v} ({n})" for v, n in sorted(ledger.served_versions.items()))
     )
     announce(batch, storage)
 

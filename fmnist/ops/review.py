@@ -7,15 +7,16 @@ checks), which starts a retrain.
 
 The person moves a wrongly classified image to its true class's folder, or deletes it. Submitting
 makes `images/` a batch; every record of the index, submitted or deleted, is then written to
-`<data_root>/feedback/reviewed/<batch>.json` and not offered again. That file is the batch's
-lineage: which records, answered by which served versions (`fashion-mnist show` reads it).
+`<data_root>/feedback/reviewed/<batch>.json` (`fmnist.data.feedback`) and not offered again. That file
+is the batch's lineage: which records, answered by which served versions (a version's manifest and model
+card, and `fashion-mnist show`, report it).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
+import posixpath
 import re
 import shutil
 from collections import Counter
@@ -26,18 +27,29 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from pydantic import ValidationError
 
 from fmnist.data.dataset import CLASS_SLUGS, IMAGE_SIZE, class_slug
-from fmnist.data.incoming import IncomingBatch, IncomingBatchError, add_batch
+from fmnist.data.feedback import FeedbackLedgerError, ReviewedBatch, ReviewedRecord, ledger_location, ledgers
+from fmnist.data.incoming import (
+    INCOMPLETE,
+    IncomingBatch,
+    IncomingBatchError,
+    add_batch,
+    check_batch_name,
+    content_sha256,
+    load_batch,
+    read_batch,
+)
 from fmnist.data.overlap import KnownImages
 from fmnist.serving.capture import RECORDS, SCHEMA
 from fmnist.storage import PreconditionFailed, Store, join
 
 MAX_REVIEW = 2000  # images in one review folder
 MAX_RECORD_FILES = 2000  # record files read for one review (the capture folder's own bound)
-REVIEWED = "reviewed"
 INDEX = "index.csv"
 IMAGES = "images"
+BATCH_NAME_FILE = "batch-name.txt"  # in the review folder, beside the index, once a submit has begun
 FIELDS = ("rank", "id", "file", "predicted", "confidence", "version", "label", "at")
 IMAGE_NAME = re.compile(r"(\d{5})-([0-9a-f]{32})\.png")
 
@@ -54,11 +66,10 @@ class Offered:
 
 
 def reviewed_ids(store: Store, feedback: str) -> set[str]:
-    ids: set[str] = set()
-    for name in store.listdir(join(feedback, REVIEWED)):
-        if name.endswith(".json"):
-            ids.update(r["id"] for r in store.read_json(join(feedback, REVIEWED, name))["records"])
-    return ids
+    try:
+        return {record.id for ledger in ledgers(store, feedback) for record in ledger.records}
+    except FeedbackLedgerError as exc:
+        raise ReviewError(f"{exc}; until it is mended or removed, reviewed records could be offered again") from None
 
 
 def unreviewed(store: Store, feedback: str) -> list[dict]:
@@ -125,37 +136,58 @@ def submit_review(
             relabeled += class_slug(png.parent.name) != rows[matched.group(2)]["predicted"]
     if not seen:
         raise ReviewError(f"{images}: none of the review's images is left; nothing to submit")
+    records = [*({**rows[i], "labeled": seen[i].parent.name} for i in seen)]
+    records += [{**rows[i], "labeled": None} for i in rows if i not in seen]
+    try:
+        reviewed = [ReviewedRecord.model_validate(record) for record in records]
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"]
+        raise ReviewError(f"{folder / INDEX}: not the index `fashion-mnist review` wrote ({problem})") from None
+    # The name is kept in the folder before the batch is added: a submit that stopped before its ledger
+    # was written is finished by the next one, which finds the batch it added.
+    named = folder / BATCH_NAME_FILE
+    name = name or (named.read_text().strip() if named.exists() else None)
     name = name or f"feedback-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     try:
-        batch = add_batch(store, images, incoming, name, known)
+        check_batch_name(name)
+    except IncomingBatchError as exc:
+        raise ReviewError(str(exc)) from None
+    if store.exists(ledger_location(feedback, name)):
+        raise ReviewError(f"{name} was reviewed already; submit with another --name")
+    named.write_text(name + "\n")
+    try:
+        batch = added_earlier(store, images, join(incoming, name)) or add_batch(store, images, incoming, name, known)
     except IncomingBatchError as exc:
         raise ReviewError(f"the reviewed folder is not a batch: {exc}") from exc
-    submitted = [{**rows[i], "labeled": seen[i].parent.name} for i in seen]
-    lineage = {
-        "batch": batch.name,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "submitted": len(submitted),
-        "relabeled": relabeled,
-        "deleted": len(rows) - len(submitted),
-        "served_versions": dict(Counter(r["version"] for r in submitted)),
-        "records": [*submitted, *({**rows[i], "labeled": None} for i in rows if i not in seen)],
-    }
+    submitted = [r for r in reviewed if r.labeled is not None]
+    ledger = ReviewedBatch(
+        batch=batch.name,
+        sha256=batch.sha256,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        submitted=len(submitted),
+        relabeled=relabeled,
+        deleted=len(reviewed) - len(submitted),
+        served_versions=dict(Counter(r.version for r in submitted)),
+        records=reviewed,
+    )
     try:
-        store.create(join(feedback, REVIEWED, f"{batch.name}.json"), json.dumps(lineage, indent=1).encode())
+        store.create(ledger_location(feedback, batch.name), ledger.model_dump_json(indent=1).encode())
     except PreconditionFailed:
         raise ReviewError(f"{batch.name} was reviewed already") from None
     shutil.rmtree(folder)
-    return batch, lineage
+    return batch, ledger
 
 
-def lineage_of(store: Store, feedback: str, sources: dict[str, int]) -> dict:
-    """What a version's training sources (`train_rows_by_source`) owe to reviewed feedback."""
-    batches, images, versions = [], 0, Counter()
-    for source in sources:
-        location = join(feedback, REVIEWED, f"{source}.json")
-        if store.exists(location):
-            record = store.read_json(location)
-            batches.append(source)
-            images += record["submitted"]
-            versions.update(record["served_versions"])
-    return {"reviewed_batches": batches, "reviewed_images": images, "served_versions": dict(versions)}
+def added_earlier(store: Store, images: Path, target: str) -> IncomingBatch | None:
+    """The batch at `target`, whole, if it holds what `images` holds: added by a submit that stopped
+    before its ledger was written. (Any other batch there is add_batch's to refuse.)"""
+    if not store.find(target) or store.exists(join(target, INCOMPLETE)):
+        return None
+    try:
+        kind, stored, labels = read_batch(store, target)
+    except IncomingBatchError:
+        return None
+    sha256 = content_sha256(stored, labels)
+    if sha256 != content_sha256(*load_batch(images)[1:]):
+        return None
+    return IncomingBatch(posixpath.basename(target), target, kind, sha256, len(labels))

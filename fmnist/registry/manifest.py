@@ -21,6 +21,7 @@ from fmnist.training import lineage
 if TYPE_CHECKING:
     from fmnist.data.cache import CachedDataset
     from fmnist.data.download import RawDataset
+    from fmnist.data.feedback import FeedbackLineage
     from fmnist.evaluation.evaluate import Evaluation
     from fmnist.training.fit import TrainResult
     from fmnist.training.model import TrainParams
@@ -52,6 +53,21 @@ class Sources(_Record):
     incoming: dict[str, str] = Field(default_factory=dict, description="each incoming batch's content hash")
 
 
+class FeedbackRecord(_Record):
+    """The reviewed feedback among a version's training data (`fmnist.data.feedback`)."""
+
+    reviewed_batches: list[str] = Field(default_factory=list, description="batches `review --submit` added")
+    reviewed_images: int = 0
+    served_versions: dict[str, int] = Field(
+        default_factory=dict, description="reviewed images by the served version that answered them"
+    )
+    unreadable_ledgers: list[str] = Field(default_factory=list, description="batches whose ledger did not parse")
+
+    @classmethod
+    def of(cls, lineage: FeedbackLineage) -> FeedbackRecord:
+        return cls.model_validate(asdict(lineage))
+
+
 class DataRecord(_Record):
     cache_key: str
     test_set: str = Field(description="The test set's identity: only versions measured on one set are compared")
@@ -62,6 +78,7 @@ class DataRecord(_Record):
     test_parquet_sha256: str
     sources: Sources
     train_rows_by_source: dict[str, int] = Field(default_factory=dict, description="canonical, then each batch")
+    feedback: FeedbackRecord | None = Field(None, description="None: registered before lineage was recorded")
 
 
 class CodeRecord(_Record):
@@ -214,6 +231,13 @@ def model_card(manifest: VersionManifest) -> str:
     if batches:
         added = data.train_rows - canonical
         sources += f" and {batches} incoming batch{'' if batches == 1 else 'es'} ({added:,} images)"
+    if data.feedback and data.feedback.reviewed_batches:
+        reviewed, names = data.feedback, data.feedback.reviewed_batches
+        served = ", ".join(f"{v} ({n:,})" for v, n in sorted(reviewed.served_versions.items()))
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        sources += (
+            f"; {reviewed.reviewed_images:,} of them reviewed feedback from the served versions {served}, in {listed}"
+        )
     optimizer = f"{'AdamW' if params.weight_decay else 'Adam'} {params.learning_rate}"
     if params.schedule != "constant":
         optimizer += f" ({params.schedule} schedule)"
@@ -257,6 +281,7 @@ def build_manifest(
     trained: TrainResult,
     evaluation: Evaluation,
     flow_run_id: str | None,
+    feedback: FeedbackLineage | None = None,
 ) -> RunManifest:
     """What the run records about the model it trained and evaluated."""
     return RunManifest(
@@ -271,6 +296,7 @@ def build_manifest(
             test_parquet_sha256=cached.test.sha256,
             sources=Sources.model_validate(cached.sources),
             train_rows_by_source=cached.rows_by_source,
+            feedback=FeedbackRecord.of(feedback) if feedback else None,
         ),
         params=ParamsRecord.model_validate(params.model_dump(mode="json")),
         code=CodeRecord(sha256=lineage.code_sha256(), git_commit=lineage.git_commit()),

@@ -1,0 +1,96 @@
+"""The ledger of reviewed feedback: one file for each batch `fashion-mnist review --submit` added,
+`<data_root>/feedback/reviewed/<batch>.json`, naming every record the review offered (submitted or
+deleted) and the served versions that answered them.
+
+Review reads it so that no record is offered twice; registration reads it for a version's lineage (the
+reviewed batches it learned from, matched by name and content hash). A ledger is untrusted input like
+any file: one that does not parse is named in the error (review) or in the lineage (registration).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fmnist.storage import IntegrityError, Store, join
+
+REVIEWED = "reviewed"
+
+
+class FeedbackLedgerError(ValueError):
+    """A ledger file that is not one; the message names it."""
+
+
+class ReviewedRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    version: str
+    labeled: str | None = Field(description="the class it was submitted as; None: deleted by the reviewer")
+
+
+class ReviewedBatch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    batch: str
+    sha256: str | None = Field(None, description="the batch's content hash; the first ledgers lack it")
+    at: str
+    submitted: int = Field(ge=0)
+    relabeled: int = Field(ge=0)
+    deleted: int = Field(ge=0)
+    served_versions: dict[str, int] = Field(description="submitted images by the version that answered them")
+    records: list[ReviewedRecord]
+
+
+@dataclass(frozen=True)
+class FeedbackLineage:
+    """What a training set owes to reviewed feedback."""
+
+    reviewed_batches: list[str] = field(default_factory=list)
+    reviewed_images: int = 0
+    served_versions: dict[str, int] = field(default_factory=dict)
+    unreadable_ledgers: list[str] = field(default_factory=list)
+
+
+def ledger_location(feedback: str, batch: str) -> str:
+    return join(feedback, REVIEWED, f"{batch}.json")
+
+
+def read_ledger(store: Store, location: str) -> ReviewedBatch:
+    try:
+        return ReviewedBatch.model_validate(store.read_json(location))
+    except IntegrityError as exc:
+        raise FeedbackLedgerError(str(exc)) from None
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise FeedbackLedgerError(f"{location}: not a review ledger ({where}: {problem['msg']})") from None
+
+
+def ledgers(store: Store, feedback: str) -> list[ReviewedBatch]:
+    """Every batch's ledger; a damaged one is an error naming it."""
+    names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))
+    return [read_ledger(store, join(feedback, REVIEWED, name)) for name in names]
+
+
+def feedback_lineage(store: Store, feedback: str, batches: dict[str, str]) -> FeedbackLineage:
+    """The reviewed batches among `batches` (a training set's incoming sources, {name: content sha256}):
+    how many reviewed images they hold, and which served versions answered them. A ledger of a batch's
+    name whose hash differs belongs to another batch of that name, and does not count."""
+    reviewed, images, versions, unreadable = [], 0, Counter(), []
+    for name, sha256 in sorted(batches.items()):
+        location = ledger_location(feedback, name)
+        if not store.exists(location):
+            continue
+        try:
+            ledger = read_ledger(store, location)
+        except FeedbackLedgerError:
+            unreadable.append(name)
+            continue
+        if ledger.batch == name and ledger.sha256 in (None, sha256):
+            reviewed.append(name)
+            images += ledger.submitted
+            versions.update(ledger.served_versions)
+    return FeedbackLineage(reviewed, images, dict(versions), unreadable)
