@@ -255,9 +255,17 @@ def cmd_add_batch(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def known_test_and_train(store: Store, storage: StorageParams) -> KnownImages | None:
-    """The canonical images a batch must not copy, once a run has verified them into the data root."""
-    pinned = (FASHION_MNIST.test_images, FASHION_MNIST.train_images)
-    test, train = (StoredFile(join(storage.data.raw, f.raw_name), f.sha256) for f in pinned)
+    """The canonical images a batch must not copy, once a run has verified them into the data root: the
+    files the champion was trained and tested on (a deployment may pin other files than Fashion-MNIST's),
+    else Fashion-MNIST's own."""
+    registry = Registry(store, storage.registry)
+    hashes = [f.sha256 for f in (FASHION_MNIST.train_images, FASHION_MNIST.test_images)]
+    if champion := registry.champion():
+        canonical = registry.manifest(champion).data.sources.canonical
+        if len(canonical) == 4:  # train images, train labels, test images, test labels
+            hashes = [canonical[0], canonical[2]]
+    names = (FASHION_MNIST.train_images.raw_name, FASHION_MNIST.test_images.raw_name)
+    train, test = (StoredFile(join(storage.data.raw, name), sha256) for name, sha256 in zip(names, hashes, strict=True))
     if not store.exists(test.location):
         print(f"No verified test set in {storage.data.raw} yet: the first run checks the batch for test-set images")
         return None
