@@ -58,7 +58,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve loop-demo bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -71,6 +71,7 @@ help:
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make bench-scale   data stages, memory and an epoch at 1x, 10x and 100x the training set"
 	@echo "make serve   serve the champion over TF Serving's REST ($(SERVE_PORT)) and gRPC ($(SERVE_GRPC_PORT)) APIs on $(SERVE_HOST) (make bench-serve: its load test)"
+	@echo "make loop-demo   the feedback loop step by step: serve with capture, review, submit, the retrain, the new champion served"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
 	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
@@ -178,6 +179,11 @@ bench-storage: install data
 # The prediction server under 16 concurrent clients against a bare model.predict loop (needs a champion: make run).
 bench-serve: install
 	$(PY) bench/serve_load.py --registry $(REGISTRY)
+
+# The closed loop, step by step, on this machine's champion and data (after make run), with make server,
+# make deploy, make worker-cpu and make worker-gpu running: serve with capture, review, submit, retrain.
+loop-demo: install
+	$(SERVER) $(PY) bench/loop_demo.py --registry $(REGISTRY)
 
 # The dnn recipe's epoch and a whole cold run against the tutorial's script, side by side (about 7 minutes).
 bench-train: install data

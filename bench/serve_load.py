@@ -42,9 +42,9 @@ PREDICT = "/v1/models/fashion-mnist:predict"
 def test_images(count: int) -> np.ndarray:
     """Real test images when a run has put them in the data root; else random ones (same cost to serve)."""
     if RAW_TEST_IMAGES.exists():
-        from fmnist.data.idx import read_idx
+        from fmnist.data.idx import IMAGES_MAGIC, read_idx
 
-        return read_idx(RAW_TEST_IMAGES)[:count]
+        return read_idx(RAW_TEST_IMAGES, IMAGES_MAGIC)[:count]
     return np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
 
 

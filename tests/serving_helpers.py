@@ -4,6 +4,7 @@ serving tests: v0001 the champion, v0002 (another seed) registered but kept back
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pyarrow.parquet as pq
 
 from fmnist.data.cache import normalize
 from fmnist.registry.versions import Registry
@@ -71,6 +74,14 @@ def running_server(
 def keras_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
     model = load_verified_model(registry.store, registry.file(version, "model.keras"))
     return model.predict(normalize(images).reshape(images.shape), verbose=0)
+
+
+def captured_and_written(url: str, data_root: Path) -> int:
+    """How many answers the server at `url` captured, once its records in `data_root` hold them all (else 0)."""
+    page = httpx.get(f"{url}/monitoring/prometheus/metrics").text
+    kept = int(float(re.search(r"^fashion_mnist_feedback_captured_total (\S+)$", page, re.M).group(1)))
+    files = (data_root / "feedback" / "records").glob("*.parquet")
+    return kept if kept and sum(pq.read_metadata(f).num_rows for f in files) == kept else 0
 
 
 def image_rows(value) -> list:

@@ -25,7 +25,6 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -39,7 +38,7 @@ from fmnist.storage.layout import StorageParams
 from fmnist.training.supervision import TrainingRunSilent, wait_for_run
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
 from tests.prefect_stack import FINAL_STATES, ROOT, Stack, WebhookReceiver, make, prefect_server, wait_for
-from tests.serving_helpers import PREDICT, running_server
+from tests.serving_helpers import PREDICT, captured_and_written, running_server
 from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
@@ -474,14 +473,9 @@ def test_the_loop_from_served_images_to_a_retrained_champion_served(stack: Stack
                 predicted[chunk] = np.argmax(answer.json()["predictions"], axis=1)
             assert (predicted != truth).any(), "the champion got every image right: nothing for the loop to learn"
 
-            def records_written() -> int:
-                page = httpx.get(f"{server.url}/monitoring/prometheus/metrics").text
-                kept = float(re.search(r"^fashion_mnist_feedback_captured_total (\S+)$", page, re.M).group(1))
-                files = (data_root / "feedback" / "records").glob("*.parquet")
-                rows = sum(pq.read_metadata(f).num_rows for f in files)
-                return int(kept) if kept and rows == kept else 0
-
-            captured = wait_for("the captured records written", records_written, timeout_s=30)
+            captured = wait_for(
+                "the captured records written", lambda: captured_and_written(server.url, data_root), timeout_s=30
+            )
             offered = fashion_mnist(
                 stack, "--registry", registry_root, "review", "--out", str(review), "--data-root", str(data_root)
             )
