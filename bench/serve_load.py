@@ -8,7 +8,7 @@ request as soon as the last is answered, for a fixed time. Prints images/s, p50/
 errors for each cell, then one JSON line. Targets: no errors; under 16 hostile and 16 ordinary
 clients the ordinary clients' p99 under 50 ms and /readyz answered within 1 s.
 
-    .venv/bin/python bench/serve_load.py [--registry artifacts] [--seconds 5]
+    .venv/bin/python bench/serve_load.py [--registry artifacts] [--seconds 5] [--capture-only --capture-rounds 4]
 """
 
 from __future__ import annotations
@@ -283,16 +283,56 @@ def hostile_mix(port: int, ordinary: list[bytes], seconds: float, hostile: int) 
             attack_process.join()
 
 
+def capture_cost(
+    registry: str, ordinary: list[bytes], seconds: float, rounds: int, scratch: Path
+) -> tuple[dict[str, list[dict]], int]:
+    """Feedback capture's cost: 10% of the images kept, side by side with capture off, alternating, each
+    on a fresh server; the runs of each, and the record files capture wrote."""
+    capture = ("--capture-rate", "0.1", "--data-root", str(scratch / "data"))
+    captures: dict[str, list[dict]] = {"capture off": [], "capture at 10%": []}
+    for _ in range(rounds):
+        for name, options in (("capture off", ()), ("capture at 10%", capture)):
+            server = Server(registry, scratch / "serve-capture.log", *options)
+            try:
+                asyncio.run(rest_clients(server.port, ordinary, 16, 1.0))
+                captures[name].append(asyncio.run(ordinary_mix(server.port, ordinary, seconds)))
+            finally:
+                server.stop()
+    return captures, len(list((scratch / "data" / "feedback" / "records").glob("*.parquet")))
+
+
+def print_capture_cost(captures: dict[str, list[dict]], kept: int) -> dict[str, dict]:
+    medians = {}
+    for name, runs in captures.items():
+        mix = {k: round(float(np.median([r[k] for r in runs])), 2) for k in runs[0]}
+        medians[name] = mix
+        print(
+            f"{name + f' (median of {len(runs)})':44}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}"
+            f"{mix['p99_ms']:>9.1f}{mix['errors']:>8.0f}{mix['readyz_max_ms']:>15.1f}"
+        )
+    on, off = medians["capture at 10%"]["images_per_s"], medians["capture off"]["images_per_s"]
+    print(f"Capture wrote {kept} record files; throughput with capture at 10%: {on / off:.2f}x capture off")
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="artifacts")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hostile", type=int, default=16)
+    parser.add_argument("--capture-rounds", type=int, default=2, help="alternations of capture off and on")
+    parser.add_argument("--capture-only", action="store_true", help="measure only what capture costs")
     args = parser.parse_args()
 
     images = test_images(1024)
     ordinary = [http_request(PREDICT, json.dumps({"instances": [i.tolist()]}).encode()) for i in images[:256]]
     logs = tempfile.TemporaryDirectory(prefix="serve-bench-")
+    if args.capture_only:
+        print(f"16 ordinary clients, one image a request, {2 * args.seconds:g} s a run:")
+        captures, kept = capture_cost(args.registry, ordinary, 2 * args.seconds, args.capture_rounds, Path(logs.name))
+        print(json.dumps({"bench": "serve_load", "capture": print_capture_cost(captures, kept)}))
+        logs.cleanup()
+        return
     print(f"{'':32}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     server = Server(args.registry, Path(logs.name) / "serve.log")
     try:
@@ -309,18 +349,7 @@ def main() -> None:
         mixes[name] = hostile_mix(event_loop.port, ordinary, 2 * args.seconds, args.hostile)
     finally:
         event_loop.stop()
-    # Feedback capture's cost: 10% of the images kept, side by side with capture off, alternating.
-    capture = ("--capture-rate", "0.1", "--data-root", str(Path(logs.name) / "data"))
-    captures: dict[str, list[dict]] = {"capture off": [], "capture at 10%": []}
-    for _ in range(2):
-        for name, options in (("capture off", ()), ("capture at 10%", capture)):
-            server = Server(args.registry, Path(logs.name) / "serve-capture.log", *options)
-            try:
-                asyncio.run(rest_clients(server.port, ordinary, 16, 1.0))
-                captures[name].append(asyncio.run(ordinary_mix(server.port, ordinary, 2 * args.seconds)))
-            finally:
-                server.stop()
-    kept = len(list((Path(logs.name) / "data" / "feedback" / "records").glob("*.parquet")))
+    captures, kept = capture_cost(args.registry, ordinary, 2 * args.seconds, args.capture_rounds, Path(logs.name))
     logs.cleanup()
     call = yardstick(args.registry, images, args.seconds)
 
@@ -333,14 +362,7 @@ def main() -> None:
             f"{name:44}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}{mix['p99_ms']:>9.1f}{mix['errors']:>8}"
             f"{mix['readyz_max_ms']:>15.1f}"
         )
-    for name, runs in captures.items():
-        mix = {k: round(float(np.median([r[k] for r in runs])), 2) for k in runs[0]}
-        mixes[name] = mix
-        print(
-            f"{name + ' (median of 2)':44}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}{mix['p99_ms']:>9.1f}"
-            f"{mix['errors']:>8.0f}{mix['readyz_max_ms']:>15.1f}"
-        )
-    print(f"Capture wrote {kept} record files")
+    mixes |= print_capture_cost(captures, kept)
     under_attack = mixes[f"beside {args.hostile} hostile"]
     meets = under_attack["p99_ms"] < TARGET_P99_MS and under_attack["readyz_max_ms"] < TARGET_READY_S * 1000
     verdict = "meets" if meets and not under_attack["errors"] else "misses"

@@ -463,7 +463,16 @@ def test_the_loop_from_served_images_to_a_retrained_champion_served(stack: Stack
     truth = np.concatenate([clean_labels, odd_labels])
     order = np.random.default_rng(62).permutation(len(sent))
     review = stack.tmp / "loop-review"
-    capture = ("--capture-rate", "0.1", "--capture-below", "0.9", "--data-root", str(data_root))
+    capture = (
+        "--capture-rate",
+        "0.1",
+        "--capture-below",
+        "0.9",
+        "--capture-flush-s",
+        "1",
+        "--data-root",
+        str(data_root),
+    )
     try:
         with running_server(registry_root, stack.tmp / "loop-serve.log", stack.env, *capture) as server:
             predicted = np.empty(len(sent), int)

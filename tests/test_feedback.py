@@ -4,6 +4,8 @@ through add-batch's checks, with its lineage; on disk and in a bucket alike."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import shutil
@@ -17,7 +19,15 @@ from PIL import Image
 
 from fmnist.data.feedback import feedback_lineage, ledger_location
 from fmnist.data.incoming import load_batch
-from fmnist.ops.review import INDEX, ReviewError, make_review, reviewed_ids, submit_review, unreviewed
+from fmnist.ops.review import (
+    INDEX,
+    ReviewError,
+    delete_reviewed_records,
+    make_review,
+    reviewed_ids,
+    submit_review,
+    unreviewed,
+)
 from fmnist.registry.manifest import FeedbackRecord, model_card
 from fmnist.serving import capture
 from fmnist.serving.capture import Capture, CaptureOptions
@@ -54,9 +64,55 @@ def test_capture_never_queues_past_its_bound_and_counts_what_it_drops(tmp_path: 
     page = metrics.page().decode()
     assert f'fashion_mnist_feedback_dropped_total{{reason="queue_full"}} {5000.0 - capture.MAX_QUEUED}' in page
     keeper.queue.clear()
-    keeper.files = capture.MAX_FILES
+    keeper.records = capture.MAX_RECORDS
     keeper.offer(images[:3], unsure[:3], "v0001", "stable")
-    assert not keeper.queue and 'reason="files_full"} 3.0' in metrics.page().decode()
+    assert not keeper.queue and 'reason="folder_full"} 3.0' in metrics.page().decode()
+
+
+def test_a_trickle_of_captures_writes_a_file_a_flush_and_a_full_folder_pauses_capture_until_reviewed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted in files, one record every few seconds once filled the folder in hours and stopped capture."""
+    store, feedback = Store(), str(tmp_path / "feedback")
+    metrics = ServingMetrics("fashion-mnist")
+    unsure = np.full((1, 10), 0.1, np.float32)
+
+    def offer(keeper: Capture, count: int) -> None:
+        for i in range(count):
+            image = synthetic_images(np.array([i % 10]), seed=40 + i).astype(np.float32) / 255
+            keeper.offer(image, unsure, "v0001", "stable")
+
+    async def trickle(keeper: Capture, count: int, then=None) -> None:
+        writer = asyncio.create_task(keeper.run())
+        for _ in range(count):
+            offer(keeper, 1)
+            await asyncio.sleep(0.05)
+        if then:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(then)  # a review, while the server runs
+            await asyncio.sleep(0.3)  # a flush cycle: it looks at the folder again
+            offer(keeper, 3)
+            await asyncio.sleep(0.3)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+    asyncio.run(trickle(Capture(store, CaptureOptions(feedback, below=0.5, flush_s=0.4), metrics), 30))
+    names = store.listdir(join(feedback, "records"))
+    assert 2 <= len(names) <= 6  # 30 records over 1.5 s: a file each 0.4 s, not one a record
+    assert sum(capture.records_in(n) for n in names) == 30 == len(unreviewed(store, feedback))
+
+    def review() -> None:
+        out = tmp_path / "review"
+        make_review(store, feedback, out)
+        submit_review(store, feedback, out, join(str(tmp_path), "incoming"), "feedback-t", None)
+        assert delete_reviewed_records(store, feedback) == len(names)  # the room a review makes
+
+    monkeypatch.setattr(capture, "MAX_RECORDS", 30)  # full: a server started now keeps nothing
+    keeper = Capture(store, CaptureOptions(feedback, below=0.5, flush_s=0.2), metrics)
+    asyncio.run(trickle(keeper, 3, then=review))
+    assert 'reason="folder_full"} 3.0' in metrics.page().decode()
+    assert keeper.records == 3 and len(unreviewed(store, feedback)) == 3  # and keeps again after a review
 
 
 def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, store: Store, tmp_path: Path) -> None:
@@ -88,6 +144,8 @@ def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, st
     assert sorted(labels.tolist()) == sorted([0, 3, 7, 1])  # the relabeled image is a sneaker (7) now
     assert unreviewed(store, feedback) == []  # submitted and deleted records are not offered again
     assert len(reviewed_ids(store, feedback)) == 5
+    captured(store, feedback, images[:1], np.array([0]), np.array([0.5]))  # a later file, unreviewed
+    assert delete_reviewed_records(store, feedback) == 1 and len(unreviewed(store, feedback)) == 1
     # The lineage: the batch of that name and content counts; another batch of the same name would not.
     lineage = feedback_lineage(store, feedback, {"feedback-1": batch.sha256, "hand-made": "e" * 64})
     assert (lineage.reviewed_batches, lineage.reviewed_images, lineage.served_versions) == (

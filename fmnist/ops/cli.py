@@ -44,7 +44,7 @@ from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
-from fmnist.ops.review import IMAGES, make_review, submit_review
+from fmnist.ops.review import IMAGES, ReviewError, delete_reviewed_records, make_review, submit_review
 from fmnist.ops.worker import run_worker
 from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
@@ -176,6 +176,7 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
         feedback_root=DataLayout(normalize_location(data_root_of(args))).feedback,
         capture_rate=args.capture_rate,
         capture_below=args.capture_below,
+        capture_flush_s=args.capture_flush_s,
         access_log=args.access_log,
     )
     serve(registry, options)
@@ -310,6 +311,15 @@ def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
         + ", ".join(f"{v} ({n})" for v, n in sorted(ledger.served_versions.items()))
     )
     announce(batch, storage)
+    try:
+        deleted = delete_reviewed_records(registry.store, feedback)
+    except (ReviewError, StorageError) as exc:  # the batch is in; only the clean-up failed
+        print(f"fashion-mnist: could not delete the reviewed record files: {exc}", file=sys.stderr)
+        return
+    print(
+        f"Deleted {deleted} record files of {feedback} whose every record is reviewed "
+        "(the batch holds their images, the ledger their records)"
+    )
 
 
 def cmd_prune_runs(registry: Registry, args: argparse.Namespace) -> None:
@@ -480,6 +490,13 @@ def parser() -> argparse.ArgumentParser:
         type=bounded(float, 0, 1),
         default=defaults.capture_below,
         help="images whose top probability is under this are always kept (default: none)",
+    )
+    serve.add_argument(
+        "--capture-flush-s",
+        type=bounded(float, 1, 3600),
+        default=defaults.capture_flush_s,
+        help="longest a captured image waits for a file's worth before a smaller file is written "
+        "(default: %(default)s s)",
     )
     serve.add_argument(
         "--data-root",

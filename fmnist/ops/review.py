@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
@@ -75,15 +76,20 @@ def reviewed_ids(store: Store, feedback: str) -> set[str]:
 def unreviewed(store: Store, feedback: str) -> list[dict]:
     """The captured records not reviewed yet, lowest confidence first."""
     done = reviewed_ids(store, feedback)
-    names = sorted(n for n in store.listdir(join(feedback, RECORDS)) if n.endswith(".parquet"))[:MAX_RECORD_FILES]
     records = []
-    for name in names:
-        location = join(feedback, RECORDS, name)
-        table = pq.read_table(io.BytesIO(store.read_bytes(location)))
-        if not table.schema.equals(SCHEMA):
-            raise ReviewError(f"{location}: not a feedback record file (its columns are {table.schema.names})")
-        records += [r for r in table.to_pylist() if r["id"] not in done]
+    for name in record_files(store, feedback):
+        records += [r for r in read_records(store, join(feedback, RECORDS, name)) if r["id"] not in done]
     return sorted(records, key=lambda r: (r["confidence"], r["at"], r["id"]))
+
+
+def read_records(store: Store, location: str) -> list[dict]:
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(location)))
+    except pa.ArrowException as exc:
+        raise ReviewError(f"{location}: not a parquet file ({exc}); move it out of the records folder") from None
+    if not table.schema.equals(SCHEMA):
+        raise ReviewError(f"{location}: not a feedback record file (its columns are {table.schema.names})")
+    return table.to_pylist()
 
 
 def make_review(store: Store, feedback: str, out: Path) -> Offered:
@@ -176,6 +182,24 @@ def submit_review(
         raise ReviewError(f"{batch.name} was reviewed already") from None
     shutil.rmtree(folder)
     return batch, ledger
+
+
+def delete_reviewed_records(store: Store, feedback: str) -> int:
+    """Delete the record files whose every record was reviewed: their images are in a batch now, or a
+    reviewer deleted them, and the ledgers keep what they were. This makes room for capture."""
+    done = reviewed_ids(store, feedback)
+    deleted = 0
+    for name in record_files(store, feedback):
+        location = join(feedback, RECORDS, name)
+        if {record["id"] for record in read_records(store, location)} <= done:
+            store.delete(location)
+            deleted += 1
+    return deleted
+
+
+def record_files(store: Store, feedback: str) -> list[str]:
+    """The record files a review reads, oldest first."""
+    return sorted(n for n in store.listdir(join(feedback, RECORDS)) if n.endswith(".parquet"))[:MAX_RECORD_FILES]
 
 
 def added_earlier(store: Store, images: Path, target: str) -> IncomingBatch | None:

@@ -7,8 +7,15 @@ and label that answered, a record id, the request's id and the time. Images are 
 capture rate, and always when the top probability is under the threshold. Records go to
 `<data_root>/feedback/records/` in parquet files of up to RECORDS_PER_FILE, each written whole (a
 temporary file renamed, or one PUT), off the request path: answering only appends to a bounded
-queue; when the queue is full, or the folder holds MAX_FILES files, records are dropped and counted
-(`fashion_mnist_feedback_dropped_total{reason}`), never a request slowed or failed.
+queue; when the queue is full, or the folder holds MAX_RECORDS records or MAX_FILES files, records are
+dropped and counted (`fashion_mnist_feedback_dropped_total{reason}`), never a request slowed or failed.
+
+A partial file is written only when its oldest record has waited `flush_s` (CAPTURE_FLUSH_S unless
+told), so a server that sees little traffic writes one file a minute, not one for every record: counted
+in files alone, a trickle of requests would have filled the folder in hours and stopped capture for
+good. Each file's name carries its record count, so the records already kept are counted at start
+from a listing. Submitting a review deletes the files whose every record was reviewed
+(`fmnist.ops.review`), which makes room again.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -27,13 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmnist.data.dataset import IMAGE_SIZE
+from fmnist.serving.options import CAPTURE_FLUSH_S
 from fmnist.storage import Store, join
 
 MAX_QUEUED = 4096  # records waiting to be written; more are dropped
 RECORDS_PER_FILE = 1024
-FLUSH_S = 5.0  # a partial file is written after this long
-MAX_FILES = 2000  # record files in the feedback folder (about 1 KB an image): then capture stops
+MAX_RECORDS = 2_000_000  # records in the feedback folder (about 1 KB each): then capture pauses
+MAX_FILES = 20_000  # record files in the feedback folder: then capture pauses
 RECORDS = "records"
+RECORD_FILE = re.compile(r"(\d{8}T\d{12})-([0-9a-f]{8})-n(\d{4})\.parquet")
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 SCHEMA = pa.schema(
     [
@@ -56,6 +66,7 @@ class CaptureOptions:
     root: str  # <data_root>/feedback
     rate: float = 0.0  # share of images kept
     below: float = 0.0  # images whose top probability is under this are always kept
+    flush_s: float = CAPTURE_FLUSH_S  # how long a record may wait for a file's worth before a partial file
 
 
 def record_file(data: dict[str, list]) -> bytes:
@@ -74,6 +85,7 @@ class Capture:
         self.queue: deque[tuple] = deque()
         self.wake = asyncio.Event()
         self.files = 0  # record files in the folder (counted at start, then as written)
+        self.records = 0  # records in them
 
     def offer(self, images: np.ndarray, probabilities: np.ndarray, version: str, label: str) -> None:
         """Queue the images to keep of one answered request (float32 in [0, 1]); never blocks."""
@@ -84,8 +96,8 @@ class Capture:
         chosen = np.flatnonzero(keep)
         if not len(chosen):
             return
-        if self.files >= MAX_FILES:
-            self.metrics.feedback_dropped.labels("files_full").inc(len(chosen))
+        if self.full():
+            self.metrics.feedback_dropped.labels("folder_full").inc(len(chosen))
             return
         room = MAX_QUEUED - len(self.queue)
         if len(chosen) > room:
@@ -106,29 +118,53 @@ class Capture:
 
     async def run(self) -> None:
         """Write the queue out, a file at a time, until cancelled (then what is left)."""
-        self.files = len(await asyncio.to_thread(self.store.listdir, self.folder))
+        await self.count()
         try:
             while True:
+                if self.full():  # a review may have made room: look again, once a cycle
+                    await self.count()
+                due_s = self.options.flush_s - (self.waited_s() if self.queue else 0.0)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), FLUSH_S)
+                    await asyncio.wait_for(self.wake.wait(), max(due_s, 0.01))
                 self.wake.clear()
-                while self.queue:
+                while len(self.queue) >= RECORDS_PER_FILE:
+                    await asyncio.to_thread(self.write, self.take())
+                if self.queue and self.waited_s() >= self.options.flush_s:
                     await asyncio.to_thread(self.write, self.take())
         finally:
             while self.queue:
                 self.write(self.take())
 
+    def full(self) -> bool:
+        return self.files >= MAX_FILES or self.records >= MAX_RECORDS
+
+    async def count(self) -> None:
+        """The files and records in the folder, from its listing."""
+        try:
+            names = await asyncio.to_thread(self.store.listdir, self.folder)
+        except Exception as exc:  # storage down: keep the last count, look again next cycle
+            log.warning("could not list %s: %s", self.folder, exc)
+            return
+        self.files, self.records = len(names), sum(records_in(name) for name in names)
+
+    def waited_s(self) -> float:
+        """How long the oldest queued record has waited."""
+        return (datetime.now(UTC) - datetime.fromisoformat(self.queue[0][1])).total_seconds()
+
     def take(self) -> list[tuple]:
         return [self.queue.popleft() for _ in range(min(RECORDS_PER_FILE, len(self.queue)))]
 
     def write(self, records: list[tuple]) -> None:
+        if self.full():  # checked again here: records offered before the folder was counted
+            self.metrics.feedback_dropped.labels("folder_full").inc(len(records))
+            return
         columns = list(zip(*records, strict=True))
         data = {"id": [uuid.uuid4().hex for _ in records]}
         data.update(
             zip(["request", "at", "version", "label", "predicted", "confidence", "image"], columns, strict=True)
         )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        name = f"{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"{stamp}-{uuid.uuid4().hex[:8]}-n{len(records):04d}.parquet"
         try:
             self.store.write_bytes(join(self.folder, name), record_file(data))
         except Exception as exc:  # storage down: these records are lost, serving goes on
@@ -136,3 +172,10 @@ class Capture:
             self.metrics.feedback_dropped.labels("write_failed").inc(len(records))
             return
         self.files += 1
+        self.records += len(records)
+
+
+def records_in(name: str) -> int:
+    """The records a file of the folder holds, by its name; a file not named by capture counts as full."""
+    matched = RECORD_FILE.fullmatch(name)
+    return int(matched.group(3)) if matched else RECORDS_PER_FILE

@@ -104,7 +104,7 @@ class ServingMetrics:
         )
         self.feedback_dropped = Counter(
             "fashion_mnist_feedback_dropped",
-            "Images chosen for capture but not kept: queue_full, files_full, write_failed.",
+            "Images chosen for capture but not kept: queue_full, folder_full, write_failed.",
             ("reason",),
             **self._r,
         )

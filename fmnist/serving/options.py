@@ -9,6 +9,7 @@ MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
 HEADER_S = 5.0  # from a connection's first byte (or its opening) to its request's complete head
 BODY_S = 30.0  # from the head to the body's last byte: 16 MiB at 4.5 Mbit/s
 MAX_BODY_BYTES_IN_FLIGHT = 256 << 20  # all requests' bodies held at once
+CAPTURE_FLUSH_S = 60.0  # a partial file of captured records is written once its oldest has waited this long
 
 
 @dataclass(frozen=True)
@@ -27,4 +28,5 @@ class ServeOptions:
     feedback_root: str | None = None  # <data_root>/feedback: where captured records go
     capture_rate: float = 0.0  # share of answered images kept for review
     capture_below: float = 0.0  # images whose top probability is under this are always kept
+    capture_flush_s: float = CAPTURE_FLUSH_S  # how long a captured record waits for a file's worth
     access_log: bool = False

@@ -57,7 +57,9 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
     models = ServedModels(registry, options.poll_s, metrics, options.canary_share)
     capture = None
     if options.feedback_root and (options.capture_rate or options.capture_below):
-        settings = CaptureOptions(options.feedback_root, options.capture_rate, options.capture_below)
+        settings = CaptureOptions(
+            options.feedback_root, options.capture_rate, options.capture_below, options.capture_flush_s
+        )
         capture = Capture(registry.store, settings, metrics)
     core = PredictionCore(models, metrics, options.shadow_share, capture)
     budget = BodyBudget(options.max_body_bytes_in_flight, metrics.body_bytes.set)
