@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from fmnist.ops.postgres import LocalPostgres
+from tests.helpers import write_mirror
 from tests.processes import free_ports, stop, stop_all, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +99,11 @@ class Stack:
         )
         return sorted(runs, key=lambda r: r["created"])
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """The operator's `fashion-mnist` CLI, against this stack's server."""
+        cli = str(Path(sys.executable).parent / "fashion-mnist")
+        return subprocess.run([cli, *args], env=self.env, capture_output=True, text=True, timeout=120)
+
     def deployment_run(self, deployment: str, **parameters: dict) -> subprocess.Popen:
         """`prefect deployment run --watch` with `--param name=JSON` for each parameter."""
         params = [arg for name, value in parameters.items() for arg in ("--param", f"{name}={json.dumps(value)}")]
@@ -152,6 +158,26 @@ def prefect_server(tmp: Path, database: str = "sqlite") -> Iterator[Stack]:
         stop_all([p for p in stack.processes if p is stack.server])
         if stack.postgres:
             stack.postgres.stop()
+
+
+def small_run_params(mirror: Path) -> dict:
+    """The retrain's parameters for a small generated dataset on a local mirror: one epoch, a low floor."""
+    spec = write_mirror(mirror, train_per_class=50, test_per_class=10)
+    return {
+        "mirrors": [str(mirror)],
+        "dataset": spec.model_dump(),
+        "training": {"epochs": 1},
+        "promotion": {"min_accuracy": 0.5},
+    }
+
+
+def local_storage(stack: Stack, suffix: str = "") -> dict:
+    return {"data_root": str(stack.tmp / f"data{suffix}"), "registry_root": str(stack.tmp / f"artifacts{suffix}")}
+
+
+def start_deployment_run(stack: Stack, params: dict, storage: dict | None = None) -> subprocess.Popen:
+    """`prefect deployment run` of the single-host ad-hoc retrain."""
+    return stack.deployment_run("retrain-fashion-mnist/adhoc", params=params, storage=storage or local_storage(stack))
 
 
 def make(stack: Stack, target: str, **variables: str) -> None:

@@ -8,11 +8,9 @@ Runs send heartbeats every 30 s (Prefect's minimum), so a lost host is found wit
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +24,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from fmnist.data.dataset import CLASS_SLUGS
 from fmnist.data.incoming import add_batch, collect_incoming
 from fmnist.ops import events
 from fmnist.ops.worker import RETRIED_SERVER_ERRORS
@@ -37,8 +33,17 @@ from fmnist.storage import Store
 from fmnist.storage.layout import StorageParams
 from fmnist.training.supervision import TrainingRunSilent, wait_for_run
 from tests.helpers import synthetic_images, write_idx_batch, write_mirror
-from tests.prefect_stack import FINAL_STATES, ROOT, Stack, WebhookReceiver, make, prefect_server, wait_for
-from tests.serving_helpers import PREDICT, captured_and_written, running_server
+from tests.prefect_stack import (
+    ROOT,
+    Stack,
+    WebhookReceiver,
+    local_storage,
+    make,
+    prefect_server,
+    small_run_params,
+    start_deployment_run,
+    wait_for,
+)
 from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
@@ -74,21 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver) ->
 
 @pytest.fixture(scope="module")
 def run_params(stack: Stack) -> dict:
-    spec = write_mirror(stack.tmp / "mirror", train_per_class=50, test_per_class=10)
-    return {
-        "mirrors": [str(stack.tmp / "mirror")],
-        "dataset": spec.model_dump(),
-        "training": {"epochs": 1},
-        "promotion": {"min_accuracy": 0.5},
-    }
-
-
-def local_storage(stack: Stack, suffix: str = "") -> dict:
-    return {"data_root": str(stack.tmp / f"data{suffix}"), "registry_root": str(stack.tmp / f"artifacts{suffix}")}
-
-
-def start_deployment_run(stack: Stack, params: dict, storage: dict | None = None) -> subprocess.Popen:
-    return stack.deployment_run("retrain-fashion-mnist/adhoc", params=params, storage=storage or local_storage(stack))
+    return small_run_params(stack.tmp / "mirror")
 
 
 def deployment_run(stack: Stack, params: dict) -> dict:
@@ -424,139 +415,7 @@ def test_new_batches_start_one_adhoc_run_after_they_stop_arriving(stack: Stack) 
 
 def add_batch_cli(stack: Stack, folder: Path, data_root: Path) -> subprocess.CompletedProcess:
     registry = stack.tmp / "artifacts-batches"
-    return fashion_mnist(stack, "--registry", str(registry), "add-batch", str(folder), "--data-root", str(data_root))
-
-
-def fashion_mnist(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    """The operator's CLI, against this stack's server."""
-    cli = str(Path(sys.executable).parent / "fashion-mnist")
-    return subprocess.run([cli, *args], env=stack.env, capture_output=True, text=True, timeout=120)
-
-
-def shifted_bands(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Images the champion has never seen the like of: each band one row lower than in the training
-    data, half way to the next class's."""
-    images = synthetic_images(labels, seed)
-    return np.roll(images, 1, axis=1)
-
-
-def test_the_loop_from_served_images_to_a_retrained_champion_served(stack: Stack, run_params: dict) -> None:
-    """Issue 26's loop, with real processes: the champion served with capture on; requests, some of them
-    of images it gets wrong; `review`; a person's moves to the true classes; `review --submit`; the
-    trigger's run through the deployment; the gate; the running server switching to the new champion."""
-    storage = local_storage(stack, "-loop")
-    data_root, registry_root = Path(storage["data_root"]), storage["registry_root"]
-    first = stack.finished(start_deployment_run(stack, run_params, storage))
-    assert first["state_type"] == "COMPLETED", first["state"]
-    registry = local_registry(Path(registry_root))
-    assert registry.champion() == "v0001"
-    # The triggered run gets the deployment's parameters and the batch's storage: the operator sets them
-    # as in the UI (these: the small dataset, and a gate any version trained on it passes).
-    adhoc = stack.get("/deployments/name/retrain-fashion-mnist/adhoc")
-    loop_params = {**run_params, "promotion": {"min_accuracy": 0.5, "tolerance": 0.5}}
-    patched = httpx.patch(
-        f"{stack.api}/deployments/{adhoc['id']}", json={"parameters": {**adhoc["parameters"], "params": loop_params}}
-    )
-    assert patched.is_success, patched.text
-    clean_labels, odd_labels = np.arange(200, dtype=np.uint8) % 10, np.arange(100, dtype=np.uint8) % 10
-    sent = np.concatenate([synthetic_images(clean_labels, seed=60), shifted_bands(odd_labels, seed=61)])
-    truth = np.concatenate([clean_labels, odd_labels])
-    order = np.random.default_rng(62).permutation(len(sent))
-    review = stack.tmp / "loop-review"
-    capture = (
-        "--capture-rate",
-        "0.1",
-        "--capture-below",
-        "0.9",
-        "--capture-flush-s",
-        "1",
-        "--data-root",
-        str(data_root),
-    )
-    try:
-        with running_server(registry_root, stack.tmp / "loop-serve.log", stack.env, *capture) as server:
-            predicted = np.empty(len(sent), int)
-            for chunk in np.array_split(order, 120):  # 120 requests of 2 or 3 images
-                answer = httpx.post(f"{server.url}{PREDICT}", json={"instances": sent[chunk].tolist()}, timeout=30)
-                assert answer.status_code == 200, answer.text
-                predicted[chunk] = np.argmax(answer.json()["predictions"], axis=1)
-            assert (predicted != truth).any(), "the champion got every image right: nothing for the loop to learn"
-
-            captured = wait_for(
-                "the captured records written", lambda: captured_and_written(server.url, data_root), timeout_s=30
-            )
-            offered = fashion_mnist(
-                stack, "--registry", registry_root, "review", "--out", str(review), "--data-root", str(data_root)
-            )
-            assert offered.returncode == 0 and f"{captured} captured images" in offered.stdout, offered.stderr
-            # The person: each image to its true class's folder.
-            with open(review / "index.csv", newline="") as index:
-                rows = list(csv.DictReader(index))
-            assert len(rows) == captured
-            moved = 0
-            for row in rows:
-                image = np.array(Image.open(review / row["file"]))
-                [true_label] = {int(truth[i]) for i in np.flatnonzero((sent == image).all(axis=(1, 2)))}
-                if CLASS_SLUGS[true_label] != row["predicted"]:
-                    (review / "images" / CLASS_SLUGS[true_label]).mkdir(exist_ok=True)
-                    shutil.move(review / row["file"], review / "images" / CLASS_SLUGS[true_label])
-                    moved += 1
-            assert moved, "none of the captured images was wrong"
-            submitted_at = time.monotonic()
-            submit = fashion_mnist(
-                stack,
-                "--registry",
-                registry_root,
-                "review",
-                "--submit",
-                "--out",
-                str(review),
-                "--data-root",
-                str(data_root),
-                "--name",
-                "feedback-loop",
-            )
-            assert submit.returncode == 0 and "Announced it" in submit.stdout, submit.stdout + submit.stderr
-            assert f"{captured} reviewed images ({moved} relabeled, 0 deleted)" in submit.stdout
-
-            def triggered_run() -> list[dict]:
-                runs = stack.filter("/flow_runs/filter", {"deployments": {"name": {"any_": ["adhoc"]}}})
-                incoming = str(data_root / "incoming")
-                return [r for r in runs if r["parameters"].get("storage", {}).get("incoming_dir") == incoming]
-
-            [retrain] = wait_for("the retrain the batch triggered", triggered_run, timeout_s=180, every_s=2)
-            assert retrain["created_by"]["type"] == "AUTOMATION"
-            done = wait_for(
-                "the triggered retrain to finish",
-                lambda: (run := stack.get(f"/flow_runs/{retrain['id']}"))["state_type"] in FINAL_STATES and run,
-                timeout_s=400,
-                every_s=2,
-            )
-            assert done["state_type"] == "COMPLETED", done["state"]
-            assert registry.versions() == ["v0001", "v0002"] and registry.champion() == "v0002"
-
-            def serving(version: str) -> bool:
-                status = httpx.get(f"{server.url}/v1/models/fashion-mnist").json()["model_version_status"]
-                return status[0]["version"] == version
-
-            wait_for("the server to serve v0002", lambda: serving("2"), timeout_s=30, every_s=0.2)
-            served_after_s = time.monotonic() - submitted_at
-            answer = httpx.post(f"{server.url}{PREDICT}", json={"instances": sent[:4].tolist()}, timeout=30)
-            assert answer.status_code == 200
-    finally:
-        httpx.patch(f"{stack.api}/deployments/{adhoc['id']}", json={"parameters": adhoc["parameters"]})
-    # The new version knows what it learned from: the reviewed batch, its images, the version that served them.
-    feedback = registry.manifest("v0002").data.feedback
-    assert (feedback.reviewed_batches, feedback.reviewed_images, feedback.served_versions) == (
-        ["feedback-loop"],
-        captured,
-        {"v0001": captured},
-    )
-    card = registry.store.read_bytes(registry.file("v0002", "model_card.md").location).decode()
-    assert f"{captured} of them reviewed feedback from the served versions v0001 ({captured})" in card
-    shown = fashion_mnist(stack, "--registry", registry_root, "show", "v0002")
-    assert json.loads(shown.stdout)["feedback"]["reviewed_images"] == captured
-    print(f"loop: {captured} captured, {moved} relabeled; review --submit to v0002 served in {served_after_s:.0f} s")
+    return stack.cli("--registry", str(registry), "add-batch", str(folder), "--data-root", str(data_root))
 
 
 def test_a_lost_gpu_host_is_detected_and_the_run_completes_by_itself(stack: Stack) -> None:
