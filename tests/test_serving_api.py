@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import tensorflow as tf
+import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -627,6 +628,27 @@ V2_REFUSED = {
         400,
         "unknown output 'logits'",
     ),
+    # each of these was a plain-text 500
+    "outputs that are not a list": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}], "outputs": 5},
+        400,
+        '"outputs" must be a list',
+    ),
+    "an output named by a list": (
+        {
+            "inputs": [{"name": "images", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}],
+            "outputs": [{"name": [1]}],
+        },
+        400,
+        '"outputs" must be a list',
+    ),
+    "a datatype that is an object": (
+        {"inputs": [{"name": "images", "shape": [1, 784], "datatype": {"a": 1}, "data": [0] * 784}]},
+        400,
+        "datatype",
+    ),
+    "an empty body": (b"", 400, "the JSON request is empty"),
+    "a compressed body": (b"\x1f\x8b", 400, "Content-Encoding"),
 }
 
 
@@ -634,7 +656,120 @@ V2_REFUSED = {
 def test_the_open_inference_protocol_refuses_bad_requests(server: RunningServer, case: str) -> None:
     body, status, message = V2_REFUSED[case]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    answer = httpx.post(f"{server.url}/v2/models/fashion-mnist/infer", content=content)
+    headers = {"content-encoding": "gzip"} if content.startswith(b"\x1f\x8b") else {}
+    answer = httpx.post(f"{server.url}/v2/models/fashion-mnist/infer", content=content, headers=headers)
     assert answer.status_code == status and message in answer.json()["error"], answer.text[:300]
     assert httpx.post(f"{server.url}/v2/models/other/infer", content=content).status_code == 404
     assert httpx.get(f"{server.url}/v2/models/fashion-mnist/versions/9").status_code == 404
+
+
+def json_path_probabilities(server: RunningServer, images: np.ndarray) -> np.ndarray:
+    tensor = {"name": "images", "shape": list(images.shape), "datatype": "UINT8", "data": images.ravel().tolist()}
+    answer = httpx.post(f"{server.url}/v2/models/fashion-mnist/infer", json={"inputs": [tensor]})
+    assert answer.status_code == 200, answer.text
+    [output] = answer.json()["outputs"]
+    return np.array(output["data"], np.float32).reshape(output["shape"])
+
+
+def test_tritonclient_speaks_to_the_server_with_binary_tensors(server: RunningServer) -> None:
+    """tritonclient's HTTP client with its defaults: tensors sent as binary data, answers asked for as binary."""
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    server_metadata = client.get_server_metadata()
+    assert set(server_metadata) == {"name", "version", "extensions"} and server_metadata["version"]
+    assert server_metadata["name"] == "fashion-mnist-serve" and server_metadata["extensions"] == ["binary_tensor_data"]
+    assert client.is_model_ready("fashion-mnist") and client.is_model_ready("fashion-mnist", "1")
+    assert not client.is_model_ready("fashion-mnist", "9")
+    metadata = client.get_model_metadata("fashion-mnist", "1")
+    assert metadata["versions"] == ["1"] and metadata["inputs"][0] == {
+        "name": "images",
+        "datatype": "UINT8",
+        "shape": [-1, 28, 28],
+    }
+    expected = json_path_probabilities(server, IMAGES)
+    for datatype, pixels in (("UINT8", IMAGES), ("FP32", (IMAGES / np.float32(255)).astype(np.float32))):
+        tensor = triton.InferInput("images", list(pixels.shape), datatype)
+        tensor.set_data_from_numpy(pixels)
+        for binary_output in (True, False):
+            outputs = [triton.InferRequestedOutput("probabilities", binary_data=binary_output)]
+            result = client.infer("fashion-mnist", [tensor], outputs=outputs, request_id="r-7")
+            [output] = result.get_response()["outputs"]
+            assert ("data" in output) is not binary_output, (datatype, output)
+            assert result.get_response()["id"] == "r-7" and result.get_response()["model_version"] == "1"
+            assert np.abs(result.as_numpy("probabilities") - expected).max() <= 1e-6, (datatype, binary_output)
+        default = client.infer("fashion-mnist", [tensor])  # no outputs named: all of them, as binary
+        assert default.get_response()["outputs"][0]["parameters"] == {"binary_data_size": expected.nbytes}
+        assert np.abs(default.as_numpy("probabilities") - expected).max() <= 1e-6, datatype
+
+
+def binary_request(size, shape: list[int] | None = None, tensor_bytes: bytes | None = None) -> tuple[bytes, int]:
+    """A request for IMAGES (or `tensor_bytes`) as binary data, claiming `size` bytes; and its JSON's length."""
+    tensor = {"name": "images", "shape": shape or [3, 28, 28], "datatype": "UINT8"}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": size}}]}).encode()
+    return header + (IMAGES.tobytes() if tensor_bytes is None else tensor_bytes), len(header)
+
+
+def with_header_length(body_and_length: tuple[bytes, int], length: str | None = None) -> tuple[bytes, str]:
+    body, header_length = body_and_length
+    return body, str(header_length) if length is None else length
+
+
+BINARY_LIES = {
+    "the header length past the body": (
+        with_header_length(binary_request(2352), "100000"),
+        "Inference-Header-Content-Length is 100,000, past the body's end",
+    ),
+    "a negative header length": (with_header_length(binary_request(2352), "-1"), "must be a byte count"),
+    "a header length of 300 digits": (with_header_length(binary_request(2352), "9" * 300), "must be a byte count"),
+    "binary_data_size past the end": (with_header_length(binary_request(2353)), "past the body's end"),
+    "binary_data_size past 64 bits": (with_header_length(binary_request(1 << 62)), "past the body's end"),
+    "binary_data_size not the shape's": (
+        with_header_length(binary_request(784, tensor_bytes=IMAGES[:1].tobytes())),
+        "binary_data_size 784 for shape [3, 28, 28] of UINT8 (2,352 bytes)",
+    ),
+    "a negative binary_data_size": (with_header_length(binary_request(-1)), "got -1"),
+    "a negative image count": (
+        with_header_length(binary_request(2352, shape=[-3, 28, 28])),
+        "expected shape [n, 28, 28] or [n, 784]; got [-3, 28, 28]",
+    ),
+    "bytes no input claims": (
+        with_header_length(binary_request(2352, tensor_bytes=IMAGES.tobytes() + b"\0")),
+        "1 bytes after the input's binary data",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BINARY_LIES, ids=list(BINARY_LIES))
+def test_the_binary_extensions_lies_are_refused(server: RunningServer, case: str) -> None:
+    (body, header_length), message = BINARY_LIES[case]
+    answer = httpx.post(
+        f"{server.url}/v2/models/fashion-mnist/infer",
+        content=body,
+        headers={"inference-header-content-length": header_length, "content-type": "application/octet-stream"},
+    )
+    assert answer.status_code == 400 and answer.headers["content-type"] == "application/json", answer.text[:300]
+    assert message in answer.json()["error"], answer.text[:300]
+
+
+V2_PATHS = {
+    "the server's metadata": ("/v2", 200, None),
+    "a version that is a float": ("/v2/models/fashion-mnist/versions/1e999", 404, "Servable not found"),
+    "a negative version": ("/v2/models/fashion-mnist/versions/-1", 404, "Servable not found"),
+    "a superscript version": ("/v2/models/fashion-mnist/versions/%C2%B2", 404, "Servable not found"),  # was a 500
+    "a version of 300 digits": ("/v2/models/fashion-mnist/versions/" + "9" * 300, 400, "Failed to convert version"),
+    "a version of 5,000 digits": (  # was a 500: int() refuses strings over 4,300 digits
+        "/v2/models/fashion-mnist/versions/" + "9" * 5000 + "/infer",
+        400,
+        "Failed to convert version",
+    ),
+    "a model named in unicode": ("/v2/models/%E2%98%83/ready", 404, "Servable not found"),
+    "no model": ("/v2/models", 404, "no such endpoint"),
+}
+
+
+@pytest.mark.parametrize("case", V2_PATHS, ids=list(V2_PATHS))
+def test_open_inference_paths_answer_json(server: RunningServer, case: str) -> None:
+    path, status, message = V2_PATHS[case]
+    answer = httpx.get(f"{server.url}{path}")
+    assert answer.status_code == status and answer.headers["content-type"] == "application/json", answer.text[:300]
+    assert message is None or message in answer.json()["error"], answer.text[:300]

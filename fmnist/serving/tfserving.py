@@ -37,10 +37,10 @@ def requested(name: str, version: str | None, label: str | None) -> tuple[int | 
         asked = f"Specific({name[:64]}, {version})" if version else f"Latest({name[:64]})"
         raise NotFound(f"Servable not found for request: {asked}")
     if version is not None:
-        number = int(version)
-        if number > MAX_VERSION:
+        # Longer than any int64, it is refused before int() reads it (past 4,300 digits int() raises).
+        if len(version) > len(str(MAX_VERSION)) or int(version) > MAX_VERSION:
             raise BadRequest(f"Failed to convert version: {version[:32]} to numeric.")
-        return number, None
+        return int(version), None
     return None, label
 
 
