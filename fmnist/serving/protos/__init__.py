@@ -1,0 +1,1 @@
+"""Protocol buffer definitions the server speaks, with their generated modules (see each .proto for how)."""
