@@ -45,11 +45,13 @@ from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
 from fmnist.ops.review import IMAGES, ReviewError, delete_reviewed_records, make_review, submit_review
+from fmnist.ops.temporary_server import free_port
 from fmnist.ops.worker import run_worker
 from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.retention import RetentionParams, prune_runs
 from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
+from fmnist.serving.edge import EdgeLimits, EdgePlan, behind_edge, nginx_config, worker_user
 from fmnist.serving.options import ServeOptions
 from fmnist.storage import StorageError, Store, StoredFile, join
 from fmnist.storage import normalize as normalize_location
@@ -58,6 +60,7 @@ from fmnist.training.export import SERVING_VERSION, export_saved_model
 from fmnist.training.model import load_verified_model
 
 DEFAULT_REGISTRY = "artifacts"
+EDGE_PREFIX = Path("/run/fmnist-edge")  # where the printed edge configuration keeps nginx's temporary files
 PROJECT_FILE = "prefect.yaml"  # how add-batch knows it runs in the project folder, whose data/ the deployments use
 
 
@@ -179,7 +182,11 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
         capture_flush_s=args.capture_flush_s,
         access_log=args.access_log,
     )
-    serve(registry, options)
+    edge = EdgePlan(EdgeLimits.of(options), free_port(), free_port())
+    if args.print_edge_config:
+        print(nginx_config(behind_edge(options, edge)[1], EDGE_PREFIX, edge.limits, worker_user()))
+        return
+    serve(registry, options, edge if args.edge else None)
 
 
 def cmd_label(registry: Registry, args: argparse.Namespace) -> None:
@@ -504,6 +511,14 @@ def parser() -> argparse.ArgumentParser:
         help="where captured feedback goes, under feedback/ (default: FMNIST_DATA_ROOT, or data/)",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--edge",
+        action="store_true",
+        help="put nginx in front (the host and ports above become its; the server listens behind it on loopback)",
+    )
+    serve.add_argument(
+        "--print-edge-config", action="store_true", help="print the edge's nginx configuration for these options; exit"
+    )
     serve.set_defaults(run=cmd_serve)
     label = commands.add_parser("label", help="serve a version under a label beside the champion (canary)")
     label.add_argument("label", help="canary, or another name (stable is the champion's)")

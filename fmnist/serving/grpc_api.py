@@ -1,147 +1,179 @@
 """TF Serving's gRPC API (tensorflow-serving-api): PredictionService's Predict and GetModelMetadata,
 and ModelService's GetModelStatus, on their own port (8500, TF Serving's), in the REST server's event
-loop, sharing its models and batcher. Classify, Regress, MultiInference and HandleReloadConfigRequest
-answer UNIMPLEMENTED, as the generated base classes do.
+loop, sharing its models and batcher; beside them `grpc.health.v1.Health` (what a Kubernetes gRPC probe
+asks) and server reflection (what grpcurl lists services with). Classify, Regress, MultiInference and
+HandleReloadConfigRequest answer UNIMPLEMENTED.
 
 Predict takes the signature's input `images`: uint8 raw pixels (the export's dtype) or float32 already
 in [0, 1], shaped (n, 28, 28) or (n, 784); it answers `probabilities`, float32 (n, 10).
+
+Every method is registered to take its request as raw bytes (a unary call is a stream of one message on
+the wire), so that gRPC keeps REST's guards: the call waits for its message under the body deadline and
+may be cut off to make room, its bytes are taken from the one byte budget as they arrive, and a big
+message is parsed in the body parsers' worker processes, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from fmnist.data.dataset import IMAGE_SIZE
+from fmnist.registry.labels import STABLE
 from fmnist.serving import tfserving
-from fmnist.serving.errors import BadRequest, ServingError
-from fmnist.serving.payloads import MAX_INSTANCES, PIXELS, scaled_pixels
+from fmnist.serving.errors import BadRequest, ServingError, TooSlow
+from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, Spec, metadata_call, predict_call, status_call
+from fmnist.serving.guard import BodyBudget, Claim
+from fmnist.serving.kserve_grpc import INFERENCE_SERVICE, kserve_handlers
 from fmnist.serving.service import PredictionCore
-from fmnist.training.export import INPUT, OUTPUT, SIGNATURE
+from fmnist.serving.workers import BodyParsers
+from fmnist.training.export import OUTPUT, SIGNATURE
 
-MAX_MESSAGE_BYTES = 8 << 20  # 1,024 float32 images are 3.2 MB
-DTYPES = {4: np.uint8, 1: np.float32}  # DT_UINT8, DT_FLOAT
+MAX_STREAMS_PER_CONNECTION = 16  # gRPC's default is unbounded (2^32)
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
-def spec_choice(spec) -> tuple[int | None, str | None]:
+def spec_choice(spec: Spec) -> tuple[int | None, str | None]:
     """The version or label a request's ModelSpec names, checked as TF Serving checks it."""
-    version = str(spec.version.value) if spec.HasField("version") else None
-    label = spec.version_label if spec.HasField("version_label") else None
-    return tfserving.requested(spec.name, version, label)
+    if spec.signature not in ("", SIGNATURE):
+        raise BadRequest(f'Serving signature name: "{spec.signature[:100]}" not found in signature def')
+    return tfserving.requested(spec.name, spec.version, spec.label)
 
 
-def check_signature(name: str) -> None:
-    if name not in ("", SIGNATURE):
-        raise BadRequest(f'Serving signature name: "{name[:100]}" not found in signature def')
+def probabilities_tensor(probabilities: np.ndarray) -> tensor_pb2.TensorProto:
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in probabilities.shape]
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
+        tensor_content=probabilities.astype("<f4").tobytes(),
+    )
 
 
-def images_of(request: predict_pb2.PredictRequest) -> np.ndarray:
-    """The request's `images` tensor as float32 (n, 28, 28) in [0, 1], every claim of it checked
-    before a byte is allocated (a TensorProto may claim a shape its values do not fill)."""
-    names = set(request.inputs)
-    if names != {INPUT}:
-        unknown = ", ".join(sorted(names - {INPUT})[:4]) or f"none (missing {INPUT})"
-        raise BadRequest(
-            f"input tensor alias not found in signature: {unknown}. Inputs expected to be in the set {{{INPUT}}}."
-        )
-    if unknown := set(request.output_filter) - {OUTPUT}:
-        raise BadRequest(f"output tensor alias not found in signature: {', '.join(sorted(unknown)[:4])}")
-    tensor = request.inputs[INPUT]
-    dtype = DTYPES.get(tensor.dtype)
-    if dtype is None:
-        raise BadRequest(f"{INPUT}: expects uint8 (raw pixels) or float (in [0, 1]); got dtype enum {tensor.dtype}")
-    dims = [d.size for d in tensor.tensor_shape.dim]
-    if len(dims) not in (2, 3) or dims[1:] not in ([IMAGE_SIZE, IMAGE_SIZE], [PIXELS]) or dims[0] < 1:
-        raise BadRequest(f"{INPUT}: expected shape [n, 28, 28] or [n, 784]; got {dims[:4]}")
-    if dims[0] > MAX_INSTANCES:
-        raise BadRequest(f"{dims[0]:,} images; at most {MAX_INSTANCES:,} in one request")
-    count = dims[0] * PIXELS
-    if tensor.tensor_content:
-        if len(tensor.tensor_content) != count * np.dtype(dtype).itemsize:
-            raise BadRequest(f"{INPUT}: {len(tensor.tensor_content):,} bytes of content for shape {dims}")
-        pixels = np.frombuffer(tensor.tensor_content, dtype)
-    else:
-        values = tensor.int_val if dtype is np.uint8 else tensor.float_val
-        if len(values) != count:
-            raise BadRequest(f"{INPUT}: {len(values):,} values for shape {dims} ({count:,})")
-        pixels = np.array(values, np.int64 if dtype is np.uint8 else np.float32)
-        if dtype is np.uint8:
-            if pixels.min() < 0 or pixels.max() > 255:
-                raise BadRequest(f"{INPUT}: uint8 values must be 0..255")
-            pixels = pixels.astype(np.uint8)
-    return scaled_pixels(pixels.reshape(dims[0], IMAGE_SIZE, IMAGE_SIZE), INPUT)
+class GrpcDoor:
+    """What every method shares: its message received under the guards, parsed off the loop when big,
+    and its answer or refusal counted."""
 
+    def __init__(self, core: PredictionCore, budget: BodyBudget, parsers: BodyParsers, body_s: float) -> None:
+        self.core, self.budget, self.parsers, self.body_s = core, budget, parsers, body_s
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: PredictionCore) -> None:
-        self.core = core
+    async def message(self, requests, claim: Claim) -> bytes:
+        self.budget.await_message(claim)
+        try:
+            async with asyncio.timeout(self.body_s):
+                message = await anext(requests, None)
+        except TimeoutError:
+            raise TooSlow(f"the request message was not in within {self.body_s:g} s") from None
+        except asyncio.CancelledError:
+            claim.raise_if_cut_off()
+            raise
+        if message is None:
+            raise BadRequest("the call ended without a request message")
+        claim.take(len(message))
+        claim.arrived()
+        return message
 
-    async def Predict(self, request, context):
-        import tensorflow as tf
+    def method(self, api: str, parse, answer, response_type) -> grpc.RpcMethodHandler:
+        """A method handler: the raw request `parse`d (off the loop when big), then `answer`ed, counted as `api`."""
 
-        async def answer():
-            check_signature(request.model_spec.signature_name)
-            version, label = spec_choice(request.model_spec)
-            result = await self.core.predict(images_of(request), version, label)
-            response = predict_pb2.PredictResponse(model_spec=tfserving.model_spec(result.served))
-            response.outputs[OUTPUT].CopyFrom(tf.make_tensor_proto(result.probabilities))
+        async def handle(requests, context):
+            started = time.perf_counter()
+            try:
+                with self.budget.claim() as claim:
+                    response = await answer(await self.parsers.run(parse, await self.message(requests, claim)))
+            except ServingError as exc:
+                self.core.metrics.refusals.labels(exc.reason).inc()
+                self.core.metrics.answered(exc.code, api, "GRPC", time.perf_counter() - started)
+                await context.abort(grpc.StatusCode[exc.code], str(exc))
+            self.core.metrics.answered("OK", api, "GRPC", time.perf_counter() - started)
             return response
 
-        return await grpc_call(self.core, answer, context, "predict")
-
-    async def GetModelMetadata(self, request, context):
-        async def answer():
-            if unknown := set(request.metadata_field) - {"signature_def"}:
-                raise BadRequest(f"Metadata field {sorted(unknown)[0][:64]} is not supported")
-            if not request.metadata_field:
-                raise BadRequest("GetModelMetadataRequest must specify at least one metadata_field")
-            version, label = spec_choice(request.model_spec)
-            return tfserving.metadata_response(self.core.models.resolve(version, label))
-
-        return await grpc_call(self.core, answer, context, "GetModelMetadata")
+        return grpc.stream_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, core: PredictionCore) -> None:
-        self.core = core
+def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
+    models = door.core.models
 
-    async def GetModelStatus(self, request, context):
-        async def answer():
-            version, label = spec_choice(request.model_spec)
-            models = self.core.models
-            if version is None and label is None:
-                served = models.served()
-                return tfserving.status_response(served, models.problems.get("stable"))
-            return tfserving.status_response([models.resolve(version, label)])
+    async def predict(call) -> predict_pb2.PredictResponse:
+        version, label = spec_choice(call.spec)
+        result = await door.core.predict(call.images, version, label)
+        response = predict_pb2.PredictResponse(model_spec=tfserving.model_spec(result.served))
+        response.outputs[OUTPUT].CopyFrom(probabilities_tensor(result.probabilities))
+        return response
 
-        return await grpc_call(self.core, answer, context, "GetModelStatus")
+    async def metadata(call) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        spec, fields = call
+        if unknown := set(fields) - {"signature_def"}:
+            raise BadRequest(f"Metadata field {sorted(unknown)[0]} is not supported")
+        if not fields:
+            raise BadRequest("GetModelMetadataRequest must specify at least one metadata_field")
+        return tfserving.metadata_response(models.resolve(*tfserving.requested(spec.name, spec.version, spec.label)))
+
+    async def status(spec: Spec) -> get_model_status_pb2.GetModelStatusResponse:
+        version, label = tfserving.requested(spec.name, spec.version, spec.label)
+        if version is None and label is None:
+            return tfserving.status_response(models.served(), models.problems.get(STABLE))
+        return tfserving.status_response([models.resolve(version, label)])
+
+    metadata_response = get_model_metadata_pb2.GetModelMetadataResponse
+    prediction = {
+        "Predict": door.method("predict", predict_call, predict, predict_pb2.PredictResponse),
+        "GetModelMetadata": door.method("GetModelMetadata", metadata_call, metadata, metadata_response),
+    }
+    status_response = get_model_status_pb2.GetModelStatusResponse
+    model = {"GetModelStatus": door.method("GetModelStatus", status_call, status, status_response)}
+    return [
+        grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
+        grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
+    ]
 
 
-async def grpc_call(core: PredictionCore, answer, context, api: str):
-    started = time.perf_counter()
-    try:
-        response = await answer()
-    except ServingError as exc:
-        core.metrics.refusals.labels(exc.reason).inc()
-        core.metrics.answered(exc.code, api, "GRPC", time.perf_counter() - started)
-        await context.abort(grpc.StatusCode[exc.code], str(exc))
-    core.metrics.answered("OK", api, "GRPC", time.perf_counter() - started)
-    return response
+class Health:
+    """`grpc.health.v1.Health`: SERVING while the server is ready (a verified champion, parsers alive)."""
+
+    def __init__(self, ready) -> None:
+        self.ready = ready
+        self.servicer = health.aio.HealthServicer()
+
+    async def follow(self, every_s: float = 1.0) -> None:
+        while True:
+            serving = health_pb2.HealthCheckResponse.SERVING
+            status = serving if self.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+                await self.servicer.set(service, status)
+            await asyncio.sleep(every_s)
 
 
-def grpc_server(core: PredictionCore, host: str, port: int, max_rpcs: int) -> grpc.aio.Server:
-    """The gRPC server, bound (start it in the event loop that serves REST)."""
-    options = [
+def grpc_server(door: GrpcDoor, checks: Health, address: str, options) -> grpc.aio.Server:
+    """The gRPC server, bound to `address` (start it in the event loop that serves REST). gRPC core's own
+    limits match REST's: a connection must finish its handshake within the head deadline, an idle one is
+    closed, none lives for ever, and each carries a bounded number of streams."""
+    core_options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.server_handshake_timeout_ms", int(options.header_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(options.idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(options.connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(options.body_s * 1000)),
         ("grpc.so_reuseport", 0),  # a port taken by another process is an error, not shared
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    # No cap on calls at once: gRPC counts a call from its headers, so a cap let calls that never send
+    # their message refuse everyone. Calls waiting for their message are bounded by the byte budget
+    # (`BodyBudget.await_message`), the rest by the streams a connection may carry.
+    server = grpc.aio.server(options=core_options)
+    server.add_generic_rpc_handlers(tf_serving_handlers(door))
+    server.add_generic_rpc_handlers(kserve_handlers(door))
+    health_pb2_grpc.add_HealthServicer_to_server(checks.servicer, server)
+    services = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
     return server

@@ -1,19 +1,22 @@
-"""What keeps one client from locking the others out: deadlines on connections and bodies, and a
-budget on the bytes of bodies the server holds at once.
+"""What keeps one client from locking the others out: deadlines on connections and bodies, and one
+budget on the bytes of bodies the server holds at once, for REST and gRPC alike.
 
 uvicorn times out a connection only between requests (its keep-alive); a connection that never sends
 a complete request head, or that drips a body, is held for ever, and 256 such were enough to refuse
 every other client. `GuardedH11Protocol` gives each request head `header_s` from its first byte (or
 from the connection's opening), closes a connection whose client had not finished its request when
 the answer went out (uvicorn would otherwise keep reading what it drips), and at the connection limit
-closes the longest-open connections that are waiting for a request, to make room. The body deadline and
-the byte budget are kept by `read_body`, which every handler reads its body through.
+closes the connections that have waited longest on their clients (silent, or holding a body) to make
+room. The body deadline is kept by `read_body`, which every REST handler reads its body through, and
+the byte budget by `BodyBudget`: bytes are counted as they arrive, and a request still waiting on its
+client gives its place to one that sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -26,25 +29,32 @@ def guarded_protocol(header_s: float) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         header_deadline: asyncio.TimerHandle | None = None
-        opened_at = 0.0
+        waiting_since = 0.0  # since the connection opened, or since its last request began
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.opened_at = self.loop.time()
+            self.waiting_since = self.loop.time()
             self._arm()
             if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
                 self._make_room()
 
-        def _waiting(self) -> bool:
-            """No request in progress: between requests, or its head not in yet."""
-            return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+        def _waiting_on_client(self) -> bool:
+            """Waiting for its client: between requests, its head not in yet, or its body still arriving
+            with no answer begun."""
+            if self.transport.is_closing():
+                return False
+            if self.cycle is None or self.cycle.response_complete:
+                return True
+            return not self.cycle.response_started and self.conn.their_state == h11.SEND_BODY
 
         def _make_room(self) -> None:
-            """At the connection limit, close the longest-open connections that are waiting for a request
-            head, so that connections opened and left silent cannot refuse everyone else."""
-            waiting = sorted((c for c in self.connections if c is not self and c._waiting()), key=lambda c: c.opened_at)
+            """At the connection limit, close the connections that have waited longest on their clients
+            (silent, a head dripped, a body held), so that such connections cannot refuse everyone else."""
+            waiting = sorted(
+                (c for c in self.connections if c is not self and c._waiting_on_client()), key=lambda c: c.waiting_since
+            )
             for connection in waiting[: len(self.connections) - self.limit_concurrency + 1]:
-                connection._close_with_408("the server is at its connection limit and this one sent no request")
+                connection._close_with_408("the server is at its connection limit and this one kept it waiting")
                 self.connections.discard(connection)
 
         def _arm(self) -> None:
@@ -72,8 +82,9 @@ def guarded_protocol(header_s: float) -> type[H11Protocol]:
             if between_requests and self.header_deadline is None:
                 self._arm()
             super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
+            if between_requests and self.cycle is not None and not self.cycle.response_complete:
                 self._disarm()  # its head is in; the body has its own deadline
+                self.waiting_since = self.loop.time()
 
         def on_response_complete(self) -> None:
             if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) and not self.transport.is_closing():
@@ -90,24 +101,99 @@ def guarded_protocol(header_s: float) -> type[H11Protocol]:
     return GuardedH11Protocol
 
 
-class BodyBudget:
-    """The bytes of request bodies the server holds at once, across requests."""
+class Claim:
+    """One request's share of the byte budget: the bytes of its body that have arrived. While its body is
+    still arriving the request waits on its client, and may be cut off to make room for another."""
 
-    def __init__(self, limit: int, on_change=None) -> None:
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self.arriving = True
+        self.since = time.monotonic()
+        self.task = asyncio.current_task()
+        self.cut_off: str | None = None  # why it was cut off to make room, once it was
+
+    def take(self, size: int) -> None:
+        self.budget.take(self, size)
+
+    def arrived(self) -> None:
+        """Its body is in: it is being answered, and is no longer cut off to make room."""
+        self.arriving = False
+        self.budget.awaiting.pop(self, None)
+
+    def raise_if_cut_off(self) -> None:
+        """Turn the cancellation `BodyBudget` used to cut this claim's request off into a 408 (called from
+        the request's own task, in its `except CancelledError`)."""
+        if self.cut_off is None:
+            return
+        if self.task is not None:
+            self.task.uncancel()
+        raise TooSlow(f"{self.cut_off}; the connection is closed")
+
+    def __enter__(self) -> Claim:
+        self.budget.claims.add(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.budget.release(self)
+
+
+class BodyBudget:
+    """The bytes of request bodies the server holds at once, across requests and protocols, counted as
+    they arrive (a declared Content-Length or message size takes nothing).
+
+    When a request's next bytes would pass the budget, the requests still waiting on their clients are cut
+    off to make room, the longest waiting first: a client that holds bodies almost complete, or drips them,
+    loses its place to the one that sends. Only when every byte held belongs to a body already in (real
+    load) is the request refused (429)."""
+
+    def __init__(self, limit: int, largest_message: int, on_change=None) -> None:
         self.limit = limit
         self.held = 0
         self.on_change = on_change  # called with the bytes held after each change
+        self.claims: set[Claim] = set()
+        # gRPC core holds a call's message until it is whole, where the budget cannot count it: so at most
+        # this many calls wait for their message at once. Each holds up to the largest message accepted,
+        # in pieces and then joined: twice its size (40 held calls grew the process by 100 MiB, not 40).
+        self.max_awaiting = max(limit // (2 * largest_message), 1)
+        self.awaiting: dict[Claim, None] = {}  # in the order they began waiting
 
-    def take(self, size: int) -> None:
-        if self.held + size > self.limit:
-            raise Busy(
-                f"the server holds {self.held:,} bytes of request bodies, near its budget of {self.limit:,}; "
-                "try again shortly"
-            )
+    def claim(self) -> Claim:
+        return Claim(self)
+
+    def take(self, claim: Claim, size: int) -> None:
+        while self.held + size > self.limit:
+            waiting = [c for c in self.claims if c.arriving and c is not claim and c.cut_off is None and c.bytes]
+            if not waiting:
+                raise Busy(
+                    f"the server holds {self.held:,} bytes of request bodies being answered, near its budget of "
+                    f"{self.limit:,}; try again shortly"
+                )
+            self.cut_off(min(waiting, key=lambda c: c.since), "cut off to make room: the server's byte budget is full")
+        claim.bytes += size
         self._set(self.held + size)
 
-    def give(self, size: int) -> None:
-        self._set(self.held - size)
+    def await_message(self, claim: Claim) -> None:
+        """`claim`'s gRPC call waits for its message: beyond `max_awaiting` such calls, the one that has
+        waited longest is cut off."""
+        while len(self.awaiting) >= self.max_awaiting:  # (a claim leaves `awaiting` when released or arrived)
+            oldest = next(iter(self.awaiting))
+            self.cut_off(oldest, "cut off to make room: too many calls are waiting for their message")
+        self.awaiting[claim] = None
+
+    def cut_off(self, claim: Claim, why: str) -> None:
+        """Stop waiting for `claim`'s client: its bytes are given back now, its request ends with a 408."""
+        claim.cut_off = why
+        self.release(claim)
+        if claim.task is not None:
+            claim.task.cancel()
+
+    def release(self, claim: Claim) -> None:
+        self.claims.discard(claim)
+        self.awaiting.pop(claim, None)
+        if claim.bytes:
+            self._set(self.held - claim.bytes)
+            claim.bytes = 0
 
     def _set(self, held: int) -> None:
         self.held = held
@@ -115,16 +201,12 @@ class BodyBudget:
             self.on_change(held)
 
 
-async def read_body(receive, headers, limit: int, budget: BodyBudget, deadline_s: float, held: list[int]) -> bytes:
-    """A request's body, refused as soon as it passes `limit` bytes (413), takes longer than
-    `deadline_s` (408) or would take the server past its budget (429). Each byte read is taken from
-    `budget`, and added to `held[0]`, which the caller gives back when the request is answered."""
+async def read_body(receive, headers, limit: int, claim: Claim, deadline_s: float) -> bytes:
+    """A request's body, refused as soon as it passes `limit` bytes (413) or takes longer than
+    `deadline_s` (408). Each byte is taken from the budget as it arrives (`claim`), never as declared."""
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
-    if declared.isdigit():
-        budget.take(int(declared))  # all of it up front: a held upload cannot grow past the budget
-        held[0] += int(declared)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(deadline_s):
@@ -136,12 +218,14 @@ async def read_body(receive, headers, limit: int, budget: BodyBudget, deadline_s
                 size += len(chunk)
                 if size > limit:
                     raise TooLarge(f"the body is over {limit:,} bytes, the most accepted")
-                if size > held[0]:
-                    budget.take(size - held[0])
-                    held[0] = size
+                claim.take(len(chunk))
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
         raise TooSlow(f"the body was not in within {deadline_s:g} s ({size:,} bytes came)") from None
+    except asyncio.CancelledError:
+        claim.raise_if_cut_off()
+        raise
+    claim.arrived()
     return b"".join(chunks)

@@ -10,6 +10,7 @@ fails. A model that does not verify is never served: the label keeps what it had
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 from collections.abc import Callable
@@ -61,6 +62,15 @@ def load_model(registry: Registry, record: dict) -> tuple[Callable[[np.ndarray],
 
     predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32))  # traced before it serves
     return predict, stored.sha256
+
+
+def refreeze() -> None:
+    """Keep the loaded models out of the garbage collector's walks. A full collection walked every object
+    of the models served, stalling the event loop about 200 ms every 1.2 s at 64 clients (p99 215 ms);
+    frozen, they are skipped. Unfrozen first, so that a retired model's cycles are collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ServedModels:
@@ -149,6 +159,8 @@ class ServedModels:
             for served in before:
                 if id(served) not in serving:
                     served.batcher.retire()  # it stops once the requests that chose it are answered
+            if serving != {id(s) for s in before}:
+                refreeze()
             await asyncio.sleep(self.poll_s)
 
     def served(self) -> list[Served]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
 HEADER_S = 5.0  # from a connection's first byte (or its opening) to its request's complete head
 BODY_S = 30.0  # from the head to the body's last byte: 16 MiB at 4.5 Mbit/s
+IDLE_S = 60.0  # a gRPC connection with no call open is closed after this
+CONNECTION_AGE_S = 600.0  # a gRPC connection is asked to go away after this (its calls get BODY_S to finish)
 MAX_BODY_BYTES_IN_FLIGHT = 256 << 20  # all requests' bodies held at once
 CAPTURE_FLUSH_S = 60.0  # a partial file of captured records is written once its oldest has waited this long
 
@@ -21,6 +23,8 @@ class ServeOptions:
     max_connections: int = MAX_CONNECTIONS
     header_s: float = HEADER_S
     body_s: float = BODY_S
+    idle_s: float = IDLE_S
+    connection_age_s: float = CONNECTION_AGE_S
     max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT
     parse_workers: int = 2  # processes that parse big bodies; 0: on the event loop
     canary_share: float = 0.0  # of requests that name no version or label, answered by the canary

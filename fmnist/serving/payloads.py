@@ -15,10 +15,6 @@ in [0, 1] (what `pixel / 255` gives). Booleans, null, strings and objects are no
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,38 +221,3 @@ def _text(value: bytes | str | None) -> str:
 
 
 MAX_UPLOAD_BYTES = MAX_FILES * (MAX_PNG_BYTES + 4096)
-
-
-def _ready() -> bool:
-    return True
-
-
-class BodyParsers:
-    """Worker processes that parse big bodies, so the event loop only moves bytes.
-
-    A body up to INLINE_BYTES (a few images) is parsed where it is: shipping it costs more than parsing it.
-    """
-
-    def __init__(self, workers: int) -> None:
-        # spawn, not fork: the server process holds TensorFlow's threads, which a fork does not carry.
-        context = multiprocessing.get_context("spawn")
-        self.workers = workers
-        # At a lower priority than the server's own process: on a machine with few cores, parsing a
-        # hostile client's big bodies must not take the CPU from the event loop and the model calls.
-        self.pool = None
-        if workers:
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=os.nice, initargs=(10,))
-
-    async def start(self) -> None:
-        if self.pool:  # each worker imports numpy and this module once, before the first request waits on it
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self.pool, _ready) for _ in range(self.workers)))
-
-    async def run(self, parse, body: bytes, *args):
-        if self.pool is None or len(body) <= INLINE_BYTES:
-            return parse(body, *args)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body, *args)
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import shutil
+import tempfile
+import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -38,14 +43,18 @@ from fmnist.registry.labels import STABLE
 from fmnist.registry.versions import Registry
 from fmnist.serving import kserve, tfserving
 from fmnist.serving.capture import Capture, CaptureOptions
-from fmnist.serving.errors import BadRequest, NotFound, ServingError
-from fmnist.serving.guard import BodyBudget, guarded_protocol, read_body
+from fmnist.serving.edge import Edge, EdgePlan, behind_edge
+from fmnist.serving.errors import BadRequest, NotFound, NotReady, ServingError
+from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, MESSAGES, descriptor_files
+from fmnist.serving.guard import BodyBudget, Claim, guarded_protocol, read_body
+from fmnist.serving.log_limits import RepeatLimiter, limit_repeats, nginx_kind
 from fmnist.serving.metrics import PATH as METRICS_PATH
 from fmnist.serving.metrics import ServingMetrics
 from fmnist.serving.models import MODEL_NAME, ServedModels
 from fmnist.serving.options import ServeOptions
-from fmnist.serving.payloads import MAX_UPLOAD_BYTES, BodyParsers, parse_pngs, parse_predict
+from fmnist.serving.payloads import MAX_UPLOAD_BYTES, parse_pngs, parse_predict
 from fmnist.serving.service import PredictionCore
+from fmnist.serving.workers import BodyParsers
 
 MAX_JSON_BYTES = 16 << 20  # 1,024 images as JSON floats take about 9 MB
 
@@ -62,23 +71,31 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
         )
         capture = Capture(registry.store, settings, metrics)
     core = PredictionCore(models, metrics, options.shadow_share, capture)
-    budget = BodyBudget(options.max_body_bytes_in_flight, metrics.body_bytes.set)
-    parsers = BodyParsers(options.parse_workers)
+    budget = BodyBudget(options.max_body_bytes_in_flight, MAX_MESSAGE_BYTES, metrics.body_bytes.set)
+    if options.grpc_port is not None:
+        from fmnist.serving import grpc_api  # (registers the gRPC messages the parsers are told of)
+    parsers = BodyParsers(options.parse_workers, descriptor_files(*MESSAGES) if options.grpc_port is not None else [])
+
+    def serving_ready() -> bool:
+        return STABLE in models.by_label and parsers.ready()
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         following = asyncio.create_task(models.follow())
         capturing = asyncio.create_task(capture.run()) if capture else None
         await parsers.start()
-        grpc = None
+        grpc, checks = None, None
         if options.grpc_port is not None:
-            from fmnist.serving.grpc_api import grpc_server
-
-            grpc = grpc_server(core, options.host, options.grpc_port, options.max_connections)
+            checks = grpc_api.Health(serving_ready)
+            door = grpc_api.GrpcDoor(core, budget, parsers, options.body_s)
+            address = f"{options.host}:{options.grpc_port}"
+            grpc = grpc_api.grpc_server(door, checks, address, options)
             await grpc.start()
-            log.info("gRPC (TF Serving's PredictionService, ModelService) on %s:%d", options.host, options.grpc_port)
+            checking = asyncio.create_task(checks.follow())
+            log.info("gRPC (TF Serving's PredictionService, ModelService; Health; reflection) on %s", address)
         yield
         if grpc is not None:
+            checking.cancel()
             await grpc.stop(grace=2)
         following.cancel()
         if capturing:  # what is queued is written before the process ends
@@ -98,6 +115,8 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
 
     async def readyz(request: Request) -> JSONResponse:
         served = models.resolve(label=STABLE)
+        if not parsers.ready():
+            raise NotReady("a body parser process died and its replacement is starting")
         labels = {label: s.version for label, s in models.by_label.items()}
         ready = {"status": "ready", "version": served.version, "model_sha256": served.model_sha256, "labels": labels}
         return JSONResponse(ready)
@@ -116,8 +135,8 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
         metrics.answered("OK", api, "REST", time.perf_counter() - started)
         return response
 
-    async def body_of(request: Request, limit: int, held: list[int]) -> bytes:
-        return await read_body(request.receive, request.headers, limit, budget, options.body_s, held)
+    async def body_of(request: Request, limit: int, claim: Claim) -> bytes:
+        return await read_body(request.receive, request.headers, limit, claim, options.body_s)
 
     async def tf_serving_api(request: Request) -> Response:
         """TF Serving's paths, matched as it matches them: case-insensitively, under /v1/."""
@@ -126,7 +145,7 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
             return await post(request, *matched.groups())
         if method == "GET" and (matched := tfserving.STATUS_PATH.fullmatch(path)):
             return await get(*matched.groups())
-        if path.startswith("/v2/"):
+        if path == "/v2" or path.startswith("/v2/"):
             return await open_inference_api(request, path, method)
         if path.lower().startswith("/v1/"):
             raise BadRequest(f"Malformed request: {method} {path[:200]}")
@@ -134,22 +153,21 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
 
     async def open_inference_api(request: Request, path: str, method: str) -> Response:
         """The Open Inference Protocol's (KServe v2) paths."""
+        if method == "GET" and path in kserve.SERVER_PATHS:
+            return JSONResponse(kserve.server_metadata())
         if method == "GET" and (health := kserve.HEALTH_PATH.fullmatch(path)):
-            ready = health.group(1) == "live" or STABLE in models.by_label
+            ready = health.group(1) == "live" or serving_ready()
             return JSONResponse({health.group(1): ready}, status_code=200 if ready else 503)
         matched = kserve.MODEL_PATH.fullmatch(path)
         if not matched:
             raise NotFound(f"no such endpoint {path[:200]}; the model is {MODEL_NAME!r}, under /v2/models/")
         name, version, verb = matched.groups()
-        if version is not None and not version.isdigit():
+        if version is not None and not kserve.VERSION.fullmatch(version):
             raise NotFound(f"Servable not found for request: Specific({name[:64]}, {version[:32]})")
         number, _ = tfserving.requested(name, version, None)
         if method == "POST" and verb == "/infer":
-            held = [0]
-            try:
-                return await answered("infer", lambda: infer(request, number, held))
-            finally:
-                budget.give(held[0])
+            with budget.claim() as claim:
+                return await answered("infer", lambda: infer(request, number, claim))
         if method == "GET" and verb == "/ready":
             ready = bool(models.served()) if number is None else any(s.number == number for s in models.served())
             return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
@@ -158,43 +176,52 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
             return JSONResponse(kserve.metadata(MODEL_NAME, [s.number for s in served]))
         raise BadRequest(f"Malformed request: {method} {path[:200]}")
 
-    async def infer(request: Request, number: int | None, held: list[int]) -> Response:
+    async def infer(request: Request, number: int | None, claim: Claim) -> Response:
         models.resolve(number)
-        parsed = await parsers.run(kserve.parse_infer, await body_of(request, MAX_JSON_BYTES, held))
+        # The request's headers are checked before its body is read: a lie about the body is refused unread.
+        json_length = kserve.declared_json_length(request.headers.getlist(kserve.JSON_LENGTH_HEADER))
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise BadRequest("a compressed body (Content-Encoding) is not accepted; send it as it is")
+        body = await body_of(request, MAX_JSON_BYTES, claim)
+        parsed = await parsers.run(kserve.parse_infer, body, json_length)
         answer = await core.predict(parsed.images, number, None)
-        body = kserve.infer_response(MODEL_NAME, answer.served.number, parsed.id, answer.probabilities)
-        return Response(body, media_type="application/json", headers=served_headers(answer))
+        body, answer_json_length = kserve.infer_response(
+            MODEL_NAME, answer.served.number, parsed.id, answer.probabilities, parsed.binary_output
+        )
+        if answer_json_length is None:
+            return Response(body, media_type="application/json", headers=served_headers(answer))
+        headers = {**served_headers(answer), "Inference-Header-Content-Length": str(answer_json_length)}
+        return Response(body, media_type="application/octet-stream", headers=headers)
 
     async def post(request: Request, name: str, version: str | None, label: str | None, method: str) -> Response:
         method = method.lower()
-        held = [0]
-        try:
+        with budget.claim() as claim:
             if method == "predict":
-                return await answered("predict", lambda: predict(request, name, version, label, held))
+                return await answered("predict", lambda: predict(request, name, version, label, claim))
             if method == "classify-png":
-                return await answered("classify-png", lambda: classify_png(request, name, version, label, held))
+                return await answered("classify-png", lambda: classify_png(request, name, version, label, claim))
             raise BadRequest(
                 f"{method}: this model has one signature, {tfserving.SIGNATURE!r}, a predict signature; use :predict"
             )
-        finally:
-            budget.give(held[0])
 
-    async def predict(request: Request, name: str, version: str | None, label: str | None, held) -> Response:
+    async def predict(request: Request, name: str, version: str | None, label: str | None, claim: Claim) -> Response:
         number, label = tfserving.requested(name, version, label)
         models.resolve(number, label)  # an unknown model, version or label is refused before its body is read
-        parsed = await parsers.run(parse_predict, await body_of(request, MAX_JSON_BYTES, held))
+        parsed = await parsers.run(parse_predict, await body_of(request, MAX_JSON_BYTES, claim))
         answer = await core.predict(parsed.images, number, label)
         key = "outputs" if parsed.columnar else "predictions"
         body = orjson.dumps({key: answer.probabilities}, option=orjson.OPT_SERIALIZE_NUMPY)
         return Response(body, media_type="application/json", headers=served_headers(answer))
 
-    async def classify_png(request: Request, name: str, version: str | None, label: str | None, held) -> Response:
+    async def classify_png(
+        request: Request, name: str, version: str | None, label: str | None, claim: Claim
+    ) -> Response:
         number, label = tfserving.requested(name, version, label)
         models.resolve(number, label)
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise BadRequest("send the PNG files as multipart/form-data (curl -F image=@shoe.png ...)")
-        named = await parsers.run(parse_pngs, await body_of(request, MAX_UPLOAD_BYTES, held), content_type)
+        named = await parsers.run(parse_pngs, await body_of(request, MAX_UPLOAD_BYTES, claim), content_type)
         pixels = SCALED[np.stack([image for _, image in named])]
         answer = await core.predict(pixels, number, label)
         results = []
@@ -251,26 +278,71 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)  # TF Serving's error body
 
 
-def serve(registry: Registry, options: ServeOptions) -> None:
-    """Run the server until interrupted (one process: each model is loaded once)."""
+def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None = None) -> None:
+    """Run the server until interrupted (one process: each model is loaded once). With `edge_plan`,
+    nginx takes the host and ports of `options` and the application listens behind it on loopback."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_repeats()
+    raise_descriptor_limit()
+    app_options, edge = options, None
+    if edge_plan is not None:
+        app_options, addresses = behind_edge(options, edge_plan)
+        edge = Edge(addresses, Path(tempfile.mkdtemp(prefix="fmnist-edge-")), edge_plan.limits, edge_log)
     log.info(
-        "Serving the champion of %s on http://%s:%d (registry read every %g s)",
+        "Serving the champion of %s on http://%s:%d (registry read every %g s)%s",
         registry.root,
         options.host,
         options.port,
         options.poll_s,
+        " through the edge (nginx)" if edge else "",
     )
     config = uvicorn.Config(
-        create_app(registry, options),
-        host=options.host,
-        port=options.port,
+        create_app(registry, app_options),
+        host=app_options.host,
+        port=app_options.port,
         # Beyond `max_connections` open requests uvicorn answers 503 at once: memory stays bounded under overload.
-        limit_concurrency=options.max_connections,
-        http=guarded_protocol(options.header_s),
-        access_log=options.access_log,
+        limit_concurrency=app_options.max_connections,
+        http=guarded_protocol(app_options.header_s),
+        access_log=app_options.access_log,
         log_level="info",
     )
-    uvicorn.Server(config).run()
+    limit_repeats(logging.getLogger("uvicorn"))  # (uvicorn's loggers have handlers of their own)
+    server = uvicorn.Server(config)
+    if edge is None:
+        server.run()
+        return
+    try:
+        edge.start()
+        threading.Thread(target=stop_with_edge, args=(edge, server), daemon=True, name="edge-watch").start()
+        server.run()
+    finally:
+        edge.stop()
+        shutil.rmtree(edge.prefix, ignore_errors=True)
+
+
+EDGE_LOG = logging.getLogger("fmnist.serving.edge.nginx")
+EDGE_LINES = RepeatLimiter()
+
+
+def edge_log(line: str) -> None:
+    """One line of nginx's error log, into the server's log, at most a few of each kind a minute."""
+    admitted, held_back = EDGE_LINES.admit(nginx_kind(line))
+    if admitted:
+        EDGE_LOG.warning("%s%s", line, f" ({held_back:,} like it held back)" if held_back else "")
+
+
+def stop_with_edge(edge: Edge, server) -> None:
+    """nginx gone means no client can reach the server: stop, so that a supervisor starts both again."""
+    returncode = edge.process.wait()
+    if not server.should_exit:
+        log.error("the edge (nginx) exited (%s); stopping the server", returncode)
+        server.should_exit = True
+
+
+def raise_descriptor_limit() -> None:
+    """Take the hard limit on open files as the soft one (a server's connections are files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

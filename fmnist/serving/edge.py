@@ -1,0 +1,331 @@
+"""The edge: nginx (Debian's package) in front of the prediction server, for REST and gRPC.
+
+A Python server is not what meets hostile clients: nginx holds tens of thousands of idle connections in
+a few MB, reads every request head and body under its own deadlines, buffers bodies (to disk past
+`BODY_BUFFER_BYTES`) before the application sees a byte, limits each client address's requests at once
+and per second, and bounds HTTP/2 streams. The application behind it listens on loopback ports and keeps
+its own guards (`fmnist.serving.guard`) as a second line.
+
+`nginx_config` writes the configuration; `Edge` runs nginx with it in the foreground, as a child of
+`fashion-mnist serve --edge`, its error log passed through the server's rate-limited log. The reference
+page "Edge" shows the configuration an operator deploys, generated from this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES
+from fmnist.serving.options import ServeOptions
+
+MAX_BODY_BYTES = 16 << 20  # the largest REST body the server accepts (a JSON predict of 1,024 images)
+BODY_BUFFER_BYTES = 128 << 10  # bodies past this are buffered in a file, not in memory
+START_S = 10.0  # for nginx to open its ports
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger(__name__)
+
+
+class EdgeError(RuntimeError):
+    """nginx is missing, refused its configuration, or could not open its ports."""
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one client address may hold, and the deadlines of every phase, at the edge."""
+
+    header_s: float = 5.0  # a request head (HTTP/1.1), or an HTTP/2 connection's next frame
+    body_read_s: float = 5.0  # between two reads of a body (nginx has no whole-body deadline; see docs)
+    idle_s: float = 30.0  # a keep-alive connection with no request
+    answer_s: float = 30.0  # for the application to answer
+    requests_per_client: int = 128  # requests (HTTP/2: streams) one address has open at once
+    rate_per_client: int = 5000  # requests a second one address may send, with a burst of as many
+    streams_per_connection: int = 16  # HTTP/2 streams at once on one connection
+    worker_connections: int = 32768  # connections nginx holds at once (idle ones included)
+
+    @classmethod
+    def of(cls, options: ServeOptions) -> EdgeLimits:
+        """The edge's deadlines from the server's: the same head deadline, a body's reads under it too."""
+        return cls(header_s=options.header_s, body_read_s=options.header_s, answer_s=options.body_s)
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """`fashion-mnist serve --edge`: the edge's limits, and the loopback ports the application takes behind it."""
+
+    limits: EdgeLimits
+    app_rest_port: int
+    app_grpc_port: int
+
+
+@dataclass(frozen=True)
+class EdgeAddresses:
+    host: str  # where clients connect
+    rest_port: int
+    grpc_port: int | None
+    app_rest: str  # host:port of the application's REST, behind the edge
+    app_grpc: str | None  # host:port of its gRPC
+
+
+def behind_edge(options: ServeOptions, plan: EdgePlan) -> tuple[ServeOptions, EdgeAddresses]:
+    """The application's options behind the edge (the plan's loopback ports), and the edge's addresses."""
+    rest, grpc = plan.app_rest_port, plan.app_grpc_port
+    has_grpc = options.grpc_port is not None
+    app = replace(options, host="127.0.0.1", port=rest, grpc_port=grpc if has_grpc else None)
+    addresses = EdgeAddresses(
+        options.host, options.port, options.grpc_port, f"127.0.0.1:{rest}", f"127.0.0.1:{grpc}" if has_grpc else None
+    )
+    return app, addresses
+
+
+def within_descriptor_limit(limits: EdgeLimits) -> EdgeLimits:
+    """`limits` with no more connections than nginx may open files for: it cannot raise its hard limit
+    without CAP_SYS_RESOURCE (a container's root may lack it), and refuses its workers' limit if asked to."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or limits.worker_connections * 2 <= hard:
+        return limits
+    log.warning(
+        "the edge holds at most %d connections: its limit on open files is %d (raise LimitNOFILE / ulimit -Hn)",
+        hard // 2,
+        hard,
+    )
+    return replace(limits, worker_connections=hard // 2)
+
+
+def nginx_config(addresses: EdgeAddresses, prefix: Path, limits: EdgeLimits, worker_user: str | None) -> str:
+    """nginx.conf for the edge; temporary files and the pid under `prefix`, the error log on stderr.
+    `worker_user`: who nginx's workers run as, where its master runs as root (see `worker_user()`)."""
+    user = f"user {worker_user};\n" if worker_user else ""
+    grpc = _grpc_server(addresses, limits) if addresses.grpc_port is not None else ""
+    return f"""# The prediction server's edge (fmnist.serving.edge), generated: change the code, not this.
+{user}worker_processes 1;
+worker_rlimit_nofile {limits.worker_connections * 2};
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{
+    worker_connections {limits.worker_connections};
+}}
+http {{
+    access_log off;
+    server_tokens off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+
+    # Every phase has a deadline; a timed-out connection is reset, not lingered on.
+    client_header_timeout {limits.header_s:g}s;
+    client_body_timeout {limits.body_read_s:g}s;
+    send_timeout {limits.answer_s:g}s;
+    keepalive_timeout {limits.idle_s:g}s;
+    keepalive_requests 1000;
+    reset_timedout_connection on;
+    client_header_buffer_size 1k;
+    large_client_header_buffers 4 8k;
+    client_body_buffer_size {BODY_BUFFER_BYTES >> 10}k;
+
+    # Per client address: requests (HTTP/2 streams) open at once, and requests a second. Refusals are
+    # logged at info, below the error log's level: an attacker's refusals do not fill the log.
+    limit_conn_zone $binary_remote_addr zone=requests_per_client:10m;
+    limit_req_zone $binary_remote_addr zone=rate_per_client:10m rate={limits.rate_per_client}r/s;
+    limit_conn requests_per_client {limits.requests_per_client};
+    limit_req zone=rate_per_client burst={limits.rate_per_client} nodelay;
+    limit_conn_status 429;
+    limit_req_status 429;
+    limit_conn_log_level info;
+    limit_req_log_level info;
+
+    # HTTP/2 (gRPC): client_header_timeout and keepalive_timeout above bound its frames and idle time too.
+    http2_max_concurrent_streams {limits.streams_per_connection};
+
+    upstream app_rest {{
+        server {addresses.app_rest};
+        keepalive 64;
+    }}
+    server {{
+        listen {addresses.host}:{addresses.rest_port} backlog=4096;
+        client_max_body_size {MAX_BODY_BYTES >> 20}m;
+        location / {{
+            proxy_pass http://app_rest;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_request_buffering on;  # the whole body, before the application sees a byte
+            proxy_connect_timeout 2s;
+            proxy_send_timeout {limits.answer_s:g}s;
+            proxy_read_timeout {limits.answer_s:g}s;
+            proxy_next_upstream off;  # a predict is not retried on its own
+        }}
+{_json_errors()}
+    }}
+{grpc}}}
+"""
+
+
+JSON_ERRORS = {
+    400: "the edge could not read this request",
+    408: "the request was not in within the deadline of the edge",
+    413: f"the body is over {MAX_BODY_BYTES:,} bytes, the most accepted",
+    429: "too many requests from this address; try again shortly",
+    502: "the prediction server behind the edge is not answering; try again shortly",
+    504: "the prediction server behind the edge did not answer in time",
+}
+GRPC_ERRORS = {  # HTTP status at the edge: (gRPC status code, message)
+    413: (8, f"the message is over {MAX_MESSAGE_BYTES:,} bytes, the most accepted"),  # RESOURCE_EXHAUSTED
+    429: (8, "too many calls from this address; try again shortly"),
+    502: (14, "the prediction server behind the edge is not answering; try again shortly"),  # UNAVAILABLE
+    504: (4, "the prediction server behind the edge did not answer in time"),  # DEADLINE_EXCEEDED
+}
+
+
+def _json_errors() -> str:
+    """The edge's own refusals in the server's error form, `{"error": ...}` (messages hold no quote)."""
+    pages = [f"        error_page {code} @error_{code};" for code in JSON_ERRORS]
+    for code, message in JSON_ERRORS.items():
+        pages.append(
+            f"        location @error_{code} {{ default_type application/json; "
+            f'return {code} \'{{"error": "{message}"}}\'; }}'
+        )
+    return "\n".join(pages)
+
+
+def _grpc_server(addresses: EdgeAddresses, limits: EdgeLimits) -> str:
+    # A refusal at the edge as gRPC says it: a trailers-only answer with grpc-status (nginx's own recipe).
+    pages = [f"        error_page {code} = @grpc_{code};" for code in GRPC_ERRORS]
+    for code, (status, message) in GRPC_ERRORS.items():
+        pages.append(
+            f"        location @grpc_{code} {{ internal; default_type application/grpc; "
+            f'add_header grpc-status {status} always; add_header grpc-message "{message}" always; '
+            "add_header content-length 0 always; return 204; }"
+        )
+    errors = "\n".join(pages)
+    return f"""    upstream app_grpc {{
+        server {addresses.app_grpc};
+        keepalive 64;
+    }}
+    server {{
+        listen {addresses.host}:{addresses.grpc_port} http2 backlog=4096;
+        client_max_body_size {MAX_MESSAGE_BYTES >> 20}m;
+        location / {{
+            grpc_pass grpc://app_grpc;
+            grpc_set_header X-Forwarded-For $remote_addr;
+            grpc_connect_timeout 2s;
+            grpc_send_timeout {limits.answer_s:g}s;
+            grpc_read_timeout {limits.answer_s:g}s;
+            grpc_next_upstream off;
+        }}
+{errors}
+    }}
+"""
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if not found:
+        raise EdgeError("nginx is not installed: apt-get install nginx (or serve without --edge behind your own proxy)")
+    return found
+
+
+def worker_user() -> str | None:
+    """As root, nginx's workers run as nobody (they need no more); otherwise as whoever runs nginx."""
+    return "nobody nogroup" if os.geteuid() == 0 else None
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Edge:
+    """nginx with the edge's configuration, in the foreground, until `stop` (or this process's death)."""
+
+    def __init__(self, addresses: EdgeAddresses, prefix: Path, limits: EdgeLimits, log_line) -> None:
+        self.addresses, self.prefix, self.limits = addresses, prefix, limits
+        self.log_line = log_line  # each line nginx logs (through the server's rate-limited log)
+        self.process: subprocess.Popen | None = None
+
+    def write_config(self) -> Path:
+        self.prefix.mkdir(parents=True, exist_ok=True, mode=0o700)
+        user = worker_user()
+        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.prefix / temp).mkdir(exist_ok=True, mode=0o700)
+            if user:  # the workers write bodies there; nothing else of ours is theirs
+                os.chown(self.prefix / temp, *_ids("nobody"))
+        if user:  # the workers must reach their temporary folders, and nothing else under the prefix
+            os.chmod(self.prefix, 0o711)
+        config = self.prefix / "nginx.conf"
+        temporary = config.with_suffix(".tmp")
+        limits = within_descriptor_limit(self.limits)
+        temporary.write_text(nginx_config(self.addresses, self.prefix, limits, user))
+        temporary.replace(config)
+        return config
+
+    def start(self) -> None:
+        config = self.write_config()
+        command = [nginx_binary(), "-p", str(self.prefix), "-c", str(config), "-e", "stderr", "-g", "daemon off;"]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+            text=True,
+            errors="replace",
+        )
+        self.pump = threading.Thread(target=self._pump_log, daemon=True, name="edge-log")
+        self.pump.start()
+        self._wait_for_ports()
+
+    def _pump_log(self) -> None:
+        for line in self.process.stderr:
+            self.log_line(line.rstrip())
+
+    def _wait_for_ports(self) -> None:
+        ports = [p for p in (self.addresses.rest_port, self.addresses.grpc_port) if p is not None]
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.pump.join(1.0)  # its last lines say why
+                raise EdgeError(f"nginx exited ({self.process.returncode}) at start: see the log above")
+            if all(_accepts(self.addresses.host, port) for port in ports):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EdgeError(f"nginx did not open {self.addresses.host}:{ports} within {START_S:g} s")
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGQUIT)  # graceful: open requests are answered
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _ids(user: str) -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
