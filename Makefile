@@ -58,7 +58,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve loop-demo bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve loop-demo bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -70,7 +70,7 @@ help:
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make bench-scale   data stages, memory and an epoch at 1x, 10x and 100x the training set"
-	@echo "make serve   serve the champion over TF Serving's REST ($(SERVE_PORT)) and gRPC ($(SERVE_GRPC_PORT)) APIs on $(SERVE_HOST) (make bench-serve: its load test)"
+	@echo "make serve   serve the champion through the edge (nginx) on $(SERVE_HOST): REST $(SERVE_PORT), gRPC $(SERVE_GRPC_PORT) (make bench-serve: its load test)"
 	@echo "make loop-demo   the feedback loop step by step: serve with capture, review, submit, the retrain, the new champion served"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
@@ -131,7 +131,7 @@ run: install data
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: install data postgres
+test: install data postgres edge
 	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL) --durations=15
 
 # An hour of training on the real 70,000 images: three seeds each of dnn, dnn-tuned and cnn.
@@ -143,7 +143,7 @@ test-slow: install data postgres
 test-quick: install data
 	$(PY) -m pytest -m "not slow and not e2e and not training" $(PYTEST_PARALLEL)
 
-test-all: install data postgres
+test-all: install data postgres edge
 	$(PY) -m pytest
 
 lint: install
@@ -197,9 +197,21 @@ bench-scale: install data
 bench-presets: install data
 	$(PY) bench/preset_accuracy.py
 
-# Serve the registry's champion over TF Serving's REST API on 127.0.0.1:$(SERVE_PORT); follows promotions.
-serve: install
-	$(FASHION_MNIST) --registry $(REGISTRY) serve --host $(SERVE_HOST) --port $(SERVE_PORT) --grpc-port $(SERVE_GRPC_PORT)
+# Serve the registry's champion on $(SERVE_HOST):$(SERVE_PORT) (REST) and $(SERVE_GRPC_PORT) (gRPC) through the edge
+# (nginx, which clients meet; the server listens behind it on loopback); follows promotions.
+serve: install edge
+	$(FASHION_MNIST) --registry $(REGISTRY) serve --edge --host $(SERVE_HOST) --port $(SERVE_PORT) --grpc-port $(SERVE_GRPC_PORT)
+
+# nginx, the edge in front of the prediction server (make serve, and the serving tests): Debian's package.
+edge:
+	@if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; then \
+	  echo "nginx: $$(command -v nginx || echo /usr/sbin/nginx)"; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's nginx (the edge in front of the prediction server)"; \
+	  $(SUDO) apt-get install -y -q nginx || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nginx; }; \
+	else \
+	  echo "No nginx and no apt-get: install nginx, then run this again"; exit 1; \
+	fi
 
 server: install $(if $(filter postgres,$(DB)),postgres)
 	@case "$(DB)" in sqlite|postgres) ;; *) echo "DB=$(DB): choose sqlite or postgres"; exit 2;; esac

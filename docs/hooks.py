@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from mkdocs.structure.files import File
@@ -42,12 +43,18 @@ LIMITS = [
     ("fmnist.serving.payloads", "MAX_FILES", "PNG uploads in one request", "files"),
     ("fmnist.serving.server", "MAX_JSON_BYTES", "A JSON request body", "bytes"),
     ("fmnist.serving.payloads", "MAX_UPLOAD_BYTES", "A multipart upload", "bytes"),
-    ("fmnist.serving.payloads", "INLINE_BYTES", "A body parsed on the event loop; bigger ones in workers", "bytes"),
-    ("fmnist.serving.grpc_api", "MAX_MESSAGE_BYTES", "A gRPC message", "bytes"),
+    ("fmnist.serving.workers", "INLINE_BYTES", "A body parsed on the event loop; bigger ones in workers", "bytes"),
+    ("fmnist.serving.grpc_messages", "MAX_MESSAGE_BYTES", "A gRPC message", "bytes"),
+    ("fmnist.serving.grpc_api", "MAX_STREAMS_PER_CONNECTION", "gRPC calls at once on one connection", "streams"),
     ("fmnist.serving.options", "MAX_CONNECTIONS", "Requests and connections at once (more get a 503)", "connections"),
     ("fmnist.serving.options", "HEADER_S", "A request's head, from its first byte (then a 408)", "seconds"),
     ("fmnist.serving.options", "BODY_S", "A request's body, from its head (then a 408)", "seconds"),
     ("fmnist.serving.options", "MAX_BODY_BYTES_IN_FLIGHT", "Request bodies held at once (more get a 429)", "bytes"),
+    ("fmnist.serving.options", "IDLE_S", "A gRPC connection with no call open", "seconds"),
+    ("fmnist.serving.options", "CONNECTION_AGE_S", "A gRPC connection, before it is asked to go away", "seconds"),
+    ("fmnist.serving.edge", "MAX_BODY_BYTES", "A REST body at the edge (nginx)", "bytes"),
+    ("fmnist.serving.edge", "BODY_BUFFER_BYTES", "A body the edge holds in memory (bigger ones in a file)", "bytes"),
+    ("fmnist.serving.log_limits", "PER_WINDOW", "Log lines of one kind a minute (more are counted)", "lines"),
     ("fmnist.serving.service", "MAX_SHADOW_CALLS", "Shadow calls to the canary in flight (more are skipped)", "calls"),
     ("fmnist.serving.capture", "MAX_QUEUED", "Captured records waiting to be written (more are dropped)", "records"),
     ("fmnist.serving.capture", "MAX_RECORDS", "Captured records kept (then capture pauses until a review)", "records"),
@@ -241,12 +248,35 @@ def events_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def edge_page() -> str:
+    from fmnist.serving.edge import EdgeAddresses, EdgeLimits, nginx_config
+
+    addresses = EdgeAddresses("0.0.0.0", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500")
+    config = nginx_config(addresses, Path("/run/fmnist-edge"), EdgeLimits(), "nobody nogroup")
+    lines = [
+        "# The edge's nginx configuration",
+        "",
+        GENERATED.strip(),
+        "",
+        "What `fashion-mnist serve --edge` (and `make serve`) runs, with the default limits, the edge on every",
+        "address and the server behind it on loopback ports 18501 (REST) and 18500 (gRPC). "
+        "`fashion-mnist serve --print-edge-config` prints it for your own options; "
+        "[Serving](../serving.md#the-edge) says what each limit is for and how it maps onto an ingress.",
+        "",
+        "```nginx",
+        config.rstrip(),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 PAGES = {
     "reference/parameters.md": parameters_page,
     "reference/presets.md": presets_page,
     "reference/cli.md": cli_page,
     "reference/limits.md": limits_page,
     "reference/events.md": events_page,
+    "reference/edge.md": edge_page,
 }
 
 
