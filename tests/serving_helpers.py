@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,12 +49,18 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str
+    registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str, max_files: int | None = None
 ) -> Iterator[RunningServer]:
-    """`fashion-mnist serve` on free loopback ports (REST and gRPC), until it is ready. Stopped after."""
+    """`fashion-mnist serve` on free loopback ports (REST and gRPC), until it is ready. Stopped after.
+    `max_files`: the process's limit on open files (soft and hard), as `ulimit -n` sets it."""
     port, grpc_port = free_ports(2)
     command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
     serve = ["serve", "--port", str(port), "--grpc-port", str(grpc_port), "--poll-s", str(POLL_S), *options]
+
+    def limit_files() -> None:
+        if max_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     with open(log, "w") as out:
         process = subprocess.Popen(
             [*command, *serve],
@@ -61,6 +68,7 @@ def running_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=limit_files,
         )
     url = f"http://127.0.0.1:{port}"
     try:
