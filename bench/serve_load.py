@@ -18,9 +18,13 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' process helpers
 
+from tests.attackers import attacker_address  # noqa: E402
 from tests.processes import free_ports, stop, wait_until_ready  # noqa: E402
 
 TARGET_P99_MS = 50.0
@@ -91,21 +96,30 @@ async def rest_clients(port: int, requests: list[bytes], clients: int, seconds: 
 
     async def one_client(first: int) -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
         i = first
-        try:
-            while time.perf_counter() < end:
-                started = time.perf_counter()
-                writer.write(requests[i % len(requests)])
-                if (await read_answer(reader)).startswith(b"HTTP/1.1 200 "):
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
-                i += clients
-        except (OSError, asyncio.IncompleteReadError):
-            errors += 1
-        finally:
-            writer.close()
+        while time.perf_counter() < end:  # a connection the server (or the edge) closes is opened again
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+            except OSError:
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                while time.perf_counter() < end:
+                    started = time.perf_counter()
+                    writer.write(requests[i % len(requests)])
+                    answer = await read_answer(reader)
+                    if answer.startswith(b"HTTP/1.1 200 "):
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+                    i += clients
+                    if b"connection: close" in answer.lower():
+                        break
+            except (OSError, asyncio.IncompleteReadError):
+                errors += 1
+            finally:
+                writer.close()
 
     await asyncio.gather(*(one_client(c) for c in range(clients)))
     return latencies, errors
@@ -197,25 +211,26 @@ def yardstick(registry: str, images: np.ndarray, seconds: float) -> dict:
 
 
 async def attack(port: int, hostile: int) -> None:
-    """`hostile` clients until cancelled: a third idle sockets, a third dripping bodies a byte every
-    50 ms, a third sending maximal bodies (8 MB of 2 million numbers, or 1,024 images of floats)."""
+    """`hostile` clients until cancelled, from 127.0.0.2 and up: a third idle sockets, a third dripping
+    bodies a byte every 50 ms, a third sending maximal bodies (8 MB of 2 million numbers, or 1,024 images
+    of floats)."""
     maximal = http_request(PREDICT, b'{"instances": [' + b",".join([b"0.5"] * 2_000_000) + b"]}")
     valid = http_request(PREDICT, json.dumps({"instances": (np.full((1024, 784), 0.5)).tolist()}).encode())
 
-    async def idle() -> None:
+    async def idle(n: int) -> None:
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(attacker_address(n), 0))
                 await reader.read()  # until the server's head deadline closes it
                 writer.close()
             except OSError:
                 await asyncio.sleep(0.1)
 
-    async def drip() -> None:
+    async def drip(n: int) -> None:
         body = json.dumps({"instances": [[[0] * 28] * 28]}).encode()
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(attacker_address(n), 0))
                 writer.write(http_request(PREDICT, body)[: -len(body)])
                 for i in range(len(body)):
                     writer.write(body[i : i + 1])
@@ -226,10 +241,11 @@ async def attack(port: int, hostile: int) -> None:
             except OSError:
                 await asyncio.sleep(0.1)
 
-    async def big(request: bytes) -> None:
+    async def big(n: int, request: bytes) -> None:
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24)
+                source = (attacker_address(n), 0)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24, local_addr=source)
                 writer.write(request)
                 await read_answer(reader)
                 writer.close()
@@ -237,20 +253,74 @@ async def attack(port: int, hostile: int) -> None:
                 await asyncio.sleep(0.05)
 
     third = hostile // 3
-    attackers = [idle() for _ in range(third)] + [drip() for _ in range(third)]
-    attackers += [big(maximal if i % 2 else valid) for i in range(hostile - 2 * third)]
+    attackers = [idle(i) for i in range(third)] + [drip(third + i) for i in range(third)]
+    attackers += [big(2 * third + i, maximal if i % 2 else valid) for i in range(hostile - 2 * third)]
     await asyncio.gather(*attackers)
 
 
-def attacker(port: int, hostile: int) -> None:
+def grpc_attack(grpc_address: str, stop_at: float) -> None:
+    """gRPC attackers in threads, until `stop_at`: 256 half-open calls (16 connections of 16 streams,
+    opened again as they are cut off), maximal messages held almost complete, and PredictRequests whose
+    tensor claims about 900,000 dimensions."""
+    from tests.attackers import H2Client, grpc_frame, huge_shape_predict
+
+    def half_open(n: int) -> None:
+        while time.monotonic() < stop_at:
+            try:
+                client = H2Client.open(attacker_address(100 + n), grpc_address)
+                for _ in range(16):
+                    client.start_call()
+                while not client.closed and time.monotonic() < stop_at:
+                    client.read(0.5)
+                client.close()
+            except OSError:
+                time.sleep(0.1)
+
+    def held(n: int) -> None:
+        size = (4 << 20) - 64
+        while time.monotonic() < stop_at:
+            try:
+                client = H2Client.open(attacker_address(150 + n), grpc_address)
+                client.send(client.start_call(), grpc_frame(b"\x00" * (size - 1024), declared=size), deadline_s=3)
+                while not client.closed and time.monotonic() < stop_at:
+                    client.read(0.5)
+                client.close()
+            except OSError:
+                time.sleep(0.1)
+
+    def shapes(n: int) -> None:
+        message = grpc_frame(huge_shape_predict(900_000))
+        while time.monotonic() < stop_at:
+            try:
+                client = H2Client.open(attacker_address(200 + n), grpc_address)
+                client.send(client.start_call(), message, end=True, deadline_s=5)
+                client.read(2.0)
+                client.close()
+            except OSError:
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=f, args=(n,), daemon=True) for f in (half_open,) for n in range(16)]
+    threads += [threading.Thread(target=f, args=(n,), daemon=True) for f in (held, shapes) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(stop_at - time.monotonic(), 0) + 10)
+
+
+def attacker(port: int, hostile: int, grpc_address: str | None = None, seconds: float = 3600) -> None:
     # A process of its own at a lower priority: the attackers would be other machines, and on this
     # one they must not take the CPU the server and the ordinary clients are measured on.
     os.nice(10)
+    if grpc_address:
+        threading.Thread(target=grpc_attack, args=(grpc_address, time.monotonic() + seconds), daemon=True).start()
     asyncio.run(attack(port, hostile))
 
 
-async def ordinary_mix(port: int, ordinary: list[bytes], seconds: float) -> dict:
-    """16 ordinary one-image clients and /readyz polled every 100 ms: their figures, and the slowest /readyz."""
+async def ordinary_mix(
+    port: int, ordinary: list[bytes], seconds: float, grpc_port: int | None = None, images: np.ndarray | None = None
+) -> dict:
+    """16 ordinary one-image clients and /readyz polled every 100 ms: their figures, and the slowest /readyz;
+    with `grpc_port`, 4 one-image gRPC clients beside them (their p99 and failures)."""
     end = time.perf_counter() + seconds
 
     async def readiness() -> float:
@@ -265,18 +335,40 @@ async def ordinary_mix(port: int, ordinary: list[bytes], seconds: float) -> dict
             await asyncio.sleep(0.1)
         return slowest
 
-    (latencies, errors), slowest = await asyncio.gather(rest_clients(port, ordinary, 16, seconds), readiness())
-    return {**figures(latencies, errors, seconds, 1), "readyz_max_ms": round(slowest * 1000, 1)}
+    if grpc_port is None:
+        (latencies, errors), slowest = await asyncio.gather(rest_clients(port, ordinary, 16, seconds), readiness())
+        return {**figures(latencies, errors, seconds, 1), "readyz_max_ms": round(slowest * 1000, 1)}
+    groups = [images[i : i + 1] for i in range(64)]
+    (latencies, errors), slowest, (grpc_latencies, grpc_errors) = await asyncio.gather(
+        rest_clients(port, ordinary, 16, seconds), readiness(), grpc_clients(grpc_port, groups, 4, seconds)
+    )
+    grpc = figures(grpc_latencies, grpc_errors, seconds, 1)
+    return {
+        **figures(latencies, errors, seconds, 1),
+        "readyz_max_ms": round(slowest * 1000, 1),
+        "grpc_p99_ms": grpc["p99_ms"],
+        "grpc_errors": grpc["errors"],
+    }
 
 
-def hostile_mix(port: int, ordinary: list[bytes], seconds: float, hostile: int) -> dict:
+def hostile_mix(
+    port: int,
+    ordinary: list[bytes],
+    seconds: float,
+    hostile: int,
+    grpc_port: int | None = None,
+    images: np.ndarray | None = None,
+) -> dict:
+    """Ordinary clients alone or beside `hostile` attackers (REST; and gRPC's attacks with `grpc_port`)."""
     attack_process = None
     if hostile:
-        attack_process = multiprocessing.get_context("spawn").Process(target=attacker, args=(port, hostile))
+        grpc_address = f"127.0.0.1:{grpc_port}" if grpc_port else None
+        args = (port, hostile, grpc_address, seconds + 5)
+        attack_process = multiprocessing.get_context("spawn").Process(target=attacker, args=args)
         attack_process.start()
         time.sleep(3.0)  # the attack under way first (the process imports numpy, builds its bodies)
     try:
-        return asyncio.run(ordinary_mix(port, ordinary, seconds))
+        return asyncio.run(ordinary_mix(port, ordinary, seconds, grpc_port, images))
     finally:
         if attack_process:
             attack_process.terminate()
@@ -315,6 +407,104 @@ def print_capture_cost(captures: dict[str, list[dict]], kept: int) -> dict[str, 
     return medians
 
 
+def app_ports(log: Path) -> tuple[int, int]:
+    """The loopback ports of the server behind the edge, as its log names them."""
+    text = log.read_text()
+    rest = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text)
+    grpc = re.search(r"reflection\) on 127\.0\.0\.1:(\d+)", text)
+    if not (rest and grpc):
+        raise SystemExit(f"the server behind the edge did not log its ports:\n{text[-2000:]}")
+    return int(rest.group(1)), int(grpc.group(1))
+
+
+def idle_connection_cost(port: int, edge_workers: list[int], count: int) -> dict:
+    """nginx's memory for `count` idle connections (from attacker addresses): its workers' RSS before and
+    while they are held."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    count = min(count, hard - 256)
+    before = sum(rss_kib(pid) for pid in edge_workers)
+    held = []
+    try:
+        for n in range(count):
+            connection = socket.socket()
+            connection.bind((attacker_address(n), 0))
+            connection.connect(("127.0.0.1", port))
+            held.append(connection)
+        time.sleep(0.5)
+        during = sum(rss_kib(pid) for pid in edge_workers)
+    finally:
+        for connection in held:
+            connection.close()
+    return {"connections": count, "edge_rss_kib_before": before, "edge_rss_kib_held": during}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def edge_figures(registry: str, images: np.ndarray, ordinary: list[bytes], seconds: float, hostile: int) -> dict:
+    """The edge's cost on ordinary traffic and what it holds off: one server started with --edge, measured
+    through the edge and directly on its loopback ports (the bare server), cell by cell side by side."""
+    logs = Path(tempfile.mkdtemp(prefix="serve-bench-edge-"))
+    server = Server(registry, logs / "serve.log", "--edge")
+    bare_rest, bare_grpc = app_ports(logs / "serve.log")
+    doors = {"edge": (server.port, server.grpc_port), "bare": (bare_rest, bare_grpc)}
+    rows, mixes = [], {}
+    try:
+        asyncio.run(rest_clients(server.port, ordinary, 16, 2.0))
+        for batch in BATCHES:
+            groups = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)][:16]
+            bodies = [http_request(PREDICT, json.dumps({"instances": g.tolist()}).encode()) for g in groups]
+            for protocol in ("REST", "gRPC"):
+                for door, (rest, grpc) in doors.items():
+                    run = rest_clients(rest, bodies, 16, seconds) if protocol == "REST" else None
+                    run = run or grpc_clients(grpc, groups, 16, seconds)
+                    latencies, errors = asyncio.run(run)
+                    row = {"door": door, "protocol": protocol, "images": batch, "clients": 16}
+                    rows.append({**row, **figures(latencies, errors, seconds, batch)})
+                    print(f"{door:5}", end=" ")
+                    print_row(rows[-1])
+        for door, (rest, grpc) in doors.items():
+            name = f"{door}, beside {hostile} REST and 24 gRPC attackers"
+            mixes[name] = hostile_mix(rest, ordinary, 2 * seconds, hostile, grpc, images)
+        master = [pid for pid in children(server.process.pid) if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        idle = idle_connection_cost(server.port, [w for m in master for w in children(m)], 10_000)
+    finally:
+        server.stop()
+    print(f"\n16 ordinary REST clients and 4 gRPC clients, one image a request, {2 * seconds:g} s:")
+    header = (
+        f"{'':56}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'readyz max':>12}{'gRPC p99':>10}{'errors':>8}"
+    )
+    print(header)
+    for name, mix in mixes.items():
+        print(
+            f"{name:56}{mix['images_per_s']:>10.0f}{mix['p50_ms']:>9.1f}{mix['p99_ms']:>9.1f}{mix['errors']:>8}"
+            f"{mix['readyz_max_ms']:>12.1f}{mix['grpc_p99_ms']:>10.1f}{mix['grpc_errors']:>8}"
+        )
+    held_kib = idle["edge_rss_kib_held"] - idle["edge_rss_kib_before"]
+    print(f"{idle['connections']:,} idle connections held by the edge: +{held_kib / 1024:.1f} MiB of nginx RSS")
+    for protocol in ("REST", "gRPC"):
+        for batch in BATCHES:
+            edge, bare = (
+                next(r for r in rows if (r["door"], r["protocol"], r["images"]) == (d, protocol, batch))
+                for d in ("edge", "bare")
+            )
+            ratio = edge["images_per_s"] / bare["images_per_s"] if bare["images_per_s"] else float("nan")
+            print(f"{protocol} {batch} img/req, 16 clients: the edge gives {ratio:.2f}x the bare server's images/s")
+    shutil.rmtree(logs, ignore_errors=True)
+    return {"matrix": rows, "hostile": mixes, "idle": idle}
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="artifacts")
@@ -322,10 +512,18 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=16)
     parser.add_argument("--capture-rounds", type=int, default=2, help="alternations of capture off and on")
     parser.add_argument("--capture-only", action="store_true", help="measure only what capture costs")
+    parser.add_argument(
+        "--edge-only", action="store_true", help="measure only the edge: its cost and what it holds off"
+    )
     args = parser.parse_args()
 
     images = test_images(1024)
     ordinary = [http_request(PREDICT, json.dumps({"instances": [i.tolist()]}).encode()) for i in images[:256]]
+    if args.edge_only:
+        print(f"{'':38}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        edge = edge_figures(args.registry, images, ordinary, args.seconds, args.hostile)
+        print(json.dumps({"bench": "serve_load", "edge": edge}))
+        return
     logs = tempfile.TemporaryDirectory(prefix="serve-bench-")
     if args.capture_only:
         print(f"16 ordinary clients, one image a request, {2 * args.seconds:g} s a run:")

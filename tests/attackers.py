@@ -119,9 +119,15 @@ class H2Client:
                 self.read(0.2)
                 continue
             chunk = data[sent : sent + window]
-            self.conn.send_data(stream, chunk, end_stream=end and sent + len(chunk) == len(data))
+            try:
+                self.conn.send_data(stream, chunk, end_stream=end and sent + len(chunk) == len(data))
+            except h2.exceptions.ProtocolError:  # the server reset the stream: it was cut off
+                break
             sent += len(chunk)
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                self.closed = True
         return sent
 
     def read(self, timeout_s: float) -> list:

@@ -51,7 +51,7 @@ class EdgeLimits:
     answer_s: float = 30.0  # for the application to answer
     requests_per_client: int = 128  # requests (HTTP/2: streams) one address has open at once
     rate_per_client: int = 5000  # requests a second one address may send, with a burst of as many
-    streams_per_connection: int = 16  # HTTP/2 streams at once on one connection
+    streams_per_connection: int = 128  # HTTP/2 streams at once on one connection (nginx's default)
     worker_connections: int = 32768  # connections nginx holds at once (idle ones included)
 
     @classmethod
