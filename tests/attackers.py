@@ -83,6 +83,7 @@ class H2Client:
         default_factory=lambda: h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     )
     closed: bool = False
+    backlog: list = field(default_factory=list)  # events that arrived while sending, for the next `read`
 
     @classmethod
     def open(cls, source: str, address: str) -> H2Client:
@@ -116,7 +117,7 @@ class H2Client:
         while sent < len(data) and time.monotonic() < deadline and not self.closed:
             window = min(self.conn.local_flow_control_window(stream), self.conn.max_outbound_frame_size)
             if window <= 0:
-                self.read(0.2)
+                self.backlog += self._receive(0.2)
                 continue
             chunk = data[sent : sent + window]
             try:
@@ -131,7 +132,11 @@ class H2Client:
         return sent
 
     def read(self, timeout_s: float) -> list:
-        """The events that arrive within `timeout_s` (none if nothing does)."""
+        """The events that arrived while sending, and those that arrive within `timeout_s`."""
+        events, self.backlog = self.backlog, []
+        return events + self._receive(timeout_s)
+
+    def _receive(self, timeout_s: float) -> list:
         self.sock.settimeout(timeout_s)
         try:
             data = self.sock.recv(65536)

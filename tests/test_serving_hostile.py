@@ -404,3 +404,76 @@ def test_silent_grpc_connections_past_the_descriptor_limit_lock_no_one_out(regis
             for connection in silent:
                 connection.close()
     assert log.stat().st_size < MAX_LOG_BYTES, f"the log grew to {log.stat().st_size:,} bytes"
+
+
+# Ordinary clients at the limits -----------------------------------------------------------------------------
+
+
+def test_a_client_multiplexing_many_calls_on_one_channel_is_answered(server: RunningServer) -> None:
+    """32 calls at once on one channel, as gRPC clients do: each is answered (at 16 streams a connection a
+    fifth of such calls were refused with REFUSED_STREAM)."""
+    import asyncio
+
+    async def calls() -> list[str]:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "fashion-mnist"
+        request.inputs["images"].dtype = 4
+        for size in (1, 28, 28):
+            request.inputs["images"].tensor_shape.dim.add(size=size)
+        request.inputs["images"].tensor_content = bytes(784)
+        async with grpc.aio.insecure_channel(server.grpc) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+            async def one() -> list[str]:
+                codes = []
+                for _ in range(10):
+                    try:
+                        await stub.Predict(request, timeout=30)
+                        codes.append("OK")
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code().name)
+                return codes
+
+            return [code for codes in await asyncio.gather(*(one() for _ in range(32))) for code in codes]
+
+    assert asyncio.run(calls()) == ["OK"] * 320
+
+
+def test_refusals_over_the_limits_are_in_each_protocols_form(server: RunningServer) -> None:
+    """A body over the largest accepted is a 413 with an `{"error": ...}` body, and a gRPC message over it
+    RESOURCE_EXHAUSTED, from the edge as from the server."""
+    answer = httpx.post(f"{server.url}{PREDICT}", content=b" " * (17 << 20), timeout=30)
+    assert answer.status_code == 413 and "error" in answer.json(), answer.text[:200]
+    client = H2Client.open(attacker_address(7), server.grpc)
+    try:
+        client.send(client.start_call(), grpc_frame(b"\x00" * (5 << 20)), end=True, deadline_s=10)
+        deadline, status = time.monotonic() + 15, None
+        while status is None and time.monotonic() < deadline and not client.closed:
+            status = grpc_status(client.read(0.5))
+    finally:
+        client.close()
+    assert status == "8", status  # RESOURCE_EXHAUSTED
+
+
+def test_grpc_health_and_reflection_answer_their_standard_clients(server: RunningServer) -> None:
+    """What a Kubernetes gRPC probe and grpcurl ask: Health/Check is SERVING, reflection lists the services."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        checks = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tensorflow.serving.PredictionService", "inference.GRPCInferenceService"):
+            answer = checks.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            checks.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([listing]), timeout=10)
+        services = {service.name for answer in answers for service in answer.list_services_response.service}
+    assert {
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+    } <= services

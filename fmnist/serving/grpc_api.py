@@ -42,6 +42,7 @@ MAX_STREAMS_PER_CONNECTION = 128
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+CHECKED = ("", PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE)  # what Health reports on
 
 
 def spec_choice(spec: Spec) -> tuple[int | None, str | None]:
@@ -138,19 +139,29 @@ def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
     ]
 
 
-class Health:
-    """`grpc.health.v1.Health`: SERVING while the server is ready (a verified champion, parsers alive)."""
+class Health(health.aio.HealthServicer):
+    """`grpc.health.v1.Health`: SERVING while the server is ready (a verified champion, parsers alive), for
+    the whole server ("") and each service. Check answers from the state now; Watch streams follow it
+    through `follow`, which looks every second."""
 
     def __init__(self, ready) -> None:
+        super().__init__()
         self.ready = ready
-        self.servicer = health.aio.HealthServicer()
+
+    def status(self) -> int:
+        ok = health_pb2.HealthCheckResponse
+        return ok.SERVING if self.ready() else ok.NOT_SERVING
+
+    async def Check(self, request, context):
+        if request.service in CHECKED:
+            return health_pb2.HealthCheckResponse(status=self.status())
+        return await super().Check(request, context)
 
     async def follow(self, every_s: float = 1.0) -> None:
         while True:
-            serving = health_pb2.HealthCheckResponse.SERVING
-            status = serving if self.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
-            for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
-                await self.servicer.set(service, status)
+            status = self.status()
+            for service in CHECKED:
+                await self.set(service, status)
             await asyncio.sleep(every_s)
 
 
@@ -174,7 +185,7 @@ def grpc_server(door: GrpcDoor, checks: Health, address: str, options) -> grpc.a
     server = grpc.aio.server(options=core_options)
     server.add_generic_rpc_handlers(tf_serving_handlers(door))
     server.add_generic_rpc_handlers(kserve_handlers(door))
-    health_pb2_grpc.add_HealthServicer_to_server(checks.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     services = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     if server.add_insecure_port(address) == 0:
