@@ -1,7 +1,10 @@
 """The prediction server under load, side by side in one run: REST and gRPC, 1 and 64 images a
 request, 1/4/16/64 clients; the server's own compiled model call as the yardstick; and a hostile mix
 (idle sockets, dripped bodies, maximal bodies) beside ordinary clients, with bodies parsed in worker
-processes and, for comparison, on the event loop; and the cost of feedback capture at 10%.
+processes and, for comparison, on the event loop; the cost of feedback capture at 10%; and the edge
+(nginx): its cost on ordinary traffic, the hostile mix with gRPC's attacks (half-open calls, held
+messages, million-dimension shapes) through it and against the bare server, and what idle connections
+cost it.
 
 Starts `fashion-mnist serve` on the registry's champion (free loopback ports). Each client sends a
 request as soon as the last is answered, for a fixed time. Prints images/s, p50/p99 latency and
@@ -9,6 +12,7 @@ errors for each cell, then one JSON line. Targets: no errors; under 16 hostile a
 clients the ordinary clients' p99 under 50 ms and /readyz answered within 1 s.
 
     .venv/bin/python bench/serve_load.py [--registry artifacts] [--seconds 5] [--capture-only --capture-rounds 4]
+        [--edge-only]
 """
 
 from __future__ import annotations
@@ -568,7 +572,9 @@ def main() -> None:
     for batch in BATCHES:
         best = max(r["images_per_s"] for r in rows if r["images"] == batch and r["protocol"] == "REST")
         print(f"Best REST at {batch} img/req: {best / call[batch]:.2f}x the compiled call at {batch} img/call")
-    print(json.dumps({"bench": "serve_load", "matrix": rows, "compiled_call": call, "hostile": mixes}))
+    print("\nThe edge (nginx) in front, against the bare server behind it:")
+    edge = edge_figures(args.registry, images, ordinary, args.seconds, args.hostile)
+    print(json.dumps({"bench": "serve_load", "matrix": rows, "compiled_call": call, "hostile": mixes, "edge": edge}))
 
 
 if __name__ == "__main__":
