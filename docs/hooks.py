@@ -252,7 +252,7 @@ def edge_page() -> str:
     from fmnist.serving.edge import EdgeAddresses, EdgeLimits, nginx_config
 
     addresses = EdgeAddresses("0.0.0.0", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500")
-    config = nginx_config(addresses, Path("/run/fmnist-edge"), EdgeLimits(), "nobody nogroup")
+    config = nginx_config(addresses, Path("/run/fmnist-edge"), EdgeLimits())
     lines = [
         "# The edge's nginx configuration",
         "",

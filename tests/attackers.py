@@ -171,6 +171,25 @@ def grpc_status(events: list) -> str | None:
     return None
 
 
+def flood_of_empty_calls(source: str, address: str, seconds: float) -> None:
+    """Open a connection, start 16 calls that send no message, drop it after 0.2 s; again, for `seconds`.
+    (Run it in a process of its own: in the test's own process its Python loop starved the ordinary
+    gRPC client, whose calls then ended CANCELLED whatever the server did.)"""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client = H2Client.open(source, address)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        try:
+            for _ in range(16):
+                client.start_call()
+            client.read(0.2)
+        finally:
+            client.close()
+
+
 class Loop:
     """`step` over and over in a thread until stopped (or `limit_s`), keeping what it returned."""
 

@@ -6,7 +6,9 @@ stated bound, and the log stay small."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -29,6 +31,7 @@ from tests.attackers import (
     all_running,
     attacker_address,
     connect_from,
+    flood_of_empty_calls,
     grpc_frame,
     grpc_status,
     huge_shape_predict,
@@ -248,6 +251,8 @@ def test_a_body_dripped_slowly_is_cut_off_with_a_408(server: RunningServer) -> N
                 answer = connection.recv(65536)
             except TimeoutError:
                 continue
+        connection.settimeout(15)
+        answer += until_closed(connection)  # (the head may come alone)
     assert sent < len(ONE_IMAGE), "the server waited for the whole dripped body"
     assert answer.startswith(b"HTTP/1.1 408 ") and b"the body was not in within 2 s" in answer
 
@@ -321,7 +326,8 @@ def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(serv
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
         latencies.append(time.perf_counter() - started)
         time.sleep(0.02)
-    assert statuses and set(statuses) == {"3"}, statuses  # INVALID_ARGUMENT
+    # INVALID_ARGUMENT; or, past the calls that may wait for their messages at once, cut off (DEADLINE_EXCEEDED)
+    assert statuses and set(statuses) <= {"3", "4"} and "3" in statuses, statuses
     # A generous bound, not a speed target: the loop is never held for the parse of a 4 MB message.
     assert max(latencies) < 0.5, f"/healthz waited {max(latencies):.2f} s"
 
@@ -366,9 +372,8 @@ def test_a_server_killed_with_sigkill_leaves_no_workers_and_no_edge(registry: Re
         running_server(registry.root, tmp_path / "serve.log", None, *options("--edge")) as running,
     ):
         helpers = [pid for pid in children(running.process.pid) if b"spawn_main" in cmdline(pid)]
-        edge = [pid for pid in children(running.process.pid) if b"nginx" in cmdline(pid)]
-        helpers += edge + [pid for master in edge for pid in children(master)]
-        assert len(helpers) == 4, helpers  # two parse workers, nginx and its worker
+        helpers += [pid for pid in children(running.process.pid) if b"nginx" in cmdline(pid)]
+        assert len(helpers) == 3, helpers  # two parse workers and nginx (one process)
         os.kill(running.process.pid, signal.SIGKILL)
         running.process.wait()
         deadline = time.monotonic() + 10
@@ -477,3 +482,215 @@ def test_grpc_health_and_reflection_answer_their_standard_clients(server: Runnin
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
     } <= services
+
+
+# What the red-team pass found --------------------------------------------------------------------------------
+
+
+def test_an_idle_keep_alive_connection_closed_to_make_room_gets_no_408(server: RunningServer) -> None:
+    """At the connection limit an idle keep-alive connection is closed without a word: a 408 written on it
+    was taken by the edge for the answer to the next request it sent there (15 of 30 ordinary requests)."""
+    bare_only(server)
+    host, port = split(server.url)
+    idle = socket.create_connection((host, port), timeout=15)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)  # answered; now idle
+    others = [attacker(server, n) for n in range(CONNECTIONS)]  # past the limit: the idle one makes room
+    try:
+        received = until_closed(idle)
+    finally:
+        for connection in [idle, *others]:
+            connection.close()
+    assert received.startswith(b"HTTP/1.1 200 ") and received.count(b"HTTP/1.1 ") == 1, received  # no 408
+
+
+def test_clients_that_never_read_their_answers_are_cut_off(server: RunningServer) -> None:
+    """Thirty connections pipeline a thousand requests each and never read an answer: each is cut off within
+    the body deadline once its answers fill the socket, and ordinary clients are answered meanwhile (such
+    connections were held for ever, and 30 of 40 ordinary requests were refused)."""
+    request = b"GET /monitoring/prometheus/metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    stuck = []
+    try:
+        for n in range(30):
+            connection = attacker(server, n)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.settimeout(0.5)
+            with contextlib.suppress(TimeoutError, OSError):  # (its buffers fill: it is not reading)
+                connection.sendall(request * 1000)
+            stuck.append(connection)
+        assert [ordinary_request(server) for _ in range(20)] == [200] * 20
+        time.sleep(BODY_S + 2)
+        assert [ordinary_request(server) for _ in range(10)] == [200] * 10
+    finally:
+        for connection in stuck:
+            connection.close()
+
+
+def test_health_and_reflection_refuse_big_requests_before_keeping_them(server: RunningServer) -> None:
+    """A Watch naming a 1 MB service, and a reflection request as big, are refused RESOURCE_EXHAUSTED (64
+    such Watch calls held 585 MiB: health and reflection are outside the byte budget)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="x" * (1 << 20)))
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(watch))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        big = reflection_pb2.ServerReflectionRequest(file_containing_symbol="y" * (1 << 20))
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([big]), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(answers)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_png_of_compressed_text_is_refused_without_holding_the_loop(server: RunningServer) -> None:
+    """A 28x28 PNG carrying 40 zTXt chunks of a MB each (a 40 KB upload): a 400, and /healthz answers at
+    once meanwhile (inflated on the event loop, one such upload held it 0.4 s)."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for number in range(40):
+        info.add_text(f"k{number}", "\0" * (1 << 20), zip=True)
+    png = io.BytesIO()
+    Image.new("L", (28, 28)).save(png, format="PNG", pnginfo=info)
+    url = f"{server.url}/v1/models/fashion-mnist:classify-png"
+    statuses, latencies = [], []
+
+    def upload() -> None:
+        for _ in range(3):
+            statuses.append(httpx.post(url, files={"image": ("text.png", png.getvalue())}, timeout=30).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        started = time.perf_counter()
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    assert statuses == [400] * 12
+    assert max(latencies) < 0.3, f"/healthz waited {max(latencies):.2f} s"
+
+
+def test_a_flood_of_empty_calls_from_one_address_cannot_cut_off_anothers_big_call(server: RunningServer) -> None:
+    """One address keeps opening calls that send no message while another sends 3.2 MB Predicts: the calls
+    cut off to make room are the flood's (10 of 46 big Predicts were cut off when the oldest waiting call
+    went first, whoever sent it). Not yet held: under such a flood of connections gRPC core itself ends
+    some other calls CANCELLED at once, and answers slow (the code before this change did too)."""
+    context = multiprocessing.get_context("spawn")
+    arguments = (attacker_address(3), server.grpc, 30)
+    floods = [context.Process(target=flood_of_empty_calls, args=arguments) for _ in range(2)]
+    for flood in floods:
+        flood.start()
+    try:
+        time.sleep(1.0)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "fashion-mnist"
+        tensor = request.inputs["images"]
+        tensor.dtype = 1  # DT_FLOAT
+        for size in (1024, 28, 28):
+            tensor.tensor_shape.dim.add(size=size)
+        tensor.tensor_content = np.full((1024, 28, 28), 0.5, np.float32).tobytes()
+        codes = []
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for _ in range(20):
+                try:
+                    stub.Predict(request, timeout=30)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(f"{exc.code().name}: {exc.details()[:80]}")
+    finally:
+        for flood in floods:
+            flood.terminate()
+            flood.join(10)
+    assert not [code for code in codes if "cut off" in code], codes
+    assert "OK" in codes
+
+
+def edge_only(server: RunningServer) -> None:
+    if "--edge" not in server.process.args:
+        pytest.skip("the edge's own behaviour: the bare server has no edge")
+
+
+def test_the_edge_answers_what_it_cannot_read_in_json(server: RunningServer) -> None:
+    """A request line nginx cannot read, a TLS hello, a URI too long: a JSON error (a 500 text/html, and
+    HTML pages, before); an HTTP/1.0 request with no Host is answered (nginx forwarded an empty Host)."""
+    edge_only(server)
+    cases = {
+        b"GARBAGE\r\n\r\n": b"HTTP/1.1 400 ",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03": b"HTTP/1.1 400 ",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n": b"HTTP/1.1 414 ",
+        b"GET /healthz HTTP/1.0\r\n\r\n": b"HTTP/1.1 200 ",
+    }
+    for raw, status in cases.items():
+        with attacker(server, 5) as connection:
+            connection.sendall(raw)
+            answer = until_closed(connection)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(status), (raw[:20], head[:80])
+        assert b"application/json" in head.lower() and json.loads(body), (raw[:20], answer[:300])
+
+
+def test_one_address_holds_few_large_uploads_at_the_edge(server: RunningServer) -> None:
+    """Large bodies are buffered on the edge's disk: one address may hold a few at once, the rest get a 429
+    (20 connections of one address held 317 MiB there, dripping a byte every 1.5 s)."""
+    edge_only(server)
+    held, answers = [], []
+    try:
+        for _ in range(8):
+            connection = attacker(server, 11)
+            connection.sendall(head(8 << 20) + b" " * (1 << 20))
+            held.append(connection)
+        time.sleep(0.5)
+        for connection in held:
+            connection.settimeout(0.5)
+            try:
+                answers.append(connection.recv(65536)[:12])
+            except TimeoutError:
+                answers.append(b"(waiting)")
+            except ConnectionResetError:  # reset at the edge's deadline between reads, or refused
+                answers.append(b"(reset)")
+    finally:
+        for connection in held:
+            connection.close()
+    # The first four are read (until the edge's deadline between reads resets them); the rest refused at once.
+    assert b"HTTP/1.1 429" not in answers[:4] and answers[4:] == [b"HTTP/1.1 429"] * 4, answers
+    assert ordinary_request(server) == 200
+
+
+def test_a_health_watch_through_the_edge_outlives_the_answer_deadline(server: RunningServer) -> None:
+    """A Watch stream lives as long as its client wants (the edge ended it at its answer deadline)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=BODY_S * 3)
+        first = next(iter(watch))
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                pass
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's deadline, not the edge's
+
+
+def test_a_killed_edge_stops_the_server_with_a_failure_and_leaves_nothing(registry: Registry, tmp_path: Path) -> None:
+    """nginx killed: the server stops (as terminated, so that a supervisor starts it again), nothing of
+    nginx's stays on the ports, its folder is removed, and the same command starts again (an orphaned
+    worker held the ports, and the server exited 0)."""
+    log = tmp_path / "serve.log"
+    with (
+        pytest.raises(AssertionError, match="the server died"),
+        running_server(registry.root, log, None, *options("--edge")) as running,
+    ):
+        edge = [pid for pid in children(running.process.pid) if b"nginx" in cmdline(pid)]
+        prefix = re.search(rb"-p\x00([^\x00]+)", cmdline(edge[0])).group(1).decode()
+        os.kill(edge[0], signal.SIGKILL)
+        assert running.process.wait(30) != 0
+        assert not Path(prefix).exists()
+        host, port = split(running.url)
+        with pytest.raises(OSError):
+            socket.create_connection((host, port), timeout=2)
+    with running_server(registry.root, log, None, *options("--edge")) as again:
+        assert ordinary_request(again) == 200

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from fmnist.data.dataset import IMAGE_SIZE
 from fmnist.storage.files import open_regular
@@ -21,6 +21,7 @@ from fmnist.storage.files import open_regular
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 1 << 20  # a 28x28 grayscale PNG takes under 1 KB; this leaves room for metadata
 MAX_PNG_PIXELS = 256 * 256  # Fashion-MNIST images are 28x28
+MAX_TEXT_BYTES = 64 << 10  # text chunks (tEXt, zTXt, iTXt) of one PNG, inflated
 
 
 class ImageFileError(ValueError):
@@ -57,6 +58,9 @@ def decode_grayscale_png(data: bytes, path: str) -> np.ndarray:
         raise ImageFileError(f"{path}: {len(data):,} bytes, over the {MAX_PNG_BYTES:,}-byte limit for one image")
     if not data.startswith(PNG_SIGNATURE):
         raise ImageFileError(f"{path}: not a PNG image (it does not start with the PNG signature)")
+    # Pillow inflates text chunks as it opens a file, up to 1 MB each and 64 MB in all: a 62 KB upload of
+    # compressed text cost 0.4 s. This process reads only images, which need no text: a little is allowed.
+    PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_BYTES, MAX_TEXT_BYTES
     try:
         # The pixel limit below is ours and lower; Pillow's warning about its own would only be noise.
         with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning):

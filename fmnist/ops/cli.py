@@ -51,7 +51,7 @@ from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.retention import RetentionParams, prune_runs
 from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
-from fmnist.serving.edge import EdgeLimits, EdgePlan, behind_edge, nginx_config, worker_user
+from fmnist.serving.edge import EdgeLimits, EdgePlan, behind_edge, nginx_config
 from fmnist.serving.options import ServeOptions
 from fmnist.storage import StorageError, Store, StoredFile, join
 from fmnist.storage import normalize as normalize_location
@@ -184,7 +184,7 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
     )
     edge = EdgePlan(EdgeLimits.of(options), free_port(), free_port())
     if args.print_edge_config:
-        print(nginx_config(behind_edge(options, edge)[1], EDGE_PREFIX, edge.limits, worker_user()))
+        print(nginx_config(behind_edge(options, edge)[1], EDGE_PREFIX, edge.limits))
         return
     serve(registry, options, edge if args.edge else None)
 

@@ -7,13 +7,16 @@ and per second, and bounds HTTP/2 streams. The application behind it listens on 
 its own guards (`fmnist.serving.guard`) as a second line.
 
 `nginx_config` writes the configuration; `Edge` runs nginx with it in the foreground, as a child of
-`fashion-mnist serve --edge`, its error log passed through the server's rate-limited log. The reference
-page "Edge" shows the configuration an operator deploys, generated from this module.
+`fashion-mnist serve --edge`: one process (no master whose workers could outlive it), as nobody when the
+server runs as root, ended by the kernel when the server dies, its error log passed through the server's
+rate-limited log. The reference page "Edge" shows the configuration an operator deploys, generated from
+this module.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -21,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -30,15 +34,17 @@ from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES
 from fmnist.serving.options import ServeOptions
 
 MAX_BODY_BYTES = 16 << 20  # the largest REST body the server accepts (a JSON predict of 1,024 images)
+LARGE_BODY_BYTES = 1 << 20  # a body declared past this (or chunked) counts as a large upload
 BODY_BUFFER_BYTES = 128 << 10  # bodies past this are buffered in a file, not in memory
 START_S = 10.0  # for nginx to open its ports
 PR_SET_PDEATHSIG = 1
+PREFIX_PATTERN = "fmnist-edge-*"  # the edge's folders, in the temporary folder
 
 log = logging.getLogger(__name__)
 
 
 class EdgeError(RuntimeError):
-    """nginx is missing, refused its configuration, or could not open its ports."""
+    """nginx is missing, refused its configuration, could not open its ports, or died."""
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,22 @@ class EdgeLimits:
     idle_s: float = 30.0  # a keep-alive connection with no request
     answer_s: float = 30.0  # for the application to answer
     requests_per_client: int = 128  # requests (HTTP/2: streams) one address has open at once
+    large_uploads_per_client: int = 4  # of them, bodies past LARGE_BODY_BYTES (buffered on disk)
     rate_per_client: int = 5000  # requests a second one address may send, with a burst of as many
     streams_per_connection: int = 128  # HTTP/2 streams at once on one connection (nginx's default)
     worker_connections: int = 32768  # connections nginx holds at once (idle ones included)
+    upstream_idle: int = 64  # idle connections kept open to the application, per protocol
 
     @classmethod
     def of(cls, options: ServeOptions) -> EdgeLimits:
-        """The edge's deadlines from the server's: the same head deadline, a body's reads under it too."""
-        return cls(header_s=options.header_s, body_read_s=options.header_s, answer_s=options.body_s)
+        """The edge's limits from the server's: the same head deadline, a body's reads under it too, and
+        fewer idle connections to the server than a quarter of the connections it allows."""
+        return cls(
+            header_s=options.header_s,
+            body_read_s=options.header_s,
+            answer_s=options.body_s,
+            upstream_idle=max(min(64, options.max_connections // 4), 1),
+        )
 
 
 @dataclass(frozen=True)
@@ -90,8 +104,8 @@ def behind_edge(options: ServeOptions, plan: EdgePlan) -> tuple[ServeOptions, Ed
 
 
 def within_descriptor_limit(limits: EdgeLimits) -> EdgeLimits:
-    """`limits` with no more connections than nginx may open files for: it cannot raise its hard limit
-    without CAP_SYS_RESOURCE (a container's root may lack it), and refuses its workers' limit if asked to."""
+    """`limits` with no more connections than nginx may open files for (its hard limit: raising it needs
+    CAP_SYS_RESOURCE, which a container's root may lack)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or limits.worker_connections * 2 <= hard:
         return limits
@@ -103,15 +117,18 @@ def within_descriptor_limit(limits: EdgeLimits) -> EdgeLimits:
     return replace(limits, worker_connections=hard // 2)
 
 
-def nginx_config(addresses: EdgeAddresses, prefix: Path, limits: EdgeLimits, worker_user: str | None) -> str:
-    """nginx.conf for the edge; temporary files and the pid under `prefix`, the error log on stderr.
-    `worker_user`: who nginx's workers run as, where its master runs as root (see `worker_user()`)."""
-    user = f"user {worker_user};\n" if worker_user else ""
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def nginx_config(addresses: EdgeAddresses, prefix: Path, limits: EdgeLimits) -> str:
+    """nginx.conf for the edge: temporary files and the pid under `prefix`, the error log on stderr."""
     grpc = _grpc_server(addresses, limits) if addresses.grpc_port is not None else ""
     return f"""# The prediction server's edge (fmnist.serving.edge), generated: change the code, not this.
-{user}worker_processes 1;
-worker_rlimit_nofile {limits.worker_connections * 2};
-pid {prefix}/nginx.pid;
+# One process: started by `fashion-mnist serve --edge`, which it dies with.
+master_process off;
+worker_processes 1;
+pid {prefix}/run/nginx.pid;
 error_log stderr warn;
 events {{
     worker_connections {limits.worker_connections};
@@ -119,11 +136,11 @@ events {{
 http {{
     access_log off;
     server_tokens off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+    client_body_temp_path {prefix}/run/body;
+    proxy_temp_path {prefix}/run/proxy;
+    fastcgi_temp_path {prefix}/run/fastcgi;
+    uwsgi_temp_path {prefix}/run/uwsgi;
+    scgi_temp_path {prefix}/run/scgi;
 
     # Every phase has a deadline; a timed-out connection is reset, not lingered on.
     client_header_timeout {limits.header_s:g}s;
@@ -136,11 +153,23 @@ http {{
     large_client_header_buffers 4 8k;
     client_body_buffer_size {BODY_BUFFER_BYTES >> 10}k;
 
-    # Per client address: requests (HTTP/2 streams) open at once, and requests a second. Refusals are
-    # logged at info, below the error log's level: an attacker's refusals do not fill the log.
+    # Per client address: requests (HTTP/2 streams) open at once, large uploads (declared past
+    # {LARGE_BODY_BYTES:,} bytes, or chunked) open at once, and requests a second. Refusals are logged
+    # at info, below the error log's level: an attacker's refusals do not fill the log.
+    map $http_content_length $large_by_length {{
+        "" "";
+        "~^[0-9]{{1,{len(str(LARGE_BODY_BYTES)) - 1}}}$" "";
+        default $binary_remote_addr;
+    }}
+    map $http_transfer_encoding $large_by_chunks {{
+        "" "";
+        default $binary_remote_addr;
+    }}
     limit_conn_zone $binary_remote_addr zone=requests_per_client:10m;
+    limit_conn_zone $large_by_length$large_by_chunks zone=large_uploads_per_client:10m;
     limit_req_zone $binary_remote_addr zone=rate_per_client:10m rate={limits.rate_per_client}r/s;
     limit_conn requests_per_client {limits.requests_per_client};
+    limit_conn large_uploads_per_client {limits.large_uploads_per_client};
     limit_req zone=rate_per_client burst={limits.rate_per_client} nodelay;
     limit_conn_status 429;
     limit_req_status 429;
@@ -152,22 +181,24 @@ http {{
 
     upstream app_rest {{
         server {addresses.app_rest};
-        keepalive 64;
+        keepalive {limits.upstream_idle};
     }}
     server {{
-        listen {addresses.host}:{addresses.rest_port} backlog=4096;
+        listen {listen_address(addresses.host, addresses.rest_port)} backlog=4096;
         client_max_body_size {MAX_BODY_BYTES >> 20}m;
         location / {{
             proxy_pass http://app_rest;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host $host;
+            proxy_set_header Host $proxy_host;  # (an HTTP/1.0 client may send none)
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_request_buffering on;  # the whole body, before the application sees a byte
             proxy_connect_timeout 2s;
             proxy_send_timeout {limits.answer_s:g}s;
             proxy_read_timeout {limits.answer_s:g}s;
-            proxy_next_upstream off;  # a predict is not retried on its own
+            # An idle connection the server closed is tried again on a new one; a request once sent is not.
+            proxy_next_upstream error;
+            proxy_next_upstream_tries 2;
         }}
 {_json_errors()}
     }}
@@ -177,9 +208,11 @@ http {{
 
 JSON_ERRORS = {
     400: "the edge could not read this request",
-    408: "the request was not in within the deadline of the edge",
     413: f"the body is over {MAX_BODY_BYTES:,} bytes, the most accepted",
+    414: "the request line is too long",
     429: "too many requests from this address; try again shortly",
+    494: "a request header is too long",
+    505: "this HTTP version is not supported; send HTTP/1.1 (or HTTP/2 to the gRPC port)",
     502: "the prediction server behind the edge is not answering; try again shortly",
     504: "the prediction server behind the edge did not answer in time",
 }
@@ -192,11 +225,12 @@ GRPC_ERRORS = {  # HTTP status at the edge: (gRPC status code, message)
 
 
 def _json_errors() -> str:
-    """The edge's own refusals in the server's error form, `{"error": ...}` (messages hold no quote)."""
-    pages = [f"        error_page {code} @error_{code};" for code in JSON_ERRORS]
+    """The edge's own refusals in the server's error form, `{"error": ...}` (messages hold no quote).
+    Internal URIs, not named locations: a request line nginx could not read has no URI to carry."""
+    pages = [f"        error_page {code} /.edge/{code};" for code in JSON_ERRORS]
     for code, message in JSON_ERRORS.items():
         pages.append(
-            f"        location @error_{code} {{ default_type application/json; "
+            f"        location = /.edge/{code} {{ internal; default_type application/json; "
             f'return {code} \'{{"error": "{message}"}}\'; }}'
         )
     return "\n".join(pages)
@@ -212,20 +246,26 @@ def _grpc_server(addresses: EdgeAddresses, limits: EdgeLimits) -> str:
             "add_header content-length 0 always; return 204; }"
         )
     errors = "\n".join(pages)
-    return f"""    upstream app_grpc {{
-        server {addresses.app_grpc};
-        keepalive 64;
-    }}
-    server {{
-        listen {addresses.host}:{addresses.grpc_port} http2 backlog=4096;
-        client_max_body_size {MAX_MESSAGE_BYTES >> 20}m;
-        location / {{
-            grpc_pass grpc://app_grpc;
+    upstream = f"""            grpc_pass grpc://app_grpc;
             grpc_set_header X-Forwarded-For $remote_addr;
             grpc_connect_timeout 2s;
             grpc_send_timeout {limits.answer_s:g}s;
+            grpc_next_upstream error;
+            grpc_next_upstream_tries 2;"""
+    return f"""    upstream app_grpc {{
+        server {addresses.app_grpc};
+        keepalive {limits.upstream_idle};
+    }}
+    server {{
+        listen {listen_address(addresses.host, addresses.grpc_port)} http2 backlog=4096;
+        client_max_body_size {MAX_MESSAGE_BYTES >> 20}m;
+        location / {{
+{upstream}
             grpc_read_timeout {limits.answer_s:g}s;
-            grpc_next_upstream off;
+        }}
+        location = /grpc.health.v1.Health/Watch {{  # a stream that lives as long as its client wants
+{upstream}
+            grpc_read_timeout 1h;
         }}
 {errors}
     }}
@@ -239,40 +279,79 @@ def nginx_binary() -> str:
     return found
 
 
-def worker_user() -> str | None:
-    """As root, nginx's workers run as nobody (they need no more); otherwise as whoever runs nginx."""
-    return "nobody nogroup" if os.geteuid() == 0 else None
+def as_nobody() -> tuple[int, int] | None:
+    """Who nginx runs as: nobody when the server runs as root (it needs no more), else the server's user."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
 
 
-def _die_with_parent() -> None:
+def _start_nginx(ids: tuple[int, int] | None, max_files: int, parent: int) -> None:
+    """In the child, before nginx: open as many files as allowed, drop root, and die with the server (in
+    that order: a change of user clears the parent-death signal)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max(max_files, hard)))
+    except (ValueError, OSError):  # not allowed past the hard limit: take all of it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if ids:
+        os.setgroups([])
+        os.setgid(ids[1])
+        os.setuid(ids[0])
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the server died before the request above took effect
+        os._exit(1)
+
+
+def sweep_stale_prefixes(folder: Path) -> None:
+    """Remove the folders of edges that died with their server (SIGKILL leaves them): ours, with no live nginx."""
+    for prefix in folder.glob(PREFIX_PATTERN):
+        try:
+            if prefix.is_symlink() or prefix.stat().st_uid != os.geteuid():
+                continue
+            pid = int((prefix / "run" / "nginx.pid").read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 class Edge:
     """nginx with the edge's configuration, in the foreground, until `stop` (or this process's death)."""
 
-    def __init__(self, addresses: EdgeAddresses, prefix: Path, limits: EdgeLimits, log_line) -> None:
-        self.addresses, self.prefix, self.limits = addresses, prefix, limits
+    def __init__(self, addresses: EdgeAddresses, limits: EdgeLimits, log_line) -> None:
+        self.addresses, self.limits = addresses, limits
         self.log_line = log_line  # each line nginx logs (through the server's rate-limited log)
         self.process: subprocess.Popen | None = None
+        self.prefix: Path | None = None
+        self.stopping = False
 
     def write_config(self) -> Path:
-        self.prefix.mkdir(parents=True, exist_ok=True, mode=0o700)
-        user = worker_user()
-        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.prefix / temp).mkdir(exist_ok=True, mode=0o700)
-            if user:  # the workers write bodies there; nothing else of ours is theirs
-                os.chown(self.prefix / temp, *_ids("nobody"))
-        if user:  # the workers must reach their temporary folders, and nothing else under the prefix
+        """A fresh folder of the edge's own: the configuration, and `run/` for nginx's files (nobody's, as root)."""
+        folder = Path(tempfile.gettempdir())
+        sweep_stale_prefixes(folder)
+        self.prefix = Path(tempfile.mkdtemp(prefix=PREFIX_PATTERN.rstrip("*"), dir=folder))
+        ids = as_nobody()
+        run = self.prefix / "run"
+        for temp in (run, *(run / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"))):
+            temp.mkdir(mode=0o700)
+            if ids:
+                os.chown(temp, *ids)
+        if ids:  # nobody must reach run/ and read the configuration, and nothing else of ours
             os.chmod(self.prefix, 0o711)
         config = self.prefix / "nginx.conf"
-        temporary = config.with_suffix(".tmp")
-        limits = within_descriptor_limit(self.limits)
-        temporary.write_text(nginx_config(self.addresses, self.prefix, limits, user))
-        temporary.replace(config)
+        config.write_text(nginx_config(self.addresses, self.prefix, within_descriptor_limit(self.limits)))
+        config.chmod(0o644)
         return config
 
     def start(self) -> None:
+        ports = [p for p in (self.addresses.rest_port, self.addresses.grpc_port) if p is not None]
+        if taken := [port for port in ports if _accepts(self.addresses.host, port)]:
+            raise EdgeError(f"{self.addresses.host}:{taken} already answer: another server or edge holds them")
         config = self.write_config()
         command = [nginx_binary(), "-p", str(self.prefix), "-c", str(config), "-e", "stderr", "-g", "daemon off;"]
         self.process = subprocess.Popen(
@@ -280,24 +359,24 @@ class Edge:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_start_nginx, as_nobody(), self.limits.worker_connections * 2, os.getpid()),
             text=True,
             errors="replace",
         )
         self.pump = threading.Thread(target=self._pump_log, daemon=True, name="edge-log")
         self.pump.start()
-        self._wait_for_ports()
+        self._wait_for_ports(ports)
 
     def _pump_log(self) -> None:
         for line in self.process.stderr:
             self.log_line(line.rstrip())
 
-    def _wait_for_ports(self) -> None:
-        ports = [p for p in (self.addresses.rest_port, self.addresses.grpc_port) if p is not None]
+    def _wait_for_ports(self, ports: list[int]) -> None:
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.pump.join(1.0)  # its last lines say why
+                self.stop()
                 raise EdgeError(f"nginx exited ({self.process.returncode}) at start: see the log above")
             if all(_accepts(self.addresses.host, port) for port in ports):
                 return
@@ -305,22 +384,22 @@ class Edge:
         self.stop()
         raise EdgeError(f"nginx did not open {self.addresses.host}:{ports} within {START_S:g} s")
 
+    def died(self) -> bool:
+        """nginx ended without being asked to."""
+        return not self.stopping and self.process is not None and self.process.poll() is not None
+
     def stop(self, grace_s: float = 5.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGQUIT)  # graceful: open requests are answered
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _ids(user: str) -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam(user)
-    return entry.pw_uid, entry.pw_gid
+        """Stop nginx gracefully (open requests are answered) and remove its folder."""
+        self.stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.prefix is not None:
+            shutil.rmtree(self.prefix, ignore_errors=True)
 
 
 def _accepts(host: str, port: int) -> bool:

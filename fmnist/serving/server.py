@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
-import shutil
-import tempfile
-import threading
+import signal
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -46,7 +44,14 @@ from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.edge import Edge, EdgePlan, behind_edge
 from fmnist.serving.errors import BadRequest, NotFound, NotReady, ServingError
 from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, MESSAGES, descriptor_files
-from fmnist.serving.guard import BodyBudget, Claim, guarded_protocol, read_body
+from fmnist.serving.guard import (
+    BodyBudget,
+    Claim,
+    ConcurrencyLimit,
+    client_address,
+    guarded_protocol,
+    read_body,
+)
 from fmnist.serving.log_limits import RepeatLimiter, limit_repeats, nginx_kind
 from fmnist.serving.metrics import PATH as METRICS_PATH
 from fmnist.serving.metrics import ServingMetrics
@@ -61,7 +66,8 @@ MAX_JSON_BYTES = 16 << 20  # 1,024 images as JSON floats take about 9 MB
 log = logging.getLogger(__name__)
 
 
-def create_app(registry: Registry, options: ServeOptions) -> Starlette:
+def create_app(registry: Registry, options: ServeOptions, edge: Edge | None = None) -> Starlette:
+    """The application; with `edge`, nginx is started with it and stopped at its shutdown (SIGTERM included)."""
     metrics = ServingMetrics(MODEL_NAME)
     models = ServedModels(registry, options.poll_s, metrics, options.canary_share)
     capture = None
@@ -93,7 +99,15 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
             await grpc.start()
             checking = asyncio.create_task(checks.follow())
             log.info("gRPC (TF Serving's PredictionService, ModelService; Health; reflection) on %s", address)
+        watching = None
+        if edge is not None:
+            # From this (the main) thread: nginx is asked to die with the thread that starts it.
+            edge.start()
+            watching = asyncio.create_task(follow_edge(edge))
         yield
+        if edge is not None:
+            watching.cancel()
+            edge.stop()
         if grpc is not None:
             checking.cancel()
             await grpc.stop(grace=2)
@@ -166,7 +180,7 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
             raise NotFound(f"Servable not found for request: Specific({name[:64]}, {version[:32]})")
         number, _ = tfserving.requested(name, version, None)
         if method == "POST" and verb == "/infer":
-            with budget.claim() as claim:
+            with budget.claim(client_of(request)) as claim:
                 return await answered("infer", lambda: infer(request, number, claim))
         if method == "GET" and verb == "/ready":
             ready = bool(models.served()) if number is None else any(s.number == number for s in models.served())
@@ -195,7 +209,7 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
 
     async def post(request: Request, name: str, version: str | None, label: str | None, method: str) -> Response:
         method = method.lower()
-        with budget.claim() as claim:
+        with budget.claim(client_of(request)) as claim:
             if method == "predict":
                 return await answered("predict", lambda: predict(request, name, version, label, claim))
             if method == "classify-png":
@@ -221,7 +235,8 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise BadRequest("send the PNG files as multipart/form-data (curl -F image=@shoe.png ...)")
-        named = await parsers.run(parse_pngs, await body_of(request, MAX_UPLOAD_BYTES, claim), content_type)
+        body = await body_of(request, MAX_UPLOAD_BYTES, claim)
+        named = await parsers.run(parse_pngs, body, content_type, inline_bytes=0)
         pixels = SCALED[np.stack([image for _, image in named])]
         answer = await core.predict(pixels, number, label)
         results = []
@@ -270,6 +285,10 @@ def create_app(registry: Registry, options: ServeOptions) -> Starlette:
     return app
 
 
+def client_of(request: Request) -> str:
+    return client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"))
+
+
 def served_headers(answer) -> dict[str, str]:
     return {"X-Model-Version": answer.served.version, "X-Model-Label": answer.label}
 
@@ -289,7 +308,7 @@ def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None 
     app_options, edge = options, None
     if edge_plan is not None:
         app_options, addresses = behind_edge(options, edge_plan)
-        edge = Edge(addresses, Path(tempfile.mkdtemp(prefix="fmnist-edge-")), edge_plan.limits, edge_log)
+        edge = Edge(addresses, edge_plan.limits, edge_log)
     log.info(
         "Serving the champion of %s on http://%s:%d (registry read every %g s)%s",
         registry.root,
@@ -299,27 +318,16 @@ def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None 
         " through the edge (nginx)" if edge else "",
     )
     config = uvicorn.Config(
-        create_app(registry, app_options),
+        # Beyond `max_connections` requests at once a 503 at once: memory stays bounded under overload.
+        ConcurrencyLimit(create_app(registry, app_options, edge), app_options.max_connections),
         host=app_options.host,
         port=app_options.port,
-        # Beyond `max_connections` open requests uvicorn answers 503 at once: memory stays bounded under overload.
-        limit_concurrency=app_options.max_connections,
-        http=guarded_protocol(app_options.header_s),
+        http=guarded_protocol(app_options.header_s, app_options.body_s, app_options.max_connections),
         access_log=app_options.access_log,
         log_level="info",
     )
     limit_repeats(logging.getLogger("uvicorn"))  # (uvicorn's loggers have handlers of their own)
-    server = uvicorn.Server(config)
-    if edge is None:
-        server.run()
-        return
-    try:
-        edge.start()
-        threading.Thread(target=stop_with_edge, args=(edge, server), daemon=True, name="edge-watch").start()
-        server.run()
-    finally:
-        edge.stop()
-        shutil.rmtree(edge.prefix, ignore_errors=True)
+    uvicorn.Server(config).run()
 
 
 EDGE_LOG = logging.getLogger("fmnist.serving.edge.nginx")
@@ -333,12 +341,13 @@ def edge_log(line: str) -> None:
         EDGE_LOG.warning("%s%s", line, f" ({held_back:,} like it held back)" if held_back else "")
 
 
-def stop_with_edge(edge: Edge, server) -> None:
-    """nginx gone means no client can reach the server: stop, so that a supervisor starts both again."""
-    returncode = edge.process.wait()
-    if not server.should_exit:
-        log.error("the edge (nginx) exited (%s); stopping the server", returncode)
-        server.should_exit = True
+async def follow_edge(edge: Edge, every_s: float = 0.5) -> None:
+    """nginx gone means no client can reach the server: stop it (SIGTERM, so that the shutdown runs and the
+    process ends as terminated, not as a success a supervisor would not restart)."""
+    while not edge.died():
+        await asyncio.sleep(every_s)
+    log.error("the edge (nginx) exited (%s); stopping the server", edge.process.returncode)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def raise_descriptor_limit() -> None:

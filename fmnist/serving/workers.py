@@ -91,8 +91,10 @@ class BodyParsers:
             self.starting = asyncio.get_running_loop().create_task(self.start())
         return self.starting
 
-    async def run(self, parse, body: bytes, *args):
-        if not self.workers or len(body) <= INLINE_BYTES:
+    async def run(self, parse, body: bytes, *args, inline_bytes: int = INLINE_BYTES):
+        """`parse(body, *args)`, in a worker when the body is over `inline_bytes` (0: always, for work that
+        does not scale with the body's size, like inflating a PNG)."""
+        if not self.workers or len(body) <= inline_bytes:
             return parse(body, *args)
         for _attempt in range(2):  # the request that met a dead worker is parsed again on the new pool
             if self._broken():

@@ -1,0 +1,63 @@
+"""The edge's nginx configuration, as `fashion-mnist serve --edge` writes it: nginx itself accepts it
+(`nginx -t`), for IPv4 and IPv6 hosts, with and without gRPC, and its limits follow the server's."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fmnist.serving.edge import EdgeAddresses, EdgeLimits, nginx_binary, nginx_config
+from fmnist.serving.options import ServeOptions
+
+ADDRESSES = EdgeAddresses("127.0.0.1", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500")
+
+
+def nginx_accepts(config: str, prefix: Path) -> subprocess.CompletedProcess:
+    for folder in ("run/body", "run/proxy", "run/fastcgi", "run/uwsgi", "run/scgi"):
+        (prefix / folder).mkdir(parents=True, exist_ok=True)
+    (prefix / "nginx.conf").write_text(config)
+    command = [nginx_binary(), "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+    reason="nginx is not installed here (make edge, or .ci/run, installs it)",
+)
+
+
+@needs_nginx
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ADDRESSES,
+        EdgeAddresses("::1", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500"),
+        EdgeAddresses("0.0.0.0", 8501, None, "127.0.0.1:18501", None),
+    ],
+    ids=["ipv4", "ipv6", "rest-only"],
+)
+def test_nginx_accepts_the_configuration(addresses: EdgeAddresses, tmp_path: Path) -> None:
+    done = nginx_accepts(nginx_config(addresses, tmp_path, EdgeLimits()), tmp_path)
+    assert done.returncode == 0, done.stderr
+    # (the descriptor limit is the host's: `Edge` lowers worker_connections to it when it starts nginx)
+    warnings = [line for line in done.stderr.splitlines() if "[" in line and "worker_connections exceed" not in line]
+    assert not warnings, warnings
+
+
+def test_an_ipv6_host_is_bracketed_and_grpc_is_left_out_when_not_served() -> None:
+    config = nginx_config(EdgeAddresses("::1", 8501, None, "127.0.0.1:1", None), Path("/p"), EdgeLimits())
+    assert "listen [::1]:8501 " in config
+    assert "grpc_pass" not in config and "http2" not in config.split("http2_max_concurrent_streams")[1]
+
+
+def test_the_edges_limits_follow_the_servers() -> None:
+    options = ServeOptions(header_s=2.0, body_s=7.0, max_connections=32)
+    limits = EdgeLimits.of(options)
+    assert (limits.header_s, limits.body_read_s, limits.answer_s) == (2.0, 2.0, 7.0)
+    # Fewer idle connections to the server than it allows, so that they never crowd out new ones.
+    assert limits.upstream_idle == 8
+    config = nginx_config(ADDRESSES, Path("/p"), limits)
+    assert "client_header_timeout 2s;" in config and "keepalive 8;" in config and "proxy_read_timeout 7s;" in config
