@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.serving.edge import EdgeAddresses, EdgeLimits, nginx_binary, nginx_config
+from fmnist.serving.edge import MIN_ANSWER_S, EdgeAddresses, EdgeLimits, nginx_binary, nginx_config
 from fmnist.serving.options import ServeOptions
 
 ADDRESSES = EdgeAddresses("127.0.0.1", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500")
@@ -54,10 +54,11 @@ def test_an_ipv6_host_is_bracketed_and_grpc_is_left_out_when_not_served() -> Non
 
 
 def test_the_edges_limits_follow_the_servers() -> None:
-    options = ServeOptions(header_s=2.0, body_s=7.0, max_connections=32)
+    options = ServeOptions(header_s=2.0, body_s=17.0, max_connections=32)
     limits = EdgeLimits.of(options)
-    assert (limits.header_s, limits.body_read_s, limits.answer_s) == (2.0, 2.0, 7.0)
+    assert (limits.header_s, limits.body_read_s, limits.answer_s) == (2.0, 2.0, 17.0)
+    assert EdgeLimits.of(ServeOptions(body_s=1.0)).answer_s == MIN_ANSWER_S
     # Fewer idle connections to the server than it allows, so that they never crowd out new ones.
     assert limits.upstream_idle == 8
     config = nginx_config(ADDRESSES, Path("/p"), limits)
-    assert "client_header_timeout 2s;" in config and "keepalive 8;" in config and "proxy_read_timeout 7s;" in config
+    assert "client_header_timeout 2s;" in config and "keepalive 8;" in config and "proxy_read_timeout 17s;" in config

@@ -37,6 +37,7 @@ MAX_BODY_BYTES = 16 << 20  # the largest REST body the server accepts (a JSON pr
 LARGE_BODY_BYTES = 1 << 20  # a body declared past this (or chunked) counts as a large upload
 BODY_BUFFER_BYTES = 128 << 10  # bodies past this are buffered in a file, not in memory
 START_S = 10.0  # for nginx to open its ports
+MIN_ANSWER_S = 10.0  # the least the edge waits for the server's answer
 PR_SET_PDEATHSIG = 1
 PREFIX_PATTERN = "fmnist-edge-*"  # the edge's folders, in the temporary folder
 
@@ -64,12 +65,13 @@ class EdgeLimits:
 
     @classmethod
     def of(cls, options: ServeOptions) -> EdgeLimits:
-        """The edge's limits from the server's: the same head deadline, a body's reads under it too, and
-        fewer idle connections to the server than a quarter of the connections it allows."""
+        """The edge's limits from the server's: the same head deadline, a body's reads under it too, the
+        body deadline for an answer but never under MIN_ANSWER_S (a loaded server's queue), and fewer idle
+        connections to the server than a quarter of the connections it allows."""
         return cls(
             header_s=options.header_s,
             body_read_s=options.header_s,
-            answer_s=options.body_s,
+            answer_s=max(options.body_s, MIN_ANSWER_S),
             upstream_idle=max(min(64, options.max_connections // 4), 1),
         )
 
