@@ -83,17 +83,17 @@ def guarded_protocol(header_s: float, send_s: float, max_connections: int) -> ty
             self._close_with_408(f"no complete request head within {header_s:g} s")
 
         def _close_with_408(self, why: str) -> None:
-            if not self.transport.is_closing():
-                body = json.dumps({"error": f"{why}; the connection is closed"}).encode()
-                head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                self.transport.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
-                self.transport.close()
+            self._close_with(b"408 Request Timeout", f"{why}; the connection is closed")
 
         def send_400_response(self, msg: str) -> None:
             """A request h11 cannot read: a 400 in the server's error form (uvicorn's is plain text)."""
+            self._close_with(b"400 Bad Request", f"Malformed request: {msg[:200]}")
+
+        def _close_with(self, status: bytes, message: str) -> None:
+            """Answer `status` with an `{"error": message}` body, outside h11's state, and close."""
             if not self.transport.is_closing():
-                body = json.dumps({"error": f"Malformed request: {msg[:200]}"}).encode()
-                head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                body = json.dumps({"error": message}).encode()
+                head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n" % status
                 self.transport.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
                 self.transport.close()
 
