@@ -422,7 +422,7 @@ def app_ports(log: Path) -> tuple[int, int]:
 
 
 def idle_connection_cost(port: int, edge_workers: list[int], count: int) -> dict:
-    """nginx's memory for `count` idle connections (from attacker addresses): its workers' RSS before and
+    """nginx's memory for `count` idle connections (from attacker addresses): its processes' RSS before and
     while they are held."""
     import resource
 
@@ -477,8 +477,8 @@ def edge_figures(registry: str, images: np.ndarray, ordinary: list[bytes], secon
         for door, (rest, grpc) in doors.items():
             name = f"{door}, beside {hostile} REST and 24 gRPC attackers"
             mixes[name] = hostile_mix(rest, ordinary, 2 * seconds, hostile, grpc, images)
-        master = [pid for pid in children(server.process.pid) if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        idle = idle_connection_cost(server.port, [w for m in master for w in children(m)], 10_000)
+        edge = [pid for pid in children(server.process.pid) if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        idle = idle_connection_cost(server.port, edge + [w for m in edge for w in children(m)], 10_000)
     finally:
         server.stop()
     print(f"\n16 ordinary REST clients and 4 gRPC clients, one image a request, {2 * seconds:g} s:")
