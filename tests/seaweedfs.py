@@ -24,6 +24,7 @@ SECRET_KEY = "fmnist-test-secret-" + "s3cr3t"
 REGION = "us-east-1"
 # weed mini's listeners besides S3; each also opens a gRPC port, so each gets two free ports.
 _SERVICES = ("master", "volume", "filer", "s3", "admin")
+PORT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,27 @@ def seaweedfs(data_dir: Path, startup_timeout_s: float = 60, check_credentials: 
     identity = {"name": "pipeline", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
     identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
     config.write_text(json.dumps({"identities": [identity]}))
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        server, log = _start(data_dir, config, check_credentials)
+        try:
+            _wait_until_serving(server, data_dir / "weed.log", startup_timeout_s)
+            break
+        except RuntimeError:
+            stop(server.process)
+            log.close()
+            # free_ports closes each port before weed binds it: another process (an xdist worker starting
+            # its own servers) may take one between. New ports, a bounded number of times.
+            if attempt == PORT_ATTEMPTS or "Port allocation failed" not in (data_dir / "weed.log").read_text():
+                raise
+    try:
+        yield server
+    finally:
+        stop(server.process)
+        log.close()
+
+
+def _start(data_dir: Path, config: Path, check_credentials: bool):
+    """`weed mini` on free ports: the server, and its open log."""
     ports = dict(zip(_SERVICES, zip(*[iter(free_ports(2 * len(_SERVICES)))] * 2, strict=True), strict=True))
     args = [f"-{name}.port={http}" for name, (http, _) in ports.items()]
     args += [f"-{name}.port.grpc={grpc}" for name, (_, grpc) in ports.items()]
@@ -107,12 +129,7 @@ def seaweedfs(data_dir: Path, startup_timeout_s: float = 60, check_credentials: 
         start_new_session=True,
     )
     server = S3Server(f"http://127.0.0.1:{ports['s3'][0]}", process)
-    try:
-        _wait_until_serving(server, data_dir / "weed.log", startup_timeout_s)
-        yield server
-    finally:
-        stop(process)
-        log.close()
+    return server, log
 
 
 def _wait_until_serving(server: S3Server, log: Path, timeout_s: float) -> None:
