@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.serving.edge import MIN_ANSWER_S, EdgeAddresses, EdgeLimits, nginx_binary, nginx_config
+from fmnist.serving.edge import (
+    MIN_ANSWER_S,
+    EdgeAddresses,
+    EdgeLimits,
+    EdgePlan,
+    behind_edge,
+    nginx_binary,
+    nginx_config,
+)
 from fmnist.serving.options import ServeOptions
 
 ADDRESSES = EdgeAddresses("127.0.0.1", 8501, 8500, "127.0.0.1:18501", "127.0.0.1:18500")
@@ -62,3 +70,8 @@ def test_the_edges_limits_follow_the_servers() -> None:
     assert limits.upstream_idle == 8
     config = nginx_config(ADDRESSES, Path("/p"), limits)
     assert "client_header_timeout 2s;" in config and "keepalive 8;" in config and "proxy_read_timeout 17s;" in config
+    # The edge passes the server as many requests at once as it answers, and the server behind it allows
+    # more connections than the edge ever opens, so that it never closes the edge's own to make room.
+    assert config.count("max_conns=32;") == 2
+    app, _ = behind_edge(options, EdgePlan(limits, 18501, 18500))
+    assert app.max_connections >= limits.upstream_busy + limits.upstream_idle

@@ -621,6 +621,33 @@ def edge_only(server: RunningServer) -> None:
         pytest.skip("the edge's own behaviour: the bare server has no edge")
 
 
+def test_under_more_load_than_the_server_answers_the_edge_refuses_at_once_and_never_passes_a_408(
+    server: RunningServer,
+) -> None:
+    """48 clients send 64-image predicts as fast as they are answered, against a server that answers 32
+    at once: every answer is a 200 or the edge's JSON 502 'busy' (the server closed the edge's own
+    connections to make room, and the edge passed its 408s to 15 of 30 ordinary clients)."""
+    edge_only(server)
+    body = json.dumps({"instances": [image_rows(1)] * 64}).encode()
+    answers: list[tuple[int, str]] = []
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(15):
+                answer = client.post(f"{server.url}{PREDICT}", content=body)
+                answers.append((answer.status_code, answer.headers.get("content-type", "")))
+
+    threads = [threading.Thread(target=load) for _ in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 48 * 15
+    assert {status for status, _ in answers} <= {200, 502}, sorted({status for status, _ in answers})
+    assert all(kind == "application/json" for _, kind in answers)
+    assert ordinary_request(server) == 200
+
+
 def test_the_edge_answers_what_it_cannot_read_in_json(server: RunningServer) -> None:
     """A request line nginx cannot read, a TLS hello, a URI too long: a JSON error (a 500 text/html, and
     HTML pages, before); an HTTP/1.0 request with no Host is answered (nginx forwarded an empty Host)."""

@@ -62,16 +62,18 @@ class EdgeLimits:
     streams_per_connection: int = 128  # HTTP/2 streams at once on one connection (nginx's default)
     worker_connections: int = 32768  # connections nginx holds at once (idle ones included)
     upstream_idle: int = 64  # idle connections kept open to the application, per protocol
+    upstream_busy: int = 256  # requests passed to the application at once, per protocol; beyond, a 502 at once
 
     @classmethod
     def of(cls, options: ServeOptions) -> EdgeLimits:
         """The edge's limits from the server's: the same head deadline, a body's reads under it too, the
-        body deadline for an answer but never under MIN_ANSWER_S (a loaded server's queue), and fewer idle
-        connections to the server than a quarter of the connections it allows."""
+        body deadline for an answer but never under MIN_ANSWER_S (a loaded server's queue), as many requests
+        at once as the server answers, and fewer idle connections than a quarter of that."""
         return cls(
             header_s=options.header_s,
             body_read_s=options.header_s,
             answer_s=max(options.body_s, MIN_ANSWER_S),
+            upstream_busy=options.max_connections,
             upstream_idle=max(min(64, options.max_connections // 4), 1),
         )
 
@@ -95,10 +97,15 @@ class EdgeAddresses:
 
 
 def behind_edge(options: ServeOptions, plan: EdgePlan) -> tuple[ServeOptions, EdgeAddresses]:
-    """The application's options behind the edge (the plan's loopback ports), and the edge's addresses."""
+    """The application's options behind the edge (the plan's loopback ports), and the edge's addresses.
+    The edge passes the server at most `upstream_busy` requests at once and keeps `upstream_idle` idle
+    connections: the server allows more connections than that, so that it never closes the edge's own to
+    make room (under load it did, and the edge passed the 408 on, or a 502)."""
     rest, grpc = plan.app_rest_port, plan.app_grpc_port
     has_grpc = options.grpc_port is not None
+    connections = plan.limits.upstream_busy + plan.limits.upstream_idle + 16
     app = replace(options, host="127.0.0.1", port=rest, grpc_port=grpc if has_grpc else None)
+    app = replace(app, max_connections=max(options.max_connections, connections))
     addresses = EdgeAddresses(
         options.host, options.port, options.grpc_port, f"127.0.0.1:{rest}", f"127.0.0.1:{grpc}" if has_grpc else None
     )
@@ -182,7 +189,7 @@ http {{
     http2_max_concurrent_streams {limits.streams_per_connection};
 
     upstream app_rest {{
-        server {addresses.app_rest};
+        server {addresses.app_rest} max_conns={limits.upstream_busy};
         keepalive {limits.upstream_idle};
     }}
     server {{
@@ -215,13 +222,13 @@ JSON_ERRORS = {
     429: "too many requests from this address; try again shortly",
     494: "a request header is too long",
     505: "this HTTP version is not supported; send HTTP/1.1 (or HTTP/2 to the gRPC port)",
-    502: "the prediction server behind the edge is not answering; try again shortly",
+    502: "the prediction server behind the edge is busy or not answering; try again shortly",
     504: "the prediction server behind the edge did not answer in time",
 }
 GRPC_ERRORS = {  # HTTP status at the edge: (gRPC status code, message)
     413: (8, f"the message is over {MAX_MESSAGE_BYTES:,} bytes, the most accepted"),  # RESOURCE_EXHAUSTED
     429: (8, "too many calls from this address; try again shortly"),
-    502: (14, "the prediction server behind the edge is not answering; try again shortly"),  # UNAVAILABLE
+    502: (14, "the prediction server behind the edge is busy or not answering; try again shortly"),  # UNAVAILABLE
     504: (4, "the prediction server behind the edge did not answer in time"),  # DEADLINE_EXCEEDED
 }
 
@@ -255,7 +262,7 @@ def _grpc_server(addresses: EdgeAddresses, limits: EdgeLimits) -> str:
             grpc_next_upstream error;
             grpc_next_upstream_tries 2;"""
     return f"""    upstream app_grpc {{
-        server {addresses.app_grpc};
+        server {addresses.app_grpc} max_conns={limits.upstream_busy};
         keepalive {limits.upstream_idle};
     }}
     server {{
