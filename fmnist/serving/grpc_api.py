@@ -67,8 +67,9 @@ class GrpcDoor:
     """What every method shares: its message received under the guards, parsed off the loop when big,
     and its answer or refusal counted."""
 
-    def __init__(self, core: PredictionCore, budget: BodyBudget, parsers: BodyParsers, body_s: float) -> None:
+    def __init__(self, core: PredictionCore, budget: BodyBudget, parsers: BodyParsers, body_s: float, ready) -> None:
         self.core, self.budget, self.parsers, self.body_s = core, budget, parsers, body_s
+        self.ready = ready  # the server's readiness (a verified champion, parsers alive): one rule, every door
 
     async def message(self, requests, claim: Claim) -> bytes:
         self.budget.await_message(claim)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from fmnist.registry.labels import STABLE
 from fmnist.serving import kserve, tfserving
 from fmnist.serving import kserve_grpc_messages as messages
 from fmnist.serving.errors import NotFound
@@ -49,20 +48,17 @@ def kserve_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
         return v2.ServerLiveResponse(live=True)
 
     async def ready(_) -> v2.ServerReadyResponse:
-        return v2.ServerReadyResponse(ready=STABLE in models.by_label and door.parsers.ready())
+        return v2.ServerReadyResponse(ready=door.ready())
 
     async def model_ready(call: messages.ModelCall) -> v2.ModelReadyResponse:
-        number, served = requested(call.name, call.version), models.served()
-        ready = bool(served) if number is None else any(s.number == number for s in served)
-        return v2.ModelReadyResponse(ready=ready)
+        return v2.ModelReadyResponse(ready=models.serves(requested(call.name, call.version)))
 
     async def server_metadata(_) -> v2.ServerMetadataResponse:
         return messages.server_metadata()
 
     async def model_metadata(call: messages.ModelCall) -> v2.ModelMetadataResponse:
         number = requested(call.name, call.version)
-        served = models.served() if number is None else [models.resolve(number)]
-        return messages.model_metadata(MODEL_NAME, [s.number for s in served])
+        return messages.model_metadata(MODEL_NAME, [s.number for s in models.asked(number)])
 
     async def infer(call: messages.InferCall) -> v2.ModelInferResponse:
         answer = await door.core.predict(call.images, requested(call.name, call.version), None)

@@ -167,6 +167,15 @@ class ServedModels:
         """Each version in service once, in number order."""
         return sorted({s.version: s for s in self.by_label.values()}.values(), key=lambda s: s.number)
 
+    def serves(self, number: int | None) -> bool:
+        """Whether version `number` is served (None: any version)."""
+        served = self.served()
+        return bool(served) if number is None else any(s.number == number for s in served)
+
+    def asked(self, number: int | None) -> list[Served]:
+        """The versions a request naming `number` (or none) is about; NotFound for one not served."""
+        return self.served() if number is None else [self.resolve(number)]
+
     def resolve(self, version: int | None = None, label: str | None = None) -> Served:
         return self.choose(version, label)[1]
 

@@ -93,7 +93,7 @@ def create_app(registry: Registry, options: ServeOptions, edge: Edge | None = No
         grpc, checks = None, None
         if options.grpc_port is not None:
             checks = grpc_api.Health(serving_ready)
-            door = grpc_api.GrpcDoor(core, budget, parsers, options.body_s)
+            door = grpc_api.GrpcDoor(core, budget, parsers, options.body_s, serving_ready)
             address = f"{options.host}:{options.grpc_port}"
             grpc = grpc_api.grpc_server(door, checks, address, options)
             await grpc.start()
@@ -183,10 +183,10 @@ def create_app(registry: Registry, options: ServeOptions, edge: Edge | None = No
             with budget.claim(client_of(request)) as claim:
                 return await answered("infer", lambda: infer(request, number, claim))
         if method == "GET" and verb == "/ready":
-            ready = bool(models.served()) if number is None else any(s.number == number for s in models.served())
+            ready = models.serves(number)
             return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
         if method == "GET" and verb is None:
-            served = models.served() if number is None else [models.resolve(number)]
+            served = models.asked(number)
             return JSONResponse(kserve.metadata(MODEL_NAME, [s.number for s in served]))
         raise BadRequest(f"Malformed request: {method} {path[:200]}")
 
