@@ -15,7 +15,6 @@ this module.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -32,13 +31,13 @@ from pathlib import Path
 
 from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES
 from fmnist.serving.options import ServeOptions
+from fmnist.serving.workers import die_with_parent
 
 MAX_BODY_BYTES = 16 << 20  # the largest REST body the server accepts (a JSON predict of 1,024 images)
 LARGE_BODY_BYTES = 1 << 20  # a body declared past this (or chunked) counts as a large upload
 BODY_BUFFER_BYTES = 128 << 10  # bodies past this are buffered in a file, not in memory
 START_S = 10.0  # for nginx to open its ports
 MIN_ANSWER_S = 10.0  # the least the edge waits for the server's answer
-PR_SET_PDEATHSIG = 1
 PREFIX_PATTERN = "fmnist-edge-*"  # the edge's folders, in the temporary folder
 
 log = logging.getLogger(__name__)
@@ -310,9 +309,7 @@ def _start_nginx(ids: tuple[int, int] | None, max_files: int, parent: int) -> No
         os.setgroups([])
         os.setgid(ids[1])
         os.setuid(ids[0])
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the server died before the request above took effect
-        os._exit(1)
+    die_with_parent(parent, signal.SIGTERM)  # (SIGTERM: nginx's own fast shutdown)
 
 
 def sweep_stale_prefixes(folder: Path) -> None:

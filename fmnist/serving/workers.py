@@ -29,12 +29,17 @@ NICENESS = 10
 log = logging.getLogger(__name__)
 
 
-def _start_worker(parent: int, descriptors: list[bytes]) -> None:
-    """A worker's start: die with the server, yield the CPU to it, and know the gRPC messages."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(parent: int, dying: signal.Signals) -> None:
+    """In a child the server started: have the kernel send `dying` when the server dies (even by SIGKILL).
+    Call it after any change of user, which clears the request."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, dying)
     if os.getppid() != parent:  # the server died before the request above took effect
         os._exit(1)
+
+
+def _start_worker(parent: int, descriptors: list[bytes]) -> None:
+    """A worker's start: die with the server, yield the CPU to it, and know the gRPC messages."""
+    die_with_parent(parent, signal.SIGKILL)
     # On a machine with few cores, parsing a hostile client's big bodies must not take the CPU from the
     # event loop and the model calls.
     os.nice(NICENESS)
