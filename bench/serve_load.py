@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' process helpers
 
 from tests.attackers import attacker_address  # noqa: E402
-from tests.processes import free_ports, stop, wait_until_ready  # noqa: E402
+from tests.processes import children, cmdline, free_ports, rss_bytes, stop, wait_until_ready  # noqa: E402
 
 TARGET_P99_MS = 50.0
 TARGET_READY_S = 1.0
@@ -429,7 +429,7 @@ def idle_connection_cost(port: int, edge_workers: list[int], count: int) -> dict
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = min(count, hard - 256)
-    before = sum(rss_kib(pid) for pid in edge_workers)
+    before = sum(rss_bytes(pid) for pid in edge_workers) >> 10
     held = []
     try:
         for n in range(count):
@@ -438,18 +438,11 @@ def idle_connection_cost(port: int, edge_workers: list[int], count: int) -> dict
             connection.connect(("127.0.0.1", port))
             held.append(connection)
         time.sleep(0.5)
-        during = sum(rss_kib(pid) for pid in edge_workers)
+        during = sum(rss_bytes(pid) for pid in edge_workers) >> 10
     finally:
         for connection in held:
             connection.close()
     return {"connections": count, "edge_rss_kib_before": before, "edge_rss_kib_held": during}
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def edge_figures(registry: str, images: np.ndarray, ordinary: list[bytes], seconds: float, hostile: int) -> dict:
@@ -477,7 +470,7 @@ def edge_figures(registry: str, images: np.ndarray, ordinary: list[bytes], secon
         for door, (rest, grpc) in doors.items():
             name = f"{door}, beside {hostile} REST and 24 gRPC attackers"
             mixes[name] = hostile_mix(rest, ordinary, 2 * seconds, hostile, grpc, images)
-        edge = [pid for pid in children(server.process.pid) if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        edge = [pid for pid in children(server.process.pid) if b"nginx" in cmdline(pid)]
         idle = idle_connection_cost(server.port, edge + [w for m in edge for w in children(m)], 10_000)
     finally:
         server.stop()
@@ -503,10 +496,6 @@ def edge_figures(registry: str, images: np.ndarray, ordinary: list[bytes], secon
             print(f"{protocol} {batch} img/req, 16 clients: the edge gives {ratio:.2f}x the bare server's images/s")
     shutil.rmtree(logs, ignore_errors=True)
     return {"matrix": rows, "hostile": mixes, "idle": idle}
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def main() -> None:

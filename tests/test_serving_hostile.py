@@ -38,6 +38,7 @@ from tests.attackers import (
     huge_shape_predict,
     split,
 )
+from tests.processes import children, cmdline, rss_bytes
 from tests.serving_helpers import PREDICT, RunningServer, image_rows, running_server, two_version_registry
 
 pytestmark = pytest.mark.training
@@ -93,17 +94,6 @@ def ordinary_grpc(server: RunningServer, images: int = 1) -> str:
         except grpc.RpcError as exc:
             return exc.code().name
     return "OK"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def until_closed(connection: socket.socket) -> bytes:
@@ -358,13 +348,6 @@ def test_a_killed_parse_worker_is_replaced_and_requests_go_on(server: RunningSer
 
 def parse_workers(server: RunningServer) -> list[int]:
     return [pid for pid in children(server.process.pid) if b"spawn_main" in cmdline(pid)]
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return b""
 
 
 def test_a_server_killed_with_sigkill_leaves_no_workers_and_no_edge(registry: Registry, tmp_path: Path) -> None:
