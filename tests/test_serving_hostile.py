@@ -285,7 +285,9 @@ def test_grpc_messages_held_almost_complete_stay_within_the_byte_budget(server: 
     finally:
         for client in clients:
             client.close()
-    assert peak - before < 2 * (BUDGET_MIB << 20), f"RSS grew {(peak - before) >> 20} MiB"
+    # The budget's twice, and gRPC core's buffers of 40 connections besides (about a MiB each: 83 MiB was
+    # seen once); held without the bound, such messages grew the process by 324 MiB.
+    assert peak - before < 3 * (BUDGET_MIB << 20), f"RSS grew {(peak - before) >> 20} MiB"
 
 
 def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(server: RunningServer) -> None:
