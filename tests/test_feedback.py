@@ -20,14 +20,15 @@ from PIL import Image
 
 from fmnist.data.feedback import feedback_lineage, ledger_location
 from fmnist.data.incoming import load_batch
+from fmnist.data.captured import lowest_confidence
 from fmnist.ops.review import (
     INDEX,
     ReviewError,
-    delete_reviewed_records,
+    compact_records,
     make_review,
-    reviewed_ids,
+    reserved,
+    reviewed_by,
     submit_review,
-    unreviewed,
 )
 from fmnist.registry.manifest import FeedbackRecord, model_card
 from fmnist.serving import capture
@@ -45,6 +46,11 @@ def captured(store: Store, feedback: str, images: np.ndarray, predicted: np.ndar
     probabilities[np.arange(len(images)), predicted] = confidence
     keeper.offer(images.astype(np.float32) / 255, probabilities, "v0001", "stable")
     keeper.write(keeper.take())
+
+
+def waiting(store: Store, feedback: str) -> int:
+    """The records a review would offer: neither reviewed nor in an open offer."""
+    return lowest_confidence(store, feedback, reserved(store, feedback), 1)[1]
 
 
 def new_image(path: Path) -> None:
@@ -95,7 +101,7 @@ def test_a_trickle_of_captures_writes_a_file_a_flush_and_a_full_folder_pauses_ca
             await asyncio.sleep(0.5)  # a flush cycle or two: it looks at the folder again
             offer(keeper, 3)
             for _ in range(100):  # written within a flush (a bucket's writes take longer)
-                if len(await asyncio.to_thread(unreviewed, store, feedback)) == 3:
+                if await asyncio.to_thread(waiting, store, feedback) == 3:
                     break
                 await asyncio.sleep(0.1)
         writer.cancel()
@@ -106,19 +112,20 @@ def test_a_trickle_of_captures_writes_a_file_a_flush_and_a_full_folder_pauses_ca
     took_s = asyncio.run(trickle(Capture(store, CaptureOptions(feedback, below=0.5, flush_s=0.4), metrics), 30))
     names = store.listdir(join(feedback, "records"))
     assert 2 <= len(names) <= took_s / 0.4 + 1  # 30 records over 1.5 s or so: a file each 0.4 s, not one a record
-    assert sum(capture.records_in(n) for n in names) == 30 == len(unreviewed(store, feedback))
+    assert sum(capture.records_in(n) for n in names) == 30 == waiting(store, feedback)
 
     def review() -> None:
         out = tmp_path / "review"
         make_review(store, feedback, out)
-        submit_review(store, feedback, out, join(root, "incoming"), "feedback-t", None)
-        assert delete_reviewed_records(store, feedback) == len(names)  # the room a review makes
+        done = submit_review(store, feedback, out, join(root, "incoming"), "feedback-t", None)
+        freed = compact_records(store, feedback, done.ledger)  # the room a review makes
+        assert (freed.records_freed, freed.files_after) == (30, 0)
 
     monkeypatch.setattr(capture, "MAX_RECORDS", 30)  # full: a server started now keeps nothing
     keeper = Capture(store, CaptureOptions(feedback, below=0.5, flush_s=0.2), metrics)
     asyncio.run(trickle(keeper, 3, then=review))
     assert 'reason="folder_full"} 3.0' in metrics.page().decode()
-    assert len(unreviewed(store, feedback)) == 3  # and keeps records again after a review, without a restart
+    assert waiting(store, feedback) == 3  # and keeps records again after a review, without a restart
 
 
 def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, store: Store, tmp_path: Path) -> None:
@@ -142,16 +149,18 @@ def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, st
     (out / "images" / "sneaker").mkdir(exist_ok=True)
     shutil.move(out / sandal["file"], out / "images" / "sneaker" / Path(sandal["file"]).name)
     (out / rows[0]["file"]).unlink()
-    batch, ledger = submit_review(store, feedback, out, incoming, "feedback-1", None)
+    done = submit_review(store, feedback, out, incoming, "feedback-1", None)
+    batch, ledger = done.batch, done.ledger
     assert (ledger.submitted, ledger.relabeled, ledger.deleted) == (4, 1, 1)
     assert ledger.served_versions == {"v0001": 4} and not out.exists()
     with store.local_tree(batch.path) as folder:
         labels = load_batch(folder)[2]
     assert sorted(labels.tolist()) == sorted([0, 3, 7, 1])  # the relabeled image is a sneaker (7) now
-    assert unreviewed(store, feedback) == []  # submitted and deleted records are not offered again
-    assert len(reviewed_ids(store, feedback)) == 5
+    assert waiting(store, feedback) == 0  # submitted and deleted records are not offered again
+    assert len(reviewed_by(store, feedback)) == 5
     captured(store, feedback, images[:1], np.array([0]), np.array([0.5]))  # a later file, unreviewed
-    assert delete_reviewed_records(store, feedback) == 1 and len(unreviewed(store, feedback)) == 1
+    assert compact_records(store, feedback, ledger).records_freed == 5 and waiting(store, feedback) == 1
+    assert len(store.listdir(join(feedback, "records"))) == 1
     # The lineage: the batch of that name and content counts; another batch of the same name would not.
     lineage = feedback_lineage(store, feedback, {"feedback-1": batch.sha256, "hand-made": "e" * 64})
     assert (lineage.reviewed_batches, lineage.reviewed_images, lineage.served_versions) == (
@@ -186,11 +195,11 @@ def test_a_submit_that_stopped_before_its_ledger_is_finished_by_the_next(
     with pytest.raises(OSError, match="went away"):
         submit_review(store, feedback, out, incoming, None, None)
     [added] = store.listdir(incoming)  # the batch is in, its records are not marked, the folder is kept
-    assert len(unreviewed(store, feedback)) == 3 and (out / INDEX).exists()
+    assert not reviewed_by(store, feedback) and (out / INDEX).exists()
     monkeypatch.setattr(Store, "create", create)
-    batch, ledger = submit_review(store, feedback, out, incoming, None, None)
-    assert batch.name == added and store.listdir(incoming) == [added] and ledger.submitted == 3
-    assert unreviewed(store, feedback) == [] and not out.exists()
+    done = submit_review(store, feedback, out, incoming, None, None)
+    assert done.batch.name == added and store.listdir(incoming) == [added] and done.ledger.submitted == 3
+    assert waiting(store, feedback) == 0 and len(reviewed_by(store, feedback)) == 3 and not out.exists()
 
 
 def test_review_refuses_a_damaged_ledger_or_index_naming_the_file(root: str, store: Store, tmp_path: Path) -> None:
@@ -200,7 +209,7 @@ def test_review_refuses_a_damaged_ledger_or_index_naming_the_file(root: str, sto
     make_review(store, feedback, out)
     index = (out / INDEX).read_text()
     (out / INDEX).write_text(index.replace(index.splitlines()[1].split(",")[1], "../../etc"))
-    with pytest.raises(ReviewError, match=r"index\.csv: not the index `fashion-mnist review` wrote"):
+    with pytest.raises(ReviewError, match=r"index\.csv: not the records offer [0-9a-f]{32} holds"):
         submit_review(store, feedback, out, incoming, "feedback-x", None)
     assert not store.find(incoming)  # refused before anything was added
     (out / INDEX).write_text(index)
@@ -233,7 +242,7 @@ def test_a_review_folder_with_stray_files_wrong_sizes_or_copies_is_refused(
         spoil()
         with pytest.raises(ReviewError, match=message):
             submit_review(store, feedback, out, incoming, "feedback-bad", None)
-        assert not store.find(incoming) and unreviewed(store, feedback)  # nothing added, nothing marked
+        assert not store.find(incoming) and not reviewed_by(store, feedback)  # nothing added, nothing marked
         shutil.rmtree(out)
         snapshot.rename(out)
 

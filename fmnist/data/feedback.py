@@ -36,6 +36,9 @@ class ReviewedBatch(BaseModel):
 
     batch: str
     sha256: str | None = Field(None, description="the batch's content hash; the first ledgers lack it")
+    offer: str | None = Field(
+        None, description="the review offer it closed (`fmnist.data.offers`); older ledgers lack it"
+    )
     at: str
     submitted: int = Field(ge=0)
     relabeled: int = Field(ge=0)

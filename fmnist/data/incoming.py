@@ -114,8 +114,20 @@ def _class_index(folder: Path) -> int:
         ) from None
 
 
+def _png_files(class_dirs: list[Path]) -> list[tuple[Path, int]]:
+    """A PNG batch's files with their classes, in the order of its rows."""
+    return [(png, _class_index(class_dir)) for class_dir in class_dirs for png in _entries(class_dir)]
+
+
+def image_names(folder: Path, kind: Literal["idx", "png"]) -> list[str] | None:
+    """What each row of the batch in `folder` is, for errors: its file (None: an IDX batch's rows are numbers)."""
+    if kind == "idx":
+        return None
+    return [str(png.relative_to(folder)) for png, _ in _png_files([p for p in _entries(folder) if _real_folder(p)])]
+
+
 def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    files = [(png, _class_index(class_dir)) for class_dir in class_dirs for png in _entries(class_dir)]
+    files = _png_files(class_dirs)
     if len(files) > MAX_BATCH_ROWS:
         raise IncomingBatchError(f"{folder}: {len(files):,} images, over the {MAX_BATCH_ROWS:,}-image limit per batch")
     images: list[np.ndarray] = []
@@ -201,15 +213,19 @@ class Screening:
             )
 
 
-def test_set_copies_error(location: str, images: np.ndarray, known: KnownImages) -> str | None:
-    """Why a batch that repeats test-set images may not be trained on (None: it repeats none)."""
+def test_set_copies_error(
+    location: str, images: np.ndarray, known: KnownImages, names: list[str] | None = None
+) -> str | None:
+    """Why a batch that repeats test-set images may not be trained on (None: it repeats none). `names`:
+    each row's file, where the rows are files."""
     found = overlap.copies(images, known.test)
     if not found:
         return None
     row, test_row = found[0]
+    image = names[row] if names else row
     return (
         f"{location}: {len(found):,} of its {len(images):,} images are copies of test-set images (its image "
-        f"{row} is test image {test_row}); training on them would inflate the test accuracy the gate relies on"
+        f"{image} is test image {test_row}); training on them would inflate the test accuracy the gate relies on"
     )
 
 
@@ -386,7 +402,7 @@ def check_batch(
     from fmnist.data.contract import DataValidationError, failure_message, incoming_check, run_checks
 
     kind, images, labels = load_batch(folder)
-    if known and (error := test_set_copies_error(str(folder), images, known)):
+    if known and (error := test_set_copies_error(str(folder), images, known, image_names(folder, kind))):
         raise IncomingBatchError(error)
     with tempfile.TemporaryDirectory(prefix="fmnist-batch-") as results:
         outcomes = run_checks([incoming_check(name, images, labels)], Path(results))

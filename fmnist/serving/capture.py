@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import re
+import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -32,31 +31,15 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from fmnist.data.dataset import IMAGE_SIZE
+from fmnist.data.captured import RECORDS_PER_FILE, SCHEMA, encode, record_file_name, records_folder, records_in
 from fmnist.serving.options import CAPTURE_FLUSH_S
 from fmnist.storage import Store, join
 
 MAX_QUEUED = 4096  # records waiting to be written; more are dropped
-RECORDS_PER_FILE = 1024
 MAX_RECORDS = 2_000_000  # records in the feedback folder (about 1 KB each): then capture pauses
 MAX_FILES = 20_000  # record files in the feedback folder: then capture pauses
-RECORDS = "records"
-RECORD_FILE = re.compile(r"(\d{8}T\d{12})-([0-9a-f]{8})-n(\d{4})\.parquet")
-PIXELS = IMAGE_SIZE * IMAGE_SIZE
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("request", pa.string()),
-        ("at", pa.string()),
-        ("version", pa.string()),
-        ("label", pa.string()),
-        ("predicted", pa.int8()),
-        ("confidence", pa.float32()),
-        ("image", pa.binary(PIXELS)),
-    ]
-)
+STOP_WRITE_S = 10.0  # how long a stopping server waits for the queued records to be written
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +52,17 @@ class CaptureOptions:
     flush_s: float = CAPTURE_FLUSH_S  # how long a record may wait for a file's worth before a partial file
 
 
-def record_file(data: dict[str, list]) -> bytes:
-    """One parquet file of records, in memory."""
-    out = io.BytesIO()
-    pq.write_table(pa.table(data, schema=SCHEMA), out, compression="zstd")
-    return out.getvalue()
-
-
 class Capture:
     def __init__(self, store: Store, options: CaptureOptions, metrics) -> None:
         self.store = store
         self.options = options
         self.metrics = metrics
-        self.folder = join(options.root, RECORDS)
+        self.folder = records_folder(options.root)
         self.queue: deque[tuple] = deque()
         self.wake = asyncio.Event()
         self.files = 0  # record files in the folder (counted at start, then as written)
         self.records = 0  # records in them
+        self.writing = 0  # records taken from the queue and not yet written
 
     def offer(self, images: np.ndarray, probabilities: np.ndarray, version: str, label: str) -> None:
         """Queue the images to keep of one answered request (float32 in [0, 1]); never blocks."""
@@ -132,8 +109,31 @@ class Capture:
                 if self.queue and self.waited_s() >= self.options.flush_s:
                     await asyncio.to_thread(self.write, self.take())
         finally:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Write what is queued as the server stops, for at most STOP_WRITE_S: a store that does not
+        answer must not hold the stop (a supervisor would kill the server, and the records would go
+        uncounted). What is not written by then is counted as dropped and logged."""
+        written = threading.Event()
+
+        def write_all() -> None:
             while self.queue:
                 self.write(self.take())
+            written.set()
+
+        # A thread of its own, not the loop's executor: one that never returns must not hold the exit.
+        threading.Thread(target=write_all, name="capture-drain", daemon=True).start()
+        if await asyncio.to_thread(written.wait, STOP_WRITE_S):
+            return
+        left = len(self.queue) + self.writing
+        self.metrics.feedback_dropped.labels("stopped").inc(left)
+        log.warning(
+            "%d feedback records not written: %s did not answer within %.0f s as the server stopped",
+            left,
+            self.folder,
+            STOP_WRITE_S,
+        )
 
     def full(self) -> bool:
         return self.files >= MAX_FILES or self.records >= MAX_RECORDS
@@ -163,19 +163,16 @@ class Capture:
         data.update(
             zip(["request", "at", "version", "label", "predicted", "confidence", "image"], columns, strict=True)
         )
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        name = f"{stamp}-{uuid.uuid4().hex[:8]}-n{len(records):04d}.parquet"
+        name = record_file_name(len(records))
+        self.writing = len(records)
         try:
-            self.store.write_bytes(join(self.folder, name), record_file(data))
+            self.store.write_bytes(join(self.folder, name), encode(pa.table(data, schema=SCHEMA)))
         except Exception as exc:  # storage down: these records are lost, serving goes on
             log.warning("could not write %d feedback records to %s: %s", len(records), self.folder, exc)
             self.metrics.feedback_dropped.labels("write_failed").inc(len(records))
             return
+        finally:
+            self.writing = 0
         self.files += 1
         self.records += len(records)
 
-
-def records_in(name: str) -> int:
-    """The records a file of the folder holds, by its name; a file not named by capture counts as full."""
-    matched = RECORD_FILE.fullmatch(name)
-    return int(matched.group(3)) if matched else RECORDS_PER_FILE

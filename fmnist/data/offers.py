@@ -1,0 +1,129 @@
+"""Review offers: the records a review folder holds, reserved in the store until they are submitted.
+
+    <data_root>/feedback/offers/<offer>.json     the offered records: id, version, label, predicted,
+                                                 confidence, time, record file, the image's sha256
+    <data_root>/feedback/offers/<offer>.submit   the batch name, created (never replaced) by the first
+                                                 submit of the offer
+
+A record is in at most one offer, and an offered record is not offered again (`fmnist.ops.review`), so
+two review folders never hold the same record. The offer is what a submit is checked against: the
+folder's index must name the offer's records with their versions, and each image must be the record's
+own. The `.submit` file is taken before the batch is added, so every copy of a folder, and every rerun
+of a stopped submit, submits under the one name: a rerun finishes it, a copy is refused. Once the
+ledger (`fmnist.data.feedback`) holds the records, the offer is deleted.
+
+An offer nobody submits keeps its records for OFFER_DAYS; the next review then releases them (an offer
+whose submit has begun is never released).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from fmnist.storage import IntegrityError, PreconditionFailed, Store, join
+
+OFFERS = "offers"
+OFFER_DAYS = 14
+OFFER_ID = r"^[0-9a-f]{32}$"
+
+
+class OfferError(ValueError):
+    """An offer that is missing, damaged or taken; the message names it and the way out."""
+
+
+class OfferedRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    version: str
+    label: str
+    predicted: int = Field(ge=0, le=9)
+    confidence: float
+    at: str
+    source: str = Field(description="the record file it was read from")
+    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Offer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    offer: str = Field(pattern=OFFER_ID)
+    at: AwareDatetime
+    records: list[OfferedRecord]
+
+
+def image_sha256(pixels: bytes) -> str:
+    return hashlib.sha256(pixels).hexdigest()
+
+
+def offers_folder(feedback: str) -> str:
+    return join(feedback, OFFERS)
+
+
+def offer_location(feedback: str, offer: str) -> str:
+    return join(offers_folder(feedback), f"{offer}.json")
+
+
+def submit_location(feedback: str, offer: str) -> str:
+    return join(offers_folder(feedback), f"{offer}.submit")
+
+
+def new_offer(records: list[OfferedRecord]) -> Offer:
+    return Offer(offer=uuid.uuid4().hex, at=datetime.now(UTC).replace(microsecond=0), records=records)
+
+
+def write_offer(store: Store, feedback: str, offer: Offer) -> None:
+    store.create(offer_location(feedback, offer.offer), offer.model_dump_json().encode())
+
+
+def read_offer(store: Store, feedback: str, offer: str) -> Offer | None:
+    """The offer, or None where there is none (submitted and done, released, or another data root's)."""
+    location = offer_location(feedback, offer)
+    if not store.exists(location):
+        return None
+    try:
+        return Offer.model_validate(store.read_json(location))
+    except (IntegrityError, ValidationError) as exc:
+        raise OfferError(
+            f"{location}: not a review offer ({exc}); delete it and run `fashion-mnist review` again"
+        ) from None
+
+
+def open_offers(store: Store, feedback: str) -> list[Offer]:
+    """Every offer not yet done; offers older than OFFER_DAYS whose submit never began are released
+    (deleted) on the way. A damaged offer is an error naming it: its records could be offered twice."""
+    now, kept = datetime.now(UTC), []
+    for name in sorted(store.listdir(offers_folder(feedback))):
+        if not name.endswith(".json"):
+            continue
+        offer = read_offer(store, feedback, name.removesuffix(".json"))
+        if offer is None:  # done meanwhile
+            continue
+        stale = now - offer.at > timedelta(days=OFFER_DAYS)
+        if stale and not store.exists(submit_location(feedback, offer.offer)):
+            store.delete(offer_location(feedback, offer.offer))
+            continue
+        kept.append(offer)
+    return kept
+
+
+def claim(store: Store, feedback: str, offer: str, name: str) -> str:
+    """The batch name the offer is submitted as: `name`, if this is its first submit; else the name
+    the first submit took (a stopped submit, or a copy of its folder)."""
+    location = submit_location(feedback, offer)
+    try:
+        store.create(location, f"{name}\n".encode())
+        return name
+    except PreconditionFailed:
+        return store.read_bytes(location).decode(errors="replace").strip()
+
+
+def close_offer(store: Store, feedback: str, offer: str) -> None:
+    """The ledger holds the offer's records now: the reservation goes. (A stop between the two
+    leaves an open offer whose ledger exists: the next submit of its folder closes it.)"""
+    store.delete(submit_location(feedback, offer))
+    store.delete(offer_location(feedback, offer))
