@@ -20,13 +20,11 @@ from PIL import Image
 
 from fmnist.data.feedback import feedback_lineage, ledger_location
 from fmnist.data.incoming import load_batch
-from fmnist.data.captured import lowest_confidence
 from fmnist.ops.review import (
     INDEX,
     ReviewError,
     compact_records,
     make_review,
-    reserved,
     reviewed_by,
     submit_review,
 )
@@ -35,27 +33,9 @@ from fmnist.serving import capture
 from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.metrics import ServingMetrics
 from fmnist.storage import Store, join
+from tests.feedback_helpers import captured, new_image, waiting
 from tests.helpers import synthetic_images, version_manifest
 from tests.serving_helpers import PREDICT, keras_probabilities, running_server, two_version_registry
-
-
-def captured(store: Store, feedback: str, images: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> None:
-    """Records as the server writes them (through Capture's own writer)."""
-    keeper = Capture(store, CaptureOptions(feedback, rate=1.0), ServingMetrics("fashion-mnist"))
-    probabilities = np.full((len(images), 10), 0.0, np.float32)
-    probabilities[np.arange(len(images)), predicted] = confidence
-    keeper.offer(images.astype(np.float32) / 255, probabilities, "v0001", "stable")
-    keeper.write(keeper.take())
-
-
-def waiting(store: Store, feedback: str) -> int:
-    """The records a review would offer: neither reviewed nor in an open offer."""
-    return lowest_confidence(store, feedback, reserved(store, feedback), 1)[1]
-
-
-def new_image(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(synthetic_images(np.array([5]), seed=34)[0]).save(path)
 
 
 def test_capture_never_queues_past_its_bound_and_counts_what_it_drops(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ def encode(table: pa.Table) -> bytes:
 
 
 def record_files(store: Store, feedback: str) -> list[str]:
-    """The record files' names, oldest first (a name starts with its time)."""
+    """The record files' names, oldest first (a name starts with its time), those a stopped compaction
+    left twice included."""
     return sorted(n for n in store.listdir(records_folder(feedback)) if n.endswith(".parquet"))
 
 
@@ -116,7 +117,8 @@ def read_table(store: Store, feedback: str, name: str, columns: list[str] | None
 
 def candidates(store: Store, feedback: str, excluded: set[str]) -> Iterator[Candidate]:
     """Every record not in `excluded`, file by file, without its image."""
-    for name in record_files(store, feedback):
+    names = record_files(store, feedback)
+    for name in sorted(set(names) - superseded(names)):
         for row in read_table(store, feedback, name, SUMMARY).to_pylist():
             if row["id"] not in excluded:
                 yield Candidate(**row, source=name)
@@ -163,7 +165,9 @@ def compact(store: Store, feedback: str, reviewed: set[str], touched: Iterable[s
     folder = records_folder(feedback)
     names = record_files(store, feedback)
     before, freed = len(names), 0
-    names = _drop_superseded(store, folder, names)
+    for name in superseded(names):
+        store.delete(join(folder, name))
+        names.remove(name)
     for name in sorted(set(touched) & set(names)):
         table = read_table(store, feedback, name)
         keep = pc.invert(pc.is_in(table["id"], pa.array(sorted(reviewed), pa.string())))
@@ -183,18 +187,15 @@ def compact(store: Store, feedback: str, reviewed: set[str], touched: Iterable[s
     return Compaction(freed, before, len(record_files(store, feedback)))
 
 
-def _drop_superseded(store: Store, folder: str, names: list[str]) -> list[str]:
-    """Delete a file a stopped compaction wrote again (same stamp and tag, more records)."""
-    newest: dict[tuple[str, str], str] = {}
+def superseded(names: list[str]) -> set[str]:
+    """The files a stopped compaction wrote again: same stamp and tag as another, and more records."""
+    newest: dict[tuple[str, ...], str] = {}
     for name in names:
         if matched := RECORD_FILE.fullmatch(name):
             key = matched.groups()[:2]
             if key not in newest or records_in(name) < records_in(newest[key]):
                 newest[key] = name
-    superseded = [n for n in names if (m := RECORD_FILE.fullmatch(n)) and newest[m.groups()[:2]] != n]
-    for name in superseded:
-        store.delete(join(folder, name))
-    return [n for n in names if n not in superseded]
+    return {n for n in names if (m := RECORD_FILE.fullmatch(n)) and newest[m.groups()[:2]] != n}
 
 
 def _merge_small(store: Store, feedback: str, names: list[str], reviewed: set[str]) -> int:
