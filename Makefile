@@ -58,7 +58,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-serve loop-demo bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale serve server pools deploy deploy-cluster worker-cpu worker-gpu \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -175,6 +175,10 @@ bench: install data
 
 bench-storage: install data
 	$(PY) bench/storage.py
+
+# Review on a full feedback folder: the offer chosen streamed against every record read whole, and a submit's drain.
+bench-review: install
+	$(PY) bench/review.py
 
 # The prediction server under 16 concurrent clients against a bare model.predict loop (needs a champion: make run).
 bench-serve: install
