@@ -24,7 +24,7 @@ from fmnist.storage.layout import RunLayout, StorageParams
 from fmnist.training.fit import TrainResult, load_result
 from fmnist.training.model import TrainParams
 from fmnist.training.run_folder import RunFolder
-from fmnist.training.supervision import supervise, wait_for_run
+from fmnist.training.supervision import fence_late_start, supervise, wait_for_run
 from tasks.train import train_task
 
 
@@ -32,6 +32,8 @@ from tasks.train import train_task
 def train(
     cached: CachedDataset, params: TrainParams, run: RunLayout, storage: StorageParams = StorageParams()
 ) -> TrainResult:
+    # A run declared dead before it started may start late, beside the run started in its place: fenced.
+    fence_late_start(flow_run.id)
     return train_task(cached=cached, params=params, run=run, storage=storage)
 
 

@@ -6,6 +6,7 @@ fashion-mnist promote v0002            make a version champion by hand
 fashion-mnist rollback                 make the previous champion the champion again
 fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
+fashion-mnist repair-log               restore lost audit-log entries from what the registry holds
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
 fashion-mnist serve [--port 8501]      serve the champion (and labeled versions) over TF Serving's REST
                                        and gRPC (8500) APIs, with metrics; follows promotions and labels
@@ -44,13 +45,13 @@ from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, model_sized, read_grayscale_png
 from fmnist.ops import automations, events
 from fmnist.ops.api import API_WAIT_S, ApiUnreachable, wait_for_api
-from fmnist.ops.review import IMAGES, ReviewError, delete_reviewed_records, make_review, submit_review
+from fmnist.ops.review import IMAGES, ReviewError, compact_records, make_review, submit_review
 from fmnist.ops.temporary_server import free_port
-from fmnist.ops.worker import run_worker
+from fmnist.ops.worker import WORKER_STOP_S, run_worker
 from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.retention import RetentionParams, prune_runs
-from fmnist.registry.versions import MODEL, Registry, RegistryError, version_number
+from fmnist.registry.versions import ACKNOWLEDGE, MODEL, NotRegistered, Registry, RegistryError, version_number
 from fmnist.serving.edge import EdgeLimits, EdgePlan, behind_edge, nginx_config
 from fmnist.serving.options import ServeOptions
 from fmnist.storage import StorageError, Store, StoredFile, join
@@ -81,7 +82,11 @@ def cmd_versions(registry: Registry, args: argparse.Namespace) -> None:
         served = set()
     print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
     for version in versions:
-        m = registry.manifest(version)
+        try:
+            m = registry.manifest(version)
+        except NotRegistered as exc:  # listed, so that the operator sees it, never counted
+            print(f"{'':2}{version:9}not a registered version: {exc}")
+            continue
         mark = "*" if version == champion else ""
         gate = m.gate
         if not gate.passed:
@@ -139,14 +144,23 @@ def cmd_repair_champion(registry: Registry, args: argparse.Namespace) -> None:
     print(f"{record['version']} is the champion")
 
 
+def cmd_repair_log(registry: Registry, args: argparse.Namespace) -> None:
+    written = registry.repair_log(acknowledge_lost=args.acknowledge_lost)
+    for entry in written:
+        print(f"change {entry['sequence']} restored ({entry['repair']['evidence']}): ", end="")
+        print(f"{entry['event']} {entry['version'] or '(version unknown)'} (was {entry['replaced'] or 'unknown'})")
+    print(f"{registry.log_root}: {len(written)} entries restored; `fashion-mnist promotions` lists the log")
+
+
 def cmd_promotions(registry: Registry, args: argparse.Namespace) -> None:
     entries = registry.promotions()
     if not entries:
         print(f"No champion changes in {registry.root}")
     for entry in entries:
+        repaired = f"  [restored by repair-log at {entry['repair']['at']}]" if entry.get("repair") else ""
         print(
-            f"{entry['sequence']:>4}  {entry['at']}  {entry['event']:9}{entry['version']:8}"
-            f"(was {entry['replaced'] or 'none'})  {entry['reason']}"
+            f"{entry['sequence']:>4}  {entry['at'] or '(time lost)'}  {entry['event']:9}{entry['version'] or '?':8}"
+            f"(was {entry['replaced'] or 'none'})  {entry['reason']}{repaired}"
         )
 
 
@@ -192,7 +206,9 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
 def cmd_label(registry: Registry, args: argparse.Namespace) -> None:
     labels = Labels(registry)
     if args.clear:
-        labels.clear(args.label)
+        damage = labels.clear(args.label)
+        if damage:
+            print(f"{labels.file} was damaged; removed what could not be read: {'; '.join(damage)}")
         print(f"label {args.label!r} removed: servers stop serving it within their poll interval")
     elif args.version is None:
         raise RegistryError("name a version to label (fashion-mnist label canary v0007), or --clear")
@@ -304,6 +320,9 @@ def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
     feedback = storage.data.feedback
     if not args.submit:
         offered = make_review(registry.store, feedback, args.out)
+        if not offered.images:
+            print(f"No captured images of {feedback} wait for review")
+            return
         more = f"; {offered.left} more wait for the next review" if offered.left else ""
         print(f"{offered.images} captured images from {feedback} are in {offered.folder}{more}")
         print(
@@ -311,21 +330,23 @@ def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
         )
         return
     known = known_test_and_train(registry.store, storage)
-    batch, ledger = submit_review(registry.store, feedback, args.out, storage.incoming, args.name, known)
+    done = submit_review(registry.store, feedback, args.out, storage.incoming, args.name, known)
+    batch, ledger = done.batch, done.ledger
     print(
-        f"Added batch {batch.name} to {storage.incoming}: {ledger.submitted} reviewed images "
+        f"{'Batch ' + batch.name + ' was added by an earlier submit' if done.earlier else 'Added batch ' + batch.name}"
+        f" to {storage.incoming}: {ledger.submitted} reviewed images "
         f"({ledger.relabeled} relabeled, {ledger.deleted} deleted), served by "
         + ", ".join(f"{v} ({n})" for v, n in sorted(ledger.served_versions.items()))
     )
-    announce(batch, storage)
+    announce(batch, storage)  # again for a finished earlier submit: it may have stopped before announcing
     try:
-        deleted = delete_reviewed_records(registry.store, feedback)
+        freed = compact_records(registry.store, feedback, ledger)
     except (ReviewError, StorageError) as exc:  # the batch is in; only the clean-up failed
-        print(f"fashion-mnist: could not delete the reviewed record files: {exc}", file=sys.stderr)
+        print(f"fashion-mnist: could not free the reviewed records' space: {exc}", file=sys.stderr)
         return
     print(
-        f"Deleted {deleted} record files of {feedback} whose every record is reviewed "
-        "(the batch holds their images, the ledger their records)"
+        f"Freed {freed.records_freed} reviewed records of {feedback} (the batch holds their images, the ledger "
+        f"their records); {freed.files_after} record files hold the rest"
     )
 
 
@@ -368,7 +389,7 @@ def cmd_wait_for_api(registry: Registry, args: argparse.Namespace) -> None:
 
 def cmd_worker(registry: Registry, args: argparse.Namespace) -> None:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    raise SystemExit(run_worker(args.pool, extra))
+    raise SystemExit(run_worker(args.pool, extra, stop_within_s=args.stop_within_s))
 
 
 def bounded(kind: type, low: float, high: float):
@@ -427,6 +448,15 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "repair-champion", help="rewrite a damaged champion.json from the audit log's last entry"
     ).set_defaults(run=cmd_repair_champion)
+    repair_log = commands.add_parser(
+        "repair-log", help="restore missing or damaged audit-log entries from what the registry still holds"
+    )
+    repair_log.add_argument(
+        ACKNOWLEDGE,
+        action="store_true",
+        help="record changes the evidence cannot settle as lost (what is known of them kept)",
+    )
+    repair_log.set_defaults(run=cmd_repair_log)
     predict = commands.add_parser("predict", help="classify PNG files with the champion")
     predict.add_argument("images", nargs="+", type=Path)
     predict.set_defaults(run=cmd_predict)
@@ -578,6 +608,12 @@ def parser() -> argparse.ArgumentParser:
         "worker", help="a Prefect process worker that, stopped with SIGTERM or Ctrl-C, hands its runs back"
     )
     worker.add_argument("--pool", required=True, help="the work pool to serve")
+    worker.add_argument(
+        "--stop-within-s",
+        type=bounded(float, 5, 3600),
+        default=WORKER_STOP_S,
+        help="once told to stop, exit within this long whatever the API's state, naming the runs not handed back",
+    )
     worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more `prefect worker start` options")
     worker.set_defaults(run=cmd_worker)
     return main

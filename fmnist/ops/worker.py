@@ -1,4 +1,4 @@
-"""A Prefect process worker that, stopped politely, hands its runs back.
+"""A Prefect process worker that, stopped politely, hands its runs back, and stops in bounded time.
 
 `prefect worker start` stopped with SIGTERM (`systemctl stop`, a spot-instance notice) or Ctrl-C stops the
 flow-run processes it started, and leaves their runs Running on the server (prefect#16746): the work
@@ -7,6 +7,13 @@ heartbeats: minutes). `fashion-mnist worker` runs the same worker as a child; wh
 notes the flow-run processes the worker started, lets the worker stop them, makes sure they are gone,
 and marks their runs Crashed with a message saying so. The retraining flow then starts each again
 (`fmnist.training.supervision`), and another worker resumes it from its last saved epoch.
+
+A run is known by the id its own process carries (`PREFECT__FLOW_RUN_ID`, which Prefect's worker puts in
+the environment of each flow-run process it starts), read from that process on this host: never by the
+PID the server records, which another host's process may share. And the stop is bounded: Prefect's
+worker can hang on its way out (its cancellation observer, with the API away), so it is killed after
+its grace, and the hand-back gets what is left of `WORKER_STOP_S`; the runs it could not hand back are
+named, for the heartbeat watch to crash later.
 """
 
 from __future__ import annotations
@@ -17,14 +24,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# How long the worker has to stop its runs after it is told to, before they are killed here. Prefect's
-# own grace for a flow-run process is 30 s; a spot notice gives two minutes for all of it.
-WORKER_STOP_GRACE_S = 45
+# A stopped worker (SIGTERM or SIGINT) has exited this long after it was told to, whatever the API's
+# state: under systemd's default stop timeout (90 s) and a spot notice's two minutes.
+WORKER_STOP_S = 75
+# The last part of it, for marking the stopped runs Crashed; before it, Prefect's worker stops its
+# flow-run processes (its own grace for one is 30 s), and whatever is left is killed here.
+HAND_BACK_S = 20
 # States a stopped worker's runs may be left in: started on this worker, not finished.
 UNFINISHED = ("RUNNING", "PENDING", "CANCELLING")
+# The variable Prefect's worker sets in each flow-run process it starts: the run's id.
+RUN_ID_VARIABLE = b"PREFECT__FLOW_RUN_ID"
 # Server errors the worker's client retries besides 429, 502 and 503 (an operator's setting wins). A
 # Prefect server that cannot reach its PostgreSQL answers 500: without a retry, a worker meeting a
 # database restart could not mark the run whose process failed Crashed, and it stayed Pending, holding
@@ -32,16 +46,31 @@ UNFINISHED = ("RUNNING", "PENDING", "CANCELLING")
 RETRIED_SERVER_ERRORS = "500"
 
 
+@dataclass(frozen=True)
+class Process:
+    """A process on this host: its PID, when it started (with the PID, one process ever), and the flow
+    run it runs, if its environment names one."""
+
+    pid: int
+    started: int
+    run_id: str | None
+
+
+def _stat(pid: int, proc: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after its name: state, ppid, ... (None if it is gone)."""
+    try:
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses; the last ')' ends it.
+        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(pid: int, proc: Path = Path("/proc")) -> set[int]:
     """Every process below `pid` now (Linux: read from /proc)."""
     children: dict[int, list[int]] = {}
     for stat in proc.glob("[0-9]*/stat"):
-        try:
-            # pid (comm) state ppid ...: comm may hold spaces and parentheses; the last ')' ends it.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        if (fields := _stat(int(stat.parent.name), proc)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -51,87 +80,141 @@ def descendants(pid: int, proc: Path = Path("/proc")) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def process(pid: int, proc: Path = Path("/proc")) -> Process | None:
+    """The process `pid` now, with the flow run its environment names (None if it is gone)."""
+    fields = _stat(pid, proc)
+    if fields is None:
+        return None
+    run_id = None
+    with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+        for entry in (proc / str(pid) / "environ").read_bytes().split(b"\0"):
+            name, _, value = entry.partition(b"=")
+            if name == RUN_ID_VARIABLE:
+                run_id = value.decode(errors="replace")
+    return Process(pid, int(fields[19]), run_id)  # field 22 of stat: start time, in clock ticks
 
 
-def run_worker(pool: str, extra: list[str], grace_s: float = WORKER_STOP_GRACE_S) -> int:
-    """Run `prefect worker start --pool POOL EXTRA...`; on SIGTERM or SIGINT, stop it and hand its runs back."""
+def processes_below(pid: int, proc: Path = Path("/proc")) -> dict[int, Process]:
+    return {p.pid: p for child in descendants(pid, proc) if (p := process(child, proc)) is not None}
+
+
+def alive(noted: Process, proc: Path = Path("/proc")) -> bool:
+    """Whether the process noted is still there: its PID, not reused by another since."""
+    now = _stat(noted.pid, proc)
+    return now is not None and int(now[19]) == noted.started and now[0] != "Z"
+
+
+def run_worker(pool: str, extra: list[str], stop_within_s: float = WORKER_STOP_S) -> int:
+    """Run `prefect worker start --pool POOL EXTRA...`; on SIGTERM or SIGINT, stop it and hand its runs
+    back, and exit within `stop_within_s` of the first signal whatever the API's state."""
     os.environ.setdefault("PREFECT_CLIENT_RETRY_EXTRA_CODES", RETRIED_SERVER_ERRORS)  # the worker's, and hand_back's
     prefect = str(Path(sys.executable).parent / "prefect")
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, *extra])
-    asked: list[int] = []
-    last: set[int] = set()
-    started: set[int] = set()  # the processes the worker had started when told to stop: its runs among them
+    asked: list[tuple[int, float]] = []
+    last: dict[int, Process] = {}
+    started: dict[int, Process] = {}  # the processes the worker had started when told to stop: its runs'
 
     def stop(signum: int, _frame: object) -> None:
         if not asked:
-            asked.append(signum)
-            started.update(descendants(worker.pid))
+            asked.append((signum, time.monotonic()))
+            started.update(processes_below(worker.pid))
         worker.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while worker.poll() is None:
+    while worker.poll() is None and not asked:
         # Noted as it goes too: a stop that signals the worker with this process (systemd, a process
         # group) may find its runs already being stopped.
-        if not asked:
-            last = descendants(worker.pid)
+        last = processes_below(worker.pid)
         time.sleep(1)
     if not asked:
         return worker.returncode
-    started.update(last)
-    why = signal.Signals(asked[0]).name
-    deadline = time.monotonic() + grace_s
-    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+    signum, asked_at = asked[0]
+    why = signal.Signals(signum).name
+    started = {**last, **started}
+    hand_back_s = min(HAND_BACK_S, stop_within_s / 3)
+    grace_end = asked_at + stop_within_s - hand_back_s
+    while worker.poll() is None and time.monotonic() < grace_end:
+        started.update(processes_below(worker.pid))
         time.sleep(0.2)
-    for pid in started:
-        if alive(pid):  # a run must be gone before it is handed on: two processes would write its folder
+    if worker.poll() is None:
+        started.update(processes_below(worker.pid))
+        worker.kill()
+        worker.wait()
+        say(f"Prefect's worker for {pool} had not stopped {stop_within_s - hand_back_s:.0f} s after {why}: killed")
+    while any(alive(p) for p in started.values()) and time.monotonic() < grace_end:
+        time.sleep(0.2)
+    for noted in started.values():
+        if alive(noted):  # a run must be gone before it is handed on: two processes would write its folder
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    try:
-        handed = hand_back(pool, started, why)
-    except Exception as exc:  # the API may be down too; the heartbeat watch crashes them later
-        print(f"worker for {pool} stopped ({why}); could not hand its runs back ({exc}): the heartbeat watch will")
+                os.kill(noted.pid, signal.SIGKILL)
+    runs: dict[str, set[int]] = {}
+    for noted in started.values():
+        if noted.run_id:
+            runs.setdefault(noted.run_id, set()).add(noted.pid)
+    return hand_back_within(pool, runs, why, deadline=asked_at + stop_within_s)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def hand_back_within(pool: str, runs: dict[str, set[int]], why: str, deadline: float) -> int:
+    """`hand_back`, given until `deadline` (monotonic): 0 if it answered, else 1, naming the runs left."""
+    if not runs:
+        say(f"worker for {pool} stopped ({why}); it was running no flow run")
+        return 0
+    outcome: list = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(hand_back(pool, runs, why))
+        except Exception as exc:  # the API may be down too
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, name="hand-back", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    listed = ", ".join(f"{run_id} (process {min(pids)})" for run_id, pids in runs.items())
+    if not outcome or isinstance(outcome[0], Exception):
+        cause = f"{outcome[0]!r}" if outcome else "the Prefect API did not answer in time"
+        say(
+            f"worker for {pool} stopped ({why}); could not hand back its runs {listed} ({cause}): "
+            "the heartbeat watch marks them Crashed once their heartbeats are missed"
+        )
+        if not outcome:  # the hand-back is still waiting on the API: end without it, within the bound
+            sys.stdout.flush()
+            os._exit(1)
         return 1
-    print(f"worker for {pool} stopped ({why}); runs handed back: {', '.join(handed) or 'none'}", flush=True)
+    handed = outcome[0]
+    say(f"worker for {pool} stopped ({why}); runs handed back: {', '.join(handed) or 'none'} (of {listed})")
     return 0
 
 
-def hand_back(pool: str, pids: set[int], why: str) -> list[str]:
-    """Mark Crashed the unfinished runs of `pool` whose process was one of `pids` (on this host): their
-    names. Not forced: a run that finished meanwhile stays as it is."""
+def hand_back(pool: str, runs: dict[str, set[int]], why: str) -> list[str]:
+    """Mark Crashed the unfinished runs of `pool` among `runs` (run id: the PIDs of its processes on this
+    host, now gone): their names. A run is passed over if the server records another process for it (it
+    was started again elsewhere). Not forced: a run that finished meanwhile stays as it is."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        WorkPoolFilter,
-        WorkPoolFilterName,
-    )
-    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
     handed = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in UNFINISHED]))
-            ),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
-        )
-        for run in runs:
-            if not run.infrastructure_pid or not run.infrastructure_pid.split(":")[-1].isdigit():
+        for run_id, pids in runs.items():
+            try:
+                run = client.read_flow_run(run_id)
+            except ObjectNotFound:
                 continue
-            if int(run.infrastructure_pid.split(":")[-1]) not in pids:
+            if run.work_pool_name != pool or not run.state or run.state.type.value not in UNFINISHED:
                 continue
-            message = f"its worker on {socket.gethostname()} was stopped ({why}); the run's process is gone"
+            recorded = (run.infrastructure_pid or "").split(":")[-1]
+            if recorded and recorded not in {str(pid) for pid in pids}:
+                continue  # the server has it on another process: started again elsewhere since
+            message = (
+                f"its worker on {socket.gethostname()} was stopped ({why}); the run's process "
+                f"{recorded or min(pids)} is gone"
+            )
             result = client.set_flow_run_state(run.id, Crashed(message=message), force=False)
             if result.status.value == "ACCEPT":
                 handed.append(run.name)

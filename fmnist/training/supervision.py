@@ -11,6 +11,11 @@ Nobody watches a nightly run, so the retraining flow never waits on a training r
 - the Prefect API not answering (a server restart, an upgrade, its database down) is waited out, for
   `silence_timeout_s` at most: the training run goes on without the server, and so does the wait.
 
+A run marked Crashed before it started (the start watch of `automations.yaml`, or the silence above)
+may still start late: Prefect accepts Running from Crashed, and the deployment's one slot is not
+taken again. The training flow refuses to go on in such a run (`check_never_ended`), before it
+trains or writes.
+
 A server away for longer than the heartbeat automation's window marks every run it hears nothing from
 Crashed when it is back, the live ones too (their heartbeats went nowhere). Then the retraining run,
 alive and waiting, takes itself back to Running (`take_back`); the training run stops at its next
@@ -71,6 +76,32 @@ def check_still_running(client: SyncPrefectClient, run_id: UUID) -> None:
             f"({run.state.message or 'no message'}); it stops here, before saving this epoch, so that the run "
             "started in its place trains alone"
         )
+
+
+def check_never_ended(client: SyncPrefectClient, run_id: UUID | str) -> None:
+    """Raise `TrainingRunSuperseded` if the flow run `run_id`, starting now, was ever ended (marked Crashed,
+    Cancelled, Failed...): a run declared dead whose process starts late (Prefect accepts Running from
+    Crashed) would train beside the run started in its place, into the same run folder."""
+    run = client.read_flow_run(run_id)
+    ended = [state for state in client.read_flow_run_states(run_id) if state.is_final()]
+    if run.state and run.state.is_final():
+        ended.append(run.state)
+    if ended:
+        last = max(ended, key=lambda state: state.timestamp)
+        raise TrainingRunSuperseded(
+            f"training run {run.name} ({run_id}) was marked {last.name} at {last.timestamp:%Y-%m-%d %H:%M:%S} "
+            f"UTC ({last.message or 'no message'}) before this process started it; it stops here, before it "
+            "trains or writes, so that the run started in its place trains alone. Nothing to do: the "
+            "retraining run waits for that one (to train again, make retrain-now)"
+        )
+
+
+def fence_late_start(run_id: UUID | str) -> None:
+    """`check_never_ended` for the flow run `run_id`, with a client of its own: the first thing a training run does."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        check_never_ended(client, run_id)
 
 
 def last_sign_of_life(client: SyncPrefectClient, run: FlowRun) -> datetime:
