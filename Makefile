@@ -31,7 +31,8 @@ GPU_POOL := fashion-mnist-gpu
 PARAMS ?= {}
 DEPLOYMENT ?= adhoc
 # The server's database: sqlite (one person; under PREFECT_HOME) or postgres (a cluster of its own under
-# $(PREFECT_HOME)/postgres: initdb once, loopback only, a free port, a generated password kept there).
+# $(PREFECT_HOME)/postgres: initdb once, loopback only, a free port, a generated password kept there, 0600;
+# as root, its data under ~postgres when the postgres user cannot reach that folder: no folder is widened).
 DB ?= sqlite
 # How long a worker, a deploy or a run waits for the API to answer, trying visibly, before it fails.
 API_WAIT_S ?= 60

@@ -157,7 +157,7 @@ def prefect_server(tmp: Path, database: str = "sqlite") -> Iterator[Stack]:
         stop_all([p for p in stack.processes if p is not stack.server])
         stop_all([p for p in stack.processes if p is stack.server])
         if stack.postgres:
-            stack.postgres.stop()
+            stack.postgres.remove()  # its data too, wherever it lives (as root: under postgres's home)
 
 
 def small_run_params(mirror: Path) -> dict:

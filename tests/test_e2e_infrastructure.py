@@ -306,6 +306,7 @@ def test_make_server_db_postgres_keeps_its_cluster_and_password_to_itself(tmp_pa
     [port] = free_ports(1)
     home = tmp_path / "prefect-home"
     log = tmp_path / "make-server.log"
+    above = {str(f): f.stat().st_mode for f in [tmp_path, *tmp_path.parents]}
     with log.open("w") as out:
         server = subprocess.Popen(
             ["make", "server", "DB=postgres", f"PREFECT_PORT={port}", f"PREFECT_HOME={home}"],
@@ -320,6 +321,8 @@ def test_make_server_db_postgres_keeps_its_cluster_and_password_to_itself(tmp_pa
         cluster = home / "postgres"
         assert (cluster / "data" / "PG_VERSION").exists()
         assert (cluster / "password").stat().st_mode & 0o777 == 0o600
+        assert (cluster / "postgres.log").stat().st_mode & 0o777 == 0o600
+        assert {str(f): f.stat().st_mode for f in [tmp_path, *tmp_path.parents]} == above  # none widened
         password = (cluster / "password").read_text().strip()
         assert len(password) >= 24
         # The server's state is in it, over loopback: a pool made now is a row there.
@@ -334,9 +337,11 @@ def test_make_server_db_postgres_keeps_its_cluster_and_password_to_itself(tmp_pa
         assert not list(home.glob("*.db")), "the server must not have fallen back to SQLite"
         sessions = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert "postgres: prefect prefect 127.0.0.1(" in sessions  # the server's sessions, from loopback
+        said = log.read_text()
+        assert "PostgreSQL made and started on 127.0.0.1:" in said and password not in said
+        assert password not in (cluster / "postgres.log").read_text()
+        handed = [cluster / "initdb-password", LocalPostgres(cluster).data_dir.parent / "initdb-password"]
+        assert not any(path.exists() for path in handed)
     finally:
         stop(server)
-    said = log.read_text()
-    assert "PostgreSQL made and started on 127.0.0.1:" in said and password not in said
-    assert password not in (cluster / "postgres.log").read_text()
-    assert not (cluster / "initdb-password").exists()
+        LocalPostgres(home / "postgres").remove()  # its data too, wherever it lives (as root: postgres's home)

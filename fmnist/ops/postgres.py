@@ -7,13 +7,17 @@ and stopped when the command exits. The command gets the database's settings as 
 (`PREFECT_SERVER_DATABASE_*`), the password among them, never inside a URL that a log could print.
 
 PostgreSQL refuses to run as root: as root it runs as the `postgres` user that Debian's package makes,
-who owns the cluster's data and is let through (o+x, no listing) the folders above it.
+who owns the cluster's data. No folder above the cluster is widened for it: where that user cannot pass
+through them (a home folder of mode 0700, say), the data lives in a folder of its own under that user's
+home (`CLUSTERS`/KEY, KEY from FOLDER's path), and FOLDER/data is a link to it; the password and the
+log stay in FOLDER. The password file and the log are made 0600 from their first byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import pwd
 import secrets
@@ -35,6 +39,8 @@ DATABASE = "prefect"
 USER = "prefect"
 # The account PostgreSQL runs as when this runs as root.
 ROOT_RUNS_AS = "postgres"
+# Under that account's home: the clusters whose folder it cannot reach, one folder each.
+CLUSTERS = "fashion-mnist-clusters"
 
 
 class PostgresError(RuntimeError):
@@ -61,7 +67,13 @@ class LocalPostgres:
 
     @property
     def data(self) -> Path:
+        """The cluster's data folder (as root, maybe a link to one under the postgres user's home)."""
         return self.folder / "data"
+
+    @property
+    def data_dir(self) -> Path:
+        """The data folder itself, as PostgreSQL is given it (it cannot follow the link through FOLDER)."""
+        return self.data.resolve()
 
     @property
     def password_file(self) -> Path:
@@ -86,31 +98,43 @@ class LocalPostgres:
         """Make the cluster and its database unless they exist; True if made now."""
         if (self.data / "PG_VERSION").exists():
             return False
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.data.exists():  # a half-made cluster (initdb stopped part way) is started over
-            shutil.rmtree(self.data)
-        self.data.mkdir(mode=0o700)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         account = _runs_as()
+        # A half-made cluster (initdb stopped part way), or one whose folder was deleted, is started over.
+        if self.data.is_symlink():
+            self.data.unlink()
+        elif self.data.exists():
+            shutil.rmtree(self.data)
+        own = _own_folder(self.folder, account)
+        if own is None:
+            self.data.mkdir(mode=0o700)
+        else:
+            if own.exists():
+                shutil.rmtree(own)
+            _make_owned(own / "data", account)
+            self.data.symlink_to(own / "data")
+            print(
+                f"{account.pw_name} cannot pass through the folders above {self.folder}: the cluster's data "
+                f"is in {own / 'data'} (FOLDER/data links to it)",
+                file=sys.stderr,
+            )
         if account:
-            _let_through(self.folder, account)
-            os.chown(self.data, account.pw_uid, account.pw_gid)
+            os.chown(self.data_dir, account.pw_uid, account.pw_gid)
         if not self.password_file.exists():
             made = self.password_file.with_suffix(".tmp")
-            made.write_text(secrets.token_urlsafe(24) + "\n")
-            made.chmod(0o600)
+            made.unlink(missing_ok=True)
+            write_private(made, secrets.token_urlsafe(24) + "\n")
             made.replace(self.password_file)
         # initdb reads the password from a file only its account can read, removed at once.
-        handed = self.folder / "initdb-password"
-        handed.touch(mode=0o600)
+        handed = self.data_dir.parent / "initdb-password"
+        handed.unlink(missing_ok=True)
         try:
-            if account:
-                os.chown(handed, account.pw_uid, account.pw_gid)
-            handed.write_text(self.password_file.read_text())
+            write_private(handed, self.password_file.read_text(), account)
             self._run(
                 [
                     postgres_bin("initdb"),
                     "-D",
-                    str(self.data),
+                    str(self.data_dir),
                     "-U",
                     USER,
                     "--auth=scram-sha-256",
@@ -123,7 +147,7 @@ class LocalPostgres:
             handed.unlink(missing_ok=True)
         # Single-user mode makes the database before any port is open.
         self._run(
-            [postgres_bin("postgres"), "--single", "-D", str(self.data), "postgres"],
+            [postgres_bin("postgres"), "--single", "-D", str(self.data_dir), "postgres"],
             stdin=f"CREATE DATABASE {DATABASE};\n",
         )
         return True
@@ -132,13 +156,13 @@ class LocalPostgres:
         """Start the cluster on 127.0.0.1 (its last port again, if it had one: a restart keeps the URL)."""
         self.initialise()
         self.port = self.port or free_port()
-        log = self.log.open("a")
+        log = open_private(self.log)
         account = _runs_as()
         self.process = subprocess.Popen(
             [
                 postgres_bin("postgres"),
                 "-D",
-                str(self.data),
+                str(self.data_dir),
                 "-p",
                 str(self.port),
                 "-c",
@@ -165,6 +189,13 @@ class LocalPostgres:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def remove(self) -> None:
+        """Stop the cluster and delete it: FOLDER, and its data folder under the postgres user's home if it has one."""
+        self.stop()
+        if self.data.is_symlink():
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + POSTGRES_START_TIMEOUT_S
@@ -231,13 +262,61 @@ def _runs_as() -> pwd.struct_passwd | None:
         ) from None
 
 
-def _let_through(folder: Path, account: pwd.struct_passwd) -> None:
-    """Let `account` reach `folder`: o+x (enter, not list) on each folder above it that lacks it."""
-    for above in [folder.resolve(), *folder.resolve().parents]:
-        mode = above.stat().st_mode
-        if not mode & 0o001:
-            above.chmod(mode | 0o001)
-            print(f"let {account.pw_name} pass through {above} (o+x), to reach its cluster", file=sys.stderr)
+def write_private(path: Path, text: str, account: pwd.struct_passwd | None = None) -> None:
+    """Create `path` (it must not exist) with `text`, mode 0600 from its first byte; owned by `account`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        if account:
+            os.fchown(fd, account.pw_uid, account.pw_gid)
+        file.write(text)
+
+
+def open_private(path: Path):
+    """`path` opened to append, made 0600 from its first byte (narrowed if it was wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a")
+
+
+def can_reach(account: pwd.struct_passwd, folder: Path) -> bool:
+    """Whether `account` may pass through every folder from / down to `folder` (its x bit for that account)."""
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    for above in [folder, *folder.parents]:
+        st = above.stat()
+        if st.st_uid == account.pw_uid:
+            bit = 0o100
+        elif st.st_gid in groups:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _own_folder(folder: Path, account: pwd.struct_passwd | None) -> Path | None:
+    """Where the cluster of `folder` keeps its data when `account` cannot reach `folder` (None: in it)."""
+    if account is None or can_reach(account, folder.resolve()):
+        return None
+    home = Path(account.pw_dir)
+    if not home.is_dir() or not can_reach(account, home):
+        raise PostgresError(
+            f"{account.pw_name} cannot reach {folder} (a folder above it is closed to it), nor its home {home}: "
+            "give the cluster a folder it can reach (make server DB=postgres PREFECT_HOME=...), or run as another user"
+        )
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return home / CLUSTERS / key
+
+
+def _make_owned(data: Path, account: pwd.struct_passwd) -> None:
+    """Make `data` and the folders above it up to the account's home, each 0700 and the account's."""
+    made = []
+    for folder in [*reversed(data.parents[: len(data.relative_to(account.pw_dir).parts) - 1]), data]:
+        if not folder.exists():
+            folder.mkdir(mode=0o700)
+            made.append(folder)
+    for folder in made:
+        os.chown(folder, account.pw_uid, account.pw_gid)
 
 
 def main(argv: list[str] | None = None) -> int:
