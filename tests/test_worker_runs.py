@@ -114,7 +114,7 @@ def test_a_stopped_worker_hands_back_its_own_run_and_no_other_hosts_with_the_sam
     worker = start_worker(stack, "worker-own-runs")
     ours = running_on_worker(stack)
     theirs = foreign_run(stack, ours["infrastructure_pid"])  # PIDs repeat across hosts
-    os.kill(worker.pid, signal.SIGTERM)
+    os.killpg(worker.pid, signal.SIGTERM)  # as systemctl stop: the worker and the run it started together
     assert worker.wait(timeout=WORKER_STOP_S + 15) == 0
     said = (stack.tmp / "worker-own-runs.log").read_text()
     assert stack.get(f"/flow_runs/{ours['id']}")["state_type"] == "CRASHED", said[-3000:]
