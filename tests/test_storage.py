@@ -69,6 +69,30 @@ def test_a_fingerprint_changes_whenever_content_changes(store: Store, root: str)
     assert one and one != store.fingerprint(folder)
 
 
+def test_a_stamp_changes_when_content_is_rewritten_with_its_times_kept(store: Store, root: str) -> None:
+    """`cp --preserve=timestamps` onto the old file, `rsync -t --inplace`, `touch -d`: the size, the
+    modification time and the inode stay, the content does not; the stamp must change. On disk the
+    inode change time does, which no user can set; in a bucket every write makes a new ETag."""
+    target = join(root, "batch", "labels")
+    store.write_bytes(target, b"trouser")
+    first = store.fingerprint(join(root, "batch"))
+    settled = store.stamp(join(root, "batch")).settled
+    if (path := store.direct_path(target)) is not None:
+        before = os.stat(path)
+        time.sleep(0.02)  # past the kernel's clock tick
+        with open(path, "r+b") as f:
+            f.write(b"bag....")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+        assert not settled  # just written: a write in the same clock tick could keep it
+    else:
+        store.write_bytes(target, b"bag....")
+        assert settled  # the ETag is the content's
+    assert store.read_bytes(target) == b"bag...."
+    assert store.fingerprint(join(root, "batch")) != first
+
+
 def test_create_is_create_only(store: Store, root: str) -> None:
     target = join(root, "claim.json")
     store.create(target, b"first")
@@ -206,6 +230,11 @@ def test_locations_are_normalized_and_credentials_refused(tmp_path: Path) -> Non
     assert normalize("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert normalize("S3://bucket") == "s3://bucket"
     assert normalize(f"file://{tmp_path}/x") == str(tmp_path / "x")
+    assert normalize(f"file://{tmp_path}/x%3Fy%23z") == str(tmp_path / "x?y#z")
+    assert normalize(f"{tmp_path}/x?y#z") == str(tmp_path / "x?y#z")  # a path's characters are literal
+    for url in (f"file://{tmp_path}/x?y", f"file://{tmp_path}/x#y", f"file://{tmp_path}/x?", "s3://bucket/x#"):
+        with pytest.raises(StorageError, match="takes no query or fragment"):
+            normalize(url)
     assert normalize("relative/dir") == str(Path("relative/dir").resolve())
     with pytest.raises(StorageError, match="credentials do not belong in a storage URL") as refused:
         normalize(f"s3://AKIAEXAMPLE:{SECRET_KEY}@bucket/prefix")

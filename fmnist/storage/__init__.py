@@ -15,6 +15,13 @@ it. What every stage relies on, on local disk and on object storage alike:
 - **Compare-and-swap.** `replace` writes a file only if it still holds what the caller read (its
   etag): `If-Match` on S3; on disk, compare and rename under an flock of a sidecar lock file (local
   disks have locks; object stores do not, and need none). The champion pointer moves this way.
+- **Stamps vouch for what they see.** A file's stamp (`FileStamp`, from one listing) changes whenever
+  its content can have changed: on disk it holds the inode change time, which no user can set (`touch
+  -d`, `cp -p` and `rsync -t` set the modification time back, not the change time); in a bucket the
+  ETag and LastModified the server sets. A stamp is *settled* once its change time is `SETTLE_S` old:
+  a later write in the same clock tick (coarse file systems) cannot leave it the same. What a stamp
+  keys (a screening receipt, a cache part's manifest) is trusted only while it is settled; an
+  unsettled one is checked by hash.
 - **Verified reads.** Content is asked for by its sha256: `local_copy` returns a local file that hashes
   to it, or raises. Copies of remote objects are kept in a scratch folder named by their hash, reused
   across runs and re-hashed before every use.
@@ -35,6 +42,7 @@ it. What every stage relies on, on local disk and on object storage alike:
 """
 
 from fmnist.storage.base import (
+    FileStamp,
     IntegrityError,
     NotFound,
     PreconditionFailed,
@@ -48,15 +56,19 @@ from fmnist.storage.base import (
     name_parts,
     parent,
     refuse_credentials,
+    refuse_query,
     without_credentials,
 )
 from fmnist.storage.scratch import default_scratch_dir
-from fmnist.storage.store import Store, normalize
+from fmnist.storage.store import SETTLE_S, Stamp, Store, normalize
 
 __all__ = [
+    "SETTLE_S",
+    "FileStamp",
     "IntegrityError",
     "NotFound",
     "PreconditionFailed",
+    "Stamp",
     "StorageError",
     "Store",
     "StoredFile",
@@ -70,5 +82,6 @@ __all__ = [
     "normalize",
     "parent",
     "refuse_credentials",
+    "refuse_query",
     "without_credentials",
 ]

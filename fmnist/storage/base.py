@@ -54,6 +54,23 @@ class NotFound(FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class FileStamp:
+    """What one listing tells of a file without reading it.
+
+    `version` changes whenever the file's content can have changed: on disk its size, modification
+    time, inode change time and inode (the change time is the kernel's: `touch -d`, `cp -p` or
+    `rsync -t` set the modification time back, never the change time); in a bucket its size, ETag
+    (derived from the content by the server) and LastModified (set by the server on every write).
+    `changed_ns` is when the version last changed by this host's clock where that is what tells two
+    writes apart (a disk's change time, which a coarse clock shares between writes in one tick), or
+    None where the version is derived from the content itself (an ETag).
+    """
+
+    version: tuple
+    changed_ns: int | None = None
+
+
+@dataclass(frozen=True)
 class StoredFile:
     """A published file and the sha256 its content must have."""
 
@@ -94,13 +111,14 @@ class Backend(Protocol):
         """The file's content, `size` bytes at a time."""
 
     def listdir(self, location: str) -> list[str]: ...
-    def find(self, location: str) -> list[str]:
-        """Paths, relative to `location`, of every file below it, literally (no patterns)."""
+    def find(self, location: str, max_depth: int | None = None) -> list[str]:
+        """Paths, relative to `location`, of every file below it (at most `max_depth` names deep),
+        literally (no patterns)."""
 
     def last_modified(self, location: str) -> datetime | None: ...
-    def stamps(self, location: str) -> dict[str, tuple]:
-        """Each file at or below `location` (by path relative to it, "" for `location` itself) and what
-        changes whenever its content is written: its size and modification stamp."""
+    def stamps(self, location: str) -> dict[str, FileStamp]:
+        """Each file at or below `location` (by path relative to it, "" for `location` itself) and its
+        stamp, which changes whenever its content can have changed."""
 
     # writes
     def write_bytes(self, location: str, data: bytes) -> None:
@@ -176,7 +194,20 @@ def verify(path: Path, file: StoredFile) -> None:
         raise IntegrityError(f"{file.location}: sha256 {found} is not the recorded {file.sha256}")
 
 
-def below(path: str, found: Iterable[str]) -> dict[str, str]:
-    """Each of the listed paths `found` that is below `path`, by its path relative to `path`."""
+def below(path: str, found: Iterable[str], max_depth: int | None = None) -> dict[str, str]:
+    """Each of the listed paths `found` that is below `path` (at most `max_depth` names deep), by its
+    path relative to `path`."""
     prefix = path.rstrip("/") + "/"
-    return {f.removeprefix(prefix): f for f in found if f.startswith(prefix)}
+    inner = {f.removeprefix(prefix): f for f in found if f.startswith(prefix)}
+    return {name: f for name, f in inner.items() if max_depth is None or name.count("/") < max_depth}
+
+
+def refuse_query(location: str, kind: str, instead: str) -> None:
+    """Raise StorageError, saying what to do `instead`, if the URL `location` holds a `?` or a `#`: they
+    start a query or a fragment, which cuts the path there (`file:///m?/train.gz` reads `/m`), so a
+    folder URL holding one would read other files than those named below it."""
+    if "?" in location or "#" in location:
+        raise StorageError(
+            f"{without_credentials(location)!r}: a {kind} URL takes no query or fragment ('?' or '#' would "
+            f"end its path there, and reads would go to another file); {instead}"
+        )

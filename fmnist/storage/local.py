@@ -22,7 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fmnist.storage.base import NotFound, PreconditionFailed, StorageError, StoredFile, below, verify
+from fmnist.storage.base import (
+    FileStamp,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    StoredFile,
+    below,
+    refuse_query,
+    verify,
+)
 from fmnist.storage.files import (
     NotARegularFile,
     atomic_path,
@@ -84,9 +93,11 @@ class LocalBackend:
 
     @staticmethod
     def normalize(location: str) -> str:
-        """An absolute path, from a path (`~` expanded) or a `file://` URL."""
+        """An absolute path, from a path (`~` expanded) or a `file://` URL (without a query or fragment,
+        which would cut its path: `?` and `#` in a path are written %3F and %23)."""
         parts = urllib.parse.urlsplit(location)
         if parts.scheme.lower() == "file":
+            refuse_query(location, "file://", "write '?' as %3F and '#' as %23 in a file:// URL, or give a plain path")
             return str(Path(urllib.request.url2pathname(parts.path)).resolve())
         return str(Path(location).expanduser().resolve())
 
@@ -124,27 +135,30 @@ class LocalBackend:
                 return []
         return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
 
-    def find(self, location: str) -> list[str]:
+    def find(self, location: str, max_depth: int | None = None) -> list[str]:
         with _errors(location):
-            return sorted(below(location, self._fs.find(location)))
+            return sorted(below(location, self._fs.find(location, maxdepth=max_depth), max_depth))
 
     def last_modified(self, location: str) -> datetime | None:
         with _errors(location):
             found = self._fs.find(location, detail=True)
         return max((datetime.fromtimestamp(info["mtime"], UTC) for info in found.values()), default=None)
 
-    def stamps(self, location: str) -> dict[str, tuple]:
+    def stamps(self, location: str) -> dict[str, FileStamp]:
+        """Size, modification time, inode change time (which no user can set: `touch -d`, `cp -p` and
+        `rsync -t --inplace` set the modification time back, and change this) and inode."""
         with _errors(location):
-            found = self._fs.find(location, detail=True)
-        # The inode too: every write here publishes by a rename, which makes a new inode.
-        return {
-            "" if path == location else path.removeprefix(location.rstrip("/") + "/"): (
-                info["size"],
-                info["mtime"],
-                info.get("ino"),
-            )
-            for path, info in found.items()
-        }
+            found = self._fs.find(location)
+            stamps = {}
+            for path in found:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue  # removed since the listing: as if it had not been listed
+                name = "" if path == location else path.removeprefix(location.rstrip("/") + "/")
+                version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                stamps[name] = FileStamp(version, changed_ns=st.st_ctime_ns)
+        return stamps
 
     # --- writes -----------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fmnist.storage.base import (
+    FileStamp,
     NotFound,
     PreconditionFailed,
     StorageError,
@@ -30,6 +31,7 @@ from fmnist.storage.base import (
     join,
     name_parts,
     refuse_credentials,
+    refuse_query,
     verify,
 )
 from fmnist.storage.files import atomic_path
@@ -74,8 +76,7 @@ class S3Backend:
         )
         if not parts.netloc:
             raise StorageError(f"{location!r}: no bucket name (expected s3://bucket/prefix)")
-        if parts.query or parts.fragment:
-            raise StorageError(f"{location!r}: a storage URL takes no query or fragment")
+        refuse_query(location, "storage", "a key holding '?' or '#' cannot be a storage location")
         return f"{S3}{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
 
     # --- the filesystem and its errors -----------------------------------------------------------------
@@ -207,18 +208,23 @@ class S3Backend:
         """In a bucket a folder is there while it holds an object (some servers list emptied ones too)."""
         return sorted({name.split("/", 1)[0] for name in self.find(location)})
 
-    def find(self, location: str) -> list[str]:
+    def find(self, location: str, max_depth: int | None = None) -> list[str]:
+        """One prefix listing (deeper keys are listed too, and left out)."""
         path = self._path(location)
         with self._errors(location):
-            return sorted(below(path, self._fs.find(path)))
+            return sorted(below(path, self._fs.find(path), max_depth))
 
     def last_modified(self, location: str) -> datetime | None:
         return max((info["LastModified"] for info in self._objects(location).values()), default=None)
 
-    def stamps(self, location: str) -> dict[str, tuple]:
+    def stamps(self, location: str) -> dict[str, FileStamp]:
+        """Size, ETag and LastModified: the server sets both on every write (the ETag from the content),
+        so a stamp is settled from the start (no `changed_ns`)."""
         path = self._path(location)
         return {
-            "" if key == path else key.removeprefix(path + "/"): (info["size"], info.get("ETag"))
+            "" if key == path else key.removeprefix(path + "/"): FileStamp(
+                (info["size"], info.get("ETag"), str(info.get("LastModified")))
+            )
             for key, info in self._objects(location).items()
         }
 

@@ -11,10 +11,12 @@ import hashlib
 import json
 import posixpath
 import tempfile
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,22 @@ from fmnist.storage.scratch import Scratch, require_scratch, temporary_folder
 # A location's scheme -> its backend. A path has none; a one-letter scheme is a Windows drive.
 BACKENDS: dict[str, type[Backend]] = {"": LocalBackend, "file": LocalBackend, "s3": S3Backend}
 _CHUNK = 1 << 20
+# A stamp vouches for content only once every file in it last changed this long ago: a later write gets
+# a change time of a later clock tick, never the recorded one. Over the coarsest clock a stamp meets
+# (1 s on ext3 and HFS+; the kernel's ticks are milliseconds), with room for a network file system's
+# clock to lag this host's.
+SETTLE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A digest of what one listing tells of a file or folder (`FileStamp` of each file, by name)."""
+
+    digest: str
+    # Every file's stamp is settled: changed at least `SETTLE_S` before it was taken (or, in a bucket,
+    # made of what the server derives from the content). Only a settled stamp may vouch for content:
+    # an unsettled one can stay the same across a write in the same clock tick.
+    settled: bool
 
 
 def _backend_type(location: str) -> type[Backend]:
@@ -117,21 +135,31 @@ class Store:
         """Names of the files and folders directly in `location` (none if it does not exist)."""
         return self._backend(location).listdir(location)
 
-    def find(self, location: str) -> list[str]:
-        """Paths, relative to `location`, of every file below it."""
-        return self._backend(location).find(location)
+    def find(self, location: str, max_depth: int | None = None) -> list[str]:
+        """Paths, relative to `location`, of every file below it (at most `max_depth` names deep)."""
+        return self._backend(location).find(location, max_depth)
 
     def last_modified(self, location: str) -> datetime | None:
         """When a file at or below `location` last changed; None if there is none."""
         return self._backend(location).last_modified(location)
 
-    def fingerprint(self, location: str) -> str | None:
-        """A digest that changes whenever a file at or below `location` is written, added or removed: of
-        each file's name, size and modification stamp (time and inode on disk, ETag in a bucket), the way
-        make and rsync tell a changed file; None if there is none. It is cheap (one listing) and no proof
-        of content: what is read is still verified against its sha256."""
+    def stamp(self, location: str) -> Stamp | None:
+        """What tells whether a file at or below `location` was written, added or removed since, without
+        reading it: a digest of each file's name and stamp (`FileStamp`: size, modification and inode
+        change times and inode on disk; size, ETag and LastModified in a bucket); None if there is none.
+        One listing. What it may vouch for is in `Stamp.settled`; what is read is still verified
+        against its sha256."""
         stamps = self._backend(location).stamps(location)
-        return sha256_text(json.dumps(sorted(stamps.items()))) if stamps else None
+        if not stamps:
+            return None
+        digest = sha256_text(json.dumps(sorted((name, list(s.version)) for name, s in stamps.items())))
+        newest = max((s.changed_ns for s in stamps.values() if s.changed_ns is not None), default=None)
+        return Stamp(digest, settled=newest is None or newest < time.time_ns() - int(SETTLE_S * 1e9))
+
+    def fingerprint(self, location: str) -> str | None:
+        """The digest of `stamp`, settled or not."""
+        stamp = self.stamp(location)
+        return stamp.digest if stamp else None
 
     def iter_chunks(self, location: str) -> Iterator[bytes]:
         return self._backend(location).chunks(location, _CHUNK)
