@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -120,27 +121,57 @@ def test_damaged_part_is_not_a_hit_and_is_rebuilt(mirror, data_layout, store, ra
     assert store.local_copy(StoredFile(first.train[0].path, first.train[0].sha256))  # repaired in place
 
 
-def test_a_part_that_fails_its_hash_when_read_is_removed_and_rebuilt(mirror, tmp_path) -> None:
-    """Damage the stamp cannot see (same size, same modification time, same inode: only a disk can do
-    that, a bucket's ETag changes with any write): the reader's hash catches it."""
+def test_a_part_edited_in_place_with_its_times_kept_is_written_again(mirror, tmp_path) -> None:
+    """Same size, same modification time, same inode (`cp --preserve=timestamps` onto it): the lookup
+    counted the part, and the reader's hash failed the run. The inode change time moves whatever the
+    times are set to: the lookup hashes the part, and it is written again, no run failing."""
     folder, spec = mirror
     store, data_layout = Store(), DataLayout(str(tmp_path / "data"))
     raw = download_dataset(spec, [str(folder)], store, data_layout.raw)
     first = build(spec, raw, store, data_layout)
     path = Path(first.train[0].path)
-    before = path.stat()
-    data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF
-    with path.open("r+b") as f:  # in place: the same inode
-        f.write(data)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert PartCache(store, data_layout.cache).lookup(first.key) is not None  # the stamp cannot tell
-    with pytest.raises(IntegrityError, match="is not the recorded"):
-        read_pixels(store, first.train)
-    assert not path.exists()  # unpublished: the next run writes it again
+
+    def damage() -> None:
+        before = path.stat()
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        with path.open("r+b") as f:  # in place: the same inode
+            f.write(data)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    damage()
+    assert PartCache(store, data_layout.cache).lookup(first.key) is None
     again = build(spec, raw, store, data_layout)
     assert not again.reused and again.train[0].sha256 == first.train[0].sha256
     read_pixels(store, again.train)
+
+    damage()  # and a manifest whose stamp vouches for what it did not see: the reader's hash still catches it
+    manifest = Path(path.parent, "manifest.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "stamp": store.fingerprint(str(path))}))
+    assert PartCache(store, data_layout.cache).lookup(first.key) is not None
+    with pytest.raises(IntegrityError, match="is not the recorded"):
+        read_pixels(store, first.train)
+    assert not path.exists()  # unpublished: the next run writes it again
+
+
+def test_a_part_stamped_before_it_settled_is_hashed_until_it_has(data_layout, store) -> None:
+    """A part written a moment ago has a stamp a write in the same clock tick could keep: it is not
+    recorded, the lookup hashes the file instead, and records the stamp once it has settled."""
+    import time
+
+    from fmnist.storage import SETTLE_S
+
+    cache = PartCache(store, data_layout.cache)
+    part = cache.write_part("k", np.zeros((2, 784), np.float32), np.zeros(2, np.uint8), {})
+    written = cache.publish_part("k", part, "test")
+    manifest = join(data_layout.cache, "parts", "k", "manifest.json")
+    on_disk = store.direct_path(manifest) is not None
+    assert (store.read_json(manifest)["stamp"] is None) == on_disk  # a bucket's ETag is settled at once
+    assert cache.lookup_part("k") == written
+    if on_disk:
+        time.sleep(SETTLE_S + 0.2)
+        assert cache.lookup_part("k") == written
+        assert store.read_json(manifest)["stamp"] == store.fingerprint(written.path)
 
 
 def test_a_cache_written_before_parts_is_rebuilt_once_and_says_so(mirror, data_layout, store, raw, caplog) -> None:
@@ -213,6 +244,6 @@ def test_failed_write_publishes_no_part_and_leaves_no_temp_files(data_layout, st
     assert cache.lookup_part("k") == written
     assert read_metadata(store.local_copy(written.file))["shape"] == [2, 28, 28]
     manifest = store.read_json(join(data_layout.cache, "parts", "k", "manifest.json"))
-    assert manifest["preprocessing_version"] == PREPROCESSING_VERSION and manifest["stamp"]
+    assert manifest["preprocessing_version"] == PREPROCESSING_VERSION
     cache.discard("k")  # a published part stays
     assert cache.lookup_part("k") == written

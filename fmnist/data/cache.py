@@ -10,8 +10,10 @@ split, then each batch) and its test part. A run that adds one batch writes one 
 file, whatever the size of the rest.
 
 A lookup counts a part only if its manifest is there and the part file still has the stamp recorded
-when it was written, which costs one listing; whoever reads a part verifies its sha256 as it reads
-(`verified_path`), and a part that fails is removed so the next run
+when it was written, which costs one listing (`Store.stamp`: on disk it includes the inode change time,
+which no copy or `touch` can set back). A stamp is recorded only once settled; a part without one that
+vouches is hashed instead, and counts if it still holds its recorded content. Whoever reads a part
+verifies its sha256 as it reads (`verified_path`), and a part that fails is removed so the next run
 writes it again.
 
 Each part file has two columns, `image` (fixed-size list of 784 float32 pixels in [0, 1]) and `label`
@@ -158,15 +160,34 @@ class PartCache:
         return join(self.root, "datasets", f"{key}.json")
 
     def lookup_part(self, key: str) -> CachedPart | None:
-        """The part for `key` if its manifest is there and its file is as it was written, else None."""
+        """The part for `key` if its manifest is there and its file is as it was written, else None.
+
+        The manifest's stamp vouches for the file while the file still has it (one listing). A file
+        without a stamp that vouches (written less than `SETTLE_S` before it was stamped, or changed
+        since: by a restore, a copy, an edit) is hashed: if it still holds the recorded content, it is
+        the part, and its settled stamp is recorded for the next lookup; if not, it is no part.
+        """
+        location = join(self.part_dir(key), MANIFEST)
         try:
-            manifest = self.store.read_json(join(self.part_dir(key), MANIFEST))
+            manifest = self.store.read_json(location)
             # Where this cache is now, not where the manifest says it was written: a data root may move.
             part = CachedPart(join(self.part_dir(key), PART_FILE), int(manifest["rows"]), manifest["sha256"])
-            stamp = manifest["stamp"]
+            recorded = manifest["stamp"]
         except (FileNotFoundError, IntegrityError, KeyError, TypeError, ValueError):
             return None  # a store that fails (unreachable, access denied) raises: that is no cache miss
-        return part if self.store.fingerprint(part.path) == stamp else None
+        stamp = self.store.stamp(part.path)
+        if stamp is None:
+            return None
+        if recorded is not None and stamp.digest == recorded:
+            return part
+        try:
+            self.store.local_copy(part.file)  # hashed (in a bucket, the copy training reads)
+        except (FileNotFoundError, IntegrityError):
+            log.info("Cache part %s no longer holds what its manifest records: written again", self.part_dir(key))
+            return None
+        if stamp.settled and self.store.fingerprint(part.path) == stamp.digest:
+            self.store.write_json(location, {**manifest, "stamp": stamp.digest})
+        return part
 
     def lookup(self, key: str) -> CachedDataset | None:
         """The dataset for `key` if its file is there and each of its parts is (see `lookup_part`)."""
@@ -197,13 +218,15 @@ class PartCache:
         return CachedPart(location, len(labels), digest)
 
     def publish_part(self, key: str, part: CachedPart, source: str) -> CachedPart:
-        """Make the written file `key`'s part: its manifest, with the file's stamp, written last."""
+        """Make the written file `key`'s part: its manifest, with the file's stamp if it is settled (None
+        if not: the next lookup hashes the file and records it), written last."""
+        stamp = self.store.stamp(part.path)
         manifest = {
             "key": key,
             "preprocessing_version": PREPROCESSING_VERSION,
             "source": source,
             **vars(part),
-            "stamp": self.store.fingerprint(part.path),
+            "stamp": stamp.digest if stamp and stamp.settled else None,
         }
         self.store.write_json(join(self.part_dir(key), MANIFEST), manifest)
         return part
