@@ -309,3 +309,24 @@ def test_a_mirror_url_with_credentials_is_refused_without_showing_them(mirror, l
     with pytest.raises(ValidationError) as invalid:
         RetrainParams(mirrors=[url])
     assert "s3cr3t" not in str(invalid.value) and "credentials do not belong in a mirror URL" in str(invalid.value)
+
+
+@pytest.mark.parametrize("suffix", ["?", "?v=2", "#", "#/../decoy"])
+def test_a_mirror_url_with_a_query_or_fragment_is_refused(mirror, layout, store, tmp_path, suffix: str) -> None:
+    """`file:///srv/mirror?x` read `/srv/mirror` for every file (the name went into the query): another file."""
+    import shutil
+
+    folder, spec = mirror
+    for url in (folder.as_uri() + suffix, "http://127.0.0.1:1/mirror" + suffix, "s3://bucket/mirror" + suffix):
+        with pytest.raises(ValueError, match=r"URL takes no query or fragment"):
+            download_dataset(spec, [url], store, layout.raw)
+        with pytest.raises(ValidationError, match=r"URL takes no query or fragment"):
+            RetrainParams(mirrors=[url])
+    assert not Path(layout.raw).exists()
+    odd = tmp_path / "mirror?copy#1"  # a folder whose name holds them: a path, or a URL that escapes them
+    shutil.copytree(folder, odd)
+    for source in (str(odd), odd.as_uri()):
+        assert "%3F" in odd.as_uri() and "%23" in odd.as_uri()
+        raw = download_dataset(spec, [source], store, layout.raw)
+        assert {f.source for f in raw.files} == {source}
+        shutil.rmtree(layout.raw)

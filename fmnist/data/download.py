@@ -20,7 +20,16 @@ from pathlib import Path
 import httpx
 
 from fmnist.data.dataset import DatasetSpec, RemoteFile
-from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join, normalize, refuse_credentials
+from fmnist.storage import (
+    IntegrityError,
+    StorageError,
+    Store,
+    StoredFile,
+    join,
+    normalize,
+    refuse_credentials,
+    refuse_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +85,15 @@ def _is_http(location: str) -> bool:
 
 
 def check_mirror(mirror: str) -> None:
-    """Refuse (ValueError) a mirror of an unsupported scheme, or one with credentials in its URL."""
+    """Refuse (ValueError) a mirror of an unsupported scheme, one with credentials in its URL, or a mirror
+    URL with a query or a fragment: a file's URL is the mirror's with `/<file name>` added, which would
+    land in the query or fragment, and every file would be read from one other place."""
     try:
         if _is_http(mirror):
             refuse_credentials(
                 mirror, "mirror", "serve the mirror without them, or from a bucket (s3://, AWS_* variables)"
             )
+            refuse_query(mirror, "mirror", "give the URL of the folder holding the .gz files, nothing after it")
         else:
             normalize(mirror)
     except StorageError as exc:
