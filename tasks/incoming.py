@@ -27,6 +27,8 @@ def collect_incoming_task(storage: StorageParams, raw: RawDataset, bad_batches: 
         receipts=storage.data.screened,
         outcomes=storage.data.outcomes,
     )
+    if ignored := screening.ignored_message(storage.incoming):
+        logger.warning("%s", ignored)
     for line in screening.repeats:
         logger.warning("Incoming batch %s", line)
     rows = [

@@ -258,7 +258,7 @@ def test_a_batch_holding_test_images_is_refused_by_add_batch_and_by_the_run(tmp_
     assert screening.batches == [] and "is test image 7" in screening.refused[0].error
 
 
-def test_repeated_batches_and_training_images_are_reported(tmp_path: Path, canonical) -> None:
+def test_repeated_batches_are_refused_and_training_images_reported(tmp_path: Path, canonical) -> None:
     store, test, train, _ = canonical
     train_images = idx.read_images(Path(train.location))
     labels = np.arange(5, dtype=np.uint8)
@@ -267,11 +267,12 @@ def test_repeated_batches_and_training_images_are_reported(tmp_path: Path, canon
     write_idx_batch(tmp_path / "in" / "a", images, labels)
     write_idx_batch(tmp_path / "in" / "b", images, labels)
     screening = screen_incoming(store, str(tmp_path / "in"), known_images(store, test, train), contract=False)
-    assert [b.name for b in screening.batches] == ["a", "b"]  # reported, not refused
-    assert screening.repeats == [
-        "a: 2 of its 5 images are already in the training set",
-        "b repeats batch a exactly: its images count twice",
-    ]
+    assert [b.name for b in screening.batches] == ["a"]
+    assert screening.repeats == ["a: 2 of its 5 images are already in the training set"]  # reported, not refused
+    [repeat] = screening.refused  # the same images twice: each would count twice
+    assert repeat.name == "b" and "5 of its 5 images are already in a batch used before it (5 in batch a" in (
+        repeat.error
+    )
 
 
 def test_a_quarantined_batch_moves_whole_with_its_error_in_a_bucket(tmp_path: Path, store: Store, bucket: str) -> None:

@@ -45,9 +45,10 @@ def test_idx_and_png_batches_are_collected_in_name_order(tmp_path: Path, store: 
 def test_same_content_same_hash_whatever_the_folder(tmp_path: Path, store: Store) -> None:
     labels = np.array([0, 1], dtype=np.uint8)
     images = synthetic_images(labels, seed=2)
-    write_idx_batch(tmp_path / "in" / "one", images, labels)
-    write_idx_batch(tmp_path / "in" / "two", images, labels)
-    one, two = collect_incoming(store, str(tmp_path / "in"))
+    write_idx_batch(tmp_path / "in-1" / "one", images, labels)
+    write_idx_batch(tmp_path / "in-2" / "two", images, labels)
+    [one] = collect_incoming(store, str(tmp_path / "in-1"))
+    [two] = collect_incoming(store, str(tmp_path / "in-2"))
     assert one.sha256 == two.sha256
 
 
@@ -65,8 +66,10 @@ def test_batch_changed_after_collection_is_refused(tmp_path: Path, store: Store)
     [
         (lambda d: write_png_batch(d / "b", {"socks": 1}), r"b/socks: not a class name; use one of t-shirt-top"),
         (lambda d: write_png_batch(d / "b", {"bag": 1}, mode="RGB"), r"b/bag/0.png: colour mode RGB"),
-        (lambda d: (d / "b" / "bag").mkdir(parents=True), r"b: class folders hold no .png files"),
-        (lambda d: (d / "b").mkdir(), r"b: a batch holds either one \*images-idx3-ubyte"),
+        (
+            lambda d: (d / "b").mkdir() or (d / "b" / "batch-images-idx3-ubyte").write_bytes(b""),
+            r"b: a batch holds either one \*images-idx3-ubyte",
+        ),
         (lambda d: (d / "stray.png").write_bytes(b""), r"stray.png: put each batch in a folder of its own"),
         (
             lambda d: (write_png_batch(d / "b", {"bag": 1}), (d / "b" / "bag" / "9.png").write_bytes(b"junk")),
@@ -80,7 +83,7 @@ def test_batch_changed_after_collection_is_refused(tmp_path: Path, store: Store)
             r"b/bag/1.png: image is 30x30, unlike the 28x28 images before it",
         ),
     ],
-    ids=["unknown-class", "rgb", "empty-class", "empty-batch", "loose-file", "junk-png", "mixed-sizes"],
+    ids=["unknown-class", "rgb", "images-only", "loose-file", "junk-png", "mixed-sizes"],
 )
 def test_bad_batches_are_named(tmp_path: Path, store: Store, make, message: str) -> None:
     make(tmp_path)
@@ -202,24 +205,10 @@ def test_add_batch_outside_the_project_folder_refuses_until_told_the_storage(
     assert (project / "data" / "incoming" / "in-project").is_dir() and list(elsewhere.iterdir()) == []
 
 
-def test_screening_reads_a_batch_once_and_again_only_when_its_files_change(
-    root: str, store: Store, tmp_path: Path, monkeypatch
-) -> None:
-    """Receipts: a run screens what is new or changed; what it says of the others (repeats too) is kept."""
+def counting_reads(monkeypatch) -> list[str]:
+    """The names of the batches screening reads (decodes), in order."""
     from fmnist.data import incoming
-    from fmnist.data.overlap import KnownImages
-    from fmnist.storage import join
 
-    train = synthetic_images(np.arange(10, dtype=np.uint8), seed=1)
-    known = KnownImages(lambda: synthetic_images(np.arange(10, dtype=np.uint8), seed=2), lambda: train, "sets-1")
-    labels = np.arange(3, dtype=np.uint8)
-    for name, images in (
-        ("a", synthetic_images(labels, seed=3)),
-        ("b", train[:3]),
-        ("c", synthetic_images(labels, seed=3)),
-    ):
-        write_idx_batch(tmp_path / name, images, labels)
-        store.put_tree(tmp_path / name, join(root, "in", name), marker="batch-labels-idx1-ubyte.gz")
     read: list[str] = []
     real_read_batch = incoming.read_batch
 
@@ -228,23 +217,218 @@ def test_screening_reads_a_batch_once_and_again_only_when_its_files_change(
         return real_read_batch(store, location)
 
     monkeypatch.setattr(incoming, "read_batch", counting)
+    return read
+
+
+def known_sets(identity: str = "sets-1"):
+    from fmnist.data.overlap import KnownImages
+
+    train = synthetic_images(np.arange(10, dtype=np.uint8), seed=1)
+    return train, KnownImages(lambda: synthetic_images(np.arange(10, dtype=np.uint8), seed=2), lambda: train, identity)
+
+
+def test_screening_reads_a_batch_once_and_again_only_when_its_files_change(
+    root: str, store: Store, tmp_path: Path, monkeypatch
+) -> None:
+    """Receipts: a run screens what is new or changed; what it says of the others (repeats too) is kept."""
+    from fmnist.data import incoming
+    from fmnist.data.overlap import KnownImages
+    from fmnist.storage import join
+
+    train, known = known_sets()
+    labels = np.arange(3, dtype=np.uint8)
+    for name, images in (
+        ("a", synthetic_images(labels, seed=3)),
+        ("b", train[:3]),
+        ("c", synthetic_images(labels, seed=3)),
+    ):
+        write_idx_batch(tmp_path / name, images, labels)
+        store.put_tree(tmp_path / name, join(root, "in", name), marker="batch-labels-idx1-ubyte.gz")
+    read = counting_reads(monkeypatch)
     receipts = join(root, "receipts")
     first = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
-    assert read == ["a", "b", "c"] and not first.refused
-    assert first.repeats == [
-        "b: 3 of its 3 images are already in the training set",
-        "c repeats batch a exactly: its images count twice",
-    ]
+    assert read == ["a", "b", "c"] and [b.name for b in first.batches] == ["a", "b"]
+    assert first.repeats == ["b: 3 of its 3 images are already in the training set"]
+    assert [r.name for r in first.refused] == ["c"] and "already in a batch used before it" in first.refused[0].error
     read.clear()
     again = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
-    assert read == [] and again == first
+    assert read == [] and again == first  # the repeat found again from the receipts, no batch read
     changed = synthetic_images(labels, seed=4)
     write_idx_batch(tmp_path / "c", changed, labels)
     store.put_file(tmp_path / "c" / "batch-images-idx3-ubyte.gz", join(root, "in", "c", "batch-images-idx3-ubyte.gz"))
     third = incoming.screen_incoming(store, join(root, "in"), known, receipts=receipts)
-    assert read == ["c"] and third.batches[2].sha256 != first.batches[2].sha256
-    assert third.repeats == first.repeats[:1]
+    assert read == ["c"] and [b.name for b in third.batches] == ["a", "b", "c"] and not third.refused
+    assert third.repeats == first.repeats
     read.clear()
     other_sets = KnownImages(known._test_images, known._train_images, "sets-2")  # screened against other sets
     incoming.screen_incoming(store, join(root, "in"), other_sets, receipts=receipts)
     assert read == ["a", "b", "c"]
+
+
+def write_plain_idx_batch(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """An IDX batch uncompressed: other labels make a file of the same size."""
+    from fmnist.data.idx import encode_idx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "batch-images-idx3-ubyte").write_bytes(encode_idx(images))
+    (folder / "batch-labels-idx1-ubyte").write_bytes(encode_idx(labels))
+    return folder
+
+
+def test_a_batch_edited_in_place_with_its_stamp_kept_is_screened_again(
+    root: str, store: Store, tmp_path: Path, monkeypatch
+) -> None:
+    """`cp --preserve=timestamps` onto the old file kept size, modification time and inode: the receipt
+    still vouched, the run trained on the old labels (cache intact), or failed every night with "batch
+    changed while the run was using it" (cache gone), and the batch was never screened again."""
+    import os
+    import time
+
+    from fmnist.data.incoming import content_sha256, screen_incoming
+    from fmnist.storage import SETTLE_S, join
+
+    _, known = known_sets()
+    images = synthetic_images(np.arange(10, dtype=np.uint8), seed=5)
+    old, new = np.arange(10, dtype=np.uint8), np.arange(10, dtype=np.uint8)[::-1].copy()
+    write_plain_idx_batch(tmp_path / "old", images, old)
+    write_plain_idx_batch(tmp_path / "new", images, new)
+    batch, receipts = join(root, "in", "shoes"), join(root, "receipts")
+    store.put_tree(tmp_path / "old", batch, marker="batch-labels-idx1-ubyte")
+    labels_file = join(batch, "batch-labels-idx1-ubyte")
+    if store.direct_path(root) is not None:
+        time.sleep(SETTLE_S + 0.2)  # a settled stamp: the receipt vouches by it alone
+    read = counting_reads(monkeypatch)
+    [first] = screen_incoming(store, join(root, "in"), known, receipts=receipts).batches
+    assert first.sha256 == content_sha256(images, old) and read == ["shoes"]
+    assert store.read_json(first.receipt)["settled"] is True
+
+    if (path := store.direct_path(labels_file)) is not None:  # the content rewritten, its times set back
+        before = os.stat(path)
+        with open(path, "r+b") as f:
+            f.write((tmp_path / "new" / "batch-labels-idx1-ubyte").read_bytes())
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    else:  # a bucket has no way to keep an object's stamp: a write of the same size
+        store.put_file(tmp_path / "new" / "batch-labels-idx1-ubyte", labels_file)
+    [second] = screen_incoming(store, join(root, "in"), known, receipts=receipts).batches
+    assert read == ["shoes", "shoes"] and second.sha256 == content_sha256(images, new)
+    np.testing.assert_array_equal(load_collected(store, second)[1], new)  # no "batch changed" failure
+
+
+def test_a_batch_changed_under_a_run_is_screened_again_by_the_next(root: str, store: Store, tmp_path: Path) -> None:
+    """Whatever a stamp missed, a run that finds a batch other than screening saw drops its receipt: the
+    next run screens it again, and no night after fails the same way."""
+    from fmnist.data.incoming import screen_incoming
+    from fmnist.storage import join
+
+    _, known = known_sets()
+    labels = np.arange(4, dtype=np.uint8)
+    write_idx_batch(tmp_path / "one", synthetic_images(labels, seed=6), labels)
+    write_idx_batch(tmp_path / "two", synthetic_images(labels, seed=7), labels)
+    batch, receipts = join(root, "in", "b"), join(root, "receipts")
+    store.put_tree(tmp_path / "one", batch, marker="batch-labels-idx1-ubyte.gz")
+    [screened] = screen_incoming(store, join(root, "in"), known, receipts=receipts).batches
+    assert screened.receipt and store.exists(screened.receipt)
+    store.put_file(tmp_path / "two" / "batch-images-idx3-ubyte.gz", join(batch, "batch-images-idx3-ubyte.gz"))
+    with pytest.raises(IncomingBatchError, match=r"changed while the run was using it .* `make retrain-now`"):
+        load_collected(store, screened)
+    assert not store.exists(screened.receipt)
+    [again] = screen_incoming(store, join(root, "in"), known, receipts=receipts).batches
+    assert again.sha256 != screened.sha256
+    load_collected(store, again)
+
+
+def test_the_same_image_in_two_batches_is_used_once_and_the_repeat_refused(
+    root: str, store: Store, tmp_path: Path
+) -> None:
+    """Two review folders of the same records were both submitted: 300 of 300 images trained twice, one
+    with conflicting labels (trouser vs bag), and screening reported no repeats."""
+    from fmnist.data.incoming import dispose, screen_incoming
+    from fmnist.storage import join
+
+    labels = np.array([1, 8, 3, 4, 5, 6], dtype=np.uint8)
+    images = synthetic_images(labels, seed=8)
+    relabeled = labels.copy()
+    relabeled[0] = 8  # trouser there, bag here
+    fresh = synthetic_images(labels, seed=9)
+    batches = {
+        "review-1": (images, labels),
+        "review-2": (images, relabeled),  # the same records, reviewed twice
+        "review-3": (np.concatenate([fresh[:3], images[4:]]), np.concatenate([labels[:3], labels[4:]])),
+        "review-4": (fresh[3:], labels[3:]),  # nothing used before
+    }
+    for name, (batch_images, batch_labels) in batches.items():
+        write_idx_batch(tmp_path / name, batch_images, batch_labels)
+        store.put_tree(tmp_path / name, join(root, "in", name), marker="batch-labels-idx1-ubyte.gz")
+    screening = screen_incoming(store, join(root, "in"), contract=False)
+    assert [b.name for b in screening.batches] == ["review-1", "review-4"]
+    refused = {r.name: r.error for r in screening.refused}
+    assert sorted(refused) == ["review-2", "review-3"]
+    assert (
+        f"{root}/in/review-2: 6 of its 6 images are already in a batch used before it (6 in batch review-1"
+        in (refused["review-2"])
+    )
+    assert (
+        "1 of them are labeled differently there (its image 0 is labeled Bag here and Trouser in review-1)"
+        in (refused["review-2"])
+    )
+    assert "2 of its 5 images are already in a batch used before it (2 in batch review-1" in refused["review-3"]
+    assert "labeled differently" not in refused["review-3"] and "`make retrain-now`" in refused["review-3"]
+    with pytest.raises(IncomingBatchError, match="2 incoming batches refused"):
+        screening.raise_for_refused()
+    for repeat in screening.refused:
+        dispose(store, repeat, "quarantine", join(root, "quarantine"), "by the test")
+    assert store.listdir(join(root, "in")) == ["review-1", "review-4"]
+    again = screen_incoming(store, join(root, "in"), contract=False)
+    assert [b.name for b in again.batches] == ["review-1", "review-4"] and not again.refused
+
+
+def test_a_batch_an_earlier_run_used_is_kept_over_a_new_repeat_of_it(
+    root: str, store: Store, tmp_path: Path, monkeypatch
+) -> None:
+    """Earlier means used before: a new batch whose name sorts first does not push out the one trained on."""
+    from fmnist.data.incoming import screen_incoming
+    from fmnist.storage import join
+
+    _, known = known_sets()
+    labels = np.arange(5, dtype=np.uint8)
+    write_idx_batch(tmp_path / "b", synthetic_images(labels, seed=10), labels)
+    receipts = join(root, "receipts")
+    store.put_tree(tmp_path / "b", join(root, "in", "zz-used"), marker="batch-labels-idx1-ubyte.gz")
+    assert [b.name for b in screen_incoming(store, join(root, "in"), known, receipts=receipts).batches] == ["zz-used"]
+    store.put_tree(tmp_path / "b", join(root, "in", "aa-new"), marker="batch-labels-idx1-ubyte.gz")
+    screening = screen_incoming(store, join(root, "in"), known, receipts=receipts)
+    assert [b.name for b in screening.batches] == ["zz-used"]
+    [refused] = screening.refused
+    assert refused.name == "aa-new" and "5 in batch zz-used" in refused.error
+
+
+def test_an_incoming_folder_of_other_things_is_left_untouched(root: str, store: Store, tmp_path: Path) -> None:
+    """`incoming_dir` pointed at a home folder: every entry was moved to quarantine."""
+    from fmnist.data.incoming import dispose, screen_incoming
+    from fmnist.storage import join
+
+    home = join(root, "home")
+    others = {
+        "Documents/taxes.txt": b"numbers",
+        "Music/band/song.mp3": b"ID3",
+        "notes.zip": b"PK\x03\x04",
+        "photos/2024/holiday.jpg": b"\xff\xd8",
+        "deep/a/b/c/image.png": b"three folders down: no batch's",
+    }
+    for name, content in others.items():
+        store.write_bytes(join(home, name), content)
+    labels = np.arange(4, dtype=np.uint8)
+    write_idx_batch(tmp_path / "good", synthetic_images(labels, seed=11), labels)
+    store.put_tree(tmp_path / "good", join(home, "good"), marker="batch-labels-idx1-ubyte.gz")
+    store.write_bytes(join(home, "broken", "batch-images-idx3-ubyte.gz"), b"junk")  # a batch, a bad one
+    screening = screen_incoming(store, home, contract=False)
+    assert [b.name for b in screening.batches] == ["good"]
+    assert screening.ignored == ["Documents", "Music", "deep", "notes.zip", "photos"]
+    assert "5 entries hold no batch" in screening.ignored_message(home)
+    [refused] = screening.refused
+    assert refused.name == "broken"
+    dispose(store, refused, "quarantine", join(root, "quarantine"), "by the test")
+    assert {name: store.read_bytes(join(home, name)) for name in others} == others
+    assert store.listdir(join(root, "quarantine"))[0].startswith("broken-")

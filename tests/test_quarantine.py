@@ -57,15 +57,17 @@ def test_glob_names_are_refused_by_a_run_and_quarantine_touches_no_other_batch(
 
 
 def test_a_stray_file_is_quarantined_with_its_content(store: Store, root: str) -> None:
-    """In a bucket a stray `notes.zip` became a QUARANTINED.txt and its content was deleted; on disk the run
-    crashed with FileExistsError."""
+    """In a bucket a stray file became a QUARANTINED.txt and its content was deleted; on disk the run
+    crashed with FileExistsError. (A file that is no batch's, a `notes.zip`, is left where it is.)"""
+    store.write_bytes(join(root, "in", "shoe.png"), b"\x89PNG someone's image")
     store.write_bytes(join(root, "in", "notes.zip"), b"PK\x03\x04 someone's notes")
-    [refused] = screen_incoming(store, join(root, "in"), contract=False).refused
-    assert "put each batch in a folder of its own" in refused.error
+    screening = screen_incoming(store, join(root, "in"), contract=False)
+    [refused] = screening.refused
+    assert "put each batch in a folder of its own" in refused.error and screening.ignored == ["notes.zip"]
     where = quarantine(store, refused, join(root, "quarantine"), "by the test")
-    assert sorted(store.find(where)) == [QUARANTINE_NOTE, "notes.zip"]
-    assert store.read_bytes(join(where, "notes.zip")) == b"PK\x03\x04 someone's notes"
-    assert store.listdir(join(root, "in")) == []
+    assert sorted(store.find(where)) == [QUARANTINE_NOTE, "shoe.png"]
+    assert store.read_bytes(join(where, "shoe.png")) == b"\x89PNG someone's image"
+    assert store.listdir(join(root, "in")) == ["notes.zip"]
 
 
 def test_a_batch_holding_its_own_quarantined_txt_keeps_it(store: Store, root: str, tmp_path: Path) -> None:
@@ -80,12 +82,13 @@ def test_a_batch_holding_its_own_quarantined_txt_keeps_it(store: Store, root: st
 
 def test_two_quarantines_of_one_name_in_one_second_both_arrive(store: Store, root: str) -> None:
     for content in (b"first", b"second"):
-        store.write_bytes(join(root, "in", "stray.bin"), content)
+        store.write_bytes(join(root, "in", "stray-images-idx3-ubyte"), content)
         [refused] = screen_incoming(store, join(root, "in"), contract=False).refused
         quarantine(store, refused, join(root, "quarantine"), "by the test")
     found = sorted(store.find(join(root, "quarantine")))
-    assert len([f for f in found if f.endswith("/stray.bin")]) == 2
-    assert {store.read_bytes(join(root, "quarantine", f)) for f in found if f.endswith("/stray.bin")} == {
+    strays = [f for f in found if f.endswith("/stray-images-idx3-ubyte")]
+    assert len(strays) == 2
+    assert {store.read_bytes(join(root, "quarantine", f)) for f in strays} == {
         b"first",
         b"second",
     }
@@ -106,10 +109,12 @@ def test_a_key_that_is_both_a_file_and_a_folder_is_refused_and_moved_whole(
     """Keys `evil/a` and `evil/a/b`: no disk can hold both; quarantine lost `a`."""
     store.write_bytes(join(bucket, "in", "evil", "a"), b"file a")
     store.write_bytes(join(bucket, "in", "evil", "a", "b"), b"file b")
+    store.write_bytes(join(bucket, "in", "evil", "bag", "0.png"), b"a batch's image")
     [refused] = screen_incoming(store, join(bucket, "in"), contract=False).refused
     assert "both a file and a folder" in refused.error
     where = quarantine(store, refused, join(bucket, "quarantine"), "by the test")
     assert store.read_bytes(join(where, "a")) == b"file a" and store.read_bytes(join(where, "a", "b")) == b"file b"
+    assert store.read_bytes(join(where, "bag", "0.png")) == b"a batch's image"
 
 
 def test_a_name_that_is_not_utf8_is_refused_and_quarantined(store: Store, tmp_path: Path) -> None:

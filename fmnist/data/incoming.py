@@ -9,6 +9,7 @@ one of two forms:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -17,8 +18,9 @@ import posixpath
 import re
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -26,10 +28,19 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fmnist.data import idx, overlap
-from fmnist.data.dataset import CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.data.dataset import CLASS_NAMES, CLASS_SLUGS, NUM_CLASSES, class_slug
 from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, read_grayscale_png
-from fmnist.storage import IntegrityError, PreconditionFailed, StorageError, Store, StoredFile, TooLarge, join
+from fmnist.storage import (
+    IntegrityError,
+    PreconditionFailed,
+    Stamp,
+    StorageError,
+    Store,
+    StoredFile,
+    TooLarge,
+    join,
+)
 from fmnist.storage.files import sha256_text
 
 if TYPE_CHECKING:
@@ -49,6 +60,11 @@ MAX_BATCH_BYTES = 512 << 20  # a batch in a bucket is downloaded whole before it
 # Counted from the listing, before a download: one file per PNG image, and room for a few stray files.
 MAX_BATCH_FILES = MAX_BATCH_ROWS + 100
 QUARANTINE_ATTEMPTS = 10  # target names tried when a quarantine folder of the same name and second exists
+# What only a batch holds: an IDX file (`*images-idx3-ubyte[.gz]`, ...) or a PNG image. An entry of the
+# incoming folder with none of them (nor the `.incomplete` marker) is no batch, and is left alone.
+BATCH_FILE = re.compile(r"(idx\d-ubyte(\.gz)?|\.png)$", re.IGNORECASE)
+RECEIPT_VERSION = "2"  # what a screening receipt holds; receipts of another version are not read
+RETRY = "make retrain-now"  # how an operator starts a run (docs/operations.md)
 
 
 class IncomingBatchError(ValueError):
@@ -62,6 +78,7 @@ class IncomingBatch:
     kind: Literal["idx", "png"]
     sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
     rows: int
+    receipt: str | None = None  # the screening receipt that vouches for it, if any (see `screen_incoming`)
 
 
 def printable(text: str) -> str:
@@ -202,7 +219,18 @@ class Screening:
 
     batches: list[IncomingBatch]
     refused: list[RefusedBatch]
-    repeats: list[str]  # one line per batch that repeats another batch's or the training set's images
+    repeats: list[str]  # one line per batch that repeats images of the canonical training set
+    ignored: list[str] = field(default_factory=list)  # entries that are no batch (see `BATCH_FILE`): left alone
+
+    def ignored_message(self, incoming_dir: str) -> str | None:
+        """One line naming the entries left alone as no batch (None: there are none)."""
+        if not self.ignored:
+            return None
+        names = ", ".join(self.ignored[:10]) + (f" and {len(self.ignored) - 10} more" if len(self.ignored) > 10 else "")
+        return (
+            f"{incoming_dir}: {len(self.ignored)} entries hold no batch (no IDX file, no PNG image), left untouched: "
+            f"{names}; is storage.incoming_dir the incoming folder?"
+        )
 
     def raise_for_refused(self) -> None:
         if len(self.refused) == 1:
@@ -229,6 +257,38 @@ def test_set_copies_error(
     )
 
 
+@dataclass(frozen=True)
+class _Passed:
+    """A batch that passed its own checks, with its images' digests and labels for the checks across batches."""
+
+    batch: IncomingBatch
+    in_training: int | None  # how many of its images the canonical training set holds
+    digests: np.ndarray  # (rows, 16) uint8: `overlap.digest_array`
+    labels: np.ndarray
+    known_before: bool  # passed an earlier run's screening (its receipt vouched for it)
+
+
+def is_batch_file(name: str) -> bool:
+    """Whether a file of this name is one only a batch holds (an IDX file, a PNG image)."""
+    return bool(BATCH_FILE.search(name))
+
+
+def holds_batch_files(names: list[str]) -> bool:
+    """Whether a folder holding `names` (its files' paths, two names deep) is a batch, good or bad: it holds
+    the `.incomplete` marker, an IDX file or a PNG image (hidden ones aside), or a link named as a class
+    folder (a listing shows a link as a file)."""
+    return any(
+        name == INCOMPLETE
+        or (is_batch_file(name) and not any(part.startswith(".") for part in name.split("/")))
+        or ("/" not in name and _is_class_name(name))
+        for name in names
+    )
+
+
+def _is_class_name(name: str) -> bool:
+    return (name.isdigit() and int(name) < NUM_CLASSES) or class_slug(name) in CLASS_SLUGS
+
+
 def screen_incoming(
     store: Store,
     incoming_dir: str,
@@ -239,43 +299,57 @@ def screen_incoming(
     outcomes: str | None = None,
 ) -> Screening:
     """Every batch in `incoming_dir` (which may not exist: then there are none), by folder name, read and
-    checked: readable, no test-set images (with `known`), and its contract suite passed (with `contract`).
+    checked: readable, no test-set images (with `known`), its contract suite passed (with `contract`),
+    and no image that an earlier batch holds (see `_first_copies`).
 
-    Batches are read one at a time and let go, so memory is that of the largest batch. With `receipts`
-    (a folder), a batch that passed every check leaves a receipt there, keyed by its files' stamps
-    (`Store.fingerprint`) and what it was checked against; a later run finds the receipt and does not
-    read the batch again, so a run's screening costs the batches that are new or changed, plus one
-    listing a batch. With `outcomes` (the validation stage's folder of kept outcomes), a batch's contract
-    outcome is kept there, and the validation stage does not judge the batch again.
+    An entry that is no batch (it holds no IDX file, no PNG image and no `.incomplete` marker: a home
+    folder's `Documents/`, a `notes.zip`) is left where it is, untouched, and named in `ignored`. A batch
+    that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
 
-    A batch that `add_batch` is still copying (its `.incomplete` marker is there) is not a batch yet.
+    Batches are read one at a time and let go, so memory is that of the largest batch, plus 17 bytes an
+    image of every batch for the check across batches. With `receipts` (a folder), a batch that passed
+    its own checks leaves a receipt there, keyed by its files' stamp (`Store.stamp`) and what it was
+    checked against, holding its content hash and its images' digests and labels; a later run finds the
+    receipt and does not read the batch again, so a run's screening costs the batches that are new or
+    changed, plus one listing a batch. A receipt vouches only for what its stamp can see: one written
+    while the stamp was not settled (a batch written in the last seconds) also holds the hash of the
+    batch's files, and is trusted only while they hash the same. With `outcomes` (the validation stage's
+    folder of kept outcomes), a batch's contract outcome is kept there, and the validation stage does not
+    judge the batch again.
     """
     from fmnist.data.contract import failure_message, incoming_check, kept_outcomes, run_checks, suite_version
 
-    screened: list[tuple[IncomingBatch, int | None]] = []  # with how many of its images training holds already
+    passed: list[_Passed] = []
     refused: list[RefusedBatch] = []
+    ignored: list[str] = []
     for name in store.listdir(incoming_dir):
         if name.startswith("."):
             continue
         entry = join(incoming_dir, name)
         try:
             if not store.is_dir(entry):
+                if not is_batch_file(name):
+                    ignored.append(printable(name))
+                    continue
                 raise IncomingBatchError(
                     f"{printable(entry)}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
                 )
-            if store.exists(join(entry, INCOMPLETE)):
+            names = store.find(entry, max_depth=2)
+            if not holds_batch_files(names):
+                ignored.append(printable(name))
+                continue
+            if INCOMPLETE in names:
                 log.warning(
                     "%s: still being added (or the copy was interrupted): left out of this run", printable(entry)
                 )
                 continue
             check_batch_name(name)
-            receipt = None
-            if receipts and known and contract and (stamp := store.fingerprint(entry)):
-                receipt = join(
-                    receipts, f"{sha256_text('screened', suite_version(), known.identity, name, stamp)}.json"
-                )
-                if kept := _receipt(store, receipt, name, entry):
-                    screened.append(kept)
+            receipt = stamp = None
+            if receipts and known and contract and (stamp := store.stamp(entry)):
+                key = sha256_text("screened", RECEIPT_VERSION, suite_version(), known.identity, name, stamp.digest)
+                receipt = join(receipts, f"{key}.json")
+                if kept := _receipt(store, receipt, name, entry, stamp):
+                    passed.append(kept)
                     continue
             kind, images, labels = read_batch(store, entry)
         except (IncomingBatchError, idx.IdxFormatError) as exc:
@@ -284,7 +358,7 @@ def screen_incoming(
         if known and (error := test_set_copies_error(entry, images, known)):
             refused.append(RefusedBatch(name, entry, error))
             continue
-        batch = IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels))
+        batch = IncomingBatch(name, entry, kind, content_sha256(images, labels), len(labels), receipt)
         if contract:
             check = [incoming_check(name, images, labels)]
             if outcomes:
@@ -297,33 +371,137 @@ def screen_incoming(
             if not judged[0].success:
                 refused.append(RefusedBatch(name, entry, f"{entry}: {failure_message(judged)}"))
                 continue
-        in_training = len(overlap.copies(images, known.train)) if known else None
-        del images, labels
-        if receipt:
-            store.write_json(receipt, {**vars(batch), "in_training": in_training})
-        screened.append((batch, in_training))
-    return Screening([b for b, _ in screened], refused, _repeats(screened))
+        digests = overlap.image_digests(images)
+        in_training = sum(digest in known.train for digest in digests) if known else None
+        done = _Passed(batch, in_training, overlap.digest_array(digests), labels, known_before=False)
+        del images, digests
+        if receipt and stamp:
+            _write_receipt(store, receipt, stamp, done)
+        passed.append(done)
+    first, repeating = _first_copies(passed)
+    kept_ones = {id(p) for p in first}
+    used = [p for p in passed if id(p) in kept_ones]  # in name order, as listed: the data's key depends on it
+    return Screening([p.batch for p in used], refused + repeating, _repeats(used), ignored)
 
 
-def _receipt(store: Store, location: str, name: str, entry: str) -> tuple[IncomingBatch, int | None] | None:
+def _files_sha256(store: Store, entry: str) -> str | None:
+    """A hash of every file's name and content in the batch folder `entry` (None if one went meanwhile)."""
     try:
-        kept = store.read_json(location)
-        batch = IncomingBatch(name, entry, kept["kind"], kept["sha256"], int(kept["rows"]))
-        return batch, kept["in_training"]
-    except (FileNotFoundError, IntegrityError, KeyError, TypeError, ValueError):
+        return sha256_text(*(f"{name}:{store.sha256(join(entry, name))}" for name in store.find(entry)))
+    except FileNotFoundError:
         return None
 
 
-def _repeats(screened: list[tuple[IncomingBatch, int | None]]) -> list[str]:
-    lines, seen = [], {}
-    for batch, in_training in screened:
-        if batch.sha256 in seen:
-            lines.append(f"{batch.name} repeats batch {seen[batch.sha256]} exactly: its images count twice")
+def _write_receipt(store: Store, location: str, stamp: Stamp, passed: _Passed) -> None:
+    """Leave the receipt of a batch that passed, if its files are still those the stamp taken before it
+    was read saw; with their hash if that stamp was not settled (it could stay the same across a write)."""
+    batch = passed.batch
+    files = None if stamp.settled else _files_sha256(store, batch.path)
+    if (not stamp.settled and files is None) or store.fingerprint(batch.path) != stamp.digest:
+        log.info("%s: changed while it was screened: no receipt; the next run screens it again", batch.path)
+        return
+    store.write_json(
+        location,
+        {
+            "name": batch.name,
+            "kind": batch.kind,
+            "sha256": batch.sha256,
+            "rows": batch.rows,
+            "in_training": passed.in_training,
+            "settled": stamp.settled,
+            "files_sha256": files,
+            "digests": base64.b64encode(passed.digests.tobytes()).decode(),
+            "labels": base64.b64encode(np.ascontiguousarray(passed.labels, np.uint8).tobytes()).decode(),
+        },
+    )
+
+
+def _receipt(store: Store, location: str, name: str, entry: str, stamp: Stamp) -> _Passed | None:
+    """What the receipt at `location` vouches for, if it does: one written with a settled stamp while the
+    batch has that stamp; one written with an unsettled stamp only while the batch's files hash the same
+    (and once the stamp has settled, the receipt is written again without that condition)."""
+    try:
+        kept = store.read_json(location)
+        batch = IncomingBatch(name, entry, kept["kind"], kept["sha256"], int(kept["rows"]), location)
+        digests = np.frombuffer(base64.b64decode(kept["digests"]), np.uint8).reshape(batch.rows, overlap.DIGEST_SIZE)
+        labels = np.frombuffer(base64.b64decode(kept["labels"]), np.uint8)
+        settled, files, in_training = bool(kept["settled"]), kept["files_sha256"], kept["in_training"]
+        if labels.shape != (batch.rows,) or kept["name"] != name or (not settled and not files):
+            return None
+    except (FileNotFoundError, IntegrityError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not settled:
+        if _files_sha256(store, entry) != files:
+            return None
+        if stamp.settled and store.fingerprint(entry) == stamp.digest:
+            store.write_json(location, {**kept, "settled": True, "files_sha256": None})
+    return _Passed(batch, in_training, digests, labels, known_before=True)
+
+
+def _first_copies(passed: list[_Passed]) -> tuple[list[_Passed], list[RefusedBatch]]:
+    """The batches that hold no image an earlier one holds, and a refusal of each that does.
+
+    Earlier: a batch an earlier run's screening passed (its receipt vouched for it) comes before one
+    screened for the first time, and batches of one kind go in name order. A batch is refused if any of
+    its images is in a batch used before it: two review folders of the same records, or one batch added
+    twice under two names, would otherwise train each image twice (with two labels, where they differ).
+    """
+    order = sorted(range(len(passed)), key=lambda n: (not passed[n].known_before, passed[n].batch.name))
+    ordered = [passed[n] for n in order]
+    shared = overlap.shared_images([p.digests for p in ordered])
+    owners: dict[int, tuple[int, int]] = {}  # an image's id -> (the used batch that holds it, its row there)
+    used: list[_Passed] = []
+    refused: list[RefusedBatch] = []
+    for number, (candidate, (rows, ids)) in enumerate(zip(ordered, shared, strict=True)):
+        images = list(zip(rows.tolist(), ids.tolist(), strict=True))  # its images that other batches hold too
+        copies = [(row, owners[image]) for row, image in images if image in owners]
+        if copies:
+            error = _repeat_error(candidate, copies, ordered)
+            refused.append(RefusedBatch(candidate.batch.name, candidate.batch.path, error))
             continue
-        seen[batch.sha256] = batch.name
-        if in_training:
-            lines.append(f"{batch.name}: {in_training:,} of its {batch.rows:,} images are already in the training set")
-    return lines
+        used.append(candidate)
+        for row, image in images:
+            owners.setdefault(image, (number, row))
+    return used, refused
+
+
+def _repeat_error(candidate: _Passed, copies: list[tuple[int, tuple[int, int]]], ordered: list[_Passed]) -> str:
+    """Why `candidate` may not be used: which batches hold its images already, and where labels differ."""
+    batch = candidate.batch
+    holders = Counter(ordered[owner].batch.name for _, (owner, _) in copies)
+    where = ", ".join(f"{count:,} in batch {name}" for name, count in holders.most_common(5))
+    if len(holders) > 5:
+        where += f" and {len(holders) - 5} more batches"
+    row, (owner, other_row) = copies[0]
+    text = (
+        f"{batch.path}: {len(copies):,} of its {batch.rows:,} images are already in a batch used before it "
+        f"({where}; its image {row} is image {other_row} of {ordered[owner].batch.name})"
+    )
+    conflicts = [
+        (row, owner, other_row)
+        for row, (owner, other_row) in copies
+        if candidate.labels[row] != ordered[owner].labels[other_row]
+    ]
+    if conflicts:
+        row, owner, other_row = conflicts[0]
+        text += (
+            f"; {len(conflicts):,} of them are labeled differently there (its image {row} is labeled "
+            f"{CLASS_NAMES[candidate.labels[row]]} here and {CLASS_NAMES[ordered[owner].labels[other_row]]} in "
+            f"{ordered[owner].batch.name})"
+        )
+    return (
+        f"{text}. Training on both would count each image twice. Take the repeated images out of one of the "
+        f"batches (or remove this one from the incoming folder if it holds nothing new), then `{RETRY}`; with "
+        "bad_batches: quarantine, a run moves this batch aside and trains on the rest"
+    )
+
+
+def _repeats(used: list[_Passed]) -> list[str]:
+    return [
+        f"{p.batch.name}: {p.in_training:,} of its {p.batch.rows:,} images are already in the training set"
+        for p in used
+        if p.in_training
+    ]
 
 
 def collect_incoming(store: Store, incoming_dir: str) -> list[IncomingBatch]:
@@ -379,10 +557,16 @@ def _note_names() -> Iterator[str]:
 
 
 def load_collected(store: Store, batch: IncomingBatch) -> tuple[np.ndarray, np.ndarray]:
-    """The batch's arrays, refusing a batch whose content changed since it was collected."""
+    """The batch's arrays, refusing a batch whose content changed since it was collected. Its screening
+    receipt (if one vouched for it) is removed then: the next run screens the batch as it is now."""
     _, images, labels = read_batch(store, batch.path)
     if content_sha256(images, labels) != batch.sha256:
-        raise IncomingBatchError(f"{batch.path}: batch changed while the run was using it; run again")
+        if batch.receipt:
+            store.delete(batch.receipt)
+        raise IncomingBatchError(
+            f"{batch.path}: batch changed while the run was using it (its content is no longer what screening "
+            f"checked); the next run screens it again as it is now: `{RETRY}`"
+        )
     return images, labels
 
 
@@ -412,12 +596,20 @@ def check_batch(
 
 
 def add_batch(
-    store: Store, source: Path, incoming_dir: str, name: str | None = None, known: KnownImages | None = None
+    store: Store,
+    source: Path,
+    incoming_dir: str,
+    name: str | None = None,
+    known: KnownImages | None = None,
+    finish_partial: bool = False,
 ) -> IncomingBatch:
     """Check the batch in the local folder `source` and copy it into `incoming_dir` as `name`.
 
     Nothing is copied unless the whole batch passes. Runs see the batch whole or not at all: its
     folder holds the `.incomplete` marker from before the first file until after the last.
+    `finish_partial`: a partial copy of this name (its marker still there) is the caller's own,
+    stopped: it is copied over, what is not the batch's is deleted, and the copy is read back and
+    checked before the marker goes (a second copier at once cannot leave a mixed batch).
     """
     source = source.resolve()  # the operator's own path may go through links; what the batch holds may not
     name = name or source.name
@@ -426,10 +618,12 @@ def add_batch(
         raise IncomingBatchError(f"{source}: not a folder; a batch is a folder holding an IDX pair or class folders")
     kind, images, labels = check_batch(source, name, known)
     target = join(incoming_dir, name)
-    if store.find(target):
+    partial = finish_partial and store.exists(join(target, INCOMPLETE))
+    if store.find(target) and not partial:
         raise IncomingBatchError(f"{target}: a batch of that name is already there; choose another --name")
-    # Unique content: a create-only write that meets the same bytes takes them for its own.
-    store.create(join(target, INCOMPLETE), f"being copied by fashion-mnist add-batch {uuid.uuid4()}\n".encode())
+    if not partial:
+        # Unique content: a create-only write that meets the same bytes takes them for its own.
+        store.create(join(target, INCOMPLETE), f"being copied by fashion-mnist add-batch {uuid.uuid4()}\n".encode())
     files = [
         f
         for f in sorted(source.rglob("*"))
@@ -437,6 +631,16 @@ def add_batch(
     ]
     for file in files:
         store.put_file(file, join(target, *file.relative_to(source).parts))
+    if partial:
+        wanted = [f.relative_to(source).parts for f in files] + [(INCOMPLETE,)]
+        held = {"/".join(parts[:depth]) for parts in wanted for depth in range(1, len(parts) + 1)}
+        for stray in sorted(set(store.find(target)) - held):
+            parts = stray.split("/")  # whole at the first level that is none of the batch's: no empty folder stays
+            store.delete(
+                join(target, *next(parts[:d] for d in range(1, len(parts) + 1) if "/".join(parts[:d]) not in held))
+            )
+        if content_sha256(*read_batch(store, target)[1:]) != content_sha256(images, labels):
+            raise IncomingBatchError(f"{target}: changed while it was copied (a second copy at once?); run again")
     store.delete(join(target, INCOMPLETE))
     return IncomingBatch(name, target, kind, content_sha256(images, labels), len(labels))
 
