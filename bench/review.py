@@ -66,8 +66,8 @@ def measure(kind: str, feedback: str, out: str) -> dict:
     elif kind == "streamed":
         offered = make_review(store, feedback, Path(out)).images
     else:  # "submit": submit the streamed review, and free its records' space
-        done = submit_review(store, feedback, Path(out), str(Path(feedback).parent / "incoming"), "bench", None)
-        freed = compact_records(store, feedback, done.ledger)
+        submit_review(store, feedback, Path(out), str(Path(feedback).parent / "incoming"), "bench", None)
+        freed = compact_records(store, feedback)
         offered = freed.records_freed
     took = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -97,8 +97,8 @@ def test_a_trickle_of_captures_writes_a_file_a_flush_and_a_full_folder_pauses_ca
     def review() -> None:
         out = tmp_path / "review"
         make_review(store, feedback, out)
-        done = submit_review(store, feedback, out, join(root, "incoming"), "feedback-t", None)
-        freed = compact_records(store, feedback, done.ledger)  # the room a review makes
+        submit_review(store, feedback, out, join(root, "incoming"), "feedback-t", None)
+        freed = compact_records(store, feedback)  # the room a review makes
         assert (freed.records_freed, freed.files_after) == (30, 0)
 
     monkeypatch.setattr(capture, "MAX_RECORDS", 30)  # full: a server started now keeps nothing
@@ -139,7 +139,7 @@ def test_review_then_submit_makes_a_labeled_batch_with_its_lineage(root: str, st
     assert waiting(store, feedback) == 0  # submitted and deleted records are not offered again
     assert len(reviewed_by(store, feedback)) == 5
     captured(store, feedback, images[:1], np.array([0]), np.array([0.5]))  # a later file, unreviewed
-    assert compact_records(store, feedback, ledger).records_freed == 5 and waiting(store, feedback) == 1
+    assert compact_records(store, feedback).records_freed == 5 and waiting(store, feedback) == 1
     assert len(store.listdir(join(feedback, "records"))) == 1
     # The lineage: the batch of that name and content counts; another batch of the same name would not.
     lineage = feedback_lineage(store, feedback, {"feedback-1": batch.sha256, "hand-made": "e" * 64})

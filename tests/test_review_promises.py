@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -221,7 +222,7 @@ def test_a_review_frees_the_space_of_what_it_reviewed_and_capture_resumes(
     out = tmp_path / "review"
     make_review(store, feedback, out)
     done = submit_review(store, feedback, out, incoming, None, None)
-    freed = compact_records(store, feedback, done.ledger)
+    freed = compact_records(store, feedback)
     assert (freed.records_freed, freed.files_before) == (10, 8)
     names = store.listdir(join(feedback, "records"))
     assert sum(records.records_in(n) for n in names) == 30 == waiting(store, feedback)
@@ -244,7 +245,7 @@ def test_a_compaction_stopped_midway_is_finished_by_the_next(root: str, store: S
     store.write_bytes(join(feedback, "records", kept), records.encode(table.slice(2)))
     assert waiting(store, feedback) == 4  # the newer file is what is left; no record is counted twice
     assert make_review(store, feedback, tmp_path / "review").images == 4
-    compacted = records.compact(store, feedback, reviewed, [kept])
+    compacted = records.compact(store, feedback, reviewed)
     assert store.listdir(join(feedback, "records")) == [kept] and compacted.files_after == 1
 
 
@@ -273,3 +274,168 @@ def test_a_stopping_server_waits_for_its_last_records_a_bounded_time_and_counts_
     hung.set()
     assert took_s < 5  # not the store's 60 s
     assert 'fashion_mnist_feedback_dropped_total{reason="stopped"} 3.0' in metrics.page().decode()
+
+
+def test_a_copy_labeled_otherwise_is_refused_while_the_first_submit_is_stopped_and_strays_go(
+    root: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copiers of one offer once deleted each other's partial batch: 600 of 2,000 records lost."""
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    capture_files(store, feedback, files=1, per_file=5, seed=60)
+    out = tmp_path / "review"
+    make_review(store, feedback, out)
+    shutil.copytree(out, tmp_path / "copy")
+    relabel_first(tmp_path / "copy", "bag")
+    put_file = Store.put_file
+    monkeypatch.setattr(Store, "put_file", lambda *a: (_ for _ in ()).throw(OSError("the host went away")))
+    with pytest.raises(OSError):
+        submit_review(store, feedback, out, incoming, "first", None)
+    monkeypatch.setattr(Store, "put_file", put_file)
+    [partial] = store.listdir(incoming)
+    store.write_bytes(join(incoming, partial, "strays", "bag", "00009-" + "a" * 32 + ".png"), b"a stray")
+    with pytest.raises(ReviewError, match="being submitted as batch first with other images or labels"):
+        submit_review(store, feedback, tmp_path / "copy", incoming, None, None)
+    done = submit_review(store, feedback, out, incoming, None, None)
+    assert done.batch.rows == 5 and not [f for f in store.find(done.batch.path) if "/bag/" in f]
+
+
+def test_a_damaged_offer_is_rebuilt_by_its_submit_or_released_if_none_began(
+    root: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its error once advised deleting it, and the same records went into a second batch."""
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    capture_files(store, feedback, files=1, per_file=6, seed=61)
+    monkeypatch.setattr(review, "MAX_REVIEW", 3)
+    begun, idle = tmp_path / "begun", tmp_path / "idle"
+    make_review(store, feedback, begun)
+    make_review(store, feedback, idle)
+    create = Store.create
+    monkeypatch.setattr(
+        Store,
+        "create",
+        lambda s, loc, d: (_ for _ in ()).throw(OSError("gone")) if "/reviewed/" in loc else create(s, loc, d),
+    )
+    with pytest.raises(OSError):
+        submit_review(store, feedback, begun, incoming, "first", None)  # the batch is in, no ledger
+    monkeypatch.setattr(Store, "create", create)
+    for folder in (begun, idle):
+        offer = (folder / "offer.txt").read_text().strip()
+        store.write_bytes(offers.offer_location(feedback, offer), b'{"offer": "torn')
+    with pytest.raises(ReviewError, match="its submit began, as batch first: run `fashion-mnist review --submit`"):
+        make_review(store, feedback, tmp_path / "third")
+    done = submit_review(store, feedback, begun, incoming, None, None)  # rebuilt from the record files
+    assert done.batch.name == "first" and store.listdir(incoming) == ["first"] and done.ledger.submitted == 3
+    assert make_review(store, feedback, tmp_path / "third").images == 3  # the idle offer was released
+    with pytest.raises(ReviewError, match="not in the store"):
+        submit_review(store, feedback, idle, incoming, None, None)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda text: text.replace("\n", ",extra\n", 2),  # a trailing field on a row
+        lambda text: (
+            text.replace("at\n", "at,source\n", 1).replace("\n", ",x\n").replace("at,source,x\n", "at,source\n")
+        ),
+        lambda text: text + "\n".join(text.splitlines()[1:2] * 3000),  # rows past a review's size
+    ],
+    ids=["trailing-field", "extra-column", "too-many-rows"],
+)
+def test_an_index_with_other_columns_or_rows_is_refused_before_anything_is_added(
+    root: str, store: Store, tmp_path: Path, spoil
+) -> None:
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    capture_files(store, feedback, files=1, per_file=3, seed=62)
+    out = tmp_path / "review"
+    make_review(store, feedback, out)
+    (out / INDEX).write_text(spoil((out / INDEX).read_text()))
+    with pytest.raises(ReviewError, match=r"index\.csv: not the index `fashion-mnist review` wrote"):
+        submit_review(store, feedback, out, incoming, None, None)
+    assert not store.find(incoming)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("id", "/../../../../escaped"), ("predicted", 100), ("version", "../v1"), ("confidence", 7.0)]
+)
+def test_a_record_capture_did_not_write_is_refused_naming_its_file_and_writes_nothing(
+    tmp_path: Path, field: str, value
+) -> None:
+    store, feedback = Store(), str(tmp_path / "feedback")
+    capture_files(store, feedback, files=1, per_file=3, seed=63)
+    [name] = store.listdir(join(feedback, "records"))
+    table = records.read_table(store, feedback, name)
+    column = table[field].to_pylist()
+    column[0] = value
+    spoiled = table.set_column(
+        table.schema.get_field_index(field), field, pa.array(column, table.schema.field(field).type)
+    )
+    store.write_bytes(join(feedback, "records", name), records.encode(spoiled))
+    out = tmp_path / "deep" / "er" / "review"
+    with pytest.raises(ReviewError, match=rf"{name}: a record capture did not write \({field}"):
+        make_review(store, feedback, out)
+    assert not out.exists() and not list(tmp_path.rglob("*.png"))
+
+
+def test_a_review_frees_its_records_after_another_compaction_merged_their_files(
+    root: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feedback, incoming = join(root, "feedback"), join(root, "incoming")
+    capture_files(store, feedback, files=6, per_file=4, seed=64)
+    monkeypatch.setattr(review, "MAX_REVIEW", 5)
+    make_review(store, feedback, tmp_path / "a")
+    make_review(store, feedback, tmp_path / "b")
+    submit_review(store, feedback, tmp_path / "a", incoming, "a", None)
+    assert compact_records(store, feedback).files_after == 1  # merged: b's records' files are gone
+    submit_review(store, feedback, tmp_path / "b", incoming, "b", None)
+    assert compact_records(store, feedback).records_freed == 5
+    assert (
+        waiting(store, feedback) == 14 == sum(records.records_in(n) for n in store.listdir(join(feedback, "records")))
+    )
+
+
+def test_a_merge_stopped_before_its_sources_went_is_finished_by_the_next_compaction(
+    root: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feedback = join(root, "feedback")
+    capture_files(store, feedback, files=4, per_file=3, seed=65)
+    delete = Store.delete
+    monkeypatch.setattr(
+        Store, "delete", lambda s, loc: (_ for _ in ()).throw(OSError("gone")) if "/records/" in loc else delete(s, loc)
+    )
+    with pytest.raises(OSError):
+        records.compact(store, feedback, set())
+    monkeypatch.setattr(Store, "delete", delete)
+    assert len(store.listdir(join(feedback, "records"))) == 5  # the merged file beside its sources
+    records.compact(store, feedback, set())
+    names = store.listdir(join(feedback, "records"))
+    assert len(names) == 1 and records.records_in(names[0]) == 12 == waiting(store, feedback)
+
+
+def test_a_review_stopped_before_its_offer_leaves_no_reservation_and_hostile_folders_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, feedback, incoming = Store(), str(tmp_path / "feedback"), str(tmp_path / "incoming")
+    capture_files(store, feedback, files=1, per_file=3, seed=66)
+    monkeypatch.setattr(review, "write_offer", lambda *a: (_ for _ in ()).throw(OSError("gone")))
+    with pytest.raises(OSError):
+        make_review(store, feedback, tmp_path / "stopped")
+    monkeypatch.undo()
+    assert waiting(store, feedback) == 3  # nothing reserved by an offer no folder holds
+    with pytest.raises(ReviewError, match="not in the store"):
+        submit_review(store, feedback, tmp_path / "stopped", incoming, None, None)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ReviewError, match="a-file: not a folder"):
+        make_review(store, feedback, tmp_path / "a-file")
+    with pytest.raises(ReviewError, match="a-file: not a folder"):
+        submit_review(store, feedback, tmp_path / "a-file", incoming, None, None)
+    out = tmp_path / "review"
+    make_review(store, feedback, out)
+    (out / "offer.txt").write_bytes(b"0" * (150 << 20))
+    with pytest.raises(ReviewError, match=r"offer\.txt: missing or damaged"):
+        submit_review(store, feedback, out, incoming, None, None)
+    (out / "offer.txt").unlink()
+    (out / "offer.txt").mkdir()
+    with pytest.raises(ReviewError, match=r"offer\.txt: missing or damaged"):
+        submit_review(store, feedback, out, incoming, None, None)
+    store.write_bytes(join(feedback, "records", "notes \udcff.parquet"), b"not capture's")
+    assert waiting(store, feedback) == 0  # a file capture did not name is neither read nor counted as records

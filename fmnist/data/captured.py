@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import io
+import logging
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -25,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fmnist.data.dataset import IMAGE_SIZE
-from fmnist.storage import Store, join
+from fmnist.data.dataset import IMAGE_SIZE, NUM_CLASSES
+from fmnist.storage import StorageError, Store, join
 
 RECORDS = "records"
 RECORDS_PER_FILE = 1024
@@ -44,9 +45,15 @@ SCHEMA = pa.schema(
         ("image", pa.binary(PIXELS)),
     ]
 )
+RECORD_ID = re.compile(r"[0-9a-f]{32}")
+NAME_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9:.+_-]{0,63}")  # versions, labels, times
 SUMMARY = ["id", "at", "version", "label", "predicted", "confidence"]  # what an offer is chosen from
 MERGED_BELOW = RECORDS_PER_FILE // 2  # files holding fewer records than this are merged into fuller ones
 MAX_MERGED_FILES = 4096  # small files merged by one compaction: a submit's clean-up stays bounded
+MERGING = "merging.json"  # beside records/: the sources of a merge under way
+
+
+log = logging.getLogger(__name__)
 
 
 class RecordFileError(ValueError):
@@ -97,8 +104,8 @@ def encode(table: pa.Table) -> bytes:
 
 def record_files(store: Store, feedback: str) -> list[str]:
     """The record files' names, oldest first (a name starts with its time), those a stopped compaction
-    left twice included."""
-    return sorted(n for n in store.listdir(records_folder(feedback)) if n.endswith(".parquet"))
+    left twice included. Other files there are not capture's, and neither read nor changed."""
+    return sorted(n for n in store.listdir(records_folder(feedback)) if RECORD_FILE.fullmatch(n))
 
 
 def read_table(store: Store, feedback: str, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -116,12 +123,32 @@ def read_table(store: Store, feedback: str, name: str, columns: list[str] | None
 
 
 def candidates(store: Store, feedback: str, excluded: set[str]) -> Iterator[Candidate]:
-    """Every record not in `excluded`, file by file, without its image."""
+    """Every record not in `excluded`, file by file, without its image. A record capture could not
+    have written is an error naming its file: its fields become folder names and ledger entries."""
     names = record_files(store, feedback)
     for name in sorted(set(names) - superseded(names)):
         for row in read_table(store, feedback, name, SUMMARY).to_pylist():
+            if problem := _strange(row):
+                raise RecordFileError(
+                    f"{join(records_folder(feedback), name)}: a record capture did not write ({problem}); "
+                    "move the file out of the records folder"
+                )
             if row["id"] not in excluded:
                 yield Candidate(**row, source=name)
+
+
+def _strange(row: dict) -> str | None:
+    """What in a record read back is not what capture writes (None: nothing)."""
+    if not isinstance(row["id"], str) or not RECORD_ID.fullmatch(row["id"]):
+        return f"id {str(row['id'])[:40]!r}"
+    for field in ("version", "label", "at"):
+        if not isinstance(row[field], str) or not NAME_FIELD.fullmatch(row[field]):
+            return f"{field} {str(row[field])[:40]!r}"
+    if row["predicted"] is None or not 0 <= row["predicted"] < NUM_CLASSES:
+        return f"predicted {row['predicted']!r}"
+    if row["confidence"] is None or not 0.0 <= row["confidence"] <= 1.0:
+        return f"confidence {row['confidence']!r}"
+    return None
 
 
 def lowest_confidence(store: Store, feedback: str, excluded: set[str], limit: int) -> tuple[list[Candidate], int]:
@@ -157,28 +184,28 @@ def images_of(store: Store, feedback: str, chosen: Iterable[Candidate]) -> dict[
     return images
 
 
-def compact(store: Store, feedback: str, reviewed: set[str], touched: Iterable[str]) -> Compaction:
-    """Free the space of reviewed records: each file of `touched` is written again without them (or
-    deleted when none is left), files a stopped compaction left twice are deleted, and small files are
-    merged (at most MAX_MERGED_FILES of them). Capture counts the folder from its listing, so it
-    resumes as soon as the records fall under its bound."""
+def compact(store: Store, feedback: str, reviewed: set[str]) -> Compaction:
+    """Free the space of reviewed records: every file holding one is written again without them (or
+    deleted when none is left; its ids are read first, a column), files a stopped compaction left
+    twice are deleted, and small files are merged (at most MAX_MERGED_FILES of them). Capture counts
+    the folder from its listing, so it resumes as soon as the records fall under its bound."""
     folder = records_folder(feedback)
+    _finish_merge(store, feedback)
     names = record_files(store, feedback)
     before, freed = len(names), 0
     for name in superseded(names):
         store.delete(join(folder, name))
         names.remove(name)
-    for name in sorted(set(touched) & set(names)):
-        table = read_table(store, feedback, name)
-        keep = pc.invert(pc.is_in(table["id"], pa.array(sorted(reviewed), pa.string())))
-        kept = table.filter(keep)
-        if kept.num_rows == table.num_rows:
+    done = pa.array(sorted(reviewed), pa.string())
+    for name in list(names):
+        if not pc.any(pc.is_in(read_table(store, feedback, name, ["id"])["id"], done)).as_py():
             continue
+        table = read_table(store, feedback, name)
+        kept = table.filter(pc.invert(pc.is_in(table["id"], done)))
         freed += table.num_rows - kept.num_rows
         names.remove(name)
         if kept.num_rows:
-            matched = RECORD_FILE.fullmatch(name)
-            stamp, tag = matched.groups()[:2] if matched else (None, None)
+            stamp, tag, _ = RECORD_FILE.fullmatch(name).groups()
             renamed = record_file_name(kept.num_rows, stamp, tag)
             store.write_bytes(join(folder, renamed), encode(kept))
             names.append(renamed)
@@ -201,7 +228,7 @@ def superseded(names: list[str]) -> set[str]:
 def _merge_small(store: Store, feedback: str, names: list[str], reviewed: set[str]) -> int:
     """Merge the small files, oldest first, into files of up to RECORDS_PER_FILE; reviewed records and
     second copies of a record are left out. The merged file is written before its sources are deleted."""
-    folder = records_folder(feedback)
+    folder, journal = records_folder(feedback), join(feedback, MERGING)
     small = [n for n in names if RECORD_FILE.fullmatch(n) and records_in(n) < MERGED_BELOW][:MAX_MERGED_FILES]
     freed = 0
     group: list[str] = []
@@ -212,11 +239,16 @@ def _merge_small(store: Store, feedback: str, names: list[str], reviewed: set[st
         nonlocal freed
         if len(group) > 1 or (group and sum(t.num_rows for t in tables) < records_in(group[0])):
             merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-            if merged.num_rows:
-                store.write_bytes(join(folder, record_file_name(merged.num_rows)), encode(merged))
+            name = record_file_name(merged.num_rows) if merged.num_rows else None
+            # The sources are named before the merged file is written: a merge stopped before they
+            # are all deleted is finished by the next compaction, never left as a second copy.
+            store.write_json(journal, {"merged": name, "sources": group})
+            if name:
+                store.write_bytes(join(folder, name), encode(merged))
             freed += sum(records_in(n) for n in group) - merged.num_rows
-            for name in group:
-                store.delete(join(folder, name))
+            for source in group:
+                store.delete(join(folder, source))
+            store.delete(journal)
         group.clear(), tables.clear()
 
     for name in small:
@@ -231,3 +263,25 @@ def _merge_small(store: Store, feedback: str, names: list[str], reviewed: set[st
         tables.append(table)
     flush()
     return freed
+
+
+def _finish_merge(store: Store, feedback: str) -> None:
+    """Delete the sources of a merge that stopped after writing its merged file (its journal names
+    them); a merge that stopped before leaves its sources, whole, and only the journal goes."""
+    journal = join(feedback, MERGING)
+    if not store.exists(journal):
+        return
+    try:
+        merge = store.read_json(journal)
+        merged, sources = merge["merged"], [n for n in merge["sources"] if RECORD_FILE.fullmatch(n)]
+    except (StorageError, ValueError, TypeError, KeyError) as exc:
+        log.warning("%s: not a merge journal (%s); removed, and the records it names are kept", journal, exc)
+        merged, sources = None, []
+    if (
+        merged is not None
+        and RECORD_FILE.fullmatch(str(merged))
+        and store.exists(join(records_folder(feedback), merged))
+    ):
+        for source in sources:
+            store.delete(join(records_folder(feedback), source))
+    store.delete(journal)

@@ -2,7 +2,7 @@
 
     <data_root>/feedback/offers/<offer>.json     the offered records: id, version, label, predicted,
                                                  confidence, time, record file, the image's sha256
-    <data_root>/feedback/offers/<offer>.submit   the batch name, created (never replaced) by the first
+    <data_root>/feedback/offers/<offer>.submit   the batch name and content, created by the first
                                                  submit of the offer
 
 A record is in at most one offer, and an offered record is not offered again (`fmnist.ops.review`), so
@@ -13,12 +13,15 @@ of a stopped submit, submits under the one name: a rerun finishes it, a copy is 
 ledger (`fmnist.data.feedback`) holds the records, the offer is deleted.
 
 An offer nobody submits keeps its records for OFFER_DAYS; the next review then releases them (an offer
-whose submit has begun is never released).
+whose submit has begun is never released). A copy of a folder labeled otherwise is refused: the
+`.submit` file holds the content the first submit added.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -29,6 +32,8 @@ from fmnist.storage import IntegrityError, PreconditionFailed, Store, join
 OFFERS = "offers"
 OFFER_DAYS = 14
 OFFER_ID = r"^[0-9a-f]{32}$"
+
+log = logging.getLogger(__name__)
 
 
 class OfferError(ValueError):
@@ -94,32 +99,70 @@ def read_offer(store: Store, feedback: str, offer: str) -> Offer | None:
 
 
 def open_offers(store: Store, feedback: str) -> list[Offer]:
-    """Every offer not yet done; offers older than OFFER_DAYS whose submit never began are released
-    (deleted) on the way. A damaged offer is an error naming it: its records could be offered twice."""
+    """Every offer not yet done. Released (deleted) on the way: offers older than OFFER_DAYS, and
+    damaged ones, whose submit never began (nothing of theirs was added). A damaged offer whose submit
+    began is an error naming the way out: its batch may be in, and its records must not be offered."""
     now, kept = datetime.now(UTC), []
     for name in sorted(store.listdir(offers_folder(feedback))):
-        if not name.endswith(".json"):
+        offer_id = name.removesuffix(".json")
+        if not name.endswith(".json") or not re.fullmatch(OFFER_ID, offer_id):
             continue
-        offer = read_offer(store, feedback, name.removesuffix(".json"))
+        begun = read_claim(store, feedback, offer_id)
+        try:
+            offer = read_offer(store, feedback, offer_id)
+        except OfferError as exc:
+            if begun:
+                raise OfferError(
+                    f"{exc}; its submit began, as batch {begun.batch}: run `fashion-mnist review --submit` on its "
+                    "folder, which rebuilds the offer from the record files and finishes it"
+                ) from None
+            log.warning("%s; released (its submit never began, so nothing of it was added)", exc)
+            store.delete(offer_location(feedback, offer_id))
+            continue
         if offer is None:  # done meanwhile
             continue
-        stale = now - offer.at > timedelta(days=OFFER_DAYS)
-        if stale and not store.exists(submit_location(feedback, offer.offer)):
+        if now - offer.at > timedelta(days=OFFER_DAYS) and not begun:
             store.delete(offer_location(feedback, offer.offer))
             continue
         kept.append(offer)
     return kept
 
 
-def claim(store: Store, feedback: str, offer: str, name: str) -> str:
-    """The batch name the offer is submitted as: `name`, if this is its first submit; else the name
-    the first submit took (a stopped submit, or a copy of its folder)."""
+class Claim(BaseModel):
+    """What the first submit of an offer took: the batch name, and the content it submits."""
+
+    batch: str
+    sha256: str
+
+
+def read_claim(store: Store, feedback: str, offer: str) -> Claim | None:
     location = submit_location(feedback, offer)
+    if not store.exists(location):
+        return None
     try:
-        store.create(location, f"{name}\n".encode())
-        return name
+        return Claim.model_validate(store.read_json(location))
+    except (IntegrityError, ValidationError) as exc:
+        raise OfferError(f"{location}: not an offer's submit record ({exc})") from None
+
+
+def claim(store: Store, feedback: str, offer: str, name: str, sha256: str) -> Claim:
+    """The batch name and content the offer is submitted as: `name` and `sha256`, if this is its first
+    submit; else what the first submit took (a stopped submit, or a copy of its folder)."""
+    try:
+        store.create(submit_location(feedback, offer), Claim(batch=name, sha256=sha256).model_dump_json().encode())
+        return Claim(batch=name, sha256=sha256)
     except PreconditionFailed:
-        return store.read_bytes(location).decode(errors="replace").strip()
+        return read_claim(store, feedback, offer)
+
+
+def reclaim(store: Store, feedback: str, offer: str, sha256: str) -> Claim:
+    """The claim with the content changed: for a folder edited after a submit that stopped before
+    anything was copied. Conditional on the claim as read, so two submits cannot both change it."""
+    location = submit_location(feedback, offer)
+    data, etag = store.read_versioned(location)
+    changed = Claim.model_validate_json(data).model_copy(update={"sha256": sha256})
+    store.replace(location, changed.model_dump_json().encode(), etag)
+    return changed
 
 
 def close_offer(store: Store, feedback: str, offer: str) -> None:

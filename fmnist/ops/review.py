@@ -21,6 +21,8 @@ is finished by the same command, and a copy of a submitted folder is refused, na
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import posixpath
 import re
 import shutil
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fmnist.data.captured import Compaction, RecordFileError, compact, images_of, lowest_confidence
+from fmnist.data.captured import Compaction, RecordFileError, candidates, compact, images_of, lowest_confidence
 from fmnist.data.dataset import CLASS_SLUGS, IMAGE_SIZE
 from fmnist.data.feedback import (
     FeedbackLedgerError,
@@ -63,9 +65,11 @@ from fmnist.data.offers import (
     close_offer,
     image_sha256,
     new_offer,
+    offer_location,
     open_offers,
+    read_claim,
     read_offer,
-    submit_location,
+    reclaim,
     write_offer,
 )
 from fmnist.data.overlap import KnownImages
@@ -78,6 +82,9 @@ OFFER_FILE = "offer.txt"  # in the review folder, beside the index: the offer's 
 FIELDS = ("rank", "id", "file", "predicted", "confidence", "version", "label", "at")
 IMAGE_NAME = re.compile(r"(\d{5})-([0-9a-f]{32})\.png")
 CHECKED = ("version", "label", "predicted")  # index fields that must be the offer's
+MAX_INDEX_BYTES = 4 << 20  # an index of MAX_REVIEW rows is some 300 KB
+
+log = logging.getLogger(__name__)
 
 
 class ReviewError(ValueError):
@@ -118,6 +125,8 @@ def reserved(store: Store, feedback: str) -> set[str]:
 def make_review(store: Store, feedback: str, out: Path) -> Offered:
     """Write the review folder `out` of the least confident records not reviewed or offered (at most
     MAX_REVIEW), and reserve them with an offer."""
+    if out.exists() and not out.is_dir():
+        raise ReviewError(f"{out}: not a folder; say where the review goes with --out")
     if out.exists() and any(out.iterdir()):
         raise ReviewError(f"{out} is not empty: submit it (review --submit) or delete it first")
     try:
@@ -147,10 +156,12 @@ def make_review(store: Store, feedback: str, out: Path) -> Offered:
             )
     offer = new_offer(offered)
     (staging / OFFER_FILE).write_text(offer.offer + "\n")
-    write_offer(store, feedback, offer)  # reserved before the folder appears
     if out.exists():
         out.rmdir()
     staging.rename(out)  # the folder appears whole
+    # Reserved once the folder is there: a review stopped before leaves no offer without a folder
+    # (whose records would wait its days); one stopped after, a folder that submit refuses.
+    write_offer(store, feedback, offer)
     return Offered(out, len(chosen), unoffered - len(chosen))
 
 
@@ -159,7 +170,12 @@ def submit_review(
 ) -> Submitted:
     """Add the reviewed folder's images as a batch, and record every record of its offer as reviewed."""
     if not folder.is_dir():
-        raise ReviewError(f"{folder}: no such folder; nothing to submit (a submit that finished removes it)")
+        what = (
+            "not a folder"
+            if folder.exists()
+            else "no such folder; nothing to submit (a submit that finished removes it)"
+        )
+        raise ReviewError(f"{folder}: {what}")
     rows = read_index(folder)
     offer_id = read_offer_id(folder)
     images = folder / IMAGES
@@ -172,7 +188,7 @@ def submit_review(
     try:
         offer = read_offer(store, feedback, offer_id)
     except OfferError as exc:
-        raise ReviewError(str(exc)) from None
+        offer = rebuilt_offer(store, feedback, offer_id, rows, str(exc))
     if offer is None:
         return finished_earlier(store, folder, incoming, offer_id, content, done)
     kept = check_against_offer(folder, rows, image_names(images, kind) or [], pixels, offer)
@@ -183,20 +199,22 @@ def submit_review(
             f"{len(ids)} of this review's records are reviewed already, in batch {', '.join(again)} "
             f"({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): a record enters training once; nothing added"
         )
-    name = batch_name(store, feedback, incoming, offer_id, name)
+    name = batch_name(store, feedback, incoming, offer_id, name, content)
     target = join(incoming, name)
     batch = added_earlier(store, target, content)
     if batch is None:
-        if store.exists(join(target, INCOMPLETE)):  # this offer's own copy, stopped midway
-            store.delete(target)
-        try:
-            batch = add_batch(store, images, incoming, name, known)
+        try:  # a partial copy there is this offer's own (the claim names its content), stopped midway
+            batch = add_batch(store, images, incoming, name, known, finish_partial=True)
         except IncomingBatchError as exc:
             raise ReviewError(f"the reviewed folder is not a batch: {exc}") from exc
     relabeled = sum(CLASS_SLUGS[labels[row]] != rows[i]["predicted"] for i, row in kept.items())
     sources = {record.id: record.source for record in offer.records}
     records = [
-        ReviewedRecord(**rows[i], source=sources[i], labeled=CLASS_SLUGS[labels[kept[i]]] if i in kept else None)
+        ReviewedRecord(
+            **{k: rows[i][k] for k in FIELDS},
+            source=sources[i],
+            labeled=CLASS_SLUGS[labels[kept[i]]] if i in kept else None,
+        )
         for i in rows
     ]
     submitted = [r for r in records if r.labeled is not None]
@@ -236,24 +254,34 @@ def submitted_folder(folder: Path) -> Path:
 
 
 def read_index(folder: Path) -> dict[str, dict]:
-    """The index's rows by record id."""
+    """The index's rows by record id: the columns `make_review` wrote, at most MAX_REVIEW rows."""
+    index = folder / INDEX
     try:
-        with open(folder / INDEX, newline="") as index:
-            rows = list(csv.DictReader(index))
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise ReviewError(f"{index}: over {MAX_INDEX_BYTES:,} bytes; not the index `fashion-mnist review` wrote")
+        with open(index, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = list(itertools.islice(reader, MAX_REVIEW + 1))
+            header = reader.fieldnames
     except FileNotFoundError:
-        raise ReviewError(f"{folder / INDEX}: no index; is {folder} a folder `fashion-mnist review` made?") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ReviewError(f"{folder / INDEX}: not the index `fashion-mnist review` wrote ({exc})") from None
+        raise ReviewError(f"{index}: no index; is {folder} a folder `fashion-mnist review` made?") from None
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{index}: not the index `fashion-mnist review` wrote ({exc})") from None
     by_id = {row.get("id"): row for row in rows}
-    if len(by_id) != len(rows) or None in by_id:
-        raise ReviewError(f"{folder / INDEX}: not the index `fashion-mnist review` wrote (a record twice, or no id)")
+    if tuple(header or ()) != FIELDS or any(None in row or None in row.values() for row in rows):
+        raise ReviewError(f"{index}: not the index `fashion-mnist review` wrote (its columns are {FIELDS})")
+    if len(rows) > MAX_REVIEW or len(by_id) != len(rows):
+        raise ReviewError(
+            f"{index}: not the index `fashion-mnist review` wrote (over {MAX_REVIEW} rows, or a record twice)"
+        )
     return by_id
 
 
 def read_offer_id(folder: Path) -> str:
     try:
-        offer = (folder / OFFER_FILE).read_text().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+        with open(folder / OFFER_FILE, "rb") as file:
+            offer = file.read(64).decode().strip()
+    except (OSError, UnicodeDecodeError):
         offer = ""
     if not re.fullmatch(OFFER_ID, offer):
         raise ReviewError(
@@ -307,23 +335,57 @@ def check_against_offer(
     return kept
 
 
-def batch_name(store: Store, feedback: str, incoming: str, offer: str, name: str | None) -> str:
-    """The name the offer is submitted as: taken by its first submit, and kept by every later one."""
+def batch_name(store: Store, feedback: str, incoming: str, offer: str, name: str | None, content: str) -> str:
+    """The name the offer is submitted as: taken by its first submit, with the content it submits,
+    and kept by every later one. Another content under that name is a copy labeled otherwise (or the
+    folder changed after its submit began): refused, unless nothing of it was copied yet."""
     wanted = name or f"feedback-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     try:
         check_batch_name(wanted)
-    except IncomingBatchError as exc:
+        begun = read_claim(store, feedback, offer)
+        if not begun and (store.exists(ledger_location(feedback, wanted)) or store.find(join(incoming, wanted))):
+            raise ReviewError(f"{join(incoming, wanted)}: a batch of that name exists; choose another --name")
+        taken = claim(store, feedback, offer, wanted, content)
+        if name and taken.batch != name:
+            raise ReviewError(
+                f"this review is being submitted as {taken.batch} (its first submit took that name): "
+                f"run `fashion-mnist review --submit` without --name, or with --name {taken.batch}"
+            )
+        if taken.sha256 != content:
+            if store.find(join(incoming, taken.batch)):
+                raise ReviewError(
+                    f"this review is being submitted as batch {taken.batch} with other images or labels (a copy of the "
+                    "folder, or the folder changed after its submit began); nothing added: submit the folder it began "
+                    "with, or put its images back as they were"
+                )
+            taken = reclaim(store, feedback, offer, content)
+    except (IncomingBatchError, OfferError) as exc:
         raise ReviewError(str(exc)) from None
-    first = not store.exists(submit_location(feedback, offer))
-    if first and (store.exists(ledger_location(feedback, wanted)) or store.find(join(incoming, wanted))):
-        raise ReviewError(f"{join(incoming, wanted)}: a batch of that name exists; choose another --name")
-    taken = claim(store, feedback, offer, wanted)
-    if name and taken != name:
+    return taken.batch
+
+
+def rebuilt_offer(store: Store, feedback: str, offer_id: str, rows: dict[str, dict], damage: str) -> Offer:
+    """A damaged offer, rebuilt from the record files for the index's ids (the offered records are in
+    them until their ledger is written), and written again; refused if any record is gone."""
+    try:
+        found = [c for c in candidates(store, feedback, set()) if c.id in rows]
+        images = images_of(store, feedback, found)
+    except RecordFileError as exc:
+        raise ReviewError(f"{damage}; and it cannot be rebuilt: {exc}") from None
+    records = {c.id: OfferedRecord(**asdict(c), image_sha256=image_sha256(images[c.id])) for c in found}
+    if set(records) != set(rows):
         raise ReviewError(
-            f"this review is being submitted as {taken} (its first submit took that name): "
-            f"run `fashion-mnist review --submit` without --name, or with --name {taken}"
+            f"{damage}; and {len(set(rows) - set(records))} of its records are no longer in the record files, so it "
+            "cannot be rebuilt: make a new review with `fashion-mnist review`"
         )
-    return taken
+    claimed = read_claim(store, feedback, offer_id)
+    made = datetime.now(UTC).replace(microsecond=0)
+    offer = Offer(offer=offer_id, at=made, records=[records[i] for i in rows])
+    store.write_bytes(offer_location(feedback, offer_id), offer.model_dump_json().encode())
+    log.warning(
+        "%s; rebuilt from the record files%s", damage, f" (its submit began as {claimed.batch})" if claimed else ""
+    )
+    return offer
 
 
 def added_earlier(store: Store, target: str, content: str) -> IncomingBatch | None:
@@ -365,10 +427,9 @@ def finished_earlier(
     return Submitted(batch, ledger, earlier=True)
 
 
-def compact_records(store: Store, feedback: str, ledger: ReviewedBatch) -> Compaction:
-    """Free the space of the ledger's records in the record files they came from (`captured.compact`)."""
-    touched = {source for record in ledger.records if isinstance(source := getattr(record, "source", None), str)}
+def compact_records(store: Store, feedback: str) -> Compaction:
+    """Free the space of every reviewed record still in the record files (`captured.compact`)."""
     try:
-        return compact(store, feedback, set(reviewed_by(store, feedback)), touched)
+        return compact(store, feedback, set(reviewed_by(store, feedback)))
     except RecordFileError as exc:
         raise ReviewError(str(exc)) from None
