@@ -34,7 +34,19 @@ from tests.helpers import run_manifest
 EXAMPLES = int(os.environ.get("FMNIST_STATE_EXAMPLES", "8"))  # per store, in make test (about 25 s in a bucket)
 SLOW_EXAMPLES = 300  # per store, in make test-slow
 # What a refusal must say: which repair to run, or what is damaged and where.
-REPAIRS = ("repair-champion", "promote VERSION", "restore", "damaged", "no version", "no champion", "already the")
+REPAIRS = (
+    "repair-champion",
+    "repair-log",
+    "promote VERSION",
+    "restore",
+    "damaged",
+    "no version",
+    "no champion",
+    "already the",
+)
+
+
+FIELDS = ("sequence", "event", "version", "replaced", "model_sha256")  # what a restored log entry must get right
 
 
 class Crash(Exception):
@@ -170,6 +182,22 @@ def machine_for(store: Store, new_root) -> type[RuleBasedStateMachine]:
                 return
             assert record["version"] in self.issued
             self.pointer_backups.clear()  # a repaired pointer is rewritten: its older copies are not older by bytes
+
+        @rule()
+        def repair_log(self) -> None:
+            """Restores lost log entries from the evidence: each one restored unacknowledged is the change lost."""
+            try:
+                written = self.registry.repair_log()
+            except RegistryError as exc:
+                assert "nothing to repair" in str(exc) or refusal_names_a_repair(exc), str(exc)
+                return
+            for restored in written:
+                location = join(self.registry.log_root, f"{restored['sequence']:08d}.json")
+                if (original := self.damage.get(location)) is not None:
+                    lost = json.loads(original)
+                    assert [restored[k] for k in FIELDS] == [lost[k] for k in FIELDS], (restored, lost)
+                    self.damage.pop(location)
+                    self.damaged_with.pop(location)
 
         # --- damage ----------------------------------------------------------------------------
 

@@ -469,7 +469,10 @@ def test_a_canary_follows_its_label_and_a_label_on_a_version_that_does_not_verif
     Path(labels.file).write_text("{damaged")  # a damaged file: both labels keep serving what they had
     time.sleep(4 * POLL_S)
     assert versions_served(server) == ["1"] and httpx.get(f"{server.url}/readyz").json()["version"] == "v0001"
-    assert cli.main(["--registry", registry.root, "label", "canary", "v0002"]) == 0  # rewrites the damaged file
+    assert cli.main(["--registry", registry.root, "label", "canary", "v0002"]) == 1  # would drop what it holds
+    assert "`fashion-mnist label NAME --clear`" in capsys.readouterr().err
+    assert cli.main(["--registry", registry.root, "label", "canary", "--clear"]) == 0  # clears the damaged file
+    assert cli.main(["--registry", registry.root, "label", "canary", "v0002"]) == 0
     wait_for(server, lambda: versions_served(server) == ["1", "2"], "v0002 served as canary again")
     capsys.readouterr()
     assert cli.main(["--registry", registry.root, "versions"]) == 0

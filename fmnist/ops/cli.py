@@ -340,7 +340,7 @@ def cmd_review(registry: Registry, args: argparse.Namespace) -> None:
     )
     announce(batch, storage)  # again for a finished earlier submit: it may have stopped before announcing
     try:
-        freed = compact_records(registry.store, feedback, ledger)
+        freed = compact_records(registry.store, feedback)
     except (ReviewError, StorageError) as exc:  # the batch is in; only the clean-up failed
         print(f"fashion-mnist: could not free the reviewed records' space: {exc}", file=sys.stderr)
         return

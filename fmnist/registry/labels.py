@@ -6,8 +6,12 @@ the pointer is:
 
     {"canary": {"version": "v0007", "model_sha256": "...", "at": "...", "reason": "..."}}
 
-A label is set only on a version whose files verify, and its record keeps the model's sha256: the
-server loads a labeled model only if it still hashes to it, as it does the champion's.
+A label is set only on a registered version whose files verify, and its record keeps the model's
+sha256: the server loads a labeled model only if it still hashes to it, as it does the champion's.
+
+A damaged `labels.json` (not JSON, or a record that is not a label's) is never rewritten by setting a
+label, which would drop the labels it holds: `fashion-mnist label NAME --clear` removes NAME and the
+records that cannot be read, keeps every readable one, and says what it removed.
 """
 
 from __future__ import annotations
@@ -34,16 +38,36 @@ class Labels:
         self.file = join(registry.root, "labels.json")
 
     def _read(self) -> tuple[dict[str, dict], str | None]:
+        labels, problems, etag = self._parse()
+        if problems:
+            kept = f"keeping {', '.join(labels)}" if labels else "no label in it can be read"
+            raise RegistryError(
+                f"{self.file} is damaged ({'; '.join(problems)}); `fashion-mnist label NAME --clear` removes label "
+                f"NAME and the records that cannot be read ({kept}); then set labels again"
+            )
+        return labels, etag
+
+    def _parse(self) -> tuple[dict[str, dict], list[str], str | None]:
+        """The readable label records, the problems of the rest (empty: intact), and the file's etag."""
         found = self.registry.store.read_versioned(self.file)
         if found is None:
-            return {}, None
+            return {}, [], None
         data, etag = found
         try:
-            return _records(json.loads(data)), etag
+            content = json.loads(data)
         except ValueError as exc:
-            raise RegistryError(
-                f"{self.file} is damaged ({exc}); `fashion-mnist label NAME VERSION` or `--clear` rewrites it"
-            ) from None
+            return {}, [f"not JSON: {exc}"], etag
+        if not isinstance(content, dict):
+            return {}, ["not a JSON object"], etag
+        labels, problems = {}, []
+        for name, record in content.items():
+            try:
+                labels[name] = _record(name, record)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if len(labels) > MAX_LABELS:
+            problems.append(f"{len(labels)} labels; at most {MAX_LABELS}")
+        return labels, problems, etag
 
     def records(self) -> dict[str, dict]:
         """Each label's record (not `stable`: that is the champion's)."""
@@ -63,32 +87,38 @@ class Labels:
                 raise RegistryError(f"{len(labels)} labels already ({', '.join(labels)}); at most {MAX_LABELS}")
             return {**labels, name: record}
 
-        self._move(change, damaged_ok=True)
+        self._move(change)
         return record
 
-    def clear(self, name: str) -> None:
-        """Remove label `name` (the server stops serving it)."""
+    def clear(self, name: str) -> list[str]:
+        """Remove label `name` (the server stops serving it). From a damaged file, also the records that
+        cannot be read; every readable one is kept. Returns what was removed besides `name`: the damage."""
         _check_name(name)
+        removed: list[str] = []
 
-        def change(labels: dict[str, dict]) -> dict[str, dict]:
-            if name not in labels:
+        def change(labels: dict[str, dict], problems: list[str]) -> dict[str, dict]:
+            if name not in labels and not problems:
                 raise RegistryError(f"no label {name!r} (labels: {', '.join(labels) or 'none'})")
+            removed[:] = problems
             return {k: v for k, v in labels.items() if k != name}
 
-        self._move(change)
+        self._move(change, damaged_ok=True)
+        return removed
 
     def _move(self, change, *, damaged_ok: bool = False) -> None:
+        """Compare-and-swap labels.json to `change(labels)` (with `damaged_ok`, `change(labels, problems)`:
+        the readable records and what could not be read); re-read and retry when another writer wins."""
         store = self.registry.store
         store.require_conditional_writes(self.registry.root)
         for attempt in range(CHAMPION_MOVE_ATTEMPTS):
-            try:
+            if damaged_ok:
+                labels, problems, etag = self._parse()
+                new = change(labels, problems)
+            else:
                 labels, etag = self._read()
-            except RegistryError:
-                if not damaged_ok:
-                    raise
-                labels, etag = {}, store.read_versioned(self.file)[1]  # a damaged file is replaced
+                new = change(labels)
             try:
-                store.replace(self.file, json.dumps(change(labels), indent=1).encode(), etag)
+                store.replace(self.file, json.dumps(new, indent=1).encode(), etag)
                 return
             except PreconditionFailed:
                 time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
@@ -102,19 +132,14 @@ def _check_name(name: str) -> None:
         raise RegistryError(f"label {name!r}: a label is a lowercase letter, then up to 31 of a-z, 0-9, _ and -")
 
 
-def _records(data: Any) -> dict[str, dict]:
-    """The label records of `labels.json`'s content; ValueError naming the first problem."""
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    if len(data) > MAX_LABELS:
-        raise ValueError(f"{len(data)} labels; at most {MAX_LABELS}")
-    for name, record in data.items():
-        if name == STABLE or not LABEL.fullmatch(name):
-            raise ValueError(f"{name!r} is not a label name")
-        if not isinstance(record, dict):
-            raise ValueError(f"label {name!r} is not a record")
-        if not (isinstance(record.get("version"), str) and VERSION.fullmatch(record["version"])):
-            raise ValueError(f"label {name!r} names no version")
-        if not (isinstance(record.get("model_sha256"), str) and SHA256.fullmatch(record["model_sha256"])):
-            raise ValueError(f"label {name!r} has no model sha256")
-    return data
+def _record(name: str, record: Any) -> dict:
+    """Label `name`'s record in `labels.json`; ValueError naming its problem."""
+    if name == STABLE or not LABEL.fullmatch(name):
+        raise ValueError(f"{name[:64]!r} is not a label name")
+    if not isinstance(record, dict):
+        raise ValueError(f"label {name!r} is not a record")
+    if not (isinstance(record.get("version"), str) and VERSION.fullmatch(record["version"])):
+        raise ValueError(f"label {name!r} names no version")
+    if not (isinstance(record.get("model_sha256"), str) and SHA256.fullmatch(record["model_sha256"])):
+        raise ValueError(f"label {name!r} has no model sha256")
+    return record

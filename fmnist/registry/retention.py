@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fmnist.registry.versions import Registry
+from fmnist.registry.versions import NotRegistered, Registry
 from fmnist.storage import Store, join
 
 PAGE = 200  # the most flow runs the Prefect API returns at once
@@ -29,7 +29,13 @@ class RetentionParams(BaseModel):
 
 def registered_runs(registry: Registry) -> set[str]:
     """The flow runs whose folders hold a registered version's history: never pruned."""
-    return {run for v in registry.versions() if (run := registry.manifest(v).flow_run_id)}
+    runs = set()
+    for version in registry.versions():
+        try:
+            runs.add(registry.manifest(version).flow_run_id)
+        except NotRegistered:  # a folder copied in: protects no run
+            continue
+    return runs - {None}
 
 
 def runs_in_progress() -> set[str]:

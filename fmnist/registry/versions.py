@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fmnist.registry.audit import LOST, histories
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
 
@@ -43,10 +44,18 @@ CLAIM_ATTEMPTS = 100  # version numbers tried before a registration gives up, sa
 LOG_ENTRY = re.compile(r"(\d{8,})\.json")  # promotions/00000001.json; anything else there is not an entry
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FINGERPRINT_SCAN = 200  # versions searched for an earlier run of the same fingerprint, newest first
+REPAIR_LOG = "`fashion-mnist repair-log`"
+ACKNOWLEDGE = "--acknowledge-lost"
+REPAIR_LOST = f"`fashion-mnist repair-log {ACKNOWLEDGE}`"
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done; the message says why."""
+
+
+class NotRegistered(RegistryError):
+    """A version folder with a manifest that no registration made: no claim of its number, or a manifest
+    naming another version (a folder copied in). It is never labeled, promoted, served or exported."""
 
 
 class PromotionParams(BaseModel):
@@ -184,7 +193,7 @@ class Registry:
             raise self._unknown(version)
         location = join(self.versions_root, version, "manifest.json")
         try:
-            return VersionManifest.model_validate(self.store.read_json(location))
+            record = VersionManifest.model_validate(self.store.read_json(location))
         except FileNotFoundError:
             raise self._unknown(version) from None
         except IntegrityError as exc:
@@ -194,6 +203,32 @@ class Registry:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in errors[:4])
             more = f"; and {len(errors) - 4} more" if len(errors) > 4 else ""
             raise RegistryError(f"{location}: the version's manifest is damaged ({problems}{more})") from None
+        self._check_registered(version, record)
+        return record
+
+    def _check_registered(self, version: str, record: VersionManifest) -> None:
+        """NotRegistered unless a registration made `version`: its manifest names its own folder, and its
+        number's claim exists (the folder's `claim.json` naming it, or `claims/vNNNN.json`, the same bytes
+        where both are there). Every reader of a version (label, promote, serve, export, the gate) passes here."""
+        folder = join(self.versions_root, version)
+        problem = None
+        if record.version != version:
+            problem = f"its manifest names {record.version!r}, not {version!r}"
+        else:
+            inner = self.store.read_versioned(join(folder, "claim.json"))
+            if inner is None or _claimed_version(inner[0]) != version:
+                outer = self.store.read_versioned(join(self.claims_root, f"{version}.json"))
+                if outer is None:
+                    problem = f"no claim of {version} ({self.claims_root}/{version}.json is missing)"
+                elif inner is not None and inner[0] != outer[0]:
+                    problem = f"its claim.json is not the claim of {version} in {self.claims_root}"
+        if problem:
+            raise NotRegistered(
+                f"{folder} is not a registered version: {problem}; no registration made it (a folder copied in?), "
+                "so it is never labeled, promoted, served or exported. `fashion-mnist versions` lists the registered "
+                "versions; `fashion-mnist promote VERSION` replaces it where it is champion, `fashion-mnist label "
+                "NAME --clear` where it is labeled; delete the folder to be rid of it"
+            )
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
@@ -224,12 +259,13 @@ class Registry:
         a create that meets its own bytes after a lost acknowledgement is this writer's claim.
         """
         self.store.require_conditional_writes(self.root)
-        claim = json.dumps({**claimant, "token": uuid.uuid4().hex}).encode()
+        token = uuid.uuid4().hex
         number = self._highest_number() + 1
         tried = []
         for _ in range(CLAIM_ATTEMPTS):
             version = f"v{number:04d}"
             tried.append(version)
+            claim = json.dumps({**claimant, "version": version, "token": token}).encode()
             try:
                 self.store.create(join(self.claims_root, f"{version}.json"), claim)
                 self.store.create(join(self.versions_root, version, "claim.json"), claim)
@@ -266,7 +302,10 @@ class Registry:
         # First the champion and the gate: damage stops the registration before a number is taken.
         current = self.champion_record()
         decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
-        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now()})
+        # The champion change the claim saw: evidence, if the pointer and the log are ever both lost,
+        # that the registry had a champion (see `_history_evidence`).
+        seen = {"champion": current["version"] if current else None, "champion_sequence": _sequence_of(current)}
+        version = self._claim_version({"flow_run_id": manifest.flow_run_id, "claimed_at": _now(), **seen})
         folder = join(self.versions_root, version)
         hashes = {}
         for name, file in files.items():
@@ -372,16 +411,27 @@ class Registry:
                     continue  # the first champion was set (and logged) since the pointer was read
                 if last:
                     raise self._damaged(f"missing, though the audit log records {last} champion changes")
+                if evidence := self._history_evidence():
+                    raise RegistryError(
+                        f"{self.champion_file} and the audit log ({self.log_root}) are both missing, but the "
+                        f"registry had a champion ({evidence[0]}): it is not empty, and no version is taken for a "
+                        f"first one. {REPAIR_LOST} records the lost changes in the log; then "
+                        "`fashion-mnist promote VERSION` names the champion"
+                    )
                 return None, None, 0
             sequence = record.get("sequence")
             if sequence is None:  # a pointer from before the audit log
                 if last:
                     raise self._damaged("it has no sequence number, though the audit log records changes")
                 return record, etag, 0
-            if sequence == last + 1 or (sequence == last and self._logged_entry(sequence) == _entry(record)):
+            if sequence == last + 1 or (sequence == last and _entry(self._logged_entry(sequence)) == _entry(record)):
                 return record, etag, last
             if sequence > last + 1:
-                raise self._damaged(f"it is change {sequence}, but the audit log ends at change {last}")
+                raise RegistryError(
+                    f"{self.champion_file}: it is change {sequence}, but the audit log ({self.log_root}) ends at "
+                    f"change {last}: entries are missing; {REPAIR_LOG} restores them from the pointer, the entries "
+                    "around them and the versions' claims and manifests"
+                )
             if (now := self.store.read_versioned(self.champion_file)) is None or now[1] != etag:
                 continue  # moved since it was read: check the new one
             raise self._damaged(
@@ -414,6 +464,14 @@ class Registry:
                     raise
                 _, etag = self._read_champion(damaged_ok=True)
                 current, last = self._replayed(), self._last_sequence()
+                if current is None and (evidence := self._history_evidence()):
+                    raise RegistryError(
+                        f"the audit log ({self.log_root}) is empty, but the registry had a champion "
+                        f"({evidence[0]}): {REPAIR_LOST} records the lost changes first, so that "
+                        "this change does not start the history again"
+                    ) from None
+                if current is not None and current["version"] is None:
+                    current = None  # the last change was lost: the new one replaces an unknown champion
             else:
                 if current and current.get("sequence") == last + 1:
                     self._log(current)  # its writer may have died before logging it
@@ -437,7 +495,7 @@ class Registry:
         try:
             self.store.create(location, json.dumps(entry).encode())
         except PreconditionFailed:  # logged already, by its writer or by a reader before us
-            if self._logged_entry(record["sequence"]) != entry:
+            if _entry(self._logged_entry(record["sequence"])) != entry:
                 raise self._damaged(f"the audit log records change {record['sequence']} otherwise") from None
 
     def _sequences(self) -> list[int]:
@@ -450,7 +508,8 @@ class Registry:
         if missing := sorted(set(range(1, len(sequences) + 1)) - set(sequences)):
             raise RegistryError(
                 f"{self.log_root}: the audit log misses change {missing[0]} ({len(missing)} missing in all): "
-                "restore the missing entries from a backup"
+                f"{REPAIR_LOG} restores them from the champion pointer, the entries around them and the versions' "
+                "claims and manifests (or restore them from a backup)"
             )
         return sequences[-1] if sequences else 0
 
@@ -460,9 +519,15 @@ class Registry:
             entry = self.store.read_json(location)
             if not isinstance(entry, dict) or entry.get("sequence") != sequence:
                 raise ValueError(f"not the record of change {sequence}")
-            _pointer(entry, log=True)
+            if entry.get("event") == LOST:  # restored by repair-log with what the evidence told, maybe no version
+                _pointer({**entry, "version": entry.get("version") or "v0000"}, log=True)
+            else:
+                _pointer(entry, log=True)
         except (IntegrityError, ValueError) as exc:
-            raise RegistryError(f"{location}: a damaged audit log entry ({exc}); restore it from a backup") from None
+            raise RegistryError(
+                f"{location}: a damaged audit log entry ({exc}); {REPAIR_LOG} restores it from the registry's "
+                "evidence (or restore it from a backup)"
+            ) from None
         return entry
 
     def promotions(self) -> list[dict]:
@@ -470,15 +535,20 @@ class Registry:
         return [self._logged_entry(sequence) for sequence in range(1, self._last_sequence() + 1)]
 
     def _replayed(self) -> dict | None:
-        """The champion record the audit log leads to (as `_next_record` built each), or None if it is empty."""
+        """The champion record the audit log leads to (as `_next_record` built each), or None if it is empty.
+
+        After a change the log lost (`repair-log --acknowledge-lost`), no earlier champion is a rollback
+        target; a lost last change with no version gives a record whose version is None."""
         entries = self.promotions()
         previous: list[str] = []
         for entry in entries:
-            if entry["event"] == "rollback":
+            if entry["event"] == LOST:
+                previous = []
+            elif entry["event"] == "rollback":
                 previous = previous[:-1]
             else:
                 previous = [*previous, entry["replaced"]] if entry["replaced"] else []
-        return {**entries[-1], "previous": previous} if entries else None
+        return {**_entry(entries[-1]), "previous": previous} if entries else None
 
     def _vouched_model(self, version: str) -> str:
         """The sha256 of `version`'s model, once its files verify and its model is the one it was
@@ -523,6 +593,137 @@ class Registry:
 
         return self._move_champion(rollback)["version"]
 
+    def _history_evidence(self) -> tuple[str, int] | None:
+        """Why the registry must have had a champion, and the change it had reached at least; None if nothing
+        says so. The newest claim records the champion its registration saw (`register`); a version gated
+        against a champion names it in its manifest. What the last claim cannot know (changes after it, such
+        as the first version's own promotion) leaves no evidence once the pointer and the log are both gone."""
+        claims = [n.removesuffix(".json") for n in self.store.listdir(self.claims_root) if n.endswith(".json")]
+        claims = sorted((n for n in claims if VERSION.fullmatch(n)), key=version_number)
+        if claims:
+            location = join(self.claims_root, f"{claims[-1]}.json")
+            with contextlib.suppress(FileNotFoundError, IntegrityError):
+                claim = self.store.read_json(location)
+                if isinstance(claim, dict) and isinstance(claim.get("champion"), str):
+                    sequence = claim.get("champion_sequence")
+                    sequence = sequence if type(sequence) is int and sequence > 0 else 1
+                    return f"{location} was claimed while {claim['champion']} was champion, change {sequence}", sequence
+        for version in reversed(self.versions()[-1:]):
+            with contextlib.suppress(RegistryError):
+                if gated := self.manifest(version).gate.champion_version:
+                    return f"{version} was gated against champion {gated}", 1
+        return None
+
+    def repair_log(self, acknowledge_lost: bool = False) -> list[dict]:
+        """Restore the audit log's missing or damaged entries from what the registry still holds (the
+        champion pointer, the entries around them, the newest claim), and return those written.
+
+        A lost entry that exactly one history consistent with all of it explains is restored as that
+        change; one the evidence cannot settle is written only with `acknowledge_lost`, as a `lost` change
+        with what is known of it. Every restored entry records its repair (`repair`: when, from what, and
+        whether the operator acknowledged a loss); a damaged entry's bytes are kept beside it."""
+        self.store.require_conditional_writes(self.root)
+        known: dict[int, dict] = {}
+        damaged: dict[int, tuple[bytes, str]] = {}
+        for sequence in self._sequences():
+            try:
+                known[sequence] = _entry(self._logged_entry(sequence))
+            except RegistryError:
+                if found := self.store.read_versioned(join(self.log_root, f"{sequence:08d}.json")):
+                    damaged[sequence] = found
+        stored = set(known)
+        top = max(stored | set(damaged), default=0)
+        pointer = self._read_champion(damaged_ok=True)[0]
+        final = None
+        sequence = pointer.get("sequence") if pointer else None
+        # A pointer at or beyond the log, and the same as its own entry if logged, is evidence; one behind
+        # the log (restored from an older copy) is not: `repair-champion` rewrites it after.
+        if sequence and sequence >= top and (sequence not in known or known[sequence] == _entry(pointer)):
+            final, top = pointer, sequence
+            known.setdefault(sequence, _entry(pointer))
+        if (evidence := self._history_evidence()) and evidence[1] > top:
+            top, final = evidence[1], None  # changes the newest claim saw that neither the log nor the pointer has
+        missing = [s for s in range(1, top + 1) if s not in known]
+        if stored >= set(range(1, top + 1)):
+            raise RegistryError(f"{self.log_root}: the audit log is whole ({top} changes); nothing to repair")
+        found = histories(known, top, final)
+        settled = found is not None and len(found) == 1 and all(None not in found[0][s][:2] for s in missing)
+        if missing and not settled and not acknowledge_lost:
+            why = (
+                "the search gave up"
+                if found is None
+                else "no history fits the other entries and champion.json"
+                if not found
+                else "more than one history fits"
+                if len(found) > 1
+                else "no entry, claim or pointer names their versions"
+            )
+            raise RegistryError(
+                f"{self.log_root}: change{'s' if len(missing) > 1 else ''} {_span(missing)} cannot be restored from "
+                f"what the registry holds ({why}); {REPAIR_LOST} records them as lost, with what is "
+                "known of them (or restore them from a backup)"
+            )
+        history = found[0] if found and len(found) == 1 else {}
+        written = []
+        for sequence in range(1, top + 1):
+            if sequence in stored:
+                continue
+            if sequence in known:  # the pointer's own change, not logged yet
+                entry = known[sequence]
+                note = f"from {self.champion_file}, the change it records"
+            elif settled:
+                event, version, replaced = history[sequence]
+                entry = self._restored(sequence, event, version, replaced, known)
+                note = "the only history that fits the log's other entries" + (
+                    f" and {self.champion_file}" if final else ""
+                )
+            else:
+                event, version, replaced = history.get(sequence, (LOST, None, None))
+                before, after = known.get(sequence - 1), known.get(sequence + 1)
+                version = version or (after or {}).get("replaced")
+                replaced = replaced or (before or {}).get("version")
+                entry = self._restored(sequence, LOST if None in (event, version) else event, version, replaced, known)
+                note = "not enough evidence: what is known of it, kept with the operator's acknowledgement"
+            entry["repair"] = {"at": _now(), "by": "fashion-mnist repair-log", "evidence": note}
+            entry["repair"]["acknowledged"] = not settled and sequence not in known
+            self._write_entry(sequence, entry, damaged.get(sequence))
+            written.append(entry)
+        return written
+
+    def _restored(
+        self, sequence: int, event: str, version: str | None, replaced: str | None, known: dict[int, dict]
+    ) -> dict:
+        model = next((e.get("model_sha256") for e in known.values() if e["version"] == version), None)
+        if model is None and version:
+            with contextlib.suppress(RegistryError):
+                model = self.manifest(version).files.get(MODEL)
+        reason = "lost from the audit log; restored by `fashion-mnist repair-log`"
+        return {
+            "sequence": sequence,
+            "at": None,
+            "event": event,
+            "version": version,
+            "replaced": replaced,
+            "reason": reason,
+            "model_sha256": model,
+        }
+
+    def _write_entry(self, sequence: int, entry: dict, damaged: tuple[bytes, str] | None) -> None:
+        location = join(self.log_root, f"{sequence:08d}.json")
+        data = json.dumps(entry).encode()
+        if damaged is None:
+            try:
+                self.store.create(location, data)
+            except PreconditionFailed:
+                if _entry(self._logged_entry(sequence)) != _entry(entry):
+                    raise RegistryError(f"{location} was written by another writer meanwhile; run again") from None
+            return
+        self.store.write_bytes(join(self.log_root, f"{sequence:08d}.damaged-{uuid.uuid4().hex[:8]}.json"), damaged[0])
+        try:
+            self.store.replace(location, data, damaged[1])
+        except PreconditionFailed:
+            raise RegistryError(f"{location} was rewritten by another writer meanwhile; run again") from None
+
     def repair_champion(self) -> dict:
         """Rewrite a missing, damaged or stale champion pointer from the audit log's last change, once that
         version verifies; return the record written."""
@@ -537,7 +738,15 @@ class Registry:
         _, etag = self._read_champion(damaged_ok=True)
         record = self._replayed()
         if record is None:
-            raise RegistryError(f"no audit log in {self.log_root} to restore the champion pointer from")
+            raise RegistryError(
+                f"no audit log in {self.log_root} to restore the champion pointer from: {REPAIR_LOG} "
+                "restores the log from what the registry holds, `fashion-mnist promote VERSION` names a champion"
+            )
+        if record["version"] is None:
+            raise RegistryError(
+                f"the audit log's last change ({record['sequence']}) was lost and names no version: "
+                "`fashion-mnist promote VERSION` names the champion"
+            )
         try:
             self._vouched_model(record["version"])
         except RegistryError as exc:
@@ -552,13 +761,17 @@ class Registry:
         """The manifest of the newest of the last `FINGERPRINT_SCAN` versions made from exactly this data,
         code and parameters."""
         for version in reversed(self.versions()[-FINGERPRINT_SCAN:]):
-            if (manifest := self.manifest(version)).fingerprint == fingerprint:
+            try:
+                manifest = self.manifest(version)
+            except NotRegistered:  # a folder copied in: no run of this registry's
+                continue
+            if manifest.fingerprint == fingerprint:
                 return manifest
         return None
 
     def ever_champion(self) -> set[str]:
         """Every version that has been champion (the audit log, and the pointer)."""
-        return {e["version"] for e in self.promotions()} | ({self.champion()} - {None})
+        return ({e["version"] for e in self.promotions()} | {self.champion()}) - {None}
 
     def champion_model(self, record: dict | None = None) -> StoredFile:
         """The champion's model file and the sha256 it was put in service with (of the champion record
@@ -598,6 +811,23 @@ def _pointer(record: Any, *, log: bool = False) -> dict:
         if (value := record.get(name)) is not None and not isinstance(value, str):
             raise ValueError(f"{name} is not text")
     return record
+
+
+def _claimed_version(claim: bytes) -> str | None:
+    """The version a claim file names (claims from before it was recorded name none)."""
+    try:
+        data = json.loads(claim)
+    except ValueError:
+        return None
+    return data.get("version") if isinstance(data, dict) else None
+
+
+def _span(sequences: list[int]) -> str:
+    return ", ".join(map(str, sequences[:5])) + (f" and {len(sequences) - 5} more" if len(sequences) > 5 else "")
+
+
+def _sequence_of(record: dict | None) -> int:
+    return (record.get("sequence") or 0) if record else 0
 
 
 def _entry(record: dict) -> dict:
