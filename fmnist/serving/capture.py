@@ -175,4 +175,3 @@ class Capture:
             self.writing = 0
         self.files += 1
         self.records += len(records)
-
