@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -145,3 +145,27 @@ def test_a_worker_stopped_as_the_api_goes_exits_in_bounded_time_naming_what_it_c
     assert code != 0
     assert f"could not hand back its runs {ours['id']}" in said, said[-3000:]
     assert not any(str(ours["infrastructure_pid"]) == pid for pid in os.listdir("/proc")), "its run's process lives"
+
+
+def test_a_run_process_on_its_way_out_keeps_the_run_id_noted_for_it() -> None:
+    """A flow-run process that is exiting (here: exited, not yet reaped) is still listed in /proc, but its
+    environment reads empty. Prefect's worker, told by the same `systemctl stop`, stops its runs as the
+    worker notes them: the run id read before must stay with the process, or its run is never handed back
+    (it stayed Running until the heartbeat watch crashed it)."""
+    from fmnist.ops.worker import keeping_run_ids, processes_below
+
+    run_id = "0f0f0f0f-1111-2222-3333-444444444444"
+    child = subprocess.Popen(["sleep", "0.5"], env={**os.environ, "PREFECT__FLOW_RUN_ID": run_id})
+    try:
+        before = processes_below(os.getpid())
+        assert before[child.pid].run_id == run_id
+        exited = lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # noqa: E731
+        wait_for("the run process to exit", exited, timeout_s=10, every_s=0.05)
+        now = processes_below(os.getpid())
+        assert now[child.pid].run_id is None  # what /proc tells of it now
+        assert keeping_run_ids(before, now)[child.pid].run_id == run_id
+    finally:
+        child.wait()
+    # A PID taken by another process since (another start time) keeps nothing of the one before.
+    reused = {child.pid: replace(before[child.pid], started=before[child.pid].started + 1, run_id=None)}
+    assert keeping_run_ids(before, reused)[child.pid].run_id is None

@@ -98,6 +98,20 @@ def processes_below(pid: int, proc: Path = Path("/proc")) -> dict[int, Process]:
     return {p.pid: p for child in descendants(pid, proc) if (p := process(child, proc)) is not None}
 
 
+def keeping_run_ids(before: dict[int, Process], now: dict[int, Process]) -> dict[int, Process]:
+    """The processes `now`, each with the run id noted `before` for the same process (PID and start time)
+    where its environment names none now: a process on its way out has none to read (the kernel has
+    released its memory while /proc still lists it), and a stop races with it (Prefect's worker, told by
+    the same `systemctl stop`, is stopping its runs as they are noted)."""
+    kept = {}
+    for pid, found in now.items():
+        noted = before.get(pid)
+        if found.run_id is None and noted is not None and noted.started == found.started:
+            found = noted
+        kept[pid] = found
+    return kept
+
+
 def alive(noted: Process, proc: Path = Path("/proc")) -> bool:
     """Whether the process noted is still there: its PID, not reused by another since."""
     now = _stat(noted.pid, proc)
@@ -117,7 +131,7 @@ def run_worker(pool: str, extra: list[str], stop_within_s: float = WORKER_STOP_S
     def stop(signum: int, _frame: object) -> None:
         if not asked:
             asked.append((signum, time.monotonic()))
-            started.update(processes_below(worker.pid))
+            started.update(keeping_run_ids(last, processes_below(worker.pid)))
         worker.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
@@ -125,20 +139,20 @@ def run_worker(pool: str, extra: list[str], stop_within_s: float = WORKER_STOP_S
     while worker.poll() is None and not asked:
         # Noted as it goes too: a stop that signals the worker with this process (systemd, a process
         # group) may find its runs already being stopped.
-        last = processes_below(worker.pid)
+        last = keeping_run_ids(last, processes_below(worker.pid))
         time.sleep(1)
     if not asked:
         return worker.returncode
     signum, asked_at = asked[0]
     why = signal.Signals(signum).name
-    started = {**last, **started}
+    started = {**last, **keeping_run_ids(last, started)}
     hand_back_s = min(HAND_BACK_S, stop_within_s / 3)
     grace_end = asked_at + stop_within_s - hand_back_s
     while worker.poll() is None and time.monotonic() < grace_end:
-        started.update(processes_below(worker.pid))
+        started.update(keeping_run_ids(started, processes_below(worker.pid)))
         time.sleep(0.2)
     if worker.poll() is None:
-        started.update(processes_below(worker.pid))
+        started.update(keeping_run_ids(started, processes_below(worker.pid)))
         worker.kill()
         worker.wait()
         say(f"Prefect's worker for {pool} had not stopped {stop_within_s - hand_back_s:.0f} s after {why}: killed")
