@@ -64,7 +64,7 @@ def test_drift_on_the_real_images(real, tmp_path: Path) -> None:
     incoming = tmp_path / "incoming"
     write_idx_batch(incoming / "unseen", images[:500], labels[:500])
     write_idx_batch(incoming / "inverted", 255 - images[500:1000], labels[500:1000])
-    sandals = np.flatnonzero(labels == 5)[:200]
+    sandals = 1000 + np.flatnonzero(labels[1000:] == 5)[:200]  # none of them in the other batches: a repeat is refused
     write_idx_batch(incoming / "sandals-only", images[sandals], labels[sandals])
     store = Store()
     batches = collect_incoming(store, str(incoming))
