@@ -432,3 +432,95 @@ def test_an_incoming_folder_of_other_things_is_left_untouched(root: str, store: 
     dispose(store, refused, "quarantine", join(root, "quarantine"), "by the test")
     assert {name: store.read_bytes(join(home, name)) for name in others} == others
     assert store.listdir(join(root, "quarantine"))[0].startswith("broken-")
+
+
+@pytest.mark.parametrize("policy", ["quarantine", "fail"])
+def test_the_batch_used_first_keeps_its_place_whatever_its_stamp_or_the_night(
+    root: str, store: Store, tmp_path: Path, policy: str
+) -> None:
+    """A `chmod` (a new stamp) made the trained batch new again, and name order quarantined it; under
+    `fail`, the refused copy became known the next night and pushed the trained one out."""
+    import time
+
+    from fmnist.data.incoming import dispose, screen_incoming
+    from fmnist.storage import join
+
+    _, known = known_sets()
+    labels = np.arange(10, dtype=np.uint8)
+    images = synthetic_images(labels, seed=12)
+    relabeled = labels.copy()
+    relabeled[0] = 8
+    receipts, incoming = join(root, "receipts"), join(root, "in")
+    write_idx_batch(tmp_path / "used", images, labels)
+    write_idx_batch(tmp_path / "copy", images, relabeled)
+    store.put_tree(tmp_path / "used", join(incoming, "zz-used"), marker="batch-labels-idx1-ubyte.gz")
+    assert [b.name for b in screen_incoming(store, incoming, known, receipts=receipts).batches] == ["zz-used"]
+    store.put_tree(tmp_path / "copy", join(incoming, "aa-new"), marker="batch-labels-idx1-ubyte.gz")
+    for name in store.find(join(incoming, "zz-used")):  # the same bytes again: a restore, a cp -p, a chmod
+        time.sleep(0.01)
+        store.write_bytes(join(incoming, "zz-used", name), store.read_bytes(join(incoming, "zz-used", name)))
+    for night in (2, 3):
+        screening = screen_incoming(store, incoming, known, receipts=receipts)
+        assert [b.name for b in screening.batches] == ["zz-used"], f"night {night}"
+        [refused] = screening.refused
+        assert refused.name == "aa-new" and "labeled differently" in refused.error
+        if policy == "quarantine":
+            dispose(store, refused, policy, join(root, "quarantine"), "by the test")
+            assert not store.find(join(incoming, "aa-new"))
+            break
+
+
+def test_a_home_folder_is_never_emptied_into_quarantine(root: str, store: Store) -> None:
+    from fmnist.data.incoming import dispose, screen_incoming
+    from fmnist.storage import join
+
+    home = join(root, "home")
+    store.write_bytes(join(home, "Documents", "1"), b"a file named like a class")
+    store.write_bytes(join(home, "Pictures", "2024", "holiday.png"), b"\x89PNG")
+    store.write_bytes(join(home, "Desktop", "screenshot.png"), b"\x89PNG")
+    screening = screen_incoming(store, home, contract=False)
+    assert screening.ignored == ["Documents"]
+    assert sorted(r.name for r in screening.refused) == ["Desktop", "Pictures"]
+    for refused in screening.refused:
+        disposal = dispose(store, refused, "quarantine", join(root, "quarantine"), "by the test")
+        assert disposal.moved_to is None and "not laid out as a batch" in disposal.left_because
+    assert sorted(store.listdir(home)) == ["Desktop", "Documents", "Pictures"] and not store.find(
+        join(root, "quarantine")
+    )
+
+
+def test_a_fresh_batch_with_a_hidden_special_file_is_screened(tmp_path: Path, store: Store) -> None:
+    """Its receipt hashed the hidden FIFO the reader skips, and the whole screening stopped."""
+    import os
+
+    from fmnist.data.incoming import screen_incoming
+
+    _, known = known_sets()
+    labels = np.arange(3, dtype=np.uint8)
+    write_idx_batch(tmp_path / "in" / "good", synthetic_images(labels, seed=13), labels)
+    os.mkfifo(tmp_path / "in" / "good" / ".pipe")
+    screening = screen_incoming(store, str(tmp_path / "in"), known, receipts=str(tmp_path / "receipts"))
+    assert [b.name for b in screening.batches] == ["good"] and not screening.refused
+
+
+@pytest.mark.parametrize("forged", [{"in_training": "3"}, {"rows": 0, "digests": "", "labels": ""}])
+def test_a_receipt_not_as_screening_writes_it_is_read_again(tmp_path: Path, store: Store, forged: dict) -> None:
+    import json
+    import time
+
+    from fmnist.data.incoming import screen_incoming
+
+    _, known = known_sets()
+    labels = np.arange(4, dtype=np.uint8)
+    for name in ("a", "b"):  # b: a copy of a
+        write_idx_batch(tmp_path / "in" / name, synthetic_images(labels, seed=14), labels)
+    time.sleep(2.1)  # settled: the receipts are trusted by their stamps alone
+    receipts = tmp_path / "receipts"
+    first = screen_incoming(store, str(tmp_path / "in"), known, receipts=str(receipts))
+    assert [b.name for b in first.batches] == ["a"]
+    for receipt in receipts.glob("*.json"):
+        kept = json.loads(receipt.read_text())
+        receipt.write_text(json.dumps({**kept, **forged}))
+    again = screen_incoming(store, str(tmp_path / "in"), known, receipts=str(receipts))
+    assert [b.name for b in again.batches] == ["a"] and [r.name for r in again.refused] == ["b"]
+    assert again.batches[0].rows == 4

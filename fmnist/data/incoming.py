@@ -13,13 +13,14 @@ import base64
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import posixpath
 import re
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,12 +64,19 @@ QUARANTINE_ATTEMPTS = 10  # target names tried when a quarantine folder of the s
 # What only a batch holds: an IDX file (`*images-idx3-ubyte[.gz]`, ...) or a PNG image. An entry of the
 # incoming folder with none of them (nor the `.incomplete` marker) is no batch, and is left alone.
 BATCH_FILE = re.compile(r"(idx\d-ubyte(\.gz)?|\.png)$", re.IGNORECASE)
+USED = "used"  # beside the receipts: <content sha256>.json for each batch content screening let through first
+SHA256 = re.compile(r"[0-9a-f]{64}")
 RECEIPT_VERSION = "2"  # what a screening receipt holds; receipts of another version are not read
 RETRY = "make retrain-now"  # how an operator starts a run (docs/operations.md)
 
 
 class IncomingBatchError(ValueError):
     """A batch folder that cannot be read; the message names the folder or file."""
+
+
+class BatchLayoutError(IncomingBatchError):
+    """A folder not laid out as a batch (no class folders, no IDX pair): maybe no batch at all, such as a
+    home folder's `Pictures/`. Refused, and never moved to quarantine."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +116,14 @@ def _one(entries: list[Path], folder: Path, suffix: str) -> Path | None:
     found = [p for p in entries if p.name.lower().removesuffix(".gz").endswith(suffix)]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise IncomingBatchError(f"{folder}: more than one file matches *{suffix}[.gz]: {names}")
+        raise BatchLayoutError(f"{folder}: more than one file matches *{suffix}[.gz]: {names}")
     return found[0] if found else None
 
 
 def _real_folder(path: Path) -> bool:
     """A folder, and not through a symbolic link (which could lead anywhere, outside incoming/ too)."""
     if path.is_symlink():
-        raise IncomingBatchError(f"{path}: a symbolic link; a batch holds only real files and folders")
+        raise BatchLayoutError(f"{path}: a symbolic link; a batch holds only real files and folders")
     return path.is_dir()
 
 
@@ -126,7 +134,7 @@ def _class_index(folder: Path) -> int:
     try:
         return CLASS_SLUGS.index(class_slug(name))
     except ValueError:
-        raise IncomingBatchError(
+        raise BatchLayoutError(
             f"{folder}: not a class name; use one of {', '.join(CLASS_SLUGS)} or 0-{NUM_CLASSES - 1}"
         ) from None
 
@@ -151,7 +159,7 @@ def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, n
     labels: list[int] = []
     for png, label in files:
         if png.suffix.lower() != ".png":
-            raise IncomingBatchError(f"{png}: not a .png file; a class folder holds only PNG images")
+            raise BatchLayoutError(f"{png}: not a .png file; a class folder holds only PNG images")
         try:
             image = read_grayscale_png(png)
         except ImageFileError as exc:
@@ -164,7 +172,7 @@ def _read_png_batch(folder: Path, class_dirs: list[Path]) -> tuple[np.ndarray, n
         images.append(image)
         labels.append(label)
     if not images:
-        raise IncomingBatchError(f"{folder}: class folders hold no .png files")
+        raise BatchLayoutError(f"{folder}: class folders hold no .png files")
     return np.stack(images), np.asarray(labels, dtype=np.uint8)
 
 
@@ -185,7 +193,8 @@ def load_batch(folder: Path) -> tuple[Literal["idx", "png"], np.ndarray, np.ndar
         return "idx", images, labels
     if class_dirs and not (images_file or labels_file):
         return "png", *_read_png_batch(folder, class_dirs)
-    raise IncomingBatchError(
+    error = IncomingBatchError if images_file or labels_file else BatchLayoutError  # an IDX file: a batch's
+    raise error(
         f"{folder}: a batch holds either one *images-idx3-ubyte[.gz] file with one "
         "*labels-idx1-ubyte[.gz] file, or PNG images in one folder per class"
     )
@@ -203,7 +212,8 @@ def read_batch(store: Store, location: str) -> tuple[Literal["idx", "png"], np.n
         except (IncomingBatchError, idx.IdxFormatError) as exc:
             if folder == Path(location):
                 raise
-            raise IncomingBatchError(str(exc).replace(str(folder), location)) from exc
+            error = BatchLayoutError if isinstance(exc, BatchLayoutError) else IncomingBatchError
+            raise error(str(exc).replace(str(folder), location)) from exc
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,7 @@ class RefusedBatch:
     name: str  # printable (see `printable`): it goes into logs, artifacts and events
     path: str  # the stored location as it is, which may hold bytes that are not UTF-8
     error: str
+    layout: bool = False  # not laid out as a batch (`BatchLayoutError`): never moved to quarantine
 
 
 @dataclass(frozen=True)
@@ -273,20 +284,26 @@ def is_batch_file(name: str) -> bool:
     return bool(BATCH_FILE.search(name))
 
 
-def holds_batch_files(names: list[str]) -> bool:
+def holds_batch_files(names: list[str], is_link: Callable[[str], bool]) -> bool:
     """Whether a folder holding `names` (its files' paths, two names deep) is a batch, good or bad: it holds
     the `.incomplete` marker, an IDX file or a PNG image (hidden ones aside), or a link named as a class
-    folder (a listing shows a link as a file)."""
+    folder (a listing shows a link as a file; a plain file named like a class, `Documents/1`, is no sign)."""
     return any(
         name == INCOMPLETE
         or (is_batch_file(name) and not any(part.startswith(".") for part in name.split("/")))
-        or ("/" not in name and _is_class_name(name))
+        or ("/" not in name and _is_class_name(name) and is_link(name))
         for name in names
     )
 
 
 def _is_class_name(name: str) -> bool:
     return (name.isdigit() and int(name) < NUM_CLASSES) or class_slug(name) in CLASS_SLUGS
+
+
+def _local_link(store: Store, location: str) -> bool:
+    """A symbolic link on disk (a bucket has none)."""
+    path = store.direct_path(location)
+    return path is not None and path.is_symlink()
 
 
 def screen_incoming(
@@ -335,7 +352,7 @@ def screen_incoming(
                     f"{printable(entry)}: put each batch in a folder of its own: {incoming_dir}/<batch-name>/"
                 )
             names = store.find(entry, max_depth=2)
-            if not holds_batch_files(names):
+            if not holds_batch_files(names, lambda name, entry=entry: _local_link(store, join(entry, name))):
                 ignored.append(printable(name))
                 continue
             if INCOMPLETE in names:
@@ -351,9 +368,12 @@ def screen_incoming(
                 if kept := _receipt(store, receipt, name, entry, stamp):
                     passed.append(kept)
                     continue
+            # An unsettled stamp cannot see a write in its clock tick: the files are hashed before they
+            # are read, and the receipt is written only if they still hash the same after.
+            files_before = _files_sha256(store, entry) if stamp and not stamp.settled else None
             kind, images, labels = read_batch(store, entry)
         except (IncomingBatchError, idx.IdxFormatError) as exc:
-            refused.append(RefusedBatch(printable(name), entry, printable(str(exc))))
+            refused.append(RefusedBatch(printable(name), entry, printable(str(exc)), isinstance(exc, BatchLayoutError)))
             continue
         if known and (error := test_set_copies_error(entry, images, known)):
             refused.append(RefusedBatch(name, entry, error))
@@ -373,31 +393,54 @@ def screen_incoming(
                 continue
         digests = overlap.image_digests(images)
         in_training = sum(digest in known.train for digest in digests) if known else None
-        done = _Passed(batch, in_training, overlap.digest_array(digests), labels, known_before=False)
+        known_before = bool(receipts) and store.exists(_used_location(receipts, batch))
+        done = _Passed(batch, in_training, overlap.digest_array(digests), labels, known_before)
         del images, digests
         if receipt and stamp:
-            _write_receipt(store, receipt, stamp, done)
+            _write_receipt(store, receipt, stamp, done, files_before)
         passed.append(done)
     first, repeating = _first_copies(passed)
     kept_ones = {id(p) for p in first}
     used = [p for p in passed if id(p) in kept_ones]  # in name order, as listed: the data's key depends on it
+    for p in used if receipts else []:
+        if not p.known_before:
+            _mark_used(store, receipts, p.batch)
     return Screening([p.batch for p in used], refused + repeating, _repeats(used), ignored)
 
 
+def _used_location(receipts: str, batch: IncomingBatch) -> str:
+    """Where screening records that this batch, by name and content, was let through first."""
+    return join(receipts, USED, f"{sha256_text(batch.name, batch.sha256)}.json")
+
+
+def _mark_used(store: Store, receipts: str, batch: IncomingBatch) -> None:
+    """Record that this batch (its name and content) was let through: what is "used before" when two
+    batches share images is decided by name and content, never by a stamp a `chmod` or a restore changes,
+    and a batch refused as a repeat never becomes it."""
+    with contextlib.suppress(PreconditionFailed):
+        store.create(_used_location(receipts, batch), json.dumps({"name": batch.name, "sha256": batch.sha256}).encode())
+
+
 def _files_sha256(store: Store, entry: str) -> str | None:
-    """A hash of every file's name and content in the batch folder `entry` (None if one went meanwhile)."""
+    """A hash of every file's name and content in the batch folder `entry`, hidden ones aside as a batch's
+    reader leaves them (None if one went meanwhile, or cannot be read as a file)."""
     try:
-        return sha256_text(*(f"{name}:{store.sha256(join(entry, name))}" for name in store.find(entry)))
-    except FileNotFoundError:
+        names = [n for n in store.find(entry) if not any(part.startswith(".") for part in n.split("/"))]
+        return sha256_text(*(f"{name}:{store.sha256(join(entry, name))}" for name in names))
+    except (FileNotFoundError, StorageError):
         return None
 
 
-def _write_receipt(store: Store, location: str, stamp: Stamp, passed: _Passed) -> None:
+def _write_receipt(store: Store, location: str, stamp: Stamp, passed: _Passed, files_before: str | None) -> None:
     """Leave the receipt of a batch that passed, if its files are still those the stamp taken before it
-    was read saw; with their hash if that stamp was not settled (it could stay the same across a write)."""
+    was read saw; with their hash (taken before the read) if that stamp was not settled (it could stay
+    the same across a write)."""
     batch = passed.batch
     files = None if stamp.settled else _files_sha256(store, batch.path)
-    if (not stamp.settled and files is None) or store.fingerprint(batch.path) != stamp.digest:
+    if not stamp.settled and (files is None or files != files_before):
+        log.info("%s: changed while it was screened: no receipt; the next run screens it again", batch.path)
+        return
+    if store.fingerprint(batch.path) != stamp.digest:
         log.info("%s: changed while it was screened: no receipt; the next run screens it again", batch.path)
         return
     store.write_json(
@@ -428,6 +471,9 @@ def _receipt(store: Store, location: str, name: str, entry: str, stamp: Stamp) -
         settled, files, in_training = bool(kept["settled"]), kept["files_sha256"], kept["in_training"]
         if labels.shape != (batch.rows,) or kept["name"] != name or (not settled and not files):
             return None
+        typed = in_training is None or type(in_training) is int
+        if batch.rows < 1 or not typed or not SHA256.fullmatch(str(batch.sha256)):
+            return None  # no batch holds no image: a receipt not as screening writes it is read again
     except (FileNotFoundError, IntegrityError, KeyError, TypeError, ValueError, AttributeError):
         return None
     if not settled:
@@ -435,7 +481,8 @@ def _receipt(store: Store, location: str, name: str, entry: str, stamp: Stamp) -
             return None
         if stamp.settled and store.fingerprint(entry) == stamp.digest:
             store.write_json(location, {**kept, "settled": True, "files_sha256": None})
-    return _Passed(batch, in_training, digests, labels, known_before=True)
+    receipts = posixpath.dirname(location)
+    return _Passed(batch, in_training, digests, labels, store.exists(_used_location(receipts, batch)))
 
 
 def _first_copies(passed: list[_Passed]) -> tuple[list[_Passed], list[RefusedBatch]]:
@@ -665,6 +712,9 @@ def dispose(store: Store, refused: RefusedBatch, policy: BadBatches, quarantine_
     out of the incoming folder with `note`, or, where it cannot be moved, leaves it and says why."""
     if policy != "quarantine":
         return Disposal(refused, "refused: the run stops")
+    if refused.layout:  # maybe no batch at all (a home folder's Pictures/): only its owner moves it
+        why = "not laid out as a batch, so it may be none: lay it out as one, or move it out of the incoming folder"
+        return Disposal(refused, f"refused, left in place: {why}", left_because=why)
     try:
         where = quarantine(store, refused, quarantine_dir, note)
     except QuarantineError as exc:
