@@ -593,7 +593,7 @@ def test_a_deleted_version_folder_never_frees_its_number(registry: Registry) -> 
     register(registry, 0.85)
     register(registry, 0.70)  # v0002, kept back
     registry.store.delete(join(registry.versions_root, "v0002"))
-    assert register(registry, 0.86).version == "v0003"
+    assert register(registry, 0.70).version == "v0003"  # kept back: without its claim it no longer counts
     registry.store.delete(join(registry.claims_root, "v0003.json"))  # one of its two claims
     assert register(registry, 0.86).version == "v0004"
 

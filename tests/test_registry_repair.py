@@ -13,7 +13,7 @@ import pytest
 from fmnist.ops import cli
 from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry, RegistryError
-from fmnist.storage import Store, join
+from fmnist.storage import IntegrityError, Store, join
 from tests.test_registry import register
 
 
@@ -217,3 +217,183 @@ def test_a_damaged_labels_file_is_cleared_by_clear_and_never_overwritten_by_set(
     assert labels.records() == {}
     labels.set("canary", "v0002", "again")
     assert labels.records()["canary"]["version"] == "v0002"
+
+
+def copy_folder(store: Store, source: str, target: str) -> None:
+    for name in store.find(source):
+        store.write_bytes(join(target, name), store.read_bytes(join(source, name)))
+
+
+def test_a_version_counts_only_by_this_registrys_own_claim_of_it(registry: Registry, store: Store) -> None:
+    """A folder copied in from another registry (its own claim.json naming the number) was promoted; a
+    claim.json other than this registry's claim of the number was accepted."""
+    for accuracy in (0.85, 0.86):
+        register(registry, accuracy)
+    registry._claim_version({"flow_run_id": "crashed"})  # v0003: claimed here, its run died before publishing
+    other = Registry(store, registry.root.removesuffix("/registry") + "/other")
+    for accuracy in (0.85, 0.86, 0.87, 0.88, 0.95):
+        register(other, accuracy)
+    for version in ("v0003", "v0005"):
+        copy_folder(store, other.version_dir(version), join(registry.versions_root, version))
+    with pytest.raises(RegistryError, match=r"v0005 is not a registered version: no claim of v0005 in this registry"):
+        registry.promote("v0005", "copied in")
+    with pytest.raises(RegistryError, match=r"v0003 is not a registered version: its claim.json is not this regis"):
+        Labels(registry).set("canary", "v0003", "copied over a crashed claim")
+    assert registry.champion() == "v0002" and Labels(registry).records() == {}
+    assert register(registry, 0.87).version == "v0006"  # the copied numbers are still never issued
+
+
+def test_versions_from_before_claims_still_count(registry: Registry, store: Store) -> None:
+    """Registries from before `claims/` hold versions whose claim.json names no version (or that have none):
+    they are registered; a folder of that form copied in above this registry's claims is not."""
+    for accuracy in (0.85, 0.86):
+        register(registry, accuracy)
+    store.delete(registry.claims_root)
+    old = json.dumps({"flow_run_id": "run", "claimed_at": "2025-01-01T00:00:00+00:00"}).encode()
+    store.write_bytes(join(registry.versions_root, "v0001", "claim.json"), old)  # claim.json's first form
+    store.delete(join(registry.versions_root, "v0002", "claim.json"))  # before claim files
+    assert registry.manifest("v0001").version == "v0001" and registry.manifest("v0002").version == "v0002"
+    assert register(registry, 0.87).promoted  # gated against v0002 and v0001, claimed as v0003 in claims/
+    copy_folder(store, registry.version_dir("v0001"), join(registry.versions_root, "v0009"))
+    record = json.loads(store.read_bytes(join(registry.versions_root, "v0009", "manifest.json")))
+    store.write_bytes(
+        join(registry.versions_root, "v0009", "manifest.json"), json.dumps({**record, "version": "v0009"}).encode()
+    )
+    with pytest.raises(RegistryError, match="v0009 is not a registered version: no claim of v0009"):
+        registry.promote("v0009", "copied in")
+    registry.rollback()
+    assert registry.champion() == "v0002"
+
+
+def test_a_change_numbered_beyond_any_the_registry_can_reach_is_named_as_stray(registry: Registry) -> None:
+    """`promotions/99999999999.json`, or a claim's champion_sequence of 10**15, made repair-log build a list of
+    that size (MemoryError)."""
+    for accuracy in (0.85, 0.86, 0.87):
+        register(registry, accuracy)
+    stray = join(registry.log_root, "99999999999.json")
+    registry.store.write_bytes(stray, b"{}")
+    for action in (registry.promotions, registry.repair_log):
+        with pytest.raises(RegistryError, match=r"99999999999.json: change 99999999999 is beyond.*a stray file.*move"):
+            action()
+    registry.store.delete(stray)
+    claim = join(registry.claims_root, "v0004.json")
+    registry.store.write_bytes(
+        claim, json.dumps({"version": "v0004", "champion": "v0003", "champion_sequence": 10**15}).encode()
+    )
+    registry.store.write_bytes(entry(registry, 2), b'{"sequence": 2, "ev')  # torn: repair-log is needed
+    with pytest.raises(RegistryError, match=r"v0004.json: its champion_sequence 1000000000000000 is beyond.*stray"):
+        registry.repair_log()
+    registry.store.delete(claim)
+    assert [e["version"] for e in registry.repair_log()] == ["v0002"]
+    pointer = {**registry.champion_record(), "sequence": 10**15}
+    registry.store.write_bytes(registry.champion_file, json.dumps(pointer).encode())
+    with pytest.raises(RegistryError, match=r"change 1000000000000000, beyond any.*repair-champion"):
+        registry.champion()
+    with pytest.raises(RegistryError, match="the audit log is whole"):
+        registry.repair_log()  # an edited pointer is no evidence of lost changes
+    assert registry.repair_champion()["sequence"] == 3
+
+
+def test_promote_never_overwrites_a_pointer_ahead_of_the_log(registry: Registry, tmp_path: Path, capsys) -> None:
+    """With the log's last two entries lost, `promote` rewrote the pointer (change 5) as change 4 and logged a
+    false entry; repair-log then called the log whole."""
+    for accuracy in (0.85, 0.86, 0.87, 0.88, 0.89):
+        register(registry, accuracy)
+    for sequence in (4, 5):
+        registry.store.delete(entry(registry, sequence))
+    pointer = registry.store.read_bytes(registry.champion_file)
+    for args in (["promote", "v0002"], ["rollback"]):
+        assert cli.main([*cli_args(registry, tmp_path), *args]) == 1
+        assert "fashion-mnist repair-log" in capsys.readouterr().err
+    assert registry.store.read_bytes(registry.champion_file) == pointer
+    assert [e["version"] for e in registry.repair_log()] == ["v0004", "v0005"]
+    registry.promote("v0002", "after the repair")
+    assert [e["version"] for e in registry.promotions()] == ["v0001", "v0002", "v0003", "v0004", "v0005", "v0002"]
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+def test_json_nested_too_deeply_is_damage_in_every_registry_file(registry: Registry, store: Store) -> None:
+    """200,000 '[' gave a RecursionError traceback from each file the registry reads, and from the commands
+    its errors advised."""
+    for accuracy in (0.85, 0.86, 0.87):
+        register(registry, accuracy)
+    labels = Labels(registry)
+    damage = {
+        labels.file: (
+            lambda: labels.set("canary", "v0002", "x"),
+            r"labels.json is damaged \(not valid JSON \(nested too deeply",
+        ),
+        registry.champion_file: (registry.rollback, r"champion pointer is damaged \(not valid JSON \(nested"),
+        entry(registry, 2): (registry.promotions, r"00000002.json: a damaged audit log entry"),
+        join(registry.versions_root, "v0002", "manifest.json"): (
+            lambda: registry.promote("v0002", "x"),
+            r"manifest.json: not valid JSON \(nested too deeply\); the version's manifest is damaged",
+        ),
+        join(registry.versions_root, "v0002", "claim.json"): (
+            lambda: registry.promote("v0002", "x"),
+            "v0002 is not a registered version: its claim.json is not",
+        ),
+    }
+    for location, (action, refusal) in damage.items():
+        kept = store.read_versioned(location)
+        store.write_bytes(location, DEEP)
+        with pytest.raises(RegistryError, match=refusal):
+            action()
+        if location == labels.file:
+            assert labels.clear("canary") == ["not valid JSON (nested too deeply)"]
+        elif kept:
+            store.write_bytes(location, kept[0])
+    store.write_bytes(entry(registry, 3), DEEP)
+    with pytest.raises(IntegrityError, match=r"00000003.json: not valid JSON \(nested too deeply\)"):
+        store.read_json(entry(registry, 3))
+    store.write_bytes(join(registry.claims_root, "v0004.json"), DEEP)  # the newest claim: repair-log's evidence
+    assert [e["version"] for e in registry.repair_log()] == ["v0003"]
+
+
+@pytest.mark.parametrize("which", ["champion", "labels", "entry"])
+def test_a_folder_where_a_registry_file_belongs_is_named_with_the_way_out(registry: Registry, which: str) -> None:
+    """A folder in the place of champion.json, labels.json or an audit log entry read as a missing file, and
+    every way out ended in "already exists", "still changing after 50 attempts" or "no label"."""
+    for accuracy in (0.85, 0.86):
+        register(registry, accuracy)
+    labels = Labels(registry)
+    location = {"champion": registry.champion_file, "labels": labels.file, "entry": entry(registry, 2)}[which]
+    if registry.store.exists(location):
+        registry.store.delete(location)
+    registry.store.write_bytes(join(location, "note.txt"), b"a folder")
+    refusal = rf"{location} is a folder where the registry keeps a file: rename it out of the way"
+    actions = {
+        "champion": [registry.rollback, registry.repair_champion, lambda: registry.promote("v0001", "x")],
+        "labels": [lambda: labels.set("canary", "v0001", "x"), lambda: labels.clear("canary")],
+        "entry": [registry.promotions, registry.repair_log, lambda: registry.repair_log(acknowledge_lost=True)],
+    }[which]
+    for action in actions:
+        with pytest.raises(RegistryError, match=refusal):
+            action()
+    if location.startswith("s3://"):
+        return  # SeaweedFS keeps an empty directory where a folder's last object was deleted (not S3's way)
+    registry.store.delete(location)
+    {"champion": registry.repair_champion, "labels": lambda: None, "entry": registry.repair_log}[which]()
+    labels.set("canary", "v0001", "after")
+    assert registry.champion() == "v0002" and labels.records()["canary"]["version"] == "v0001"
+
+
+def test_clear_on_too_many_labels_removes_one_or_names_which(registry: Registry, tmp_path: Path, capsys) -> None:
+    """On a labels.json of 9 labels (at most 8), `label canary --clear` said it removed them and exited 0,
+    leaving the file as it was."""
+    register(registry, 0.85)
+    model = registry.manifest("v0001").files["model.keras"]
+    nine = {f"l{i}": {"version": "v0001", "model_sha256": model, "at": "x", "reason": "r"} for i in range(9)}
+    labels = Labels(registry)
+    registry.store.write_bytes(labels.file, json.dumps(nine).encode())
+    args = cli_args(registry, tmp_path)
+    assert cli.main([*args, "label", "canary", "v0001"]) == 1
+    assert "(NAME one of l0, l1, l2, l3, l4, l5, l6, l7, l8; keeping the others)" in capsys.readouterr().err
+    assert cli.main([*args, "label", "canary", "--clear"]) == 1
+    assert "no label 'canary'" in (err := capsys.readouterr().err) and "NAME one of l0, l1" in err
+    assert json.loads(registry.store.read_bytes(labels.file)) == nine
+    assert cli.main([*args, "label", "l8", "--clear"]) == 0
+    assert "damaged" not in capsys.readouterr().out  # nothing unreadable was dropped: l8 alone
+    assert sorted(labels.records()) == [f"l{i}" for i in range(8)]

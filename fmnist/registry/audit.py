@@ -14,6 +14,9 @@ from __future__ import annotations
 LOST = "lost"  # the event of an entry restored without evidence of what the change was
 SEARCH_BUDGET = 20_000  # steps of the search before it gives up (then: not enough evidence)
 MAX_LOST = 200  # lost changes searched at most; beyond, not enough evidence
+# Changes the log can be missing past its entries: a change numbered beyond them (an entry's name, the
+# pointer's or a claim's sequence) is a stray or edited record, never a range of that size to restore.
+MAX_UNLOGGED = 10_000
 
 
 class Unknown:

@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any
 
-from fmnist.registry.versions import CHAMPION_MOVE_ATTEMPTS, SHA256, VERSION, Registry, RegistryError, _now
+from fmnist.registry.versions import CHAMPION_MOVE_ATTEMPTS, SHA256, VERSION, Registry, RegistryError, _now, _parsed
 from fmnist.storage import PreconditionFailed, join
 
 STABLE = "stable"  # the champion's label
@@ -39,8 +39,13 @@ class Labels:
 
     def _read(self) -> tuple[dict[str, dict], str | None]:
         labels, problems, etag = self._parse()
+        too_many = len(labels) > MAX_LABELS
+        if too_many:
+            problems.append(f"{len(labels)} labels; at most {MAX_LABELS}")
         if problems:
             kept = f"keeping {', '.join(labels)}" if labels else "no label in it can be read"
+            if too_many:  # only clearing one of them brings it within
+                kept = f"NAME one of {', '.join(labels)}; keeping the others"
             raise RegistryError(
                 f"{self.file} is damaged ({'; '.join(problems)}); `fashion-mnist label NAME --clear` removes label "
                 f"NAME and the records that cannot be read ({kept}); then set labels again"
@@ -48,15 +53,16 @@ class Labels:
         return labels, etag
 
     def _parse(self) -> tuple[dict[str, dict], list[str], str | None]:
-        """The readable label records, the problems of the rest (empty: intact), and the file's etag."""
-        found = self.registry.store.read_versioned(self.file)
+        """The readable label records (more than `MAX_LABELS` of them is damage too: `_read`), the problems of
+        the records that cannot be read, and the file's etag."""
+        found = self.registry._read(self.file)
         if found is None:
             return {}, [], None
         data, etag = found
         try:
-            content = json.loads(data)
+            content = _parsed(data)
         except ValueError as exc:
-            return {}, [f"not JSON: {exc}"], etag
+            return {}, [str(exc)], etag
         if not isinstance(content, dict):
             return {}, ["not a JSON object"], etag
         labels, problems = {}, []
@@ -65,8 +71,6 @@ class Labels:
                 labels[name] = _record(name, record)
             except ValueError as exc:
                 problems.append(str(exc))
-        if len(labels) > MAX_LABELS:
-            problems.append(f"{len(labels)} labels; at most {MAX_LABELS}")
         return labels, problems, etag
 
     def records(self) -> dict[str, dict]:
@@ -97,6 +101,13 @@ class Labels:
         removed: list[str] = []
 
         def change(labels: dict[str, dict], problems: list[str]) -> dict[str, dict]:
+            if name not in labels and len(labels) > MAX_LABELS:
+                # Nothing here to drop: which of the readable labels to keep is the operator's choice.
+                raise RegistryError(
+                    f"no label {name!r}; {self.file} holds {len(labels)} labels, at most {MAX_LABELS}: "
+                    f"`fashion-mnist label NAME --clear` with NAME one of {', '.join(labels)} removes one"
+                    + (f" (and the records that cannot be read: {'; '.join(problems)})" if problems else "")
+                )
             if name not in labels and not problems:
                 raise RegistryError(f"no label {name!r} (labels: {', '.join(labels) or 'none'})")
             removed[:] = problems

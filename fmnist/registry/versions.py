@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fmnist.registry.audit import LOST, histories
+from fmnist.registry.audit import LOST, MAX_UNLOGGED, histories
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
 
@@ -207,28 +207,61 @@ class Registry:
         return record
 
     def _check_registered(self, version: str, record: VersionManifest) -> None:
-        """NotRegistered unless a registration made `version`: its manifest names its own folder, and its
-        number's claim exists (the folder's `claim.json` naming it, or `claims/vNNNN.json`, the same bytes
-        where both are there). Every reader of a version (label, promote, serve, export, the gate) passes here."""
+        """NotRegistered unless a registration of this registry made `version`: its manifest names its own
+        folder, and this registry's claim of its number, `claims/vNNNN.json`, exists (the same bytes as the
+        folder's `claim.json` where both are there). A version from before `claims/` (its `claim.json`
+        names no version, or it has none) counts if it is numbered below every claim there. Every reader of
+        a version (label, promote, serve, export, the gate) passes here."""
         folder = join(self.versions_root, version)
+        claim = join(self.claims_root, f"{version}.json")
         problem = None
         if record.version != version:
             problem = f"its manifest names {record.version!r}, not {version!r}"
         else:
-            inner = self.store.read_versioned(join(folder, "claim.json"))
-            if inner is None or _claimed_version(inner[0]) != version:
-                outer = self.store.read_versioned(join(self.claims_root, f"{version}.json"))
-                if outer is None:
-                    problem = f"no claim of {version} ({self.claims_root}/{version}.json is missing)"
-                elif inner is not None and inner[0] != outer[0]:
-                    problem = f"its claim.json is not the claim of {version} in {self.claims_root}"
+            outer = self._read(claim)
+            inner = self._read(join(folder, "claim.json"))
+            if outer is not None:
+                if inner is not None and inner[0] != outer[0]:
+                    problem = f"its claim.json is not this registry's claim of {version} ({claim} holds other bytes)"
+            elif not self._from_before_claims(version, inner):
+                problem = f"no claim of {version} in this registry ({claim} is missing)"
         if problem:
             raise NotRegistered(
-                f"{folder} is not a registered version: {problem}; no registration made it (a folder copied in?), "
-                "so it is never labeled, promoted, served or exported. `fashion-mnist versions` lists the registered "
-                "versions; `fashion-mnist promote VERSION` replaces it where it is champion, `fashion-mnist label "
-                "NAME --clear` where it is labeled; delete the folder to be rid of it"
+                f"{folder} is not a registered version: {problem}; no registration of this registry made it (a "
+                "folder copied in?), so it is never labeled, promoted, served or exported. `fashion-mnist versions` "
+                "lists the registered versions; `fashion-mnist promote VERSION` replaces it where it is champion, "
+                "`fashion-mnist label NAME --clear` where it is labeled; delete the folder to be rid of it"
             )
+
+    def _from_before_claims(self, version: str, inner: tuple[bytes, str] | None) -> bool:
+        """Whether `version` was registered before `claims/` was written: its `claim.json` is a claim of that
+        time (a JSON object with no version and no token), or it has none (before claim files), and every
+        number in `claims/` is above it (claims are taken above every number there is)."""
+        if inner is not None:
+            try:
+                old = _parsed(inner[0])
+            except ValueError:
+                return False
+            if not isinstance(old, dict) or {"version", "token"} & old.keys():
+                return False
+        claims = [n.removesuffix(".json") for n in self.store.listdir(self.claims_root)]
+        return all(version_number(n) > version_number(version) for n in claims if VERSION.fullmatch(n))
+
+    def _read(self, location: str) -> tuple[bytes, str] | None:
+        """The registry file at `location` and its etag (None: there is none); a folder where the file
+        should be raises, naming it (read as missing, it is a dead end: no write can replace it)."""
+        try:
+            found = self.store.read_versioned(location)
+        except Exception:  # what a backend makes of a folder (s3fs: an object with no etag) is its own
+            if not self.store.is_dir(location):
+                raise
+            found = None
+        if found is None and self.store.is_dir(location):
+            raise RegistryError(
+                f"{location} is a folder where the registry keeps a file: rename it out of the way (or remove "
+                "it, once what it holds is saved), then run the command again"
+            )
+        return found
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
@@ -377,12 +410,12 @@ class Registry:
 
         A pointer that is not a record raises, or with `damaged_ok` reads as none, with the etag to replace it by.
         """
-        found = self.store.read_versioned(self.champion_file)
+        found = self._read(self.champion_file)
         if found is None:
             return None, None
         data, etag = found
         try:
-            record = _pointer(json.loads(data))
+            record = _pointer(_parsed(data))
         except ValueError as exc:
             if damaged_ok:
                 return None, etag
@@ -426,6 +459,8 @@ class Registry:
                 return record, etag, 0
             if sequence == last + 1 or (sequence == last and _entry(self._logged_entry(sequence)) == _entry(record)):
                 return record, etag, last
+            if self._beyond(sequence, last):
+                raise self._damaged(f"it is change {sequence}, beyond any the audit log of {last} changes can lead to")
             if sequence > last + 1:
                 raise RegistryError(
                     f"{self.champion_file}: it is change {sequence}, but the audit log ({self.log_root}) ends at "
@@ -462,8 +497,15 @@ class Registry:
             except RegistryError:
                 if not repair:
                     raise
-                _, etag = self._read_champion(damaged_ok=True)
+                pointer, etag = self._read_champion(damaged_ok=True)
                 current, last = self._replayed(), self._last_sequence()
+                ahead = _sequence_of(pointer)
+                if ahead > last + 1 and not self._beyond(ahead, last):
+                    raise RegistryError(
+                        f"{self.champion_file} is change {ahead} ({pointer['version']}), but the audit log "
+                        f"({self.log_root}) ends at change {last}: the pointer is the evidence of the lost changes, "
+                        f"and this change would overwrite it; {REPAIR_LOG} restores them first"
+                    ) from None
                 if current is None and (evidence := self._history_evidence()):
                     raise RegistryError(
                         f"the audit log ({self.log_root}) is empty, but the registry had a champion "
@@ -499,8 +541,25 @@ class Registry:
                 raise self._damaged(f"the audit log records change {record['sequence']} otherwise") from None
 
     def _sequences(self) -> list[int]:
-        """The audit log's sequence numbers, in order; names that are no entry (temporary files) are skipped."""
-        return sorted(int(m[1]) for n in self.store.listdir(self.log_root) if (m := LOG_ENTRY.fullmatch(n)))
+        """The audit log's sequence numbers, in order; names that are no entry (temporary files) are skipped.
+        A number beyond any the log can have reached (`_beyond`) raises, naming the stray file."""
+        numbers = sorted(int(m[1]) for n in self.store.listdir(self.log_root) if (m := LOG_ENTRY.fullmatch(n)))
+        if numbers and self._beyond(numbers[-1], len(numbers)):
+            stray = [n for n in numbers if self._beyond(n, len(numbers))]
+            more = f" and {len(stray) - 1} more like it" if len(stray) > 1 else ""
+            raise RegistryError(
+                f"{join(self.log_root, f'{stray[0]:08d}.json')}{more}: change {stray[0]} is beyond any this registry "
+                f"can have reached (its log holds {len(numbers)} entries, and at most {MAX_UNLOGGED} more changes "
+                f"are ever restored as lost): a stray file, not an entry; move it out of {self.log_root}, then run "
+                "the command again"
+            )
+        return numbers
+
+    @staticmethod
+    def _beyond(sequence: int, entries: int) -> bool:
+        """Whether change `sequence` is beyond any a registry whose log holds `entries` entries can have
+        reached: more than `MAX_UNLOGGED` changes past them is a stray or edited record, not lost entries."""
+        return sequence > entries + MAX_UNLOGGED
 
     def _last_sequence(self) -> int:
         """The audit log's last sequence number (0: empty), once its numbers are checked to run 1, 2, ... on."""
@@ -516,14 +575,16 @@ class Registry:
     def _logged_entry(self, sequence: int) -> dict:
         location = join(self.log_root, f"{sequence:08d}.json")
         try:
-            entry = self.store.read_json(location)
+            if (found := self._read(location)) is None:
+                raise ValueError("missing")
+            entry = _parsed(found[0])
             if not isinstance(entry, dict) or entry.get("sequence") != sequence:
                 raise ValueError(f"not the record of change {sequence}")
             if entry.get("event") == LOST:  # restored by repair-log with what the evidence told, maybe no version
                 _pointer({**entry, "version": entry.get("version") or "v0000"}, log=True)
             else:
                 _pointer(entry, log=True)
-        except (IntegrityError, ValueError) as exc:
+        except ValueError as exc:
             raise RegistryError(
                 f"{location}: a damaged audit log entry ({exc}); {REPAIR_LOG} restores it from the registry's "
                 "evidence (or restore it from a backup)"
@@ -607,6 +668,14 @@ class Registry:
                 if isinstance(claim, dict) and isinstance(claim.get("champion"), str):
                     sequence = claim.get("champion_sequence")
                     sequence = sequence if type(sequence) is int and sequence > 0 else 1
+                    if self._beyond(sequence, entries := len(self._sequences())):
+                        raise RegistryError(
+                            f"{location}: its champion_sequence {sequence} is beyond any change this registry can "
+                            f"have reached (its log holds {entries} entries, and at most {MAX_UNLOGGED} more changes "
+                            f"are ever restored as lost): a stray or edited claim; move it out of {self.claims_root} "
+                            f"(a {self.versions_root}/{claims[-1]} folder then counts for nothing: delete it too), "
+                            "then run the command again"
+                        )
                     return f"{location} was claimed while {claim['champion']} was champion, change {sequence}", sequence
         for version in reversed(self.versions()[-1:]):
             with contextlib.suppress(RegistryError):
@@ -629,13 +698,15 @@ class Registry:
             try:
                 known[sequence] = _entry(self._logged_entry(sequence))
             except RegistryError:
-                if found := self.store.read_versioned(join(self.log_root, f"{sequence:08d}.json")):
+                if found := self._read(join(self.log_root, f"{sequence:08d}.json")):
                     damaged[sequence] = found
         stored = set(known)
         top = max(stored | set(damaged), default=0)
         pointer = self._read_champion(damaged_ok=True)[0]
         final = None
         sequence = pointer.get("sequence") if pointer else None
+        if sequence and self._beyond(sequence, len(stored | set(damaged))):
+            sequence = None  # an edited pointer: no evidence (`_state` names it damaged, for `repair-champion`)
         # A pointer at or beyond the log, and the same as its own entry if logged, is evidence; one behind
         # the log (restored from an older copy) is not: `repair-champion` rewrites it after.
         if sequence and sequence >= top and (sequence not in known or known[sequence] == _entry(pointer)):
@@ -813,13 +884,13 @@ def _pointer(record: Any, *, log: bool = False) -> dict:
     return record
 
 
-def _claimed_version(claim: bytes) -> str | None:
-    """The version a claim file names (claims from before it was recorded name none)."""
+def _parsed(data: bytes) -> Any:
+    """`data` as JSON, or ValueError saying why not (a nesting too deep to parse included): every registry
+    file read with its etag goes through here, as `Store.read_json` does for the others."""
     try:
-        data = json.loads(claim)
-    except ValueError:
-        return None
-    return data.get("version") if isinstance(data, dict) else None
+        return Store.parse_json(data, "")
+    except IntegrityError as exc:
+        raise ValueError(str(exc).removeprefix(": ")) from None
 
 
 def _span(sequences: list[int]) -> str:

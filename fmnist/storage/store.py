@@ -121,11 +121,17 @@ class Store:
         return self._backend(location).read_bytes(location)
 
     def read_json(self, location: str) -> Any:
-        data = self.read_bytes(location)
+        return self.parse_json(self.read_bytes(location), location)
+
+    @staticmethod
+    def parse_json(data: bytes, location: str) -> Any:
+        """`data` (read from `location`) as JSON; IntegrityError naming it if it is not, or nests too deep
+        to parse (a RecursionError is no ValueError: without this, `[[[...` is a traceback, not damage)."""
         try:
             return json.loads(data)
-        except ValueError as exc:
-            raise IntegrityError(f"{location}: not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:
+            problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise IntegrityError(f"{location}: not valid JSON ({problem})") from None
 
     def read_versioned(self, location: str) -> tuple[bytes, str] | None:
         """The file's content and its etag (what `replace` compares), or None if there is no file."""
