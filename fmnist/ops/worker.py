@@ -59,23 +59,39 @@ class Process:
 def _stat(pid: int, proc: Path) -> list[str] | None:
     """The fields of /proc/PID/stat after its name: state, ppid, ... (None if it is gone)."""
     try:
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses; the last ')' ends it.
-        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        # pid (comm) state ppid ...: comm is any bytes (another user's process may name itself in
+        # anything, not UTF-8 too), with spaces and parentheses; the last ')' ends it.
+        return (proc / str(pid) / "stat").read_bytes().rsplit(b")", 1)[1].decode("ascii", "replace").split()
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def _parents(proc: Path) -> dict[int, int]:
+    """Each process's parent, now."""
+    parents = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(ValueError, IndexError):
+            if (fields := _stat(int(stat.parent.name), proc)) is not None:
+                parents[int(stat.parent.name)] = int(fields[1])
+    return parents
 
 
 def descendants(pid: int, proc: Path = Path("/proc")) -> set[int]:
     """Every process below `pid` now (Linux: read from /proc)."""
+    return set(_below(pid, _parents(proc)))
+
+
+def _below(pid: int, parents: dict[int, int]) -> dict[int, int]:
+    """The processes below `pid`, each with its parent."""
     children: dict[int, list[int]] = {}
-    for stat in proc.glob("[0-9]*/stat"):
-        if (fields := _stat(int(stat.parent.name), proc)) is not None:
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        parent = todo.pop()
+        for child in children.get(parent, []):
             if child not in found:
-                found.add(child)
+                found[child] = parent
                 todo.append(child)
     return found
 
@@ -89,13 +105,25 @@ def process(pid: int, proc: Path = Path("/proc")) -> Process | None:
     with contextlib.suppress(OSError):  # gone meanwhile, or another user's
         for entry in (proc / str(pid) / "environ").read_bytes().split(b"\0"):
             name, _, value = entry.partition(b"=")
-            if name == RUN_ID_VARIABLE:
+            if name == RUN_ID_VARIABLE:  # the first, as the process's own getenv reads it
                 run_id = value.decode(errors="replace")
+                break
     return Process(pid, int(fields[19]), run_id)  # field 22 of stat: start time, in clock ticks
 
 
 def processes_below(pid: int, proc: Path = Path("/proc")) -> dict[int, Process]:
-    return {p.pid: p for child in descendants(pid, proc) if (p := process(child, proc)) is not None}
+    """The processes below `pid` (Prefect's worker), each with the run it belongs to: the run its topmost
+    ancestor below the worker names, the process the worker started. What a process further down names is
+    not believed: a flow run's own children may set the variable to anything."""
+    below = _below(pid, _parents(proc))
+    found = {p.pid: p for child in below if (p := process(child, proc)) is not None}
+    owned = {}
+    for child, noted in found.items():
+        top, parent = noted, below[child]
+        while parent != pid and parent in found:
+            top, parent = found[parent] if found[parent].run_id else top, below[parent]
+        owned[child] = noted if top is noted else Process(noted.pid, noted.started, top.run_id)
+    return owned
 
 
 def keeping_run_ids(before: dict[int, Process], now: dict[int, Process]) -> dict[int, Process]:
@@ -106,8 +134,8 @@ def keeping_run_ids(before: dict[int, Process], now: dict[int, Process]) -> dict
     kept = {}
     for pid, found in now.items():
         noted = before.get(pid)
-        if found.run_id is None and noted is not None and noted.started == found.started:
-            found = noted
+        if noted is not None and noted.started == found.started and noted.run_id is not None:
+            found = noted  # the id first noted stays: a process that execs with another names no other run
         kept[pid] = found
     return kept
 
@@ -131,6 +159,10 @@ def run_worker(pool: str, extra: list[str], stop_within_s: float = WORKER_STOP_S
     def stop(signum: int, _frame: object) -> None:
         if not asked:
             asked.append((signum, time.monotonic()))
+            # The bound, whatever takes long below (thousands of processes to note, an API away).
+            watchdog = threading.Timer(stop_within_s, out_of_time, args=(pool, signal.Signals(signum).name))
+            watchdog.daemon = True
+            watchdog.start()
             started.update(keeping_run_ids(last, processes_below(worker.pid)))
         worker.send_signal(signal.SIGTERM)
 
@@ -167,6 +199,14 @@ def run_worker(pool: str, extra: list[str], stop_within_s: float = WORKER_STOP_S
         if noted.run_id:
             runs.setdefault(noted.run_id, set()).add(noted.pid)
     return hand_back_within(pool, runs, why, deadline=asked_at + stop_within_s)
+
+
+def out_of_time(pool: str, why: str) -> None:
+    say(
+        f"worker for {pool} stopped ({why}) without handing its runs back in time: the heartbeat watch "
+        "marks them Crashed once their heartbeats are missed"
+    )
+    os._exit(1)
 
 
 def say(line: str) -> None:
@@ -222,7 +262,9 @@ def hand_back(pool: str, runs: dict[str, set[int]], why: str) -> list[str]:
                 continue
             if run.work_pool_name != pool or not run.state or run.state.type.value not in UNFINISHED:
                 continue
-            recorded = (run.infrastructure_pid or "").split(":")[-1]
+            host, _, recorded = (run.infrastructure_pid or "").rpartition(":")
+            if host and host != socket.gethostname():
+                continue  # the server has it on another host: started again there since
             if recorded and recorded not in {str(pid) for pid in pids}:
                 continue  # the server has it on another process: started again elsewhere since
             message = (
