@@ -17,6 +17,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.objects import StateType
+from prefect.events.worker import EventsWorker
+from prefect.exceptions import ObjectNotFound
+from prefect.logging.handlers import APILogWorker
 from prefect.testing import utilities as prefect_testing
 from prefect.testing.utilities import prefect_test_harness
 
@@ -40,6 +43,7 @@ pytestmark = pytest.mark.training
 
 
 HARNESS_DRAIN_S = 30  # how long the harness may drain its log and event workers before it stops its server
+RECORD_WAIT_S = 60  # how long a read waits for what a run sent behind it to be recorded
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,22 +96,49 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
     return {a.key: str(a.data) for a in found}
 
 
+def sent_behind() -> None:
+    """Task-run states and logs reach the server behind a run, from this process's event and log workers (once 469
+    items were still queued when a run ended on a busy machine): wait until both have sent everything."""
+    EventsWorker.drain_all(timeout=RECORD_WAIT_S)
+    APILogWorker.drain_all(timeout=RECORD_WAIT_S)
+
+
 def task_runs_of(flow_run_id) -> list[str]:
-    """The stage names of a flow run's own task runs, in the order they started (`validate-3af` -> `validate`)."""
+    """The stage names of a flow run's own task runs, in the order they started (`validate-3af` -> `validate`), once
+    the server has recorded them all: every one ended, and none added for a second."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    sent_behind()
+    deadline = time.monotonic() + RECORD_WAIT_S
+    seen = None
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-        )
-    return [run.name.rsplit("-", 1)[0] for run in runs if run.flow_run_id == flow_run_id]
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            )
+            runs = [run for run in runs if run.flow_run_id == flow_run_id]
+            now = [(run.id, run.state_type) for run in runs]
+            if now == seen and all(run.state and run.state.is_final() for run in runs):
+                return [run.name.rsplit("-", 1)[0] for run in runs]
+            assert time.monotonic() < deadline, f"task runs still being recorded after {RECORD_WAIT_S} s: {now}"
+            seen = now
+            time.sleep(1)
+
+
+def recorded_state(client, task_run_id) -> StateType | None:
+    """A task run's state as the server has it; None before its first event is recorded."""
+    try:
+        return client.read_task_run(task_run_id).state_type
+    except ObjectNotFound:
+        return None
 
 
 def logs_of(flow_run_id) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    sent_behind()
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return "\n".join(log.message for log in logs)
@@ -340,12 +371,13 @@ def test_the_download_task_retries_only_what_may_pass(learnable_mirror, tmp_path
         failed, task_run_id = download_from(mirrors)
         assert failed
         # Task run states reach the server through its event stream: wait until the last one has.
+        sent_behind()
         with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 60
-            while (run := client.read_task_run(task_run_id)).state_type != StateType.FAILED:
-                assert time.monotonic() < deadline, f"task run still {run.state_type} after 60 s"
+            deadline = time.monotonic() + RECORD_WAIT_S
+            while (state_type := recorded_state(client, task_run_id)) != StateType.FAILED:
+                assert time.monotonic() < deadline, f"task run still {state_type} after {RECORD_WAIT_S} s"
                 time.sleep(0.5)
-            return run.run_count
+            return client.read_task_run(task_run_id).run_count
 
     assert attempts(["http://127.0.0.1:9/"]) == 3  # connection refused: may pass, so two retries
     assert attempts([str(tmp_path / "no-such-mirror")]) == 1  # a missing file will not appear after a pause
