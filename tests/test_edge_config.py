@@ -62,10 +62,10 @@ def test_an_ipv6_host_is_bracketed_and_grpc_is_left_out_when_not_served() -> Non
 
 
 def test_the_edges_limits_follow_the_servers() -> None:
-    options = ServeOptions(header_s=2.0, body_s=17.0, max_connections=32)
+    options = ServeOptions(header_timeout_s=2.0, body_timeout_s=17.0, max_connections=32)
     limits = EdgeLimits.of(options)
     assert (limits.header_s, limits.body_read_s, limits.answer_s) == (2.0, 2.0, 17.0)
-    assert EdgeLimits.of(ServeOptions(body_s=1.0)).answer_s == MIN_ANSWER_S
+    assert EdgeLimits.of(ServeOptions(body_timeout_s=1.0)).answer_s == MIN_ANSWER_S
     # Fewer idle connections to the server than it allows, so that they never crowd out new ones.
     assert limits.upstream_idle == 8
     config = nginx_config(ADDRESSES, Path("/p"), limits)

@@ -184,9 +184,9 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> None:
         grpc_port=None if args.no_grpc else args.grpc_port,
         poll_s=args.poll_s,
         max_connections=args.max_connections,
-        header_s=args.header_timeout_s,
-        body_s=args.body_timeout_s,
-        max_body_bytes_in_flight=args.max_body_mib_in_flight << 20,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        max_body_mib_in_flight=args.max_body_mib_in_flight,
         parse_workers=args.parse_workers,
         canary_share=args.canary_share,
         shadow_share=args.shadow_share,
@@ -483,19 +483,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--header-timeout-s",
         type=bounded(float, 0.1, 600),
-        default=defaults.header_s,
+        default=defaults.header_timeout_s,
         help="for a request's head, from its first byte; then a 408 and the connection closed",
     )
     serve.add_argument(
         "--body-timeout-s",
         type=bounded(float, 0.1, 3600),
-        default=defaults.body_s,
+        default=defaults.body_timeout_s,
         help="for a request's body, from its head; then a 408 and the connection closed",
     )
     serve.add_argument(
         "--max-body-mib-in-flight",
         type=bounded(int, 1, 1 << 16),
-        default=defaults.max_body_bytes_in_flight >> 20,
+        default=defaults.max_body_mib_in_flight,
         help="MiB of request bodies held at once, across requests; beyond it a 429",
     )
     serve.add_argument(

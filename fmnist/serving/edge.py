@@ -69,9 +69,9 @@ class EdgeLimits:
         body deadline for an answer but never under MIN_ANSWER_S (a loaded server's queue), as many requests
         at once as the server answers, and fewer idle connections than a quarter of that."""
         return cls(
-            header_s=options.header_s,
-            body_read_s=options.header_s,
-            answer_s=max(options.body_s, MIN_ANSWER_S),
+            header_s=options.header_timeout_s,
+            body_read_s=options.header_timeout_s,
+            answer_s=max(options.body_timeout_s, MIN_ANSWER_S),
             upstream_busy=options.max_connections,
             upstream_idle=max(min(64, options.max_connections // 4), 1),
         )

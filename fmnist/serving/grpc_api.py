@@ -252,10 +252,10 @@ def grpc_server(door: GrpcDoor, checks: Health, address: str, options) -> grpc.a
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-        ("grpc.server_handshake_timeout_ms", int(options.header_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(options.header_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(options.idle_s * 1000)),
         ("grpc.max_connection_age_ms", int(options.connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(options.body_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(options.body_timeout_s * 1000)),
         ("grpc.so_reuseport", 0),  # a port taken by another process is an error, not shared
     ]
     # No cap on calls at once: gRPC counts a call from its headers, so a cap let calls that never send

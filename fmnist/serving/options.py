@@ -21,11 +21,11 @@ class ServeOptions:
     grpc_port: int | None = 8500  # TF Serving's gRPC port; None: no gRPC
     poll_s: float = 2.0  # how often the champion pointer and the labels are read
     max_connections: int = MAX_CONNECTIONS
-    header_s: float = HEADER_S
-    body_s: float = BODY_S
+    header_timeout_s: float = HEADER_S
+    body_timeout_s: float = BODY_S
     idle_s: float = IDLE_S
     connection_age_s: float = CONNECTION_AGE_S
-    max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT
+    max_body_mib_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT >> 20
     parse_workers: int = 2  # processes that parse big bodies; 0: on the event loop
     canary_share: float = 0.0  # of requests that name no version or label, answered by the canary
     shadow_share: float = 0.0  # of stable's requests, also sent to the canary to compare
@@ -34,3 +34,7 @@ class ServeOptions:
     capture_below: float = 0.0  # images whose top probability is under this are always kept
     capture_flush_s: float = CAPTURE_FLUSH_S  # how long a captured record waits for a file's worth
     access_log: bool = False
+
+    @property
+    def max_body_bytes_in_flight(self) -> int:
+        return self.max_body_mib_in_flight << 20

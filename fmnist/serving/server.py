@@ -93,7 +93,7 @@ def create_app(registry: Registry, options: ServeOptions, edge: Edge | None = No
         grpc, checks = None, None
         if options.grpc_port is not None:
             checks = grpc_api.Health(serving_ready)
-            door = grpc_api.GrpcDoor(core, budget, parsers, options.body_s, serving_ready)
+            door = grpc_api.GrpcDoor(core, budget, parsers, options.body_timeout_s, serving_ready)
             address = f"{options.host}:{options.grpc_port}"
             grpc = grpc_api.grpc_server(door, checks, address, options)
             await grpc.start()
@@ -150,7 +150,7 @@ def create_app(registry: Registry, options: ServeOptions, edge: Edge | None = No
         return response
 
     async def body_of(request: Request, limit: int, claim: Claim) -> bytes:
-        return await read_body(request.receive, request.headers, limit, claim, options.body_s)
+        return await read_body(request.receive, request.headers, limit, claim, options.body_timeout_s)
 
     async def tf_serving_api(request: Request) -> Response:
         """TF Serving's paths, matched as it matches them: case-insensitively, under /v1/."""
@@ -322,7 +322,7 @@ def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None 
         ConcurrencyLimit(create_app(registry, app_options, edge), app_options.max_connections),
         host=app_options.host,
         port=app_options.port,
-        http=guarded_protocol(app_options.header_s, app_options.body_s, app_options.max_connections),
+        http=guarded_protocol(app_options.header_timeout_s, app_options.body_timeout_s, app_options.max_connections),
         access_log=app_options.access_log,
         log_level="info",
     )
