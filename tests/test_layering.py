@@ -11,8 +11,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 # fmnist's packages, each allowed to import those to its left (and itself).
 PACKAGES = ("storage", "data", "training", "evaluation", "registry", "serving", "ops")
@@ -42,16 +40,18 @@ def stage(path: Path) -> str:
     return path.relative_to(ROOT / "fmnist").parts[0]
 
 
-@pytest.mark.parametrize("path", modules("tasks"), ids=name)
-def test_no_task_module_imports_another_or_a_flow(path: Path) -> None:
-    crossing = {name for name in imported(path) if name.split(".")[0] in ("tasks", "flows")}
-    assert not crossing, f"{path.name} imports {crossing}: records and plain functions belong in fmnist/"
+def test_no_task_module_imports_another_or_a_flow() -> None:
+    offenders = {name(p): crossing for p in modules("tasks") if (crossing := imports_of(p, "tasks", "flows"))}
+    assert not offenders, f"{offenders}: records and plain functions belong in fmnist/"
 
 
-@pytest.mark.parametrize("path", modules("fmnist"), ids=name)
-def test_fmnist_imports_neither_tasks_nor_flows(path: Path) -> None:
-    crossing = {name for name in imported(path) if name.split(".")[0] in ("tasks", "flows")}
-    assert not crossing, f"{path.name} imports {crossing}"
+def test_fmnist_imports_neither_tasks_nor_flows() -> None:
+    offenders = {name(p): crossing for p in modules("fmnist") if (crossing := imports_of(p, "tasks", "flows"))}
+    assert not offenders, f"{offenders}: fmnist/ is below tasks/ and flows/"
+
+
+def imports_of(path: Path, *tops: str) -> set[str]:
+    return {module for module in imported(path) if module.split(".")[0] in tops}
 
 
 def test_every_fmnist_module_is_in_a_stage_package() -> None:
@@ -61,18 +61,30 @@ def test_every_fmnist_module_is_in_a_stage_package() -> None:
     assert found == set(PACKAGES), f"packages {sorted(found)}: add a new one to PACKAGES, in its layer"
 
 
-@pytest.mark.parametrize("path", [p for p in modules("fmnist") if p.parent != ROOT / "fmnist"], ids=name)
-def test_a_stage_package_imports_only_the_ones_before_it(path: Path) -> None:
+def later_stages_imported(path: Path) -> set[str]:
     allowed = PACKAGES[: PACKAGES.index(stage(path)) + 1]
-    above = {m for m in imported(path) if m.startswith("fmnist.") and m.split(".")[1] not in allowed}
-    assert not above, f"{name(path)} imports {above}, a later stage's code; move what both need down"
+    return {m for m in imported(path) if m.startswith("fmnist.") and m.split(".")[1] not in allowed}
 
 
-@pytest.mark.parametrize("path", modules("flows"), ids=name)
-def test_flows_are_wiring_without_hashing_or_file_formats(path: Path) -> None:
+def test_a_stage_package_imports_only_the_ones_before_it() -> None:
+    staged = [p for p in modules("fmnist") if p.parent != ROOT / "fmnist"]
+    offenders = {name(p): above for p in staged if (above := later_stages_imported(p))}
+    assert not offenders, f"{offenders}: each imports a later stage's code; move what both need down"
+
+
+def test_flows_are_wiring_without_hashing_or_file_formats() -> None:
     work = {"hashlib", "json", "subprocess", "fmnist.storage", "fmnist.storage.files", "fmnist.registry.manifest"}
     work |= {"fmnist.training.lineage"}
-    assert not imported(path) & work, f"{path.name} does work a stage should do: {imported(path) & work}"
+    offenders = {name(p): found for p in modules("flows") if (found := imported(p) & work)}
+    assert not offenders, f"{offenders}: work a stage should do"
+
+
+def test_the_layer_checks_see_an_offender(tmp_path: Path) -> None:
+    """The checks read what they are meant to: a module importing up and across is found by each reader."""
+    module = tmp_path / "offender.py"
+    module.write_text("import tasks.download\nfrom flows.retrain import retrain\ndef f():\n    import fmnist.ops.cli\n")
+    assert imports_of(module, "tasks", "flows") == {"tasks.download", "flows.retrain"}
+    assert "fmnist.ops.cli" in imported(module)
 
 
 # Where a location's scheme may be looked at: the store that picks a backend, and the backends. A
@@ -81,12 +93,13 @@ SCHEME_AWARE = {"fmnist/storage/store.py", "fmnist/storage/local.py", "fmnist/st
 SCHEME_TEST = re.compile(r"is_remote|\.scheme\b|startswith\(\s*[\"'](s3|file|gs|az)|[\"'](s3|file)://[\"']\s*(in|==)")
 
 
-@pytest.mark.parametrize("path", [*modules("fmnist"), *modules("tasks"), *modules("flows")], ids=name)
-def test_only_the_storage_backends_tell_one_kind_of_location_from_another(path: Path) -> None:
-    if name(path) in SCHEME_AWARE:
-        return
-    found = [line.strip() for line in path.read_text().splitlines() if SCHEME_TEST.search(line)]
-    assert not found, f"{name(path)} tests a location's scheme: {found}; ask the Store (e.g. direct_path) instead"
+def test_only_the_storage_backends_tell_one_kind_of_location_from_another() -> None:
+    offenders = {}
+    for path in [*modules("fmnist"), *modules("tasks"), *modules("flows")]:
+        found = [line.strip() for line in path.read_text().splitlines() if SCHEME_TEST.search(line)]
+        if found and name(path) not in SCHEME_AWARE:
+            offenders[name(path)] = found
+    assert not offenders, f"{offenders}: each tests a location's scheme; ask the Store (e.g. direct_path) instead"
 
 
 def test_the_scheme_check_sees_the_old_ways() -> None:
