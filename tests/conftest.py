@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,28 @@ from fmnist.storage import Store
 from fmnist.storage.layout import DataLayout
 from tests.helpers import write_mirror
 from tests.seaweedfs import S3Server, seaweedfs
+from tests.tiers import MAY_TRAIN, HeavyImports, outside_tier
+
+HEAVY_IMPORTS = HeavyImports()
+sys.meta_path.insert(0, HEAVY_IMPORTS)
+
+
+def watched_for_tensorflow(item: pytest.Item):
+    """A test outside the tiers that may train fails if it, or a fixture it sets up, imports TensorFlow."""
+    if any(item.get_closest_marker(tier) for tier in MAY_TRAIN):
+        return (yield)
+    HEAVY_IMPORTS.watch()
+    try:
+        result = yield
+    finally:
+        refused = HEAVY_IMPORTS.stop()
+    if refused:
+        pytest.fail(f"{refused[0]} ({len(refused)} imports refused): {outside_tier(refused[0])}", pytrace=False)
+    return result
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(watched_for_tensorflow)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(watched_for_tensorflow)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -227,6 +227,7 @@ def test_a_review_folder_with_stray_files_wrong_sizes_or_copies_is_refused(
         snapshot.rename(out)
 
 
+@pytest.mark.training  # two Keras models, served by a real process
 def test_a_server_captures_what_it_answers_only_when_asked(tmp_path: Path) -> None:
     registry = two_version_registry(tmp_path / "registry")
     data_root = tmp_path / "data"
