@@ -199,7 +199,7 @@ def yardstick(registry: str, images: np.ndarray, seconds: float) -> dict:
     from fmnist.storage.layout import StorageParams
 
     storage = StorageParams(registry_root=registry)
-    reg = Registry(storage.store(), storage.registry)
+    reg = Registry.of(storage)
     predict, _ = load_model(reg, reg.champion_record())
     pixels = SCALED[images]
     rates = {}

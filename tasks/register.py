@@ -74,7 +74,7 @@ def prior_run_task(
         get_run_logger().info("force_retrain is set: training whatever was registered before")
         return None
     run_fingerprint = fingerprint(cached.key, params)
-    prior = prior_run(Registry(storage.store(), storage.registry), run_fingerprint, promotion)
+    prior = prior_run(Registry.of(storage), run_fingerprint, promotion)
     if prior is None:
         return None
     get_run_logger().info(prior.message)
@@ -112,7 +112,7 @@ def register_task(
         flow_run_id=flow_run.get_id(),
         feedback=feedback,
     )
-    registration = register_model(Registry(storage.store(), storage.registry), trained, evaluation, manifest, promotion)
+    registration = register_model(Registry.of(storage), trained, evaluation, manifest, promotion)
     create_markdown_artifact(
         key="retrain-report",
         markdown=run_report(registration, manifest),

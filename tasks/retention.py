@@ -14,7 +14,7 @@ def prune_runs_task(storage: StorageParams, retention: RetentionParams, current_
     logger = get_run_logger()
     try:
         keep = {current_run} if current_run else set()
-        deleted = prune_runs(Registry(storage.store(), storage.registry), storage.runs, retention, keep)
+        deleted = prune_runs(Registry.of(storage), storage.runs, retention, keep)
     except Exception as exc:  # housekeeping: it must not fail a run that registered a model
         logger.warning("Could not prune the run folders in %s: %s", storage.runs, exc, exc_info=True)
         return []

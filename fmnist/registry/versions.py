@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fmnist.registry.audit import LOST, MAX_UNLOGGED, histories
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
+from fmnist.storage.layout import StorageParams
 
 MODEL = "model.keras"
 VERSION = re.compile(r"v(\d{4,})")  # v0001 ... v9999, v10000 ...: anything else in versions/ is ignored
@@ -167,6 +168,11 @@ class Registry:
         self.champion_file = join(root, "champion.json")
         self.log_root = join(root, "promotions")
         self.claims_root = join(root, "claims")
+
+    @classmethod
+    def of(cls, storage: StorageParams) -> Registry:
+        """The registry a run's storage names, through that storage's store."""
+        return cls(storage.store(), storage.registry)
 
     # --- versions ---------------------------------------------------------------------------------
 
