@@ -103,8 +103,14 @@ def behind_edge(options: ServeOptions, plan: EdgePlan) -> tuple[ServeOptions, Ed
     rest, grpc = plan.app_rest_port, plan.app_grpc_port
     has_grpc = options.grpc_port is not None
     connections = plan.limits.upstream_busy + plan.limits.upstream_idle + 16
-    app = replace(options, host="127.0.0.1", port=rest, grpc_port=grpc if has_grpc else None)
-    app = replace(app, max_connections=max(options.max_connections, connections))
+    app = options.model_copy(
+        update={
+            "host": "127.0.0.1",
+            "port": rest,
+            "grpc_port": grpc if has_grpc else None,
+            "max_connections": max(options.max_connections, connections),
+        }
+    )
     addresses = EdgeAddresses(
         options.host, options.port, options.grpc_port, f"127.0.0.1:{rest}", f"127.0.0.1:{grpc}" if has_grpc else None
     )

@@ -1,9 +1,10 @@
-"""How the server runs (`fashion-mnist serve`'s options), in a module light enough for the CLI to read
-its defaults from."""
+"""How the server runs: `fashion-mnist serve`'s options, defined once. The CLI makes its flags and their help
+from this model (`fmnist.ops.flags`), so a new option is one field here; this module stays light enough for
+the CLI to import."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
 HEADER_S = 5.0  # from a connection's first byte (or its opening) to its request's complete head
@@ -13,27 +14,73 @@ CONNECTION_AGE_S = 600.0  # a gRPC connection is asked to go away after this (it
 MAX_BODY_BYTES_IN_FLIGHT = 256 << 20  # all requests' bodies held at once
 CAPTURE_FLUSH_S = 60.0  # a partial file of captured records is written once its oldest has waited this long
 
+# Field markers the flag generator reads (json_schema_extra): a field set another way than by its own flag,
+# and an optional port that a `--no-...` flag turns off.
+NOT_A_FLAG = {"flag": False}
+NO_GRPC = {"off_flag": "--no-grpc", "off_help": "serve REST only"}
 
-@dataclass(frozen=True)
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8501  # TF Serving's REST port
-    grpc_port: int | None = 8500  # TF Serving's gRPC port; None: no gRPC
-    poll_s: float = 2.0  # how often the champion pointer and the labels are read
-    max_connections: int = MAX_CONNECTIONS
-    header_timeout_s: float = HEADER_S
-    body_timeout_s: float = BODY_S
-    idle_s: float = IDLE_S
-    connection_age_s: float = CONNECTION_AGE_S
-    max_body_mib_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT >> 20
-    parse_workers: int = 2  # processes that parse big bodies; 0: on the event loop
-    canary_share: float = 0.0  # of requests that name no version or label, answered by the canary
-    shadow_share: float = 0.0  # of stable's requests, also sent to the canary to compare
-    feedback_root: str | None = None  # <data_root>/feedback: where captured records go
-    capture_rate: float = 0.0  # share of answered images kept for review
-    capture_below: float = 0.0  # images whose top probability is under this are always kept
-    capture_flush_s: float = CAPTURE_FLUSH_S  # how long a captured record waits for a file's worth
-    access_log: bool = False
+
+class ServeOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    host: str = Field("127.0.0.1", description="address to bind (default: loopback only)")
+    port: int = Field(8501, ge=0, le=65535, description="REST; TF Serving's port")
+    grpc_port: int | None = Field(
+        8500, ge=0, le=65535, description="gRPC; TF Serving's port", json_schema_extra=NO_GRPC
+    )
+    poll_s: float = Field(2.0, ge=0.05, le=3600, description="how often the champion pointer and the labels are read")
+    max_connections: int = Field(
+        MAX_CONNECTIONS, ge=1, le=65536, description="connections at once; beyond it a 503 (bounds memory)"
+    )
+    header_timeout_s: float = Field(
+        HEADER_S,
+        ge=0.1,
+        le=600,
+        description="for a request's head, from its first byte; then a 408 and the connection closed",
+    )
+    body_timeout_s: float = Field(
+        BODY_S, ge=0.1, le=3600, description="for a request's body, from its head; then a 408 and the connection closed"
+    )
+    # Not flags: the gRPC connections' lifetimes, fixed (docs/serving.md).
+    idle_s: float = Field(IDLE_S, gt=0, le=3600, json_schema_extra=NOT_A_FLAG)
+    connection_age_s: float = Field(CONNECTION_AGE_S, gt=0, le=86400, json_schema_extra=NOT_A_FLAG)
+    max_body_mib_in_flight: int = Field(
+        MAX_BODY_BYTES_IN_FLIGHT >> 20,
+        ge=1,
+        le=1 << 16,
+        description="MiB of request bodies held at once, across requests; beyond it a 429",
+    )
+    parse_workers: int = Field(
+        2, ge=0, le=64, description="processes that parse big bodies off the event loop (0: on it)"
+    )
+    canary_share: float = Field(
+        0.0, ge=0, le=1, description="share of the requests naming no version or label that the canary answers"
+    )
+    shadow_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of stable's requests also sent to the canary, to count how often the two agree",
+    )
+    capture_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of answered images kept for review in <data root>/feedback (default: none)",
+    )
+    capture_below: float = Field(
+        0.0, ge=0, le=1, description="images whose top probability is under this are always kept (default: none)"
+    )
+    capture_flush_s: float = Field(
+        CAPTURE_FLUSH_S,
+        ge=1,
+        le=3600,
+        description="longest a captured image waits for a file's worth before a smaller file is written "
+        f"(default: {CAPTURE_FLUSH_S:g} s)",
+    )
+    access_log: bool = Field(False, description="log every request")
+    # <data root>/feedback, where captured records go: from --data-root, as every command's data root.
+    feedback_root: str | None = Field(None, json_schema_extra=NOT_A_FLAG)
 
     @property
     def max_body_bytes_in_flight(self) -> int:
