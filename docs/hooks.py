@@ -1,7 +1,8 @@
 """mkdocs hooks: the reference pages, generated from the code at every build, and `{{ fmnist.X.NAME }}`
 in any page replaced by that constant's value, so no page restates a number the code owns.
 
-A name that does not resolve fails the build (`make docs` builds with --strict).
+A name that does not resolve fails the build (`make docs` builds with --strict), and so does a code name in
+a page or in the README that the code no longer has (`code_names.py`, beside this file).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from code_names import Code, findings  # beside this file: mkdocs puts docs/ on the path while it loads hooks
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -41,7 +44,7 @@ LIMITS = [
     ("fmnist.serving.payloads", "MAX_INSTANCES", "Images in one predict request (REST or gRPC)", "images"),
     ("fmnist.serving.models", "MAX_BATCH", "Images in one model call, across requests", "images"),
     ("fmnist.serving.payloads", "MAX_FILES", "PNG uploads in one request", "files"),
-    ("fmnist.serving.server", "MAX_JSON_BYTES", "A JSON request body", "bytes"),
+    ("fmnist.serving.rest", "MAX_JSON_BYTES", "A JSON request body", "bytes"),
     ("fmnist.serving.payloads", "MAX_UPLOAD_BYTES", "A multipart upload", "bytes"),
     ("fmnist.serving.workers", "INLINE_BYTES", "A body parsed on the event loop; bigger ones in workers", "bytes"),
     ("fmnist.serving.grpc_messages", "MAX_MESSAGE_BYTES", "A gRPC message", "bytes"),
@@ -283,7 +286,19 @@ PAGES = {
 def on_files(files, config):
     for path, page in PAGES.items():
         files.append(File.generated(config, path, content=page()))
+    check_code_names(files, Path(config.config_file_path).parent)
     return files
+
+
+def check_code_names(files, root: Path) -> None:
+    """Fail the build on every code name the pages (generated ones too) or the README give that the code no
+    longer has. An error, not a warning: `make docs` builds --quiet, which hides warnings from --strict."""
+    code = Code.of(root)
+    pages = [("README.md", (root / "README.md").read_text())]  # outside docs_dir: no page hook sees it
+    pages += [(f"docs/{page.src_uri}", page.content_string) for page in files.documentation_pages()]
+    found = [finding for name, markdown in pages for finding in findings(markdown, name, code)]
+    if found:
+        raise PluginError("Code names the code does not have:\n" + "\n".join(map(str, found)))
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
