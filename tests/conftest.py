@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fmnist.data.dataset import DatasetSpec
+from fmnist.data.download import RawDataset, download_dataset
 from fmnist.storage import Store
 from fmnist.storage.layout import DataLayout
 from tests.helpers import write_mirror
@@ -55,6 +56,13 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]
 @pytest.fixture
 def layout(tmp_path: Path) -> DataLayout:
     return DataLayout(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout, store: Store) -> RawDataset:
+    """`mirror`'s dataset downloaded into `layout`'s raw folder (a module may give either fixture its own value)."""
+    folder, spec = mirror
+    return download_dataset(spec, [str(folder)], store, layout.raw)
 
 
 @pytest.fixture

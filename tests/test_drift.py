@@ -9,34 +9,25 @@ import pytest
 
 from fmnist.data import drift
 from fmnist.data.dataset import DatasetSpec
-from fmnist.data.download import RawDataset, download_dataset
 from fmnist.data.incoming import collect_incoming
 from fmnist.data.validation import DriftError, drift_verdict, validate_raw
-from fmnist.storage import Store
-from fmnist.storage.layout import DataLayout
 from tasks.validate import report_markdown
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
 
 @pytest.fixture(scope="module")
-def big_mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]:
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetSpec]:
     """Enough training rows (1,000) for the reference deciles to mean something."""
     folder = tmp_path_factory.mktemp("mirror")
     return folder, write_mirror(folder, train_per_class=100, test_per_class=5)
-
-
-@pytest.fixture
-def raw(big_mirror, layout: DataLayout, store: Store) -> RawDataset:
-    folder, spec = big_mirror
-    return download_dataset(spec, [str(folder)], store, layout.raw)
 
 
 def validate_batches(spec, raw, layout, store, incoming: Path, check_drift: bool = True):
     return validate_raw(spec, raw, collect_incoming(store, str(incoming)), store, layout.validation, check_drift)
 
 
-def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(big_mirror, raw, layout, store, tmp_path):
-    _, spec = big_mirror
+def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(mirror, raw, layout, store, tmp_path):
+    _, spec = mirror
     incoming = tmp_path / "incoming"
     like = balanced_labels(10, seed=7)  # the training distribution, other images (another seed)
     write_idx_batch(incoming / "like-training", synthetic_images(like, seed=7), like)
@@ -65,8 +56,8 @@ def test_drifted_batches_are_flagged_with_numbers_and_a_like_batch_is_not(big_mi
     assert "Drift" not in report_markdown(report, "off")
 
 
-def test_the_drift_policy_tells_and_trains_tells_and_stops_or_says_nothing(big_mirror, raw, layout, store, tmp_path):
-    _, spec = big_mirror
+def test_the_drift_policy_tells_and_trains_tells_and_stops_or_says_nothing(mirror, raw, layout, store, tmp_path):
+    _, spec = mirror
     labels = np.full(100, 4, dtype=np.uint8)
     write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
     drifted = validate_batches(spec, raw, layout, store, tmp_path / "incoming")
@@ -82,8 +73,8 @@ def test_the_drift_policy_tells_and_trains_tells_and_stops_or_says_nothing(big_m
     assert drift_verdict(quiet, "fail") == drift_verdict(quiet, "warn") == off  # nothing drifted: nothing to say
 
 
-def test_drift_off_checks_nothing(big_mirror, raw, layout, store, tmp_path):
-    _, spec = big_mirror
+def test_drift_off_checks_nothing(mirror, raw, layout, store, tmp_path):
+    _, spec = mirror
     labels = np.full(100, 4, dtype=np.uint8)
     write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
     report = validate_batches(spec, raw, layout, store, tmp_path / "incoming", check_drift=False)
@@ -91,10 +82,10 @@ def test_drift_off_checks_nothing(big_mirror, raw, layout, store, tmp_path):
 
 
 def test_a_drifted_delivery_split_into_batches_too_small_to_judge_is_judged_as_a_whole(
-    big_mirror, raw, layout, store, tmp_path
+    mirror, raw, layout, store, tmp_path
 ):
     """147 inverted images of one class passed unflagged as three batches of 49 (each under MIN_ROWS)."""
-    _, spec = big_mirror
+    _, spec = mirror
     incoming = tmp_path / "incoming"
     labels = np.full(drift.MIN_ROWS - 1, 2, dtype=np.uint8)
     for part in range(3):
@@ -105,8 +96,8 @@ def test_a_drifted_delivery_split_into_batches_too_small_to_judge_is_judged_as_a
     assert f"the batches under {drift.MIN_ROWS} images, together" in drift_verdict(report, "warn").message
 
 
-def test_one_batch_is_not_judged_twice(big_mirror, raw, layout, store, tmp_path):
-    _, spec = big_mirror
+def test_one_batch_is_not_judged_twice(mirror, raw, layout, store, tmp_path):
+    _, spec = mirror
     labels = np.full(100, 4, dtype=np.uint8)
     write_idx_batch(tmp_path / "incoming" / "one-class", synthetic_images(labels, seed=9), labels)
     report = validate_batches(spec, raw, layout, store, tmp_path / "incoming")

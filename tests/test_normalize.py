@@ -14,8 +14,7 @@ from fmnist.data import idx
 from fmnist.data import normalization as normalize_module
 from fmnist.data.cache import PREPROCESSING_VERSION, PartCache, normalize, read_metadata, read_part, read_pixels
 from fmnist.data.contract import DataValidationError
-from fmnist.data.dataset import DatasetSpec
-from fmnist.data.download import RawDataset, download_dataset
+from fmnist.data.download import download_dataset
 from fmnist.data.incoming import collect_incoming
 from fmnist.data.normalization import normalize_and_cache
 from fmnist.data.validation import ValidationReport, validate_raw
@@ -25,9 +24,9 @@ from tests.helpers import synthetic_images, write_idx_batch
 
 
 @pytest.fixture
-def raw(mirror: tuple[Path, DatasetSpec], data_layout: DataLayout, store: Store) -> RawDataset:
-    folder, spec = mirror
-    return download_dataset(spec, [str(folder)], store, data_layout.raw)
+def layout(data_layout: DataLayout) -> DataLayout:
+    """This module's data root is on each storage backend in turn (`raw` downloads into it)."""
+    return data_layout
 
 
 def build(spec, raw, store, layout, incoming=()):

@@ -19,19 +19,12 @@ from fmnist.data.contract import (
     normalized_summary,
     run_checks,
 )
-from fmnist.data.dataset import DatasetSpec
-from fmnist.data.download import RawDataset, VerifiedFile, download_dataset
+from fmnist.data.download import VerifiedFile, download_dataset
 from fmnist.data.incoming import collect_incoming
 from fmnist.data.validation import validate_raw
 from fmnist.storage import Store
 from fmnist.storage.layout import DataLayout
 from tests.helpers import synthetic_images, write_idx_batch
-
-
-@pytest.fixture
-def raw(mirror: tuple[Path, DatasetSpec], layout: DataLayout, store: Store) -> RawDataset:
-    folder, spec = mirror
-    return download_dataset(spec, [str(folder)], store, layout.raw)
 
 
 def test_valid_data_passes_and_keeps_json_and_data_docs(mirror, layout, store, raw) -> None:
