@@ -13,7 +13,8 @@ from prefect.client.orchestration import get_client
 
 from fmnist.data.cache import CachedDataset
 from fmnist.storage.layout import RunLayout, StorageParams
-from fmnist.training.fit import ChanceLevelError, NoGpuError, TrainResult, save_result, train_model
+from fmnist.training.devices import NoGpuError
+from fmnist.training.fit import ChanceLevelError, TrainResult, save_result, train_model
 from fmnist.training.model import TrainParams
 from fmnist.training.run_folder import RunFolder
 from fmnist.training.supervision import TrainingRunSuperseded, api_unreachable, check_still_running

@@ -10,8 +10,9 @@ import pytest
 
 from fmnist.data.cache import read_part
 from fmnist.storage import Store
+from fmnist.training.devices import DevicePlan
 from fmnist.training.fast_fit import fit, unsupported, unsupported_network
-from fmnist.training.fit import DevicePlan, train_model
+from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, build_model, compile_model
 from tests.helpers import balanced_labels, learnable_cache, local_run, synthetic_images
 

@@ -18,7 +18,8 @@ import pytest
 from fmnist.data.cache import CachedDataset, read_part
 from fmnist.storage import IntegrityError, Store
 from fmnist.storage.layout import RunLayout
-from fmnist.training.fit import ChanceLevelError, NoGpuError, plan_devices, train_model, validation_indices
+from fmnist.training.devices import NoGpuError, plan_devices
+from fmnist.training.fit import ChanceLevelError, train_model, validation_indices
 from fmnist.training.model import TrainParams, build_model, load_verified_model
 from fmnist.training.run_folder import RunFolder
 from tests.helpers import cached_dataset, learnable_cache, local_run

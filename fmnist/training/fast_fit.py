@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import keras
     import numpy as np
 
-    from fmnist.training.fit import DevicePlan
+    from fmnist.training.devices import DevicePlan
 
 
 # A hidden layer's units are trained in blocks of about this many (`_ColumnBlocks`). On 2 cores the

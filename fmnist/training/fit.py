@@ -27,6 +27,7 @@ from fmnist.storage import StoredFile
 from fmnist.storage.files import atomic_path
 from fmnist.storage.layout import RunLayout
 from fmnist.training import lineage
+from fmnist.training.devices import plan_devices
 from fmnist.training.model import TrainParams, build_model, compile_model, one_hot_labels
 from fmnist.training.run_folder import RunFolder
 
@@ -36,20 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NoGpuError(RuntimeError):
-    """The run requires a GPU and this worker has none."""
-
-
 class ChanceLevelError(RuntimeError):
     """Training ended with a model no better than guessing."""
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    description: str
-    gpus: int
-    mixed_precision: bool
-    jit_compile: bool
 
 
 @dataclass(frozen=True)
@@ -84,24 +73,6 @@ class ValidationSplit:
         per_class = np.bincount(labels[held_out], minlength=NUM_CLASSES).tolist()
         digest = hashlib.sha256(held_out.astype(np.int64).tobytes()).hexdigest()
         return cls(params.validation_fraction, params.seed, len(held_out), per_class, digest)
-
-
-def plan_devices(params: TrainParams) -> DevicePlan:
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if params.require_gpu and not gpus:
-        raise NoGpuError(
-            "require_gpu is set, but TensorFlow sees no GPU on this worker: install the project with the "
-            "and-cuda extra (tensorflow[and-cuda]) and check that nvidia-smi lists the GPU"
-        )
-    if not gpus:
-        return DevicePlan("CPU (no GPU visible)", 0, params.mixed_precision == "on", jit_compile=False)
-    details = tf.config.experimental.get_device_details(gpus[0])
-    tensor_cores = tuple(details.get("compute_capability", (0, 0))) >= (7, 0)
-    mixed = {"on": True, "off": False, "auto": tensor_cores}[params.mixed_precision]
-    name = details.get("device_name", "GPU")
-    return DevicePlan(f"{len(gpus)} x {name}", len(gpus), mixed, jit_compile=not params.deterministic)
 
 
 def check_not_at_chance(accuracy: float, loss: float, margin: float) -> None:
