@@ -85,3 +85,9 @@ def test_the_cli_refuses_numbers_out_of_bounds(argv: list[str], capsys) -> None:
 def test_automations_refuse_a_heartbeat_prefect_would_not_send(tmp_path) -> None:
     with pytest.raises(ValueError, match="heartbeat every 0 s: give 30 to 86400 s"):
         automations.apply(tmp_path / "automations.yaml", 0)
+
+
+def test_every_training_preset_has_a_network_of_its_own() -> None:
+    from fmnist.training.model import NETWORKS, Preset
+
+    assert set(typing.get_args(Preset)) == set(NETWORKS), "a preset without its network in NETWORKS cannot be built"

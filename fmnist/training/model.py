@@ -6,6 +6,7 @@ backend; the pipeline runs it on TensorFlow (`tf.keras` is Keras 3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,46 +124,74 @@ def build_model(params: TrainParams) -> keras.Model:
     # Layers are made in network order: each draws its seed from the global generator as it is made,
     # so this order is what makes a seed give the tutorials' exact weights and dropout masks.
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE), name="image")
-    if params.preset == "dnn":
-        hidden = [
-            layers.Flatten(),
-            layers.Dense(512, activation="relu"),
-            layers.Dropout(params.dropout),
-            layers.Dense(128, activation="relu"),
-            layers.Dropout(params.dropout),
-        ]
-    elif params.preset == "dnn-tuned":
-        hidden = [layers.Flatten()]
-        for width in (1024, 512):  # batch normalization makes the bias redundant
-            hidden += [
-                layers.Dense(width, use_bias=False),
-                layers.BatchNormalization(),
-                layers.ReLU(),
-                layers.Dropout(params.dropout),
-            ]
-    elif params.preset == "mlp128":
-        hidden = [layers.Flatten(), layers.Dense(128, activation="relu")]
-    else:  # cnn: augmentation (active in training only), then 32 and 2 x 64 3x3 filters, batch-normalized
-        shift = SHIFT_PIXELS / IMAGE_SIZE
-        hidden = [
-            layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1)),
-            layers.RandomTranslation(shift, shift, fill_mode="constant"),
-            layers.RandomFlip("horizontal"),
-            *_conv_bn_relu(32),
-            layers.MaxPooling2D(2),
-            *_conv_bn_relu(64),
-            *_conv_bn_relu(64),
-            layers.MaxPooling2D(2),
-            layers.Dropout(params.dropout),
-            layers.Flatten(),
-            layers.Dense(256, use_bias=False),
+    hidden = NETWORKS[params.preset](params)
+    # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
+    output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
+    return keras.Sequential([inputs, *hidden, output], name=params.preset)
+
+
+def _dnn(params: TrainParams) -> list:
+    from keras import layers
+
+    return [
+        layers.Flatten(),
+        layers.Dense(512, activation="relu"),
+        layers.Dropout(params.dropout),
+        layers.Dense(128, activation="relu"),
+        layers.Dropout(params.dropout),
+    ]
+
+
+def _dnn_tuned(params: TrainParams) -> list:
+    from keras import layers
+
+    hidden = [layers.Flatten()]
+    for width in (1024, 512):  # batch normalization makes the bias redundant
+        hidden += [
+            layers.Dense(width, use_bias=False),
             layers.BatchNormalization(),
             layers.ReLU(),
             layers.Dropout(params.dropout),
         ]
-    # The output stays float32 under mixed precision: a float16 softmax loses the small probabilities.
-    output = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
-    return keras.Sequential([inputs, *hidden, output], name=params.preset)
+    return hidden
+
+
+def _mlp128(params: TrainParams) -> list:
+    from keras import layers
+
+    return [layers.Flatten(), layers.Dense(128, activation="relu")]
+
+
+def _cnn(params: TrainParams) -> list:
+    """Augmentation (active in training only), then 32 and 2 x 64 3x3 filters, batch-normalized."""
+    from keras import layers
+
+    shift = SHIFT_PIXELS / IMAGE_SIZE
+    return [
+        layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1)),
+        layers.RandomTranslation(shift, shift, fill_mode="constant"),
+        layers.RandomFlip("horizontal"),
+        *_conv_bn_relu(32),
+        layers.MaxPooling2D(2),
+        *_conv_bn_relu(64),
+        *_conv_bn_relu(64),
+        layers.MaxPooling2D(2),
+        layers.Dropout(params.dropout),
+        layers.Flatten(),
+        layers.Dense(256, use_bias=False),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.Dropout(params.dropout),
+    ]
+
+
+# Each preset's hidden layers, by name: a preset without its own network is caught by a test, not built as another.
+NETWORKS: dict[str, Callable[[TrainParams], list]] = {
+    "dnn": _dnn,
+    "dnn-tuned": _dnn_tuned,
+    "mlp128": _mlp128,
+    "cnn": _cnn,
+}
 
 
 def _conv_bn_relu(filters: int) -> list:
