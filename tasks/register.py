@@ -12,53 +12,12 @@ from fmnist.data.download import RawDataset
 from fmnist.data.feedback import feedback_lineage
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.ops import events
-from fmnist.registry.manifest import RunManifest, build_manifest, fingerprint, per_class_table
-from fmnist.registry.registration import PriorRun, Registration, prior_run, register_model
+from fmnist.registry.manifest import build_manifest, fingerprint
+from fmnist.registry.registration import PriorRun, Registration, prior_run, register_model, run_report
 from fmnist.registry.versions import PromotionParams, Registry
 from fmnist.storage.layout import StorageParams
 from fmnist.training.fit import TrainResult
 from fmnist.training.model import TrainParams
-
-
-def run_report(registration: Registration, manifest: RunManifest) -> str:
-    """The run's markdown report in the Prefect UI: data, metrics, the decision and where things are."""
-    decision = registration.decision
-    champion = decision.champion_version
-    data, metrics = manifest.data, manifest.metrics
-    incoming = data.sources.incoming
-    compared = (
-        f"| test accuracy | {decision.candidate_accuracy:.4f} | {decision.champion_accuracy:.4f} |"
-        if champion
-        else f"| test accuracy | {decision.candidate_accuracy:.4f} | (no champion yet) |"
-    )
-    outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
-    batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
-    # One line each: the Prefect UI renders a line break inside a paragraph as a break.
-    losses = (
-        f"Test loss {metrics.test_loss:.4f}; train accuracy {metrics.train_accuracy:.4f}; "
-        f"train-test gap {metrics.train_test_gap:+.4f}."
-    )
-    data_line = (
-        f"**Data**: key `{data.cache_key[:16]}`, {data.train_rows:,} training rows ({batches}), "
-        f"{data.test_rows:,} test rows."
-    )
-    return f"""# {registration.version} {outcome}
-
-**Decision**: {decision.reason}. Floor {decision.floor:.4f}, tolerance {decision.tolerance:.4f}.
-Champion now: **{registration.champion or "none"}**.
-
-| | candidate {registration.version} | champion before{f" ({champion})" if champion else ""} |
-| --- | ---: | ---: |
-{compared}
-
-{losses}
-
-{data_line}
-
-{per_class_table(manifest.per_class)}
-
-**Files**: `{registration.version_dir}` (model.keras, model_card.md, manifest.json, metrics.json, history.json, plots).
-"""
 
 
 @task(name="check-registered")

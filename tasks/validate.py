@@ -6,47 +6,14 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fmnist.data import drift
 from fmnist.data.contract import failure_lines
 from fmnist.data.dataset import DatasetSpec
 from fmnist.data.download import RawDataset
 from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import IncomingBatch
-from fmnist.data.validation import ValidationReport, drift_verdict, validate_raw
+from fmnist.data.validation import ValidationReport, drift_verdict, report_markdown, validate_raw
 from fmnist.ops import events
 from fmnist.storage.layout import StorageParams
-
-
-def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> str:
-    status = "passed" if report.success else "**FAILED**"
-    lines = [
-        f"# Data validation {status}",
-        "",
-        f"Key `{report.key[:16]}`{' (reused: same inputs, same suites)' if report.reused else ''}.",
-        "",
-        "| suite | rows | expectations | result |",
-        "| --- | ---: | ---: | --- |",
-    ]
-    lines += [
-        f"| {o.suite} | {o.rows:,} | {o.evaluated} | {'passed' if o.success else f'{len(o.failures)} failed'} |"
-        for o in report.suites
-        if o.kind == "contract" or drift_setting != "off"
-    ]
-    failures = [f"- `{o.suite}`: {f}" for o in report.suites if o.kind == "contract" for f in o.failures]
-    if failures:
-        lines += ["", "## Failed expectations", "", *failures]
-    if report.drifted and drift_setting != "off":
-        lines += [
-            "",
-            f"## Drift ({'stops the run' if drift_setting == 'fail' else 'a warning'}: drift={drift_setting})",
-            "",
-            f"Batches unlike the canonical training data (KL divergence limit {drift.KL_THRESHOLD}; median "
-            "within the training interquartile range):",
-            "",
-            *[f"- `{o.suite}`: {f}" for o in report.drifted for f in o.failures],
-        ]
-    lines += ["", f"Result JSON: `{report.result_path}`", "", f"Data Docs: `{report.docs_index}`"]
-    return "\n".join(lines)
 
 
 @task(name="validate")

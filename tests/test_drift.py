@@ -10,8 +10,7 @@ import pytest
 from fmnist.data import drift
 from fmnist.data.dataset import DatasetSpec
 from fmnist.data.incoming import collect_incoming
-from fmnist.data.validation import DriftError, drift_verdict, validate_raw
-from tasks.validate import report_markdown
+from fmnist.data.validation import DriftError, drift_verdict, report_markdown, validate_raw
 from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
 

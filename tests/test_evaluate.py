@@ -20,6 +20,7 @@ from fmnist.evaluation.evaluate import (
     per_class_metrics,
     predicted_probabilities,
 )
+from fmnist.evaluation.report import evaluation_markdown
 from fmnist.registry.manifest import Decision, VersionManifest, build_manifest, model_card
 from fmnist.registry.registration import register_model
 from fmnist.registry.versions import PromotionParams, Registry, RegistryError
@@ -27,7 +28,6 @@ from fmnist.storage import IntegrityError, StoredFile
 from fmnist.training.export import ExportError, check_export, export_saved_model
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
-from tasks.evaluate import evaluation_markdown
 from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images
 
 pytestmark = pytest.mark.training

@@ -240,3 +240,36 @@ def _docs_index(report: ValidationReport) -> str:
         for o in report.suites
     )
     return f"<!doctype html>\n<title>Data validation {report.key[:16]}</title>\n<ul>\n{rows}\n</ul>\n"
+
+
+def report_markdown(report: ValidationReport, drift_setting: DriftSetting) -> str:
+    """The validation's markdown report in the Prefect UI: each suite's result, failures, and drift as set."""
+    status = "passed" if report.success else "**FAILED**"
+    lines = [
+        f"# Data validation {status}",
+        "",
+        f"Key `{report.key[:16]}`{' (reused: same inputs, same suites)' if report.reused else ''}.",
+        "",
+        "| suite | rows | expectations | result |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {o.suite} | {o.rows:,} | {o.evaluated} | {'passed' if o.success else f'{len(o.failures)} failed'} |"
+        for o in report.suites
+        if o.kind == "contract" or drift_setting != "off"
+    ]
+    failures = [f"- `{o.suite}`: {f}" for o in report.suites if o.kind == "contract" for f in o.failures]
+    if failures:
+        lines += ["", "## Failed expectations", "", *failures]
+    if report.drifted and drift_setting != "off":
+        lines += [
+            "",
+            f"## Drift ({'stops the run' if drift_setting == 'fail' else 'a warning'}: drift={drift_setting})",
+            "",
+            f"Batches unlike the canonical training data (KL divergence limit {drift.KL_THRESHOLD}; median "
+            "within the training interquartile range):",
+            "",
+            *[f"- `{o.suite}`: {f}" for o in report.drifted for f in o.failures],
+        ]
+    lines += ["", f"Result JSON: `{report.result_path}`", "", f"Data Docs: `{report.docs_index}`"]
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fmnist.evaluation.evaluate import Evaluation
-from fmnist.registry.manifest import Decision, RunManifest, model_card
+from fmnist.registry.manifest import Decision, RunManifest, model_card, per_class_table
 from fmnist.registry.versions import MODEL, PromotionParams, Registry, RegistryError
 from fmnist.storage.layout import RunLayout
 from fmnist.training.fit import TrainResult
@@ -114,3 +114,44 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
         f"version won); gated again against {champion or 'no champion'}: {registered.decision.reason}; "
         f"{outcome}. Nothing retrained.",
     )
+
+
+def run_report(registration: Registration, manifest: RunManifest) -> str:
+    """The run's markdown report in the Prefect UI: data, metrics, the decision and where things are."""
+    decision = registration.decision
+    champion = decision.champion_version
+    data, metrics = manifest.data, manifest.metrics
+    incoming = data.sources.incoming
+    compared = (
+        f"| test accuracy | {decision.candidate_accuracy:.4f} | {decision.champion_accuracy:.4f} |"
+        if champion
+        else f"| test accuracy | {decision.candidate_accuracy:.4f} | (no champion yet) |"
+    )
+    outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
+    batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
+    # One line each: the Prefect UI renders a line break inside a paragraph as a break.
+    losses = (
+        f"Test loss {metrics.test_loss:.4f}; train accuracy {metrics.train_accuracy:.4f}; "
+        f"train-test gap {metrics.train_test_gap:+.4f}."
+    )
+    data_line = (
+        f"**Data**: key `{data.cache_key[:16]}`, {data.train_rows:,} training rows ({batches}), "
+        f"{data.test_rows:,} test rows."
+    )
+    return f"""# {registration.version} {outcome}
+
+**Decision**: {decision.reason}. Floor {decision.floor:.4f}, tolerance {decision.tolerance:.4f}.
+Champion now: **{registration.champion or "none"}**.
+
+| | candidate {registration.version} | champion before{f" ({champion})" if champion else ""} |
+| --- | ---: | ---: |
+{compared}
+
+{losses}
+
+{data_line}
+
+{per_class_table(manifest.per_class)}
+
+**Files**: `{registration.version_dir}` (model.keras, model_card.md, manifest.json, metrics.json, history.json, plots).
+"""
