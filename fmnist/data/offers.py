@@ -87,15 +87,8 @@ def write_offer(store: Store, feedback: str, offer: Offer) -> None:
 
 def read_offer(store: Store, feedback: str, offer: str) -> Offer | None:
     """The offer, or None where there is none (submitted and done, released, or another data root's)."""
-    location = offer_location(feedback, offer)
-    if not store.exists(location):
-        return None
-    try:
-        return Offer.model_validate(store.read_json(location))
-    except (IntegrityError, ValidationError) as exc:
-        raise OfferError(
-            f"{location}: not a review offer ({exc}); delete it and run `fashion-mnist review` again"
-        ) from None
+    way_out = "; delete it and run `fashion-mnist review` again"
+    return _read(store, offer_location(feedback, offer), Offer, "a review offer", way_out)
 
 
 def open_offers(store: Store, feedback: str) -> list[Offer]:
@@ -136,13 +129,17 @@ class Claim(BaseModel):
 
 
 def read_claim(store: Store, feedback: str, offer: str) -> Claim | None:
-    location = submit_location(feedback, offer)
+    return _read(store, submit_location(feedback, offer), Claim, "an offer's submit record")
+
+
+def _read(store: Store, location: str, model: type[BaseModel], what: str, way_out: str = ""):
+    """`location` read as `model`, or None where there is none; what is there but is no `what` is an OfferError."""
     if not store.exists(location):
         return None
     try:
-        return Claim.model_validate(store.read_json(location))
+        return model.model_validate(store.read_json(location))
     except (IntegrityError, ValidationError) as exc:
-        raise OfferError(f"{location}: not an offer's submit record ({exc})") from None
+        raise OfferError(f"{location}: not {what} ({exc}){way_out}") from None
 
 
 def claim(store: Store, feedback: str, offer: str, name: str, sha256: str) -> Claim:
