@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fmnist.data import idx, overlap
-from fmnist.data.dataset import CLASS_NAMES, CLASS_SLUGS, NUM_CLASSES, class_slug
+from fmnist.data.dataset import CLASS_NAMES, CLASS_SLUGS, FASHION_MNIST, NUM_CLASSES, class_slug
 from fmnist.data.overlap import KnownImages
 from fmnist.data.png import ImageFileError, read_grayscale_png
 from fmnist.storage import (
@@ -624,6 +624,21 @@ def known_images(store: Store, test_images: StoredFile, train_images: StoredFile
         lambda: idx.read_images(store.local_copy(train_images)),
         identity=f"{test_images.sha256}:{train_images.sha256}",
     )
+
+
+def verified_canonical_images(store: Store, raw: str, recorded: list[str]) -> KnownImages | None:
+    """The canonical images a batch must not copy, once a run has verified them into `raw`: the files a
+    version recorded (`recorded`, the sha256 of the four canonical files in `DatasetSpec.files`' order: a
+    deployment may pin other files than Fashion-MNIST's), else Fashion-MNIST's own. None while `raw` holds
+    no test set yet."""
+    spec = FASHION_MNIST
+    sha256 = {f.raw_name: f.sha256 for f in spec.files}
+    if len(recorded) == len(spec.files):
+        sha256 = {f.raw_name: digest for f, digest in zip(spec.files, recorded, strict=True)}
+    train, test = (StoredFile(join(raw, f.raw_name), sha256[f.raw_name]) for f in (spec.train_images, spec.test_images))
+    if not store.exists(test.location):
+        return None
+    return known_images(store, test, train)
 
 
 def check_batch(
