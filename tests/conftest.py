@@ -167,3 +167,30 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def bucket(s3_env: S3Server) -> str:
     """A new, empty bucket of this test's own, as an s3:// URL."""
     return f"s3://{s3_env.new_bucket()}"
+
+
+# The serving tests in this process: the application on stub models (no TensorFlow), one per test module.
+@pytest.fixture(scope="module")
+def stub_registry(tmp_path_factory: pytest.TempPathFactory):
+    """A registry of two stub versions, v0001 the champion and v0002 kept back (tests/serving_helpers)."""
+    from tests.serving_helpers import write_stub_registry
+
+    return write_stub_registry(tmp_path_factory.mktemp("stub-registry"))
+
+
+@pytest.fixture(scope="module")
+def app(stub_registry):
+    """The application serving `stub_registry`, its lifespan running, through Starlette's test client."""
+    from tests.serving_helpers import app_client
+
+    with app_client(stub_registry) as client:
+        yield client
+
+
+@pytest.fixture
+def canary(stub_registry, app) -> Iterator[str]:
+    """v0002 labeled canary, and served as it; the label cleared after."""
+    from tests.serving_helpers import labeled_canary
+
+    with labeled_canary(stub_registry, app):
+        yield "v0002"

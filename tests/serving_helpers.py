@@ -1,5 +1,7 @@
-"""A registry of two trained versions, and `fashion-mnist serve` on free loopback ports, for the
-serving tests: v0001 the champion, v0002 (another seed) registered but kept back."""
+"""For the serving tests, a registry of two versions, v0001 the champion and v0002 (another seed)
+registered but kept back: of trained Keras models served by `fashion-mnist serve` on free loopback
+ports (a real process), or of stub models (a linear layer in numpy, no TensorFlow) served by the
+application in this process, through Starlette's test client."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,10 +19,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
-from fmnist.data.cache import normalize
+from fmnist.data.cache import SCALED, normalize
+from fmnist.data.dataset import IMAGE_SIZE, NUM_CLASSES
+from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry
-from fmnist.storage import Store
+from fmnist.serving.models import ModelCall
+from fmnist.serving.options import ServeOptions
+from fmnist.serving.server import create_app
+from fmnist.storage import Store, StoredFile
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
 from tests.helpers import learnable_cache, local_run, run_manifest
@@ -37,6 +47,92 @@ def two_version_registry(root: Path) -> Registry:
         registry.register({"model.keras": trained.model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
     assert registry.champion() == "v0001"
     return registry
+
+
+def write_stub_registry(root: Path) -> Registry:
+    """`two_version_registry`'s registry of stub models: each `model.keras` holds a linear layer's
+    weights (a .npy file) that `load_stub_model` serves, verified as the registry records it."""
+    registry = Registry(Store(), str(root / "artifacts"))
+    for seed, accuracy in ((1, 0.9), (2, 0.85)):
+        model = root / f"stub-{seed}" / "model.keras"
+        model.parent.mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        with model.open("wb") as out:  # (np.save given a path would add .npy to its name)
+            np.save(out, rng.normal(0, 0.1, (IMAGE_SIZE * IMAGE_SIZE + 1, NUM_CLASSES)).astype(np.float32))
+        stored = StoredFile(str(model), Store().sha256(str(model)))
+        registry.register({"model.keras": stored}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+    assert registry.champion() == "v0001"
+    return registry
+
+
+def load_stub_model(registry: Registry, record: dict) -> tuple[ModelCall, str]:
+    """The server's model loader (`fmnist.serving.models.load_model`) for `write_stub_registry`'s models."""
+    stored = registry.champion_model(record)
+    weights = np.load(registry.store.local_copy(stored))  # (its sha256 verified)
+    return lambda images: stub_call(weights, images), stored.sha256
+
+
+def stub_call(weights: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Softmax of a linear layer: float32 (n, 28, 28) in [0, 1] -> (n, 10)."""
+    logits = images.reshape(len(images), -1) @ weights[:-1] + weights[-1]
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def stub_probabilities(registry: Registry, version: str, images: np.ndarray) -> np.ndarray:
+    """What the stub model of `version` answers for raw uint8 `images` (`keras_probabilities`' stand-in)."""
+    return stub_call(np.load(registry.store.local_copy(registry.file(version, "model.keras"))), SCALED[images])
+
+
+@contextmanager
+def app_client(registry: Registry, **options) -> Iterator[TestClient]:
+    """The application on `registry`'s stub models, in this process (its lifespan running: it follows
+    the registry), through Starlette's test client; once it serves its champion. REST only, and the
+    bodies parsed on the event loop (the worker processes, gRPC and sockets are the real-process tests')."""
+    settings = ServeOptions(grpc_port=None, parse_workers=0, poll_s=POLL_S, **options)
+    with TestClient(create_app(registry, settings, load=load_stub_model)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        yield client
+
+
+@contextmanager
+def labeled_canary(registry: Registry, client: httpx.Client) -> Iterator[None]:
+    """v0002 labeled canary (as `fashion-mnist label` labels it), and served as it; the label cleared after."""
+    from fmnist.ops import cli
+
+    assert cli.main(["--registry", registry.root, "label", "canary", "v0002"]) == 0
+    wait_for_versions(client, ["1", "2"])
+    yield
+    Labels(registry).clear("canary")
+    wait_for_versions(client, ["1"])
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """The server's Prometheus metrics, scraped and parsed with prometheus-client's parser: each sample's
+    value by its name and its labels (sorted)."""
+    page = client.get("/monitoring/prometheus/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(page.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def versions_served(client: httpx.Client) -> list[str]:
+    """The versions a server (the test client, or an httpx client on a real one) says are AVAILABLE."""
+    status = client.get("/v1/models/fashion-mnist").json()["model_version_status"]
+    return [s["version"] for s in status if s["state"] == "AVAILABLE"]
+
+
+def wait_for_versions(client: httpx.Client, versions: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (served := versions_served(client)) != versions:
+        assert time.monotonic() < deadline, f"serving {served}, not {versions}, after {timeout_s} s"
+        time.sleep(POLL_S / 2)
 
 
 @dataclass(frozen=True)

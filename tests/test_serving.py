@@ -1,11 +1,10 @@
-"""The prediction server as a real process on a free loopback port, called over real HTTP: TF Serving's
-request and response shapes, PNG classification, a 400 (or 413) naming each bad input, and the switch
-to a new champion under a load of concurrent clients with no failed request."""
+"""The prediction server as a real process on a free loopback port, serving trained Keras models over real
+HTTP: the switch to a new champion under a load of concurrent clients with no failed request (each
+answer Keras' own), a registry in a bucket served and followed, and the connection limit's room-making.
+The request and response shapes and the refusals, in this process on stub models: test_serving_rest."""
 
 from __future__ import annotations
 
-import io
-import json
 import socket
 import threading
 import time
@@ -15,20 +14,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from fmnist.data.dataset import CLASS_NAMES
 from fmnist.ops import cli
 from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry
-from fmnist.serving.payloads import MAX_INSTANCES
-from fmnist.serving.server import MAX_JSON_BYTES
-from fmnist.storage import Store, join
+from fmnist.storage import Store
 from fmnist.training.export import saved_model_predictions
 from tests.helpers import run_manifest, synthetic_images
 from tests.seaweedfs import S3Server
 from tests.serving_helpers import (
-    POLL_S,
     PREDICT,
     image_rows,
     keras_probabilities,
@@ -37,8 +31,6 @@ from tests.serving_helpers import (
 )
 
 pytestmark = pytest.mark.training
-
-CLASSIFY = "/v1/models/fashion-mnist:classify-png"
 
 
 @pytest.fixture(scope="module")
@@ -50,108 +42,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_server(registry.root, tmp_path_factory.mktemp("server") / "serve.log") as running:
         yield running.url
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
-def test_tf_serving_requests_and_answers(server: str, registry: Registry) -> None:
-    status = httpx.get(f"{server}/v1/models/fashion-mnist")
-    assert status.json() == {
-        "model_version_status": [
-            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-        ]
-    }
-    images = synthetic_images(np.array([0, 3, 7, 9], dtype=np.uint8), seed=11)
-    expected = keras_probabilities(registry, "v0001", images)
-    instances = [
-        images[0].tolist(),  # 28x28 integers: raw pixels
-        (images[1].reshape(-1) / 255).tolist(),  # 784 floats in [0, 1]
-        images[2].tolist(),
-        images[3].reshape(-1).tolist(),  # 784 integers
-    ]
-    answer = httpx.post(f"{server}{PREDICT}", json={"instances": instances})
-    assert answer.status_code == 200 and answer.headers["x-model-version"] == "v0001"
-    predictions = np.array(answer.json()["predictions"])
-    assert predictions.shape == (4, 10) and np.abs(predictions - expected).max() <= 1e-5
-    named = httpx.post(f"{server}{PREDICT}", json={"instances": [{"images": image} for image in instances]})
-    assert np.abs(np.array(named.json()["predictions"]) - expected).max() <= 1e-5  # the input named, as TF allows
-    columnar = httpx.post(f"{server}{PREDICT}", json={"inputs": [images[0].tolist()]})
-    assert np.abs(np.array(columnar.json()["outputs"]) - expected[:1]).max() <= 1e-5
-    metadata = httpx.get(f"{server}/v1/models/fashion-mnist/metadata").json()
-    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
-    assert signature["inputs"]["images"]["dtype"] == "DT_UINT8" and metadata["model_spec"]["version"] == "1"
-    assert metadata["fashion_mnist"]["metrics"]["test_accuracy"] == registry.manifest("v0001").metrics.test_accuracy
-    assert httpx.get(f"{server}/healthz").json() == {"status": "alive"}
-    assert httpx.get(f"{server}/readyz").json()["version"] == "v0001"
-
-
-def test_png_uploads_are_classified(server: str, registry: Registry) -> None:
-    images = synthetic_images(np.array([1, 8], dtype=np.uint8), seed=12)
-    files = [("image", ("trouser.png", png_bytes(images[0]))), ("image", ("bag.png", png_bytes(images[1])))]
-    answer = httpx.post(f"{server}{CLASSIFY}", files=files)
-    assert answer.status_code == 200, answer.text
-    expected = keras_probabilities(registry, "v0001", images)
-    for result, row, name in zip(answer.json()["results"], expected, ("trouser.png", "bag.png"), strict=True):
-        best = int(row.argmax())
-        assert result == {
-            "file": name,
-            "class": CLASS_NAMES[best],
-            "index": best,
-            "probability": pytest.approx(float(row[best]), abs=1e-5),
-            "version": "v0001",
-        }
-
-
-BAD_PREDICT_BODIES = {
-    "not JSON": (b"{instances: [", 400, "JSON Parse error"),
-    "no instances": (b'{"images": []}', 400, "Missing 'inputs' or 'instances' key"),
-    "empty": (b'{"instances": []}', 400, "No values in 'instances' array"),
-    "wrong shape": (json.dumps({"instances": [[[0] * 28] * 27]}).encode(), 400, "instance 0: expected 28x28"),
-    "ragged": (json.dumps({"instances": [[[0] * 28] * 27 + [[0] * 3]]}).encode(), 400, "rows of different lengths"),
-    "pixel over 255": (
-        json.dumps({"instances": [image_rows(256)]}).encode(),
-        400,
-        "integer pixels are raw 8-bit values, 0..255; got 256..256",
-    ),
-    "negative pixel": (json.dumps({"instances": [image_rows(-1)]}).encode(), 400, "0..255; got -1..-1"),
-    "float over 1": (json.dumps({"instances": [image_rows(1.5)]}).encode(), 400, "float pixels must be in [0, 1]"),
-    "NaN": (json.dumps({"instances": [image_rows(float("nan"))]}).encode(), 400, "NaN and Infinity are not pixels"),
-    "strings": (json.dumps({"instances": [image_rows("x")]}).encode(), 400, "instance 0: pixels must be numbers"),
-    "too many": (
-        json.dumps({"instances": [[0] * 784] * (MAX_INSTANCES + 1)}).encode(),
-        400,
-        f"{MAX_INSTANCES + 1:,} instances; at most {MAX_INSTANCES:,}",
-    ),
-    "too big": (b" " * (MAX_JSON_BYTES + 1), 413, f"at most {MAX_JSON_BYTES:,} are accepted"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_PREDICT_BODIES, ids=list(BAD_PREDICT_BODIES))
-def test_a_bad_predict_request_gets_an_error_that_names_the_problem(server: str, case: str) -> None:
-    body, status, message = BAD_PREDICT_BODIES[case]
-    answer = httpx.post(f"{server}{PREDICT}", content=body, headers={"content-type": "application/json"})
-    assert answer.status_code == status and message in answer.json()["error"], answer.text
-
-
-def test_bad_uploads_and_paths_get_errors_and_the_server_goes_on(server: str) -> None:
-    small = np.zeros((27, 27), np.uint8)
-    cases = [
-        ({"content": b"\x89PNG..."}, 400, "send the PNG files as multipart/form-data"),
-        ({"files": [("image", ("notes.png", b"hello"))]}, 400, "notes.png: not a PNG image"),
-        ({"files": [("image", ("small.png", png_bytes(small)))]}, 400, "small.png: image is 27x27; expected 28x28"),
-        ({"data": {"comment": "no file"}, "files": [("x", ("x.png", b""))]}, 400, "form field 'comment' is not a file"),
-        ({"files": [("image", ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(2 << 20)))]}, 400, "over the 1,048,576-byte"),
-    ]
-    for request, status, message in cases:
-        answer = httpx.post(f"{server}{CLASSIFY}", **request)
-        assert answer.status_code == status and message in answer.json()["error"], (message, answer.text)
-    answer = httpx.post(f"{server}/v1/models/other:predict", json={"instances": [image_rows(0)]})
-    assert answer.status_code == 404 and "Servable not found for request: Latest(other)" in answer.json()["error"]
-    assert httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]}).status_code == 200
 
 
 def hammer(server: str, image: list, stop_at: threading.Event, seen: list, failures: list) -> None:
@@ -277,33 +167,3 @@ def test_at_its_connection_limit_connections_waiting_on_their_bodies_make_room(
         finally:
             for connection in held:
                 connection.close()
-
-
-def test_a_damaged_pointer_keeps_the_version_in_service_and_the_server_follows_its_repair(
-    server: str, registry: Registry
-) -> None:
-    served = httpx.get(f"{server}/readyz").json()["version"]
-    other = "v0002" if served == "v0001" else "v0001"
-    Path(registry.champion_file).write_text("{not json")
-    time.sleep(4 * POLL_S)
-    answer = httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]})
-    assert answer.status_code == 200 and answer.headers["x-model-version"] == served
-    registry.promote(other, "replaces the damaged pointer")  # the server still follows the pointer
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server}/readyz").json()["version"] != other:
-        assert time.monotonic() < deadline, f"still serving {served} 30 s after the pointer was repaired"
-        time.sleep(0.2)
-
-
-def test_a_champion_whose_model_does_not_verify_is_never_served(server: str, registry: Registry) -> None:
-    served = httpx.get(f"{server}/readyz").json()["version"]
-    other = "v0002" if served == "v0001" else "v0001"
-    # Someone swaps the other version's model and points champion.json at it by hand.
-    registry.store.write_bytes(join(registry.version_dir(other), "model.keras"), b"not the registered model")
-    model_sha256 = registry.manifest(other).files["model.keras"]  # the pointer vouches for the registered model
-    pointer = {**registry.champion_record(), "version": other, "sequence": 99, "model_sha256": model_sha256}
-    Path(registry.champion_file).write_text(json.dumps(pointer))
-    time.sleep(4 * POLL_S)
-    answer = httpx.post(f"{server}{PREDICT}", json={"instances": [image_rows(0)]})
-    assert answer.status_code == 200 and answer.headers["x-model-version"] == served
-    assert httpx.get(f"{server}/readyz").json()["version"] == served

@@ -21,10 +21,11 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.json_format import ParseDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from fmnist.registry.labels import STABLE
 from fmnist.serving import tfserving
@@ -32,6 +33,7 @@ from fmnist.serving.errors import BadRequest, ServingError, TooSlow
 from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, Spec, metadata_call, predict_call, status_call
 from fmnist.serving.guard import BodyBudget, Claim, client_address
 from fmnist.serving.kserve_grpc import INFERENCE_SERVICE, kserve_handlers
+from fmnist.serving.models import Served
 from fmnist.serving.service import PredictionCore
 from fmnist.serving.workers import BodyParsers
 from fmnist.training.export import OUTPUT, SIGNATURE
@@ -52,6 +54,22 @@ def spec_choice(spec: Spec) -> tuple[int | None, str | None]:
     if spec.signature not in ("", SIGNATURE):
         raise BadRequest(f'Serving signature name: "{spec.signature[:100]}" not found in signature def')
     return tfserving.requested(spec.name, spec.version, spec.label)
+
+
+def model_spec_message(served: Served) -> model_pb2.ModelSpec:
+    return ParseDict(tfserving.model_spec(served), model_pb2.ModelSpec())
+
+
+def status_message(served: list[Served], problem: str | None = None) -> get_model_status_pb2.GetModelStatusResponse:
+    """REST's status answer as TF Serving's message (the same dict: the two cannot drift apart)."""
+    return ParseDict(tfserving.status_response(served, problem), get_model_status_pb2.GetModelStatusResponse())
+
+
+def metadata_message(served: Served) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec_message(served))
+    signatures = ParseDict(tfserving.signature_def_map(), get_model_metadata_pb2.SignatureDefMap())
+    response.metadata["signature_def"].Pack(signatures)
+    return response
 
 
 def probabilities_tensor(probabilities: np.ndarray) -> tensor_pb2.TensorProto:
@@ -119,7 +137,7 @@ def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
     async def predict(call) -> predict_pb2.PredictResponse:
         version, label = spec_choice(call.spec)
         result = await door.core.predict(call.images, version, label)
-        response = predict_pb2.PredictResponse(model_spec=tfserving.model_spec(result.served))
+        response = predict_pb2.PredictResponse(model_spec=model_spec_message(result.served))
         response.outputs[OUTPUT].CopyFrom(probabilities_tensor(result.probabilities))
         return response
 
@@ -129,13 +147,13 @@ def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
             raise BadRequest(f"Metadata field {sorted(unknown)[0]} is not supported")
         if not fields:
             raise BadRequest("GetModelMetadataRequest must specify at least one metadata_field")
-        return tfserving.metadata_response(models.resolve(*tfserving.requested(spec.name, spec.version, spec.label)))
+        return metadata_message(models.resolve(*tfserving.requested(spec.name, spec.version, spec.label)))
 
     async def status(spec: Spec) -> get_model_status_pb2.GetModelStatusResponse:
         version, label = tfserving.requested(spec.name, spec.version, spec.label)
         if version is None and label is None:
-            return tfserving.status_response(models.served(), models.problems.get(STABLE))
-        return tfserving.status_response([models.resolve(version, label)])
+            return status_message(models.served(), models.problems.get(STABLE))
+        return status_message([models.resolve(version, label)])
 
     metadata_response = get_model_metadata_pb2.GetModelMetadataResponse
     prediction = {

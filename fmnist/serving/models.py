@@ -29,6 +29,11 @@ MODEL_NAME = "fashion-mnist"
 CANARY = "canary"
 MAX_BATCH = 1024  # images per model call, across requests
 
+ModelCall = Callable[[np.ndarray], np.ndarray]  # float32 (n, 28, 28) in [0, 1] -> (n, 10)
+# The model a champion or label record names, verified and loaded, and its sha256: `load_model` serves
+# the Keras model; the serving tests pass one that needs no TensorFlow.
+ModelLoader = Callable[[Registry, dict], tuple[ModelCall, str]]
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +52,7 @@ class Served:
         return version_number(self.version)
 
 
-def load_model(registry: Registry, record: dict) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def load_model(registry: Registry, record: dict) -> tuple[ModelCall, str]:
     """The model a champion or label record names, loaded once its file verifies, traced and warmed up;
     and its sha256."""
     import tensorflow as tf
@@ -76,8 +81,16 @@ def refreeze() -> None:
 class ServedModels:
     """The versions in service by label, following the registry's champion pointer and labels."""
 
-    def __init__(self, registry: Registry, poll_s: float, events=None, canary_share: float = 0.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        poll_s: float,
+        events=None,
+        canary_share: float = 0.0,
+        load: ModelLoader = load_model,
+    ) -> None:
         self.registry = registry
+        self.load = load
         self.labels = Labels(registry)
         self.poll_s = poll_s
         self.canary_share = canary_share
@@ -119,7 +132,7 @@ class ServedModels:
             served = loaded.get(key)
             if served is None:
                 try:
-                    predict, sha256 = load_model(self.registry, record)
+                    predict, sha256 = self.load(self.registry, record)
                     manifest = self.registry.manifest(record["version"])
                 except Exception as exc:
                     self._problem(label, f"cannot load {record['version']}: {exc}")
@@ -203,7 +216,7 @@ class ServedModels:
 class Batcher:
     """Joins one model's concurrent requests into one model call, one call at a time (in the event loop)."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, predict: ModelCall, max_batch: int = MAX_BATCH) -> None:
         self.model_call = predict
         self.max_batch = max_batch
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future] | None] = asyncio.Queue()

@@ -1,15 +1,12 @@
-"""TF Serving's answers as its own protocol buffers (tensorflow-serving-api), for gRPC as they are and
-for REST as TF Serving prints them (proto field names, every field), so the two cannot drift apart.
+"""TF Serving's API as its REST clients see it, without TensorFlow: its paths, how it reads the version
+or label a request names, and its answers as its REST API prints them (proto field names, every field).
+gRPC's answers are TF Serving's own protocol buffers parsed from these same dicts (`grpc_api`), so the
+two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import re
-
-from google.protobuf.json_format import MessageToDict
-from tensorflow.core.framework import tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE
 from fmnist.serving.errors import BadRequest, NotFound
@@ -25,10 +22,9 @@ STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([
 MAX_VERSION = (1 << 63) - 1  # an int64, as the ModelSpec's
 
 
-def model_spec(served: Served) -> model_pb2.ModelSpec:
-    spec = model_pb2.ModelSpec(name=MODEL_NAME, signature_name=SIGNATURE)
-    spec.version.value = served.number
-    return spec
+def model_spec(served: Served) -> dict:
+    """A ModelSpec (int64s print as strings)."""
+    return {"name": MODEL_NAME, "version": str(served.number), "signature_name": SIGNATURE}
 
 
 def requested(name: str, version: str | None, label: str | None) -> tuple[int | None, str | None]:
@@ -44,44 +40,31 @@ def requested(name: str, version: str | None, label: str | None) -> tuple[int | 
     return None, label
 
 
-def status_response(served: list[Served], problem: str | None = None) -> get_model_status_pb2.GetModelStatusResponse:
-    response = get_model_status_pb2.GetModelStatusResponse()
-    for model in served:
-        status = response.model_version_status.add(version=model.number)
-        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        status.status.error_code = 0
+def status_response(served: list[Served], problem: str | None = None) -> dict:
+    """A GetModelStatusResponse: each version served, AVAILABLE."""
     if not served:  # nothing verified loaded yet: what TF Serving reports while a version loads
-        status = response.model_version_status.add(version=0)
-        status.state = get_model_status_pb2.ModelVersionStatus.LOADING
-        status.status.error_code = 14  # UNAVAILABLE
-        status.status.error_message = problem or ""
-    return response
+        # (a version of 0 is an unset field: the proto's JSON prints it last)
+        status = {"error_code": "UNAVAILABLE", "error_message": problem or ""}
+        return {"model_version_status": [{"state": "LOADING", "status": status, "version": "0"}]}
+    available = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    return {"model_version_status": [{"version": str(model.number), **available} for model in served]}
 
 
-def signature_def_map() -> get_model_metadata_pb2.SignatureDefMap:
-    """The signature of the SavedModel export (`fmnist.training.export`), which this server's inputs mirror."""
+def signature_def_map() -> dict:
+    """A SignatureDefMap: the signature of the SavedModel export (`fmnist.training.export`), which this
+    server's inputs mirror."""
 
-    def tensor(name: str, dtype: int, dims: tuple[int, ...]) -> meta_graph_pb2.TensorInfo:
-        shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
-        return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=shape)
+    def tensor(name: str, dtype: str, dims: tuple[int, ...]) -> dict:
+        shape = {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}
+        return {"name": name, "dtype": dtype, "tensor_shape": shape}
 
-    signature = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
-    signature.inputs[INPUT].CopyFrom(tensor(f"{SIGNATURE}_{INPUT}:0", types_pb2.DT_UINT8, (-1, IMAGE_SIZE, IMAGE_SIZE)))
-    signature.outputs[OUTPUT].CopyFrom(tensor("StatefulPartitionedCall:0", types_pb2.DT_FLOAT, (-1, len(CLASS_NAMES))))
-    signatures = get_model_metadata_pb2.SignatureDefMap()
-    signatures.signature_def[SIGNATURE].CopyFrom(signature)
-    return signatures
-
-
-def metadata_response(served: Served) -> get_model_metadata_pb2.GetModelMetadataResponse:
-    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(served))
-    response.metadata["signature_def"].Pack(signature_def_map())
-    return response
-
-
-def as_json(message) -> dict:
-    """A message as TF Serving's REST API prints it."""
-    return MessageToDict(message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
+    signature = {
+        "inputs": {INPUT: tensor(f"{SIGNATURE}_{INPUT}:0", "DT_UINT8", (-1, IMAGE_SIZE, IMAGE_SIZE))},
+        "outputs": {OUTPUT: tensor("StatefulPartitionedCall:0", "DT_FLOAT", (-1, len(CLASS_NAMES)))},
+        "method_name": "tensorflow/serving/predict",
+        "defaults": {},
+    }
+    return {"signature_def": {SIGNATURE: signature}}
 
 
 def rest_metadata(served: Served) -> dict:
@@ -89,8 +72,8 @@ def rest_metadata(served: Served) -> dict:
     version: how it did, on what, from what."""
     manifest = served.manifest
     return {
-        "model_spec": as_json(model_spec(served)),
-        "metadata": {"signature_def": as_json(signature_def_map())},
+        "model_spec": model_spec(served),
+        "metadata": {"signature_def": signature_def_map()},
         "fashion_mnist": {
             "version": served.version,
             "classes": list(CLASS_NAMES),
