@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from flows.params import RetrainParams
 from fmnist.ops import automations, cli
+from fmnist.serving.options import ServeOptions
 from fmnist.storage.layout import StorageParams
 
 
@@ -43,8 +44,10 @@ def with_value(model: type[BaseModel], path: tuple[str, ...], value: object) -> 
     return data
 
 
-FIELDS = [(RetrainParams, path, kind) for path, kind in numeric_fields(RetrainParams)] + [
-    (StorageParams, path, kind) for path, kind in numeric_fields(StorageParams)
+FIELDS = [
+    (model, path, kind)
+    for model in (RetrainParams, StorageParams, ServeOptions)
+    for path, kind in numeric_fields(model)
 ]
 
 
