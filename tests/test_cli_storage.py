@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fmnist.ops import cli
 from fmnist.ops.commands.roots import data_root, deployed_storage, feedback_root, registry_of, registry_root
+from fmnist.storage import Store
+from tests.feedback_helpers import captured
+from tests.helpers import synthetic_images
 
 
 def flags(**given: str | None) -> argparse.Namespace:
@@ -76,3 +80,18 @@ def test_a_command_that_uses_no_registry_never_reads_the_registry_flag(monkeypat
     assert capsys.readouterr().out == "created  notify\n"
     assert cli.main(["--registry", "ftp://nowhere/registry", "versions"]) == 1
     assert "'ftp://nowhere/registry': unsupported scheme 'ftp'" in capsys.readouterr().err
+
+
+def test_review_and_its_submit_work_in_the_storage_the_flags_name(no_variables, tmp_path: Path, capsys) -> None:
+    no_variables.delenv("PREFECT_API_URL", raising=False)
+    data = tmp_path / "team" / "data"
+    labels = np.arange(10, dtype=np.uint8)
+    captured(Store(scratch=tmp_path / "s"), str(data / "feedback"), synthetic_images(labels, 5), labels, labels / 10)
+    roots = ["--registry", str(tmp_path / "team" / "artifacts"), "--scratch", str(tmp_path / "s")]
+    review = [*roots, "review", "--out", str(tmp_path / "review"), "--data-root", str(data)]
+    assert cli.main(review) == 0
+    assert f"10 captured images from {data / 'feedback'} are in" in capsys.readouterr().out
+    assert cli.main([*review, "--submit", "--name", "reviewed"]) == 0
+    out = capsys.readouterr().out
+    assert f"No verified test set in {data / 'raw'} yet" in out and f"to {data / 'incoming'}: 10 reviewed" in out
+    assert (data / "incoming" / "reviewed").is_dir()
