@@ -43,6 +43,25 @@ def test_the_open_inference_protocol_infers_with_either_version(
             assert np.abs(np.array(tensor["data"]).reshape(3, 10) - expected).max() <= 1e-5
 
 
+def test_binary_tensors_in_and_out_answer_as_the_json_path_does(app: TestClient) -> None:
+    tensor = {"name": "images", "shape": [3, 28, 28], "datatype": "UINT8"}
+    as_json = app.post("/v2/models/fashion-mnist/infer", json={"inputs": [{**tensor, "data": IMAGES.ravel().tolist()}]})
+    [output] = as_json.json()["outputs"]
+    expected = np.array(output["data"], np.float32).reshape(3, 10)
+    binary = {**tensor, "parameters": {"binary_data_size": IMAGES.nbytes}}
+    header = json.dumps({"inputs": [binary], "parameters": {"binary_data_output": True}}).encode()
+    answer = app.post(
+        "/v2/models/fashion-mnist/infer",
+        content=header + IMAGES.tobytes(),
+        headers={"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"},
+    )
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream", answer.text
+    json_length = int(answer.headers["inference-header-content-length"])
+    [output] = json.loads(answer.content[:json_length])["outputs"]
+    assert output["parameters"] == {"binary_data_size": expected.nbytes} and "data" not in output
+    np.testing.assert_array_equal(np.frombuffer(answer.content[json_length:], "<f4").reshape(3, 10), expected)
+
+
 V2_REFUSED = {
     "not JSON": (b"{", 400, "not JSON"),
     "no inputs": ({"outputs": []}, 400, 'an object with "inputs"'),
