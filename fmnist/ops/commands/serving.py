@@ -109,6 +109,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("version", help="v0003, or champion")
     export.add_argument("--out", type=Path, default=Path("models/fashion-mnist"), help="the model's base path")
     export.add_argument(
-        "--format", choices=["saved_model"], default="saved_model", help="SavedModel only (see the README on ONNX)"
+        "--format",
+        choices=["saved_model"],
+        default="saved_model",
+        help="SavedModel only (why not ONNX: the docs site, Serving)",
     )
     export.set_defaults(run=cmd_export)
