@@ -12,6 +12,7 @@ import numpy as np
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
 from fmnist.data.idx import encode_idx
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
+from fmnist.registry.versions import PromotionParams
 from fmnist.storage.layout import RunLayout
 
 
@@ -102,6 +103,9 @@ def local_run(folder: Path):
     from fmnist.training.run_folder import RunFolder
 
     return RunFolder(Store(), RunLayout(str(folder)))
+
+
+GATE = PromotionParams(min_accuracy=0.8, tolerance=0.005)  # the tests' gate: a floor of 0.8, half a point below
 
 
 def run_manifest(

@@ -32,7 +32,7 @@ from fmnist.serving.server import create_app
 from fmnist.storage import Store, StoredFile
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
-from tests.helpers import learnable_cache, local_run, run_manifest
+from tests.helpers import GATE, learnable_cache, local_run, run_manifest
 from tests.processes import free_ports, stop, wait_until_ready
 
 PREDICT = "/v1/models/fashion-mnist:predict"
@@ -44,7 +44,7 @@ def two_version_registry(root: Path) -> Registry:
     registry = Registry(Store(), str(root / "artifacts"))
     for seed, accuracy in ((1, 0.9), (2, 0.85)):
         trained = train_model(cached, TrainParams(epochs=1, seed=seed), local_run(root / f"run-{seed}"))
-        registry.register({"model.keras": trained.model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+        registry.register({"model.keras": trained.model}, run_manifest(accuracy), GATE)
     assert registry.champion() == "v0001"
     return registry
 
@@ -60,7 +60,7 @@ def write_stub_registry(root: Path) -> Registry:
         with model.open("wb") as out:  # (np.save given a path would add .npy to its name)
             np.save(out, rng.normal(0, 0.1, (IMAGE_SIZE * IMAGE_SIZE + 1, NUM_CLASSES)).astype(np.float32))
         stored = StoredFile(str(model), Store().sha256(str(model)))
-        registry.register({"model.keras": stored}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+        registry.register({"model.keras": stored}, run_manifest(accuracy), GATE)
     assert registry.champion() == "v0001"
     return registry
 

@@ -16,16 +16,15 @@ from PIL import Image
 
 from fmnist.ops import cli
 from fmnist.registry.registration import prior_run
-from fmnist.registry.versions import PromotionParams, Registry, RegistryError, decide
+from fmnist.registry.versions import Registry, RegistryError, decide
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
-from tests.helpers import learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
+from tests.helpers import GATE, learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import S3Server, seaweedfs
 
 TEST_SET = "test-set-a"
-GATE = PromotionParams(min_accuracy=0.8, tolerance=0.005)
 
 
 def run_files(store: Store, run_dir: str, tag: str) -> dict[str, StoredFile]:
@@ -46,29 +45,29 @@ def registry(root: str, store: Store) -> Registry:
 def register(registry: Registry, accuracy: float, **kwargs):
     tag = f"{accuracy}-{len(registry.versions())}"
     files = run_files(registry.store, join(registry.root, "runs", tag), tag)
-    return registry.register(files, run_manifest(accuracy, **kwargs), floor=0.8, tolerance=0.005)
+    return registry.register(files, run_manifest(accuracy, **kwargs), GATE)
 
 
 def test_gate_floor_first_tolerance_and_force() -> None:
     champion = version_manifest("v0001", 0.88, TEST_SET)
-    assert not decide(0.79, TEST_SET, None, floor=0.8, tolerance=0.005).passed
-    first = decide(0.85, TEST_SET, None, floor=0.8, tolerance=0.005)
+    assert not decide(0.79, TEST_SET, None, GATE).passed
+    first = decide(0.85, TEST_SET, None, GATE)
     assert first.passed and first.reason.startswith("first version to clear the floor")
-    within = decide(0.876, TEST_SET, champion, floor=0.8, tolerance=0.005)
+    within = decide(0.876, TEST_SET, champion, GATE)
     assert within.passed and (within.champion_version, within.champion_accuracy) == ("v0001", 0.88)
-    worse = decide(0.874, TEST_SET, champion, floor=0.8, tolerance=0.005)
+    worse = decide(0.874, TEST_SET, champion, GATE)
     assert not worse.passed and "worse than champion v0001's 0.8800 by more than 0.0050" in worse.reason
-    other = decide(0.95, "test-set-b", champion, floor=0.8, tolerance=0.005)
+    other = decide(0.95, "test-set-b", champion, GATE)
     assert not other.passed and "another test set" in other.reason
-    forced = decide(0.5, TEST_SET, champion, floor=0.8, tolerance=0.005, force=True)
+    forced = decide(0.5, TEST_SET, champion, GATE.model_copy(update={"force": True}))
     assert forced.passed and forced.reason == "promotion forced by the operator"
     best = version_manifest("v0000", 0.89, TEST_SET)
-    below_best = decide(0.882, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best)
+    below_best = decide(0.882, TEST_SET, champion, GATE, best=best)
     assert not below_best.passed and "worse than v0000's 0.8900, the best champion so far" in below_best.reason
     assert (below_best.best_version, below_best.best_accuracy) == ("v0000", 0.89)
-    assert decide(0.886, TEST_SET, champion, floor=0.8, tolerance=0.005, best=best).passed
+    assert decide(0.886, TEST_SET, champion, GATE, best=best).passed
     other_best = version_manifest("v0000", 0.89, "test-set-b")  # not comparable: not a yardstick
-    assert decide(0.876, TEST_SET, champion, floor=0.8, tolerance=0.005, best=other_best).passed
+    assert decide(0.876, TEST_SET, champion, GATE, best=other_best).passed
 
 
 def test_the_tolerance_does_not_ratchet_accuracy_down_night_after_night(registry: Registry) -> None:
@@ -107,7 +106,7 @@ def test_a_run_file_that_changed_after_evaluation_is_not_registered(registry: Re
     files = run_files(registry.store, join(registry.root, "runs", "r"), "evaluated")
     registry.store.write_bytes(files["model.keras"].location, b"swapped after evaluation")
     with pytest.raises(IntegrityError, match=r"model\.keras: sha256 .* is not the recorded"):
-        registry.register(files, run_manifest(0.9), floor=0.8, tolerance=0.005)
+        registry.register(files, run_manifest(0.9), GATE)
     assert registry.versions() == [] and registry.champion() is None
 
 
@@ -241,9 +240,7 @@ def _register_in_process(args: tuple[str, str, int, dict]) -> tuple[str, bool]:
     store = Store(scratch=Path(scratch))
     registry = Registry(store, root)
     files = run_files(store, join(root, "runs", f"run-{index}"), str(index))
-    registered = registry.register(
-        files, run_manifest(0.85 + index / 1000, run=f"run-{index}"), floor=0.8, tolerance=0.005
-    )
+    registered = registry.register(files, run_manifest(0.85 + index / 1000, run=f"run-{index}"), GATE)
     return registered.version, registered.promoted
 
 
@@ -295,7 +292,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def registry_with_model(registry: Registry, trained_model) -> Registry:
-    registry.register({"model.keras": trained_model.model}, run_manifest(0.9), floor=0.8, tolerance=0.005)
+    registry.register({"model.keras": trained_model.model}, run_manifest(0.9), GATE)
     return registry
 
 
@@ -476,7 +473,7 @@ def test_a_version_whose_run_stopped_before_the_champion_moved_is_promoted_next_
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(registry, "_move_champion", killed)
         files = run_files(registry.store, join(registry.root, "runs", "crashed"), "crashed")
-        registry.register(files, run_manifest(0.9, fingerprint="fp-crashed"), floor=0.8, tolerance=0.005)
+        registry.register(files, run_manifest(0.9, fingerprint="fp-crashed"), GATE)
     assert registry.champion() == "v0001" and registry.manifest("v0002").gate.passed
     assert cli.main(["--registry", registry.root, "--scratch", str(tmp_path), "versions"]) == 0
     assert "passed the gate, never champion" in capsys.readouterr().out
@@ -490,7 +487,7 @@ def test_a_version_whose_run_stopped_before_the_champion_moved_is_promoted_next_
 def test_a_version_rolled_back_from_is_not_put_back_by_the_schedule(registry: Registry) -> None:
     register(registry, 0.85)
     files = run_files(registry.store, join(registry.root, "runs", "bad-in-service"), "bad")
-    registry.register(files, run_manifest(0.9, fingerprint="fp-2"), floor=0.8, tolerance=0.005)
+    registry.register(files, run_manifest(0.9, fingerprint="fp-2"), GATE)
     registry.rollback("it misbehaved in service")
     prior = prior_run(registry, "fp-2", GATE)
     assert (prior.version, prior.promoted, prior.champion) == ("v0002", False, "v0001")
@@ -723,12 +720,12 @@ def test_the_store_gone_mid_publish_leaves_no_version_and_the_next_run_registers
         files = run_files(registry.store, join(registry.root, "runs", "second"), "second")
         proxy.down_after_puts = 2  # the two claims land; the first file's upload meets a stopped store
         with pytest.raises(StorageError, match=f"cannot reach the object store at {proxy.endpoint}"):
-            registry.register(files, run_manifest(0.95), floor=0.8, tolerance=0.005)
+            registry.register(files, run_manifest(0.95), GATE)
         assert proxy.down
         proxy.down = False  # started again
         assert registry.versions() == ["v0001"]
         assert registry.store.read_bytes(registry.champion_file) == champion_before
-        again = registry.register(files, run_manifest(0.95), floor=0.8, tolerance=0.005)
+        again = registry.register(files, run_manifest(0.95), GATE)
         assert again.version == "v0003" and again.promoted  # v0002 was claimed: never issued twice
         assert registry.versions() == ["v0001", "v0003"] and registry.champion() == "v0003"
         assert [entry["version"] for entry in registry.promotions()] == ["v0001", "v0003"]

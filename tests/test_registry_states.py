@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, Store, StoredFile, join
-from tests.helpers import run_manifest
+from tests.helpers import GATE, run_manifest
 
 EXAMPLES = int(os.environ.get("FMNIST_STATE_EXAMPLES", "8"))  # per store, in make test (about 25 s in a bucket)
 SLOW_EXAMPLES = 300  # per store, in make test-slow
@@ -109,7 +109,7 @@ def machine_for(store: Store, new_root) -> type[RuleBasedStateMachine]:
                 location = join(self.registry.root, "runs", tag, name)
                 store.write_bytes(location, data)
                 files[name] = StoredFile(location, hashlib.sha256(data).hexdigest())
-            return registry.register(files, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+            return registry.register(files, run_manifest(accuracy), GATE)
 
         def _attempt(self, action):
             """Run `action`; a refusal is allowed only while damage is outstanding, and must name a repair."""

@@ -10,10 +10,10 @@ from fmnist.registry.export import export_for_tf_serving
 from fmnist.registry.status import version_status
 from fmnist.registry.versions import Registry, decide
 from fmnist.storage import Store, StoredFile, join
-from tests.helpers import run_manifest
+from tests.helpers import GATE, run_manifest
 
-PASSED = decide(0.85, "test-set-a", None, floor=0.8, tolerance=0.005)
-KEPT_BACK = decide(0.75, "test-set-a", None, floor=0.8, tolerance=0.005)
+PASSED = decide(0.85, "test-set-a", None, GATE)
+KEPT_BACK = decide(0.75, "test-set-a", None, GATE)
 
 
 def test_a_version_is_kept_back_promoted_or_never_champion() -> None:
@@ -34,7 +34,7 @@ def registered_with_export(tmp_path: Path) -> Registry:
         (run / name).write_bytes(data)
         files[name] = StoredFile(join(str(run), name), hashlib.sha256(data).hexdigest())
     files["saved_model/1/variables/variables.index"] = files["saved_model/1/saved_model.pb"]
-    registry.register(files, run_manifest(0.9), floor=0.8, tolerance=0.005)
+    registry.register(files, run_manifest(0.9), GATE)
     return registry
 
 

@@ -20,7 +20,7 @@ from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.training.export import saved_model_predictions
-from tests.helpers import run_manifest, synthetic_images
+from tests.helpers import GATE, run_manifest, synthetic_images
 from tests.seaweedfs import S3Server
 from tests.serving_helpers import (
     PREDICT,
@@ -120,7 +120,7 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
         in_bucket = Registry(Store(scratch=tmp_path / "scratch"), f"s3://{s3_server.new_bucket()}/registry")
         for version, accuracy in (("v0001", 0.9), ("v0002", 0.85)):
             model = registry.file(version, "model.keras")
-            in_bucket.register({"model.keras": model}, run_manifest(accuracy), floor=0.8, tolerance=0.005)
+            in_bucket.register({"model.keras": model}, run_manifest(accuracy), GATE)
         with running_server(in_bucket.root, tmp_path / "serve.log", env) as running:
             url = running.url
             answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]})

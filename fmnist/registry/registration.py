@@ -41,14 +41,7 @@ def register_model(
         **{f"{name}.png": png for name, png in evaluation.plots.items()},
         **evaluation.saved_model,
     }
-    registered = registry.register(
-        files,
-        manifest,
-        floor=promotion.min_accuracy,
-        tolerance=promotion.tolerance,
-        force=promotion.force,
-        model_card=model_card,
-    )
+    registered = registry.register(files, manifest, promotion, model_card=model_card)
     return Registration(
         version=registered.version,
         version_dir=registry.version_dir(registered.version),
@@ -104,7 +97,7 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
             f"{version} {same}; it was champion and was replaced (champion now: {champion}). Nothing retrained; "
             f"`fashion-mnist promote {version}` puts it back in service.",
         )
-    registered = registry.promote_registered(version, floor=promotion.min_accuracy, tolerance=promotion.tolerance)
+    registered = registry.promote_registered(version, promotion)
     outcome = "promoted it" if registered.promoted else "kept it back"
     return PriorRun(
         version,

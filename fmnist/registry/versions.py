@@ -88,18 +88,17 @@ def decide(
     candidate_accuracy: float,
     test_set: str,
     champion: VersionManifest | None,
+    gate: PromotionParams,
     *,
-    floor: float,
-    tolerance: float,
-    force: bool = False,
     best: VersionManifest | None = None,
 ) -> Decision:
-    """The promotion gate: an absolute floor, then not worse than the champion beyond `tolerance`.
+    """The promotion gate: an absolute floor, then not worse than the champion beyond `gate.tolerance`.
 
     `best` (the manifest of the best earlier champion still in the chain that rollbacks leave) raises
     the bar when it beats the champion: measured from the champion alone, each new champion could
     be `tolerance` worse than the last, and accuracy could ratchet down a little every night.
     """
+    floor, tolerance = gate.min_accuracy, gate.tolerance
     champion_version = champion.version if champion else None
     champion_accuracy = champion.metrics.test_accuracy if champion else None
     if best is not None and (best.data.test_set != test_set or champion is None):
@@ -121,7 +120,7 @@ def decide(
             best_accuracy,
         )
 
-    if force:
+    if gate.force:
         return verdict(True, "promotion forced by the operator")
     if candidate_accuracy < floor:
         return verdict(False, f"test accuracy {candidate_accuracy:.4f} is below the floor {floor:.4f}")
@@ -328,10 +327,8 @@ class Registry:
         self,
         files: dict[str, StoredFile],
         manifest: RunManifest,
+        gate: PromotionParams,
         *,
-        floor: float,
-        tolerance: float,
-        force: bool = False,
         model_card: Callable[[VersionManifest], str] | None = None,
     ) -> Registered:
         """Publish a new version of `files` (each verified against its sha256); promote it if it passes the gate.
@@ -340,7 +337,7 @@ class Registry:
         """
         # First the champion and the gate: damage stops the registration before a number is taken.
         current = self.champion_record()
-        decision = self._gate(manifest, current, floor=floor, tolerance=tolerance, force=force)
+        decision = self._gate(manifest, current, gate)
         # The champion change the claim saw: evidence, if the pointer and the log are ever both lost,
         # that the registry had a champion (see `_history_evidence`).
         seen = {"champion": current["version"] if current else None, "champion_sequence": _sequence_of(current)}
@@ -364,47 +361,51 @@ class Registry:
             hashes["model_card.md"] = hashlib.sha256(card).hexdigest()
         record = record.model_copy(update={"files": dict(sorted(hashes.items()))})
         self.store.create(join(folder, "manifest.json"), json.dumps(record.to_json(), indent=1).encode())
-        return self._promote_if_passed(version, record, decision, force)
+        return self._promote_if_passed(version, record, decision, gate)
 
-    def promote_registered(self, version: str, *, floor: float, tolerance: float) -> Registered:
+    def promote_registered(self, version: str, gate: PromotionParams) -> Registered:
         """Gate again a version that passed but never became champion (its run stopped before the
-        champion moved, or another version won the race), against today's champion; promote it if it passes."""
+        champion moved, or another version won the race), against today's champion; promote it if it passes
+        (never by force: that was the first run's decision to make)."""
         if damaged := self.damaged_files(version):
             raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); not promoting it")
         record = self.manifest(version)
-        decision = self._gate(record, self.champion_record(), floor=floor, tolerance=tolerance)
-        return self._promote_if_passed(version, record, decision, force=False)
+        gate = gate.model_copy(update={"force": False})
+        decision = self._gate(record, self.champion_record(), gate)
+        return self._promote_if_passed(version, record, decision, gate)
 
-    def _gate(self, record: RunManifest, current: dict | None, **gate: Any) -> Decision:
+    def _gate(self, record: RunManifest, current: dict | None, gate: PromotionParams) -> Decision:
         """The gate's verdict on the candidate `record` (a manifest) against the champion record `current`
         and the best of the champions before it (those a rollback has not taken back)."""
         if current is None:
-            return decide(record.metrics.test_accuracy, record.data.test_set, None, **gate)
+            return decide(record.metrics.test_accuracy, record.data.test_set, None, gate)
         earlier = []
         for version in current["previous"]:
             with contextlib.suppress(RegistryError):  # a version deleted since: no longer a yardstick
                 earlier.append(self.manifest(version))
         best = max(earlier, key=lambda m: m.metrics.test_accuracy, default=None)
         champion = self.manifest(current["version"])
-        return decide(record.metrics.test_accuracy, record.data.test_set, champion, best=best, **gate)
+        return decide(record.metrics.test_accuracy, record.data.test_set, champion, gate, best=best)
 
-    def _promote_if_passed(self, version: str, record: VersionManifest, decision: Decision, force: bool) -> Registered:
+    def _promote_if_passed(
+        self, version: str, record: VersionManifest, decision: Decision, gate: PromotionParams
+    ) -> Registered:
         if not decision.passed:
             return Registered(version, decision, False, decision.champion_version)
         try:
-            self._move_champion(lambda current: self._promotion(current, version, record, decision, force))
+            self._move_champion(lambda current: self._promotion(current, version, record, decision, gate))
         except _Declined as declined:
             return Registered(version, declined.decision, False, self.champion())
         return Registered(version, decision, True, version)
 
     def _promotion(
-        self, current: dict | None, version: str, record: VersionManifest, decision: Decision, force: bool
+        self, current: dict | None, version: str, record: VersionManifest, decision: Decision, gate: PromotionParams
     ) -> dict:
         """The champion record that makes `version` champion, if it still passes against `current`."""
         in_service = current["version"] if current else None
-        if in_service != decision.champion_version and not force:
+        if in_service != decision.champion_version and not gate.force:
             # Another version was promoted since the gate ran: the candidate must beat that one.
-            decision = self._gate(record, current, floor=decision.floor, tolerance=decision.tolerance)
+            decision = self._gate(record, current, gate)
             if not decision.passed:
                 raise _Declined(decision)
         return _next_record(current, version, decision.reason, "promote", record.files[MODEL])
