@@ -12,8 +12,8 @@ from fmnist.data.dataset import DEFAULT_MIRRORS, FASHION_MNIST, DatasetSpec
 from fmnist.data.download import check_mirror
 from fmnist.data.drift import DriftSetting
 from fmnist.data.incoming import BadBatches
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.retention import RetentionParams
-from fmnist.registry.versions import PromotionParams
 from fmnist.training.model import TrainParams
 
 

@@ -12,9 +12,10 @@ from fmnist.data.download import RawDataset
 from fmnist.data.feedback import feedback_lineage
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.ops import events
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import build_manifest, fingerprint
 from fmnist.registry.registration import PriorRun, Registration, prior_run, register_model, run_report
-from fmnist.registry.versions import PromotionParams, Registry
+from fmnist.registry.versions import Registry
 from fmnist.storage.layout import StorageParams
 from fmnist.training.fit import TrainResult
 from fmnist.training.model import TrainParams

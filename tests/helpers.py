@@ -11,8 +11,8 @@ import numpy as np
 
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DatasetSpec, RemoteFile
 from fmnist.data.idx import encode_idx
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
-from fmnist.registry.versions import PromotionParams
 from fmnist.storage.layout import RunLayout
 
 

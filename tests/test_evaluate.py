@@ -21,9 +21,10 @@ from fmnist.evaluation.evaluate import (
     predicted_probabilities,
 )
 from fmnist.evaluation.report import evaluation_markdown
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, VersionManifest, build_manifest, model_card
 from fmnist.registry.registration import register_model
-from fmnist.registry.versions import PromotionParams, Registry, RegistryError
+from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
 from fmnist.training.export import ExportError, check_export, export_saved_model
 from fmnist.training.fit import train_model

@@ -29,8 +29,9 @@ from fmnist.data import idx
 from fmnist.data.dataset import CLASS_NAMES
 from fmnist.data.validation import DriftError
 from fmnist.ops import cli
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.retention import RetentionParams
-from fmnist.registry.versions import PromotionParams, Registry
+from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.storage.files import sha256_file
 from fmnist.storage.layout import StorageParams

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from fmnist.ops import cli
+from fmnist.registry.gate import decide
 from fmnist.registry.registration import prior_run
-from fmnist.registry.versions import Registry, RegistryError, decide
+from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model

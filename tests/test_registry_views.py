@@ -7,8 +7,9 @@ import hashlib
 from pathlib import Path
 
 from fmnist.registry.export import export_for_tf_serving
+from fmnist.registry.gate import decide
 from fmnist.registry.status import version_status
-from fmnist.registry.versions import Registry, decide
+from fmnist.registry.versions import Registry
 from fmnist.storage import Store, StoredFile, join
 from tests.helpers import GATE, run_manifest
 

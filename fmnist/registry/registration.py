@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fmnist.evaluation.evaluate import Evaluation
+from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, RunManifest, model_card, per_class_table
-from fmnist.registry.versions import MODEL, PromotionParams, Registry, RegistryError
+from fmnist.registry.versions import MODEL, Registry, RegistryError
 from fmnist.storage.layout import RunLayout
 from fmnist.training.fit import TrainResult
 
