@@ -37,6 +37,27 @@ def test_each_root_is_its_flag_else_its_variable_else_the_default(no_variables: 
     assert feedback_root(given) == "/d/feedback"
 
 
+def test_a_blank_variable_is_named_not_read_as_a_location(no_variables: pytest.MonkeyPatch, capsys) -> None:
+    no_variables.setenv("FMNIST_REGISTRY_ROOT", "  ")
+    assert cli.main(["versions"]) == 1
+    assert "FMNIST_REGISTRY_ROOT is blank: unset it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["webhook", "http://127.0.0.1:9/hook"], ["automations", "apply"], ["wait-for-api"], ["worker", "--pool", "p"]],
+    ids=lambda command: command[0],
+)
+def test_the_commands_that_talk_to_prefect_refuse_without_its_api(command: list[str], capsys) -> None:
+    """Without PREFECT_API_URL, Prefect uses a throwaway database of this machine's: the command would report
+    success (a webhook block, automations) and no server would ever see it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert cli.main(command) == 1
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
 def test_the_registry_command_reads_the_registry_the_variable_names(
     no_variables: pytest.MonkeyPatch, tmp_path: Path, capsys
 ) -> None:
@@ -72,11 +93,14 @@ def test_a_command_that_uses_no_registry_never_reads_the_registry_flag(monkeypat
     """main built a Registry for every command: a bad --registry stopped `automations apply` and the worker."""
     from types import SimpleNamespace
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from fmnist.ops import automations
 
     applied = SimpleNamespace(created=["notify"], updated=[], deleted=[], skipped=[])
     monkeypatch.setattr(automations, "apply", lambda *args: applied)
-    assert cli.main(["--registry", "ftp://nowhere/registry", "automations", "apply"]) == 0
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert cli.main(["--registry", "ftp://nowhere/registry", "automations", "apply"]) == 0
     assert capsys.readouterr().out == "created  notify\n"
     assert cli.main(["--registry", "ftp://nowhere/registry", "versions"]) == 1
     assert "'ftp://nowhere/registry': unsupported scheme 'ftp'" in capsys.readouterr().err

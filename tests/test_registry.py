@@ -406,9 +406,10 @@ def test_cli_promote_and_rollback_move_the_champion(registry: Registry, tmp_path
     register(registry, 0.86)
     root = ["--registry", registry.root, "--scratch", str(tmp_path / "scratch")]
     assert cli.main([*root, "promote", "v0001", "--reason", "v0002 misbehaves"]) == 0
-    assert "v0001 is now the champion" in capsys.readouterr().out and registry.champion() == "v0001"
+    assert f"v0001 is now the champion of {registry.root}" in capsys.readouterr().out and registry.champion() == "v0001"
     assert cli.main([*root, "rollback"]) == 0
-    assert "v0002 is the champion again (was v0001)" in capsys.readouterr().out and registry.champion() == "v0002"
+    assert f"v0002 is the champion of {registry.root} again (was v0001)" in capsys.readouterr().out
+    assert registry.champion() == "v0002"
     assert cli.main([*root, "promote", "v0002"]) == 1
     assert "v0002 is already the champion" in capsys.readouterr().err
     assert [(e["event"], e["version"], e["reason"]) for e in registry.promotions()][2:] == [

@@ -24,7 +24,22 @@ def cmd_prune_runs(args: argparse.Namespace) -> None:
     print(f"Deleted {len(deleted)} run folders from {runs}: {', '.join(deleted) or 'none'}")
 
 
+def prefect_api_url() -> str:
+    """The Prefect API these commands talk to. Without one, Prefect would use a throwaway database of this
+    machine's own: the command would report success, and no server would ever see what it did."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ValueError(
+            "PREFECT_API_URL is not set: point it at the Prefect server (make server starts one; the make targets "
+            "set it from PREFECT_PORT)"
+        )
+    return url
+
+
 def cmd_automations_apply(args: argparse.Namespace) -> None:
+    prefect_api_url()
     applied = automations.apply(args.file, args.heartbeat_s, args.start_window_s)
     for verb in ("created", "updated", "deleted"):
         for name in getattr(applied, verb):
@@ -37,6 +52,7 @@ def cmd_automations_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_webhook(args: argparse.Namespace) -> None:
+    prefect_api_url()
     block_id = automations.configure_webhook(args.url)
     print(
         f"Notifications go to the webhook block {automations.WEBHOOK_BLOCK!r} ({block_id}); run make deploy "
@@ -45,16 +61,13 @@ def cmd_webhook(args: argparse.Namespace) -> None:
 
 
 def cmd_wait_for_api(args: argparse.Namespace) -> None:
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if not url:
-        raise ValueError("PREFECT_API_URL is not set: start a server (make server) and point it there")
+    url = prefect_api_url()
     tries = wait_for_api(url, args.timeout_s, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"the Prefect API at {url} answers" + (f" (try {tries})" if tries > 1 else ""))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    prefect_api_url()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     raise SystemExit(run_worker(args.pool, extra, stop_within_s=args.stop_within_s))
 

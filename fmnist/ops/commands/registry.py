@@ -69,15 +69,16 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    registry_of(args).promote(args.version, args.reason)
-    print(f"{args.version} is now the champion")
+    registry = registry_of(args)
+    registry.promote(args.version, args.reason)
+    print(f"{args.version} is now the champion of {registry.root}")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     registry = registry_of(args)
     replaced = registry.champion()
     restored = registry.rollback(args.reason)
-    print(f"{restored} is the champion again (was {replaced})")
+    print(f"{restored} is the champion of {registry.root} again (was {replaced})")
 
 
 def cmd_promotions(args: argparse.Namespace) -> None:

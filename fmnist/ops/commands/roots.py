@@ -21,7 +21,12 @@ PROJECT_FILE = "prefect.yaml"  # how a command knows it runs in the project fold
 
 def given(args: argparse.Namespace, flag: str, variable: str) -> str | None:
     """A root as its flag, else its variable, gives it."""
-    return getattr(args, flag) or os.environ.get(variable) or None
+    if flagged := getattr(args, flag):
+        return flagged
+    value = os.environ.get(variable)
+    if value is not None and value and not value.strip():
+        raise ValueError(f"{variable} is blank: unset it, or set it to a folder or an s3://bucket/prefix URL")
+    return value or None
 
 
 def data_root(args: argparse.Namespace) -> str:

@@ -53,12 +53,13 @@ def cmd_label(args: argparse.Namespace) -> None:
         damage = labels.clear(args.label)
         if damage:
             print(f"{labels.file} was damaged; removed what could not be read: {'; '.join(damage)}")
-        print(f"label {args.label!r} removed: servers stop serving it within their poll interval")
+        print(f"label {args.label!r} removed from {labels.file}: servers stop serving it within their poll interval")
     elif args.version is None:
         raise RegistryError("name a version to label (fashion-mnist label canary v0007), or --clear")
     else:
         labels.set(args.label, args.version, args.reason)
-        print(f"{args.version} is {args.label!r}: servers load it (verified) within their poll interval")
+        where = f"{args.version} is {args.label!r} in {labels.file}"
+        print(f"{where}: servers load it (verified) within their poll interval")
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
