@@ -40,6 +40,24 @@ pytest_runtest_setup = pytest.hookimpl(wrapper=True)(watched_for_tensorflow)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(watched_for_tensorflow)
 
 
+PREFECT_WORKERS_DRAIN_S = 10  # how long a module's end waits for Prefect's event and log workers to send what they hold
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_workers_end_with_the_module() -> Iterator[None]:
+    """Prefect's event and log workers are one per process, and keep the server URL they were made with: a
+    module that ran flows against its own server (then stopped it) left them sending the next module's events
+    there, and that module's task runs were never recorded. Each module's end stops them (bounded), so the next
+    module's first event makes workers for its own server."""
+    yield
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        EventsWorker.drain_all(timeout=PREFECT_WORKERS_DRAIN_S)
+        APILogWorker.drain_all(timeout=PREFECT_WORKERS_DRAIN_S)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The e2e files first: they take the longest, mostly waiting, and with the files split between
     processes (make test) the others run beside them."""
