@@ -125,18 +125,19 @@ run: install data
 	$(PY) -m flows.run_once
 
 # Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist): the e2e
-# files spend most of their time waiting on servers, workers and triggers, so two overlap well on 2 cores.
+# files spend most of their time waiting on servers, workers and triggers, so three overlap well on 2 cores.
 # They go first (tests/conftest.py); xdist would otherwise hand out the files with the most tests first,
 # and the e2e files ran last, one after another. The slowest tests are listed at the end, to keep the
 # tier in its budget.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install data postgres edge
 	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL) --durations=15
 
-# An hour of training on the real 70,000 images: three seeds each of dnn, dnn-tuned and cnn.
-test-slow: install data postgres
+# An hour of training on the real 70,000 images (three seeds each of dnn, dnn-tuned and cnn), and the
+# end-to-end tests that wait minutes: a lost GPU host, the whole feedback loop, servers down for long.
+test-slow: install data postgres edge
 	$(PY) -m pytest -m slow
 
 # Tiers you can run alone: the readers, registry, storage and data stages without training or a

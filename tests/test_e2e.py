@@ -418,6 +418,7 @@ def add_batch_cli(stack: Stack, folder: Path, data_root: Path) -> subprocess.Com
     return stack.cli("--registry", str(registry), "add-batch", str(folder), "--data-root", str(data_root))
 
 
+@pytest.mark.slow  # two minutes of missed heartbeats, then a retrain: make test-slow (make test stays in its budget)
 def test_a_lost_gpu_host_is_detected_and_the_run_completes_by_itself(stack: Stack) -> None:
     """The GPU worker and its training process die together during epoch 2 (a reclaimed spot host); the
     heartbeat automation marks the training run Crashed, the retraining run starts it again, and a new

@@ -52,6 +52,7 @@ def shifted_bands(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.roll(images, 1, axis=1)
 
 
+@pytest.mark.slow  # two retrains, a server and a review (2.5 minutes): make test-slow; its parts are in make test
 def test_the_loop_from_served_images_to_a_retrained_champion_served(stack: Stack) -> None:
     """Issue 26's loop, with real processes: the champion served with capture on; requests, some of them
     of images it gets wrong; `review`; a person's moves to the true classes; `review --submit`; the
