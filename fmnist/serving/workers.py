@@ -68,12 +68,9 @@ class BodyParsers:
         """Start the workers and wait until each has imported what it parses with."""
         if not self.workers:
             return
-        self.pool = pool = self._new_pool()
-        # The first submits start the processes, and starting one (a fork of this big process, then its
-        # arguments written down a pipe that the starting child reads) holds the caller: off the event loop,
-        # or every client waits, past its deadlines on a busy machine, while a dead worker is replaced.
-        started = await asyncio.to_thread(lambda: [pool.submit(_ready) for _ in range(self.workers)])
-        await asyncio.gather(*(asyncio.wrap_future(future) for future in started))
+        self.pool = self._new_pool()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool, _ready) for _ in range(self.workers)))
 
     def ready(self) -> bool:
         """Whether a body can be parsed now (false while a broken pool is being replaced)."""
