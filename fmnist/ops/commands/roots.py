@@ -24,7 +24,7 @@ def given(args: argparse.Namespace, flag: str, variable: str) -> str | None:
     if flagged := getattr(args, flag):
         return flagged
     value = os.environ.get(variable)
-    if value is not None and value and not value.strip():
+    if value and not value.strip():
         raise ValueError(f"{variable} is blank: unset it, or set it to a folder or an s3://bucket/prefix URL")
     return value or None
 
