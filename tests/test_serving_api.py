@@ -7,6 +7,9 @@ and test_serving_kserve_rest."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -30,8 +33,11 @@ from fmnist.serving import grpc_api, tfserving
 from fmnist.serving.models import Served
 from fmnist.serving.payloads import MAX_INSTANCES
 from tests.helpers import synthetic_images
+from tests.processes import children, cmdline
 from tests.serving_helpers import (
+    PREDICT,
     RunningServer,
+    image_rows,
     keras_probabilities,
     labeled_canary,
     metric_samples,
@@ -251,3 +257,25 @@ def test_tritonclient_speaks_to_the_server_with_binary_tensors(server: RunningSe
         default = client.infer("fashion-mnist", [tensor])  # no outputs named: all of them, as binary
         assert default.get_response()["outputs"][0]["parameters"] == {"binary_data_size": expected.nbytes}
         assert np.abs(default.as_numpy("probabilities") - expected).max() <= 1e-6, datatype
+
+
+def test_a_killed_parse_worker_is_replaced_and_requests_go_on(server: RunningServer) -> None:
+    """At the server's default deadlines: the hostile tests' 1 s head deadline measures the machine's load
+    as much as the server when a new pool's processes start beside a loaded test run."""
+    workers = parse_workers(server)
+    assert workers, "no parse workers found"
+    os.kill(workers[0], signal.SIGKILL)
+    time.sleep(0.5)
+    big_body = json.dumps({"instances": [image_rows(1)] * 64}).encode()  # over 64 KB: parsed in a worker
+    answers = [httpx.post(f"{server.url}{PREDICT}", content=big_body, timeout=30) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]  # (once: a 500 for good)
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "never ready again after a parse worker died"
+        time.sleep(0.2)
+    replaced = parse_workers(server)
+    assert len(replaced) == len(workers) and workers[0] not in replaced
+
+
+def parse_workers(server: RunningServer) -> list[int]:
+    return [pid for pid in children(server.process.pid) if b"spawn_main" in cmdline(pid)]

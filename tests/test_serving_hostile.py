@@ -328,30 +328,6 @@ def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(serv
 # A helper that dies -----------------------------------------------------------------------------------------
 
 
-def big_body() -> bytes:
-    """A predict request big enough (over 64 KB) to be parsed in a worker process."""
-    return json.dumps({"instances": [image_rows(1)] * 64}).encode()
-
-
-def test_a_killed_parse_worker_is_replaced_and_requests_go_on(server: RunningServer) -> None:
-    workers = parse_workers(server)
-    assert workers, "no parse workers found"
-    os.kill(workers[0], signal.SIGKILL)
-    time.sleep(0.5)
-    answers = [httpx.post(f"{server.url}{PREDICT}", content=big_body(), timeout=30).status_code for _ in range(5)]
-    assert answers == [200] * 5  # (every request over 64 KB got a 500 for good)
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "never ready again after a parse worker died"
-        time.sleep(0.2)
-    replaced = parse_workers(server)
-    assert len(replaced) == len(workers) and workers[0] not in replaced
-
-
-def parse_workers(server: RunningServer) -> list[int]:
-    return [pid for pid in children(server.process.pid) if b"spawn_main" in cmdline(pid)]
-
-
 def test_a_server_killed_with_sigkill_leaves_no_workers_and_no_edge(registry: Registry, tmp_path: Path) -> None:
     with (
         pytest.raises(AssertionError, match="the server died"),  # (what the harness says of a killed server)
