@@ -11,17 +11,23 @@ once and never rewritten, under the registry:
 
 so the judge and the monitor read evidence without Prometheus or any particular server, several
 replicas' windows add up, and a restarted server (a new replica id) never writes a window twice.
+
+The reading side: `read_windows` (one version's windows in a time range; damaged files skipped and
+named, never raised), `sum_windows` (their counts added up) and `prune_evidence` (old windows deleted).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fmnist.data.dataset import NUM_CLASSES
+from fmnist.storage import Store, join
 
 FORMAT = 1
 CONFIDENCE_BINS = 100  # top-class confidence: equal bins over [0, 1] (the ATC threshold needs them fine)
@@ -31,6 +37,12 @@ LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 MAX_ERROR_REASONS = 32  # distinct error reasons kept per window; more are counted as "other"
 REPLICA = re.compile(r"[0-9a-f]{32}")
 REASON = re.compile(r"[a-z0-9_]{1,40}")
+VERSION = re.compile(r"v\d{4,}")
+# A window file's name, as `EvidenceWindow.file_name` writes it: its start, replica, label and source.
+WINDOW_NAME = re.compile(r"(\d{10,}_\d{6})-([0-9a-f]{32})-([a-z0-9][a-z0-9_-]{0,31})-(served|shadow)\.json")
+MAX_WINDOWS = 10_000  # window files read at once, the newest: a week of one replica's minute windows (about 50 MB)
+MAX_WINDOW_BYTES = 64 << 10  # a window's JSON is about 3 KB; a bigger file is not one
+MODEL_FAILED = "model_failed"  # the reason of a failed model call: the version's fault (the others are refusals)
 
 Source = Literal["served", "shadow"]
 
@@ -102,3 +114,159 @@ class EvidenceWindow(BaseModel):
     def file_name(self) -> str:
         stamp = f"{self.start:017.6f}".replace(".", "_")
         return f"{stamp}-{self.replica}-{self.label}-{self.source}.json"
+
+    @classmethod
+    def named(cls, name: str) -> tuple[float, str, str, str] | None:
+        """The start, replica, label and source a window file's `name` claims; None for no window's name."""
+        matched = WINDOW_NAME.fullmatch(name)
+        if not matched:
+            return None
+        stamp, replica, label, source = matched.groups()
+        return float(stamp.replace("_", ".")), replica, label, source
+
+
+def evidence_root(registry_root: str) -> str:
+    """Where the servers write their windows: `evidence/` beside the registry's versions."""
+    return join(registry_root, "evidence")
+
+
+def window_location(registry_root: str, window: EvidenceWindow) -> str:
+    return join(evidence_root(registry_root), window.version, window.file_name())
+
+
+@dataclass(frozen=True)
+class WindowsRead:
+    """What `read_windows` found: the valid windows (oldest first), and what it did not take."""
+
+    windows: list[EvidenceWindow]
+    skipped: list[str] = field(default_factory=list)  # "location: problem", each file that is not a valid window
+    left_out: int = 0  # windows in range beyond MAX_WINDOWS, the oldest, not read
+
+
+def read_windows(
+    store: Store, registry_root: str, version: str, since: float, until: float | None = None
+) -> WindowsRead:
+    """The windows of `version` that start in [since, until) (until: None, no end), oldest first.
+
+    The folder holds what any replica wrote, so every file is untrusted: one that is not a valid window
+    (a name that is not a window's, too big, not JSON, wrong fields, content that does not match its name,
+    or no file: a folder, or one pruned since the listing) is skipped and named in `skipped`. At most
+    MAX_WINDOWS files are read, the newest; how many older ones were left is `left_out`. A store that
+    cannot be listed or read raises (StorageError): no evidence is not the same as evidence unread."""
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise ValueError(f"{version!r} is not a registry version (v0001, ...)")
+    if not math.isfinite(since) or (until is not None and not math.isfinite(until)):
+        raise ValueError(f"the range [{since}, {until}) is not one of finite times")
+    folder = join(evidence_root(registry_root), version)
+    chosen, skipped = [], []
+    for name in store.listdir(folder):
+        claimed = EvidenceWindow.named(name)
+        if claimed is None:
+            skipped.append(f"{join(folder, name)}: not a window's name (<start>-<replica>-<label>-<source>.json)")
+        elif since <= claimed[0] and (until is None or claimed[0] < until):
+            chosen.append((claimed[0], name))
+    chosen.sort()
+    left_out = max(len(chosen) - MAX_WINDOWS, 0)
+    windows = []
+    for _, name in chosen[left_out:]:
+        location = join(folder, name)
+        window, problem = _read_window(store, location, version, name)
+        if window is None:
+            skipped.append(f"{location}: {problem}")
+        else:
+            windows.append(window)
+    return WindowsRead(windows, skipped, left_out)
+
+
+def _read_window(store: Store, location: str, version: str, name: str) -> tuple[EvidenceWindow | None, str]:
+    data = b""
+    try:
+        for chunk in store.iter_chunks(location):
+            data += chunk
+            if len(data) > MAX_WINDOW_BYTES:
+                return None, f"over {MAX_WINDOW_BYTES:,} bytes: not a window"
+    except FileNotFoundError as exc:  # pruned since the listing, or a folder with a window's name
+        return None, f"not a file to read ({exc})"
+    try:
+        window = EvidenceWindow.model_validate_json(data)
+    except ValidationError as exc:
+        return None, f"not a valid window ({exc.error_count()} problems; first: {exc.errors()[0]['msg'][:200]})"
+    if window.version != version or window.file_name() != name:
+        return None, f"holds {window.version}'s window {window.file_name()}, not what its name says"
+    return window, ""
+
+
+@dataclass
+class EvidenceTotals:
+    """Windows' counts added up (`sum_windows`): what every replica saw of a version, over [start, end)."""
+
+    windows: int = 0
+    requests: int = 0
+    images: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latency_ms: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+    predicted: list[int] = field(default_factory=lambda: [0] * NUM_CLASSES)
+    confidence: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
+    probabilities: list[list[int]] = field(default_factory=lambda: [[0] * PROBABILITY_BINS for _ in range(NUM_CLASSES)])
+    pairs: dict[str, list[list[int]]] = field(default_factory=dict)  # by the stable version paired with
+    start: float | None = None  # the first window's start
+    end: float | None = None  # the last window's end
+    replicas: set[str] = field(default_factory=set)
+
+    @property
+    def model_failures(self) -> int:
+        """Requests whose model call failed (the version's fault; the other errors are refused requests)."""
+        return self.errors.get(MODEL_FAILED, 0)
+
+
+def sum_windows(windows: list[EvidenceWindow]) -> EvidenceTotals:
+    """Every count of `windows` added up; the pairs per stable version they were paired with."""
+    totals = EvidenceTotals()
+    for window in windows:
+        totals.windows += 1
+        totals.requests += window.requests
+        totals.images += window.images
+        for reason, count in window.errors.items():
+            totals.errors[reason] = totals.errors.get(reason, 0) + count
+        _add(totals.latency_ms, window.latency_ms)
+        _add(totals.predicted, window.predicted)
+        _add(totals.confidence, window.confidence)
+        for into, row in zip(totals.probabilities, window.probabilities, strict=True):
+            _add(into, row)
+        if window.pairs is not None:
+            pairs = totals.pairs.setdefault(window.paired_with, [[0] * NUM_CLASSES for _ in range(NUM_CLASSES)])
+            for into, row in zip(pairs, window.pairs, strict=True):
+                _add(into, row)
+        totals.start = window.start if totals.start is None else min(totals.start, window.start)
+        totals.end = window.end if totals.end is None else max(totals.end, window.end)
+        totals.replicas.add(window.replica)
+    return totals
+
+
+def _add(into: list[int], counts: list[int]) -> None:
+    for index, count in enumerate(counts):
+        into[index] += count
+
+
+def prune_evidence(store: Store, registry_root: str, older_than_s: float, now: float | None = None) -> int:
+    """Delete the windows that started more than `older_than_s` ago, and files in the evidence folders that
+    are no window and last changed that long ago; how many files were deleted. Version folders stay (a
+    server may be writing into one)."""
+    if not (math.isfinite(older_than_s) and older_than_s > 0):
+        raise ValueError(f"older_than_s must be a positive number of seconds, not {older_than_s!r}")
+    cutoff = (time.time() if now is None else now) - older_than_s
+    root, deleted = evidence_root(registry_root), 0
+    for version in store.listdir(root):
+        folder = join(root, version)
+        for name in store.listdir(folder):
+            location = join(folder, name)
+            claimed = EvidenceWindow.named(name)
+            if claimed is not None:
+                old = claimed[0] < cutoff
+            else:
+                changed = store.last_modified(location)
+                old = changed is not None and changed.timestamp() < cutoff
+            if old:
+                store.delete(location)
+                deleted += 1
+    return deleted
