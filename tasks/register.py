@@ -39,9 +39,13 @@ def prior_run_task(
         return None
     get_run_logger().info(prior.message)
     create_markdown_artifact(key="retrain-report", markdown=f"# {prior.message}\n\nFingerprint `{run_fingerprint}`.")
-    if prior.promoted:
+    if prior.promoted or prior.canary:
         events.emit(
-            events.MODEL_PROMOTED, storage.registry, prior.message, version=prior.version, champion=prior.champion
+            events.MODEL_PROMOTED if prior.promoted else events.ROLLOUT_STARTED,
+            storage.registry,
+            prior.message,
+            version=prior.version,
+            champion=prior.champion,
         )
     return prior
 
@@ -78,14 +82,19 @@ def register_task(
         markdown=run_report(registration, manifest),
         description="Data, metrics, the promotion decision and where the version lives",
     )
+    what = {
+        "promoted": ("promoted to champion", events.MODEL_PROMOTED),
+        "canary": ("made the canary (its rollout started; the rollout judge decides)", events.ROLLOUT_STARTED),
+        "kept back": ("registered but kept back", events.MODEL_KEPT_BACK),
+    }
+    outcome, event = what[registration.outcome]
     summary = (
-        f"{registration.version} (test accuracy {evaluation.test_accuracy:.4f}) "
-        f"{'promoted to champion' if registration.promoted else 'registered but kept back'}: "
+        f"{registration.version} (test accuracy {evaluation.test_accuracy:.4f}) {outcome}: "
         f"{registration.decision.reason}; champion is {registration.champion or 'none'}"
     )
     get_run_logger().info("Registered %s", summary)
     events.emit(
-        events.MODEL_PROMOTED if registration.promoted else events.MODEL_KEPT_BACK,
+        event,
         storage.registry,
         summary,
         version=registration.version,

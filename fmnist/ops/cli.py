@@ -7,6 +7,8 @@ fashion-mnist rollback                 make the previous champion the champion a
 fashion-mnist promotions               every champion change, in order (the audit log)
 fashion-mnist repair-champion          rewrite a damaged champion.json from the audit log
 fashion-mnist repair-log               restore lost audit-log entries from what the registry holds
+fashion-mnist rollout status           the canary rollout in progress, and the recent decisions
+fashion-mnist rollout promote|abort    decide the canary rollout by hand: make it champion, or roll it back
 fashion-mnist predict shoe.png ...     classify 28x28 grayscale PNGs with the champion
 fashion-mnist serve [--port 8501]      serve the champion (and labeled versions) over TF Serving's REST
                                        and gRPC (8500) APIs, with metrics; follows promotions and labels
@@ -32,7 +34,7 @@ import sys
 
 from fmnist.data.png import ImageFileError
 from fmnist.ops.api import ApiUnreachable
-from fmnist.ops.commands import data, operations, registry, serving
+from fmnist.ops.commands import data, operations, registry, rollout, serving
 from fmnist.ops.commands.roots import DEFAULT_REGISTRY
 from fmnist.registry.versions import RegistryError
 from fmnist.storage import StorageError
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
         "--scratch", default=None, help="local folder for verified copies of s3:// files (default: ~/.cache/...)"
     )
     commands = main.add_subparsers(dest="command", required=True)
-    for group in (registry, serving, data, operations):  # in this order in the help
+    for group in (registry, rollout, serving, data, operations):  # in this order in the help
         group.add_commands(commands)
     return main
 

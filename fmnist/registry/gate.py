@@ -7,6 +7,8 @@ version is registered and again whenever the champion moved under a registration
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from fmnist.registry.manifest import Decision, VersionManifest
@@ -25,6 +27,11 @@ class PromotionParams(BaseModel):
         description="How far below the champion, and below the best champion before it, a new version may be",
     )
     force: bool = Field(False, description="Promote whatever the metrics say (an operator's decision)")
+    rollout: Literal["immediate", "canary"] = Field(
+        "immediate",
+        description="What passing does while a champion exists: immediate (it becomes champion) or canary (it is "
+        "served as the canary, and the rollout judge promotes it on live evidence or rolls it back)",
+    )
 
 
 def decide(

@@ -26,6 +26,7 @@ from fmnist.registry.versions import CHAMPION_MOVE_ATTEMPTS, SHA256, VERSION, Re
 from fmnist.storage import PreconditionFailed, join
 
 STABLE = "stable"  # the champion's label
+CANARY = "canary"  # the label a canary rollout serves its candidate under (`fmnist.registry.rollout`)
 LABEL = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # canary, shadow-2, ...: what a URL path segment can carry
 MAX_LABELS = 8  # besides stable: each labeled version is a model the server holds in memory
 
@@ -115,6 +116,20 @@ class Labels:
 
         self._move(change, damaged_ok=True)
         return removed
+
+    def release(self, name: str, version: str) -> bool:
+        """Remove label `name` if it still names `version` (a decided canary); False if it names another
+        version or none: a label moved on since is someone else's to clear."""
+
+        def change(labels: dict[str, dict]) -> dict[str, dict]:
+            if labels.get(name, {}).get("version") != version:
+                return labels  # moved on between the read below and this write
+            return {k: v for k, v in labels.items() if k != name}
+
+        if self.records().get(name, {}).get("version") != version:
+            return False
+        self._move(change)
+        return True
 
     def _move(self, change, *, damaged_ok: bool = False) -> None:
         """Compare-and-swap labels.json to `change(labels)` (with `damaged_ok`, `change(labels, problems)`:

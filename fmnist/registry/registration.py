@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, RunManifest, model_card, per_class_table
-from fmnist.registry.versions import MODEL, Registry, RegistryError
+from fmnist.registry.rollout import Rollouts
+from fmnist.registry.versions import MODEL, Registered, Registry, RegistryError
 from fmnist.storage.layout import RunLayout
 from fmnist.training.fit import TrainResult
 
@@ -20,6 +21,12 @@ class Registration:
     decision: Decision  # the gate's verdict that counted
     promoted: bool  # whether it became champion
     champion: str | None  # after this registration
+    canary: bool = False  # whether it passed under the canary policy and its rollout started
+
+    @property
+    def outcome(self) -> str:
+        """What happened, in words: promoted, canary or kept back."""
+        return "promoted" if self.promoted else "canary" if self.canary else "kept back"
 
 
 def register_model(
@@ -42,14 +49,22 @@ def register_model(
         **{f"{name}.png": png for name, png in evaluation.plots.items()},
         **evaluation.saved_model,
     }
-    registered = registry.register(files, manifest, promotion, model_card=model_card)
+    registered = _start_canary(registry, registry.register(files, manifest, promotion, model_card=model_card))
     return Registration(
         version=registered.version,
         version_dir=registry.version_dir(registered.version),
         decision=registered.decision,
         promoted=registered.promoted,
         champion=registered.champion,
+        canary=registered.canary,
     )
+
+
+def _start_canary(registry: Registry, registered: Registered) -> Registered:
+    """Start the canary rollout of a version the canary policy held back from promotion."""
+    if registered.canary:
+        Rollouts(registry).start(registered.version, registered.decision)
+    return registered
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class PriorRun:
     champion: str | None  # after this check (which may have promoted `version`)
     promoted: bool  # whether this check made `version` champion
     message: str
+    canary: bool = False  # whether this check started `version`'s canary rollout
 
 
 def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionParams) -> PriorRun | None:
@@ -67,8 +83,9 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
 
     A version kept back stays kept back (training it again would only reroll the dice against the
     gate); one that was champion and was replaced (a rollback) is not put back behind the operator's
-    back; one that passed the gate but never became champion (its run stopped before the pointer
-    moved) is gated again against today's champion and promoted if it passes.
+    back, nor one rolled back (or superseded) in its canary; one being rolled out is left to its judge;
+    one that passed the gate but never became champion (its run stopped before the pointer moved) is gated
+    again against today's champion and promoted if it passes (or, under the canary policy, made the canary).
     """
     champion = registry.champion()
     manifest = registry.prior_version(run_fingerprint)
@@ -90,6 +107,15 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
             f"{version} {same} and was kept back ({gate.reason}). Nothing retrained; "
             "set force_retrain to train it again.",
         )
+    rollouts = Rollouts(registry)
+    if ended := rollouts.ended_without_promotion(version):
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same} and was {ended}. Nothing retrained; `fashion-mnist promote {version}` puts it "
+            "in service by hand, force_retrain trains it again.",
+        )
     if version in registry.ever_champion():
         return PriorRun(
             version,
@@ -98,8 +124,16 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
             f"{version} {same}; it was champion and was replaced (champion now: {champion}). Nothing retrained; "
             f"`fashion-mnist promote {version}` puts it back in service.",
         )
-    registered = registry.promote_registered(version, promotion)
-    outcome = "promoted it" if registered.promoted else "kept it back"
+    if (active := rollouts.active()) is not None and active.version == version:
+        return PriorRun(
+            version,
+            champion,
+            False,
+            f"{version} {same} and is the canary of the rollout in progress (started {active.started_at}): "
+            "the rollout judge decides it. Nothing retrained.",
+        )
+    registered = _start_canary(registry, registry.promote_registered(version, promotion))
+    outcome = "promoted it" if registered.promoted else "made it the canary" if registered.canary else "kept it back"
     return PriorRun(
         version,
         registered.champion,
@@ -107,6 +141,7 @@ def prior_run(registry: Registry, run_fingerprint: str, promotion: PromotionPara
         f"{version} {same} and passed the gate, but never became champion (its run stopped first, or another "
         f"version won); gated again against {champion or 'no champion'}: {registered.decision.reason}; "
         f"{outcome}. Nothing retrained.",
+        canary=registered.canary,
     )
 
 
@@ -121,7 +156,11 @@ def run_report(registration: Registration, manifest: RunManifest) -> str:
         if champion
         else f"| test accuracy | {decision.candidate_accuracy:.4f} | (no champion yet) |"
     )
-    outcome = "promoted to champion" if registration.promoted else "registered, not promoted"
+    outcome = {
+        "promoted": "promoted to champion",
+        "canary": "registered as the canary (its rollout has started)",
+        "kept back": "registered, not promoted",
+    }[registration.outcome]
     batches = f"{len(incoming)} incoming batch{'' if len(incoming) == 1 else 'es'}"
     # One line each: the Prefect UI renders a line break inside a paragraph as a break.
     losses = (

@@ -68,13 +68,16 @@ class Registered:
     decision: Decision  # the gate at registration, or against a champion promoted meanwhile
     promoted: bool  # whether this version became champion
     champion: str | None
+    canary: bool = False  # passed under the canary policy: to be served as the canary (`rollout.Rollouts.start`)
 
 
 class _Declined(Exception):
-    """A champion move that its writer no longer wants, having seen the pointer move under it."""
+    """A champion move that its writer no longer wants, having seen the pointer move under it (`canary`: the
+    candidate still passes, but now that there is a champion the canary policy holds it back as a canary)."""
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, *, canary: bool = False) -> None:
         self.decision = decision
+        self.canary = canary
 
 
 def version_number(version: str) -> int:
@@ -289,7 +292,15 @@ class Registry:
     def promote_registered(self, version: str, gate: PromotionParams) -> Registered:
         """Gate again a version that passed but never became champion (its run stopped before the
         champion moved, or another version won the race), against today's champion; promote it if it passes
-        (never by force: that was the first run's decision to make)."""
+        (never by force: that was the first run's decision to make). A version whose canary rollout ended
+        without promoting it is refused: only the operator puts it in service."""
+        from fmnist.registry.rollout import Rollouts  # it builds on this module
+
+        if ended := Rollouts(self).ended_without_promotion(version):
+            raise RegistryError(
+                f"{version} was {ended}; the gate does not promote it again: `fashion-mnist promote {version}` "
+                "does, by hand"
+            )
         if damaged := self.damaged_files(version):
             raise RegistryError(f"{version} is damaged ({', '.join(damaged)}); not promoting it")
         record = self.manifest(version)
@@ -315,10 +326,12 @@ class Registry:
     ) -> Registered:
         if not decision.passed:
             return Registered(version, decision, False, decision.champion_version)
+        if _held_as_canary(gate, decision.champion_version):
+            return Registered(version, decision, False, decision.champion_version, canary=True)
         try:
             self._move_champion(lambda current: self._promotion(current, version, record, decision, gate))
         except _Declined as declined:
-            return Registered(version, declined.decision, False, self.champion())
+            return Registered(version, declined.decision, False, self.champion(), canary=declined.canary)
         return Registered(version, decision, True, version)
 
     def _promotion(
@@ -329,8 +342,8 @@ class Registry:
         if in_service != decision.champion_version and not gate.force:
             # Another version was promoted since the gate ran: the candidate must beat that one.
             decision = self._gate(record, current, gate)
-            if not decision.passed:
-                raise _Declined(decision)
+            if not decision.passed or _held_as_canary(gate, in_service):
+                raise _Declined(decision, canary=decision.passed)
         return _next_record(current, version, decision.reason, "promote", record.files[MODEL])
 
     # --- the champion -----------------------------------------------------------------------------
@@ -789,6 +802,13 @@ class Registry:
                 f"{promoted}: its files were replaced; promote a version that verifies"
             )
         return model
+
+
+def _held_as_canary(gate: PromotionParams, champion: str | None) -> bool:
+    """Whether a version that passed `gate` becomes the canary rather than champion: under the canary policy,
+    once there is a champion to compare it with on live traffic (the first version is promoted), and unless
+    the operator forced the promotion."""
+    return gate.rollout == "canary" and champion is not None and not gate.force
 
 
 def _pointer(record: Any, *, log: bool = False) -> dict:
