@@ -26,7 +26,7 @@ from fmnist.data.cache import SCALED, normalize
 from fmnist.data.dataset import IMAGE_SIZE, NUM_CLASSES
 from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry
-from fmnist.serving.models import ModelCall
+from fmnist.serving.models import ModelCall, ModelLoader
 from fmnist.serving.options import ServeOptions
 from fmnist.serving.server import create_app
 from fmnist.storage import Store, StoredFile
@@ -49,10 +49,11 @@ def two_version_registry(root: Path) -> Registry:
     return registry
 
 
-def write_stub_registry(root: Path) -> Registry:
+def write_stub_registry(root: Path, registry: Registry | None = None) -> Registry:
     """`two_version_registry`'s registry of stub models: each `model.keras` holds a linear layer's
-    weights (a .npy file) that `load_stub_model` serves, verified as the registry records it."""
-    registry = Registry(Store(), str(root / "artifacts"))
+    weights (a .npy file) that `load_stub_model` serves, verified as the registry records it. In
+    `registry` (empty; anywhere, a bucket too), else in `root`/artifacts; the models are made in `root`."""
+    registry = registry or Registry(Store(), str(root / "artifacts"))
     for seed, accuracy in ((1, 0.9), (2, 0.85)):
         model = root / f"stub-{seed}" / "model.keras"
         model.parent.mkdir(parents=True)
@@ -85,12 +86,12 @@ def stub_probabilities(registry: Registry, version: str, images: np.ndarray) -> 
 
 
 @contextmanager
-def app_client(registry: Registry, **options) -> Iterator[TestClient]:
+def app_client(registry: Registry, load: ModelLoader | None = None, **options) -> Iterator[TestClient]:
     """The application on `registry`'s stub models, in this process (its lifespan running: it follows
     the registry), through Starlette's test client; once it serves its champion. REST only, and the
     bodies parsed on the event loop (the worker processes, gRPC and sockets are the real-process tests')."""
     settings = ServeOptions(grpc_port=None, parse_workers=0, poll_s=POLL_S, **options)
-    with TestClient(create_app(registry, settings, load=load_stub_model)) as client:
+    with TestClient(create_app(registry, settings, load=load or load_stub_model)) as client:
         deadline = time.monotonic() + 30
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, client.get("/readyz").text
@@ -115,8 +116,13 @@ def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
     value by its name and its labels (sorted)."""
     page = client.get("/monitoring/prometheus/metrics")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    return parsed_samples(page.text)
+
+
+def parsed_samples(page: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus metrics page's samples, each value by its name and its labels (sorted)."""
     samples = {}
-    for family in text_string_to_metric_families(page.text):
+    for family in text_string_to_metric_families(page):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples

@@ -68,6 +68,12 @@ class NotFound(ServingError):
     code, reason = "NOT_FOUND", "not_found"
 
 
+class ModelFailed(ServingError):
+    """The model call raised (500): the version's own failure, counted against it in the evidence."""
+
+    code, reason = "INTERNAL", "model_failed"  # fmnist.evaluation.evidence.MODEL_FAILED (this module stays light)
+
+
 class NotReady(ServingError):
     """No verified model is loaded for the request yet (503)."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 
 import grpc
 import numpy as np
@@ -108,17 +107,16 @@ class GrpcDoor:
     def method(self, api: str, parse, answer, response_type) -> grpc.RpcMethodHandler:
         """A method handler: the raw request `parse`d (off the loop when big), then `answer`ed, counted as `api`."""
 
+        async def respond(requests, context):
+            with self.budget.claim(client_of(context)) as claim:
+                return await answer(await self.parsers.run(parse, await self.message(requests, claim)))
+
         async def handle(requests, context):
-            started = time.perf_counter()
-            try:
-                with self.budget.claim(client_of(context)) as claim:
-                    response = await answer(await self.parsers.run(parse, await self.message(requests, claim)))
+            try:  # counted as REST counts it (`PredictionCore.counted`: the metrics, and the evidence)
+                return await self.core.counted(api, "GRPC", lambda: respond(requests, context))
             except ServingError as exc:
                 self.core.metrics.refusals.labels(exc.reason).inc()
-                self.core.metrics.answered(exc.code, api, "GRPC", time.perf_counter() - started)
                 await context.abort(grpc.StatusCode[exc.code], str(exc))
-            self.core.metrics.answered("OK", api, "GRPC", time.perf_counter() - started)
-            return response
 
         return grpc.stream_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
 

@@ -10,7 +10,7 @@ TF Serving's own names where it has one, with its labels and units (microseconds
 
 and this server's own, under `fashion_mnist_`: the version each label serves, model loads and
 switches, refusals by reason, predicted classes and top-class confidence by label, the shadow
-comparison's agreement, and the bytes of request bodies held in memory.
+comparison's agreement, the bytes of request bodies held in memory, and the evidence windows dropped.
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ class ServingMetrics:
         self.feedback_dropped = Counter(
             "fashion_mnist_feedback_dropped",
             "Images chosen for capture but not kept: queue_full, folder_full, write_failed.",
+            ("reason",),
+            **self._r,
+        )
+        self.evidence_dropped = Counter(
+            "fashion_mnist_evidence_dropped",
+            "Evidence windows not written (serve --evidence-window-s): write_failed (the store failed for too long), "
+            "stopped (not written as the server stopped), conflict, too_many_keys.",
             ("reason",),
             **self._r,
         )

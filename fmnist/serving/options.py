@@ -13,6 +13,7 @@ IDLE_S = 60.0  # a gRPC connection with no call open is closed after this
 CONNECTION_AGE_S = 600.0  # a gRPC connection is asked to go away after this (its calls get BODY_S to finish)
 MAX_BODY_BYTES_IN_FLIGHT = 256 << 20  # all requests' bodies held at once
 CAPTURE_FLUSH_S = 60.0  # a partial file of captured records is written once its oldest has waited this long
+EVIDENCE_WINDOW_S = 60  # seconds of live evidence per window file (fmnist.serving.evidence)
 
 # Field markers the flag generator reads (json_schema_extra): a field set another way than by its own flag,
 # and an optional port that a `--no-...` flag turns off.
@@ -77,6 +78,13 @@ class ServeOptions(BaseModel):
         le=3600,
         description="longest a captured image waits for a file's worth before a smaller file is written "
         f"(default: {CAPTURE_FLUSH_S:g} s)",
+    )
+    evidence_window_s: int = Field(
+        EVIDENCE_WINDOW_S,
+        ge=0,
+        le=3600,
+        description="seconds of live evidence (counts per version) per file written under <registry>/evidence "
+        f"for the rollout judge and the monitor; 0: none (default: {EVIDENCE_WINDOW_S} s)",
     )
     access_log: bool = Field(False, description="log every request")
     # <data root>/feedback, where captured records go: from --data-root, as every command's data root.

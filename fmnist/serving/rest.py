@@ -5,7 +5,6 @@ metrics, and the route that claims an API's paths as its handlers read them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -48,15 +47,9 @@ class ServingState:
         return STABLE in self.models.by_label and self.parsers.ready()
 
     async def answered(self, api: str, answer: Callable[[], Awaitable[Response]]) -> Response:
-        """`answer()`'s response, counted in TF Serving's request metrics by its canonical code."""
-        started = time.perf_counter()
-        try:
-            response = await answer()
-        except ServingError as exc:
-            self.metrics.answered(exc.code, api, "REST", time.perf_counter() - started)
-            raise
-        self.metrics.answered("OK", api, "REST", time.perf_counter() - started)
-        return response
+        """`answer()`'s response, counted in TF Serving's request metrics by its canonical code (and, for a
+        prediction, in the evidence of the version it reached: `PredictionCore.counted`)."""
+        return await self.core.counted(api, "REST", answer)
 
     async def body_of(self, request: Request, limit: int, claim: Claim) -> bytes:
         return await read_body(request.receive, request.headers, limit, claim, self.options.body_timeout_s)

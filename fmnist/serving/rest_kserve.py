@@ -51,7 +51,7 @@ async def api(request: Request) -> Response:
 
 async def infer(request: Request, number: int | None, claim: Claim) -> Response:
     serving = serving_of(request)
-    serving.models.resolve(number)
+    serving.core.resolve(number, None)
     # The request's headers are checked before its body is read: a lie about the body is refused unread.
     json_length = kserve.declared_json_length(request.headers.getlist(kserve.JSON_LENGTH_HEADER))
     if request.headers.get("content-encoding", "identity") != "identity":

@@ -59,7 +59,7 @@ async def post(request: Request, name: str, version: str | None, label: str | No
 async def predict(request: Request, name: str, version: str | None, label: str | None, claim: Claim) -> Response:
     serving = serving_of(request)
     number, label = tfserving.requested(name, version, label)
-    serving.models.resolve(number, label)  # an unknown model, version or label is refused before its body is read
+    serving.core.resolve(number, label)  # an unknown model, version or label is refused before its body is read
     body = await serving.body_of(request, MAX_JSON_BYTES, claim)
     parsed = await serving.parsers.run(parse_predict, body)
     answer = await serving.core.predict(parsed.images, number, label)
@@ -71,7 +71,7 @@ async def predict(request: Request, name: str, version: str | None, label: str |
 async def classify_png(request: Request, name: str, version: str | None, label: str | None, claim: Claim) -> Response:
     serving = serving_of(request)
     number, label = tfserving.requested(name, version, label)
-    serving.models.resolve(number, label)
+    serving.core.resolve(number, label)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("send the PNG files as multipart/form-data (curl -F image=@shoe.png ...)")

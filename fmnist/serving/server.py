@@ -28,6 +28,7 @@ from fmnist.registry.versions import Registry
 from fmnist.serving import rest_kserve, rest_ops, rest_tfserving
 from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.edge import Edge, EdgePlan, behind_edge
+from fmnist.serving.evidence import EvidenceRecorder, EvidenceWriter
 from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, MESSAGES, descriptor_files
 from fmnist.serving.guard import BodyBudget, ConcurrencyLimit, guarded_protocol
 from fmnist.serving.log_limits import RepeatLimiter, limit_repeats, nginx_kind
@@ -67,7 +68,8 @@ def serving_state(registry: Registry, options: ServeOptions, load: ModelLoader) 
             options.feedback_root, options.capture_rate, options.capture_below, options.capture_flush_s
         )
         capture = Capture(registry.store, settings, metrics)
-    core = PredictionCore(models, metrics, options.shadow_share, capture)
+    evidence = EvidenceRecorder(metrics) if options.evidence_window_s else None
+    core = PredictionCore(models, metrics, options.shadow_share, capture, evidence)
     budget = BodyBudget(options.max_body_bytes_in_flight, MAX_MESSAGE_BYTES, metrics.body_bytes.set)
     if options.grpc_port is not None:
         from fmnist.serving import grpc_api  # noqa: F401 (registers the gRPC messages the parsers are told of)
@@ -77,10 +79,18 @@ def serving_state(registry: Registry, options: ServeOptions, load: ModelLoader) 
 
 @asynccontextmanager
 async def lifespan(app: Starlette):
-    """Following the registry, capturing, the body parsers, gRPC and the edge: started, and stopped after."""
+    """Following the registry, capturing, writing evidence, the body parsers, gRPC and the edge: started, and
+    stopped after."""
     serving, edge, options = app.state.serving, app.state.edge, app.state.serving.options
     following = asyncio.create_task(serving.models.follow())
     capturing = asyncio.create_task(serving.capture.run()) if serving.capture else None
+    recording = None
+    if serving.core.evidence:
+        registry = serving.models.registry
+        writer = EvidenceWriter(
+            serving.core.evidence, registry.store, registry.root, options.evidence_window_s, serving.metrics
+        )
+        recording = asyncio.create_task(writer.run())
     await serving.parsers.start()
     grpc, checks = None, None
     if options.grpc_port is not None:
@@ -106,9 +116,11 @@ async def lifespan(app: Starlette):
         checking.cancel()
         await grpc.stop(grace=2)
     following.cancel()
-    if capturing:  # what is queued is written before the process ends
-        capturing.cancel()
-        await asyncio.gather(capturing, return_exceptions=True)
+    # What is queued, and the evidence's partial window, are written before the process ends (bounded).
+    stopping = [task for task in (capturing, recording) if task]
+    for task in stopping:
+        task.cancel()
+    await asyncio.gather(*stopping, return_exceptions=True)
     serving.parsers.close()
 
 
