@@ -23,6 +23,7 @@ from fmnist.evaluation.evaluate import (
 from fmnist.evaluation.report import evaluation_markdown
 from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, VersionManifest, build_manifest, model_card
+from fmnist.registry.predictions import read_test_predictions
 from fmnist.registry.registration import register_model
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, StoredFile
@@ -88,6 +89,33 @@ def test_evaluation_writes_metrics_and_plots(trained, tmp_path: Path) -> None:
     markdown = evaluation_markdown(evaluation, result, run.store)
     assert markdown.count("](data:image/png;base64,") == 3
     assert f"| test accuracy | {evaluation.test_accuracy:.4f} |" in markdown
+
+
+def test_the_judge_gets_a_calibration_and_each_test_images_class_through_registration(trained, tmp_path: Path) -> None:
+    cached, result = trained
+    run = local_run(tmp_path / "run")
+    evaluation = evaluate_model(result, cached, run)
+    predictions = np.load(run.store.local_copy(evaluation.test_predictions), allow_pickle=False)
+    assert predictions.dtype == np.uint8 and predictions.shape == (cached.test.rows,)
+    predicted_per_class = np.array(evaluation.confusion_matrix).sum(axis=0).tolist()
+    assert np.bincount(predictions, minlength=10).tolist() == predicted_per_class
+    calibration = evaluation.calibration
+    assert calibration.images == cached.test.rows and calibration.reference_predicted == predicted_per_class
+    assert calibration.precision == pytest.approx([row["precision"] for row in evaluation.per_class])
+
+    unknown = VerifiedFile("none", "0" * 64, "test")
+    manifest = build_manifest(
+        raw=RawDataset(unknown, unknown, unknown, unknown),
+        cached=cached,
+        params=TrainParams(epochs=2, seed=3),
+        trained=result,
+        evaluation=evaluation,
+        flow_run_id=None,
+    )
+    registry = Registry(run.store, str(tmp_path / "registry"))
+    version = register_model(registry, result, evaluation, manifest, PromotionParams(min_accuracy=0.5)).version
+    assert registry.manifest(version).calibration == calibration
+    np.testing.assert_array_equal(read_test_predictions(registry, version), predictions)
 
 
 def test_probabilities_in_chunks_are_keras_predict_for_every_image(trained) -> None:

@@ -1,8 +1,10 @@
 """Evaluate stage: the trained model on the fixed test set (and the training set, for the gap), with
-per-class metrics, the confusion matrix and plots, published in the run folder."""
+per-class metrics, the confusion matrix and plots, published in the run folder; and what the rollout's
+judge and the drift monitor need of the test set (the label-free estimates' calibration, each image's class)."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,8 +14,9 @@ import numpy as np
 from fmnist.data.cache import CachedDataset, CachedPart, iter_part, pixels_of, read_part, verified_path
 from fmnist.data.dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fmnist.evaluation import plots
+from fmnist.evaluation.estimates import Calibration, fit_calibration
 from fmnist.storage import Store, StoredFile
-from fmnist.storage.files import atomic_write_text
+from fmnist.storage.files import atomic_write_bytes, atomic_write_text
 from fmnist.storage.layout import RunLayout
 from fmnist.training.export import SERVING_VERSION, check_export, export_saved_model, files_of
 from fmnist.training.fit import TrainResult
@@ -21,6 +24,8 @@ from fmnist.training.model import load_verified_model
 from fmnist.training.run_folder import RunFolder
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import keras
 
 PLOTS = ("learning_curves", "confusion_matrix", "sample_predictions")
@@ -43,6 +48,10 @@ class Evaluation:
     metrics: StoredFile  # metrics.json in the run folder
     plots: dict[str, StoredFile]  # each plot's PNG in the run folder
     saved_model: dict[str, StoredFile]  # the checked SavedModel's files, by their name in the run folder
+    # For the rollout's judge and the drift monitor (None only where an evaluation is made by hand): the
+    # label-free estimates' calibration on the test set, and each test image's predicted class.
+    calibration: Calibration | None = None
+    test_predictions: StoredFile | None = None  # evaluation/test_predictions.npy, uint8
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -143,13 +152,23 @@ def evaluate_model(trained: TrainResult, cached: CachedDataset, run: RunFolder) 
         "confusion_matrix": matrix.tolist(),
     }
     atomic_write_text(out_dir / RunLayout.METRICS, json.dumps(metrics, indent=1))
+    write_test_predictions(predicted, out_dir / RunLayout.TEST_PREDICTIONS)
     return Evaluation(
         **metrics,
         model_sha256=trained.model.sha256,
         metrics=run.publish(RunLayout.EVALUATION, RunLayout.METRICS),
         plots={name: run.publish(RunLayout.EVALUATION, f"{name}.png") for name in PLOTS},
         saved_model=saved_model,
+        calibration=fit_calibration(probabilities, test_labels),
+        test_predictions=run.publish(RunLayout.EVALUATION, RunLayout.TEST_PREDICTIONS),
     )
+
+
+def write_test_predictions(predicted: np.ndarray, path: Path) -> None:
+    """Each test image's predicted class as a uint8 .npy file, written whole or not at all."""
+    buffer = io.BytesIO()
+    np.save(buffer, predicted.astype(np.uint8), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def export_checked(

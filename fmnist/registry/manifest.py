@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fmnist.data.dataset import CLASS_NAMES
+from fmnist.evaluation.estimates import Calibration
 from fmnist.storage import UnsafeName, name_parts
 from fmnist.storage.files import sha256_text
 from fmnist.training import lineage
@@ -170,6 +171,9 @@ class RunManifest(_Record):
     training: TrainingRecord
     metrics: Metrics
     per_class: list[ClassMetrics]
+    calibration: Calibration | None = Field(
+        None, description="fitted on the test set for the label-free estimates; None: registered before they were"
+    )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -310,4 +314,5 @@ def build_manifest(
         ),
         metrics=Metrics(**{k: getattr(evaluation, k) for k in Metrics.model_fields}),
         per_class=[ClassMetrics.model_validate(c) for c in evaluation.per_class],
+        calibration=evaluation.calibration,
     )

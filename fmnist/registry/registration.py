@@ -49,6 +49,8 @@ def register_model(
         **{f"{name}.png": png for name, png in evaluation.plots.items()},
         **evaluation.saved_model,
     }
+    if evaluation.test_predictions:  # the judge's expected agreement between this version and another
+        files[RunLayout.TEST_PREDICTIONS] = evaluation.test_predictions
     registered = _start_canary(registry, registry.register(files, manifest, promotion, model_card=model_card))
     return Registration(
         version=registered.version,

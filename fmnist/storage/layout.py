@@ -177,7 +177,7 @@ class RunLayout:
         model.keras             the trained model
         train_result.json       what training hands back to the retraining flow (which may run elsewhere)
         tensorboard/            TensorBoard logs
-        evaluation/             metrics.json and the plots
+        evaluation/             metrics.json, the plots and test_predictions.npy (each test image's class)
         saved_model/1/          the TensorFlow SavedModel (fmnist.training.export), checked against the Keras model
         backup/                 Keras BackupAndRestore state while training runs
     """
@@ -189,6 +189,9 @@ class RunLayout:
     TENSORBOARD: ClassVar[str] = "tensorboard"
     EVALUATION: ClassVar[str] = "evaluation"
     METRICS: ClassVar[str] = "metrics.json"  # in evaluation/
+    # In evaluation/, and registered under this name: the argmax class of each test image (uint8, in the test
+    # set's order), so that the rollout's judge can compute how often any two versions agree.
+    TEST_PREDICTIONS: ClassVar[str] = "test_predictions.npy"
     SAVED_MODEL: ClassVar[str] = "saved_model"
     BACKUP: ClassVar[str] = "backup"
 
