@@ -63,6 +63,8 @@ LIMITS = [
     ("fmnist.serving.capture", "MAX_QUEUED", "Captured records waiting to be written (more are dropped)", "records"),
     ("fmnist.serving.capture", "MAX_RECORDS", "Captured records kept (then capture pauses until a review)", "records"),
     ("fmnist.serving.capture", "MAX_FILES", "Captured record files kept (then capture pauses until a review)", "files"),
+    ("fmnist.serving.evidence", "MAX_HELD_WINDOWS", "Evidence windows held while the store fails", "windows"),
+    ("fmnist.evaluation.evidence", "MAX_WINDOWS", "Evidence windows read at once (the newest)", "windows"),
     ("fmnist.ops.review", "MAX_REVIEW", "Images in one review folder", "images"),
     ("fmnist.registry.labels", "MAX_LABELS", "Labels besides stable (each a model in memory)", "labels"),
     ("fmnist.ops.events", "MAX_MESSAGE_CHARS", "An event's message", "characters"),
