@@ -108,7 +108,7 @@ def test_atc_and_cbpe_are_near_the_true_accuracy(mix: np.ndarray, atc_error: flo
 
 def test_a_model_confidently_wrong_on_two_swapped_classes_is_seen_only_by_the_class_mix() -> None:
     """40% of classes 8 and 9 answered as the other, confidently; the traffic then turns rich in them.
-    ATC says about 0.93 and CBPE 0.85 (the confidence did not move) when the truth is 0.69; the class-mix
+    ATC says about 0.94 and CBPE 0.85 (the confidence did not move) when the truth is 0.69; the class-mix
     estimate reads the held-out precision of 8 and 9 (about 0.6) and says about 0.67."""
     calibration, rng = fitted(3, swapped=0.4)
     labels = labels_of(RICH_IN_SWAPPED, 20_000, rng)
