@@ -172,7 +172,7 @@ def read_windows(
     left_out = max(len(chosen) - MAX_WINDOWS, 0)
     names = [name for _, name in chosen[left_out:]]
     windows = []
-    # Several reads at once: a bucket answers each small GET in milliseconds, one after another in minutes.
+    # Several reads at once: a remote bucket's small GETs wait on the network (tens of ms each), not the CPU.
     with ThreadPoolExecutor(READERS) as pool:
         for name, (window, problem) in zip(
             names, pool.map(lambda name: _read_window(store, join(folder, name), version, name), names), strict=True
