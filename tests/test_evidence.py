@@ -18,6 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from fmnist.data.dataset import NUM_CLASSES
+from fmnist.evaluation import evidence
 from fmnist.evaluation.evidence import (
     MAX_WINDOW_BYTES,
     MODEL_FAILED,
@@ -280,6 +281,24 @@ def test_damaged_window_files_are_skipped_and_named(root: str, store: Store) -> 
     assert len(store.listdir(folder)) == len(damaged) + 1 - 3
     assert prune_evidence(store, root, older_than_s=1, now=time.time() + 10) == len(damaged) + 1 - 3
     assert store.listdir(folder) == []
+
+
+def test_a_read_is_bounded_to_the_newest_windows_and_names_a_bounded_number_of_bad_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evidence, "MAX_WINDOWS", 3)
+    monkeypatch.setattr(evidence, "MAX_SKIPPED_NAMED", 2)
+    store, root, ticks = Store(), str(tmp_path / "registry"), iter(range(1_000, 2_000))
+    recorder = EvidenceRecorder(clock=lambda: float(next(ticks)))
+    for _ in range(5):
+        window_counts(recorder, "v0001", 1, 1)
+        (window,) = recorder.swap()
+        store.create(window_location(root, window), window.model_dump_json().encode())
+    for index in range(4):
+        store.create(join(evidence_root(root), "v0001", f"junk-{index}"), b"{}")
+    read = read_windows(store, root, "v0001", 0)
+    assert [w.start for w in read.windows] == [1_002.0, 1_003.0, 1_004.0] and read.left_out == 2
+    assert len(read.skipped) == 3 and read.skipped[-1].endswith("2 more files that are no windows")
 
 
 def metric_samples_of(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:
