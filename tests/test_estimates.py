@@ -230,6 +230,19 @@ def test_drift_tests_detect_a_real_shift() -> None:
         class_mix_shift(calibration.reference_predicted, [1] * 10, 1.5)
 
 
+def test_drift_tests_take_counts_beyond_what_numpy_draws_without_replacement() -> None:
+    """Months of windows summed, or a damaged count: a billion images and more are judged, not a numpy error."""
+    calibration, rng = fitted(9)
+    months = np.array(calibration.reference_predicted) * 10**6
+    same = class_mix_shift(calibration.reference_predicted, months, ALPHA)
+    assert not same.drifted and same.p_values[0] > 0.5
+    assert class_mix_shift(
+        calibration.reference_predicted, months + np.eye(10, dtype=np.int64)[8] * 10**9, ALPHA
+    ).drifted
+    huge = np.array(calibration.reference_probabilities) * 10**6
+    assert not softmax_shift(huge, window_counts(rng)[0], ALPHA).drifted
+
+
 def test_a_calibration_with_a_bad_field_is_refused_naming_it() -> None:
     good = fitted(8)[0].model_dump()
     assert Calibration.model_validate(good) == Calibration.model_validate_json(fitted(8)[0].model_dump_json())

@@ -31,6 +31,7 @@ MIN_BIN_IMAGES = 30  # held-out images a confidence bin's accuracy is read from;
 POOL_RADIUS = 5  # bins each side a sparse bin pools with (0.05 of confidence at CONFIDENCE_BINS = 100)
 MIN_EXPECTED = 5  # Cochran's rule: the live count a chi-squared cell is expected to hold, at least
 RESAMPLES = 2000  # Monte Carlo draws behind a drift test's p-value: its smallest is 1 / 2001
+HYPERGEOMETRIC_LIMIT = 10**9  # images in a table numpy draws without replacement from, at most
 RESAMPLING_SEED = 0  # fixed: the same window always gets the same verdict
 ROW_SUM_TOLERANCE = 1e-3  # how far a row of probabilities may sum from 1 (float32 softmax)
 
@@ -277,15 +278,16 @@ def _checked_table(counts: object, what: str) -> np.ndarray:
 def _homogeneity(reference: np.ndarray, live: np.ndarray, order: np.ndarray) -> tuple[float, float]:
     """Chi-squared statistic of homogeneity of `reference` and `live` (counts over the same cells), and its
     p-value by Monte Carlo, conditional on the table's margins (as R's `chisq.test(simulate.p.value = TRUE)`):
-    RESAMPLES live rows are drawn from the column totals without replacement (what H0 makes of them) and
+    RESAMPLES rows are drawn from the column totals without replacement (what H0 makes of them) and
     p = (1 + draws at least as extreme) / (1 + RESAMPLES), a valid p-value whatever the counts.
 
     The asymptotic chi-squared p-value is not: the reference (10,000 held-out images) dwarfs a live window of a
-    few hundred, most cells expect under one live image, and at the Bonferroni level (0.005) its tail is too
-    light: 0.0074 of undrifted windows fell below 0.005 in a simulation of 1,500 windows of 1,000 images, even
-    with cells pooled to Cochran's five. Cells are still pooled, in `order`, until each group expects
-    MIN_EXPECTED live images by the reference's shares (a group of near-empty cells only adds noise to the
-    statistic); the grouping depends on the reference and the window's size only, never on what the window holds.
+    few hundred, most cells expect under one live image, and at the Bonferroni level (0.005) the chi-squared
+    distribution's tail is too light for the statistic: 0.0074 of undrifted windows fell below 0.005 in a
+    simulation of 1,500 windows of 1,000 images, even with cells pooled to Cochran's five. Cells are still
+    pooled, in `order`, until each group expects MIN_EXPECTED live images by the reference's shares (a group
+    of near-empty cells only adds noise to the statistic); the grouping depends on the reference and the
+    window's size only, never on what the window holds.
     """
     live_total, reference_total = int(live.sum()), int(reference.sum())
     if live_total == 0 or reference_total == 0:
@@ -296,10 +298,21 @@ def _homogeneity(reference: np.ndarray, live: np.ndarray, order: np.ndarray) -> 
     if columns.shape[1] < 2:
         return 0.0, 1.0
     totals = columns.sum(axis=0)
-    drawn = np.random.default_rng(RESAMPLING_SEED).multivariate_hypergeometric(totals, live_total, size=RESAMPLES)
-    statistic = _chi_squared(columns[1], totals, live_total)
-    extreme = int((_chi_squared(drawn, totals, live_total) >= statistic * (1 - 1e-12)).sum())
+    # The statistic is the same whichever row it is computed from: draw the smaller one.
+    row = columns[int(live_total < reference_total)]
+    drawn = _draws(totals, int(row.sum()), np.random.default_rng(RESAMPLING_SEED))
+    statistic = _chi_squared(row, totals, int(row.sum()))
+    extreme = int((_chi_squared(drawn, totals, int(row.sum())) >= statistic * (1 - 1e-12)).sum())
     return float(statistic), (1 + extreme) / (1 + RESAMPLES)
+
+
+def _draws(totals: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """RESAMPLES rows of `size` images drawn from the column totals without replacement; with replacement
+    where numpy cannot (a table of HYPERGEOMETRIC_LIMIT images or more: months of windows summed, or a
+    damaged count), which only widens the draws (by the share drawn, at most half): fewer false alarms."""
+    if totals.sum() < HYPERGEOMETRIC_LIMIT:
+        return rng.multivariate_hypergeometric(totals, size, size=RESAMPLES)
+    return rng.multinomial(size, totals / totals.sum(), size=RESAMPLES)
 
 
 def _groups(expected_live: np.ndarray) -> np.ndarray:
@@ -317,8 +330,9 @@ def _groups(expected_live: np.ndarray) -> np.ndarray:
 
 
 def _chi_squared(live_rows: np.ndarray, totals: np.ndarray, live_total: int) -> np.ndarray:
-    """Pearson's statistic of the 2 x cells tables whose live row is `live_rows` (one per last-axis row) and
-    whose column totals are `totals`: the reference row is the rest."""
+    """Pearson's statistic of the 2 x cells tables whose one row is `live_rows` (one table per last-axis row),
+    of `live_total` images, and whose column totals are `totals`: the other row is the rest."""
+    totals = totals.astype(np.float64)  # products of counts overflow int64 beyond a few billion images
     grand = totals.sum()
     expected_live = totals * live_total / grand
     expected_reference = totals * (grand - live_total) / grand
