@@ -130,23 +130,28 @@ def race(registry: Registry, tmp_path: Path, canary: str) -> dict[str, str]:
     return outcomes
 
 
-def test_an_interrupted_promote_finishes_on_the_second_call(rollout: Rollouts, monkeypatch) -> None:
+def crash(version: str, reason: str) -> None:
+    """`Registry.promote` of a host that dies after the decision is written, before the champion moves."""
+    raise KeyboardInterrupt("the judge's host died after deciding")
+
+
+def test_an_interrupted_promote_finishes_on_the_second_call(rollout: Rollouts, monkeypatch, capsys) -> None:
     registry = rollout.registry
-
-    def crash(version: str, reason: str) -> None:
-        raise KeyboardInterrupt("the judge's host died after deciding")
-
-    monkeypatch.setattr(registry, "promote", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "promote", crash)
         rollout.promote("v0002", "every check passed", {"canary_images": 2500})
-    monkeypatch.undo()
     assert rollout.record("v0002").outcome == "promoted"  # decided, not yet acted on
     assert registry.champion() == "v0001" and canary_label(registry) == "v0002"
     with pytest.raises(RegistryError, match="already decided promoted"):
         rollout.roll_back("v0002", "an operator, after the crash", {})  # decided: never flips
 
-    rollout.promote("v0002", "every check passed", {"canary_images": 2500})
-    assert registry.champion() == "v0002" and canary_label(registry) is None
+    assert rollout.unfinished().version == "v0002"  # what the judge finishes before judging
+    assert cli.main(["--registry", registry.root, "rollout", "status"]) == 0
+    shown = capsys.readouterr().out
+    assert "v0002 decided promoted but not carried out" in shown and "`fashion-mnist rollout promote v0002`" in shown
+    assert rollout.finish_decided().outcome == "promoted"
+    assert registry.champion() == "v0002" and canary_label(registry) is None and rollout.unfinished() is None
+    assert rollout.finish_decided() is None
     log = registry.promotions()
     rollout.promote("v0002", "run a third time", {})  # done: nothing more happens
     assert registry.promotions() == log and [e["version"] for e in log] == ["v0001", "v0002"]
@@ -154,13 +159,25 @@ def test_an_interrupted_promote_finishes_on_the_second_call(rollout: Rollouts, m
 
 def test_a_promotion_the_champion_moved_past_is_not_forced_through(rollout: Rollouts, monkeypatch) -> None:
     registry = rollout.registry
-    monkeypatch.setattr(registry, "promote", lambda version, reason: None)  # decided, then the host died
-    rollout.promote("v0002", "every check passed", {})
-    monkeypatch.undo()
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "promote", crash)
+        rollout.promote("v0002", "every check passed", {})
     register(registry, 0.90, gate=GATE)  # an ad-hoc run promotes v0003 meanwhile
     with pytest.raises(RegistryError, match=r"champion has moved since .v0003 now.*fashion-mnist promote v0002"):
         rollout.promote("v0002", "every check passed", {})
-    assert registry.champion() == "v0003"
+    assert registry.champion() == "v0003" and canary_label(registry) == "v0002"
+    with pytest.raises(RegistryError, match="champion has moved since"):
+        rollout.finish_decided()  # the judge's run: says so, and stops serving a canary it cannot promote
+    assert registry.champion() == "v0003" and canary_label(registry) is None and rollout.finish_decided() is None
+
+
+def test_a_canary_whose_files_are_damaged_is_refused_before_any_decision(rollout: Rollouts) -> None:
+    registry = rollout.registry
+    registry.store.write_bytes(join(registry.version_dir("v0002"), "model.keras"), b"replaced")
+    with pytest.raises(RegistryError, match=r"refusing to promote canary v0002: v0002 is damaged \(model.keras\)"):
+        rollout.promote("v0002", "every check passed", {})
+    assert rollout.record("v0002").outcome is None  # undecided: it can still be rolled back
+    assert rollout.roll_back("v0002", "damaged\nfiles", {}).reason == "damaged files"  # one line
 
 
 def test_a_rolled_back_version_is_kept_back_by_the_gate(registry: Registry) -> None:

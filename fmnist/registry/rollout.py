@@ -144,11 +144,16 @@ class Rollouts:
         """Decide `version`'s rollout `promoted` and make it champion (through `Registry.promote`, the
         evidence summary in its audit log entry); then release the canary label. Running it again finishes
         an interrupted promotion; a rollout decided otherwise is refused."""
+        if self._decided(version) is None:
+            try:  # before deciding: a decision that cannot be carried out would never flip
+                self.registry._vouched_model(version)
+            except RegistryError as exc:
+                raise RegistryError(f"refusing to promote canary {version}: {exc}") from exc
         decided = self._decide(version, "promoted", reason, evidence)
         if not self._promoted_since(version, decided["champion_sequence"]):
             summary = json.dumps(decided["evidence"], separators=(",", ":"), sort_keys=True)
             if len(summary) > AUDIT_EVIDENCE_CHARS:
-                summary = summary[: AUDIT_EVIDENCE_CHARS - 5] + " ...)"
+                summary = summary[: AUDIT_EVIDENCE_CHARS - 4] + " ..."
             try:
                 self.registry.promote(
                     version,
@@ -167,6 +172,29 @@ class Rollouts:
         self._decide(version, "rolled_back", reason, evidence)
         Labels(self.registry).release(CANARY, version)
         return self.record(version)
+
+    def unfinished(self) -> RolloutRecord | None:
+        """A rollout a crash left decided but not carried out: its version is still labeled canary (a
+        promotion not made, or a label not released). None if there is none."""
+        version = Labels(self.registry).records().get(CANARY, {}).get("version")
+        if version is None or self._decided(version) is None:
+            return None
+        return self.record(version)
+
+    def finish_decided(self) -> RolloutRecord | None:
+        """Carry out the `unfinished` rollout's decision, and return it; None if there is none. The judge runs
+        it before judging (`active` no longer names a decided rollout). A promotion that can no longer be
+        made (the champion moved on since, the canary's files are damaged) releases the label and raises."""
+        if (record := self.unfinished()) is None:
+            return None
+        if record.outcome == "promoted":
+            try:
+                return self.promote(record.version, record.reason, record.evidence)
+            except RegistryError:
+                Labels(self.registry).release(CANARY, record.version)  # no longer served as a canary
+                raise
+        Labels(self.registry).release(CANARY, record.version)
+        return self.record(record.version)
 
     def _decide(self, version: str, outcome: Outcome, reason: str, evidence: dict) -> dict:
         """The active rollout `version` decided `outcome`, or its decision already written if that is
@@ -189,12 +217,13 @@ class Rollouts:
         """Write `version`'s decision create-only, unless one is there; return the one that stands."""
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
             raise RegistryError(f"a rollout decision needs a reason of 1 to {MAX_REASON_CHARS} characters")
+        reason = " ".join(reason.split())  # one line: the audit log and `rollout status` show it as one
         if not isinstance(evidence, dict):
             raise RegistryError("a rollout decision's evidence is a JSON object (the judge's summary)")
         try:
             evidence_json = json.dumps(evidence, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"a rollout decision's evidence is not plain JSON ({exc})") from None
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise RegistryError(f"a rollout decision's evidence is not plain JSON ({exc!r:.200})") from None
         if len(evidence_json) > MAX_EVIDENCE_BYTES:
             raise RegistryError(
                 f"a rollout decision's evidence is {len(evidence_json)} bytes of JSON; at most {MAX_EVIDENCE_BYTES}"

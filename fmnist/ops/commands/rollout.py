@@ -19,7 +19,15 @@ def cmd_status(args: argparse.Namespace) -> None:
     rollouts = Rollouts(registry)
     active = rollouts.active()
     print(f"Champion of {registry.root}: {registry.champion() or 'none'}")
-    if active is None:
+    if (unfinished := rollouts.unfinished()) is not None:
+        finish = {"promoted": "rollout promote", "rolled_back": "rollout abort"}.get(unfinished.outcome)
+        finish = f"{finish} {unfinished.version}" if finish else "label canary --clear"
+        print(
+            f"Rollout of {unfinished.version} decided {_outcome(unfinished, None)} but not carried out (its host "
+            f"stopped?): `fashion-mnist {finish}` finishes it "
+            "(the judge does, on its next run)"
+        )
+    elif active is None:
         print("No rollout in progress")
     else:
         print(
