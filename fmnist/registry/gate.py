@@ -2,7 +2,9 @@
 
 An absolute floor on test accuracy, then not worse than the champion (nor than the best champion before it)
 by more than a tolerance, on the same test set; or forced by the operator. `Registry` applies it when a
-version is registered and again whenever the champion moved under a registration.
+version is registered and again whenever the champion moved under a registration. Under the canary policy
+(`rollout`), passing while a champion exists makes the version the canary, not champion
+(`fmnist.registry.rollout`).
 """
 
 from __future__ import annotations
