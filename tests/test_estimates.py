@@ -178,7 +178,7 @@ def test_wilson_known_values_and_refusals() -> None:
     assert wilson_interval(0, 10, z) == pytest.approx((0.0, z * z / (10 + z * z)))  # 0.2775
     assert wilson_interval(10, 10, z) == pytest.approx((10 / (10 + z * z), 1.0))
     assert wilson_interval(0, 0, z) == (0.0, 1.0)
-    for successes, n, bad_z in ((11, 10, z), (-1, 10, z), (1, 10, 0.0), (1, 10, float("nan"))):
+    for successes, n, bad_z in ((11, 10, z), (-1, 10, z), (1, 10, 0.0), (1, 10, float("nan")), (2.5, 10, z)):
         with pytest.raises(ValueError, match="a Wilson interval needs"):
             wilson_interval(successes, n, bad_z)
 
@@ -251,6 +251,7 @@ def test_a_calibration_with_a_bad_field_is_refused_naming_it() -> None:
         "bin_accuracy": [0.5] * 99,
         "precision": [True] * 10,
         "images": 0,
+        "reference_predicted": [10**30] * 10,
         "added": 1,
     }
     for field, value in bad.items():

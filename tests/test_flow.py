@@ -30,6 +30,7 @@ from fmnist.data.dataset import CLASS_NAMES
 from fmnist.data.validation import DriftError
 from fmnist.ops import cli
 from fmnist.registry.gate import PromotionParams
+from fmnist.registry.predictions import read_test_predictions
 from fmnist.registry.retention import RetentionParams
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
@@ -182,6 +183,9 @@ def test_first_run_registers_a_champion_and_a_rerun_retrains_nothing(learnable_m
     assert {"model.keras", "model_card.md", "metrics.json", "history.json", "confusion_matrix.png"} <= set(
         version.files
     )
+    # What the rollout's judge reads of it: the calibration, and each test image's class.
+    assert version.calibration is not None and version.calibration.images == version.data.test_rows
+    assert len(read_test_predictions(registry, "v0001")) == version.data.test_rows
     assert version.data.train_rows_by_source == {"canonical": 500}  # the mirror's spec: 50 images a class
     card = (Path(registry.version_dir("v0001")) / "model_card.md").read_text()
     weakest = min(version.per_class, key=lambda c: c.f1)

@@ -33,10 +33,11 @@ MIN_EXPECTED = 5  # Cochran's rule: the live count a chi-squared cell is expecte
 RESAMPLES = 2000  # Monte Carlo draws behind a drift test's p-value: its smallest is 1 / 2001
 HYPERGEOMETRIC_LIMIT = 10**9  # images in a table numpy draws without replacement from, at most
 RESAMPLING_SEED = 0  # fixed: the same window always gets the same verdict
+MAX_HELD_OUT = 10**8  # held-out images a Calibration may claim: a count beyond is damage, not a test set
 ROW_SUM_TOLERANCE = 1e-3  # how far a row of probabilities may sum from 1 (float32 softmax)
 
 Share = Annotated[StrictFloat, Field(ge=0, le=1)]
-Count = Annotated[StrictInt, Field(ge=0)]
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_HELD_OUT)]
 Histogram = Annotated[list[Count], Field(min_length=PROBABILITY_BINS, max_length=PROBABILITY_BINS)]
 
 
@@ -45,7 +46,7 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    images: StrictInt = Field(ge=1, description="held-out images it was fitted on")
+    images: StrictInt = Field(ge=1, le=MAX_HELD_OUT, description="held-out images it was fitted on")
     atc_threshold: Share = Field(description="top-class confidence above which the held-out accuracy's share lies")
     bin_accuracy: list[Share] = Field(
         min_length=CONFIDENCE_BINS, max_length=CONFIDENCE_BINS, description="held-out accuracy per confidence bin"
@@ -220,7 +221,8 @@ def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
     """Wilson's score interval for a proportion: `successes` of `n`, `z` standard errors each side.
     It stays inside [0, 1] and keeps its coverage at small n and at proportions near 0 or 1, where
     the normal approximation does neither; n = 0 says nothing: (0, 1)."""
-    if not (0 <= successes <= n) or not (math.isfinite(z) and z > 0):
+    integers = all(isinstance(k, int | np.integer) and not isinstance(k, bool) for k in (successes, n))
+    if not (integers and 0 <= successes <= n) or not (math.isfinite(z) and z > 0):
         raise ValueError(f"a Wilson interval needs 0 <= successes <= n and z > 0; got {successes}, {n}, {z}")
     if n == 0:
         return 0.0, 1.0
@@ -258,7 +260,9 @@ def class_mix_shift(reference_counts: object, live_counts: object, alpha: float)
     reference = _checked_counts(reference_counts, NUM_CLASSES, "reference predicted-class counts")
     live = np.asarray(live_counts)
     if live.shape != (NUM_CLASSES,) or live.dtype.kind not in "iu" or (live < 0).any():
-        raise ValueError(f"live predicted-class counts are {NUM_CLASSES} non-negative integers; got {live.shape}")
+        raise ValueError(
+            f"live predicted-class counts are {NUM_CLASSES} non-negative integers; got {live.dtype} {live.shape}"
+        )
     # Classes have no order: the rarest ones (in the reference) are the ones pooled together.
     return _verdict([_homogeneity(reference, live.astype(np.int64), np.argsort(reference, kind="stable"))], alpha)
 
@@ -271,7 +275,9 @@ def _check_alpha(alpha: float) -> None:
 def _checked_table(counts: object, what: str) -> np.ndarray:
     table = np.asarray(counts)
     if table.shape != (NUM_CLASSES, PROBABILITY_BINS) or table.dtype.kind not in "iu" or (table < 0).any():
-        raise ValueError(f"{what} are {NUM_CLASSES} x {PROBABILITY_BINS} non-negative integers; got {table.shape}")
+        raise ValueError(
+            f"{what} are {NUM_CLASSES} x {PROBABILITY_BINS} non-negative integers; got {table.dtype} {table.shape}"
+        )
     return table.astype(np.int64)
 
 
