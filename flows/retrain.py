@@ -27,6 +27,7 @@ class RetrainOutcome:
     version: str | None = None  # registered by this run; None when the champion was current
     version_dir: str | None = None
     promoted: bool = False
+    canary: bool = False  # made the canary (the canary policy): the rollout judge decides it
     test_accuracy: float | None = None
     run_dir: str | None = None
 
@@ -98,6 +99,7 @@ def retrain(
         version=registration.version,
         version_dir=registration.version_dir,
         promoted=registration.promoted,
+        canary=registration.canary,
         test_accuracy=evaluation.test_accuracy,
         run_dir=run.location,
     )

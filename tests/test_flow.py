@@ -32,6 +32,7 @@ from fmnist.ops import cli
 from fmnist.registry.gate import PromotionParams
 from fmnist.registry.predictions import read_test_predictions
 from fmnist.registry.retention import RetentionParams
+from fmnist.registry.rollout import Rollouts
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.storage.files import sha256_file
@@ -401,3 +402,22 @@ def test_a_png_batch_joins_the_training_data(learnable_mirror, tmp_path: Path) -
     assert data.train_rows_by_source == {"canonical": 500, "photos": 6}
     [row] = json.loads(artifacts_of(state.state_details.flow_run_id)["incoming-batches"])
     assert (row["batch"], row["kind"], row["rows"], row["status"]) == ("photos", "png", 6, "used")
+
+
+def test_the_canary_policy_makes_a_passing_version_the_canary(learnable_mirror, tmp_path: Path) -> None:
+    """The nightly deployments' policy, through the flow: the first version is promoted, the next one that
+    passes is served as the canary and left to the judge, and a rerun retrains nothing."""
+    canary = PromotionParams(min_accuracy=0.5, tolerance=1.0, rollout="canary")
+    first = retrain(params_for(learnable_mirror, promotion=canary), local_storage(tmp_path), return_state=True)
+    assert (first.result().version, first.result().promoted) == ("v0001", True)
+    second = retrain(
+        params_for(learnable_mirror, promotion=canary, force_retrain=True), local_storage(tmp_path), return_state=True
+    )
+    outcome = second.result()
+    assert (outcome.version, outcome.promoted, outcome.canary, outcome.champion) == ("v0002", False, True, "v0001")
+    report = artifacts_of(second.state_details.flow_run_id)["retrain-report"]
+    assert "# v0002 registered as the canary (its rollout has started)" in report
+    registry = Registry(Store(), str(tmp_path / "artifacts"))
+    assert Rollouts(registry).active().version == "v0002" and registry.champion() == "v0001"
+    again = retrain(params_for(learnable_mirror, promotion=canary), local_storage(tmp_path), return_state=True)
+    assert again.result().version is None and registry.versions() == ["v0001", "v0002"]
