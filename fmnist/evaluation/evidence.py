@@ -31,6 +31,7 @@ from fmnist.data.dataset import NUM_CLASSES
 from fmnist.storage import Store, join
 
 FORMAT = 1
+MAX_WINDOW_S = 3600  # the longest window a server writes: a window ending in a range started at most this before
 CONFIDENCE_BINS = 100  # top-class confidence: equal bins over [0, 1] (the ATC threshold needs them fine)
 PROBABILITY_BINS = 20  # each class's probability: equal bins over [0, 1] (the drift tests' histograms)
 # Upper bounds of the latency bins, in milliseconds; the last bin is everything above the last bound.

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fmnist.evaluation.evidence import MAX_WINDOW_S
+
 MAX_CONNECTIONS = 256  # requests and connections at once; more get a 503
 HEADER_S = 5.0  # from a connection's first byte (or its opening) to its request's complete head
 BODY_S = 30.0  # from the head to the body's last byte: 16 MiB at 4.5 Mbit/s
@@ -82,7 +84,7 @@ class ServeOptions(BaseModel):
     evidence_window_s: int = Field(
         EVIDENCE_WINDOW_S,
         ge=0,
-        le=3600,
+        le=MAX_WINDOW_S,
         description="seconds of live evidence (counts per version) per file written under <registry>/evidence "
         f"for the rollout judge and the monitor; 0: none (default: {EVIDENCE_WINDOW_S} s)",
     )

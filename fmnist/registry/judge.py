@@ -1,0 +1,303 @@
+"""The rollout judge: does a canary earn the champion's traffic on live evidence, or is it rolled back?
+
+One rule, applied to everything the servers wrote since the rollout started (`fmnist.evaluation.evidence`):
+each check below is `pass`, `fail`, `wait` (not enough evidence yet) or `unavailable` (nothing to judge
+it by: no shadow traffic, a version registered before calibrations were kept).
+
+- shadow agreement: on stable's requests copied to the canary, how often the two agree, against what
+  the test set predicts for that pair under the live class mix (`expected_agreement`); fails when even
+  the upper confidence bound is more than `agreement_margin` below the expectation, passes when the lower
+  bound is within it. A canary that disagrees far more on live traffic than on the test set is caught.
+- estimated accuracy, for both versions on the traffic each met, three ways: under the live class mix
+  (held-out precision per predicted class), ATC and CBPE (calibrated confidence); fails when the canary's
+  is more than `estimate_margin` below stable's by any of them.
+- service objectives: the canary's error rate (its lower confidence bound above `max_error_rate` fails)
+  and its p99 latency (above `max_p99_ms` fails).
+
+Decision: a failed check rolls the canary back. With at least `min_samples` images answered by the
+canary (served or shadowed) and every available check passed, it is promoted. Otherwise the judge waits,
+until `max_duration_s` after the start, when it decides on what it has: promoted if no check failed and
+the canary met any traffic at all, rolled back if it met none.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from fmnist.evaluation import estimates
+from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, MAX_WINDOW_S, EvidenceTotals, read_windows, sum_windows
+from fmnist.registry.labels import STABLE
+from fmnist.registry.predictions import paired_test_predictions
+from fmnist.registry.rollout import Rollouts
+from fmnist.registry.versions import Registry
+
+Status = Literal["pass", "fail", "wait", "unavailable"]
+Action = Literal["promote", "roll_back", "wait"]
+
+
+class JudgeParams(BaseModel):
+    """The rollout rule's thresholds (docs/rollout.md says what each means and how to tune it)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_samples: int = Field(
+        2000, ge=1, le=10_000_000, description="Images the canary must answer (served or shadowed) before a promotion"
+    )
+    max_duration_s: float = Field(
+        24 * 3600, gt=0, le=30 * 24 * 3600, description="After this long the judge decides on the evidence it has"
+    )
+    agreement_margin: float = Field(
+        0.05, ge=0, le=1, description="How far live agreement with stable may fall below what the test set predicts"
+    )
+    estimate_margin: float = Field(
+        0.02, ge=0, le=1, description="How far the canary's estimated accuracy may fall below stable's"
+    )
+    z: float = Field(2.576, gt=0, le=10, description="Width of the confidence bounds, in standard errors (99%)")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Service objective: errors per request")
+    max_p99_ms: float = Field(1000, gt=0, le=600_000, description="Service objective: p99 latency, milliseconds")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    canary: float | None  # the canary's figure (agreement, an accuracy estimate, a rate)
+    reference: float | None  # what it is held against (the expectation, stable's estimate, the objective)
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    checks: list[Check] = field(default_factory=list)
+    canary_images: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict:
+        """What the decision's records and events carry: small, and JSON."""
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "canary_images": self.canary_images,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "checks": {
+                c.name: {"status": c.status, "canary": _finite(c.canary), "reference": c.reference, "detail": c.detail}
+                for c in self.checks
+            },
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity (a p99 beyond the last latency bound): None, which the detail explains."""
+    return value if value is None or math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class LiveEvidence:
+    """What the servers saw of a rollout's two versions since it started."""
+
+    canary: EvidenceTotals  # served and shadowed, together
+    canary_served: EvidenceTotals  # what clients met (the service objectives)
+    stable: EvidenceTotals  # served as stable
+    pairs: np.ndarray | None  # stable's class x the canary's, on shadowed requests against the champion
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class Offline:
+    """What registration kept of each version for the judge: calibrations, and test-set predictions."""
+
+    canary_calibration: estimates.Calibration | None
+    stable_calibration: estimates.Calibration | None
+    canary_predictions: np.ndarray | None  # argmax on the test set
+    stable_predictions: np.ndarray | None
+
+
+def judge(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Verdict:
+    """The rule above, on `evidence`."""
+    checks = [
+        _agreement(evidence, offline, params),
+        *_estimates(evidence, offline, params),
+        *_objectives(evidence, params),
+    ]
+    images = evidence.canary.images
+    failed = [c for c in checks if c.status == "fail"]
+
+    def verdict(action: Action, reason: str) -> Verdict:
+        return Verdict(action, reason, checks, images, evidence.elapsed_s)
+
+    if failed:
+        return verdict("roll_back", "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    timed_out = evidence.elapsed_s >= params.max_duration_s
+    if images >= params.min_samples and all(c.status in ("pass", "unavailable") for c in checks):
+        passed = ", ".join(c.name for c in checks if c.status == "pass") or "no check had evidence"
+        return verdict("promote", f"{images} live images; every check passed ({passed})")
+    if timed_out:
+        if images == 0:
+            return verdict("roll_back", f"no live traffic reached the canary in {params.max_duration_s:.0f} s")
+        return verdict(
+            "promote",
+            f"{params.max_duration_s:.0f} s passed with {images} of {params.min_samples} images and no check failed",
+        )
+    waiting = ", ".join(c.name for c in checks if c.status == "wait")
+    return verdict("wait", f"{images} of {params.min_samples} images" + (f"; waiting on {waiting}" if waiting else ""))
+
+
+def _agreement(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Check:
+    name = "shadow agreement"
+    if evidence.pairs is None or not evidence.pairs.sum():
+        return Check(name, "unavailable", None, None, "no shadowed request against the champion")
+    if offline.canary_predictions is None or offline.stable_predictions is None:
+        return Check(name, "unavailable", None, None, "a version without test-set predictions (registered before)")
+    pairs = evidence.pairs
+    n, agreed = int(pairs.sum()), int(np.trace(pairs))
+    expected = estimates.expected_agreement(offline.stable_predictions, offline.canary_predictions, pairs.sum(axis=1))
+    low, high = estimates.wilson_interval(agreed, n, params.z)
+    live = agreed / n
+    bound = expected - params.agreement_margin
+    detail = f"{live:.3f} live on {n} images ({low:.3f}-{high:.3f}), {expected:.3f} expected from the test set"
+    if high < bound:
+        return Check(name, "fail", live, expected, detail + f": below {bound:.3f}")
+    if low >= bound or n >= params.min_samples:
+        return Check(name, "pass", live, expected, detail)
+    return Check(name, "wait", live, expected, detail)
+
+
+def _estimates(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> list[Check]:
+    ways = {
+        "accuracy under the live class mix": lambda totals, c: estimates.mix_weighted_accuracy(totals.predicted, c),
+        "accuracy by ATC": lambda totals, c: estimates.atc_estimate(totals.confidence, c),
+        "accuracy by CBPE": lambda totals, c: estimates.cbpe_estimate(totals.confidence, c),
+    }
+    canary_cal, stable_cal = offline.canary_calibration, offline.stable_calibration
+    checks = []
+    for name, estimate in ways.items():
+        if canary_cal is None or stable_cal is None:
+            checks.append(Check(name, "unavailable", None, None, "a version without a calibration (registered before)"))
+            continue
+        if not evidence.canary.images or not evidence.stable.images:
+            checks.append(Check(name, "wait", None, None, "no live images yet for both versions"))
+            continue
+        canary, stable = estimate(evidence.canary, canary_cal), estimate(evidence.stable, stable_cal)
+        # Each estimate is a mean over the images each version met: its sampling error shrinks with them.
+        spread = params.z * math.sqrt(
+            _variance(canary, evidence.canary.images) + _variance(stable, evidence.stable.images)
+        )
+        detail = f"canary {canary:.3f} against stable {stable:.3f} (+/- {spread:.3f})"
+        if stable - canary - spread > params.estimate_margin:
+            detail += f": more than {params.estimate_margin} below"
+            checks.append(Check(name, "fail", canary, stable, detail))
+        elif evidence.canary.images >= params.min_samples:
+            checks.append(Check(name, "pass", canary, stable, detail))
+        else:
+            checks.append(Check(name, "wait", canary, stable, detail))
+    return checks
+
+
+def _variance(share: float, images: int) -> float:
+    """The sampling variance of a mean of `images` per-image chances whose mean is `share` (at most)."""
+    return share * (1 - share) / images
+
+
+def _objectives(evidence: LiveEvidence, params: JudgeParams) -> list[Check]:
+    served = evidence.canary_served
+    if not served.requests:
+        return [Check("service objectives", "unavailable", None, None, "no client request served by the canary")]
+    errors = served.model_failures  # a client's own refusals (bad requests, too big) are not the model's
+    rate = errors / served.requests
+    low, _ = estimates.wilson_interval(errors, served.requests, params.z)
+    p99 = p99_ms(served.latency_ms)
+    checks = []
+    detail = f"{errors} failed model calls in {served.requests} requests ({rate:.4f})"
+    if low > params.max_error_rate:
+        checks.append(
+            Check("error rate", "fail", rate, params.max_error_rate, detail + f", above {params.max_error_rate}")
+        )
+    else:
+        checks.append(Check("error rate", "pass", rate, params.max_error_rate, detail))
+    status: Status = "fail" if p99 > params.max_p99_ms else "pass"
+    checks.append(
+        Check(
+            "p99 latency",
+            status,
+            p99,
+            params.max_p99_ms,
+            f"p99 at most {p99:g} ms" if math.isfinite(p99) else f"p99 above {LATENCY_BOUNDS_MS[-1]} ms",
+        )
+    )
+    return checks
+
+
+def p99_ms(latency_counts: list[int]) -> float:
+    """The upper bound of the latency bin holding the 99th percentile (inf: beyond the last bound)."""
+    counts = np.asarray(latency_counts)
+    if not counts.sum():
+        return 0.0
+    index = int(np.searchsorted(np.cumsum(counts), 0.99 * counts.sum()))
+    return float(LATENCY_BOUNDS_MS[index]) if index < len(LATENCY_BOUNDS_MS) else float("inf")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the judge did with a registry's rollout: its verdict, and what it could not read."""
+
+    version: str | None  # the canary judged (None: no rollout in progress)
+    champion: str | None  # after the judgement
+    verdict: Verdict | None
+    skipped: list[str] = field(default_factory=list)  # evidence files that could not be read, named
+
+
+def live_evidence(
+    registry: Registry, canary: str, champion: str, since: float, now: float
+) -> tuple[LiveEvidence, list]:
+    """Every replica's windows of the two versions that end after the rollout started (a window is counted
+    whole: stable's first may hold a little from before); and the files skipped."""
+    canary_read = read_windows(registry.store, registry.root, canary, since - MAX_WINDOW_S, now)
+    stable_read = read_windows(registry.store, registry.root, champion, since - MAX_WINDOW_S, now)
+    canary_windows = [w for w in canary_read.windows if w.end > since]
+    canary_total = sum_windows(canary_windows)
+    served = sum_windows([w for w in canary_windows if w.source == "served"])
+    stable_windows = [w for w in stable_read.windows if w.end > since and w.source == "served" and w.label == STABLE]
+    stable = sum_windows(stable_windows)
+    pairs = canary_total.pairs.get(champion)
+    evidence = LiveEvidence(canary_total, served, stable, np.asarray(pairs) if pairs else None, now - since)
+    return evidence, [*canary_read.skipped, *stable_read.skipped]
+
+
+def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
+    paired = paired_test_predictions(registry, champion, canary)
+    stable_predictions, canary_predictions = paired if paired else (None, None)
+    return Offline(
+        registry.manifest(canary).calibration,
+        registry.manifest(champion).calibration,
+        canary_predictions,
+        stable_predictions,
+    )
+
+
+def judge_rollout(registry: Registry, params: JudgeParams, now: float | None = None) -> Judgement:
+    """Judge the rollout in progress, if any, and act on the verdict: promote the canary (the champion
+    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
+    rollouts = Rollouts(registry)
+    rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
+    rollout = rollouts.active()
+    if rollout is None:
+        return Judgement(None, registry.champion(), None)
+    now = time.time() if now is None else now
+    champion = rollout.champion or registry.champion()
+    since = datetime.fromisoformat(rollout.started_at).timestamp()
+    evidence, skipped = live_evidence(registry, rollout.version, champion, since, now)
+    verdict = judge(evidence, offline_evidence(registry, rollout.version, champion), params)
+    if verdict.action == "promote":
+        rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    elif verdict.action == "roll_back":
+        rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    return Judgement(rollout.version, registry.champion(), verdict, [str(s) for s in skipped])
