@@ -280,6 +280,8 @@ def test_the_rollout_commands(rollout: Rollouts, capsys) -> None:
     assert cli.main([*base, "rollout", "status"]) == 0
     shown = capsys.readouterr().out
     assert "Champion of" in shown and "Rollout in progress: canary v0002" in shown and "in progress" in shown
+    assert cli.main([*base, "versions"]) == 0
+    assert "canary since " in capsys.readouterr().out
 
     assert cli.main([*base, "rollout", "abort", "v0001"]) == 1
     assert "v0002 is" in capsys.readouterr().err  # refused, naming the active canary
@@ -292,6 +294,8 @@ def test_the_rollout_commands(rollout: Rollouts, capsys) -> None:
     assert f"v0003's rollout is decided rolled back: no longer the canary of {registry.root}" in capsys.readouterr().out
     assert cli.main([*base, "rollout", "abort"]) == 1
     assert "no rollout in progress" in capsys.readouterr().err
+    assert cli.main([*base, "versions"]) == 0
+    assert "rolled back in its canary: rolled back by the operator" in capsys.readouterr().out
     assert cli.main([*base, "rollout", "status"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "No rollout in progress" in lines

@@ -10,6 +10,7 @@ from fmnist.data.feedback import feedback_lineage
 from fmnist.ops.commands.roots import feedback_root, registry_of
 from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
+from fmnist.registry.rollout import Rollouts
 from fmnist.registry.status import version_status
 from fmnist.registry.versions import ACKNOWLEDGE, NotRegistered, RegistryError
 
@@ -30,6 +31,11 @@ def cmd_versions(args: argparse.Namespace) -> None:
     except RegistryError as exc:  # the audit log is damaged: still list the versions
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         ever_champion = set()
+    try:
+        rollouts = {record.version: record for record in Rollouts(registry).status()}
+    except RegistryError as exc:  # a damaged rollout record: still list the versions
+        print(f"fashion-mnist: {exc}", file=sys.stderr)
+        rollouts = {}
     print(f"{'':2}{'version':9}{'registered':27}{'test acc':>9}  {'preset':8}decision")
     for version in versions:
         try:
@@ -38,7 +44,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
             print(f"{'':2}{version:9}not a registered version: {exc}")
             continue
         mark = "*" if version == champion else ""
-        decision = version_status(version, m.gate, champion, ever_champion)
+        decision = version_status(version, m.gate, champion, ever_champion, rollouts.get(version))
         print(f"{mark:2}{version:9}{m.registered_at:27}{m.metrics.test_accuracy:>9.4f}  {m.params.preset:8}{decision}")
     print(f"\n* champion: {champion or 'none'}")
     try:
