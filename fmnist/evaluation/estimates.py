@@ -31,6 +31,11 @@ MIN_BIN_IMAGES = 30  # held-out images a confidence bin's accuracy is read from;
 POOL_RADIUS = 5  # bins each side a sparse bin pools with (0.05 of confidence at CONFIDENCE_BINS = 100)
 MIN_EXPECTED = 5  # Cochran's rule: the live count a chi-squared cell is expected to hold, at least
 RESAMPLES = 2000  # Monte Carlo draws behind a drift test's p-value: its smallest is 1 / 2001
+# A statistic beyond every draw is drawn again this many times the test's threshold's inverse, so that its
+# p-value can fall below the threshold (1 / 2001 is above alpha / 10 for alpha under 0.005).
+RESOLUTION = 2
+MAX_RESAMPLES = 200_000  # the most draws a test makes: a threshold needing more is refused (alpha too small)
+MIN_ALPHA = RESOLUTION * NUM_CLASSES / MAX_RESAMPLES  # the smallest alpha the softmax test resolves
 HYPERGEOMETRIC_LIMIT = 10**9  # images in a table numpy draws without replacement from, at most
 RESAMPLING_SEED = 0  # fixed: the same window always gets the same verdict
 MAX_HELD_OUT = 10**8  # held-out images a Calibration may claim: a count beyond is damage, not a test set
@@ -247,16 +252,18 @@ def softmax_shift(reference: object, live: object, alpha: float) -> ShiftTest:
     """Black-box shift detection on the softmax outputs: per class, a chi-squared test of homogeneity of the
     reference's and the live window's probability histograms (classes x PROBABILITY_BINS counts), each
     at alpha / NUM_CLASSES (Bonferroni: the family of ten stays at `alpha` whatever their dependence)."""
-    _check_alpha(alpha)
+    _check_alpha(alpha, alpha / NUM_CLASSES)
     reference_rows = _checked_table(reference, "reference probability histograms")
     live_rows = _checked_table(live, "live probability histograms")
-    tests = [_homogeneity(r, w, np.arange(PROBABILITY_BINS)) for r, w in zip(reference_rows, live_rows, strict=True)]
-    return _verdict(tests, alpha / NUM_CLASSES)
+    threshold = alpha / NUM_CLASSES
+    order = np.arange(PROBABILITY_BINS)
+    tests = [_homogeneity(r, w, order, threshold) for r, w in zip(reference_rows, live_rows, strict=True)]
+    return _verdict(tests, threshold)
 
 
 def class_mix_shift(reference_counts: object, live_counts: object, alpha: float) -> ShiftTest:
     """A chi-squared test of homogeneity of the reference's and the live window's predicted-class counts."""
-    _check_alpha(alpha)
+    _check_alpha(alpha, alpha)
     reference = _checked_counts(reference_counts, NUM_CLASSES, "reference predicted-class counts")
     live = np.asarray(live_counts)
     if live.shape != (NUM_CLASSES,) or live.dtype.kind not in "iu" or (live < 0).any():
@@ -264,12 +271,15 @@ def class_mix_shift(reference_counts: object, live_counts: object, alpha: float)
             f"live predicted-class counts are {NUM_CLASSES} non-negative integers; got {live.dtype} {live.shape}"
         )
     # Classes have no order: the rarest ones (in the reference) are the ones pooled together.
-    return _verdict([_homogeneity(reference, live.astype(np.int64), np.argsort(reference, kind="stable"))], alpha)
+    order = np.argsort(reference, kind="stable")
+    return _verdict([_homogeneity(reference, live.astype(np.int64), order, alpha)], alpha)
 
 
-def _check_alpha(alpha: float) -> None:
+def _check_alpha(alpha: float, threshold: float) -> None:
     if not (0 < alpha < 1):
         raise ValueError(f"alpha is a false-alarm rate in (0, 1); got {alpha}")
+    if RESOLUTION / threshold > MAX_RESAMPLES:
+        raise ValueError(f"alpha {alpha} needs more than {MAX_RESAMPLES} draws to resolve; at least {MIN_ALPHA}")
 
 
 def _checked_table(counts: object, what: str) -> np.ndarray:
@@ -281,11 +291,13 @@ def _checked_table(counts: object, what: str) -> np.ndarray:
     return table.astype(np.int64)
 
 
-def _homogeneity(reference: np.ndarray, live: np.ndarray, order: np.ndarray) -> tuple[float, float]:
+def _homogeneity(reference: np.ndarray, live: np.ndarray, order: np.ndarray, threshold: float) -> tuple[float, float]:
     """Chi-squared statistic of homogeneity of `reference` and `live` (counts over the same cells), and its
     p-value by Monte Carlo, conditional on the table's margins (as R's `chisq.test(simulate.p.value = TRUE)`):
     RESAMPLES rows are drawn from the column totals without replacement (what H0 makes of them) and
-    p = (1 + draws at least as extreme) / (1 + RESAMPLES), a valid p-value whatever the counts.
+    p = (1 + draws at least as extreme) / (1 + RESAMPLES), a valid p-value whatever the counts. A statistic
+    beyond all of them, whose p-value could not reach `threshold`, is drawn against again, RESOLUTION / threshold
+    times: only a window that looks drifted pays for the finer p-value.
 
     The asymptotic chi-squared p-value is not: the reference (10,000 held-out images) dwarfs a live window of a
     few hundred, most cells expect under one live image, and at the Bonferroni level (0.005) the chi-squared
@@ -306,19 +318,23 @@ def _homogeneity(reference: np.ndarray, live: np.ndarray, order: np.ndarray) -> 
     totals = columns.sum(axis=0)
     # The statistic is the same whichever row it is computed from: draw the smaller one.
     row = columns[int(live_total < reference_total)]
-    drawn = _draws(totals, int(row.sum()), np.random.default_rng(RESAMPLING_SEED))
     statistic = _chi_squared(row, totals, int(row.sum()))
-    extreme = int((_chi_squared(drawn, totals, int(row.sum())) >= statistic * (1 - 1e-12)).sum())
-    return float(statistic), (1 + extreme) / (1 + RESAMPLES)
+    resamples = RESAMPLES
+    while True:
+        drawn = _draws(totals, int(row.sum()), np.random.default_rng(RESAMPLING_SEED), resamples)
+        extreme = int((_chi_squared(drawn, totals, int(row.sum())) >= statistic * (1 - 1e-12)).sum())
+        if extreme or 1 / (1 + resamples) < threshold or resamples > RESAMPLES:
+            return float(statistic), (1 + extreme) / (1 + resamples)
+        resamples = math.ceil(RESOLUTION / threshold)
 
 
-def _draws(totals: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """RESAMPLES rows of `size` images drawn from the column totals without replacement; with replacement
+def _draws(totals: np.ndarray, size: int, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """`resamples` rows of `size` images drawn from the column totals without replacement; with replacement
     where numpy cannot (a table of HYPERGEOMETRIC_LIMIT images or more: months of windows summed, or a
     damaged count), which only widens the draws (by the share drawn, at most half): fewer false alarms."""
     if totals.sum() < HYPERGEOMETRIC_LIMIT:
-        return rng.multivariate_hypergeometric(totals, size, size=RESAMPLES)
-    return rng.multinomial(size, totals / totals.sum(), size=RESAMPLES)
+        return rng.multivariate_hypergeometric(totals, size, size=resamples)
+    return rng.multinomial(size, totals / totals.sum(), size=resamples)
 
 
 def _groups(expected_live: np.ndarray) -> np.ndarray:

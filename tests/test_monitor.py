@@ -1,0 +1,76 @@
+"""The champion's monitor over evidence windows: drift said only after periods in a row drift, never on
+undrifted traffic, and the estimated accuracy falling when the traffic moves away from the test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fmnist.data.dataset import NUM_CLASSES
+from fmnist.evaluation.estimates import fit_calibration
+from fmnist.evaluation.evidence import EvidenceWindow
+from fmnist.evaluation.monitor import MonitorParams, monitor
+from tests.test_judge import answers, totals, traffic
+
+PARAMS = MonitorParams(period_s=600, min_images=500, alpha=0.001, drifted_periods=2)
+HELD_OUT = np.arange(10_000) % NUM_CLASSES
+CALIBRATION = fit_calibration(answers(HELD_OUT, seed=1), HELD_OUT)
+TEST_ACCURACY = float((answers(HELD_OUT, seed=1).argmax(axis=1) == HELD_OUT).mean())
+
+
+def windows(periods: int, images: int, first_seed: int, **shift) -> list[EvidenceWindow]:
+    """`periods` periods of the champion's traffic, two windows (two replicas) each."""
+    made = []
+    for period in range(periods):
+        for replica in range(2):
+            seed = first_seed + 2 * period + replica
+            labels = traffic(images // 2, seed=seed, **{k: v for k, v in shift.items() if k != "accuracy"})
+            counts = totals(answers(labels, seed=seed + 1000, accuracy=shift.get("accuracy", 0.9)))
+            start = period * PARAMS.period_s + replica
+            made.append(
+                EvidenceWindow(
+                    replica=f"{replica:032x}",
+                    version="v0001",
+                    label="stable",
+                    source="served",
+                    start=start,
+                    end=start + 60,
+                    requests=counts.requests,
+                    images=counts.images,
+                    latency_ms=counts.latency_ms,
+                    predicted=counts.predicted,
+                    confidence=counts.confidence,
+                    probabilities=counts.probabilities,
+                )
+            )
+    return made
+
+
+def test_undrifted_traffic_over_many_periods_raises_nothing() -> None:
+    report = monitor("v0001", TEST_ACCURACY, windows(24, 1000, first_seed=100), CALIBRATION, PARAMS)
+    assert sum(p.judged for p in report.periods) == 24
+    assert not report.drift and not report.estimate_low
+    assert sum(p.drifted for p in report.periods) <= 1  # a period alone may, at about alpha; two in a row: no
+    assert abs(report.latest_estimate - TEST_ACCURACY) < 0.03
+
+
+@pytest.mark.parametrize(
+    "shift", [{"rich_in": (0, 6), "share": 0.7}, {"accuracy": 0.6}], ids=["class-mix", "harder-images"]
+)
+def test_drift_is_said_once_periods_in_a_row_drift(shift: dict) -> None:
+    before = windows(4, 1000, first_seed=200)
+    after = windows(3, 1000, first_seed=300, **shift)
+    for window in after:
+        window.start += 4 * PARAMS.period_s
+        window.end += 4 * PARAMS.period_s
+    one = monitor("v0001", TEST_ACCURACY, before + after[:2], CALIBRATION, PARAMS)
+    assert one.periods[-1].drifted and not one.drift  # one period of drift is not yet said
+    two = monitor("v0001", TEST_ACCURACY, before + after[:4], CALIBRATION, PARAMS)
+    assert two.drift, [(p.softmax_p, p.class_mix_p) for p in two.periods]
+    if "accuracy" in shift:  # less confident, more often wrong: the estimates fall with it
+        assert two.estimate_low and two.latest_estimate < TEST_ACCURACY - PARAMS.estimate_drop
+
+
+def test_periods_with_too_few_images_are_not_judged() -> None:
+    report = monitor("v0001", TEST_ACCURACY, windows(3, 200, first_seed=400, accuracy=0.5), CALIBRATION, PARAMS)
+    assert [p.judged for p in report.periods] == [False] * 3 and not report.drift and report.latest_estimate is None
