@@ -14,7 +14,8 @@ from fmnist.data.dataset import NUM_CLASSES
 from fmnist.evaluation.estimates import Calibration, confidence_counts, fit_calibration, probability_counts
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, MODEL_FAILED, EvidenceTotals, EvidenceWindow, window_location
-from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, judge, judge_rollout
+from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, judge
+from fmnist.registry.judging import judge_rollout
 from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.registration import prior_run, register_model
 from fmnist.registry.rollout import Rollouts
@@ -242,6 +243,8 @@ def test_the_judge_promotes_or_rolls_back_the_registrys_canary_from_the_windows(
     write_windows(registry, "v0002", "canary", "shadow", live.canary, **pairs)
     judgement = judge_rollout(registry, RULE)
     assert judgement.verdict.action != "wait", judgement
+    [row] = judgement.timeline  # one window: one period of the report
+    assert row.canary_images == 3000 and abs(row.agreement - np.trace(live.pairs) / 3000) < 1e-9
     record = Rollouts(registry).record("v0002")
     assert Labels(registry).records().get(CANARY) is None  # served as canary no more, either way
     if swap_rate:

@@ -23,20 +23,14 @@ the canary met any traffic at all, rolled back if it met none.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fmnist.evaluation import estimates
-from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, MAX_WINDOW_S, EvidenceTotals, read_windows, sum_windows
-from fmnist.registry.labels import STABLE
-from fmnist.registry.predictions import paired_test_predictions
-from fmnist.registry.rollout import Rollouts
-from fmnist.registry.versions import Registry
+from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
 
 Status = Literal["pass", "fail", "wait", "unavailable"]
 Action = Literal["promote", "roll_back", "wait"]
@@ -89,13 +83,13 @@ class Verdict:
             "canary_images": self.canary_images,
             "elapsed_s": round(self.elapsed_s, 1),
             "checks": {
-                c.name: {"status": c.status, "canary": _finite(c.canary), "reference": c.reference, "detail": c.detail}
+                c.name: {"status": c.status, "canary": finite(c.canary), "reference": c.reference, "detail": c.detail}
                 for c in self.checks
             },
         }
 
 
-def _finite(value: float | None) -> float | None:
+def finite(value: float | None) -> float | None:
     """JSON has no infinity (a p99 beyond the last latency bound): None, which the detail explains."""
     return value if value is None or math.isfinite(value) else None
 
@@ -243,61 +237,3 @@ def p99_ms(latency_counts: list[int]) -> float:
         return 0.0
     index = int(np.searchsorted(np.cumsum(counts), 0.99 * counts.sum()))
     return float(LATENCY_BOUNDS_MS[index]) if index < len(LATENCY_BOUNDS_MS) else float("inf")
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """What the judge did with a registry's rollout: its verdict, and what it could not read."""
-
-    version: str | None  # the canary judged (None: no rollout in progress)
-    champion: str | None  # after the judgement
-    verdict: Verdict | None
-    skipped: list[str] = field(default_factory=list)  # evidence files that could not be read, named
-
-
-def live_evidence(
-    registry: Registry, canary: str, champion: str, since: float, now: float
-) -> tuple[LiveEvidence, list]:
-    """Every replica's windows of the two versions that end after the rollout started (a window is counted
-    whole: stable's first may hold a little from before); and the files skipped."""
-    canary_read = read_windows(registry.store, registry.root, canary, since - MAX_WINDOW_S, now)
-    stable_read = read_windows(registry.store, registry.root, champion, since - MAX_WINDOW_S, now)
-    canary_windows = [w for w in canary_read.windows if w.end > since]
-    canary_total = sum_windows(canary_windows)
-    served = sum_windows([w for w in canary_windows if w.source == "served"])
-    stable_windows = [w for w in stable_read.windows if w.end > since and w.source == "served" and w.label == STABLE]
-    stable = sum_windows(stable_windows)
-    pairs = canary_total.pairs.get(champion)
-    evidence = LiveEvidence(canary_total, served, stable, np.asarray(pairs) if pairs else None, now - since)
-    return evidence, [*canary_read.skipped, *stable_read.skipped]
-
-
-def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
-    paired = paired_test_predictions(registry, champion, canary)
-    stable_predictions, canary_predictions = paired if paired else (None, None)
-    return Offline(
-        registry.manifest(canary).calibration,
-        registry.manifest(champion).calibration,
-        canary_predictions,
-        stable_predictions,
-    )
-
-
-def judge_rollout(registry: Registry, params: JudgeParams, now: float | None = None) -> Judgement:
-    """Judge the rollout in progress, if any, and act on the verdict: promote the canary (the champion
-    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
-    rollouts = Rollouts(registry)
-    rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
-    rollout = rollouts.active()
-    if rollout is None:
-        return Judgement(None, registry.champion(), None)
-    now = time.time() if now is None else now
-    champion = rollout.champion or registry.champion()
-    since = datetime.fromisoformat(rollout.started_at).timestamp()
-    evidence, skipped = live_evidence(registry, rollout.version, champion, since, now)
-    verdict = judge(evidence, offline_evidence(registry, rollout.version, champion), params)
-    if verdict.action == "promote":
-        rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
-    elif verdict.action == "roll_back":
-        rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
-    return Judgement(rollout.version, registry.champion(), verdict, [str(s) for s in skipped])

@@ -1,0 +1,139 @@
+"""Judging a registry's rollout: every replica's evidence windows since it started and what registration
+kept of both versions, the rule of `fmnist.registry.judge` applied to them, and the verdict carried out
+through the rollout's records (`fmnist.registry.rollout`); with the evidence over time for the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from fmnist.evaluation import estimates
+from fmnist.evaluation.evidence import MAX_WINDOW_S, EvidenceTotals, EvidenceWindow, read_windows, sum_windows
+from fmnist.evaluation.monitor import periods_of
+from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, Verdict, finite, judge, p99_ms
+from fmnist.registry.labels import STABLE
+from fmnist.registry.predictions import paired_test_predictions
+from fmnist.registry.rollout import Rollouts
+from fmnist.registry.versions import Registry
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the judge did with a registry's rollout: its verdict, and what it could not read."""
+
+    version: str | None  # the canary judged (None: no rollout in progress)
+    champion: str | None  # after the judgement
+    verdict: Verdict | None
+    skipped: list[str] = field(default_factory=list)  # evidence files that could not be read, named
+    timeline: list[TimelineRow] = field(default_factory=list)  # the evidence over time, for the report
+
+
+@dataclass(frozen=True)
+class RolloutWindows:
+    """Every replica's windows of a rollout's two versions that end after it started (a window is counted
+    whole: stable's first may hold a little from before), and the files that could not be read."""
+
+    canary: list[EvidenceWindow]  # served and shadowed
+    stable: list[EvidenceWindow]  # served as stable
+    skipped: list[str]
+
+
+def rollout_windows(registry: Registry, canary: str, champion: str, since: float, now: float) -> RolloutWindows:
+    canary_read = read_windows(registry.store, registry.root, canary, since - MAX_WINDOW_S, now)
+    stable_read = read_windows(registry.store, registry.root, champion, since - MAX_WINDOW_S, now)
+    return RolloutWindows(
+        [w for w in canary_read.windows if w.end > since],
+        [w for w in stable_read.windows if w.end > since and w.source == "served" and w.label == STABLE],
+        [*canary_read.skipped, *stable_read.skipped],
+    )
+
+
+def live_evidence(windows: RolloutWindows, champion: str, elapsed_s: float) -> LiveEvidence:
+    canary = sum_windows(windows.canary)
+    served = sum_windows([w for w in windows.canary if w.source == "served"])
+    pairs = canary.pairs.get(champion)
+    return LiveEvidence(canary, served, sum_windows(windows.stable), np.asarray(pairs) if pairs else None, elapsed_s)
+
+
+def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
+    paired = paired_test_predictions(registry, champion, canary)
+    stable_predictions, canary_predictions = paired if paired else (None, None)
+    return Offline(
+        registry.manifest(canary).calibration,
+        registry.manifest(champion).calibration,
+        canary_predictions,
+        stable_predictions,
+    )
+
+
+def judge_rollout(registry: Registry, params: JudgeParams, now: float | None = None) -> Judgement:
+    """Judge the rollout in progress, if any, and act on the verdict: promote the canary (the champion
+    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
+    rollouts = Rollouts(registry)
+    rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
+    rollout = rollouts.active()
+    if rollout is None:
+        return Judgement(None, registry.champion(), None)
+    now = time.time() if now is None else now
+    champion = rollout.champion or registry.champion()
+    since = datetime.fromisoformat(rollout.started_at).timestamp()
+    windows = rollout_windows(registry, rollout.version, champion, since, now)
+    offline = offline_evidence(registry, rollout.version, champion)
+    verdict = judge(live_evidence(windows, champion, now - since), offline, params)
+    if verdict.action == "promote":
+        rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    elif verdict.action == "roll_back":
+        rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    return Judgement(
+        rollout.version, registry.champion(), verdict, windows.skipped, timeline(windows, offline, champion)
+    )
+
+
+TIMELINE_ROWS = 24  # periods the report shows: the rollout's time so far in this many, each a window or more
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One period of a rollout: what each check's figure was over it alone."""
+
+    start: float
+    canary_images: int
+    agreement: float | None  # on the period's shadowed requests
+    canary_accuracy: float | None  # estimated under the live class mix
+    stable_accuracy: float | None
+    canary_p99_ms: float | None
+
+
+def timeline(windows: RolloutWindows, offline: Offline, champion: str) -> list[TimelineRow]:
+    """The rollout's evidence over time, period by period, for the report (the verdict reads the sums)."""
+    if not windows.canary:
+        return []
+    first = min(w.start for w in windows.canary)
+    span = max(w.end for w in windows.canary) - first
+    period_s = max(span / TIMELINE_ROWS, max(w.end - w.start for w in windows.canary), 1.0)
+    stable_by_period = dict(periods_of(windows.stable, period_s))
+    rows = []
+    for start, canary in periods_of(windows.canary, period_s):
+        stable = stable_by_period.get(start)
+        pairs = canary.pairs.get(champion)
+        agreement = np.trace(pairs) / np.sum(pairs) if pairs and np.sum(pairs) else None
+        rows.append(
+            TimelineRow(
+                start,
+                canary.images,
+                None if agreement is None else float(agreement),
+                _estimate(canary, offline.canary_calibration),
+                _estimate(stable, offline.stable_calibration),
+                finite(p99_ms(canary.latency_ms)) if canary.requests else None,
+            )
+        )
+    return rows
+
+
+def _estimate(totals: EvidenceTotals | None, calibration: estimates.Calibration | None) -> float | None:
+    if totals is None or calibration is None or not totals.images:
+        return None
+    return estimates.mix_weighted_accuracy(totals.predicted, calibration)
