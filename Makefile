@@ -28,6 +28,8 @@ PREFECT_HOST ?= 127.0.0.1
 SERVER := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
+# The rollout judge and the champion's watch: quick runs on a pool of their own, never queued behind a retrain.
+WATCH_POOL := fashion-mnist-watch
 PARAMS ?= {}
 DEPLOYMENT ?= adhoc
 # The server's database: sqlite (one person; under PREFECT_HOME) or postgres (a cluster of its own under
@@ -59,7 +61,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates serve server pools deploy deploy-cluster worker-cpu worker-gpu \
+.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates serve server pools deploy deploy-cluster worker-cpu worker-gpu worker-watch \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -78,7 +80,7 @@ help:
 	@echo "make deploy  create the work pools, deploy the single-host deployments and apply automations.yaml"
 	@echo "make webhook WEBHOOK_URL=https://...   where failures, crashes and promotions are POSTed (then make deploy)"
 	@echo "make deploy-cluster FMNIST_DATA_ROOT=s3://... FMNIST_REGISTRY_ROOT=s3://...   the cluster deployments"
-	@echo "make worker-cpu / worker-gpu   start a worker for the CPU / GPU pool"
+	@echo "make worker-cpu / worker-gpu / worker-watch   start a worker for the CPU / GPU pool, or for the rollout judge and the champion's watch"
 	@echo "make retrain-now PARAMS='{\"training\": {\"epochs\": 10}}'   run the ad-hoc deployment"
 	@echo "make prune   delete old run folders (KEEP_LAST=20 KEEP_DAYS=14; never a version's or a running one)"
 	@echo "make requirements   export requirements/*.txt from uv.lock (after changing the lock)"
@@ -241,10 +243,12 @@ pools: install
 	$(SERVER) $(PREFECT) work-pool create $(GPU_POOL) --type process --overwrite
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(CPU_POOL) 1
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
+	$(SERVER) $(PREFECT) work-pool create $(WATCH_POOL) --type process --overwrite
+	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(WATCH_POOL) 1
 
 deploy: pools
 	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \
-	  $(PREFECT) --no-prompt deploy --name nightly --name adhoc --name gpu
+	  $(PREFECT) --no-prompt deploy --name nightly --name adhoc --name gpu --name judge --name watch
 	$(MAKE) --no-print-directory automations
 
 # prefect.yaml cannot hold automations: automations.yaml, created or updated by name (safe to repeat).
@@ -283,7 +287,8 @@ deploy-cluster: pools
 	  FMNIST_GPU_REQUIREMENTS=$(FMNIST_GPU_REQUIREMENTS) \
 	  FMNIST_DATA_ROOT=$(FMNIST_DATA_ROOT) FMNIST_REGISTRY_ROOT=$(FMNIST_REGISTRY_ROOT) \
 	  FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \
-	  $(PREFECT) --no-prompt deploy --name nightly-cluster --name adhoc-cluster --name gpu-cluster
+	  $(PREFECT) --no-prompt deploy --name nightly-cluster --name adhoc-cluster --name gpu-cluster \
+	  --name judge-cluster --name watch-cluster
 	$(MAKE) --no-print-directory automations
 
 worker-cpu: install data
@@ -293,6 +298,10 @@ worker-cpu: install data
 worker-gpu: install
 	$(WAIT_FOR_API)
 	$(SERVER) $(FASHION_MNIST) worker --pool $(GPU_POOL)
+
+worker-watch: install
+	$(WAIT_FOR_API)
+	$(SERVER) $(FASHION_MNIST) worker --pool $(WATCH_POOL)
 
 retrain-now: install
 	$(WAIT_FOR_API)

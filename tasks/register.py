@@ -39,14 +39,11 @@ def prior_run_task(
         return None
     get_run_logger().info(prior.message)
     create_markdown_artifact(key="retrain-report", markdown=f"# {prior.message}\n\nFingerprint `{run_fingerprint}`.")
-    if prior.promoted or prior.canary:
-        events.emit(
-            events.MODEL_PROMOTED if prior.promoted else events.ROLLOUT_STARTED,
-            storage.registry,
-            prior.message,
-            version=prior.version,
-            champion=prior.champion,
-        )
+    facts = {"version": prior.version, "champion": prior.champion}
+    if prior.promoted:
+        events.emit(events.MODEL_PROMOTED, storage.registry, prior.message, **facts)
+    elif prior.canary:
+        events.emit_rollout_started(storage, prior.message, **facts)
     return prior
 
 
@@ -93,12 +90,9 @@ def register_task(
         f"{registration.decision.reason}; champion is {registration.champion or 'none'}"
     )
     get_run_logger().info("Registered %s", summary)
-    events.emit(
-        event,
-        storage.registry,
-        summary,
-        version=registration.version,
-        champion=registration.champion,
-        test_accuracy=evaluation.test_accuracy,
-    )
+    facts = {"version": registration.version, "champion": registration.champion}
+    if event == events.ROLLOUT_STARTED:
+        events.emit_rollout_started(storage, summary, **facts, test_accuracy=evaluation.test_accuracy)
+    else:
+        events.emit(event, storage.registry, summary, **facts, test_accuracy=evaluation.test_accuracy)
     return registration

@@ -28,6 +28,7 @@ import pytest
 from fmnist.data.incoming import add_batch, collect_incoming
 from fmnist.ops import events
 from fmnist.ops.worker import RETRIED_SERVER_ERRORS
+from fmnist.registry.rollout import Rollouts
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from fmnist.storage.layout import StorageParams
@@ -44,6 +45,7 @@ from tests.prefect_stack import (
     start_deployment_run,
     wait_for,
 )
+from tests.rollout_doubles import SWAPPED, Versions, register, traffic, write_windows
 from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
@@ -72,9 +74,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver) ->
         make(stack, "webhook", WEBHOOK_URL=webhook.url, FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
         make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
         make(stack, "deploy", FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))  # twice, as operators do
+        quiet_schedules(stack, "judge-rollout/judge", "watch-champion/watch")
         stack.start("worker-cpu", "worker", "start", "--pool", "fashion-mnist-cpu")
         stack.start("worker-gpu", "worker", "start", "--pool", "fashion-mnist-gpu")
+        stack.start("worker-watch", "worker", "start", "--pool", "fashion-mnist-watch")
         yield stack
+
+
+def quiet_schedules(stack: Stack, *deployments: str) -> None:
+    """Pause these deployments' schedules and delete the runs they made: the single-host judge and watch run
+    on the project's own registry (the default storage), which a test must not touch. Their triggers stay."""
+    for name in deployments:
+        deployment = stack.get(f"/deployments/name/{name}")
+        for schedule in deployment["schedules"]:
+            response = httpx.patch(
+                f"{stack.api}/deployments/{deployment['id']}/schedules/{schedule['id']}", json={"active": False}
+            )
+            response.raise_for_status()
+        made = stack.filter("/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+        for run in made:
+            httpx.delete(f"{stack.api}/flow_runs/{run['id']}").raise_for_status()
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +116,19 @@ def test_deployments_from_prefect_yaml(stack: Stack) -> None:
     assert nightly["work_pool_name"] == "fashion-mnist-cpu"
     assert nightly["parameters"] == {
         "training_deployment": "train-fashion-mnist/gpu",
-        "params": {"training": {"preset": "cnn"}},  # the best preset, every night
+        # The best preset, every night, rolled out as the canary: unattended, it earns its traffic live.
+        "params": {"training": {"preset": "cnn"}, "promotion": {"rollout": "canary"}},
     }
     adhoc = stack.get("/deployments/name/retrain-fashion-mnist/adhoc")
     assert adhoc["parameters"] == {"training_deployment": "train-fashion-mnist/gpu"}  # the defaults: quick
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert stack.get("/deployments/name/train-fashion-mnist/gpu")["work_pool_name"] == "fashion-mnist-gpu"
-    for pool in ("fashion-mnist-cpu", "fashion-mnist-gpu"):
+    for pool in ("fashion-mnist-cpu", "fashion-mnist-gpu", "fashion-mnist-watch"):
         assert stack.get(f"/work_pools/{pool}")["concurrency_limit"] == 1
+    for name, every_s in (("judge-rollout/judge", 300), ("watch-champion/watch", 3600)):
+        deployment = stack.get(f"/deployments/name/{name}")
+        assert deployment["work_pool_name"] == "fashion-mnist-watch"  # never queued behind a retrain
+        assert [s["schedule"]["interval"] for s in deployment["schedules"]] == [every_s]
 
 
 def test_the_servers_scheduler_makes_the_nightly_runs(stack: Stack) -> None:
@@ -473,3 +497,43 @@ def test_a_late_heartbeat_cannot_crash_a_finished_run(stack: Stack) -> None:
         refused = client.set_flow_run_state(run.id, Crashed(message="No heartbeat"), force=False)
         assert refused.status.value != "ACCEPT"
         assert client.read_flow_run(run.id).state.type.value == "COMPLETED"
+
+
+def test_a_rollout_started_is_judged_at_once_by_the_judge_deployment_and_a_worse_canary_rolled_back(
+    stack: Stack, webhook: WebhookReceiver
+) -> None:
+    """The rollout.started event, as registration emits it, starts the judge deployment on the registry it
+    names; on windows as servers write them (a canary worse on the two classes users send most), the judge
+    rolls it back through the registry's records, reports it in the UI and tells the operator."""
+    storage = StorageParams.model_validate(local_storage(stack, "-judge"))
+    registry = Registry(Store(), storage.registry)
+    versions = Versions(canary_swap_rate=0.1)
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    live = versions.live(traffic(3000, SWAPPED, 0.8))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+
+    emitter = (
+        "import sys; from fmnist.ops import events; from fmnist.storage.layout import StorageParams; "
+        "from prefect.events.worker import EventsWorker; "
+        "events.emit_rollout_started(StorageParams.model_validate_json(sys.argv[1]), 'v0002 made the canary', "
+        "version='v0002'); EventsWorker.drain_all(timeout=30)"
+    )
+    subprocess.run([sys.executable, "-c", emitter, storage.model_dump_json()], env=stack.env, check=True, timeout=120)
+    judge = stack.get("/deployments/name/judge-rollout/judge")
+
+    def judged() -> dict | None:
+        runs = stack.filter("/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [judge["id"]]}}})
+        return next((r for r in runs if r["state_type"] == "COMPLETED"), None)
+
+    run = wait_for("the judge deployment's run", judged, timeout_s=240, every_s=2)
+    assert run["parameters"]["storage"]["registry_root"] == storage.registry  # the event's registry
+    assert registry.champion() == "v0001" and Rollouts(registry).record("v0002").outcome == "rolled_back"
+    report = stack.artifacts(run["id"])
+    assert (
+        "v0002 rolled back" in report["rollout-report"]
+        and "accuracy under the live class mix" in report["rollout-report"]
+    )
+    webhook.wait_for(events.ROLLOUT_ROLLED_BACK, "v0002")

@@ -143,7 +143,7 @@ def test_cluster_deployments_pin_the_commit_and_the_bucket(cluster: Cluster) -> 
     assert install == {"directory": "{{ clone.directory }}", "requirements_file": "requirements/cpu.txt"}
     nightly = cluster.stack.get("/deployments/name/retrain-fashion-mnist/nightly-cluster")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
-    assert nightly["parameters"]["params"] == {"training": {"preset": "cnn"}}
+    assert nightly["parameters"]["params"] == {"training": {"preset": "cnn"}, "promotion": {"rollout": "canary"}}
     assert nightly["parameters"]["storage"] == adhoc["parameters"]["storage"]
     assert cluster.stack.get("/deployments/name/train-fashion-mnist/gpu-cluster")["work_pool_name"] == GPU_POOL
 

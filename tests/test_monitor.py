@@ -10,7 +10,7 @@ from fmnist.data.dataset import NUM_CLASSES
 from fmnist.evaluation.estimates import fit_calibration
 from fmnist.evaluation.evidence import EvidenceWindow
 from fmnist.evaluation.monitor import MonitorParams, monitor
-from tests.test_judge import answers, totals, traffic
+from tests.rollout_doubles import answers, totals, traffic
 
 PARAMS = MonitorParams(period_s=600, min_images=500, alpha=0.001, drifted_periods=2)
 HELD_OUT = np.arange(10_000) % NUM_CLASSES

@@ -26,6 +26,10 @@ MODEL_KEPT_BACK = f"{PREFIX}.model.kept-back"
 ROLLOUT_STARTED = f"{PREFIX}.rollout.started"
 ROLLOUT_PROMOTED = f"{PREFIX}.rollout.promoted"
 ROLLOUT_ROLLED_BACK = f"{PREFIX}.rollout.rolled-back"
+# The served champion's watch (`fmnist.registry.champion_watch`): its traffic drifted from the test set's,
+# or its estimated accuracy fell, over periods in a row.
+CHAMPION_DRIFTED = f"{PREFIX}.champion.drifted"
+CHAMPION_ESTIMATE_LOW = f"{PREFIX}.champion.estimate-low"
 RUN_FAILED = f"{PREFIX}.run.failed"
 BATCH_ADDED = f"{PREFIX}.batch.added"
 BATCH_QUARANTINED = f"{PREFIX}.batch.quarantined"
@@ -47,11 +51,19 @@ def pipeline_resource(location: str, *, shared: bool | None = None) -> dict[str,
     return resource
 
 
-def emit(event: str, location: str, message: str, *, flow_run_id: str | None = None, **payload: Any) -> None:
+def emit(
+    event: str,
+    location: str,
+    message: str,
+    *,
+    flow_run_id: str | None = None,
+    shared: bool | None = None,
+    **payload: Any,
+) -> None:
     """Emit `event` from inside a flow run; best effort: a lost event never fails the run.
 
     Prefect relates the event to the run it is emitted in; `flow_run_id` names the run where no run
-    context is at hand (a state hook).
+    context is at hand (a state hook). `shared`: as `pipeline_resource`.
     """
     from prefect.events import emit_event
 
@@ -61,7 +73,7 @@ def emit(event: str, location: str, message: str, *, flow_run_id: str | None = N
     try:
         emit_event(
             event=event,
-            resource=pipeline_resource(location),
+            resource=pipeline_resource(location, shared=shared),
             related=[run] if flow_run_id else None,
             payload={"message": message, **payload},
         )
@@ -84,9 +96,21 @@ async def send(event: str, location: str, message: str, *, shared: bool | None =
         )
 
 
+def where_stored(storage: StorageParams) -> dict[str, str]:
+    """What an event says of where its pipeline lives: the trigger it fires runs on that storage."""
+    return {"data_root": storage.data.root, "registry_root": storage.registry, "incoming_dir": storage.incoming}
+
+
+def emit_rollout_started(storage: StorageParams, message: str, **payload: Any) -> None:
+    """A canary rollout started in `storage`'s registry: the judge deployment for the hosts that reach that
+    registry (every host: in a bucket) judges it there at once."""
+    shared = storage.store().direct_path(storage.registry) is None
+    emit(ROLLOUT_STARTED, storage.registry, message, shared=shared, storage=where_stored(storage), **payload)
+
+
 async def announce_batch(batch: IncomingBatch, storage: StorageParams) -> None:
     """Say that `batch` was added; the ad-hoc deployments' trigger retrains on the storage it names."""
-    where = {"data_root": storage.data.root, "registry_root": storage.registry, "incoming_dir": storage.incoming}
+    where = where_stored(storage)
     message = f"Batch {batch.name} added: {batch.rows} {batch.kind} images at {batch.path}"
     shared = storage.store().direct_path(storage.incoming) is None  # no path on this host: in a bucket
     await send(BATCH_ADDED, storage.incoming, message, shared=shared, batch=batch.name, rows=batch.rows, storage=where)
