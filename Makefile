@@ -254,7 +254,8 @@ deploy: pools
 # prefect.yaml cannot hold automations: automations.yaml, created or updated by name (safe to repeat).
 automations: install
 	$(SERVER) $(FASHION_MNIST) automations apply --file automations.yaml --heartbeat-s $(FMNIST_HEARTBEAT_S) \
-	  $(if $(FMNIST_START_WINDOW_S),--start-window-s $(FMNIST_START_WINDOW_S))
+	  $(if $(FMNIST_START_WINDOW_S),--start-window-s $(FMNIST_START_WINDOW_S)) \
+	  $(if $(RETRAIN_ON_DRIFT),--retrain-on-drift $(RETRAIN_ON_DRIFT))
 
 webhook: install
 	@[ -n "$(WEBHOOK_URL)" ] || { echo "set WEBHOOK_URL to the URL notifications are POSTed to"; exit 1; }

@@ -158,6 +158,8 @@ def model_table(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def parameters_page() -> str:
     from flows.params import RetrainParams
+    from fmnist.evaluation.monitor import MonitorParams
+    from fmnist.registry.judge import JudgeParams
     from fmnist.storage.layout import StorageParams
 
     header = ["| parameter | type | default | bounds | meaning |", "| --- | --- | --- | --- | --- |"]
@@ -180,6 +182,20 @@ def parameters_page() -> str:
             "",
             *header,
             *model_table(StorageParams),
+            "",
+            "## The rollout judge's `judge` (`fmnist.registry.judge.JudgeParams`)",
+            "",
+            "The `judge-rollout` flow's rule ([after the gate](../rollout.md)); it also takes `storage`.",
+            "",
+            *header,
+            *model_table(JudgeParams),
+            "",
+            "## The champion's watch's `watch` (`fmnist.evaluation.monitor.MonitorParams`)",
+            "",
+            "The `watch-champion` flow's periods and thresholds; it also takes `storage`.",
+            "",
+            *header,
+            *model_table(MonitorParams),
             "",
         ]
     )
@@ -324,4 +340,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         except (AttributeError, ValueError, ImportError) as exc:
             raise ValueError(f"{page.file.src_uri}: {match.group(0)} names nothing in the code ({exc})") from None
 
-    return CODE_VALUE.sub(value, markdown)
+    rendered = CODE_VALUE.sub(value, markdown)
+    if leftover := re.search(r"\{\{\s*(?:fmnist|flows)\.[^}]*\}\}", rendered):  # an expression, not a name
+        raise ValueError(f"{page.file.src_uri}: {leftover.group(0)} is not a code name the docs can show")
+    return rendered

@@ -13,11 +13,12 @@ FILE = Path(__file__).resolve().parent.parent / "automations.yaml"
 
 
 def test_heartbeat_window_and_webhook_are_filled_in() -> None:
+    some_id = "0" * 8 + "-0000-0000-0000-" + "0" * 12
     automations, skipped = load(
         FILE,
-        {"heartbeat_window_s": 90, "start_window_s": 600, "notify_block_id": "0" * 8 + "-0000-0000-0000-" + "0" * 12},
+        {"heartbeat_window_s": 90, "start_window_s": 600, "notify_block_id": some_id, "retrain_deployment_id": some_id},
     )
-    assert skipped == []
+    assert skipped == {}
     by_name = {a.name: a for a in automations}
     crash = by_name["fashion-mnist: crash runs whose heartbeats stopped"]
     assert crash.trigger.within == timedelta(seconds=90) and crash.trigger.posture == "Proactive"
@@ -31,16 +32,23 @@ def test_heartbeat_window_and_webhook_are_filled_in() -> None:
     assert never_started.actions[0].force is False and "600 s" in never_started.actions[0].message
     notify = by_name["fashion-mnist: tell the operator"]
     assert {"fashion-mnist.run.failed", "fashion-mnist.model.promoted"} <= notify.trigger.expect
+    assert {"fashion-mnist.champion.drifted", "fashion-mnist.rollout.rolled-back"} <= notify.trigger.expect
     assert str(notify.actions[0].block_document_id).startswith("00000000")
+    retrain = by_name["fashion-mnist: retrain when the champion drifts"]
+    assert retrain.trigger.expect == {"fashion-mnist.champion.drifted"}
+    assert retrain.actions[0].type == "run-deployment" and str(retrain.actions[0].deployment_id) == some_id
 
 
-def test_without_a_webhook_the_notifications_are_left_out() -> None:
+def test_without_a_webhook_or_a_retrain_deployment_their_automations_are_left_out_saying_why() -> None:
     automations, skipped = load(FILE, {"heartbeat_window_s": 540, "start_window_s": 1800})
     assert [a.name for a in automations] == [
         "fashion-mnist: crash runs whose heartbeats stopped",
         "fashion-mnist: crash runs that never started",
     ]
-    assert len(skipped) == 2 and all(name.startswith("fashion-mnist: tell the operator") for name in skipped)
+    notifications = [name for name in skipped if name.startswith("fashion-mnist: tell the operator")]
+    assert len(notifications) == 2 and all("make webhook" in skipped[name] for name in notifications)
+    assert "RETRAIN_ON_DRIFT" in skipped.pop("fashion-mnist: retrain when the champion drifts")
+    assert len(skipped) == 2
 
 
 def test_a_bad_automation_is_named(tmp_path: Path) -> None:

@@ -18,6 +18,12 @@ PREFIX = "fashion-mnist: "
 WEBHOOK_BLOCK = "fashion-mnist-operator"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 NOTIFY_BLOCK = "notify_block_id"
+RETRAIN_DEPLOYMENT = "retrain_deployment_id"
+# What an automation may wait for: without it, the automation is left out (and apply says why).
+OPTIONAL = {
+    NOTIFY_BLOCK: f"no webhook block {WEBHOOK_BLOCK!r}: make webhook WEBHOOK_URL=...",
+    RETRAIN_DEPLOYMENT: "no deployment to retrain on drift: make deploy RETRAIN_ON_DRIFT=retrain-fashion-mnist/adhoc",
+}
 # Flow-run heartbeats: Prefect's minimum interval, and a day (a crash found later than three days is no help).
 MIN_HEARTBEAT_S = 30
 MAX_HEARTBEAT_S = 86_400
@@ -37,7 +43,7 @@ class Applied:
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # notifications, while no webhook is configured
+    skipped: dict[str, str] = field(default_factory=dict)  # name: why (what it waits for is not configured)
 
 
 def fill(value: Any, values: dict[str, Any]) -> Any:
@@ -57,20 +63,21 @@ def placeholders(value: Any) -> set[str]:
     return set(PLACEHOLDER.findall(yaml.safe_dump(value)))
 
 
-def load(path: Path, values: dict[str, Any]) -> tuple[list, list[str]]:
-    """The file's automations, filled in and validated, and the names of those left out (no webhook)."""
+def load(path: Path, values: dict[str, Any]) -> tuple[list, dict[str, str]]:
+    """The file's automations, filled in and validated, and those left out (a value in OPTIONAL not given),
+    each with why."""
     from prefect.events.schemas.automations import AutomationCore
     from pydantic import ValidationError
 
     specs = (yaml.safe_load(path.read_text()) or {}).get("automations") or []
-    automations, skipped = [], []
+    automations, skipped = [], {}
     for spec in specs:
         name = spec.get("name", "")
         if not name.startswith(PREFIX):
             raise AutomationsError(f"{path}: {name!r}: the pipeline's automations are named {PREFIX!r}...")
         missing = placeholders(spec) - values.keys()
-        if missing == {NOTIFY_BLOCK}:
-            skipped.append(name)
+        if missing and missing <= OPTIONAL.keys():
+            skipped[name] = "; ".join(OPTIONAL[m] for m in sorted(missing))
             continue
         if missing:
             raise AutomationsError(f"{path}: {name!r}: no value for {', '.join(sorted(missing))}")
@@ -91,6 +98,18 @@ def webhook_block_id() -> str | None:
         return None
 
 
+def deployment_id(name: str) -> str:
+    """The id of deployment `name` ('flow/deployment'); an error naming it if there is none."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return str(client.read_deployment_by_name(name).id)
+        except ObjectNotFound:
+            raise AutomationsError(f"no deployment {name!r} on the server: make deploy first") from None
+
+
 def configure_webhook(url: str) -> str:
     """Create or replace the webhook block the notifications use: one JSON POST with subject and body."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -104,8 +123,11 @@ def configure_webhook(url: str) -> str:
     return str(block.save(WEBHOOK_BLOCK, overwrite=True))
 
 
-def apply(path: Path, heartbeat_s: int, start_window_s: int = START_WINDOW_S) -> Applied:
-    """Create or update the file's automations on the Prefect server PREFECT_API_URL names."""
+def apply(
+    path: Path, heartbeat_s: int, start_window_s: int = START_WINDOW_S, retrain_on_drift: str | None = None
+) -> Applied:
+    """Create or update the file's automations on the Prefect server PREFECT_API_URL names.
+    `retrain_on_drift`: the deployment ('flow/deployment') a drifted champion starts, if any."""
     from prefect.client.orchestration import get_client
 
     if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
@@ -116,6 +138,8 @@ def apply(path: Path, heartbeat_s: int, start_window_s: int = START_WINDOW_S) ->
     values: dict[str, Any] = {"heartbeat_window_s": 3 * heartbeat_s, "start_window_s": start_window_s}
     if block_id := webhook_block_id():
         values[NOTIFY_BLOCK] = block_id
+    if retrain_on_drift:
+        values[RETRAIN_DEPLOYMENT] = deployment_id(retrain_on_drift)
     automations, skipped = load(path, values)
     applied = Applied(skipped=skipped)
     wanted = {a.name for a in automations}

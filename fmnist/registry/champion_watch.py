@@ -10,7 +10,7 @@ from fmnist.evaluation.monitor import MonitorParams, MonitorReport, monitor
 from fmnist.registry.labels import STABLE
 from fmnist.registry.versions import Registry
 
-EVIDENCE_KEPT_S = 30 * 24 * 3600  # windows older than this are deleted by the watch (a month of history)
+EVIDENCE_KEPT_DAYS = 30  # windows older than this are deleted by the watch (a month of history)
 
 
 class NothingToWatch(Exception):
@@ -32,4 +32,4 @@ def watch_champion(registry: Registry, params: MonitorParams, now: float | None 
 
 
 def prune_old_evidence(registry: Registry, now: float | None = None) -> int:
-    return prune_evidence(registry.store, registry.root, EVIDENCE_KEPT_S, now)
+    return prune_evidence(registry.store, registry.root, EVIDENCE_KEPT_DAYS * 24 * 3600, now)

@@ -40,15 +40,12 @@ def prefect_api_url() -> str:
 
 def cmd_automations_apply(args: argparse.Namespace) -> None:
     prefect_api_url()
-    applied = automations.apply(args.file, args.heartbeat_s, args.start_window_s)
+    applied = automations.apply(args.file, args.heartbeat_s, args.start_window_s, args.retrain_on_drift)
     for verb in ("created", "updated", "deleted"):
         for name in getattr(applied, verb):
             print(f"{verb:8} {name}")
-    if applied.skipped:
-        print(
-            f"left out (no webhook block {automations.WEBHOOK_BLOCK!r}: make webhook WEBHOOK_URL=...): "
-            + ", ".join(applied.skipped)
-        )
+    for name, why in applied.skipped.items():
+        print(f"left out {name} ({why})")
 
 
 def cmd_webhook(args: argparse.Namespace) -> None:
@@ -92,6 +89,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=bounded(int, automations.MIN_START_WINDOW_S, automations.MAX_HEARTBEAT_S),
         default=automations.START_WINDOW_S,
         help="a run handed to a worker that has not started this long after is marked Crashed",
+    )
+    apply.add_argument(
+        "--retrain-on-drift",
+        metavar="DEPLOYMENT",
+        help="the deployment a drifted champion starts (e.g. retrain-fashion-mnist/adhoc); without it, none",
     )
     apply.set_defaults(run=cmd_automations_apply)
     webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
