@@ -30,7 +30,7 @@ class RolloutOutcome:
 @task(name="judge-rollout")
 def judge_rollout_task(storage: StorageParams, params: JudgeParams) -> RolloutOutcome:
     logger = get_run_logger()
-    judgement = judge_rollout(Registry.of(storage), params)
+    judgement = judge_rollout(Registry.of(storage), params, feedback=storage.data.feedback)
     if judgement.skipped:
         logger.warning("Evidence files skipped (%d): %s", len(judgement.skipped), "; ".join(judgement.skipped[:5]))
     verdict = judgement.verdict
@@ -65,7 +65,7 @@ def watch_champion_task(storage: StorageParams, params: MonitorParams) -> WatchO
     registry = Registry.of(storage)
     pruned = prune_old_evidence(registry)
     try:
-        report = watch_champion(registry, params)
+        report = watch_champion(registry, params, feedback=storage.data.feedback)
     except NothingToWatch as exc:
         logger.info("Nothing to watch: %s", exc)
         return WatchOutcome(None, False, False, None, pruned)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 
-from fmnist.data.dataset import NUM_CLASSES
+from fmnist.data.dataset import CLASS_SLUGS, NUM_CLASSES
+from fmnist.data.feedback import ReviewedBatch, ledger_location
 from fmnist.evaluation.estimates import Calibration, confidence_counts, fit_calibration, probability_counts
 from fmnist.evaluation.evaluate import Evaluation
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, MODEL_FAILED, EvidenceTotals, EvidenceWindow, window_location
@@ -143,3 +145,24 @@ def write_windows(registry: Registry, version: str, label: str, source: str, evi
         **pairs,
     )
     registry.store.create(window_location(registry.root, window), window.model_dump_json().encode())
+
+
+def write_ledger(store, feedback: str, batch: str, answers: list[tuple[str, int, int, float]], *, old: bool = False):
+    """A review ledger as `review --submit` writes it, of (version, predicted class, true class, served at)
+    answers; `old`: as ledgers were before they kept what was answered and when."""
+    records = []
+    for number, (version, predicted, truth, at) in enumerate(answers):
+        record = {"id": f"{number:032x}", "version": version, "labeled": CLASS_SLUGS[truth], "label": "stable"}
+        if not old:
+            record |= {"predicted": CLASS_SLUGS[predicted], "at": datetime.fromtimestamp(at, UTC).isoformat()}
+        records.append(record)
+    ledger = ReviewedBatch(
+        batch=batch,
+        at=datetime.now(UTC).isoformat(),
+        submitted=len(records),
+        relabeled=sum(p != t for _, p, t, _ in answers),
+        deleted=0,
+        served_versions={},
+        records=records,
+    )
+    store.create(ledger_location(feedback, batch), ledger.model_dump_json().encode())

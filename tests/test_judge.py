@@ -3,6 +3,7 @@ registry (local disk and a real S3 server's bucket) from evidence windows as ser
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +18,7 @@ from fmnist.registry.rollout import Rollouts
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from tests.helpers import GATE
-from tests.rollout_doubles import HELD_OUT, RULE, SWAPPED, Versions, register, traffic, write_windows
+from tests.rollout_doubles import HELD_OUT, RULE, SWAPPED, Versions, register, traffic, write_ledger, write_windows
 
 
 def failed(verdict) -> set[str]:
@@ -30,7 +31,9 @@ def test_an_equal_canary_waits_for_the_minimum_sample_then_is_promoted() -> None
     assert early.action == "wait" and "500 of 2000 images" in early.reason, early
     verdict = judge(versions.live(traffic(3000)), versions.offline, RULE)
     assert verdict.action == "promote", verdict
-    assert {c.status for c in verdict.checks} == {"pass"}, verdict.checks
+    statuses = {c.name: c.status for c in verdict.checks}
+    assert statuses.pop("accuracy on reviewed images") == "unavailable"  # nothing reviewed yet
+    assert set(statuses.values()) == {"pass"}, verdict.checks
     agreement = next(c for c in verdict.checks if c.name == "shadow agreement")
     assert abs(agreement.canary - agreement.reference) < 0.03  # live agreement as the test set predicts
 
@@ -56,6 +59,18 @@ def test_a_canary_that_disagrees_more_live_than_on_the_test_set_is_rolled_back()
     # The same shortfall on few images is not yet a verdict on agreement: its bound is wide.
     few = judge(versions.live(traffic(60), canary_broken=0.08), versions.offline, RULE)
     assert "shadow agreement" not in failed(few)
+
+
+def test_reviewed_answers_are_the_truth_the_canary_is_held_to() -> None:
+    versions = Versions()
+    evidence = versions.live(traffic(3000))
+    worse = judge(replace(evidence, reviewed_canary=(60, 100), reviewed_stable=(90, 100)), versions.offline, RULE)
+    assert worse.action == "roll_back" and failed(worse) == {"accuracy on reviewed images"}, worse.checks
+    close = judge(replace(evidence, reviewed_canary=(86, 100), reviewed_stable=(90, 100)), versions.offline, RULE)
+    assert close.action == "promote"  # 0.04 below on 100 each is within the sampling error
+    few = judge(replace(evidence, reviewed_canary=(5, 20), reviewed_stable=(90, 100)), versions.offline, RULE)
+    reviewed = next(c for c in few.checks if c.name == "accuracy on reviewed images")
+    assert reviewed.status == "unavailable" and "20 of the canary's" in reviewed.detail
 
 
 def test_service_objectives_roll_back_a_failing_or_slow_canary() -> None:
@@ -128,3 +143,28 @@ def test_the_judge_promotes_or_rolls_back_the_registrys_canary_from_the_windows(
         assert record.outcome == "promoted"
         assert "live evidence" in registry.promotions()[-1]["reason"]
     assert judge_rollout(registry, RULE).version is None  # decided once; nothing left to judge
+
+
+def test_the_judge_holds_both_versions_to_what_reviewers_labeled(registry: Registry) -> None:
+    """Live evidence that would promote the canary, and the loop's reviews of its answers since the rollout
+    started that say it is worse: rolled back on the truth. A ledger from before answers were kept is named."""
+    versions = Versions()
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    live = versions.live(traffic(3000))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    feedback = registry.root.removesuffix("/registry") + "/data/feedback"
+    now = time.time()
+    canary = [("v0002", 3 if n % 2 else 4, 4, now) for n in range(80)]  # half of them wrong
+    stable = [("v0001", 4, 4, now)] * 76 + [("v0001", 3, 4, now)] * 4
+    before = [("v0002", 4, 4, now - 86400)] * 500  # reviewed answers from before the rollout: not its evidence
+    write_ledger(registry.store, feedback, "review-1", canary + stable + before)
+    write_ledger(registry.store, feedback, "review-0", stable, old=True)
+
+    judgement = judge_rollout(registry, RULE, feedback=feedback)
+    reviewed = next(c for c in judgement.verdict.checks if c.name == "accuracy on reviewed images")
+    assert (reviewed.status, reviewed.canary, reviewed.reference) == ("fail", 0.5, 0.95), reviewed
+    assert judgement.verdict.action == "roll_back" and registry.champion() == "v0001"
+    assert any("review-0.json" in s and "do not say what was answered" in s for s in judgement.skipped)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fmnist.data.dataset import NUM_CLASSES
+from fmnist.data.feedback import ReviewedAnswer
 from fmnist.evaluation.estimates import fit_calibration
 from fmnist.evaluation.evidence import EvidenceWindow
 from fmnist.evaluation.monitor import MonitorParams, monitor
@@ -74,3 +75,23 @@ def test_drift_is_said_once_periods_in_a_row_drift(shift: dict) -> None:
 def test_periods_with_too_few_images_are_not_judged() -> None:
     report = monitor("v0001", TEST_ACCURACY, windows(3, 200, first_seed=400, accuracy=0.5), CALIBRATION, PARAMS)
     assert [p.judged for p in report.periods] == [False] * 3 and not report.drift and report.latest_estimate is None
+
+
+def test_each_period_holds_its_reviewed_accuracy_beside_the_estimates() -> None:
+    """An estimate checked against the truth: reviewers labeled a sample of each period's answers."""
+    made = windows(3, 1000, first_seed=500)
+    rng = np.random.default_rng(7)
+    truth = [0.9, 0.9, 0.6]  # the last period's reviewed answers are worse than its estimate says
+    reviewed = [
+        ReviewedAnswer("v0001", period * PARAMS.period_s + 5 + n, bool(rng.random() < share))
+        for period, share in enumerate(truth)
+        for n in range(200)
+    ]
+    report = monitor("v0001", TEST_ACCURACY, made, CALIBRATION, PARAMS, reviewed)
+    assert [p.reviewed_images for p in report.periods] == [200, 200, 200]
+    for period, share in zip(report.periods, truth, strict=True):
+        assert abs(period.reviewed_accuracy - share) < 0.06
+    first, _, last = report.periods
+    assert abs(first.estimates["CBPE"] - first.reviewed_accuracy) < 0.06  # the estimate holds against the truth
+    assert last.estimates["CBPE"] - last.reviewed_accuracy > 0.2  # and the truth shows where it does not
+    assert monitor("v0001", TEST_ACCURACY, made, CALIBRATION, PARAMS).periods[0].reviewed_accuracy is None

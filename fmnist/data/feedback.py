@@ -9,8 +9,10 @@ any file: one that does not parse is named in the error (review) or in the linea
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -97,3 +99,53 @@ def feedback_lineage(store: Store, feedback: str, batches: dict[str, str]) -> Fe
             images += ledger.submitted
             versions.update(ledger.served_versions)
     return FeedbackLineage(reviewed, images, dict(versions), unreadable)
+
+
+MAX_REVIEWED_LEDGERS = 1000  # the newest ledgers `reviewed_answers` reads (a review is up to a few thousand images)
+
+
+@dataclass(frozen=True)
+class ReviewedAnswer:
+    """A served answer a reviewer labeled: the version that gave it, when, and whether it was right."""
+
+    version: str
+    at: float  # seconds since the epoch, when it was served
+    correct: bool
+
+
+@dataclass(frozen=True)
+class ReviewedAnswers:
+    answers: list[ReviewedAnswer]
+    unreadable: list[str]  # ledgers (and record fields) that could not be read, named
+
+
+def reviewed_answers(store: Store, feedback: str, versions: set[str]) -> ReviewedAnswers:
+    """Every reviewed answer of `versions` in the newest MAX_REVIEWED_LEDGERS ledgers: the truth the label-free
+    estimates are held to. A record the reviewer deleted has no truth; a ledger from before records kept
+    what was predicted and when (or one that does not parse) is named in `unreadable`, never guessed."""
+    names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))[-MAX_REVIEWED_LEDGERS:]
+    answers, unreadable = [], []
+    for name in names:
+        location = join(feedback, REVIEWED, name)
+        try:
+            ledger = read_ledger(store, location)
+        except (FeedbackLedgerError, FileNotFoundError):
+            unreadable.append(location)
+            continue
+        found = [_reviewed(record) for record in ledger.records if record.labeled and record.version in versions]
+        if None in found:  # a ledger from before records kept what was answered and when: none of it is guessed
+            unreadable.append(f"{location}: its records do not say what was answered, and when")
+            continue
+        answers.extend(found)
+    return ReviewedAnswers(answers, unreadable)
+
+
+def _reviewed(record: ReviewedRecord) -> ReviewedAnswer | None:
+    predicted, at = getattr(record, "predicted", None), getattr(record, "at", None)
+    try:
+        served = datetime.fromisoformat(at).timestamp() if isinstance(at, str) else math.nan
+    except ValueError:
+        served = math.nan
+    if not isinstance(predicted, str) or not math.isfinite(served):
+        return None
+    return ReviewedAnswer(record.version, served, predicted == record.labeled)

@@ -4,7 +4,8 @@ Windows are grouped into periods of `period_s`; each period with at least `min_i
 against the champion's held-out reference (kept in its calibration at registration):
 - input drift, black-box: each class's softmax probability and the predicted-class mix, two-sample tests
   with the ten dimensions' Bonferroni correction (`estimates.softmax_shift`, `estimates.class_mix_shift`);
-- accuracy estimated three ways (the live class mix, ATC, CBPE).
+- accuracy estimated three ways (the live class mix, ATC, CBPE), beside the accuracy of the period's
+  answers that reviewers labeled, where there are any: the estimates checked against the truth.
 Drift is raised only when `drifted_periods` periods in a row drift, never on one batch or window: one
 period's test has a false-alarm rate of about `alpha`, two in a row about alpha squared. The estimate is
 low when the mean of the three estimates of `drifted_periods` periods in a row is more than
@@ -13,11 +14,12 @@ low when the mean of the three estimates of `drifted_periods` periods in a row i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fmnist.data.feedback import ReviewedAnswer
 from fmnist.evaluation import estimates
 from fmnist.evaluation.evidence import EvidenceTotals, EvidenceWindow, sum_windows
 
@@ -49,6 +51,8 @@ class Period:
     class_mix_p: float | None
     drifted: bool
     estimates: dict[str, float]  # method -> estimated accuracy
+    reviewed_images: int = 0  # answers of the period a reviewer labeled (the loop)
+    reviewed_accuracy: float | None = None  # the truth the estimates are held to, where reviews exist
 
 
 @dataclass(frozen=True)
@@ -95,17 +99,23 @@ def judge_period(
     return Period(start, end, totals.images, True, min(softmax.p_values), min(mix.p_values), drifted, accuracy)
 
 
+def with_reviewed(period: Period, reviewed: Sequence[ReviewedAnswer]) -> Period:
+    right = [a.correct for a in reviewed if period.start <= a.at < period.end]
+    return replace(period, reviewed_images=len(right), reviewed_accuracy=sum(right) / len(right) if right else None)
+
+
 def monitor(
     version: str,
     test_accuracy: float,
     windows: list[EvidenceWindow],
     calibration: estimates.Calibration,
     params: MonitorParams,
+    reviewed: Sequence[ReviewedAnswer] = (),
 ) -> MonitorReport:
-    """The champion's periods judged, and whether drift or a low estimate is to be said now."""
-    periods = [
-        judge_period(start, totals, calibration, params) for start, totals in periods_of(windows, params.period_s)
-    ]
+    """The champion's periods judged, and whether drift or a low estimate is to be said now; with the
+    accuracy of each period's `reviewed` answers (the version's, labeled by reviewers) beside its estimates."""
+    grouped = periods_of(windows, params.period_s)
+    periods = [with_reviewed(judge_period(start, totals, calibration, params), reviewed) for start, totals in grouped]
     recent = [p for p in periods if p.judged][-params.drifted_periods :]
     enough = len(recent) == params.drifted_periods
     drift = enough and all(p.drifted for p in recent)

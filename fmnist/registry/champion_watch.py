@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from fmnist.data.feedback import reviewed_answers
 from fmnist.evaluation.evidence import prune_evidence, read_windows
 from fmnist.evaluation.monitor import MonitorParams, MonitorReport, monitor
 from fmnist.registry.labels import STABLE
@@ -17,8 +18,11 @@ class NothingToWatch(Exception):
     """No champion, or one registered before calibrations were kept: nothing to judge its traffic against."""
 
 
-def watch_champion(registry: Registry, params: MonitorParams, now: float | None = None) -> MonitorReport:
-    """The champion's traffic over `params.lookback_s`, judged period by period (`monitor`)."""
+def watch_champion(
+    registry: Registry, params: MonitorParams, now: float | None = None, feedback: str | None = None
+) -> MonitorReport:
+    """The champion's traffic over `params.lookback_s`, judged period by period (`monitor`), with its answers
+    reviewers labeled in the feedback loop's folder `feedback`, if given."""
     now = time.time() if now is None else now
     champion = registry.champion()
     if champion is None:
@@ -28,7 +32,8 @@ def watch_champion(registry: Registry, params: MonitorParams, now: float | None 
         raise NothingToWatch(f"champion {champion} was registered before calibrations were kept: retrain to watch it")
     read = read_windows(registry.store, registry.root, champion, now - params.lookback_s, now)
     windows = [w for w in read.windows if w.source == "served" and w.label == STABLE]
-    return monitor(champion, manifest.metrics.test_accuracy, windows, manifest.calibration, params)
+    reviewed = reviewed_answers(registry.store, feedback, {champion}).answers if feedback else []
+    return monitor(champion, manifest.metrics.test_accuracy, windows, manifest.calibration, params, reviewed)
 
 
 def prune_old_evidence(registry: Registry, now: float | None = None) -> int:

@@ -10,7 +10,9 @@ it by: no shadow traffic, a version registered before calibrations were kept).
   bound is within it. A canary that disagrees far more on live traffic than on the test set is caught.
 - estimated accuracy, for both versions on the traffic each met, three ways: under the live class mix
   (held-out precision per predicted class), ATC and CBPE (calibrated confidence); fails when the canary's
-  is more than `estimate_margin` below stable's by any of them.
+  is more than `estimate_margin` below stable's by any of them, beyond their sampling error.
+- reviewed accuracy, where the feedback loop's reviewers labeled at least MIN_REVIEWED answers of each
+  since the rollout started: the truth, held to the same margin.
 - service objectives: the canary's error rate (its lower confidence bound above `max_error_rate` fails)
   and its p99 latency (above `max_p99_ms` fails).
 
@@ -33,6 +35,7 @@ from fmnist.evaluation import estimates
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
 
 Status = Literal["pass", "fail", "wait", "unavailable"]
+MIN_REVIEWED = 30  # reviewed answers of each version before their accuracies are compared
 Action = Literal["promote", "roll_back", "wait"]
 
 
@@ -103,6 +106,9 @@ class LiveEvidence:
     stable: EvidenceTotals  # served as stable
     pairs: np.ndarray | None  # stable's class x the canary's, on shadowed requests against the champion
     elapsed_s: float
+    # Answers a reviewer labeled since the rollout started (the loop): (right, reviewed) of each version.
+    reviewed_canary: tuple[int, int] = (0, 0)
+    reviewed_stable: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def judge(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Verd
     checks = [
         _agreement(evidence, offline, params),
         *_estimates(evidence, offline, params),
+        _reviewed(evidence, params),
         *_objectives(evidence, params),
     ]
     images = evidence.canary.images
@@ -194,6 +201,21 @@ def _estimates(evidence: LiveEvidence, offline: Offline, params: JudgeParams) ->
         else:
             checks.append(Check(name, "wait", canary, stable, detail))
     return checks
+
+
+def _reviewed(evidence: LiveEvidence, params: JudgeParams) -> Check:
+    """The truth where the loop has it: the share of each version's reviewed answers that were right."""
+    name = "accuracy on reviewed images"
+    (canary_right, canary_n), (stable_right, stable_n) = evidence.reviewed_canary, evidence.reviewed_stable
+    counted = f"{canary_n} of the canary's and {stable_n} of stable's answers reviewed"
+    if min(canary_n, stable_n) < MIN_REVIEWED:
+        return Check(name, "unavailable", None, None, f"{counted}: fewer than {MIN_REVIEWED} of either")
+    canary, stable = canary_right / canary_n, stable_right / stable_n
+    spread = params.z * math.sqrt(_variance(canary, canary_n) + _variance(stable, stable_n))
+    detail = f"canary {canary:.3f} against stable {stable:.3f} (+/- {spread:.3f}; {counted})"
+    if stable - canary - spread > params.estimate_margin:
+        return Check(name, "fail", canary, stable, detail + f": more than {params.estimate_margin} below")
+    return Check(name, "pass", canary, stable, detail)
 
 
 def _variance(share: float, images: int) -> float:

@@ -5,11 +5,12 @@ through the rollout's records (`fmnist.registry.rollout`); with the evidence ove
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
 
+from fmnist.data.feedback import reviewed_answers
 from fmnist.evaluation import estimates
 from fmnist.evaluation.evidence import MAX_WINDOW_S, EvidenceTotals, EvidenceWindow, read_windows, sum_windows
 from fmnist.evaluation.monitor import periods_of
@@ -69,9 +70,12 @@ def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
     )
 
 
-def judge_rollout(registry: Registry, params: JudgeParams, now: float | None = None) -> Judgement:
+def judge_rollout(
+    registry: Registry, params: JudgeParams, now: float | None = None, feedback: str | None = None
+) -> Judgement:
     """Judge the rollout in progress, if any, and act on the verdict: promote the canary (the champion
-    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
+    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back.
+    `feedback`: the feedback loop's folder, whose reviewed answers are the truth where there are any."""
     rollouts = Rollouts(registry)
     rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
     rollout = rollouts.active()
@@ -82,14 +86,23 @@ def judge_rollout(registry: Registry, params: JudgeParams, now: float | None = N
     since = datetime.fromisoformat(rollout.started_at).timestamp()
     windows = rollout_windows(registry, rollout.version, champion, since, now)
     offline = offline_evidence(registry, rollout.version, champion)
-    verdict = judge(live_evidence(windows, champion, now - since), offline, params)
+    evidence = live_evidence(windows, champion, now - since)
+    skipped = list(windows.skipped)
+    if feedback:
+        reviewed = reviewed_answers(registry.store, feedback, {rollout.version, champion})
+        skipped += reviewed.unreadable
+
+        def right_of(version: str) -> tuple[int, int]:
+            answers = [a.correct for a in reviewed.answers if a.version == version and since <= a.at <= now]
+            return sum(answers), len(answers)
+
+        evidence = replace(evidence, reviewed_canary=right_of(rollout.version), reviewed_stable=right_of(champion))
+    verdict = judge(evidence, offline, params)
     if verdict.action == "promote":
         rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
     elif verdict.action == "roll_back":
         rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
-    return Judgement(
-        rollout.version, registry.champion(), verdict, windows.skipped, timeline(windows, offline, champion)
-    )
+    return Judgement(rollout.version, registry.champion(), verdict, skipped, timeline(windows, offline, champion))
 
 
 TIMELINE_ROWS = 24  # periods the report shows: the rollout's time so far in this many, each a window or more

@@ -79,6 +79,8 @@ def monitor_table(report: MonitorReport) -> list[dict]:
             "softmax p": "" if p.softmax_p is None else f"{p.softmax_p:.2g}",
             "class mix p": "" if p.class_mix_p is None else f"{p.class_mix_p:.2g}",
             **{f"accuracy ({name})": f"{value:.3f}" for name, value in p.estimates.items()},
+            "reviewed": p.reviewed_images,
+            "accuracy (reviewed)": _share(p.reviewed_accuracy),
         }
         for p in report.periods
     ]
