@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
+from fmnist.ops import cli
 from fmnist.registry.judge import LiveEvidence, Offline, judge
 from fmnist.registry.judging import judge_rollout
 from fmnist.registry.labels import CANARY, Labels
@@ -168,3 +169,19 @@ def test_the_judge_holds_both_versions_to_what_reviewers_labeled(registry: Regis
     assert (reviewed.status, reviewed.canary, reviewed.reference) == ("fail", 0.5, 0.95), reviewed
     assert judgement.verdict.action == "roll_back" and registry.champion() == "v0001"
     assert any("review-0.json" in s and "do not say what was answered" in s for s in judgement.skipped)
+
+
+def test_rollout_status_shows_the_evidence_now_as_the_judge_reads_it(registry: Registry, capsys) -> None:
+    versions = Versions(canary_swap_rate=0.1)
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    live = versions.live(traffic(3000, SWAPPED, 0.8))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    data_root = registry.root.removesuffix("/registry") + "/data"
+    assert cli.main(["--registry", registry.root, "rollout", "status", "--data-root", data_root]) == 0
+    shown = capsys.readouterr().out
+    assert "The evidence now, by the default rule: roll back" in shown, shown
+    assert "accuracy under the live class mix" in shown and "shadow agreement" in shown
+    assert Rollouts(registry).active().version == "v0002"  # shown, not acted on: the judge decides

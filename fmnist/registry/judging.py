@@ -17,7 +17,7 @@ from fmnist.evaluation.monitor import periods_of
 from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, Verdict, finite, judge, p99_ms
 from fmnist.registry.labels import STABLE
 from fmnist.registry.predictions import paired_test_predictions
-from fmnist.registry.rollout import Rollouts
+from fmnist.registry.rollout import RolloutRecord, Rollouts
 from fmnist.registry.versions import Registry
 
 
@@ -26,7 +26,7 @@ class Judgement:
     """What the judge did with a registry's rollout: its verdict, and what it could not read."""
 
     version: str | None  # the canary judged (None: no rollout in progress)
-    champion: str | None  # after the judgement
+    champion: str | None  # after the judgement (`assess`: the one the canary is held to)
     verdict: Verdict | None
     skipped: list[str] = field(default_factory=list)  # evidence files that could not be read, named
     timeline: list[TimelineRow] = field(default_factory=list)  # the evidence over time, for the report
@@ -70,18 +70,11 @@ def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
     )
 
 
-def judge_rollout(
-    registry: Registry, params: JudgeParams, now: float | None = None, feedback: str | None = None
+def assess(
+    registry: Registry, rollout: RolloutRecord, params: JudgeParams, now: float, feedback: str | None = None
 ) -> Judgement:
-    """Judge the rollout in progress, if any, and act on the verdict: promote the canary (the champion
-    pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back.
+    """The rule applied to `rollout`'s evidence now, acting on nothing (what `rollout status` shows).
     `feedback`: the feedback loop's folder, whose reviewed answers are the truth where there are any."""
-    rollouts = Rollouts(registry)
-    rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
-    rollout = rollouts.active()
-    if rollout is None:
-        return Judgement(None, registry.champion(), None)
-    now = time.time() if now is None else now
     champion = rollout.champion or registry.champion()
     since = datetime.fromisoformat(rollout.started_at).timestamp()
     windows = rollout_windows(registry, rollout.version, champion, since, now)
@@ -98,11 +91,26 @@ def judge_rollout(
 
         evidence = replace(evidence, reviewed_canary=right_of(rollout.version), reviewed_stable=right_of(champion))
     verdict = judge(evidence, offline, params)
+    return Judgement(rollout.version, champion, verdict, skipped, timeline(windows, offline, champion))
+
+
+def judge_rollout(
+    registry: Registry, params: JudgeParams, now: float | None = None, feedback: str | None = None
+) -> Judgement:
+    """Judge the rollout in progress, if any (`assess`), and act on the verdict: promote the canary (the
+    champion pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
+    rollouts = Rollouts(registry)
+    rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
+    rollout = rollouts.active()
+    if rollout is None:
+        return Judgement(None, registry.champion(), None)
+    judgement = assess(registry, rollout, params, time.time() if now is None else now, feedback)
+    verdict = judgement.verdict
     if verdict.action == "promote":
         rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
     elif verdict.action == "roll_back":
         rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
-    return Judgement(rollout.version, registry.champion(), verdict, skipped, timeline(windows, offline, champion))
+    return replace(judgement, champion=registry.champion())
 
 
 TIMELINE_ROWS = 24  # periods the report shows: the rollout's time so far in this many, each a window or more

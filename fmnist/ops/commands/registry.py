@@ -7,7 +7,7 @@ import json
 import sys
 
 from fmnist.data.feedback import feedback_lineage
-from fmnist.ops.commands.roots import feedback_root, registry_of
+from fmnist.ops.commands.roots import feedback_root, registry_of, reviews_flag
 from fmnist.registry.labels import Labels
 from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.rollout import Rollouts
@@ -120,9 +120,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser("versions", help="list versions").set_defaults(run=cmd_versions)
     show = commands.add_parser("show", help="one version in full")
     show.add_argument("version")
-    show.add_argument(
-        "--data-root", default=None, help="whose feedback reviews to read (default: FMNIST_DATA_ROOT, or data/)"
-    )
+    reviews_flag(show)
     show.set_defaults(run=cmd_show)
     promote = commands.add_parser("promote", help="make a version champion")
     promote.add_argument("version")

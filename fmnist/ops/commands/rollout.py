@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 from fmnist.ops import events
-from fmnist.ops.commands.roots import registry_of
+from fmnist.ops.commands.roots import feedback_root, registry_of, reviews_flag
+from fmnist.registry.judge import JudgeParams
+from fmnist.registry.judging import assess
 from fmnist.registry.rollout import RolloutRecord, Rollouts
-from fmnist.registry.versions import RegistryError
+from fmnist.registry.versions import Registry, RegistryError
 
 OPERATOR = {"decided_by": "operator"}  # the evidence of a decision made by hand: the operator's own judgement
 
@@ -35,6 +38,7 @@ def cmd_status(args: argparse.Namespace) -> None:
             f"{active.champion or 'no champion'} ({active.offline.reason}); the judge decides, or "
             "`fashion-mnist rollout promote` / `rollout abort`"
         )
+        _evidence_now(registry, active, feedback_root(args))
     records = rollouts.status()
     if not records:
         print(f"No rollouts in {rollouts.root}")
@@ -43,6 +47,14 @@ def cmd_status(args: argparse.Namespace) -> None:
     for record in records:
         outcome = _outcome(record, active)
         print(f"{record.version:9}{record.started_at:27}{outcome:13}{record.decided_at or '':27}{record.reason or ''}")
+
+
+def _evidence_now(registry: Registry, active: RolloutRecord, feedback: str) -> None:
+    """The live evidence as the judge's default rule reads it now (a deployment may set other thresholds)."""
+    verdict = assess(registry, active, JudgeParams(), time.time(), feedback).verdict
+    print(f"\nThe evidence now, by the default rule: {verdict.action.replace('_', ' ')} ({verdict.reason})")
+    for check in verdict.checks:
+        print(f"  {check.name:36}{check.status:13}{check.detail}")
 
 
 def _outcome(record: RolloutRecord, active: RolloutRecord | None) -> str:
@@ -99,7 +111,9 @@ def _tell(event: str, registry: str, message: str, version: str) -> None:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     rollout = commands.add_parser("rollout", help="the canary rollout: status, or decide it by hand")
     actions = rollout.add_subparsers(dest="action", required=True)
-    actions.add_parser("status", help="the rollout in progress, and the recent decisions").set_defaults(run=cmd_status)
+    status = actions.add_parser("status", help="the rollout in progress, its evidence now, and the recent decisions")
+    reviews_flag(status)
+    status.set_defaults(run=cmd_status)
     for name, run, helps, reason in (
         ("promote", cmd_promote, "make the canary champion now", "promoted by the operator"),
         ("abort", cmd_abort, "roll the canary back; the gate never promotes it", "rolled back by the operator"),

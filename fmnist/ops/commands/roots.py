@@ -38,6 +38,13 @@ def feedback_root(args: argparse.Namespace) -> str:
     return DataLayout(normalize(data_root(args))).feedback
 
 
+def reviews_flag(command: argparse.ArgumentParser) -> None:
+    """--data-root for a command that reads what reviewers labeled (`feedback_root`)."""
+    command.add_argument(
+        "--data-root", default=None, help="whose feedback reviews to read (default: FMNIST_DATA_ROOT, or data/)"
+    )
+
+
 def registry_root(args: argparse.Namespace) -> str:
     return given(args, "registry", "FMNIST_REGISTRY_ROOT") or DEFAULT_REGISTRY
 
