@@ -97,7 +97,7 @@ def test_a_command_that_uses_no_registry_never_reads_the_registry_flag(monkeypat
 
     from fmnist.ops import automations
 
-    applied = SimpleNamespace(created=["notify"], updated=[], deleted=[], skipped=[])
+    applied = SimpleNamespace(created=["notify"], updated=[], deleted=[], skipped={})
     monkeypatch.setattr(automations, "apply", lambda *args: applied)
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert cli.main(["--registry", "ftp://nowhere/registry", "automations", "apply"]) == 0
