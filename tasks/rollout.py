@@ -37,6 +37,10 @@ def judge_rollout_task(storage: StorageParams, params: JudgeParams) -> RolloutOu
     if verdict is None:
         logger.info("No rollout in progress in %s (champion: %s)", storage.registry, judgement.champion)
         return RolloutOutcome(None, "none", "no rollout in progress", judgement.champion)
+    if judgement.decided_meanwhile:
+        message = f"Canary {judgement.version} was decided {judgement.decided_meanwhile} by another while judged"
+        logger.info("%s: that decision stands", message)
+        return RolloutOutcome(judgement.version, "none", message, judgement.champion)
     create_markdown_artifact(key="rollout-report", markdown=judgement_markdown(judgement))
     if judgement.timeline:
         create_table_artifact(

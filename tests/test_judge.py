@@ -11,6 +11,7 @@ import pytest
 
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
 from fmnist.ops import cli
+from fmnist.registry import judging
 from fmnist.registry.judge import LiveEvidence, Offline, judge
 from fmnist.registry.judging import judge_rollout
 from fmnist.registry.labels import CANARY, Labels
@@ -185,3 +186,26 @@ def test_rollout_status_shows_the_evidence_now_as_the_judge_reads_it(registry: R
     assert "The evidence now, by the default rule: roll back" in shown, shown
     assert "accuracy under the live class mix" in shown and "shadow agreement" in shown
     assert Rollouts(registry).active().version == "v0002"  # shown, not acted on: the judge decides
+
+
+def test_an_operator_deciding_while_the_judge_reads_the_evidence_wins_and_fails_no_judge(
+    registry: Registry, monkeypatch
+) -> None:
+    versions = Versions()
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    live = versions.live(traffic(3000))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    read_evidence = judging.assess
+
+    def operator_aborts_meanwhile(*args, **kwargs):
+        judgement = read_evidence(*args, **kwargs)  # the evidence says promote ...
+        Rollouts(registry).roll_back("v0002", "aborted by hand", {"decided_by": "operator"})  # ... the operator aborts
+        return judgement
+
+    monkeypatch.setattr(judging, "assess", operator_aborts_meanwhile)
+    judgement = judging.judge_rollout(registry, RULE)
+    assert judgement.verdict.action == "promote" and judgement.decided_meanwhile == "rolled_back"
+    assert registry.champion() == "v0001" and Rollouts(registry).record("v0002").reason == "aborted by hand"

@@ -18,7 +18,7 @@ from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, Verdict, f
 from fmnist.registry.labels import STABLE
 from fmnist.registry.predictions import paired_test_predictions
 from fmnist.registry.rollout import RolloutRecord, Rollouts
-from fmnist.registry.versions import Registry
+from fmnist.registry.versions import Registry, RegistryError
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Judgement:
     verdict: Verdict | None
     skipped: list[str] = field(default_factory=list)  # evidence files that could not be read, named
     timeline: list[TimelineRow] = field(default_factory=list)  # the evidence over time, for the report
+    decided_meanwhile: str | None = None  # another's decision, made while this judge read the evidence
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,16 @@ def judge_rollout(
         return Judgement(None, registry.champion(), None)
     judgement = assess(registry, rollout, params, time.time() if now is None else now, feedback)
     verdict = judgement.verdict
-    if verdict.action == "promote":
-        rollouts.promote(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
-    elif verdict.action == "roll_back":
-        rollouts.roll_back(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    act = {"promote": rollouts.promote, "roll_back": rollouts.roll_back}.get(verdict.action)
+    try:
+        if act:
+            act(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
+    except RegistryError:
+        decided = rollouts.record(rollout.version)
+        if decided is None or decided.outcome is None:
+            raise
+        # An operator (or another judge) decided it while the evidence was read: theirs stands, and is no failure.
+        return replace(judgement, champion=registry.champion(), decided_meanwhile=decided.outcome)
     return replace(judgement, champion=registry.champion())
 
 
