@@ -125,9 +125,17 @@ def register(registry: Registry, accuracy: float, calibration: Calibration, pred
     return register_model(registry, trained, evaluation, manifest, GATE.model_copy(update={"rollout": rollout}))
 
 
-def write_windows(registry: Registry, version: str, label: str, source: str, evidence: EvidenceTotals, **pairs):
-    """`evidence` as one server's window of the last minute, written where servers write them."""
-    now = time.time()
+def write_windows(
+    registry: Registry,
+    version: str,
+    label: str,
+    source: str,
+    evidence: EvidenceTotals,
+    ago_s: float = 0,
+    **pairs,
+):
+    """`evidence` as one server's window of a minute ending `ago_s` ago, written where servers write them."""
+    now = time.time() - ago_s
     window = EvidenceWindow(
         replica="ab" * 16,
         version=version,

@@ -45,7 +45,7 @@ from tests.prefect_stack import (
     start_deployment_run,
     wait_for,
 )
-from tests.rollout_doubles import SWAPPED, Versions, register, traffic, write_windows
+from tests.rollout_doubles import SWAPPED, Versions, answers, register, totals, traffic, write_windows
 from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
@@ -537,3 +537,21 @@ def test_a_rollout_started_is_judged_at_once_by_the_judge_deployment_and_a_worse
         and "accuracy under the live class mix" in report["rollout-report"]
     )
     webhook.wait_for(events.ROLLOUT_ROLLED_BACK, "v0002")
+
+
+def test_the_watch_deployment_says_when_the_champions_traffic_drifted(stack: Stack, webhook: WebhookReceiver) -> None:
+    """Two hours of the champion's traffic, the second far harder than its test set (as servers write it):
+    the watch deployment's run tells the operator, with the periods in the UI."""
+    storage = StorageParams.model_validate(local_storage(stack, "-watch"))
+    registry = Registry(Store(), storage.registry)
+    versions = Versions()
+    register(registry, 0.9, versions.offline.stable_calibration, versions.offline.stable_predictions, "immediate")
+    for hours_ago, accuracy in ((2.5, 0.9), (1.5, 0.9), (0.5, 0.55)):
+        labels = traffic(2000, seed=int(hours_ago * 10))
+        write_windows(registry, "v0001", "stable", "served", totals(answers(labels, 31, accuracy)), hours_ago * 3600)
+    watch = {"period_s": 3600, "drifted_periods": 1, "lookback_s": 4 * 3600}
+    run = stack.finished(stack.deployment_run("watch-champion/watch", watch=watch, storage=storage.model_dump()))
+    assert run["state_type"] == "COMPLETED", run["state"]
+    report = stack.artifacts(run["id"])
+    assert "Champion v0001: input drift" in report["champion-watch"], report
+    webhook.wait_for(events.CHAMPION_DRIFTED, "v0001")
