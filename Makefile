@@ -61,7 +61,7 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates serve server pools deploy deploy-cluster worker-cpu worker-gpu worker-watch \
+.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates bench-rollout serve server pools deploy deploy-cluster worker-cpu worker-gpu worker-watch \
 	retrain-now requirements automations webhook prune
 
 help:
@@ -74,6 +74,7 @@ help:
 	@echo "make bench-train   training speed and a whole run against the tutorial script; make bench-presets: each preset's accuracy"
 	@echo "make bench-scale   data stages, memory and an epoch at 1x, 10x and 100x the training set"
 	@echo "make bench-estimates   the label-free accuracy estimates' error and the drift tests on shifted test images"
+	@echo "make bench-rollout   a canary rollout's time to the judge's decision, the watch's drift delay and false alarms, evidence's serving cost"
 	@echo "make serve   serve the champion through the edge (nginx) on $(SERVE_HOST): REST $(SERVE_PORT), gRPC $(SERVE_GRPC_PORT) (make bench-serve: its load test)"
 	@echo "make loop-demo   the feedback loop step by step: serve with capture, review, submit, the retrain, the new champion served"
 	@echo "make server  start a Prefect server and UI on 127.0.0.1:$(PREFECT_PORT) (DB=postgres: on a PostgreSQL of its own)"
@@ -211,6 +212,12 @@ bench-presets: install data
 # the drift tests flag each shift, with a dnn trained 5 epochs on the real data (a few minutes on 2 cores).
 bench-estimates: install data
 	$(PY) bench/estimates.py
+
+# After the gate: registration to the judge's decision for an equal and a worse canary (a real server, fixed-rate
+# traffic), the watch's periods to drift and its false alarms, and serving throughput with evidence on and off,
+# with three dnn versions trained 3 epochs on the real data (about 4 minutes on 2 cores).
+bench-rollout: install data
+	$(PY) bench/rollout.py
 
 # Serve the registry's champion on $(SERVE_HOST):$(SERVE_PORT) (REST) and $(SERVE_GRPC_PORT) (gRPC) through the edge
 # (nginx, which clients meet; the server listens behind it on loopback); follows promotions.
