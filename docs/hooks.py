@@ -60,6 +60,7 @@ LIMITS = [
     ("fmnist.serving.edge", "BODY_BUFFER_BYTES", "A body the edge holds in memory (bigger ones in a file)", "bytes"),
     ("fmnist.serving.log_limits", "PER_WINDOW", "Log lines of one kind a minute (more are counted)", "lines"),
     ("fmnist.serving.service", "MAX_SHADOW_CALLS", "Shadow calls to the canary in flight (more are skipped)", "calls"),
+    ("fmnist.serving.service", "SHADOW_STOP_S", "A stopping server's wait for shadow calls in flight", "seconds"),
     ("fmnist.serving.capture", "MAX_QUEUED", "Captured records waiting to be written (more are dropped)", "records"),
     ("fmnist.serving.capture", "MAX_RECORDS", "Captured records kept (then capture pauses until a review)", "records"),
     ("fmnist.serving.capture", "MAX_FILES", "Captured record files kept (then capture pauses until a review)", "files"),

@@ -8,6 +8,7 @@ test_serving_hostile's."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -20,11 +21,14 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from fmnist.data.dataset import CLASS_NAMES
+from fmnist.evaluation.evidence import read_windows, sum_windows
 from fmnist.ops import cli
 from fmnist.registry.labels import Labels
 from fmnist.registry.versions import Registry, RegistryError
+from fmnist.serving.models import ModelCall
 from fmnist.serving.payloads import MAX_INSTANCES
 from fmnist.serving.rest import MAX_JSON_BYTES
+from fmnist.serving.service import PredictionCore
 from fmnist.storage import join
 from tests.helpers import synthetic_images
 from tests.serving_helpers import (
@@ -32,10 +36,12 @@ from tests.serving_helpers import (
     PREDICT,
     app_client,
     image_rows,
+    load_stub_model,
     metric_samples,
     stub_probabilities,
     versions_served,
     wait_for_versions,
+    write_stub_registry,
 )
 
 MODEL = "/v1/models/fashion-mnist"
@@ -504,6 +510,46 @@ def test_canary_share_routes_requests_and_shadow_mode_counts_agreement(stub_regi
             assert (yes, no) == (stable_requests * agreement.sum(), stable_requests * (~agreement).sum())
     finally:
         Labels(stub_registry).clear("canary")
+
+
+def slow_canary(registry: Registry, record: dict) -> tuple[ModelCall, str]:
+    """The stub models, v0002's taking half a second a call (a canary still answering as the server stops)."""
+    call, sha256 = load_stub_model(registry, record)
+    if record["version"] != "v0002":
+        return call, sha256
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        time.sleep(0.5)
+        return call(images)
+
+    return predict, sha256
+
+
+def test_a_shadow_call_in_flight_at_the_stop_is_finished_and_in_the_last_window(tmp_path: Path) -> None:
+    registry = write_stub_registry(tmp_path)
+    Labels(registry).set("canary", "v0002", "shadowed")
+    with app_client(registry, load=slow_canary, shadow_share=1, evidence_window_s=60) as running:
+        wait_for_versions(running, ["1", "2"])
+        assert predict(running, PREDICT, {"instances": IMAGES.tolist()}).status_code == 200
+    # Stopped at once: the shadow call was still running. (It vanished with the event loop before.)
+    shadow = sum_windows(read_windows(registry.store, registry.root, "v0002", 0).windows)
+    assert (shadow.images, np.sum(shadow.pairs["v0001"])) == (len(IMAGES), len(IMAGES))
+
+
+def test_shadow_calls_still_running_after_the_stops_wait_are_cancelled_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core = PredictionCore(models=None, metrics=None)  # (finishing shadows reads neither)
+
+    async def stop() -> asyncio.Task:
+        stuck = asyncio.get_running_loop().create_task(asyncio.sleep(60))  # a canary that never answers
+        core.shadows.add(stuck)
+        await core.finish_shadows(timeout_s=0.05)
+        await asyncio.sleep(0)  # the cancellation delivered
+        return stuck
+
+    assert asyncio.run(stop()).cancelled()
+    assert "1 shadow calls still running 0.05 s into the stop were dropped" in caplog.text
 
 
 def test_a_damaged_pointer_keeps_the_version_in_service_and_the_server_follows_its_repair(

@@ -115,6 +115,7 @@ async def lifespan(app: Starlette):
     if grpc is not None:
         checking.cancel()
         await grpc.stop(grace=2)
+    await serving.core.finish_shadows()  # while the canary is still loaded: its answers are the last evidence
     following.cancel()
     # What is queued, and the evidence's partial window, are written before the process ends (bounded).
     stopping = [task for task in (capturing, recording) if task]

@@ -21,6 +21,7 @@ from fmnist.serving.metrics import ServingMetrics
 from fmnist.serving.models import CANARY, Served, ServedModels
 
 MAX_SHADOW_CALLS = 16  # shadow requests in flight at once; more are not sent (stable's clients never wait on them)
+SHADOW_STOP_S = 5.0  # how long a stopping server waits for the shadow calls in flight (their answers are evidence)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,3 +117,19 @@ class PredictionCore:
         task = asyncio.get_running_loop().create_task(compare())
         self.shadows.add(task)
         task.add_done_callback(self.shadows.discard)
+
+    async def finish_shadows(self, timeout_s: float = SHADOW_STOP_S) -> None:
+        """As the server stops: the shadow calls in flight finished, so that the evidence's last window holds
+        their answers (stable's side of each pair is counted already); those still running after `timeout_s`
+        are cancelled, and counted in one line, never left to vanish with the event loop."""
+        if not self.shadows:
+            return
+        _, unfinished = await asyncio.wait(set(self.shadows), timeout=timeout_s)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            log.warning(
+                "%d shadow calls still running %g s into the stop were dropped: the canary's evidence lacks them",
+                len(unfinished),
+                timeout_s,
+            )
