@@ -204,6 +204,14 @@ def written(registry: Registry, version: str) -> EvidenceTotals:
     return sum_windows(read.windows)
 
 
+def wait_until_written(registry: Registry, version: str, images: int, timeout_s: float = 20) -> None:
+    """Until the windows `version`'s server has written hold `images` images (each is written a window after)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := written(registry, version).images) < images:
+        assert time.monotonic() < deadline, f"{found} of {images} images in {version}'s windows after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def test_a_server_restarted_mid_rollout_neither_loses_nor_recounts_its_evidence(
     registry: Registry, runs: dict[str, Evaluated], tmp_path: Path
 ) -> None:
@@ -250,9 +258,17 @@ def test_a_canary_worse_on_the_classes_users_send_is_rolled_back_and_never_champ
     rolled_out(registry, runs, "swapped")  # so it passed the offline gate and became the canary
     with serving_rollout(registry, tmp_path / "serve.log") as (url, sent):
         send(url, sent, traffic(240, SWAPPED, 0.8, seed=9), seed=700)
-    judgement = judge_rollout(registry, RULE)
-    verdict = judgement.verdict
-    assert verdict.action == "roll_back", verdict
+        wait_until_written(registry, "v0002", sent.canary_images)  # judged while it serves, as deployed
+        judgement = judge_rollout(registry, RULE)
+        verdict = judgement.verdict
+        assert verdict.action == "roll_back", verdict
+        with httpx.Client(base_url=url) as client:
+            wait_for_versions(client, ["1"])  # at its next poll the server serves the canary no more
+            images = synthetic_images(traffic(BATCH, SWAPPED, 0.8, seed=10).astype(np.uint8), seed=800)
+            for _ in range(10):
+                answer = client.post(PREDICT, json={"instances": images.tolist()})
+                assert (answer.headers["x-model-version"], answer.headers["x-model-label"]) == ("v0001", "stable")
+    assert written(registry, "v0002").images == sent.canary_images  # and nothing shadowed to it since
     failed = {c.name for c in verdict.checks if c.status == "fail"}
     assert "accuracy under the live class mix" in failed, verdict.checks
     assert judgement.champion == registry.champion() == "v0001"
