@@ -60,7 +60,7 @@ class WatchOutcome:
     drift: bool
     estimate_low: bool
     latest_estimate: float | None
-    pruned: int  # evidence files older than the retention deleted
+    pruned: int  # evidence windows older than the retention deleted
 
 
 @task(name="watch-champion")
@@ -68,16 +68,17 @@ def watch_champion_task(storage: StorageParams, params: MonitorParams) -> WatchO
     logger = get_run_logger()
     registry = Registry.of(storage)
     pruned = prune_old_evidence(registry)
+    if pruned.left:
+        logger.warning(
+            "Left in the evidence folders, no windows (%d): %s",
+            len(pruned.left),
+            "; ".join(pruned.left[:5]),
+        )
     try:
         report = watch_champion(registry, params, feedback=storage.data.feedback)
     except NothingToWatch as exc:
         logger.info("Nothing to watch: %s", exc)
-        return WatchOutcome(None, False, False, None, pruned)
-    create_markdown_artifact(key="champion-watch", markdown=monitor_markdown(report))
-    if report.periods:
-        create_table_artifact(
-            key="champion-watch-periods", table=monitor_table(report), description="The champion's traffic over time"
-        )
+        return WatchOutcome(None, False, False, None, pruned.deleted)
     if report.drift:
         message = (
             f"Champion {report.version}: its traffic drifted from the test set's over the last "
@@ -92,4 +93,10 @@ def watch_champion_task(storage: StorageParams, params: MonitorParams) -> WatchO
         )
         logger.warning(message)
         events.emit(events.CHAMPION_ESTIMATE_LOW, storage.registry, message, version=report.version)
-    return WatchOutcome(report.version, report.drift, report.estimate_low, report.latest_estimate, pruned)
+    # After the events, as the judge does: a report that fails must not keep a finding from the operator
+    create_markdown_artifact(key="champion-watch", markdown=monitor_markdown(report))
+    if report.periods:
+        create_table_artifact(
+            key="champion-watch-periods", table=monitor_table(report), description="The champion's traffic over time"
+        )
+    return WatchOutcome(report.version, report.drift, report.estimate_low, report.latest_estimate, pruned.deleted)

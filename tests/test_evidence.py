@@ -276,11 +276,12 @@ def test_damaged_window_files_are_skipped_and_named(root: str, store: Store) -> 
     assert len(in_range.skipped) == 3 and in_range.windows == []  # the two in range, and the bad name
     with pytest.raises(ValueError, match="not a registry version"):
         read_windows(store, root, "../v0001", 0)
-    # Pruning: the windows named older than the cutoff go, and what is no window once it is that old.
-    assert prune_evidence(store, root, older_than_s=3.5, now=1_700_000_006.0) == 3
+    # Pruning: the files named as windows older than the cutoff go; what is no window stays, named.
+    assert prune_evidence(store, root, older_than_s=3.5, now=1_700_000_006.0).deleted == 3
     assert len(store.listdir(folder)) == len(damaged) + 1 - 3
-    assert prune_evidence(store, root, older_than_s=1, now=time.time() + 10) == len(damaged) + 1 - 3
-    assert store.listdir(folder) == []
+    pruned = prune_evidence(store, root, older_than_s=1, now=time.time() + 10)
+    assert pruned.deleted == len(damaged) - 3 and pruned.left == [f"{join(folder, 'notes.txt')}: not a window's name"]
+    assert store.listdir(folder) == ["notes.txt"]
 
 
 def test_a_read_is_bounded_to_the_newest_windows_and_names_a_bounded_number_of_bad_files(

@@ -19,7 +19,9 @@ named, never raised), `sum_windows` (their counts added up) and `prune_evidence`
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fmnist.data.dataset import NUM_CLASSES
-from fmnist.storage import Store, join
+from fmnist.data.incoming import printable
+from fmnist.storage import NotAFile, Store, join
 
 FORMAT = 1
 MAX_WINDOW_S = 3600  # the longest window a server writes: a window ending in a range started at most this before
@@ -165,8 +168,9 @@ def read_windows(
     chosen, skipped = [], []
     for name in store.listdir(folder):
         claimed = EvidenceWindow.named(name)
-        if claimed is None:
-            skipped.append(f"{join(folder, name)}: not a window's name (<start>-<replica>-<label>-<source>.json)")
+        if claimed is None:  # printable: a name that is not UTF-8 goes on into logs, artifacts and events
+            problem = "not a window's name (<start>-<replica>-<label>-<source>.json)"
+            skipped.append(printable(f"{join(folder, name)}: {problem}"))
         elif since <= claimed[0] and (until is None or claimed[0] < until):
             chosen.append((claimed[0], name))
     chosen.sort()
@@ -179,7 +183,7 @@ def read_windows(
             names, pool.map(lambda name: _read_window(store, join(folder, name), version, name), names), strict=True
         ):
             if window is None:
-                skipped.append(f"{join(folder, name)}: {problem}")
+                skipped.append(printable(f"{join(folder, name)}: {problem}"))
             else:
                 windows.append(window)
     if len(skipped) > MAX_SKIPPED_NAMED:
@@ -196,6 +200,8 @@ def _read_window(store: Store, location: str, version: str, name: str) -> tuple[
                 return None, f"over {MAX_WINDOW_BYTES:,} bytes: not a window"
     except FileNotFoundError as exc:  # pruned since the listing, or a folder with a window's name
         return None, f"not a file to read ({exc})"
+    except NotAFile as exc:  # a FIFO, a device or a link to one: never read (it would block or never end)
+        return None, f"not a regular file ({exc})"
     try:
         window = EvidenceWindow.model_validate_json(data)
     except ValidationError as exc:
@@ -257,25 +263,51 @@ def _add(into: list[int], counts: list[int]) -> None:
         into[index] += count
 
 
-def prune_evidence(store: Store, registry_root: str, older_than_s: float, now: float | None = None) -> int:
-    """Delete the windows that started more than `older_than_s` ago, and files in the evidence folders that
-    are no window and last changed that long ago; how many files were deleted. Version folders stay (a
+@dataclass(frozen=True)
+class Pruned:
+    """What `prune_evidence` did: the old windows it deleted, and what it left that is no window."""
+
+    deleted: int
+    left: list[str] = field(default_factory=list)  # "location: what it is", at most MAX_SKIPPED_NAMED
+
+
+def prune_evidence(store: Store, registry_root: str, older_than_s: float, now: float | None = None) -> Pruned:
+    """Delete the windows that started more than `older_than_s` ago. Only regular files named as windows, in
+    folders named as versions, are deleted, and no link is followed (one could lead to a version's model or
+    an operator's folder): anything else in `evidence/` is left there and named. Version folders stay (a
     server may be writing into one)."""
     if not (math.isfinite(older_than_s) and older_than_s > 0):
         raise ValueError(f"older_than_s must be a positive number of seconds, not {older_than_s!r}")
     cutoff = (time.time() if now is None else now) - older_than_s
-    root, deleted = evidence_root(registry_root), 0
+    root, deleted, left = evidence_root(registry_root), 0, []
     for version in store.listdir(root):
         folder = join(root, version)
+        if not VERSION.fullmatch(version) or not _is(store, folder, stat.S_ISDIR):
+            left.append(printable(f"{folder}: not a version's folder of windows"))
+            continue
         for name in store.listdir(folder):
             location = join(folder, name)
             claimed = EvidenceWindow.named(name)
-            if claimed is not None:
-                old = claimed[0] < cutoff
-            else:
-                changed = store.last_modified(location)
-                old = changed is not None and changed.timestamp() < cutoff
-            if old:
-                store.delete(location)
-                deleted += 1
-    return deleted
+            if claimed is None:
+                left.append(printable(f"{location}: not a window's name"))
+            elif claimed[0] < cutoff:  # checked only when old: in a bucket each check is a request
+                if _is(store, location, stat.S_ISREG):
+                    store.delete(location)
+                    deleted += 1
+                else:
+                    left.append(f"{location}: not a regular file")
+    if len(left) > MAX_SKIPPED_NAMED:
+        left[MAX_SKIPPED_NAMED:] = [f"{root}: {len(left) - MAX_SKIPPED_NAMED:,} more entries that are no windows"]
+    return Pruned(deleted, left)
+
+
+def _is(store: Store, location: str, kind) -> bool:
+    """Whether `location` is itself of `kind` (stat.S_ISDIR, stat.S_ISREG), not a link to one. A bucket has
+    no links, FIFOs or devices: there a folder is a prefix, and a file anything that is not one."""
+    path = store.direct_path(location)
+    if path is None:
+        return store.is_dir(location) == (kind is stat.S_ISDIR)
+    try:
+        return kind(os.lstat(path).st_mode)
+    except FileNotFoundError:  # removed since the listing
+        return False

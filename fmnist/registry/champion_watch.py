@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from fmnist.data.feedback import reviewed_answers
-from fmnist.evaluation.evidence import prune_evidence, read_windows
+from fmnist.evaluation.evidence import Pruned, prune_evidence, read_windows
 from fmnist.evaluation.monitor import MonitorParams, MonitorReport, monitor
 from fmnist.registry.labels import STABLE
 from fmnist.registry.versions import Registry
@@ -36,5 +36,5 @@ def watch_champion(
     return monitor(champion, manifest.metrics.test_accuracy, windows, manifest.calibration, params, reviewed)
 
 
-def prune_old_evidence(registry: Registry, now: float | None = None) -> int:
+def prune_old_evidence(registry: Registry, now: float | None = None) -> Pruned:
     return prune_evidence(registry.store, registry.root, EVIDENCE_KEPT_DAYS * 24 * 3600, now)

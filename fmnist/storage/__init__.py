@@ -44,6 +44,7 @@ it. What every stage relies on, on local disk and on object storage alike:
 from fmnist.storage.base import (
     FileStamp,
     IntegrityError,
+    NotAFile,
     NotFound,
     PreconditionFailed,
     StorageError,
@@ -66,6 +67,7 @@ __all__ = [
     "SETTLE_S",
     "FileStamp",
     "IntegrityError",
+    "NotAFile",
     "NotFound",
     "PreconditionFailed",
     "Stamp",

@@ -45,6 +45,11 @@ class UnsafeName(StorageError):
     """A name from a record or a key that would resolve outside its folder."""
 
 
+class NotAFile(StorageError):
+    """Something other than a regular file where one is read: a FIFO, a device, or a file standing where a
+    folder of the path should be. Untrusted folders hold them; their readers skip or name the location."""
+
+
 class NotFound(FileNotFoundError):
     """No file at a location; the message names it."""
 

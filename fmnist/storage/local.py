@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from fmnist.storage.base import (
     FileStamp,
+    NotAFile,
     NotFound,
     PreconditionFailed,
     StorageError,
@@ -59,6 +60,8 @@ def _errors(location: str) -> Iterator[None]:
         raise NotFound(location) from exc
     except PermissionError as exc:
         raise StorageError(f"{location}: permission denied") from exc
+    except NotADirectoryError as exc:
+        raise NotAFile(f"{location}: a file stands where a folder of this path should be") from exc
     except OSError as exc:
         raise StorageError(f"{location}: {exc.strerror or exc}") from exc
 
@@ -70,7 +73,7 @@ def _open_regular(location: str) -> io.BufferedReader:
     except NotARegularFile as exc:
         if os.path.isdir(location):
             raise NotFound(location, "is a folder, not a file") from None
-        raise StorageError(f"{location}: {exc.strerror}") from None
+        raise NotAFile(f"{location}: {exc.strerror}") from None
 
 
 class LocalBackend:
