@@ -16,7 +16,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fmnist.storage import IntegrityError, Store, join
+from fmnist.data.incoming import printable
+from fmnist.storage import IntegrityError, NotAFile, Store, join
 
 REVIEWED = "reviewed"
 
@@ -122,20 +123,27 @@ class ReviewedAnswers:
 def reviewed_answers(store: Store, feedback: str, versions: set[str]) -> ReviewedAnswers:
     """Every reviewed answer of `versions` in the newest MAX_REVIEWED_LEDGERS ledgers: the truth the label-free
     estimates are held to. A record the reviewer deleted has no truth; a ledger from before records kept
-    what was predicted and when (or one that does not parse) is named in `unreadable`, never guessed."""
+    what was predicted and when (or one that does not parse) is named in `unreadable`, never guessed. So is a
+    ledger that is not the batch its name says (a copy under another name), and anything that is no file (a
+    FIFO, a device); a record in several ledgers counts once."""
     names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))[-MAX_REVIEWED_LEDGERS:]
-    answers, unreadable = [], []
+    answers, unreadable, counted = [], [], set()
     for name in names:
         location = join(feedback, REVIEWED, name)
         try:
             ledger = read_ledger(store, location)
-        except (FeedbackLedgerError, FileNotFoundError):
-            unreadable.append(location)
+        except (FeedbackLedgerError, FileNotFoundError, NotAFile) as exc:
+            unreadable.append(printable(str(exc)))  # names it; a name that is not UTF-8 goes on into logs
             continue
-        found = [_reviewed(record) for record in ledger.records if record.labeled and record.version in versions]
+        if f"{ledger.batch}.json" != name:
+            unreadable.append(printable(f"{location}: the ledger of batch {ledger.batch[:64]!r}, not of its name"))
+            continue
+        records = [r for r in ledger.records if r.labeled and r.version in versions and r.id not in counted]
+        found = [_reviewed(record) for record in records]
         if None in found:  # a ledger from before records kept what was answered and when: none of it is guessed
-            unreadable.append(f"{location}: its records do not say what was answered, and when")
+            unreadable.append(printable(f"{location}: its records do not say what was answered, and when"))
             continue
+        counted.update(record.id for record in records)
         answers.extend(found)
     return ReviewedAnswers(answers, unreadable)
 
