@@ -41,16 +41,16 @@ def judge_rollout_task(storage: StorageParams, params: JudgeParams) -> RolloutOu
         message = f"Canary {judgement.version} was decided {judgement.decided_meanwhile} by another while judged"
         logger.info("%s: that decision stands", message)
         return RolloutOutcome(judgement.version, "none", message, judgement.champion)
+    message = f"Canary {judgement.version}: {verdict.action.replace('_', ' ')} ({verdict.reason})"
+    logger.info(message)
+    decided = {"promote": events.ROLLOUT_PROMOTED, "roll_back": events.ROLLOUT_ROLLED_BACK}.get(verdict.action)
+    if decided:  # before the reports: a report that fails must not keep a decision made from the operator
+        events.emit(decided, storage.registry, message, version=judgement.version, champion=judgement.champion)
     create_markdown_artifact(key="rollout-report", markdown=judgement_markdown(judgement))
     if judgement.timeline:
         create_table_artifact(
             key="rollout-evidence", table=timeline_table(judgement), description="The rollout's evidence over time"
         )
-    message = f"Canary {judgement.version}: {verdict.action.replace('_', ' ')} ({verdict.reason})"
-    logger.info(message)
-    decided = {"promote": events.ROLLOUT_PROMOTED, "roll_back": events.ROLLOUT_ROLLED_BACK}.get(verdict.action)
-    if decided:
-        events.emit(decided, storage.registry, message, version=judgement.version, champion=judgement.champion)
     return RolloutOutcome(judgement.version, verdict.action, verdict.reason, judgement.champion)
 
 

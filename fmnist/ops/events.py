@@ -69,6 +69,7 @@ def emit(
 
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 20] + " ... (cut)"
+    location, message, payload = _printable((location, message, payload))
     run = {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}
     try:
         emit_event(
@@ -86,6 +87,7 @@ async def send(event: str, location: str, message: str, *, shared: bool | None =
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
+    location, message, payload = _printable((location, message, payload))
     async with get_events_client(reconnection_attempts=2) as client:
         await client.emit(
             Event(
@@ -94,6 +96,20 @@ async def send(event: str, location: str, message: str, *, shared: bool | None =
                 payload={"message": message, **payload},
             )
         )
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string in it printable (`fmnist.data.incoming.printable`): a file name that is not
+    UTF-8 would fail the event's JSON encoding, and the event with it."""
+    from fmnist.data.incoming import printable
+
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_printable(v) for v in value)
+    return value
 
 
 def where_stored(storage: StorageParams) -> dict[str, str]:
