@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from pydantic import TypeAdapter, ValidationError
@@ -27,7 +28,9 @@ from pydantic import TypeAdapter, ValidationError
 from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.manifest import Decision
 from fmnist.registry.versions import VERSION, Registry, RegistryError, _now, _parsed, version_number
-from fmnist.storage import PreconditionFailed, join
+from fmnist.storage import NotAFile, PreconditionFailed, join
+
+log = logging.getLogger(__name__)
 
 Outcome = Literal["promoted", "rolled_back", "superseded"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
@@ -36,6 +39,10 @@ ROLLOUT_SCAN = 200  # rollouts `rolled_back` reads, newest first (as the registr
 MAX_REASON_CHARS = 2000  # a decision's reason, in its record and the audit log
 MAX_EVIDENCE_BYTES = 16_384  # a decision's evidence summary, as JSON: a summary, not the evidence windows
 AUDIT_EVIDENCE_CHARS = 600  # of that summary, what the champion's audit log entry carries
+# A rollout record as written: that summary (indented), a reason of MAX_REASON_CHARS (\u-escaped: 6 bytes each)
+# and the rest. Records are written no bigger and read no further: a bigger file is no record.
+MAX_RECORD_BYTES = 2 * MAX_EVIDENCE_BYTES
+MAX_CLOCK_SKEW_S = 300  # how far in the future a host's clock may have put a rollout's start
 _DECISION = TypeAdapter(Decision)
 
 
@@ -70,7 +77,12 @@ class Rollouts:
     def start(self, version: str, decision: Decision) -> RolloutRecord:
         """Serve `version` as the canary and record its rollout as started, with the gate's verdict
         `decision`; an active rollout of another version is decided `superseded` first. Running it again
-        after a crash finishes it; a version whose rollout was decided is refused."""
+        after a crash finishes it; a version whose rollout was decided is refused. A decision a crash left
+        not carried out is finished first: a promotion decided, then forgotten, would never be made."""
+        try:
+            self.finish_decided()
+        except RegistryError as exc:  # it released the label: this rollout can start; the record tells the rest
+            log.warning("Could not finish the rollout decided before starting %s's: %s", version, exc)
         if (decided := self._decided(version)) is not None:
             raise RegistryError(
                 f"{version}'s canary rollout was decided {decided['outcome']} at {decided['at']} "
@@ -95,7 +107,7 @@ class Rollouts:
             # Before the label: a canary in service always has its rollout on record. PreconditionFailed:
             # another writer started it meanwhile (a rerun of the same registration).
             with contextlib.suppress(PreconditionFailed):
-                self.registry.store.create(self._file(version, "started.json"), json.dumps(record, indent=1).encode())
+                self.registry.store.create(self._file(version, "started.json"), _encoded(record))
             started = self._started(version)
         labels = Labels(self.registry)
         if labels.records().get(CANARY, {}).get("version") != version:
@@ -110,6 +122,16 @@ class Rollouts:
         version = Labels(self.registry).records().get(CANARY, {}).get("version")
         if version is None or (started := self._started(version)) is None or self._decided(version) is not None:
             return None
+        champion = started.get("champion")
+        if champion is not None and not self.registry.store.exists(
+            join(self.registry.versions_root, champion, "manifest.json")
+        ):
+            raise RegistryError(
+                f"{self._file(version, 'started.json')}: the rollout was gated against champion {champion}, which "
+                f"is no version of {self.registry.root} (deleted, or the record is not this registry's): it "
+                f"cannot be judged. Move the record aside (keep it: it is the rollout's history), then "
+                f"`fashion-mnist label {CANARY} --clear` stops serving {version} as the canary"
+            )
         return _rollout(started, None)
 
     def record(self, version: str) -> RolloutRecord | None:
@@ -241,7 +263,7 @@ class Rollouts:
             "token": uuid.uuid4().hex,  # makes the record this writer's own (`Store.create`)
         }
         try:
-            self.registry.store.create(self._file(version, "decided.json"), json.dumps(record, indent=1).encode())
+            self.registry.store.create(self._file(version, "decided.json"), _encoded(record))
         except PreconditionFailed:  # another decision won the race: it stands
             return self._decided(version)
         return record
@@ -281,10 +303,10 @@ class Rollouts:
         """The record `name` of `version`'s rollout, validated (None: there is none); damage raises,
         naming the file, the problem and the way out."""
         location = self._file(version, name)
-        if (found := self.registry._read(location)) is None:
-            return None
         try:
-            record = _parsed(found[0])
+            if (data := self._read_bounded(location)) is None:
+                return None
+            record = _parsed(data)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             if record.get("version") != version:
@@ -300,19 +322,48 @@ class Rollouts:
             )
             raise RegistryError(
                 f"{location}: a damaged rollout record ({exc}); move it aside (keep it: it is the rollout's "
-                f"history), then {after}"
+                f"history); {after}"
             ) from None
         return record
 
 
 def _check_started(record: dict) -> None:
     _check_time(record, "at")
+    started = datetime.fromisoformat(record["at"])
+    if started.tzinfo is None:
+        raise ValueError("at has no time zone")
+    if started > datetime.now(UTC) + timedelta(seconds=MAX_CLOCK_SKEW_S):  # its time so far would be negative
+        raise ValueError(f"it started at {record['at']}, in the future")
     if (champion := record.get("champion")) is not None and not (
         isinstance(champion, str) and VERSION.fullmatch(champion)
     ):
         raise ValueError("champion is not a version")
+    if champion == record["version"]:
+        raise ValueError("its champion is the canary itself")
     if not _offline(record).passed:
         raise ValueError("its decision did not pass the gate")
+
+    def _read_bounded(self, location: str) -> bytes | None:
+        """The file at `location`, read no further than MAX_RECORD_BYTES (None: there is none); ValueError for
+        a bigger file, or anything that is no file (a FIFO, a device, a file where the version's folder is)."""
+        data = b""
+        try:
+            for chunk in self.registry.store.iter_chunks(location):
+                data += chunk
+                if len(data) > MAX_RECORD_BYTES:
+                    raise ValueError(f"over {MAX_RECORD_BYTES:,} bytes: no rollout record is")
+        except FileNotFoundError:  # none, or a folder there (which the registry's reader names)
+            return found[0] if (found := self.registry._read(location)) else None
+        except NotAFile as exc:
+            raise ValueError(str(exc).removeprefix(f"{location}: ")) from None
+        return data
+
+
+def _encoded(record: dict) -> bytes:
+    data = json.dumps(record, indent=1).encode()
+    if len(data) > MAX_RECORD_BYTES:  # its readers would refuse it
+        raise RegistryError(f"a rollout record of {len(data):,} bytes; at most {MAX_RECORD_BYTES:,}")
+    return data
 
 
 def _offline(started: dict) -> Decision:

@@ -44,8 +44,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"No rollouts in {rollouts.root}")
         return
     print(f"\n{'version':9}{'started':27}{'outcome':13}{'decided':27}reason")
+    made = registry.ever_champion()
     for record in records:
-        outcome = _outcome(record, active)
+        outcome = _outcome(record, active, made, unfinished)
         print(f"{record.version:9}{record.started_at:27}{outcome:13}{record.decided_at or '':27}{record.reason or ''}")
 
 
@@ -57,7 +58,18 @@ def _evidence_now(registry: Registry, active: RolloutRecord, feedback: str) -> N
         print(f"  {check.name:36}{check.status:13}{check.detail}")
 
 
-def _outcome(record: RolloutRecord, active: RolloutRecord | None) -> str:
+def _outcome(
+    record: RolloutRecord,
+    active: RolloutRecord | None,
+    made: set[str] | None = None,
+    unfinished: RolloutRecord | None = None,
+) -> str:
+    """How `record`'s rollout stands; with `made` (the versions ever champion), a promotion decided and never
+    carried out (its host stopped, then its finishing failed) says so: the record alone would say promoted."""
+    if record.outcome == "promoted" and made is not None and record.version not in made:
+        if unfinished is not None and unfinished.version == record.version:
+            return "promoted (not carried out: the judge's next run finishes it)"
+        return f"promoted (not carried out: never champion; `fashion-mnist promote {record.version}` makes it)"
     if record.outcome:
         return record.outcome.replace("_", " ")
     return "in progress" if active and active.version == record.version else "undecided"

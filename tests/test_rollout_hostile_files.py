@@ -1,0 +1,253 @@
+"""Issue 36's records and files against what a broken or hostile host leaves where they are kept: a FIFO, a
+device, a link or a folder where a file should be, a file where a folder should be, a name that is not UTF-8,
+a ledger copied under another name, a record that claims the impossible or is far too big, a promotion decided
+and never carried out. The judge, the watch and `rollout status` never hang or crash on them: evidence and
+ledgers are skipped and named; a rollout record is refused naming the file and the way out. On disk, and in a
+bucket of a real S3 server wherever a bucket can hold the case (it has no links, FIFOs or devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from fmnist.data.feedback import ledger_location, reviewed_answers
+from fmnist.evaluation.evidence import EvidenceWindow, evidence_root, prune_evidence, read_windows, window_location
+from fmnist.ops import cli, events
+from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
+from fmnist.registry.versions import Registry, RegistryError
+from fmnist.storage import Store, join
+from tests.helpers import GATE
+from tests.rollout_doubles import write_ledger
+from tests.test_rollout_records import canary_label, crash, register
+
+NOW = time.time()
+OLD = 1_700_000_000.0  # a window's start long before any cutoff a test prunes with
+
+
+def window(version: str = "v0001", start: float = NOW - 60) -> EvidenceWindow:
+    return EvidenceWindow(
+        replica="ab" * 16, version=version, label="stable", source="served", start=start, end=start + 60
+    )
+
+
+def put(store: Store, registry_root: str, written: EvidenceWindow) -> str:
+    location = window_location(registry_root, written)
+    store.create(location, written.model_dump_json().encode())
+    return location
+
+
+@pytest.fixture
+def rollout(root: str, store: Store) -> Rollouts:
+    """A registry with champion v0001 and canary v0002 in rollout."""
+    registry = Registry(store, root + "/registry")
+    assert register(registry, 0.85).outcome == "promoted"
+    assert register(registry, 0.86).outcome == "canary"
+    return Rollouts(registry)
+
+
+# What a broken host leaves where a file should be; each makes it at a path and says what it is.
+NO_FILES: dict[str, Callable[[Path], None]] = {
+    "a FIFO": os.mkfifo,
+    "a link to /dev/zero": lambda path: path.symlink_to("/dev/zero"),
+    "a folder": lambda path: (path / "inside").mkdir(parents=True),
+}
+
+
+@pytest.mark.parametrize("kind", NO_FILES)
+def test_evidence_and_ledgers_that_are_no_files_are_skipped_and_named(tmp_path: Path, kind: str) -> None:
+    store, registry_root, feedback = Store(), str(tmp_path / "registry"), str(tmp_path / "feedback")
+    kept = window(start=NOW - 120)
+    put(store, registry_root, kept)
+    hostile = Path(window_location(registry_root, window(start=OLD)))
+    NO_FILES[kind](hostile)
+    read = read_windows(store, registry_root, "v0001", 0)  # the judge's and the watch's read
+    assert read.windows == [kept] and [line.split(": ")[0] for line in read.skipped] == [str(hostile)]
+
+    pruned = prune_evidence(store, registry_root, older_than_s=3600, now=NOW)
+    assert pruned.deleted == 0 and pruned.left == [f"{hostile}: not a regular file"]
+    assert os.path.lexists(hostile) and os.path.exists("/dev/zero")  # never deleted, nor what a link leads to
+
+    write_ledger(store, feedback, "review-1", [("v0001", 4, 4, NOW)])
+    NO_FILES[kind](Path(ledger_location(feedback, "review-9")))
+    reviewed = reviewed_answers(store, feedback, {"v0001"})
+    assert len(reviewed.answers) == 1
+    assert [line.split(": ")[0] for line in reviewed.unreadable] == [ledger_location(feedback, "review-9")]
+
+
+def test_prune_never_follows_a_link_out_of_the_evidence_folders(tmp_path: Path) -> None:
+    store, registry_root = Store(), str(tmp_path / "registry")
+    elsewhere = tmp_path / "operators-folder"  # what a link in evidence/ may lead to: never pruned
+    elsewhere.mkdir()
+    (elsewhere / window(start=OLD).file_name()).write_text("{}")
+    (elsewhere / "notes.txt").write_text("keep me")
+    put(store, registry_root, window(start=OLD))
+    root = Path(evidence_root(registry_root))
+    (root / "v0009").symlink_to(elsewhere)
+    (root / "v0001" / window(start=OLD + 1).file_name()).symlink_to(elsewhere / "notes.txt")
+
+    pruned = prune_evidence(store, registry_root, older_than_s=3600, now=NOW)
+    assert pruned.deleted == 1  # the one window
+    assert sorted(pruned.left) == [
+        f"{root / 'v0001' / window(start=OLD + 1).file_name()}: not a regular file",
+        f"{root / 'v0009'}: not a version's folder of windows",
+    ]
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted([window(start=OLD).file_name(), "notes.txt"])
+
+
+def test_prune_deletes_only_windows_in_version_folders(root: str, store: Store) -> None:
+    registry_root = root + "/registry"
+    old = put(store, registry_root, window(start=OLD))
+    young = put(store, registry_root, window(start=NOW))
+    name = window(start=OLD).file_name()
+    evidence = evidence_root(registry_root)
+    kept = [join(evidence, "v0001", "notes.txt"), join(evidence, "latest", name), join(evidence, "v0002", name, "x")]
+    for location in kept:
+        store.create(location, b"{}")
+    pruned = prune_evidence(store, registry_root, older_than_s=3600, now=NOW)
+    assert pruned.deleted == 1 and not store.exists(old) and store.exists(young)
+    assert all(store.exists(location) for location in kept)
+    assert sorted(pruned.left) == [
+        f"{join(evidence, 'latest')}: not a version's folder of windows",
+        f"{join(evidence, 'v0001', 'notes.txt')}: not a window's name",
+        f"{join(evidence, 'v0002', name)}: not a regular file",
+    ]
+
+
+def test_names_that_are_not_utf8_are_escaped_for_logs_and_events(tmp_path: Path, monkeypatch) -> None:
+    store, registry_root, feedback = Store(), str(tmp_path / "registry"), str(tmp_path / "feedback")
+    put(store, registry_root, window())
+    for folder in (join(evidence_root(registry_root), "v0001"), join(feedback, "reviewed")):
+        os.makedirs(folder, exist_ok=True)
+        Path(folder, os.fsdecode(b"\xff.json")).write_bytes(b"{}")  # a name that is not UTF-8, as listed
+    named = [
+        *read_windows(store, registry_root, "v0001", 0).skipped,
+        *reviewed_answers(store, feedback, {"v0001"}).unreadable,
+        *prune_evidence(store, registry_root, older_than_s=1, now=NOW).left,
+    ]
+    assert len(named) == 3 and all("\\udcff.json" in line for line in named)
+    assert json.dumps(named).encode("utf-8")  # what Prefect's logs, artifacts and events encode
+
+    sent = []  # each event as Prefect's client sends it: a real Event, encoded as JSON
+
+    def emit_event(**fields) -> None:
+        from prefect.events import Event
+
+        sent.append(Event(**{k: v for k, v in fields.items() if v is not None}).model_dump_json())
+
+    monkeypatch.setattr("prefect.events.emit_event", emit_event)
+    events.emit(events.ROLLOUT_PROMOTED, registry_root, named[0], skipped=named[:1], version="v0001")
+    assert len(sent) == 1 and "\\\\udcff.json" in sent[0]
+
+
+ROLLOUT_NO_FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "decided.json is a FIFO": ("v0002/decided.json", os.mkfifo),
+    "started.json links to /dev/zero": (
+        "v0002/started.json",
+        lambda path: (path.unlink(), path.symlink_to("/dev/zero")),
+    ),
+    "a file where a rollout's folder is": ("v0099/started.json", lambda path: path.parent.write_text("x")),
+}
+
+
+@pytest.mark.parametrize("case", ROLLOUT_NO_FILES)
+def test_rollout_records_that_are_no_files_are_refused_naming_them(tmp_path: Path, case: str, capsys) -> None:
+    registry = Registry(Store(), str(tmp_path / "registry"))
+    register(registry, 0.85)
+    register(registry, 0.86)
+    rollouts = Rollouts(registry)
+    where, make = ROLLOUT_NO_FILES[case]
+    location = Path(rollouts.root) / where
+    make(location)
+    with pytest.raises(RegistryError) as refused:
+        rollouts.status()
+    assert str(refused.value).startswith(f"{location}: a damaged rollout record") and "move it aside" in str(
+        refused.value
+    )
+    assert cli.main(["--registry", registry.root, "rollout", "status"]) == 1
+    assert f"{location}: a damaged rollout record" in capsys.readouterr().err  # said, no traceback
+
+
+def test_a_record_over_the_bound_is_refused_unread(rollout: Rollouts) -> None:
+    location = join(rollout.root, "v0002", "decided.json")
+    rollout.registry.store.create(location, b" " * MAX_RECORD_BYTES + json.dumps({"version": "v0002"}).encode())
+    with pytest.raises(RegistryError, match=f"{location}: a damaged rollout record .over {MAX_RECORD_BYTES:,} bytes"):
+        rollout.record("v0002")
+
+
+def edit_started(rollout: Rollouts, **changes) -> str:
+    location = join(rollout.root, "v0002", "started.json")
+    record = json.loads(rollout.registry.store.read_bytes(location))
+    rollout.registry.store.write_bytes(location, json.dumps(record | changes).encode())
+    return location
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"at": "2999-01-01T00:00:00+00:00"}, "it started at 2999-01-01T00:00:00+00:00, in the future"),
+        ({"at": datetime.now().isoformat()}, "at has no time zone"),
+        ({"champion": "v0002"}, "its champion is the canary itself"),
+    ],
+)
+def test_started_records_that_claim_the_impossible_are_refused(rollout: Rollouts, changes: dict, problem: str) -> None:
+    location = edit_started(rollout, **changes)
+    with pytest.raises(RegistryError) as refused:
+        rollout.active()  # what the judge judges
+    message = str(refused.value)
+    assert message.startswith(f"{location}: a damaged rollout record ({problem})") and "move it aside" in message
+
+
+def test_a_rollout_gated_against_no_version_of_the_registry_is_not_judged(rollout: Rollouts) -> None:
+    location = edit_started(rollout, champion="v0042")
+    with pytest.raises(RegistryError) as refused:
+        rollout.active()
+    message = str(refused.value)
+    assert message.startswith(f"{location}: the rollout was gated against champion v0042, which is no version")
+    assert "label canary --clear" in message
+    assert rollout.record("v0002").champion == "v0042"  # the history still reads
+
+
+def test_a_review_counts_once_and_a_ledger_is_the_batch_its_name_says(root: str, store: Store) -> None:
+    feedback = root + "/feedback"
+    answers = [("v0001", 4, 4, NOW)] * 3 + [("v0001", 3, 4, NOW)]
+    write_ledger(store, feedback, "review-1", answers)
+    write_ledger(store, feedback, "review-2", answers)  # the same records submitted again (the same ids)
+    copy = ledger_location(feedback, "review-1-copy")  # a backup beside it
+    store.create(copy, store.read_bytes(ledger_location(feedback, "review-1")))
+    reviewed = reviewed_answers(store, feedback, {"v0001"})
+    assert sorted(a.correct for a in reviewed.answers) == [False, True, True, True]
+    assert reviewed.unreadable == [f"{copy}: the ledger of batch 'review-1', not of its name"]
+
+
+def test_a_promotion_decided_and_not_carried_out_is_finished_before_the_next_rollout(
+    rollout: Rollouts, monkeypatch
+) -> None:
+    registry = rollout.registry
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "promote", crash)
+        rollout.promote("v0002", "every check passed", {})
+    assert register(registry, 0.87).outcome == "canary"  # the next nightly, before the judge ran again
+    assert registry.champion() == "v0002" and rollout.record("v0002").outcome == "promoted"
+    assert canary_label(registry) == "v0003" and rollout.active().version == "v0003"
+
+
+def test_a_promotion_never_carried_out_is_shown_so(rollout: Rollouts, monkeypatch, capsys, caplog) -> None:
+    registry = rollout.registry
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "promote", crash)
+        rollout.promote("v0002", "every check passed", {})
+    base = ["--registry", registry.root, "rollout", "status"]
+    assert cli.main(base) == 0
+    assert "promoted (not carried out: the judge's next run finishes it)" in capsys.readouterr().out
+    register(registry, 0.90, gate=GATE)  # an ad-hoc run made v0003 champion meanwhile: v0002's can no longer be
+    assert register(registry, 0.91).outcome == "canary"  # starting it tried, released the label, carried on
+    assert "champion has moved since" in caplog.text and rollout.active().version == "v0004"
+    assert cli.main(base) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("v000")}
+    assert "promoted (not carried out: never champion; `fashion-mnist promote v0002` makes it)" in rows["v0002"]
