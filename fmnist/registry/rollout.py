@@ -326,23 +326,6 @@ class Rollouts:
             ) from None
         return record
 
-
-def _check_started(record: dict) -> None:
-    _check_time(record, "at")
-    started = datetime.fromisoformat(record["at"])
-    if started.tzinfo is None:
-        raise ValueError("at has no time zone")
-    if started > datetime.now(UTC) + timedelta(seconds=MAX_CLOCK_SKEW_S):  # its time so far would be negative
-        raise ValueError(f"it started at {record['at']}, in the future")
-    if (champion := record.get("champion")) is not None and not (
-        isinstance(champion, str) and VERSION.fullmatch(champion)
-    ):
-        raise ValueError("champion is not a version")
-    if champion == record["version"]:
-        raise ValueError("its champion is the canary itself")
-    if not _offline(record).passed:
-        raise ValueError("its decision did not pass the gate")
-
     def _read_bounded(self, location: str) -> bytes | None:
         """The file at `location`, read no further than MAX_RECORD_BYTES (None: there is none); ValueError for
         a bigger file, or anything that is no file (a FIFO, a device, a file where the version's folder is)."""
@@ -364,6 +347,23 @@ def _encoded(record: dict) -> bytes:
     if len(data) > MAX_RECORD_BYTES:  # its readers would refuse it
         raise RegistryError(f"a rollout record of {len(data):,} bytes; at most {MAX_RECORD_BYTES:,}")
     return data
+
+
+def _check_started(record: dict) -> None:
+    _check_time(record, "at")
+    started = datetime.fromisoformat(record["at"])
+    if started.tzinfo is None:
+        raise ValueError("at has no time zone")
+    if started > datetime.now(UTC) + timedelta(seconds=MAX_CLOCK_SKEW_S):  # its time so far would be negative
+        raise ValueError(f"it started at {record['at']}, in the future")
+    if (champion := record.get("champion")) is not None and not (
+        isinstance(champion, str) and VERSION.fullmatch(champion)
+    ):
+        raise ValueError("champion is not a version")
+    if champion == record["version"]:
+        raise ValueError("its champion is the canary itself")
+    if not _offline(record).passed:
+        raise ValueError("its decision did not pass the gate")
 
 
 def _offline(started: dict) -> Decision:
