@@ -28,7 +28,8 @@ PREFECT_HOST ?= 127.0.0.1
 SERVER := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 CPU_POOL := fashion-mnist-cpu
 GPU_POOL := fashion-mnist-gpu
-# The rollout judge and the champion's watch: quick runs on a pool of their own, never queued behind a retrain.
+# The rollout judge and the champion's watch: on a pool of their own, never queued behind a retrain; two at
+# once (each deployment one at a time), so that the judge never waits behind a long watch either.
 WATCH_POOL := fashion-mnist-watch
 PARAMS ?= {}
 DEPLOYMENT ?= adhoc
@@ -251,7 +252,7 @@ pools: install
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(CPU_POOL) 1
 	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
 	$(SERVER) $(PREFECT) work-pool create $(WATCH_POOL) --type process --overwrite
-	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(WATCH_POOL) 1
+	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(WATCH_POOL) 2
 
 deploy: pools
 	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \

@@ -34,13 +34,15 @@ def judge_rollout_task(storage: StorageParams, params: JudgeParams) -> RolloutOu
     if judgement.skipped:
         logger.warning("Evidence files skipped (%d): %s", len(judgement.skipped), "; ".join(judgement.skipped[:5]))
     verdict = judgement.verdict
+    if judgement.decided_meanwhile:  # by another while it was judged, or the champion moved under it
+        message = f"Canary {judgement.version}'s rollout was decided {judgement.decided_meanwhile}" + (
+            " by another while judged" if verdict else f": the champion moved to {judgement.champion}"
+        )
+        logger.info(message)
+        return RolloutOutcome(judgement.version, "none", message, judgement.champion)
     if verdict is None:
         logger.info("No rollout in progress in %s (champion: %s)", storage.registry, judgement.champion)
         return RolloutOutcome(None, "none", "no rollout in progress", judgement.champion)
-    if judgement.decided_meanwhile:
-        message = f"Canary {judgement.version} was decided {judgement.decided_meanwhile} by another while judged"
-        logger.info("%s: that decision stands", message)
-        return RolloutOutcome(judgement.version, "none", message, judgement.champion)
     message = f"Canary {judgement.version}: {verdict.action.replace('_', ' ')} ({verdict.reason})"
     logger.info(message)
     decided = {"promote": events.ROLLOUT_PROMOTED, "roll_back": events.ROLLOUT_ROLLED_BACK}.get(verdict.action)

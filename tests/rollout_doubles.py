@@ -92,7 +92,7 @@ class Versions:
         broken = np.random.default_rng(13).random(len(labels)) < canary_broken
         canary[broken] = np.roll(canary[broken], np.random.default_rng(14).integers(1, 10), axis=1)
         canary_totals = totals(canary, failures)
-        return LiveEvidence(canary_totals, canary_totals, totals(stable), pairs_of(stable, canary), elapsed_s)
+        return LiveEvidence(canary_totals, totals(stable), pairs_of(stable, canary), elapsed_s)
 
 
 def traffic(images: int, rich_in: tuple[int, ...] = (), share: float = 0.0, seed: int = 5) -> np.ndarray:

@@ -123,8 +123,9 @@ def test_deployments_from_prefect_yaml(stack: Stack) -> None:
     assert adhoc["parameters"] == {"training_deployment": "train-fashion-mnist/gpu"}  # the defaults: quick
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert stack.get("/deployments/name/train-fashion-mnist/gpu")["work_pool_name"] == "fashion-mnist-gpu"
-    for pool in ("fashion-mnist-cpu", "fashion-mnist-gpu", "fashion-mnist-watch"):
+    for pool in ("fashion-mnist-cpu", "fashion-mnist-gpu"):
         assert stack.get(f"/work_pools/{pool}")["concurrency_limit"] == 1
+    assert stack.get("/work_pools/fashion-mnist-watch")["concurrency_limit"] == 2  # the judge never behind the watch
     for name, every_s in (("judge-rollout/judge", 300), ("watch-champion/watch", 3600)):
         deployment = stack.get(f"/deployments/name/{name}")
         assert deployment["work_pool_name"] == "fashion-mnist-watch"  # never queued behind a retrain

@@ -22,6 +22,7 @@ from fmnist.evaluation import evidence
 from fmnist.evaluation.evidence import (
     MAX_WINDOW_BYTES,
     MODEL_FAILED,
+    EvidenceWindow,
     evidence_root,
     prune_evidence,
     read_windows,
@@ -107,7 +108,7 @@ def test_requests_add_up_to_the_windows_written_on_every_backend(root: str, stor
     assert totals.requests == 13 + 2 and totals.errors == {"bad_request": 2}
     assert totals.images == sum(len(images) for images in sent) == sum(totals.confidence)
     assert totals.predicted == class_counts(registry, "v0001", sent)
-    assert sum(totals.latency_ms) == totals.requests
+    assert sum(totals.latency_ms) == 13  # the requests that reached the model: refused ones would dilute its p99
     # The same seam: every request the metrics count as answered or refused (the unknown label aside).
     counted = sum(v for (name, labels), v in samples.items() if name == ":tensorflow:serving:request_count_total")
     assert counted == totals.requests + 1
@@ -342,3 +343,42 @@ def test_a_server_stopped_by_sigterm_has_written_exactly_what_it_answered(tmp_pa
     totals = sum_windows(read.windows)
     assert read.skipped == [] and len(read.windows) >= 2 and len(totals.replicas) == 1
     assert (totals.requests, totals.images, totals.errors) == (40, sent, {})
+
+
+def a_shadow_window(**changes) -> dict:
+    """A consistent shadow window of 3 images (2 agreeing), as a dict to damage."""
+    window = EvidenceWindow(
+        replica="ab" * 16,
+        version="v0002",
+        label="canary",
+        source="shadow",
+        start=10.0,
+        end=70.0,
+        requests=3,
+        images=3,
+        latency_ms=[3] + [0] * 13,
+        predicted=[2, 1] + [0] * 8,
+        confidence=[0] * 99 + [3],
+        probabilities=[[0] * 19 + [3]] * 10,
+        paired_with="v0001",
+        pairs=[[2, 0] + [0] * 8, [1, 0] + [0] * 8] + [[0] * 10] * 8,
+    ).model_dump()
+    return window | changes
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"pairs": [[10**6] * 10] * 10}, "pairs are a shadow window's"),  # agreement forged beyond its images
+        ({"pairs": [[2**62] * 10] * 10}, "a count over"),  # sums that wrap numpy's int64 to nothing
+        ({"images": 2**64, "requests": 2**64}, "a count over"),
+        ({"source": "served"}, "pairs are a shadow window's"),
+        ({"probabilities": [[0] * 19 + [4]] * 10}, "probability histogram does not add up"),
+        ({"latency_ms": [9] + [0] * 13}, "latency histogram"),
+        ({"errors": {"bad_request": 5}}, "latency histogram"),  # more refused than requested
+    ],
+)
+def test_a_window_whose_counts_do_not_hold_together_is_no_evidence(change: dict, problem: str) -> None:
+    EvidenceWindow.model_validate(a_shadow_window())
+    with pytest.raises(ValueError, match=problem):
+        EvidenceWindow.model_validate(a_shadow_window(**change))

@@ -12,7 +12,7 @@ import pytest
 from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
 from fmnist.ops import cli
 from fmnist.registry import judging
-from fmnist.registry.judge import LiveEvidence, Offline, judge
+from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, judge
 from fmnist.registry.judging import judge_rollout
 from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.registration import prior_run
@@ -80,18 +80,45 @@ def test_service_objectives_roll_back_a_failing_or_slow_canary() -> None:
     evidence = versions.live(traffic(3000), failures=150)
     verdict = judge(evidence, versions.offline, RULE)
     assert verdict.action == "roll_back" and failed(verdict) == {"error rate"}, verdict.checks
-    slow = replace(evidence.canary_served, errors={}, latency_ms=[0] * len(LATENCY_BOUNDS_MS) + [3150])
-    verdict = judge(replace(evidence, canary_served=slow), versions.offline, RULE)
+    slow = replace(evidence.canary, errors={}, latency_ms=[0] * len(LATENCY_BOUNDS_MS) + [3150])
+    verdict = judge(replace(evidence, canary=slow), versions.offline, RULE)
     assert failed(verdict) == {"p99 latency"} and "above 10000 ms" in verdict.reason, verdict
     assert verdict.summary()["checks"]["p99 latency"]["canary"] is None  # no infinity in JSON
+
+
+def test_every_call_of_the_canarys_model_counts_and_no_client_refusal_does() -> None:
+    """A shadow-only rollout whose shadow calls half fail; a canary whose failures are diluted by refused requests
+    (a client's bad bodies never reached the model: the windows' latency holds only the calls that did)."""
+    versions = Versions()
+    evidence = versions.live(traffic(3000))
+    failing = replace(evidence.canary, errors={"model_failed": 3000}, latency_ms=[0, 0, 6000] + [0] * 11)
+    verdict = judge(replace(evidence, canary=failing), versions.offline, RULE)
+    assert verdict.action == "roll_back" and failed(verdict) == {"error rate"}, verdict.checks
+    diluted = replace(failing, requests=3000 + 3000 + 80_000, errors={"model_failed": 3000, "bad_request": 80_000})
+    verdict = judge(replace(evidence, canary=diluted), versions.offline, RULE)
+    assert failed(verdict) == {"error rate"} and "3000 failed in 6000 model calls" in verdict.reason
+
+
+def test_evidence_the_judge_did_not_read_never_promotes() -> None:
+    versions = Versions()
+    evidence = replace(versions.live(traffic(3000)), left_out=40)
+    verdict = judge(evidence, versions.offline, RULE)
+    assert verdict.action == "wait" and "40 evidence windows beyond" in verdict.reason
+    assert judge(replace(evidence, elapsed_s=RULE.max_duration_s), versions.offline, RULE).action == "roll_back"
+
+
+@pytest.mark.parametrize("bad", [{"min_samples": True}, {"max_duration_s": 1e-300}, {"z": 0}, {"min_samples": 0}])
+def test_the_rules_thresholds_are_checked(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        JudgeParams.model_validate(bad)
 
 
 def test_at_the_maximum_duration_the_judge_decides_on_what_it_has() -> None:
     versions = Versions()
     quiet = replace(versions.live(traffic(300)), elapsed_s=RULE.max_duration_s)
     verdict = judge(quiet, versions.offline, RULE)
-    assert verdict.action == "promote" and "300 of 2000" in verdict.reason, verdict
-    nothing = LiveEvidence(EvidenceTotals(), EvidenceTotals(), EvidenceTotals(), None, RULE.max_duration_s)
+    assert verdict.action == "promote" and "300 live images (2000 asked for)" in verdict.reason, verdict
+    nothing = LiveEvidence(EvidenceTotals(), EvidenceTotals(), None, RULE.max_duration_s)
     verdict = judge(nothing, versions.offline, RULE)
     assert verdict.action == "roll_back" and "no live traffic" in verdict.reason
     assert judge(replace(nothing, elapsed_s=60), versions.offline, RULE).action == "wait"
@@ -209,3 +236,30 @@ def test_an_operator_deciding_while_the_judge_reads_the_evidence_wins_and_fails_
     judgement = judging.judge_rollout(registry, RULE)
     assert judgement.verdict.action == "promote" and judgement.decided_meanwhile == "rolled_back"
     assert registry.champion() == "v0001" and Rollouts(registry).record("v0002").reason == "aborted by hand"
+
+
+@pytest.mark.parametrize("by_hand", ["the canary", "another version"])
+def test_a_champion_moved_by_hand_during_the_rollout_ends_it_without_overruling_the_operator(
+    registry: Registry, by_hand: str
+) -> None:
+    versions = Versions()
+    offline = versions.offline
+    for _ in range(2):  # v0001 champion, v0002 passed over ...
+        register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "immediate")
+    register(
+        registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary"
+    )  # v0003, gated against v0002
+    live = versions.live(traffic(3000))
+    write_windows(registry, "v0003", "canary", "shadow", live.canary, paired_with="v0002", pairs=live.pairs.tolist())
+    moved_to = "v0003" if by_hand == "the canary" else "v0001"
+    if moved_to == "v0003":
+        registry.promote("v0003", "by hand")
+    else:
+        registry.rollback("by hand")
+    judgement = judge_rollout(registry, RULE.model_copy(update={"max_duration_s": 60}), now=time.time() + 3600)
+    assert registry.champion() == moved_to and Labels(registry).records().get(CANARY) is None
+    record = Rollouts(registry).record("v0003")
+    if moved_to == "v0003":
+        assert judgement.decided_meanwhile == record.outcome == "promoted"
+    else:  # never promoted over the operator's rollback, however long it waited
+        assert judgement.decided_meanwhile == record.outcome == "superseded" and "v0002 to v0001" in record.reason

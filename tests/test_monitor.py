@@ -95,3 +95,15 @@ def test_each_period_holds_its_reviewed_accuracy_beside_the_estimates() -> None:
     assert abs(first.estimates["CBPE"] - first.reviewed_accuracy) < 0.06  # the estimate holds against the truth
     assert last.estimates["CBPE"] - last.reviewed_accuracy > 0.2  # and the truth shows where it does not
     assert monitor("v0001", TEST_ACCURACY, made, CALIBRATION, PARAMS).periods[0].reviewed_accuracy is None
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ({"lookback_s": 86400, "period_s": 60}, "at most"),  # 1440 periods judged again every run
+        ({"lookback_s": 86400, "period_s": 43200, "drifted_periods": 3}, "drift could never be said"),
+    ],
+)
+def test_a_watch_that_could_never_speak_or_never_finish_is_refused(bad: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        MonitorParams.model_validate(bad)

@@ -39,6 +39,7 @@ CONFIDENCE_BINS = 100  # top-class confidence: equal bins over [0, 1] (the ATC t
 PROBABILITY_BINS = 20  # each class's probability: equal bins over [0, 1] (the drift tests' histograms)
 # Upper bounds of the latency bins, in milliseconds; the last bin is everything above the last bound.
 LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+MAX_COUNT = 1 << 40  # any one count of a window: far beyond a window's traffic, far below int64's overflow
 MAX_ERROR_REASONS = 32  # distinct error reasons kept per window; more are counted as "other"
 REPLICA = re.compile(r"[0-9a-f]{32}")
 REASON = re.compile(r"[a-z0-9_]{1,40}")
@@ -99,10 +100,13 @@ class EvidenceWindow(BaseModel):
     def _consistent(self) -> EvidenceWindow:
         if not (math.isfinite(self.start) and self.start <= self.end):
             raise ValueError(f"the window ends ({self.end}) before it starts ({self.start})")
-        counts = [*self.latency_ms, *self.predicted, *self.confidence, *self.errors.values()]
-        counts += [c for row in self.probabilities for c in row]
+        counts = [self.requests, self.images, *self.latency_ms, *self.predicted, *self.confidence]
+        counts += [*self.errors.values(), *(c for row in self.probabilities for c in row)]
+        counts += [c for row in self.pairs or [] for c in row if type(c) is int]
         if any(type(c) is not int or c < 0 for c in counts):
             raise ValueError("a count that is not a non-negative integer")
+        if any(c > MAX_COUNT for c in counts):  # beyond any window's traffic; sums of such overflow numpy's int64
+            raise ValueError(f"a count over {MAX_COUNT}")
         if any(len(row) != PROBABILITY_BINS for row in self.probabilities):
             raise ValueError(f"each class's probability histogram has {PROBABILITY_BINS} bins")
         if any(not REASON.fullmatch(reason) for reason in self.errors):
@@ -116,6 +120,13 @@ class EvidenceWindow(BaseModel):
                 raise ValueError("a pair count that is not a non-negative integer")
         if sum(self.predicted) != self.images or sum(self.confidence) != self.images:
             raise ValueError("the class and confidence counts do not add up to the images")
+        if any(sum(row) != self.images for row in self.probabilities):
+            raise ValueError("a class's probability histogram does not add up to the images")
+        refused = sum(count for reason, count in self.errors.items() if reason != MODEL_FAILED)
+        if refused > self.requests or sum(self.latency_ms) != self.requests - refused:
+            raise ValueError("the latency histogram does not hold the requests that reached a model call")
+        if self.pairs is not None and (self.source != "shadow" or sum(map(sum, self.pairs)) != self.images):
+            raise ValueError("pairs are a shadow window's, one for each image it answered")
         return self
 
     def file_name(self) -> str:

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fmnist.data.feedback import ReviewedAnswer
 from fmnist.evaluation import estimates
 from fmnist.evaluation.evidence import EvidenceTotals, EvidenceWindow, sum_windows
+
+MAX_PERIODS = 168  # periods one watch run judges (a week of hours)
 
 
 class MonitorParams(BaseModel):
@@ -39,6 +41,18 @@ class MonitorParams(BaseModel):
     estimate_drop: float = Field(
         0.05, ge=0, le=1, description="How far below its test accuracy the champion's estimate may fall"
     )
+
+    @model_validator(mode="after")
+    def _judgeable(self) -> MonitorParams:
+        periods = self.lookback_s / self.period_s
+        if periods > MAX_PERIODS:  # each run judges every period again: its time grows with them
+            raise ValueError(f"lookback_s / period_s is {periods:g} periods; at most {MAX_PERIODS}")
+        if periods < self.drifted_periods:
+            raise ValueError(
+                f"lookback_s holds {periods:g} periods of period_s, fewer than drifted_periods "
+                f"({self.drifted_periods}): drift could never be said"
+            )
+        return self
 
 
 @dataclass(frozen=True)

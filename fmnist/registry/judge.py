@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from fmnist.evaluation import estimates
-from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, EvidenceTotals
+from fmnist.evaluation.evidence import LATENCY_BOUNDS_MS, MAX_WINDOWS, EvidenceTotals
 
 Status = Literal["pass", "fail", "wait", "unavailable"]
 MIN_REVIEWED = 30  # reviewed answers of each version before their accuracies are compared
@@ -44,11 +44,11 @@ class JudgeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    min_samples: int = Field(
+    min_samples: StrictInt = Field(
         2000, ge=1, le=10_000_000, description="Images the canary must answer (served or shadowed) before a promotion"
     )
     max_duration_s: float = Field(
-        24 * 3600, gt=0, le=30 * 24 * 3600, description="After this long the judge decides on the evidence it has"
+        24 * 3600, ge=60, le=30 * 24 * 3600, description="After this long the judge decides on the evidence it has"
     )
     agreement_margin: float = Field(
         0.05, ge=0, le=1, description="How far live agreement with stable may fall below what the test set predicts"
@@ -56,9 +56,9 @@ class JudgeParams(BaseModel):
     estimate_margin: float = Field(
         0.02, ge=0, le=1, description="How far the canary's estimated accuracy may fall below stable's"
     )
-    z: float = Field(2.576, gt=0, le=10, description="Width of the confidence bounds, in standard errors (99%)")
+    z: float = Field(2.576, ge=1, le=10, description="Width of the confidence bounds, in standard errors (99%)")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Service objective: errors per request")
-    max_p99_ms: float = Field(1000, gt=0, le=600_000, description="Service objective: p99 latency, milliseconds")
+    max_p99_ms: float = Field(1000, ge=1, le=600_000, description="Service objective: p99 latency, milliseconds")
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,13 @@ class LiveEvidence:
     """What the servers saw of a rollout's two versions since it started."""
 
     canary: EvidenceTotals  # served and shadowed, together
-    canary_served: EvidenceTotals  # what clients met (the service objectives)
     stable: EvidenceTotals  # served as stable
     pairs: np.ndarray | None  # stable's class x the canary's, on shadowed requests against the champion
     elapsed_s: float
     # Answers a reviewer labeled since the rollout started (the loop): (right, reviewed) of each version.
     reviewed_canary: tuple[int, int] = (0, 0)
     reviewed_stable: tuple[int, int] = (0, 0)
+    left_out: int = 0  # windows in range the judge did not read (beyond MAX_WINDOWS): it vouches for nothing then
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,12 @@ def judge(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Verd
     if failed:
         return verdict("roll_back", "; ".join(f"{c.name}: {c.detail}" for c in failed))
     timed_out = evidence.elapsed_s >= params.max_duration_s
+    if evidence.left_out:  # a failure may lie in what was not read: never promote on part of the evidence
+        unread = (
+            f"{evidence.left_out} evidence windows beyond the {MAX_WINDOWS} the judge reads (write fewer: a longer "
+            "--evidence-window-s); decide by hand: `fashion-mnist rollout promote` or `rollout abort`"
+        )
+        return verdict("roll_back" if timed_out else "wait", unread)
     if images >= params.min_samples and all(c.status in ("pass", "unavailable") for c in checks):
         passed = ", ".join(c.name for c in checks if c.status == "pass") or "no check had evidence"
         return verdict("promote", f"{images} live images; every check passed ({passed})")
@@ -146,7 +152,8 @@ def judge(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Verd
             return verdict("roll_back", f"no live traffic reached the canary in {params.max_duration_s:.0f} s")
         return verdict(
             "promote",
-            f"{params.max_duration_s:.0f} s passed with {images} of {params.min_samples} images and no check failed",
+            f"{params.max_duration_s:.0f} s passed with {images} live images ({params.min_samples} asked for) "
+            "and no check failed",
         )
     waiting = ", ".join(c.name for c in checks if c.status == "wait")
     return verdict("wait", f"{images} of {params.min_samples} images" + (f"; waiting on {waiting}" if waiting else ""))
@@ -224,32 +231,26 @@ def _variance(share: float, images: int) -> float:
 
 
 def _objectives(evidence: LiveEvidence, params: JudgeParams) -> list[Check]:
-    served = evidence.canary_served
-    if not served.requests:
-        return [Check("service objectives", "unavailable", None, None, "no client request served by the canary")]
-    errors = served.model_failures  # a client's own refusals (bad requests, too big) are not the model's
-    rate = errors / served.requests
-    low, _ = estimates.wilson_interval(errors, served.requests, params.z)
-    p99 = p99_ms(served.latency_ms)
-    checks = []
-    detail = f"{errors} failed model calls in {served.requests} requests ({rate:.4f})"
+    """Over every call of the canary's model, for clients and shadowed alike: a request refused before it
+    reached the model (a bad body, too big) is the client's, and counted neither way."""
+    canary = evidence.canary
+    calls = sum(canary.latency_ms)  # the windows' latency holds the requests that reached a model call
+    if not calls:
+        return [Check("service objectives", "unavailable", None, None, "no call of the canary's model yet")]
+    failures = canary.model_failures
+    rate = failures / calls
+    low, _ = estimates.wilson_interval(failures, calls, params.z)
+    detail = f"{failures} failed in {calls} model calls ({rate:.4f})"
     if low > params.max_error_rate:
-        checks.append(
-            Check("error rate", "fail", rate, params.max_error_rate, detail + f", above {params.max_error_rate}")
+        error_rate = Check(
+            "error rate", "fail", rate, params.max_error_rate, f"{detail}, above {params.max_error_rate}"
         )
     else:
-        checks.append(Check("error rate", "pass", rate, params.max_error_rate, detail))
+        error_rate = Check("error rate", "pass", rate, params.max_error_rate, detail)
+    p99 = p99_ms(canary.latency_ms)
+    latency = f"p99 at most {p99:g} ms" if math.isfinite(p99) else f"p99 above {LATENCY_BOUNDS_MS[-1]} ms"
     status: Status = "fail" if p99 > params.max_p99_ms else "pass"
-    checks.append(
-        Check(
-            "p99 latency",
-            status,
-            p99,
-            params.max_p99_ms,
-            f"p99 at most {p99:g} ms" if math.isfinite(p99) else f"p99 above {LATENCY_BOUNDS_MS[-1]} ms",
-        )
-    )
-    return checks
+    return [error_rate, Check("p99 latency", status, p99, params.max_p99_ms, latency)]
 
 
 def p99_ms(latency_counts: list[int]) -> float:

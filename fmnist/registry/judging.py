@@ -41,6 +41,7 @@ class RolloutWindows:
     canary: list[EvidenceWindow]  # served and shadowed
     stable: list[EvidenceWindow]  # served as stable
     skipped: list[str]
+    left_out: int  # windows in range beyond the MAX_WINDOWS read of either version
 
 
 def rollout_windows(registry: Registry, canary: str, champion: str, since: float, now: float) -> RolloutWindows:
@@ -50,14 +51,15 @@ def rollout_windows(registry: Registry, canary: str, champion: str, since: float
         [w for w in canary_read.windows if w.end > since],
         [w for w in stable_read.windows if w.end > since and w.source == "served" and w.label == STABLE],
         [*canary_read.skipped, *stable_read.skipped],
+        canary_read.left_out + stable_read.left_out,
     )
 
 
 def live_evidence(windows: RolloutWindows, champion: str, elapsed_s: float) -> LiveEvidence:
     canary = sum_windows(windows.canary)
-    served = sum_windows([w for w in windows.canary if w.source == "served"])
     pairs = canary.pairs.get(champion)
-    return LiveEvidence(canary, served, sum_windows(windows.stable), np.asarray(pairs) if pairs else None, elapsed_s)
+    pairs = np.asarray(pairs) if pairs else None
+    return LiveEvidence(canary, sum_windows(windows.stable), pairs, elapsed_s, left_out=windows.left_out)
 
 
 def offline_evidence(registry: Registry, canary: str, champion: str) -> Offline:
@@ -105,6 +107,8 @@ def judge_rollout(
     rollout = rollouts.active()
     if rollout is None:
         return Judgement(None, registry.champion(), None)
+    if (moved := _champion_moved(rollouts, rollout)) is not None:
+        return Judgement(rollout.version, registry.champion(), None, decided_meanwhile=moved)
     judgement = assess(registry, rollout, params, time.time() if now is None else now, feedback)
     verdict = judgement.verdict
     act = {"promote": rollouts.promote, "roll_back": rollouts.roll_back}.get(verdict.action)
@@ -118,6 +122,26 @@ def judge_rollout(
         # An operator (or another judge) decided it while the evidence was read: theirs stands, and is no failure.
         return replace(judgement, champion=registry.champion(), decided_meanwhile=decided.outcome)
     return replace(judgement, champion=registry.champion())
+
+
+def _champion_moved(rollouts: Rollouts, rollout: RolloutRecord) -> str | None:
+    """End a rollout whose champion moved under it (by hand, or a rollback) and say how; None if it did not.
+    The canary was gated, and its agreement is judged, against the champion it started beside: made champion
+    by hand, its rollout is promoted; otherwise it is superseded, never promoted over the operator's choice."""
+    champion = rollouts.registry.champion()
+    if champion == rollout.champion:
+        return None
+    by_hand = {"decided_by": "operator", "champion": champion}
+    if champion == rollout.version:
+        rollouts.promote(rollout.version, "made champion by hand during its rollout", by_hand)
+        return "promoted"
+    reason = (
+        f"the champion moved from {rollout.champion} to {champion} during the rollout (by hand, or a rollback): "
+        f"{rollout.version} was gated against {rollout.champion}; `fashion-mnist label canary {rollout.version}` "
+        "serves it again beside the new champion, or a retrain gates a new version"
+    )
+    rollouts.supersede(rollout.version, reason, by_hand)
+    return "superseded"
 
 
 TIMELINE_ROWS = 24  # periods the report shows: the rollout's time so far in this many, each a window or more

@@ -172,7 +172,8 @@ class Rollouts:
             except RegistryError as exc:
                 raise RegistryError(f"refusing to promote canary {version}: {exc}") from exc
         decided = self._decide(version, "promoted", reason, evidence)
-        if not self._promoted_since(version, decided["champion_sequence"]):
+        # Champion already (made so by hand during its rollout, or by a racing finisher): nothing to move.
+        if self.registry.champion() != version and not self._promoted_since(version, decided["champion_sequence"]):
             summary = json.dumps(decided["evidence"], separators=(",", ":"), sort_keys=True)
             if len(summary) > AUDIT_EVIDENCE_CHARS:
                 summary = summary[: AUDIT_EVIDENCE_CHARS - 4] + " ..."
@@ -192,6 +193,14 @@ class Rollouts:
         """Decide `version`'s rollout `rolled_back` and release the canary label (the champion never moved).
         The gate remembers: it never promotes `version` again (`fashion-mnist promote` by hand still can)."""
         self._decide(version, "rolled_back", reason, evidence)
+        Labels(self.registry).release(CANARY, version)
+        return self.record(version)
+
+    def supersede(self, version: str, reason: str, evidence: dict) -> RolloutRecord:
+        """Decide `version`'s rollout `superseded` (what it was gated against changed under it: the champion
+        moved by hand) and release the canary label; the champion never moved for it, and the gate keeps it
+        back as it keeps a rolled-back one."""
+        self._decide(version, "superseded", reason, evidence)
         Labels(self.registry).release(CANARY, version)
         return self.record(version)
 

@@ -108,7 +108,8 @@ class Counts:
 
     def request(self, reason: str | None, seconds: float) -> None:
         self.requests += 1
-        self.latency[latency_bin(seconds * 1000)] += 1
+        if reason in (None, MODEL_FAILED):  # the version's latency: a refused request never reached its model
+            self.latency[latency_bin(seconds * 1000)] += 1
         if reason is not None:
             if reason not in self.errors and len(self.errors) >= MAX_ERROR_REASONS:
                 reason = OTHER_REASON
