@@ -22,8 +22,9 @@ from fmnist.ops import cli, events
 from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import Store, join
-from tests.helpers import GATE
+from tests.helpers import GATE, run_manifest
 from tests.rollout_doubles import write_ledger
+from tests.test_registry import run_files
 from tests.test_rollout_records import canary_label, crash, register
 
 NOW = time.time()
@@ -235,6 +236,9 @@ def test_a_promotion_decided_and_not_carried_out_is_finished_before_the_next_rol
     assert register(registry, 0.87).outcome == "canary"  # the next nightly, before the judge ran again
     assert registry.champion() == "v0002" and rollout.record("v0002").outcome == "promoted"
     assert canary_label(registry) == "v0003" and rollout.active().version == "v0003"
+    # Gated against the champion the finished promotion made, not the one before: the judge then holds it to
+    # v0002 (judged against v0001, its rollout would end at once, the champion having "moved" under it).
+    assert rollout.active().champion == "v0002" and rollout.active().offline.champion_version == "v0002"
 
 
 def test_a_promotion_never_carried_out_is_shown_so(rollout: Rollouts, monkeypatch, capsys, caplog) -> None:
@@ -245,7 +249,9 @@ def test_a_promotion_never_carried_out_is_shown_so(rollout: Rollouts, monkeypatc
     base = ["--registry", registry.root, "rollout", "status"]
     assert cli.main(base) == 0
     assert "promoted (not carried out: the judge's next run finishes it)" in capsys.readouterr().out
-    register(registry, 0.90, gate=GATE)  # an ad-hoc run made v0003 champion meanwhile: v0002's can no longer be
+    # A run already past its own start made v0003 champion meanwhile (the registry's own register: a run that
+    # began before the decision finishes it first, `register_model`): v0002's promotion can no longer be made.
+    registry.register(run_files(registry.store, join(registry.root, "runs", "late"), "late"), run_manifest(0.90), GATE)
     assert register(registry, 0.91).outcome == "canary"  # starting it tried, released the label, carried on
     assert "champion has moved since" in caplog.text and rollout.active().version == "v0004"
     assert cli.main(base) == 0

@@ -162,7 +162,9 @@ def test_a_promotion_the_champion_moved_past_is_not_forced_through(rollout: Roll
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(registry, "promote", crash)
         rollout.promote("v0002", "every check passed", {})
-    register(registry, 0.90, gate=GATE)  # an ad-hoc run promotes v0003 meanwhile
+    # A run already past its own start promotes v0003 meanwhile (the registry's own register: a run that began
+    # before the decision finishes it first, `register_model`).
+    registry.register(run_files(registry.store, join(registry.root, "runs", "late"), "late"), run_manifest(0.90), GATE)
     with pytest.raises(RegistryError, match=r"champion has moved since .v0003 now.*fashion-mnist promote v0002"):
         rollout.promote("v0002", "every check passed", {})
     assert registry.champion() == "v0003" and canary_label(registry) == "v0002"
