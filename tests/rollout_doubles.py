@@ -72,11 +72,11 @@ def pairs_of(stable: np.ndarray, canary: np.ndarray) -> np.ndarray:
 class Versions:
     """A champion and a canary as registration keeps them: calibrations and test predictions."""
 
-    def __init__(self, canary_swap_rate: float = 0.0) -> None:
+    def __init__(self, canary_swap_rate: float = 0.0, canary_accuracy: float = 0.9) -> None:
         labels = np.arange(HELD_OUT) % NUM_CLASSES
         self.stable_held_out = answers(labels, seed=1)
-        self.canary_held_out = answers(labels, seed=2, swap_rate=canary_swap_rate)
-        self.canary_swap_rate = canary_swap_rate
+        self.canary_held_out = answers(labels, seed=2, accuracy=canary_accuracy, swap_rate=canary_swap_rate)
+        self.canary_swap_rate, self.canary_accuracy = canary_swap_rate, canary_accuracy
         self.offline = Offline(
             fit_calibration(self.canary_held_out, labels),
             fit_calibration(self.stable_held_out, labels),
@@ -88,7 +88,7 @@ class Versions:
         """Stable served `labels`' images and shadowed each to the canary (which, `canary_broken` of the time,
         answers at random: a preprocessing fault only live images meet)."""
         stable = answers(labels, seed=11)
-        canary = answers(labels, seed=12, swap_rate=self.canary_swap_rate)
+        canary = answers(labels, seed=12, accuracy=self.canary_accuracy, swap_rate=self.canary_swap_rate)
         broken = np.random.default_rng(13).random(len(labels)) < canary_broken
         canary[broken] = np.roll(canary[broken], np.random.default_rng(14).integers(1, 10), axis=1)
         canary_totals = totals(canary, failures)

@@ -40,6 +40,15 @@ def test_an_equal_canary_waits_for_the_minimum_sample_then_is_promoted() -> None
     assert abs(agreement.canary - agreement.reference) < 0.03  # live agreement as the test set predicts
 
 
+def test_a_better_canary_is_promoted_on_traffic_like_the_test_sets_and_unlike_it() -> None:
+    versions = Versions(canary_accuracy=0.95)
+    for live in (traffic(3000), traffic(3000, SWAPPED, 0.8)):
+        verdict = judge(versions.live(live), versions.offline, RULE)
+        assert verdict.action == "promote", verdict
+        mix = next(c for c in verdict.checks if c.name == "accuracy under the live class mix")
+        assert mix.canary > mix.reference  # better where users send, as it was offline
+
+
 def test_a_canary_worse_on_the_classes_users_send_is_rolled_back_though_it_passed_offline() -> None:
     versions = Versions(canary_swap_rate=0.1)
     offline_gap = (versions.stable_held_out.argmax(axis=1) == np.arange(HELD_OUT) % 10).mean() - (
