@@ -16,6 +16,7 @@ from PIL import Image
 
 from fmnist.ops import cli
 from fmnist.registry.gate import decide
+from fmnist.registry.log_repair import repair_champion
 from fmnist.registry.registration import prior_run
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
@@ -507,7 +508,7 @@ def test_a_deleted_champion_pointer_is_damage_not_a_first_version(registry: Regi
     ):
         register(registry, 0.81)
     assert registry.versions() == ["v0001"]  # refused before a number was claimed
-    assert registry.repair_champion()["version"] == "v0001"
+    assert repair_champion(registry)["version"] == "v0001"
     worse = register(registry, 0.81)
     assert not worse.promoted and registry.champion() == "v0001"
 
@@ -546,7 +547,7 @@ def test_a_champion_pointer_restored_from_an_older_copy_is_caught_and_repaired(r
         registry.champion()
     with pytest.raises(RegistryError, match="restored from an older copy"):
         register(registry, 0.88)
-    assert registry.repair_champion()["version"] == "v0003"
+    assert repair_champion(registry)["version"] == "v0003"
     assert register(registry, 0.88).promoted
     assert [(e["sequence"], e["version"]) for e in registry.promotions()] == [
         (1, "v0001"),

@@ -12,6 +12,7 @@ import pytest
 
 from fmnist.ops import cli
 from fmnist.registry.labels import Labels
+from fmnist.registry.log_repair import repair_champion, repair_log
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import IntegrityError, Store, join
 from tests.test_registry import register
@@ -66,7 +67,7 @@ def test_lost_audit_log_entries_are_restored_from_the_registry_and_the_repair_is
     assert cli.main([*cli_args(registry, tmp_path), "promotions"]) == 0
     assert "[restored by repair-log at" in capsys.readouterr().out
     with pytest.raises(RegistryError, match=r"the audit log is whole .*nothing to repair"):
-        registry.repair_log()
+        repair_log(registry)
 
 
 def test_a_log_deleted_beside_its_pointer_is_rebuilt_from_the_pointer(registry: Registry) -> None:
@@ -77,8 +78,8 @@ def test_a_log_deleted_beside_its_pointer_is_rebuilt_from_the_pointer(registry: 
     with pytest.raises(RegistryError, match=r"ends at change 0.*fashion-mnist repair-log"):
         register(registry, 0.9)
     with pytest.raises(RegistryError, match="fashion-mnist repair-log"):
-        registry.repair_champion()
-    assert [e["sequence"] for e in registry.repair_log()] == [1, 2, 3]
+        repair_champion(registry)
+    assert [e["sequence"] for e in repair_log(registry)] == [1, 2, 3]
     assert [fields(e) for e in registry.promotions()] == original
     assert registry.champion() == "v0003" and registry.champion_record()["previous"] == ["v0001", "v0002"]
 
@@ -104,7 +105,7 @@ def test_a_gap_the_evidence_cannot_settle_is_written_only_with_the_operators_ack
         (4, "lost", "v0004", None),
     ]
     assert all(e["repair"]["acknowledged"] for e in entries[2:4])
-    assert registry.repair_champion()["version"] == "v0005"
+    assert repair_champion(registry)["version"] == "v0005"
     assert registry.champion_record()["previous"] == ["v0004"]  # what came before a lost change is unknown
     assert cli.main([*cli_args(registry, tmp_path), "promotions"]) == 0
     assert "lost     ?" in capsys.readouterr().out
@@ -125,9 +126,9 @@ def test_a_deleted_log_and_pointer_are_not_an_empty_registry(registry: Registry,
         registry.promote("v0002", "by hand")
     assert cli.main([*cli_args(registry, tmp_path), "repair-log"]) == 1
     assert "--acknowledge-lost" in capsys.readouterr().err
-    assert [e["event"] for e in registry.repair_log(acknowledge_lost=True)] == ["lost"]
+    assert [e["event"] for e in repair_log(registry, acknowledge_lost=True)] == ["lost"]
     with pytest.raises(RegistryError, match="promote VERSION"):
-        registry.repair_champion()
+        repair_champion(registry)
     registry.promote("v0002", "named by the operator after the log was lost")
     assert [e["sequence"] for e in registry.promotions()] == [1, 2]
     assert not register(registry, 0.81).promoted and registry.champion() == "v0002"
@@ -272,7 +273,7 @@ def test_a_change_numbered_beyond_any_the_registry_can_reach_is_named_as_stray(r
         register(registry, accuracy)
     stray = join(registry.log_root, "99999999999.json")
     registry.store.write_bytes(stray, b"{}")
-    for action in (registry.promotions, registry.repair_log):
+    for action in (registry.promotions, lambda: repair_log(registry)):
         with pytest.raises(RegistryError, match=r"99999999999.json: change 99999999999 is beyond.*a stray file.*move"):
             action()
     registry.store.delete(stray)
@@ -282,16 +283,16 @@ def test_a_change_numbered_beyond_any_the_registry_can_reach_is_named_as_stray(r
     )
     registry.store.write_bytes(entry(registry, 2), b'{"sequence": 2, "ev')  # torn: repair-log is needed
     with pytest.raises(RegistryError, match=r"v0004.json: its champion_sequence 1000000000000000 is beyond.*stray"):
-        registry.repair_log()
+        repair_log(registry)
     registry.store.delete(claim)
-    assert [e["version"] for e in registry.repair_log()] == ["v0002"]
+    assert [e["version"] for e in repair_log(registry)] == ["v0002"]
     pointer = {**registry.champion_record(), "sequence": 10**15}
     registry.store.write_bytes(registry.champion_file, json.dumps(pointer).encode())
     with pytest.raises(RegistryError, match=r"change 1000000000000000, beyond any.*repair-champion"):
         registry.champion()
     with pytest.raises(RegistryError, match="the audit log is whole"):
-        registry.repair_log()  # an edited pointer is no evidence of lost changes
-    assert registry.repair_champion()["sequence"] == 3
+        repair_log(registry)  # an edited pointer is no evidence of lost changes
+    assert repair_champion(registry)["sequence"] == 3
 
 
 def test_promote_never_overwrites_a_pointer_ahead_of_the_log(registry: Registry, tmp_path: Path, capsys) -> None:
@@ -306,7 +307,7 @@ def test_promote_never_overwrites_a_pointer_ahead_of_the_log(registry: Registry,
         assert cli.main([*cli_args(registry, tmp_path), *args]) == 1
         assert "fashion-mnist repair-log" in capsys.readouterr().err
     assert registry.store.read_bytes(registry.champion_file) == pointer
-    assert [e["version"] for e in registry.repair_log()] == ["v0004", "v0005"]
+    assert [e["version"] for e in repair_log(registry)] == ["v0004", "v0005"]
     registry.promote("v0002", "after the repair")
     assert [e["version"] for e in registry.promotions()] == ["v0001", "v0002", "v0003", "v0004", "v0005", "v0002"]
 
@@ -349,7 +350,7 @@ def test_json_nested_too_deeply_is_damage_in_every_registry_file(registry: Regis
     with pytest.raises(IntegrityError, match=r"00000003.json: not valid JSON \(nested too deeply\)"):
         store.read_json(entry(registry, 3))
     store.write_bytes(join(registry.claims_root, "v0004.json"), DEEP)  # the newest claim: repair-log's evidence
-    assert [e["version"] for e in registry.repair_log()] == ["v0003"]
+    assert [e["version"] for e in repair_log(registry)] == ["v0003"]
 
 
 @pytest.mark.parametrize("which", ["champion", "labels", "entry"])
@@ -365,9 +366,13 @@ def test_a_folder_where_a_registry_file_belongs_is_named_with_the_way_out(regist
     registry.store.write_bytes(join(location, "note.txt"), b"a folder")
     refusal = rf"{location} is a folder where the registry keeps a file: rename it out of the way"
     actions = {
-        "champion": [registry.rollback, registry.repair_champion, lambda: registry.promote("v0001", "x")],
+        "champion": [registry.rollback, lambda: repair_champion(registry), lambda: registry.promote("v0001", "x")],
         "labels": [lambda: labels.set("canary", "v0001", "x"), lambda: labels.clear("canary")],
-        "entry": [registry.promotions, registry.repair_log, lambda: registry.repair_log(acknowledge_lost=True)],
+        "entry": [
+            registry.promotions,
+            lambda: repair_log(registry),
+            lambda: repair_log(registry, acknowledge_lost=True),
+        ],
     }[which]
     for action in actions:
         with pytest.raises(RegistryError, match=refusal):
@@ -375,7 +380,8 @@ def test_a_folder_where_a_registry_file_belongs_is_named_with_the_way_out(regist
     if location.startswith("s3://"):
         return  # SeaweedFS keeps an empty directory where a folder's last object was deleted (not S3's way)
     registry.store.delete(location)
-    {"champion": registry.repair_champion, "labels": lambda: None, "entry": registry.repair_log}[which]()
+    if which != "labels":
+        (repair_champion if which == "champion" else repair_log)(registry)
     labels.set("canary", "v0001", "after")
     assert registry.champion() == "v0002" and labels.records()["canary"]["version"] == "v0001"
 

@@ -7,6 +7,7 @@ rollback makes champion the last of `previous` again, and replaying every change
 pointer. `histories` tries each event for each lost change and keeps the histories that satisfy
 every constraint: one such history, with every version named, is evidence enough; several, or a
 version nothing names, is not (the operator acknowledges the loss: `repair-log --acknowledge-lost`).
+The repair that runs this search and writes the entries it settles is `fmnist.registry.log_repair`.
 """
 
 from __future__ import annotations

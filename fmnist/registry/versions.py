@@ -14,7 +14,8 @@ No locks, so it works the same from many hosts on object storage: a version numb
 create-only write (a number another writer took is skipped); a version is published by the
 create-only write of its manifest; the champion pointer moves by compare-and-swap (a writer that lost
 reads the new champion and decides again); each change is logged once under its sequence number, by
-the writer that made it or, if that one died first, by the next one to read it.
+the writer that made it or, if that one died first, by the next one to read it. A log or pointer that
+lost records is repaired from what the registry still holds by `fmnist.registry.log_repair`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fmnist.registry.audit import LOST, MAX_UNLOGGED, histories
+from fmnist.registry.audit import LOST, MAX_UNLOGGED
 from fmnist.registry.gate import PromotionParams, decide
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage import IntegrityError, PreconditionFailed, Store, StoredFile, join
@@ -626,151 +627,6 @@ class Registry:
                     return f"{version} was gated against champion {gated}", 1
         return None
 
-    def repair_log(self, acknowledge_lost: bool = False) -> list[dict]:
-        """Restore the audit log's missing or damaged entries from what the registry still holds (the
-        champion pointer, the entries around them, the newest claim), and return those written.
-
-        A lost entry that exactly one history consistent with all of it explains is restored as that
-        change; one the evidence cannot settle is written only with `acknowledge_lost`, as a `lost` change
-        with what is known of it. Every restored entry records its repair (`repair`: when, from what, and
-        whether the operator acknowledged a loss); a damaged entry's bytes are kept beside it."""
-        self.store.require_conditional_writes(self.root)
-        known: dict[int, dict] = {}
-        damaged: dict[int, tuple[bytes, str]] = {}
-        for sequence in self._sequences():
-            try:
-                known[sequence] = _entry(self._logged_entry(sequence))
-            except RegistryError:
-                if found := self._read(join(self.log_root, f"{sequence:08d}.json")):
-                    damaged[sequence] = found
-        stored = set(known)
-        top = max(stored | set(damaged), default=0)
-        pointer = self._read_champion(damaged_ok=True)[0]
-        final = None
-        sequence = pointer.get("sequence") if pointer else None
-        if sequence and self._beyond(sequence, len(stored | set(damaged))):
-            sequence = None  # an edited pointer: no evidence (`_state` names it damaged, for `repair-champion`)
-        # A pointer at or beyond the log, and the same as its own entry if logged, is evidence; one behind
-        # the log (restored from an older copy) is not: `repair-champion` rewrites it after.
-        if sequence and sequence >= top and (sequence not in known or known[sequence] == _entry(pointer)):
-            final, top = pointer, sequence
-            known.setdefault(sequence, _entry(pointer))
-        if (evidence := self._history_evidence()) and evidence[1] > top:
-            top, final = evidence[1], None  # changes the newest claim saw that neither the log nor the pointer has
-        missing = [s for s in range(1, top + 1) if s not in known]
-        if stored >= set(range(1, top + 1)):
-            raise RegistryError(f"{self.log_root}: the audit log is whole ({top} changes); nothing to repair")
-        found = histories(known, top, final)
-        settled = found is not None and len(found) == 1 and all(None not in found[0][s][:2] for s in missing)
-        if missing and not settled and not acknowledge_lost:
-            why = (
-                "the search gave up"
-                if found is None
-                else "no history fits the other entries and champion.json"
-                if not found
-                else "more than one history fits"
-                if len(found) > 1
-                else "no entry, claim or pointer names their versions"
-            )
-            raise RegistryError(
-                f"{self.log_root}: change{'s' if len(missing) > 1 else ''} {_span(missing)} cannot be restored from "
-                f"what the registry holds ({why}); {REPAIR_LOST} records them as lost, with what is "
-                "known of them (or restore them from a backup)"
-            )
-        history = found[0] if found and len(found) == 1 else {}
-        written = []
-        for sequence in range(1, top + 1):
-            if sequence in stored:
-                continue
-            if sequence in known:  # the pointer's own change, not logged yet
-                entry = known[sequence]
-                note = f"from {self.champion_file}, the change it records"
-            elif settled:
-                event, version, replaced = history[sequence]
-                entry = self._restored(sequence, event, version, replaced, known)
-                note = "the only history that fits the log's other entries" + (
-                    f" and {self.champion_file}" if final else ""
-                )
-            else:
-                event, version, replaced = history.get(sequence, (LOST, None, None))
-                before, after = known.get(sequence - 1), known.get(sequence + 1)
-                version = version or (after or {}).get("replaced")
-                replaced = replaced or (before or {}).get("version")
-                entry = self._restored(sequence, LOST if None in (event, version) else event, version, replaced, known)
-                note = "not enough evidence: what is known of it, kept with the operator's acknowledgement"
-            entry["repair"] = {"at": _now(), "by": "fashion-mnist repair-log", "evidence": note}
-            entry["repair"]["acknowledged"] = not settled and sequence not in known
-            self._write_entry(sequence, entry, damaged.get(sequence))
-            written.append(entry)
-        return written
-
-    def _restored(
-        self, sequence: int, event: str, version: str | None, replaced: str | None, known: dict[int, dict]
-    ) -> dict:
-        model = next((e.get("model_sha256") for e in known.values() if e["version"] == version), None)
-        if model is None and version:
-            with contextlib.suppress(RegistryError):
-                model = self.manifest(version).files.get(MODEL)
-        reason = "lost from the audit log; restored by `fashion-mnist repair-log`"
-        return {
-            "sequence": sequence,
-            "at": None,
-            "event": event,
-            "version": version,
-            "replaced": replaced,
-            "reason": reason,
-            "model_sha256": model,
-        }
-
-    def _write_entry(self, sequence: int, entry: dict, damaged: tuple[bytes, str] | None) -> None:
-        location = join(self.log_root, f"{sequence:08d}.json")
-        data = json.dumps(entry).encode()
-        if damaged is None:
-            try:
-                self.store.create(location, data)
-            except PreconditionFailed:
-                if _entry(self._logged_entry(sequence)) != _entry(entry):
-                    raise RegistryError(f"{location} was written by another writer meanwhile; run again") from None
-            return
-        self.store.write_bytes(join(self.log_root, f"{sequence:08d}.damaged-{uuid.uuid4().hex[:8]}.json"), damaged[0])
-        try:
-            self.store.replace(location, data, damaged[1])
-        except PreconditionFailed:
-            raise RegistryError(f"{location} was rewritten by another writer meanwhile; run again") from None
-
-    def repair_champion(self) -> dict:
-        """Rewrite a missing, damaged or stale champion pointer from the audit log's last change, once that
-        version verifies; return the record written."""
-        try:
-            record, _, _ = self._state()
-        except RegistryError:
-            pass
-        else:
-            if record is None:
-                raise RegistryError(f"no champion and no audit log in {self.root}: nothing to repair")
-            raise RegistryError(f"{self.champion_file} is intact (champion {record['version']}); nothing to repair")
-        _, etag = self._read_champion(damaged_ok=True)
-        record = self._replayed()
-        if record is None:
-            raise RegistryError(
-                f"no audit log in {self.log_root} to restore the champion pointer from: {REPAIR_LOG} "
-                "restores the log from what the registry holds, `fashion-mnist promote VERSION` names a champion"
-            )
-        if record["version"] is None:
-            raise RegistryError(
-                f"the audit log's last change ({record['sequence']}) was lost and names no version: "
-                "`fashion-mnist promote VERSION` names the champion"
-            )
-        try:
-            self._vouched_model(record["version"])
-        except RegistryError as exc:
-            raise RegistryError(
-                f"the audit log's champion {record['version']} does not verify ({exc}); "
-                "`fashion-mnist promote VERSION` makes a version that does the champion"
-            ) from exc
-        self.store.replace(self.champion_file, json.dumps(record, indent=1).encode(), etag)
-        return record
-
     def prior_version(self, fingerprint: str) -> VersionManifest | None:
         """The manifest of the newest of the last `FINGERPRINT_SCAN` versions made from exactly this data,
         code and parameters."""
@@ -841,10 +697,6 @@ def _parsed(data: bytes) -> Any:
         return Store.parse_json(data, "")
     except IntegrityError as exc:
         raise ValueError(str(exc).removeprefix(": ")) from None
-
-
-def _span(sequences: list[int]) -> str:
-    return ", ".join(map(str, sequences[:5])) + (f" and {len(sequences) - 5} more" if len(sequences) > 5 else "")
 
 
 def _sequence_of(record: dict | None) -> int:

@@ -9,6 +9,7 @@ import sys
 from fmnist.data.feedback import feedback_lineage
 from fmnist.ops.commands.roots import feedback_root, registry_of, reviews_flag
 from fmnist.registry.labels import Labels
+from fmnist.registry.log_repair import repair_champion, repair_log
 from fmnist.registry.manifest import FeedbackRecord
 from fmnist.registry.rollout import Rollouts
 from fmnist.registry.status import version_status
@@ -102,14 +103,14 @@ def cmd_promotions(args: argparse.Namespace) -> None:
 
 def cmd_repair_champion(args: argparse.Namespace) -> None:
     registry = registry_of(args)
-    record = registry.repair_champion()
+    record = repair_champion(registry)
     print(f"{registry.champion_file} restored from change {record['sequence']} of the audit log: ", end="")
     print(f"{record['version']} is the champion")
 
 
 def cmd_repair_log(args: argparse.Namespace) -> None:
     registry = registry_of(args)
-    written = registry.repair_log(acknowledge_lost=args.acknowledge_lost)
+    written = repair_log(registry, acknowledge_lost=args.acknowledge_lost)
     for entry in written:
         print(f"change {entry['sequence']} restored ({entry['repair']['evidence']}): ", end="")
         print(f"{entry['event']} {entry['version'] or '(version unknown)'} (was {entry['replaced'] or 'unknown'})")
