@@ -29,14 +29,7 @@ def repair_log(registry: Registry, acknowledge_lost: bool = False) -> list[dict]
     with what is known of it. Every restored entry records its repair (`repair`: when, from what, and
     whether the operator acknowledged a loss); a damaged entry's bytes are kept beside it."""
     registry.store.require_conditional_writes(registry.root)
-    known: dict[int, dict] = {}
-    damaged: dict[int, tuple[bytes, str]] = {}
-    for sequence in registry._sequences():
-        try:
-            known[sequence] = _entry(registry._logged_entry(sequence))
-        except RegistryError:
-            if found := registry._read(join(registry.log_root, f"{sequence:08d}.json")):
-                damaged[sequence] = found
+    known, damaged = _stored_entries(registry)
     stored = set(known)
     top = max(stored | set(damaged), default=0)
     pointer = registry._read_champion(damaged_ok=True)[0]
@@ -57,20 +50,7 @@ def repair_log(registry: Registry, acknowledge_lost: bool = False) -> list[dict]
     found = histories(known, top, final)
     settled = found is not None and len(found) == 1 and all(None not in found[0][s][:2] for s in missing)
     if missing and not settled and not acknowledge_lost:
-        why = (
-            "the search gave up"
-            if found is None
-            else "no history fits the other entries and champion.json"
-            if not found
-            else "more than one history fits"
-            if len(found) > 1
-            else "no entry, claim or pointer names their versions"
-        )
-        raise RegistryError(
-            f"{registry.log_root}: change{'s' if len(missing) > 1 else ''} {_span(missing)} cannot be restored from "
-            f"what the registry holds ({why}); {REPAIR_LOST} records them as lost, with what is "
-            "known of them (or restore them from a backup)"
-        )
+        raise _unsettled(registry, missing, found)
     history = found[0] if found and len(found) == 1 else {}
     written = []
     for sequence in range(1, top + 1):
@@ -98,6 +78,39 @@ def repair_log(registry: Registry, acknowledge_lost: bool = False) -> list[dict]
         _write_entry(registry, sequence, entry, damaged.get(sequence))
         written.append(entry)
     return written
+
+
+def _stored_entries(registry: Registry) -> tuple[dict[int, dict], dict[int, tuple[bytes, str]]]:
+    """The log's entries as stored: those that read (as `_entry` gives them), and the damaged ones' bytes
+    and etags, by sequence."""
+    known: dict[int, dict] = {}
+    damaged: dict[int, tuple[bytes, str]] = {}
+    for sequence in registry._sequences():
+        try:
+            known[sequence] = _entry(registry._logged_entry(sequence))
+        except RegistryError:
+            if found := registry._read(join(registry.log_root, f"{sequence:08d}.json")):
+                damaged[sequence] = found
+    return known, damaged
+
+
+def _unsettled(registry: Registry, missing: list[int], found: list[dict[int, tuple]] | None) -> RegistryError:
+    """The refusal to restore the `missing` changes unacknowledged, saying why the histories `found` (None:
+    the search gave up) do not settle them."""
+    why = (
+        "the search gave up"
+        if found is None
+        else "no history fits the other entries and champion.json"
+        if not found
+        else "more than one history fits"
+        if len(found) > 1
+        else "no entry, claim or pointer names their versions"
+    )
+    return RegistryError(
+        f"{registry.log_root}: change{'s' if len(missing) > 1 else ''} {_span(missing)} cannot be restored from "
+        f"what the registry holds ({why}); {REPAIR_LOST} records them as lost, with what is "
+        "known of them (or restore them from a backup)"
+    )
 
 
 def _restored(
