@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.data.feedback import ledger_location, reviewed_answers
+from fmnist.data import feedback as feedback_module
+from fmnist.data.feedback import (
+    MAX_LEDGER_BYTES,
+    ReviewedBatch,
+    ReviewedRecord,
+    ledger_location,
+    reviewed_answers,
+)
 from fmnist.evaluation.evidence import EvidenceWindow, evidence_root, prune_evidence, read_windows, window_location
 from fmnist.ops import cli, events
+from fmnist.ops.review import MAX_REVIEW
 from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import Store, join
@@ -224,6 +232,50 @@ def test_a_review_counts_once_and_a_ledger_is_the_batch_its_name_says(root: str,
     reviewed = reviewed_answers(store, feedback, {"v0001"})
     assert sorted(a.correct for a in reviewed.answers) == [False, True, True, True]
     assert reviewed.unreadable == [f"{copy}: the ledger of batch 'review-1', not of its name"]
+
+
+def test_a_record_repeated_in_one_ledger_counts_once(root: str, store: Store) -> None:
+    feedback = root + "/feedback"
+    write_ledger(store, feedback, "review-1", [("v0001", 3, 4, NOW)] * 40)
+    location = ledger_location(feedback, "review-1")
+    ledger = json.loads(store.read_bytes(location))
+    for record in ledger["records"]:
+        record["id"] = "0" * 32  # one record, forty times
+    store.write_bytes(location, json.dumps(ledger).encode())
+    assert len(reviewed_answers(store, feedback, {"v0001"}).answers) == 1
+
+
+def test_the_newest_ledgers_are_chosen_by_review_time_the_rest_counted(root: str, store: Store, monkeypatch) -> None:
+    monkeypatch.setattr(feedback_module, "MAX_REVIEWED_LEDGERS", 2)
+    feedback = root + "/feedback"
+    write_ledger(store, feedback, "feedback-20261206", [("v0001", 3, 4, NOW)])  # the real review, today
+    for n in range(3):  # empty ledgers reviewed long ago, whose names sort after it
+        batch = f"zz-{n}"
+        store.create(
+            ledger_location(feedback, batch),
+            json.dumps({"batch": batch, "at": "2026-01-01T00:00:00+00:00", "submitted": 0, "relabeled": 0,
+                        "deleted": 0, "served_versions": {}, "records": []}).encode(),
+        )  # fmt: skip
+    reviewed = reviewed_answers(store, feedback, {"v0001"})
+    assert [a.correct for a in reviewed.answers] == [False] and reviewed.left_out == 2 and reviewed.unreadable == []
+
+
+def test_a_ledger_bigger_than_a_review_is_named_not_read_whole(root: str, store: Store) -> None:
+    feedback = root + "/feedback"
+    # What a full review writes fits: MAX_REVIEW records with long file names and sources.
+    rows = {"rank": 1, "file": "f" * 200 + ".png", "confidence": "0.1234", "label": "stable", "source": "s" * 200}
+    full = ReviewedBatch(
+        batch="full", at="2026-12-06T00:00:00+00:00", submitted=MAX_REVIEW, relabeled=0, deleted=0,
+        served_versions={"v0001": MAX_REVIEW},
+        records=[ReviewedRecord(id=f"{n:032x}", version="v0001", labeled="coat", predicted="coat",
+                                at="2026-12-06T00:00:00+00:00", **rows) for n in range(MAX_REVIEW)],
+    )  # fmt: skip
+    store.create(ledger_location(feedback, "full"), full.model_dump_json(indent=1).encode())
+    big = ledger_location(feedback, "big")
+    store.create(big, b" " * (MAX_LEDGER_BYTES + 1))
+    reviewed = reviewed_answers(store, feedback, {"v0001"})
+    assert len(reviewed.answers) == MAX_REVIEW
+    assert reviewed.unreadable == [f"{big}: over {MAX_LEDGER_BYTES:,} bytes, more than a review holds"]
 
 
 def test_a_promotion_decided_and_not_carried_out_is_finished_before_the_next_rollout(

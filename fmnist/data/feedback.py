@@ -64,9 +64,14 @@ def ledger_location(feedback: str, batch: str) -> str:
     return join(feedback, REVIEWED, f"{batch}.json")
 
 
+# A ledger holds one review: at most MAX_REVIEW (fmnist/ops/review.py) records, each some 400 bytes of indented
+# JSON with its file name and source path (about 1 MB in all). A bigger file is no ledger, and is never read whole.
+MAX_LEDGER_BYTES = 4 << 20
+
+
 def read_ledger(store: Store, location: str) -> ReviewedBatch:
     try:
-        return ReviewedBatch.model_validate(store.read_json(location))
+        return ReviewedBatch.model_validate(store.parse_json(_read_bounded(store, location), location))
     except IntegrityError as exc:
         raise FeedbackLedgerError(str(exc)) from None
     except ValidationError as exc:
@@ -79,6 +84,15 @@ def ledgers(store: Store, feedback: str) -> list[ReviewedBatch]:
     """Every batch's ledger; a damaged one is an error naming it."""
     names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))
     return [read_ledger(store, join(feedback, REVIEWED, name)) for name in names]
+
+
+def _read_bounded(store: Store, location: str) -> bytes:
+    data = b""
+    for chunk in store.iter_chunks(location):
+        data += chunk
+        if len(data) > MAX_LEDGER_BYTES:
+            raise FeedbackLedgerError(f"{location}: over {MAX_LEDGER_BYTES:,} bytes, more than a review holds")
+    return data
 
 
 def feedback_lineage(store: Store, feedback: str, batches: dict[str, str]) -> FeedbackLineage:
@@ -118,42 +132,66 @@ class ReviewedAnswer:
 class ReviewedAnswers:
     answers: list[ReviewedAnswer]
     unreadable: list[str]  # ledgers (and record fields) that could not be read, named
+    left_out: int = 0  # readable ledgers older than the newest MAX_REVIEWED_LEDGERS: their answers are not here
 
 
 def reviewed_answers(store: Store, feedback: str, versions: set[str]) -> ReviewedAnswers:
-    """Every reviewed answer of `versions` in the newest MAX_REVIEWED_LEDGERS ledgers: the truth the label-free
-    estimates are held to. A record the reviewer deleted has no truth; a ledger from before records kept
-    what was predicted and when (or one that does not parse) is named in `unreadable`, never guessed. So is a
-    ledger that is not the batch its name says (a copy under another name), and anything that is no file (a
-    FIFO, a device); a record in several ledgers counts once."""
-    names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))[-MAX_REVIEWED_LEDGERS:]
-    answers, unreadable, counted = [], [], set()
-    for name in names:
-        location = join(feedback, REVIEWED, name)
-        try:
-            ledger = read_ledger(store, location)
-        except (FeedbackLedgerError, FileNotFoundError, NotAFile) as exc:
-            unreadable.append(printable(str(exc)))  # names it; a name that is not UTF-8 goes on into logs
-            continue
-        if f"{ledger.batch}.json" != name:
-            unreadable.append(printable(f"{location}: the ledger of batch {ledger.batch[:64]!r}, not of its name"))
-            continue
-        records = [r for r in ledger.records if r.labeled and r.version in versions and r.id not in counted]
-        found = [_reviewed(record) for record in records]
-        if None in found:  # a ledger from before records kept what was answered and when: none of it is guessed
-            unreadable.append(printable(f"{location}: its records do not say what was answered, and when"))
-            continue
-        counted.update(record.id for record in records)
-        answers.extend(found)
-    return ReviewedAnswers(answers, unreadable)
+    """Every reviewed answer of `versions` in the newest MAX_REVIEWED_LEDGERS ledgers (by the time each says it
+    was reviewed: a name says nothing), and how many older ones were `left_out`: the truth the label-free
+    estimates are held to, and how much of it is missing. A record the reviewer deleted has no truth; a ledger
+    from before records kept what was predicted and when (or one that does not parse, or is over
+    MAX_LEDGER_BYTES) is named in `unreadable`, never guessed. So is a ledger that is not the batch its name
+    says (a copy under another name), and anything that is no file (a FIFO, a device); a record counts once,
+    however many times it is in one ledger or in several."""
+    read, unreadable = [], []
+    for name in sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json")):
+        found, problem = _ledger_answers(store, join(feedback, REVIEWED, name), name, versions)
+        if problem:
+            unreadable.append(printable(problem))  # names it; a name that is not UTF-8 goes on into logs
+        else:
+            read.append(found)
+    read.sort(key=lambda ledger: ledger[0], reverse=True)
+    answers, counted = [], set()
+    for _, records in read[:MAX_REVIEWED_LEDGERS]:
+        for record_id, answer in records:
+            if record_id not in counted:
+                counted.add(record_id)
+                answers.append(answer)
+    return ReviewedAnswers(answers, unreadable, max(len(read) - MAX_REVIEWED_LEDGERS, 0))
+
+
+def _ledger_answers(
+    store: Store, location: str, name: str, versions: set[str]
+) -> tuple[tuple[float, list[tuple[str, ReviewedAnswer]]], str]:
+    """The ledger at `location`: when it was reviewed and its labeled answers of `versions` (by record id);
+    or the problem that makes it no ledger to count."""
+    try:
+        ledger = read_ledger(store, location)
+    except (FeedbackLedgerError, FileNotFoundError, NotAFile) as exc:
+        return (0.0, []), str(exc)
+    if f"{ledger.batch}.json" != name:
+        return (0.0, []), f"{location}: the ledger of batch {ledger.batch[:64]!r}, not of its name"
+    reviewed = _timestamp(ledger.at)
+    if not math.isfinite(reviewed):
+        return (0.0, []), f"{location}: at {ledger.at[:64]!r} is not a time"
+    records = [r for r in ledger.records if r.labeled and r.version in versions]
+    found = [_reviewed(record) for record in records]
+    if None in found:  # a ledger from before records kept what was answered and when: none of it is guessed
+        return (0.0, []), f"{location}: its records do not say what was answered, and when"
+    return (reviewed, [(record.id, answer) for record, answer in zip(records, found, strict=True)]), ""
+
+
+def _timestamp(at: object) -> float:
+    """An ISO time as seconds since the epoch; NaN if it is none."""
+    try:
+        return datetime.fromisoformat(at).timestamp() if isinstance(at, str) else math.nan
+    except ValueError:
+        return math.nan
 
 
 def _reviewed(record: ReviewedRecord) -> ReviewedAnswer | None:
-    predicted, at = getattr(record, "predicted", None), getattr(record, "at", None)
-    try:
-        served = datetime.fromisoformat(at).timestamp() if isinstance(at, str) else math.nan
-    except ValueError:
-        served = math.nan
+    predicted = getattr(record, "predicted", None)
+    served = _timestamp(getattr(record, "at", None))
     if not isinstance(predicted, str) or not math.isfinite(served):
         return None
     return ReviewedAnswer(record.version, served, predicted == record.labeled)
