@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from fmnist.data.feedback import (
 from fmnist.evaluation.evidence import EvidenceWindow, evidence_root, prune_evidence, read_windows, window_location
 from fmnist.ops import cli, events
 from fmnist.ops.review import MAX_REVIEW
+from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import Store, join
@@ -220,6 +221,31 @@ def test_a_rollout_gated_against_no_version_of_the_registry_is_not_judged(rollou
     assert message.startswith(f"{location}: the rollout was gated against champion v0042, which is no version")
     assert "label canary --clear" in message
     assert rollout.record("v0002").champion == "v0042"  # the history still reads
+
+
+def test_a_start_record_of_a_version_that_failed_the_gate_is_no_rollout(rollout: Rollouts) -> None:
+    registry = rollout.registry
+    rollout.roll_back("v0002", "worse on live traffic", {})
+    assert register(registry, 0.50).outcome != "canary"  # v0003 fails the gate
+    Labels(registry).set(CANARY, "v0003", "an operator looks at it by hand")
+    assert rollout.active() is None  # a canary labeled by hand is no rollout...
+    started = json.loads(registry.store.read_bytes(join(rollout.root, "v0002", "started.json")))
+    location = join(rollout.root, "v0003", "started.json")  # ...and a start record copied for it makes none
+    registry.store.create(location, json.dumps(started | {"version": "v0003"}).encode())
+    with pytest.raises(RegistryError) as refused:
+        rollout.active()
+    message = str(refused.value)
+    assert message.startswith(f"{location}: a rollout of v0003, which did not pass the gate (")
+    assert "Move the record aside" in message and "label canary --clear" in message
+
+
+def test_a_rollout_that_started_before_its_version_was_registered_is_no_rollout(rollout: Rollouts) -> None:
+    registered = datetime.fromisoformat(rollout.registry.manifest("v0002").registered_at)
+    early = (registered - timedelta(days=30)).isoformat()  # the judge would decide it at once, at max_duration_s
+    location = edit_started(rollout, at=early)
+    with pytest.raises(RegistryError) as refused:
+        rollout.active()
+    assert str(refused.value).startswith(f"{location}: it started at {early}, before v0002 was registered")
 
 
 def test_a_review_counts_once_and_a_ledger_is_the_batch_its_name_says(root: str, store: Store) -> None:

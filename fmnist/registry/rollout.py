@@ -122,17 +122,37 @@ class Rollouts:
         version = Labels(self.registry).records().get(CANARY, {}).get("version")
         if version is None or (started := self._started(version)) is None or self._decided(version) is not None:
             return None
-        champion = started.get("champion")
+        if (problem := self._not_this_registrys(started)) is not None:
+            raise RegistryError(
+                f"{self._file(version, 'started.json')}: {problem}: it cannot be judged. Move the record aside "
+                f"(keep it: it is the rollout's history), then `fashion-mnist label {CANARY} --clear` stops "
+                f"serving {version} as the canary"
+            )
+        return _rollout(started, None)
+
+    def _not_this_registrys(self, started: dict) -> str | None:
+        """Why the start record `started` is no rollout the registry made (None: it is one). Only a version
+        that passed the gate starts one, after its registration: a record that says otherwise was written by
+        hand (or copied), and its own claim of the gate's verdict is no evidence."""
+        version, champion = started["version"], started.get("champion")
         if champion is not None and not self.registry.store.exists(
             join(self.registry.versions_root, champion, "manifest.json")
         ):
-            raise RegistryError(
-                f"{self._file(version, 'started.json')}: the rollout was gated against champion {champion}, which "
-                f"is no version of {self.registry.root} (deleted, or the record is not this registry's): it "
-                f"cannot be judged. Move the record aside (keep it: it is the rollout's history), then "
-                f"`fashion-mnist label {CANARY} --clear` stops serving {version} as the canary"
+            return (
+                f"the rollout was gated against champion {champion}, which is no version of {self.registry.root} "
+                "(deleted, or the record is not this registry's)"
             )
-        return _rollout(started, None)
+        manifest = self.registry.manifest(version)
+        if not manifest.gate.passed:
+            return f"a rollout of {version}, which did not pass the gate ({manifest.gate.reason[:200]})"
+        try:
+            registered = datetime.fromisoformat(manifest.registered_at)
+            early = datetime.fromisoformat(started["at"]) < registered
+        except (ValueError, TypeError):  # not a time, or one with no time zone: no order to tell
+            return f"{version}'s manifest says it was registered at {manifest.registered_at[:64]!r}, not a time"
+        if early:
+            return f"it started at {started['at']}, before {version} was registered ({manifest.registered_at})"
+        return None
 
     def record(self, version: str) -> RolloutRecord | None:
         """`version`'s rollout (None: it had none)."""
