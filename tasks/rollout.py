@@ -96,6 +96,13 @@ def watch_champion_task(storage: StorageParams, params: MonitorParams) -> WatchO
         logger.warning(message)
         events.emit(events.CHAMPION_ESTIMATE_LOW, storage.registry, message, version=report.version)
     # After the events, as the judge does: a report that fails must not keep a finding from the operator
+    if report.left_out or report.skipped:  # no drift found in part of the evidence is no finding
+        logger.warning(
+            "The watch read part of the evidence: %d windows or ledgers left out, %d files skipped (%s)",
+            report.left_out,
+            len(report.skipped),
+            "; ".join(report.skipped[:5]),
+        )
     create_markdown_artifact(key="champion-watch", markdown=monitor_markdown(report))
     if report.periods:
         create_table_artifact(

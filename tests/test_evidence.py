@@ -376,6 +376,20 @@ def a_shadow_window(**changes) -> dict:
         ({"probabilities": [[0] * 19 + [4]] * 10}, "probability histogram does not add up"),
         ({"latency_ms": [9] + [0] * 13}, "latency histogram"),
         ({"errors": {"bad_request": 5}}, "latency histogram"),  # more refused than requested
+        ({"errors": {"model_failed": 100}}, "more failed model calls than model calls"),
+        ({"end": 10.0 + 86_400}, "a server writes at most"),  # a day claimed as one window
+        (  # a billion consistent images in a minute: what no replica answers, outweighing every real window
+            {
+                "requests": 10**9,
+                "images": 10**9,
+                "latency_ms": [10**9] + [0] * 13,
+                "predicted": [10**9] + [0] * 9,
+                "confidence": [0] * 99 + [10**9],
+                "probabilities": [[0] * 19 + [10**9]] * 10,
+                "pairs": [[10**9] + [0] * 9] + [[0] * 10] * 9,
+            },
+            "images a second",
+        ),
     ],
 )
 def test_a_window_whose_counts_do_not_hold_together_is_no_evidence(change: dict, problem: str) -> None:

@@ -125,7 +125,13 @@ def test_the_rules_thresholds_are_checked(bad: dict) -> None:
 def test_at_the_maximum_duration_the_judge_decides_on_what_it_has() -> None:
     versions = Versions()
     quiet = replace(versions.live(traffic(300)), elapsed_s=RULE.max_duration_s)
-    verdict = judge(quiet, versions.offline, RULE)
+    verdict = judge(quiet, versions.offline, RULE)  # too few images to tell the estimates apart: no promotion
+    assert verdict.action == "roll_back" and "accuracy by ATC" in verdict.reason.split("too little evidence for")[1]
+    no_stable = replace(versions.live(traffic(3000)), stable=EvidenceTotals(), elapsed_s=RULE.max_duration_s)
+    verdict = judge(no_stable, versions.offline, RULE)  # stable's windows missing: nothing to compare with
+    assert verdict.action == "roll_back" and "too little evidence" in verdict.reason, verdict
+    unknown = Offline(None, None, None, None)  # versions from before calibrations: the checks it has, passed
+    verdict = judge(quiet, unknown, RULE)
     assert verdict.action == "promote" and "300 live images (2000 asked for)" in verdict.reason, verdict
     nothing = LiveEvidence(EvidenceTotals(), EvidenceTotals(), None, RULE.max_duration_s)
     verdict = judge(nothing, versions.offline, RULE)
@@ -272,3 +278,53 @@ def test_a_champion_moved_by_hand_during_the_rollout_ends_it_without_overruling_
         assert judgement.decided_meanwhile == record.outcome == "promoted"
     else:  # never promoted over the operator's rollback, however long it waited
         assert judgement.decided_meanwhile == record.outcome == "superseded" and "v0002 to v0001" in record.reason
+
+
+@pytest.mark.parametrize("swap_rate", [0.0, 0.1], ids=["evidence-holds", "evidence-against"])
+def test_a_promotion_decided_and_not_carried_out_is_made_only_if_the_evidence_still_holds(
+    registry: Registry, swap_rate: float, monkeypatch
+) -> None:
+    """Its decider stopped between deciding and moving the pointer (or its file was forged): the judge carries it
+    out only on evidence that says promote; otherwise the canary is no longer served, and nothing is promoted."""
+    versions = Versions(canary_swap_rate=swap_rate)
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    live = versions.live(traffic(3000, SWAPPED, 0.8 if swap_rate else 0.0))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(registry, "promote", stopped)
+        Rollouts(registry).promote("v0002", "every check passed", {})
+    judgement = judge_rollout(registry, RULE)
+    if swap_rate:
+        assert judgement.decided_meanwhile == "promoted, not carried out" and registry.champion() == "v0001"
+        assert judgement.verdict.action == "roll_back" and Labels(registry).records().get(CANARY) is None
+    else:
+        assert registry.champion() == "v0002" and Labels(registry).records().get(CANARY) is None
+
+
+def test_a_champion_moved_by_hand_while_the_evidence_is_read_is_not_overruled(registry: Registry, monkeypatch) -> None:
+    versions = Versions()
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    assert not register(registry, 0.5, offline.stable_calibration, offline.stable_predictions, "canary").promoted
+    live = versions.live(traffic(3000))
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    read_evidence = judging.assess
+
+    def operator_promotes_another_meanwhile(*args, **kwargs):
+        judgement = read_evidence(*args, **kwargs)  # the evidence says promote v0002 ...
+        registry.promote("v0003", "the operator's choice, by hand")  # ... the operator chose v0003
+        return judgement
+
+    monkeypatch.setattr(judging, "assess", operator_promotes_another_meanwhile)
+    judgement = judging.judge_rollout(registry, RULE)
+    assert judgement.verdict.action == "promote" and judgement.decided_meanwhile == "superseded"
+    assert registry.champion() == "v0003" and [e["version"] for e in registry.promotions()] == ["v0001", "v0003"]

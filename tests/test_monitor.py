@@ -8,10 +8,14 @@ import pytest
 
 from fmnist.data.dataset import NUM_CLASSES
 from fmnist.data.feedback import ReviewedAnswer
+from fmnist.evaluation import evidence
 from fmnist.evaluation.estimates import fit_calibration
 from fmnist.evaluation.evidence import EvidenceWindow
 from fmnist.evaluation.monitor import MonitorParams, monitor
-from tests.rollout_doubles import answers, totals, traffic
+from fmnist.registry.champion_watch import watch_champion
+from fmnist.registry.rollout_report import monitor_markdown
+from fmnist.registry.versions import Registry
+from tests.rollout_doubles import Versions, answers, register, totals, traffic, write_windows
 
 PARAMS = MonitorParams(period_s=600, min_images=500, alpha=0.001, drifted_periods=2)
 HELD_OUT = np.arange(10_000) % NUM_CLASSES
@@ -107,3 +111,18 @@ def test_each_period_holds_its_reviewed_accuracy_beside_the_estimates() -> None:
 def test_a_watch_that_could_never_speak_or_never_finish_is_refused(bad: dict, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         MonitorParams.model_validate(bad)
+
+
+def test_the_watch_says_when_it_read_part_of_the_evidence(root: str, store, monkeypatch) -> None:
+    """More windows than one read takes: "no drift" in the part read is no finding, and the report says so."""
+    registry = Registry(store, root + "/registry")
+    versions = Versions()
+    register(registry, 0.9, versions.offline.stable_calibration, versions.offline.stable_predictions, "immediate")
+    for hours_ago in (2.5, 1.5, 0.5):
+        labels = traffic(600, seed=int(hours_ago * 10))
+        write_windows(registry, "v0001", "stable", "served", totals(answers(labels, 3)), hours_ago * 3600)
+    monkeypatch.setattr(evidence, "MAX_WINDOWS", 2)
+    watch = MonitorParams(period_s=3600, lookback_s=4 * 3600)
+    report = watch_champion(registry, watch)
+    assert report.left_out == 1 and not report.drift
+    assert "in part of the evidence: 1 left out" in monitor_markdown(report)

@@ -39,6 +39,8 @@ CONFIDENCE_BINS = 100  # top-class confidence: equal bins over [0, 1] (the ATC t
 PROBABILITY_BINS = 20  # each class's probability: equal bins over [0, 1] (the drift tests' histograms)
 # Upper bounds of the latency bins, in milliseconds; the last bin is everything above the last bound.
 LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+MAX_IMAGES_PER_S = 100_000  # far beyond what one replica answers (a few thousand images a second on a GPU)
+WINDOW_SLACK_S = 60  # a window's clock may run this much over its length (a slow write at the stop)
 MAX_COUNT = 1 << 40  # any one count of a window: far beyond a window's traffic, far below int64's overflow
 MAX_ERROR_REASONS = 32  # distinct error reasons kept per window; more are counted as "other"
 REPLICA = re.compile(r"[0-9a-f]{32}")
@@ -122,6 +124,13 @@ class EvidenceWindow(BaseModel):
             raise ValueError("the class and confidence counts do not add up to the images")
         if any(sum(row) != self.images for row in self.probabilities):
             raise ValueError("a class's probability histogram does not add up to the images")
+        if self.end - self.start > MAX_WINDOW_S + WINDOW_SLACK_S:
+            raise ValueError(f"a window of {self.end - self.start:.0f} s; a server writes at most {MAX_WINDOW_S} s")
+        most = (self.end - self.start + WINDOW_SLACK_S) * MAX_IMAGES_PER_S  # what one replica can have answered
+        if max(self.requests, self.images) > most:
+            raise ValueError(f"more than {MAX_IMAGES_PER_S} images a second: no replica answers that many")
+        if self.errors.get(MODEL_FAILED, 0) > sum(self.latency_ms):
+            raise ValueError("more failed model calls than model calls")
         refused = sum(count for reason, count in self.errors.items() if reason != MODEL_FAILED)
         if refused > self.requests or sum(self.latency_ms) != self.requests - refused:
             raise ValueError("the latency histogram does not hold the requests that reached a model call")

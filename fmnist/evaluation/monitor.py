@@ -15,7 +15,7 @@ low when the mean of the three estimates of `drifted_periods` periods in a row i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,6 +76,10 @@ class MonitorReport:
     periods: list[Period]
     drift: bool  # the last `drifted_periods` judged periods all drifted
     estimate_low: bool
+    # What the watch could not read: windows beyond what one read takes, and files (windows, ledgers) skipped.
+    # With any, "no drift" is not a finding: the report and the task's log say so.
+    left_out: int = 0
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def latest_estimate(self) -> float | None:

@@ -4,8 +4,9 @@ evidence's retention."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
-from fmnist.data.feedback import reviewed_answers
+from fmnist.data.feedback import ReviewedAnswers, reviewed_answers
 from fmnist.evaluation.evidence import Pruned, prune_evidence, read_windows
 from fmnist.evaluation.monitor import MonitorParams, MonitorReport, monitor
 from fmnist.registry.labels import STABLE
@@ -32,8 +33,10 @@ def watch_champion(
         raise NothingToWatch(f"champion {champion} was registered before calibrations were kept: retrain to watch it")
     read = read_windows(registry.store, registry.root, champion, now - params.lookback_s, now)
     windows = [w for w in read.windows if w.source == "served" and w.label == STABLE]
-    reviewed = reviewed_answers(registry.store, feedback, {champion}).answers if feedback else []
-    return monitor(champion, manifest.metrics.test_accuracy, windows, manifest.calibration, params, reviewed)
+    reviewed = reviewed_answers(registry.store, feedback, {champion}) if feedback else ReviewedAnswers([], [])
+    report = monitor(champion, manifest.metrics.test_accuracy, windows, manifest.calibration, params, reviewed.answers)
+    unread = read.left_out + reviewed.left_out
+    return replace(report, left_out=unread, skipped=[*read.skipped, *reviewed.unreadable])
 
 
 def prune_old_evidence(registry: Registry, now: float | None = None) -> Pruned:

@@ -18,8 +18,9 @@ it by: no shadow traffic, a version registered before calibrations were kept).
 
 Decision: a failed check rolls the canary back. With at least `min_samples` images answered by the
 canary (served or shadowed) and every available check passed, it is promoted. Otherwise the judge waits,
-until `max_duration_s` after the start, when it decides on what it has: promoted if no check failed and
-the canary met any traffic at all, rolled back if it met none.
+until `max_duration_s` after the start, when it decides on what it has: promoted if every check passed
+(or has nothing to judge by), rolled back if the canary met no traffic or a check still lacks evidence
+(stable's windows missing, too few images to tell): a canary is never promoted for want of evidence.
 """
 
 from __future__ import annotations
@@ -147,13 +148,20 @@ def judge(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> Verd
     if images >= params.min_samples and all(c.status in ("pass", "unavailable") for c in checks):
         passed = ", ".join(c.name for c in checks if c.status == "pass") or "no check had evidence"
         return verdict("promote", f"{images} live images; every check passed ({passed})")
-    if timed_out:
+    if timed_out:  # what it has: a check still waiting for evidence is no pass
         if images == 0:
             return verdict("roll_back", f"no live traffic reached the canary in {params.max_duration_s:.0f} s")
+        waiting = [c.name for c in checks if c.status == "wait"]
+        if waiting:
+            return verdict(
+                "roll_back",
+                f"{params.max_duration_s:.0f} s passed with {images} live images ({params.min_samples} asked for) "
+                f"and still too little evidence for {', '.join(waiting)}",
+            )
         return verdict(
             "promote",
             f"{params.max_duration_s:.0f} s passed with {images} live images ({params.min_samples} asked for) "
-            "and no check failed",
+            "and every check passed",
         )
     waiting = ", ".join(c.name for c in checks if c.status == "wait")
     return verdict("wait", f"{images} of {params.min_samples} images" + (f"; waiting on {waiting}" if waiting else ""))
@@ -174,9 +182,9 @@ def _agreement(evidence: LiveEvidence, offline: Offline, params: JudgeParams) ->
     detail = f"{live:.3f} live on {n} images ({low:.3f}-{high:.3f}), {expected:.3f} expected from the test set"
     if high < bound:
         return Check(name, "fail", live, expected, detail + f": below {bound:.3f}")
-    if low >= bound or n >= params.min_samples:
+    if low >= bound:
         return Check(name, "pass", live, expected, detail)
-    return Check(name, "wait", live, expected, detail)
+    return Check(name, "wait", live, expected, detail)  # neither bound clear of it yet: more evidence tells
 
 
 def _estimates(evidence: LiveEvidence, offline: Offline, params: JudgeParams) -> list[Check]:

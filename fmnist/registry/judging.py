@@ -4,6 +4,7 @@ through the rollout's records (`fmnist.registry.rollout`); with the evidence ove
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -15,10 +16,12 @@ from fmnist.evaluation import estimates
 from fmnist.evaluation.evidence import MAX_WINDOW_S, EvidenceTotals, EvidenceWindow, read_windows, sum_windows
 from fmnist.evaluation.monitor import periods_of
 from fmnist.registry.judge import JudgeParams, LiveEvidence, Offline, Verdict, finite, judge, p99_ms
-from fmnist.registry.labels import STABLE
+from fmnist.registry.labels import CANARY, STABLE, Labels
 from fmnist.registry.predictions import paired_test_predictions
 from fmnist.registry.rollout import RolloutRecord, Rollouts
 from fmnist.registry.versions import Registry, RegistryError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,12 @@ def assess(
             answers = [a.correct for a in reviewed.answers if a.version == version and since <= a.at <= now]
             return sum(answers), len(answers)
 
-        evidence = replace(evidence, reviewed_canary=right_of(rollout.version), reviewed_stable=right_of(champion))
+        evidence = replace(
+            evidence,
+            reviewed_canary=right_of(rollout.version),
+            reviewed_stable=right_of(champion),
+            left_out=evidence.left_out + reviewed.left_out,  # the truth in part: no promotion on it
+        )
     verdict = judge(evidence, offline, params)
     return Judgement(rollout.version, champion, verdict, skipped, timeline(windows, offline, champion))
 
@@ -103,15 +111,20 @@ def judge_rollout(
     """Judge the rollout in progress, if any (`assess`), and act on the verdict: promote the canary (the
     champion pointer's compare-and-swap and its audit log, with the evidence summary) or roll it back."""
     rollouts = Rollouts(registry)
+    now = time.time() if now is None else now
+    if (held_back := _unfinished_promotion(rollouts, params, now, feedback)) is not None:
+        return held_back
     rollouts.finish_decided()  # a decision a crash left half done is finished before anything is judged
     rollout = rollouts.active()
     if rollout is None:
         return Judgement(None, registry.champion(), None)
     if (moved := _champion_moved(rollouts, rollout)) is not None:
         return Judgement(rollout.version, registry.champion(), None, decided_meanwhile=moved)
-    judgement = assess(registry, rollout, params, time.time() if now is None else now, feedback)
+    judgement = assess(registry, rollout, params, now, feedback)
     verdict = judgement.verdict
     act = {"promote": rollouts.promote, "roll_back": rollouts.roll_back}.get(verdict.action)
+    if act and (moved := _champion_moved(rollouts, rollout)) is not None:  # by hand while the evidence was read
+        return replace(judgement, champion=registry.champion(), decided_meanwhile=moved)
     try:
         if act:
             act(rollout.version, f"live evidence: {verdict.reason}", verdict.summary())
@@ -122,6 +135,29 @@ def judge_rollout(
         # An operator (or another judge) decided it while the evidence was read: theirs stands, and is no failure.
         return replace(judgement, champion=registry.champion(), decided_meanwhile=decided.outcome)
     return replace(judgement, champion=registry.champion())
+
+
+def _unfinished_promotion(
+    rollouts: Rollouts, params: JudgeParams, now: float, feedback: str | None
+) -> Judgement | None:
+    """A promotion decided and not carried out (its decider stopped) is carried out only if the evidence says
+    so now: its file alone vouches for nothing (a forged one would promote). Otherwise the canary is no longer
+    served and the judgement says why; `rollout status` shows it, and `fashion-mnist promote` makes it by hand.
+    None: no such promotion, or one the evidence holds (finish_decided carries it out)."""
+    unfinished = rollouts.unfinished()
+    if unfinished is None or unfinished.outcome != "promoted":
+        return None
+    judgement = assess(rollouts.registry, unfinished, params, now, feedback)
+    if judgement.verdict.action == "promote":
+        return None
+    Labels(rollouts.registry).release(CANARY, unfinished.version)
+    log.warning(
+        "%s's promotion was decided and never carried out, and the evidence now says %s (%s): not carried out",
+        unfinished.version,
+        judgement.verdict.action.replace("_", " "),
+        judgement.verdict.reason,
+    )
+    return replace(judgement, champion=rollouts.registry.champion(), decided_meanwhile="promoted, not carried out")
 
 
 def _champion_moved(rollouts: Rollouts, rollout: RolloutRecord) -> str | None:

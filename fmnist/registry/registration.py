@@ -3,7 +3,6 @@ and, before training, what became of an earlier run of the same data, code and p
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from fmnist.evaluation.evaluate import Evaluation
@@ -13,8 +12,6 @@ from fmnist.registry.rollout import Rollouts
 from fmnist.registry.versions import MODEL, Registered, Registry, RegistryError
 from fmnist.storage.layout import RunLayout
 from fmnist.training.fit import TrainResult
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,9 +51,6 @@ def register_model(
     }
     if evaluation.test_predictions:  # the judge's expected agreement between this version and another
         files[RunLayout.TEST_PREDICTIONS] = evaluation.test_predictions
-    # Before the gate: a promotion a crash left decided but not made is made, so that this version is gated
-    # against the champion it will be served beside.
-    _finish_decided(registry)
     registered = _start_canary(registry, registry.register(files, manifest, promotion, model_card=model_card))
     return Registration(
         version=registered.version,
@@ -66,13 +60,6 @@ def register_model(
         champion=registered.champion,
         canary=registered.canary,
     )
-
-
-def _finish_decided(registry: Registry) -> None:
-    try:
-        Rollouts(registry).finish_decided()
-    except RegistryError as exc:  # it released the label; the rollout's record says what became of it
-        log.warning("Could not finish the rollout decided before this registration: %s", exc)
 
 
 def _start_canary(registry: Registry, registered: Registered) -> Registered:

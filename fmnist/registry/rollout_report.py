@@ -63,6 +63,8 @@ def monitor_markdown(report: MonitorReport) -> str:
     ]
     state = " and ".join(s for s in said if s) or "nothing to report"
     latest = report.latest_estimate
+    if report.left_out or report.skipped:
+        state += f" (in part of the evidence: {report.left_out} left out, {len(report.skipped)} files skipped)"
     return f"""# Champion {report.version}: {state}
 
 Test accuracy {report.test_accuracy:.4f}; latest estimate {_share(latest) or "none (too few images)"}.
