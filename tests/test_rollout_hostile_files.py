@@ -248,6 +248,26 @@ def test_a_rollout_that_started_before_its_version_was_registered_is_no_rollout(
     assert str(refused.value).startswith(f"{location}: it started at {early}, before v0002 was registered")
 
 
+def test_a_decision_planted_before_its_rollout_neither_blocks_nor_decides_it(rollout: Rollouts) -> None:
+    registry = rollout.registry
+    location = join(rollout.root, "v0003", "decided.json")  # for the next version, before it is registered
+    planted = {"version": "v0003", "outcome": "rolled_back", "at": "2026-12-06T23:00:00+00:00", "reason": "planted",
+               "evidence": {}, "champion_sequence": registry.champion_record()["sequence"]}  # fmt: skip
+    registry.store.create(location, json.dumps(planted).encode())
+    assert register(registry, 0.87).outcome == "canary"  # passed the gate: its rollout starts
+    assert rollout.active().version == "v0003" and rollout.record("v0003").outcome is None
+    assert rollout.ended_without_promotion("v0003") is None and "v0003" not in rollout.rolled_back()
+    with pytest.raises(RegistryError) as refused:  # deciding it: the file there is refused, not taken as the decision
+        rollout.roll_back("v0003", "worse on live traffic", {})
+    message = str(refused.value)
+    assert message.startswith(f"{location}: no decision of the rollout") and "move it aside" in message
+    assert rollout.active().version == "v0003"
+    assert register(registry, 0.88).outcome == "canary"  # nor keeps the next one from superseding it
+    assert rollout.active().version == "v0004" and rollout.record("v0003").outcome is None
+    assert rollout.roll_back("v0004", "worse on live traffic", {}).outcome == "rolled_back"
+    assert rollout.ended_without_promotion("v0004").startswith("rolled back in its canary")
+
+
 def test_a_review_counts_once_and_a_ledger_is_the_batch_its_name_says(root: str, store: Store) -> None:
     feedback = root + "/feedback"
     answers = [("v0001", 4, 4, NOW)] * 3 + [("v0001", 3, 4, NOW)]

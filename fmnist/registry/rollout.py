@@ -4,7 +4,8 @@ Under the canary policy (`PromotionParams.rollout`) a version that passes while 
 labeled `canary` and its rollout recorded as started; the judge (or an operator) then decides it once:
 
     rollouts/v0007/started.json   the version, when, the champion then, the gate's verdict (offline evidence)
-    rollouts/v0007/decided.json   promoted | rolled_back | superseded, when, why, the live evidence summary
+    rollouts/v0007/decided.json   promoted | rolled_back | superseded, when, why, the live evidence summary,
+                                  the start record's token (a decision names the start it decides)
 
 Both are written create-only, so exactly one decision wins a race between a judge and an operator, on
 disk and in a bucket; a decided rollout never flips. Deciding comes first, then acting on it (the
@@ -44,6 +45,7 @@ AUDIT_EVIDENCE_CHARS = 600  # of that summary, what the champion's audit log ent
 MAX_RECORD_BYTES = 2 * MAX_EVIDENCE_BYTES
 MAX_CLOCK_SKEW_S = 300  # how far in the future a host's clock may have put a rollout's start
 _DECISION = TypeAdapter(Decision)
+_NOT_ITS_DECISION = "no decision of the rollout: it names no start of it (written before it started, or copied)"
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,10 @@ class Rollouts:
         active = self.active()
         if active is not None and active.version != version:
             # Whatever stands once this is written (a judge's decision may have won the race) ends it.
-            self._write_decision(active.version, "superseded", f"superseded by {version}, a newer canary", {})
+            try:
+                self._write_decision(active.version, "superseded", f"superseded by {version}, a newer canary", {})
+            except RegistryError as exc:  # a file there that is no decision: it keeps no newer canary back
+                log.warning("%s stays undecided, no longer the canary: %s", active.version, exc)
         started = self._started(version)
         if started is None:
             record = {
@@ -284,6 +289,7 @@ class Rollouts:
         champion = self.registry.champion_record()
         record = {
             "version": version,
+            "started": (self._started(version) or {}).get("token"),  # the start it decides (`_decided`)
             "outcome": outcome,
             "at": _now(),
             "reason": reason,
@@ -294,7 +300,12 @@ class Rollouts:
         try:
             self.registry.store.create(self._file(version, "decided.json"), _encoded(record))
         except PreconditionFailed:  # another decision won the race: it stands
-            return self._decided(version)
+            if (decided := self._decided(version)) is None:  # or a file there that is no decision of it
+                raise RegistryError(
+                    f"{self._file(version, 'decided.json')}: {_NOT_ITS_DECISION}; move it aside (keep it), then "
+                    f"decide {version}'s rollout again"
+                ) from None
+            return decided
         return record
 
     def _not_active(self, version: str, active: RolloutRecord | None) -> str:
@@ -326,7 +337,18 @@ class Rollouts:
         return self._load(version, "started.json", _check_started)
 
     def _decided(self, version: str) -> dict | None:
-        return self._load(version, "decided.json", _check_decided)
+        """`version`'s decision; None if there is none, or if the file names no start of its rollout (its
+        `started` is not the start record's token): written before the rollout started, or copied from
+        another, it is no decision. Ignored, it never keeps a version that passed the gate from its rollout,
+        and never decides one; deciding it is refused until it is moved aside (`_write_decision`)."""
+        decided = self._load(version, "decided.json", _check_decided)
+        if decided is None:
+            return None
+        started = self._started(version)
+        if started is None or decided.get("started") != started.get("token"):
+            log.warning("%s: %s", self._file(version, "decided.json"), _NOT_ITS_DECISION)
+            return None
+        return decided
 
     def _load(self, version: str, name: str, check) -> dict | None:
         """The record `name` of `version`'s rollout, validated (None: there is none); damage raises,
