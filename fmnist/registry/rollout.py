@@ -79,12 +79,9 @@ class Rollouts:
     def start(self, version: str, decision: Decision) -> RolloutRecord:
         """Serve `version` as the canary and record its rollout as started, with the gate's verdict
         `decision`; an active rollout of another version is decided `superseded` first. Running it again
-        after a crash finishes it; a version whose rollout was decided is refused. A decision a crash left
-        not carried out is finished first: a promotion decided, then forgotten, would never be made."""
-        try:
-            self.finish_decided()
-        except RegistryError as exc:  # it released the label: this rollout can start; the record tells the rest
-            log.warning("Could not finish the rollout decided before starting %s's: %s", version, exc)
+        after a crash finishes it; a version whose rollout was decided is refused. A promotion decided and not
+        carried out is left as it is: only the judge carries it out, if the evidence still says so (a decision's
+        file alone vouches for nothing); `rollout status` shows it, and `fashion-mnist promote` makes it by hand."""
         if (decided := self._decided(version)) is not None:
             raise RegistryError(
                 f"{version}'s canary rollout was decided {decided['outcome']} at {decided['at']} "
