@@ -125,6 +125,28 @@ def register(registry: Registry, accuracy: float, calibration: Calibration, pred
     return register_model(registry, trained, evaluation, manifest, GATE.model_copy(update={"rollout": rollout}))
 
 
+def evidence_window(
+    version: str, label: str, source: str, evidence: EvidenceTotals, start: float, replica: str = "ab" * 16, **pairs
+) -> EvidenceWindow:
+    """`evidence` as one server's window of a minute from `start`."""
+    return EvidenceWindow(
+        replica=replica,
+        version=version,
+        label=label,
+        source=source,
+        start=start,
+        end=start + 60,
+        requests=evidence.requests,
+        images=evidence.images,
+        errors=evidence.errors,
+        latency_ms=evidence.latency_ms,
+        predicted=evidence.predicted,
+        confidence=evidence.confidence,
+        probabilities=evidence.probabilities,
+        **pairs,
+    )
+
+
 def write_windows(
     registry: Registry,
     version: str,
@@ -135,24 +157,18 @@ def write_windows(
     **pairs,
 ):
     """`evidence` as one server's window of a minute ending `ago_s` ago, written where servers write them."""
-    now = time.time() - ago_s
-    window = EvidenceWindow(
-        replica="ab" * 16,
-        version=version,
-        label=label,
-        source=source,
-        start=now - 60,
-        end=now,
-        requests=evidence.requests,
-        images=evidence.images,
-        errors=evidence.errors,
-        latency_ms=evidence.latency_ms,
-        predicted=evidence.predicted,
-        confidence=evidence.confidence,
-        probabilities=evidence.probabilities,
-        **pairs,
-    )
+    window = evidence_window(version, label, source, evidence, time.time() - ago_s - 60, **pairs)
     registry.store.create(window_location(registry.root, window), window.model_dump_json().encode())
+
+
+def roll_out(registry: Registry, versions: Versions, live: LiveEvidence) -> None:
+    """v0001 champion and v0002 its canary, registered through the canary policy, and `live` as one server's
+    windows: stable's served, the canary's shadowed against v0001."""
+    offline = versions.offline
+    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
+    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
+    write_windows(registry, "v0001", "stable", "served", live.stable)
+    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
 
 
 def write_ledger(store, feedback: str, batch: str, answers: list[tuple[str, int, int, float]], *, old: bool = False):

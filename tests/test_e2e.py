@@ -45,7 +45,7 @@ from tests.prefect_stack import (
     start_deployment_run,
     wait_for,
 )
-from tests.rollout_doubles import SWAPPED, Versions, answers, register, totals, traffic, write_windows
+from tests.rollout_doubles import SWAPPED, Versions, answers, register, roll_out, totals, traffic, write_windows
 from tests.training_doubles import PLAN
 
 pytestmark = pytest.mark.e2e
@@ -509,12 +509,8 @@ def test_a_rollout_started_is_judged_at_once_by_the_judge_deployment_and_a_worse
     storage = StorageParams.model_validate(local_storage(stack, "-judge"))
     registry = Registry(Store(), storage.registry)
     versions = Versions(canary_swap_rate=0.1)
-    offline = versions.offline
-    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
-    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
     live = versions.live(traffic(3000, SWAPPED, 0.8))
-    write_windows(registry, "v0001", "stable", "served", live.stable)
-    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    roll_out(registry, versions, live)
 
     emitter = (
         "import sys; from fmnist.ops import events; from fmnist.storage.layout import StorageParams; "

@@ -20,7 +20,17 @@ from fmnist.registry.rollout import Rollouts
 from fmnist.registry.versions import Registry
 from fmnist.storage import Store
 from tests.helpers import GATE
-from tests.rollout_doubles import HELD_OUT, RULE, SWAPPED, Versions, register, traffic, write_ledger, write_windows
+from tests.rollout_doubles import (
+    HELD_OUT,
+    RULE,
+    SWAPPED,
+    Versions,
+    register,
+    roll_out,
+    traffic,
+    write_ledger,
+    write_windows,
+)
 
 
 def failed(verdict) -> set[str]:
@@ -193,12 +203,8 @@ def test_the_judge_holds_both_versions_to_what_reviewers_labeled(registry: Regis
     """Live evidence that would promote the canary, and the loop's reviews of its answers since the rollout
     started that say it is worse: rolled back on the truth. A ledger from before answers were kept is named."""
     versions = Versions()
-    offline = versions.offline
-    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
-    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
     live = versions.live(traffic(3000))
-    write_windows(registry, "v0001", "stable", "served", live.stable)
-    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    roll_out(registry, versions, live)
     feedback = registry.root.removesuffix("/registry") + "/data/feedback"
     now = time.time()
     canary = [("v0002", 3 if n % 2 else 4, 4, now) for n in range(80)]  # half of them wrong
@@ -216,12 +222,8 @@ def test_the_judge_holds_both_versions_to_what_reviewers_labeled(registry: Regis
 
 def test_rollout_status_shows_the_evidence_now_as_the_judge_reads_it(registry: Registry, capsys) -> None:
     versions = Versions(canary_swap_rate=0.1)
-    offline = versions.offline
-    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
-    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
     live = versions.live(traffic(3000, SWAPPED, 0.8))
-    write_windows(registry, "v0001", "stable", "served", live.stable)
-    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    roll_out(registry, versions, live)
     data_root = registry.root.removesuffix("/registry") + "/data"
     assert cli.main(["--registry", registry.root, "rollout", "status", "--data-root", data_root]) == 0
     shown = capsys.readouterr().out
@@ -234,12 +236,8 @@ def test_an_operator_deciding_while_the_judge_reads_the_evidence_wins_and_fails_
     registry: Registry, monkeypatch
 ) -> None:
     versions = Versions()
-    offline = versions.offline
-    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
-    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
     live = versions.live(traffic(3000))
-    write_windows(registry, "v0001", "stable", "served", live.stable)
-    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    roll_out(registry, versions, live)
     read_evidence = judging.assess
 
     def operator_aborts_meanwhile(*args, **kwargs):
@@ -287,12 +285,8 @@ def test_a_promotion_decided_and_not_carried_out_is_made_only_if_the_evidence_st
     """Its decider stopped between deciding and moving the pointer (or its file was forged): the judge carries it
     out only on evidence that says promote; otherwise the canary is no longer served, and nothing is promoted."""
     versions = Versions(canary_swap_rate=swap_rate)
-    offline = versions.offline
-    register(registry, 0.88, offline.stable_calibration, offline.stable_predictions, "canary")
-    register(registry, 0.88, offline.canary_calibration, offline.canary_predictions, "canary")
     live = versions.live(traffic(3000, SWAPPED, 0.8 if swap_rate else 0.0))
-    write_windows(registry, "v0001", "stable", "served", live.stable)
-    write_windows(registry, "v0002", "canary", "shadow", live.canary, paired_with="v0001", pairs=live.pairs.tolist())
+    roll_out(registry, versions, live)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

@@ -15,7 +15,7 @@ from fmnist.evaluation.monitor import MonitorParams, monitor
 from fmnist.registry.champion_watch import watch_champion
 from fmnist.registry.rollout_report import monitor_markdown
 from fmnist.registry.versions import Registry
-from tests.rollout_doubles import Versions, answers, register, totals, traffic, write_windows
+from tests.rollout_doubles import Versions, answers, evidence_window, register, totals, traffic, write_windows
 
 PARAMS = MonitorParams(period_s=600, min_images=500, alpha=0.001, drifted_periods=2)
 HELD_OUT = np.arange(10_000) % NUM_CLASSES
@@ -32,22 +32,7 @@ def windows(periods: int, images: int, first_seed: int, **shift) -> list[Evidenc
             labels = traffic(images // 2, seed=seed, **{k: v for k, v in shift.items() if k != "accuracy"})
             counts = totals(answers(labels, seed=seed + 1000, accuracy=shift.get("accuracy", 0.9)))
             start = period * PARAMS.period_s + replica
-            made.append(
-                EvidenceWindow(
-                    replica=f"{replica:032x}",
-                    version="v0001",
-                    label="stable",
-                    source="served",
-                    start=start,
-                    end=start + 60,
-                    requests=counts.requests,
-                    images=counts.images,
-                    latency_ms=counts.latency_ms,
-                    predicted=counts.predicted,
-                    confidence=counts.confidence,
-                    probabilities=counts.probabilities,
-                )
-            )
+            made.append(evidence_window("v0001", "stable", "served", counts, start, replica=f"{replica:032x}"))
     return made
 
 
