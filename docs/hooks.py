@@ -66,7 +66,7 @@ LIMITS = [
     ("fmnist.serving.capture", "MAX_FILES", "Captured record files kept (then capture pauses until a review)", "files"),
     ("fmnist.serving.evidence", "MAX_HELD_WINDOWS", "Evidence windows held while the store fails", "windows"),
     ("fmnist.evaluation.evidence", "MAX_WINDOWS", "Evidence windows read at once (the newest)", "windows"),
-    ("fmnist.ops.review", "MAX_REVIEW", "Images in one review folder", "images"),
+    ("fmnist.data.feedback", "MAX_REVIEW", "Images in one review folder", "images"),
     ("fmnist.registry.labels", "MAX_LABELS", "Labels besides stable (each a model in memory)", "labels"),
     ("fmnist.registry.rollout", "STATUS_ROLLOUTS", "Rollouts `rollout status` reads, newest first", "rollouts"),
     ("fmnist.registry.rollout", "ROLLOUT_SCAN", "Rollouts searched for rolled-back versions", "rollouts"),

@@ -19,6 +19,7 @@ import pytest
 from fmnist.data import feedback as feedback_module
 from fmnist.data.feedback import (
     MAX_LEDGER_BYTES,
+    MAX_REVIEW,
     ReviewedBatch,
     ReviewedRecord,
     ledger_location,
@@ -26,7 +27,6 @@ from fmnist.data.feedback import (
 )
 from fmnist.evaluation.evidence import EvidenceWindow, evidence_root, prune_evidence, read_windows, window_location
 from fmnist.ops import cli, events
-from fmnist.ops.review import MAX_REVIEW
 from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
 from fmnist.registry.versions import Registry, RegistryError

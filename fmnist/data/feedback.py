@@ -64,9 +64,11 @@ def ledger_location(feedback: str, batch: str) -> str:
     return join(feedback, REVIEWED, f"{batch}.json")
 
 
-# A ledger holds one review: at most MAX_REVIEW (fmnist/ops/review.py) records, each some 400 bytes of indented
-# JSON with its file name and source path (about 1 MB in all). A bigger file is no ledger, and is never read whole.
-MAX_LEDGER_BYTES = 4 << 20
+MAX_REVIEW = 2000  # images in one review folder, and so records in one ledger
+# Each record is some 400 bytes of indented JSON with its file name and source path (a full ledger measured
+# 0.7-1.3 MB); five times that is room enough. A bigger file is no ledger, and is never read whole.
+LEDGER_RECORD_BYTES = 2 << 10
+MAX_LEDGER_BYTES = MAX_REVIEW * LEDGER_RECORD_BYTES
 
 
 def read_ledger(store: Store, location: str) -> ReviewedBatch:

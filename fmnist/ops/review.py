@@ -37,6 +37,7 @@ from PIL import Image
 from fmnist.data.captured import Compaction, RecordFileError, candidates, compact, images_of, lowest_confidence
 from fmnist.data.dataset import CLASS_SLUGS, IMAGE_SIZE
 from fmnist.data.feedback import (
+    MAX_REVIEW,
     FeedbackLedgerError,
     ReviewedBatch,
     ReviewedRecord,
@@ -75,7 +76,6 @@ from fmnist.data.offers import (
 from fmnist.data.overlap import KnownImages
 from fmnist.storage import PreconditionFailed, Store, join
 
-MAX_REVIEW = 2000  # images in one review folder
 INDEX = "index.csv"
 IMAGES = "images"
 OFFER_FILE = "offer.txt"  # in the review folder, beside the index: the offer's id
