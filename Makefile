@@ -62,12 +62,13 @@ FMNIST_REGISTRY_ROOT ?=
 EXPORT := $(UV) export --frozen --no-default-groups --no-emit-project --no-header -q
 REQUIREMENTS_HEADER := \# Generated from uv.lock by make requirements; the cluster deployments install it on each run.
 
-.PHONY: help install data postgres edge run test test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates bench-rollout serve server pools deploy deploy-cluster worker-cpu worker-gpu worker-watch \
+.PHONY: help install data postgres edge run test test-recovery test-slow test-quick test-all lint format docs docs-serve bench bench-storage bench-review bench-serve loop-demo bench-train bench-presets bench-scale bench-estimates bench-rollout serve server pools deploy deploy-cluster worker-cpu worker-gpu worker-watch \
 	retrain-now requirements automations webhook prune
 
 help:
 	@echo "make run     install, get the data, run the pipeline once"
 	@echo "make test    install, get the data, run the tests (make test-slow: the real-data training too)"
+	@echo "make test-recovery   the end-to-end failures and their recovery (restarts, stopped workers, crashed runs); CI runs them too"
 	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
 	@echo "make docs    build the docs site into site/ (strict: a broken link fails); make docs-serve: on 127.0.0.1:8000"
@@ -129,17 +130,22 @@ postgres:
 run: install data
 	$(PY) -m flows.run_once
 
-# Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist): the e2e
-# files spend most of their time waiting on servers, workers and triggers, so two overlap well on 2 cores
-# (three overloaded them: the serving tests' 1 s and 2 s deadlines then ran out).
-# They go first (tests/conftest.py); xdist would otherwise hand out the files with the most tests first,
-# and the e2e files ran last, one after another. The slowest tests are listed at the end, to keep the
-# tier in its budget.
+# Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist, --dist loadgroup):
+# the e2e files one after another in one process, as one group, since they spend most of their time
+# waiting on servers, workers and triggers, and the other files in the other process meanwhile
+# (tests/conftest.py). Three processes overloaded the serving tests' 1 s and 2 s deadlines on 2 cores.
+# The slowest tests are listed at the end, to keep the tier in its budget.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 
 test: install data postgres edge
-	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL) --durations=15
+	$(PY) -m pytest -m "not slow and not recovery" $(PYTEST_PARALLEL) --durations=15
+
+# The end-to-end failures and what recovers from them, a minute or more each: servers and databases
+# restarted mid-training, workers stopped or never started, crashed training runs, a replacement GPU host.
+# CI runs them after make test.
+test-recovery: install data postgres edge
+	$(PY) -m pytest -m "recovery and not slow" $(PYTEST_PARALLEL) --durations=10
 
 # An hour of training on the real 70,000 images (three seeds each of dnn, dnn-tuned and cnn), and the
 # end-to-end tests that wait minutes: a lost GPU host, the whole feedback loop, servers down for long.

@@ -182,6 +182,7 @@ def test_a_run_across_hosts_that_share_no_disk(cluster: Cluster, run_params: dic
     assert [line.split("\t")[1] for line in predicted.stdout.splitlines()[1:]] == ["Trouser", "Sneaker", "Ankle boot"]
 
 
+@pytest.mark.recovery
 def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster, run_params: dict) -> None:
     epochs = 30
     stack, store = cluster.stack, Store(scratch=cluster.hosts / "inspector")

@@ -95,6 +95,7 @@ def adhoc_runs(stack: Stack) -> list[dict]:
     return stack.filter("/flow_runs/filter", {"deployments": {"name": {"any_": ["adhoc"]}}})
 
 
+@pytest.mark.recovery
 def test_the_server_and_its_database_restarted_mid_training_the_run_completes_once(
     stack: Stack, run_params: dict
 ) -> None:
@@ -149,6 +150,7 @@ def test_the_server_down_longer_than_its_clients_retry_the_work_is_finished_once
     assert registered_history(stack, "long-outage")[0] == ["v0001"]  # one version, though it trained twice
 
 
+@pytest.mark.recovery
 def test_a_worker_stopped_with_sigterm_hands_its_run_on_and_frees_the_slot(stack: Stack, run_params: dict) -> None:
     """`systemctl stop` signals the worker and the run it started together; a new worker resumes it."""
     cli = start_run(stack, run_params, "sigterm")
@@ -182,6 +184,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_run_on_and_frees_the_slot(stack
     assert len(resumed) == 1, resumed
 
 
+@pytest.mark.recovery
 def test_a_run_taken_by_a_worker_that_never_starts_is_crashed_and_frees_its_slot(stack: Stack) -> None:
     """A worker lost between taking a run (Pending) and starting it: no heartbeat ever comes, and the
     deployment's one slot stays taken, so every later run would wait. The start watch crashes it."""

@@ -73,6 +73,7 @@ def foreign_run(stack: Stack, infrastructure_pid: str) -> dict:
     return stack.get(f"/flow_runs/{run_id}")
 
 
+@pytest.mark.recovery
 def test_a_late_start_of_a_run_declared_dead_trains_nothing(stack: Stack, tmp_path: Path) -> None:
     """The start watch marked the training run Crashed while it was Pending, and its replacement was
     started; then its own process starts. Prefect accepts Running from Crashed: the run must stop
@@ -110,6 +111,7 @@ def test_a_late_start_of_a_run_declared_dead_trains_nothing(stack: Stack, tmp_pa
     assert not run_folder.exists() or not any(run_folder.iterdir()), list(run_folder.rglob("*"))
 
 
+@pytest.mark.recovery
 def test_a_stopped_worker_hands_back_its_own_run_and_no_other_hosts_with_the_same_pid(stack: Stack) -> None:
     worker = start_worker(stack, "worker-own-runs")
     ours = running_on_worker(stack)
@@ -123,6 +125,7 @@ def test_a_stopped_worker_hands_back_its_own_run_and_no_other_hosts_with_the_sam
     assert "runs handed back:" in said and ours["name"] in said and theirs["name"] not in said
 
 
+@pytest.mark.recovery
 def test_a_worker_stopped_as_the_api_goes_exits_in_bounded_time_naming_what_it_could_not_hand_back(
     stack: Stack,
 ) -> None:
