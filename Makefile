@@ -130,13 +130,14 @@ postgres:
 run: install data
 	$(PY) -m flows.run_once
 
-# Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist, --dist loadgroup):
-# the e2e files one after another in one process, as one group, since they spend most of their time
-# waiting on servers, workers and triggers, and the other files in the other process meanwhile
-# (tests/conftest.py). Three processes overloaded the serving tests' 1 s and 2 s deadlines on 2 cores.
+# Test files run in parallel, each whole in one of TEST_WORKERS processes (pytest-xdist): the e2e
+# files spend most of their time waiting on servers, workers and triggers, so two overlap well on 2 cores
+# (three overloaded them: the serving tests' 1 s and 2 s deadlines then ran out). They go first
+# (tests/conftest.py); xdist would otherwise hand out the files with the most tests first, and the e2e
+# files ran last, one after another. (One process for all the e2e files, --dist loadgroup, was slower.)
 # The slowest tests are listed at the end, to keep the tier in its budget.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install data postgres edge
 	$(PY) -m pytest -m "not slow and not recovery" $(PYTEST_PARALLEL) --durations=15

@@ -58,19 +58,9 @@ def prefect_workers_end_with_the_module() -> Iterator[None]:
         APILogWorker.drain_all(timeout=PREFECT_WORKERS_DRAIN_S)
 
 
-E2E_GROUP = "e2e"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for `--dist loadgroup` (make test), each run whole by one process: every e2e file in one
-    group, every other file a group of its own. The e2e files spend most of their time waiting on servers,
-    workers and triggers: run one after another, beside the other process's files, that waiting leaves the
-    cores to them; run two at once (each file its own group), both processes once waited and the cores
-    idled. The e2e group goes first, as the longest."""
-    for item in items:
-        group = E2E_GROUP if item.get_closest_marker("e2e") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """The e2e files first: they take the longest, mostly waiting, and with the files split between
+    processes (make test) the others run beside them."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 

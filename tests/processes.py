@@ -28,7 +28,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{process.args[:4]} exited ({process.returncode}):\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return

@@ -151,11 +151,16 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    registry_root: str, log: Path, env: dict[str, str] | None = None, *options: str, max_files: int | None = None
+    registry_root: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    *options: str,
+    max_files: int | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Iterator[RunningServer]:
-    """`fashion-mnist serve` on free loopback ports (REST and gRPC), until it is ready. Stopped after.
+    """`fashion-mnist serve` on free loopback ports (REST and gRPC; or `ports`), until it is ready. Stopped after.
     `max_files`: the process's limit on open files (soft and hard), as `ulimit -n` sets it."""
-    port, grpc_port = free_ports(2)
+    port, grpc_port = ports or free_ports(2)
     command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
     serve = ["serve", "--port", str(port), "--grpc-port", str(grpc_port), "--poll-s", str(POLL_S), *options]
 

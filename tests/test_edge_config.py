@@ -1,10 +1,13 @@
 """The edge's nginx configuration, as `fashion-mnist serve --edge` writes it: nginx itself accepts it
-(`nginx -t`), for IPv4 and IPv6 hosts, with and without gRPC, and its limits follow the server's."""
+(`nginx -t`), for IPv4 and IPv6 hosts, with and without gRPC, and its limits follow the server's; and its
+folders, swept only when their server and nginx are gone."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from fmnist.serving.edge import (
     behind_edge,
     nginx_binary,
     nginx_config,
+    sweep_stale_prefixes,
 )
 from fmnist.serving.options import ServeOptions
 
@@ -75,3 +79,21 @@ def test_the_edges_limits_follow_the_servers() -> None:
     assert config.count("max_conns=32;") == 2
     app, _ = behind_edge(options, EdgePlan(limits, 18501, 18500))
     assert app.max_connections >= limits.upstream_busy + limits.upstream_idle
+
+
+def test_an_edge_folder_is_swept_only_once_its_server_and_nginx_are_gone(tmp_path: Path) -> None:
+    """Two servers starting on one host at once: the second's sweep once removed the first's folder before its
+    nginx had written a pid (nginx then found no configuration, and the first server never started)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    folders = {
+        "starting": tmp_path / f"fmnist-edge-{os.getpid()}-a1",  # its server alive, no nginx.pid yet
+        "dead server": tmp_path / f"fmnist-edge-{dead}-b2",
+        "dead server, live nginx": tmp_path / f"fmnist-edge-{dead}-c3",
+        "no server named": tmp_path / "fmnist-edge-d4",
+    }
+    for folder in folders.values():
+        (folder / "run").mkdir(parents=True)
+    (folders["dead server, live nginx"] / "run" / "nginx.pid").write_text(f"{os.getpid()}\n")
+    sweep_stale_prefixes(tmp_path)
+    assert {name for name, folder in folders.items() if folder.exists()} == {"starting", "dead server, live nginx"}

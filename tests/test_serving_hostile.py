@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from tests.attackers import (
     huge_shape_predict,
     split,
 )
-from tests.processes import children, cmdline, rss_bytes
+from tests.processes import children, cmdline, free_ports, rss_bytes
 from tests.serving_helpers import PREDICT, RunningServer, image_rows, running_server, two_version_registry
 
 pytestmark = pytest.mark.training
@@ -668,6 +669,27 @@ def test_a_health_watch_through_the_edge_outlives_the_answer_deadline(server: Ru
             for _ in watch:
                 pass
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's deadline, not the edge's
+
+
+def test_an_edge_that_cannot_start_stops_the_server_with_a_failure(registry: Registry, tmp_path: Path) -> None:
+    """nginx unable to start (its port taken): the server exits with a failure and leaves nothing. It once went
+    on with gRPC started and no edge, never ready, and a supervisor saw it running."""
+    log = tmp_path / "serve.log"
+    before = set(Path(tempfile.gettempdir()).glob("fmnist-edge-*"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        [grpc_port] = free_ports(1)
+        with (
+            pytest.raises(RuntimeError, match=r"exited \(3\)"),  # uvicorn's STARTUP_FAILURE
+            running_server(registry.root, log, None, *options("--edge"), ports=(taken.getsockname()[1], grpc_port)),
+        ):
+            pass
+    text = log.read_text()
+    assert "EdgeError" in text and "already answer" in text, text[-3000:]
+    left = set(Path(tempfile.gettempdir()).glob("fmnist-edge-*")) - before
+    # (another test's server may be starting beside this one: its folder names a live process)
+    assert not [p for p in left if not Path(f"/proc/{p.name.split('-')[2]}").exists()]
 
 
 def test_a_killed_edge_stops_the_server_with_a_failure_and_leaves_nothing(registry: Registry, tmp_path: Path) -> None:

@@ -319,17 +319,29 @@ def _start_nginx(ids: tuple[int, int] | None, max_files: int, parent: int) -> No
 
 
 def sweep_stale_prefixes(folder: Path) -> None:
-    """Remove the folders of edges that died with their server (SIGKILL leaves them): ours, with no live nginx."""
+    """Remove the folders of edges that died with their server (SIGKILL leaves them): ours, whose server and
+    nginx are both gone. The server's pid is in the folder's name from its creation on, so a folder another
+    server on this host is still setting up (no nginx.pid yet) is never taken from under it."""
     for prefix in folder.glob(PREFIX_PATTERN):
         try:
             if prefix.is_symlink() or prefix.stat().st_uid != os.geteuid():
                 continue
-            pid = int((prefix / "run" / "nginx.pid").read_text().strip() or 0)
+        except OSError:
+            continue
+        owner = _owner_pid(prefix.name)
+        try:
+            nginx = int((prefix / "run" / "nginx.pid").read_text().strip() or 0)
         except (OSError, ValueError):
-            pid = 0
-        if pid and Path(f"/proc/{pid}").exists():
+            nginx = 0
+        if any(pid and Path(f"/proc/{pid}").exists() for pid in (owner, nginx)):
             continue
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _owner_pid(name: str) -> int:
+    """The pid of the server that made the folder `name` (fmnist-edge-PID-random), 0 if it names none."""
+    owner = name.removeprefix(PREFIX_PATTERN.rstrip("*")).split("-", 1)[0]
+    return int(owner) if owner.isdigit() else 0
 
 
 class Edge:
@@ -346,7 +358,7 @@ class Edge:
         """A fresh folder of the edge's own: the configuration, and `run/` for nginx's files (nobody's, as root)."""
         folder = Path(tempfile.gettempdir())
         sweep_stale_prefixes(folder)
-        self.prefix = Path(tempfile.mkdtemp(prefix=PREFIX_PATTERN.rstrip("*"), dir=folder))
+        self.prefix = Path(tempfile.mkdtemp(prefix=f"{PREFIX_PATTERN.rstrip('*')}{os.getpid()}-", dir=folder))
         ids = as_nobody()
         run = self.prefix / "run"
         for temp in (run, *(run / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"))):

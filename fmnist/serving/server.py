@@ -91,34 +91,43 @@ async def lifespan(app: Starlette):
             serving.core.evidence, registry.store, registry.root, options.evidence_window_s, serving.metrics
         )
         recording = asyncio.create_task(writer.run())
-    await serving.parsers.start()
-    grpc, checks = None, None
-    if options.grpc_port is not None:
-        from fmnist.serving import grpc_api
+    grpc = checking = watching = None
+    try:  # a start that fails half-way (the edge's nginx refused, a port taken) stops what it had started
+        await serving.parsers.start()
+        if options.grpc_port is not None:
+            from fmnist.serving import grpc_api
 
-        checks = grpc_api.Health(serving.ready)
-        door = grpc_api.GrpcDoor(serving.core, serving.budget, serving.parsers, options.body_timeout_s, serving.ready)
-        address = f"{options.host}:{options.grpc_port}"
-        grpc = grpc_api.grpc_server(door, checks, address, options)
-        await grpc.start()
-        checking = asyncio.create_task(checks.follow())
-        log.info("gRPC (TF Serving's PredictionService, ModelService; Health; reflection) on %s", address)
-    watching = None
+            checks = grpc_api.Health(serving.ready)
+            door = grpc_api.GrpcDoor(
+                serving.core, serving.budget, serving.parsers, options.body_timeout_s, serving.ready
+            )
+            address = f"{options.host}:{options.grpc_port}"
+            grpc = grpc_api.grpc_server(door, checks, address, options)
+            await grpc.start()
+            checking = asyncio.create_task(checks.follow())
+            log.info("gRPC (TF Serving's PredictionService, ModelService; Health; reflection) on %s", address)
+        if edge is not None:
+            # From this (the main) thread: nginx is asked to die with the thread that starts it.
+            edge.start()
+            watching = asyncio.create_task(follow_edge(edge))
+        yield
+    finally:
+        await stop_serving(serving, edge, grpc, [watching, checking], following, [capturing, recording])
+
+
+async def stop_serving(serving: ServingState, edge, grpc, followers: list, following, writers: list) -> None:
+    """Stop, in order: the edge, gRPC, the shadow calls, following the registry, then the writers (what is
+    queued, and the evidence's partial window, are written before the process ends, bounded)."""
+    for task in followers:
+        if task is not None:
+            task.cancel()
     if edge is not None:
-        # From this (the main) thread: nginx is asked to die with the thread that starts it.
-        edge.start()
-        watching = asyncio.create_task(follow_edge(edge))
-    yield
-    if edge is not None:
-        watching.cancel()
         edge.stop()
     if grpc is not None:
-        checking.cancel()
         await grpc.stop(grace=2)
     await serving.core.finish_shadows()  # while the canary is still loaded: its answers are the last evidence
     following.cancel()
-    # What is queued, and the evidence's partial window, are written before the process ends (bounded).
-    stopping = [task for task in (capturing, recording) if task]
+    stopping = [task for task in writers if task]
     for task in stopping:
         task.cancel()
     await asyncio.gather(*stopping, return_exceptions=True)
@@ -155,7 +164,7 @@ def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None 
         log_level="info",
     )
     limit_repeats(logging.getLogger("uvicorn"))  # (uvicorn's loggers have handlers of their own)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run()  # (a start that fails exits with uvicorn's STARTUP_FAILURE, 3)
 
 
 EDGE_LOG = logging.getLogger("fmnist.serving.edge.nginx")
