@@ -91,6 +91,8 @@ def test_an_edge_folder_is_swept_only_once_its_server_and_nginx_are_gone(tmp_pat
         "dead server": tmp_path / f"fmnist-edge-{dead}-b2",
         "dead server, live nginx": tmp_path / f"fmnist-edge-{dead}-c3",
         "no server named": tmp_path / "fmnist-edge-d4",
+        "a digit that is not ASCII": tmp_path / "fmnist-edge-\u00b2-e5",
+        "more digits than a pid": tmp_path / f"fmnist-edge-{'9' * 200}-f6",
     }
     for folder in folders.values():
         (folder / "run").mkdir(parents=True)

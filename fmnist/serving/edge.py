@@ -39,6 +39,7 @@ BODY_BUFFER_BYTES = 128 << 10  # bodies past this are buffered in a file, not in
 START_S = 10.0  # for nginx to open its ports
 MIN_ANSWER_S = 10.0  # the least the edge waits for the server's answer
 PREFIX_PATTERN = "fmnist-edge-*"  # the edge's folders, in the temporary folder
+PID_DIGITS = 10  # a pid is under 2**22 on Linux
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,9 @@ def sweep_stale_prefixes(folder: Path) -> None:
 def _owner_pid(name: str) -> int:
     """The pid of the server that made the folder `name` (fmnist-edge-PID-random), 0 if it names none."""
     owner = name.removeprefix(PREFIX_PATTERN.rstrip("*")).split("-", 1)[0]
-    return int(owner) if owner.isdigit() else 0
+    # Anyone may name a folder here: ASCII digits only (str.isdigit takes '²', which int() refuses), no longer
+    # than a pid, so that no name can stop a server's start.
+    return int(owner) if owner.isascii() and owner.isdigit() and len(owner) <= PID_DIGITS else 0
 
 
 class Edge:
