@@ -5,6 +5,7 @@ import http.server
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,9 +60,26 @@ def prefect_workers_end_with_the_module() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The e2e files first: they take the longest, mostly waiting, and with the files split between
-    processes (make test) the others run beside them."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The files in the order that keeps both processes of make test busy (xdist hands each file whole to the
+    next free process, in this order): the e2e file with the most tests first (minutes, mostly waiting on
+    servers, workers and triggers), the files that train beside it (real processes, seconds a test), then the
+    other e2e files (not all waiting at once: the cores once idled through two e2e files' setups), and last
+    the many quick in-process files, which even out the two processes' ends (a long file last left one
+    process idle for minutes). A file keeps its tests together, in their order."""
+    e2e_tests = Counter(item.path for item in items if item.get_closest_marker("e2e"))
+    first = max(e2e_tests, key=e2e_tests.get) if e2e_tests else None
+
+    def rank(item: pytest.Item) -> int:
+        if item.path == first:
+            return 0
+        if any(item.get_closest_marker(tier) for tier in MAY_TRAIN if tier != "e2e"):
+            return 1
+        return 2 if item.get_closest_marker("e2e") else 3
+
+    file_rank: dict[Path, int] = {}
+    for item in items:
+        file_rank[item.path] = min(file_rank.get(item.path, 3), rank(item))
+    items.sort(key=lambda item: file_rank[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ folders, swept only when their server and nginx are gone."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fmnist.serving.edge import (
+    LOCK_NAME,
     MIN_ANSWER_S,
     EdgeAddresses,
     EdgeLimits,
@@ -81,21 +83,32 @@ def test_the_edges_limits_follow_the_servers() -> None:
     assert app.max_connections >= limits.upstream_busy + limits.upstream_idle
 
 
-def test_an_edge_folder_is_swept_only_once_its_server_and_nginx_are_gone(tmp_path: Path) -> None:
+def test_an_edge_folder_is_swept_only_once_its_server_is_gone(tmp_path: Path) -> None:
     """Two servers starting on one host at once: the second's sweep once removed the first's folder before its
-    nginx had written a pid (nginx then found no configuration, and the first server never started)."""
+    nginx had written a pid (nginx then found no configuration, and the first server never started). A live
+    server's lock keeps its folder (from another container's pid namespace too, where its pid means nothing);
+    a lock no one holds does not, whatever process has the pid now; nothing planted in a folder stalls it."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = int(gone.stdout)
+    dead, alive = int(gone.stdout), os.getpid()
     folders = {
-        "starting": tmp_path / f"fmnist-edge-{os.getpid()}-a1",  # its server alive, no nginx.pid yet
+        "starting": tmp_path / f"fmnist-edge-{alive}-a1",  # its server alive, no lock yet
         "dead server": tmp_path / f"fmnist-edge-{dead}-b2",
-        "dead server, live nginx": tmp_path / f"fmnist-edge-{dead}-c3",
-        "no server named": tmp_path / "fmnist-edge-d4",
-        "a digit that is not ASCII": tmp_path / "fmnist-edge-\u00b2-e5",
-        "more digits than a pid": tmp_path / f"fmnist-edge-{'9' * 200}-f6",
+        "locked, its pid another namespace's": tmp_path / f"fmnist-edge-{dead}-c3",
+        "unlocked, its pid reused": tmp_path / f"fmnist-edge-{alive}-d4",
+        "a FIFO for a lock": tmp_path / f"fmnist-edge-{dead}-e5",
+        "a FIFO for nginx's pid": tmp_path / f"fmnist-edge-{dead}-f6",
+        "no server named": tmp_path / "fmnist-edge-g7",
+        "a digit that is not ASCII": tmp_path / "fmnist-edge-\u00b2-h8",
+        "more digits than a pid": tmp_path / f"fmnist-edge-{'9' * 200}-i9",
     }
     for folder in folders.values():
         (folder / "run").mkdir(parents=True)
-    (folders["dead server, live nginx"] / "run" / "nginx.pid").write_text(f"{os.getpid()}\n")
-    sweep_stale_prefixes(tmp_path)
-    assert {name for name, folder in folders.items() if folder.exists()} == {"starting", "dead server, live nginx"}
+    for name in ("locked, its pid another namespace's", "unlocked, its pid reused"):
+        (folders[name] / LOCK_NAME).touch()
+    os.mkfifo(folders["a FIFO for a lock"] / LOCK_NAME)
+    os.mkfifo(folders["a FIFO for nginx's pid"] / "run" / "nginx.pid")
+    with open(folders["locked, its pid another namespace's"] / LOCK_NAME) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        sweep_stale_prefixes(tmp_path)
+    kept = {name for name, folder in folders.items() if folder.exists()}
+    assert kept == {"starting", "locked, its pid another namespace's"}

@@ -15,6 +15,7 @@ this module.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -40,6 +42,7 @@ START_S = 10.0  # for nginx to open its ports
 MIN_ANSWER_S = 10.0  # the least the edge waits for the server's answer
 PREFIX_PATTERN = "fmnist-edge-*"  # the edge's folders, in the temporary folder
 PID_DIGITS = 10  # a pid is under 2**22 on Linux
+LOCK_NAME = "owner.lock"  # in an edge's folder, locked by its server while it lives
 
 log = logging.getLogger(__name__)
 
@@ -320,23 +323,40 @@ def _start_nginx(ids: tuple[int, int] | None, max_files: int, parent: int) -> No
 
 
 def sweep_stale_prefixes(folder: Path) -> None:
-    """Remove the folders of edges that died with their server (SIGKILL leaves them): ours, whose server and
-    nginx are both gone. The server's pid is in the folder's name from its creation on, so a folder another
-    server on this host is still setting up (no nginx.pid yet) is never taken from under it."""
+    """Remove the folders of edges that died with their server (SIGKILL leaves them): ours, whose server no
+    longer holds its lock. The lock is the kernel's, released however the server ends, and seen from any
+    container sharing the folder. Until the lock file exists, the server's pid in the folder's name keeps
+    a folder another server on this host is still setting up from being taken from under it."""
     for prefix in folder.glob(PREFIX_PATTERN):
         try:
-            if prefix.is_symlink() or prefix.stat().st_uid != os.geteuid():
+            if prefix.is_symlink() or not prefix.is_dir() or prefix.stat().st_uid != os.geteuid():
                 continue
         except OSError:
             continue
-        owner = _owner_pid(prefix.name)
-        try:
-            nginx = int((prefix / "run" / "nginx.pid").read_text().strip() or 0)
-        except (OSError, ValueError):
-            nginx = 0
-        if any(pid and Path(f"/proc/{pid}").exists() for pid in (owner, nginx)):
+        held = _lock_held(prefix / LOCK_NAME)
+        if held or (held is None and Path(f"/proc/{_owner_pid(prefix.name) or 'none'}").exists()):
             continue
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _lock_held(lock: Path) -> bool | None:
+    """Whether a server holds this lock file; None if there is no such file. Opened without following a link
+    or waiting on a FIFO (anyone who can write `run/` could put one beside it), and never read."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False  # a link, or no file a server made: not a live edge's
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _owner_pid(name: str) -> int:
@@ -355,6 +375,7 @@ class Edge:
         self.log_line = log_line  # each line nginx logs (through the server's rate-limited log)
         self.process: subprocess.Popen | None = None
         self.prefix: Path | None = None
+        self.lock: int | None = None  # the folder's lock file, held open
         self.stopping = False
 
     def write_config(self) -> Path:
@@ -362,6 +383,9 @@ class Edge:
         folder = Path(tempfile.gettempdir())
         sweep_stale_prefixes(folder)
         self.prefix = Path(tempfile.mkdtemp(prefix=f"{PREFIX_PATTERN.rstrip('*')}{os.getpid()}-", dir=folder))
+        # Held for the server's life (not inherited by nginx): the sweep of any later server leaves the folder.
+        self.lock = os.open(self.prefix / LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
         ids = as_nobody()
         run = self.prefix / "run"
         for temp in (run, *(run / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"))):
@@ -427,6 +451,9 @@ class Edge:
                 self.process.wait()
         if self.prefix is not None:
             shutil.rmtree(self.prefix, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def _accepts(host: str, port: int) -> bool:
