@@ -186,6 +186,7 @@ def test_a_run_across_hosts_that_share_no_disk(cluster: Cluster, run_params: dic
 def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster, run_params: dict) -> None:
     epochs = 30
     stack, store = cluster.stack, Store(scratch=cluster.hosts / "inspector")
+    before = cluster.registry().versions()  # the module's other runs' (none in make test-recovery)
     cli = stack.deployment_run(
         "retrain-fashion-mnist/adhoc-cluster", params={**run_params, "training": {"epochs": epochs}}
     )
@@ -232,4 +233,4 @@ def test_a_replacement_gpu_host_resumes_a_crashed_training_run(cluster: Cluster,
     assert [h["epoch"] for h in store.read_json(history)["epochs"]] == list(range(1, epochs + 1))
     assert (cluster.hosts / "gpu-host-2" / ".cache" / "fashion-mnist-pipeline" / "runs" / run["id"]).is_dir()
     assert store.listdir(join(cluster.bucket, "registry", "runs", run["id"], "backup")) == []
-    assert cluster.registry().versions() == ["v0001", "v0002"]
+    assert cluster.registry().versions() == [*before, f"v{len(before) + 1:04d}"]  # one version, this run's
