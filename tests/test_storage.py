@@ -93,6 +93,16 @@ def test_a_stamp_changes_when_content_is_rewritten_with_its_times_kept(store: St
     assert store.fingerprint(join(root, "batch")) != first
 
 
+def test_a_bounded_read_stops_past_its_bound(store: Store, root: str) -> None:
+    """What the readers of untrusted records use: a file up to the bound whole, past it nothing (None)."""
+    content = os.urandom(3 << 20)  # several chunks
+    store.write_bytes(f"{root}/big", content)
+    assert store.read_at_most(f"{root}/big", len(content)) == content
+    assert store.read_at_most(f"{root}/big", len(content) - 1) is None
+    with pytest.raises(FileNotFoundError):
+        store.read_at_most(f"{root}/none", 10)
+
+
 def test_create_is_create_only(store: Store, root: str) -> None:
     target = join(root, "claim.json")
     store.create(target, b"first")

@@ -72,8 +72,10 @@ MAX_LEDGER_BYTES = MAX_REVIEW * LEDGER_RECORD_BYTES
 
 
 def read_ledger(store: Store, location: str) -> ReviewedBatch:
+    if (data := store.read_at_most(location, MAX_LEDGER_BYTES)) is None:
+        raise FeedbackLedgerError(f"{location}: over {MAX_LEDGER_BYTES:,} bytes, more than a review holds")
     try:
-        return ReviewedBatch.model_validate(store.parse_json(_read_bounded(store, location), location))
+        return ReviewedBatch.model_validate(store.parse_json(data, location))
     except IntegrityError as exc:
         raise FeedbackLedgerError(str(exc)) from None
     except ValidationError as exc:
@@ -86,15 +88,6 @@ def ledgers(store: Store, feedback: str) -> list[ReviewedBatch]:
     """Every batch's ledger; a damaged one is an error naming it."""
     names = sorted(n for n in store.listdir(join(feedback, REVIEWED)) if n.endswith(".json"))
     return [read_ledger(store, join(feedback, REVIEWED, name)) for name in names]
-
-
-def _read_bounded(store: Store, location: str) -> bytes:
-    data = b""
-    for chunk in store.iter_chunks(location):
-        data += chunk
-        if len(data) > MAX_LEDGER_BYTES:
-            raise FeedbackLedgerError(f"{location}: over {MAX_LEDGER_BYTES:,} bytes, more than a review holds")
-    return data
 
 
 def feedback_lineage(store: Store, feedback: str, batches: dict[str, str]) -> FeedbackLineage:

@@ -212,12 +212,9 @@ def read_windows(
 
 
 def _read_window(store: Store, location: str, version: str, name: str) -> tuple[EvidenceWindow | None, str]:
-    data = b""
     try:
-        for chunk in store.iter_chunks(location):
-            data += chunk
-            if len(data) > MAX_WINDOW_BYTES:
-                return None, f"over {MAX_WINDOW_BYTES:,} bytes: not a window"
+        if (data := store.read_at_most(location, MAX_WINDOW_BYTES)) is None:
+            return None, f"over {MAX_WINDOW_BYTES:,} bytes: not a window"
     except FileNotFoundError as exc:  # pruned since the listing, or a folder with a window's name
         return None, f"not a file to read ({exc})"
     except NotAFile as exc:  # a FIFO, a device or a link to one: never read (it would block or never end)

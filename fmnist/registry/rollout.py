@@ -377,12 +377,9 @@ class Rollouts:
     def _read_bounded(self, location: str) -> bytes | None:
         """The file at `location`, read no further than MAX_RECORD_BYTES (None: there is none); ValueError for
         a bigger file, or anything that is no file (a FIFO, a device, a file where the version's folder is)."""
-        data = b""
         try:
-            for chunk in self.registry.store.iter_chunks(location):
-                data += chunk
-                if len(data) > MAX_RECORD_BYTES:
-                    raise ValueError(f"over {MAX_RECORD_BYTES:,} bytes: no rollout record is")
+            if (data := self.registry.store.read_at_most(location, MAX_RECORD_BYTES)) is None:
+                raise ValueError(f"over {MAX_RECORD_BYTES:,} bytes: no rollout record is")
         except FileNotFoundError:  # none, or a folder there (which the registry's reader names)
             return found[0] if (found := self.registry._read(location)) else None
         except NotAFile as exc:

@@ -120,6 +120,17 @@ class Store:
         """The file's content; FileNotFoundError (naming it) if there is none."""
         return self._backend(location).read_bytes(location)
 
+    def read_at_most(self, location: str, max_bytes: int) -> bytes | None:
+        """The file's content, read no further than `max_bytes`: None if it holds more (an untrusted file is
+        never read whole). FileNotFoundError if there is none; NotAFile for a FIFO, a device, or the like."""
+        chunks, size = [], 0
+        for chunk in self.iter_chunks(location):
+            size += len(chunk)
+            if size > max_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def read_json(self, location: str) -> Any:
         return self.parse_json(self.read_bytes(location), location)
 
