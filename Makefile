@@ -69,7 +69,7 @@ help:
 	@echo "make run     install, get the data, run the pipeline once"
 	@echo "make test    install, get the data, run the tests (make test-slow: the real-data training too)"
 	@echo "make test-recovery   the end-to-end failures and their recovery (restarts, stopped workers, crashed runs); CI runs them too"
-	@echo "make test-quick / test-all   without training and the Prefect stack (minutes) / every tier"
+	@echo "make test-quick / test-all   without training, the Prefect stack or server processes (minutes) / every tier"
 	@echo "make lint    ruff check and format check"
 	@echo "make docs    build the docs site into site/ (strict: a broken link fails); make docs-serve: on 127.0.0.1:8000"
 	@echo "make bench   data-stage timings on the real data; make bench-storage: local disk against S3"
@@ -153,10 +153,10 @@ test-recovery: install data postgres edge
 test-slow: install data postgres edge
 	$(PY) -m pytest -m slow
 
-# Tiers you can run alone: the readers, registry, storage and data stages without training or a
-# Prefect stack (about two minutes); and everything, slow tier included.
+# Tiers you can run alone: the readers, registry, storage and data stages without training, a
+# Prefect stack or server processes (about two minutes); and everything, slow tier included.
 test-quick: install data
-	$(PY) -m pytest -m "not slow and not e2e and not training" $(PYTEST_PARALLEL)
+	$(PY) -m pytest -m "not slow and not e2e and not training and not processes" $(PYTEST_PARALLEL)
 
 test-all: install data postgres edge
 	$(PY) -m pytest

@@ -62,7 +62,7 @@ def prefect_workers_end_with_the_module() -> Iterator[None]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files in the order that keeps both processes of make test busy (xdist hands each file whole to the
     next free process, in this order): the e2e file with the most tests first (minutes, mostly waiting on
-    servers, workers and triggers), the files that train beside it (real processes, seconds a test), then the
+    servers, workers and triggers), the files that train or start servers beside it (seconds a test), then the
     other e2e files (not all waiting at once: the cores once idled through two e2e files' setups), and last
     the many quick in-process files, which even out the two processes' ends (a long file last left one
     process idle for minutes). A file keeps its tests together, in their order."""
@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         if item.path == first:
             return 0
-        if any(item.get_closest_marker(tier) for tier in MAY_TRAIN if tier != "e2e"):
+        if any(item.get_closest_marker(tier) for tier in ("training", "processes")):
             return 1
         return 2 if item.get_closest_marker("e2e") else 3
 

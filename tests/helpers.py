@@ -15,6 +15,8 @@ from fmnist.registry.gate import PromotionParams
 from fmnist.registry.manifest import Decision, RunManifest, VersionManifest
 from fmnist.storage.layout import RunLayout
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
     """Noisy images with a bright band whose position encodes the label: learnable, and 28x28 uint8."""

@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 
 from fmnist.ops.postgres import LocalPostgres
-from tests.helpers import write_mirror
+from tests.helpers import ROOT, write_mirror
 from tests.processes import free_ports, stop, stop_all, wait_until_ready
 
-ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

@@ -32,7 +32,7 @@ from fmnist.serving.server import create_app
 from fmnist.storage import Store, StoredFile
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
-from tests.helpers import GATE, learnable_cache, local_run, run_manifest
+from tests.helpers import GATE, ROOT, learnable_cache, local_run, run_manifest
 from tests.processes import free_ports, stop, wait_until_ready
 
 PREDICT = "/v1/models/fashion-mnist:predict"
@@ -157,11 +157,14 @@ def running_server(
     *options: str,
     max_files: int | None = None,
     ports: tuple[int, int] | None = None,
+    stub: bool = False,
 ) -> Iterator[RunningServer]:
     """`fashion-mnist serve` on free loopback ports (REST and gRPC; or `ports`), until it is ready. Stopped after.
-    `max_files`: the process's limit on open files (soft and hard), as `ulimit -n` sets it."""
+    `max_files`: the process's limit on open files (soft and hard), as `ulimit -n` sets it. `stub`: on
+    `write_stub_registry`'s models, without TensorFlow (`tests.stub_serve`)."""
     port, grpc_port = ports or free_ports(2)
-    command = [sys.executable, "-m", "fmnist.ops.cli", "--registry", registry_root, "--scratch", str(log.parent)]
+    program = "tests.stub_serve" if stub else "fmnist.ops.cli"
+    command = [sys.executable, "-m", program, "--registry", registry_root, "--scratch", str(log.parent)]
     serve = ["serve", "--port", str(port), "--grpc-port", str(grpc_port), "--poll-s", str(POLL_S), *options]
 
     def limit_files() -> None:
@@ -174,7 +177,7 @@ def running_server(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {}), **({"PYTHONPATH": str(ROOT)} if stub else {})},
             preexec_fn=limit_files,
         )
     url = f"http://127.0.0.1:{port}"

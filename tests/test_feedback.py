@@ -35,7 +35,7 @@ from fmnist.serving.metrics import ServingMetrics
 from fmnist.storage import Store, join
 from tests.feedback_helpers import captured, new_image, waiting
 from tests.helpers import synthetic_images, version_manifest
-from tests.serving_helpers import PREDICT, keras_probabilities, running_server, two_version_registry
+from tests.serving_helpers import PREDICT, running_server, stub_probabilities, write_stub_registry
 
 
 def test_capture_never_queues_past_its_bound_and_counts_what_it_drops(tmp_path: Path) -> None:
@@ -227,13 +227,13 @@ def test_a_review_folder_with_stray_files_wrong_sizes_or_copies_is_refused(
         snapshot.rename(out)
 
 
-@pytest.mark.training  # two Keras models, served by a real process
+@pytest.mark.processes
 def test_a_server_captures_what_it_answers_only_when_asked(tmp_path: Path) -> None:
-    registry = two_version_registry(tmp_path / "registry")
+    registry = write_stub_registry(tmp_path / "registry")
     data_root = tmp_path / "data"
     images = synthetic_images(np.arange(10, dtype=np.uint8), seed=33)
     options = ("--capture-rate", "1", "--data-root", str(data_root))
-    with running_server(registry.root, tmp_path / "serve.log", None, *options) as server:
+    with running_server(registry.root, tmp_path / "serve.log", None, *options, stub=True) as server:
         for start in (0, 4, 7):
             answer = httpx.post(f"{server.url}{PREDICT}", json={"instances": images[start : start + 3].tolist()})
             assert answer.status_code == 200
@@ -244,7 +244,7 @@ def test_a_server_captures_what_it_answers_only_when_asked(tmp_path: Path) -> No
         for path in sorted((data_root / "feedback" / "records").glob("*.parquet"))
     ]
     records = [r for file in records for r in file]
-    expected = keras_probabilities(registry, "v0001", images)
+    expected = stub_probabilities(registry, "v0001", images)
     sent = {**{i: i for i in range(3)}, **{i: i for i in range(4, 10)}}
     assert (
         len(records) == 9
@@ -259,7 +259,7 @@ def test_a_server_captures_what_it_answers_only_when_asked(tmp_path: Path) -> No
     assert len({r["id"] for r in records}) == 9 and len({r["request"] for r in records}) == 3
 
     with running_server(
-        registry.root, tmp_path / "serve-off.log", None, "--data-root", str(tmp_path / "off")
+        registry.root, tmp_path / "serve-off.log", None, "--data-root", str(tmp_path / "off"), stub=True
     ) as server:
         assert httpx.post(f"{server.url}{PREDICT}", json={"instances": images.tolist()}).status_code == 200
     assert not (tmp_path / "off" / "feedback").exists()  # capture is off unless asked for

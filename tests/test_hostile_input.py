@@ -20,9 +20,8 @@ from fmnist.data.idx import IdxFormatError, encode_idx
 from fmnist.data.incoming import IncomingBatchError, add_batch, collect_incoming, known_images, screen_incoming
 from fmnist.data.png import ImageFileError, read_grayscale_png
 from fmnist.storage import Store, StoredFile
-from tests.helpers import synthetic_images, write_idx_batch, write_mirror
+from tests.helpers import ROOT, synthetic_images, write_idx_batch, write_mirror
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_CEILING_MB = 100  # each bomb below would cost 300 MB or more if it were decoded
 
 

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -33,10 +32,9 @@ from fmnist.serving.kserve_grpc_messages import (
 from fmnist.serving.payloads import MAX_INSTANCES
 from fmnist.serving.protos import grpc_predict_v2_pb2 as v2
 from fmnist.serving.workers import INLINE_BYTES, BodyParsers
-from tests.helpers import synthetic_images
+from tests.helpers import ROOT, synthetic_images
 from tests.serving_helpers import RunningServer, running_server, two_version_registry
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGES = synthetic_images(np.array([0, 3, 7], dtype=np.uint8), seed=21)
 SCALED = (IMAGES / np.float32(255)).astype(np.float32)
 # Each datatype the REST path takes, with pixels in it.

@@ -11,7 +11,8 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 # fmnist's packages, each allowed to import those to its left (and itself).
 PACKAGES = ("storage", "data", "training", "evaluation", "registry", "serving", "ops")
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import balanced_labels, synthetic_images, write_idx_batch, write_mirror
+from tests.helpers import ROOT, balanced_labels, synthetic_images, write_idx_batch, write_mirror
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH_IMAGES = 6_000
 EXTRA_BATCHES = 7
 EXTRA_FLOAT32_MB = EXTRA_BATCHES * BATCH_IMAGES * 784 * 4 / 2**20

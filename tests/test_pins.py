@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_every_prefect_pin_names_the_installed_prefect() -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_mirror
+from tests.helpers import ROOT, write_mirror
 
 pytestmark = pytest.mark.training
 
-ROOT = Path(__file__).parent.parent
 # Runs the entry point, then reports which heavy libraries the process imported.
 RUN_AND_REPORT = (
     "import json, runpy, sys; runpy.run_module('flows.run_once', run_name='__main__'); "

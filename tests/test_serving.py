@@ -5,7 +5,6 @@ The request and response shapes and the refusals, in this process on stub models
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -143,27 +142,3 @@ def test_the_champion_of_a_registry_in_a_bucket_is_served_and_followed(
             assert answer.headers["x-model-version"] == "v0001" and answer.headers["x-model-label"] == "canary"
             expected = keras_probabilities(registry, "v0001", images)
             assert np.abs(np.array(answer.json()["predictions"]) - expected).max() <= 1e-5
-
-
-def test_at_its_connection_limit_connections_waiting_on_their_bodies_make_room(
-    registry: Registry, tmp_path: Path
-) -> None:
-    """Connections whose bodies are still coming fill the limit: the next request is answered, and the one
-    that has waited longest is cut off with a 408 (such connections used to refuse everyone with a 503)."""
-    with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3") as running:
-        url = running.url
-        host, port = url.removeprefix("http://").split(":")
-        held = []
-        try:
-            for _ in range(3):  # a head, and the first bytes of a body that never comes
-                connection = socket.create_connection((host, int(port)), timeout=10)
-                connection.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
-                held.append(connection)
-                time.sleep(0.2)
-            answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}, timeout=10)
-            assert answer.status_code == 200
-            oldest = held[0].recv(65536)
-            assert oldest.startswith(b"HTTP/1.1 408 ") and b"connection limit" in oldest, oldest[:200]
-        finally:
-            for connection in held:
-                connection.close()

@@ -1,6 +1,8 @@
 """Clients that would lock others out, against a real server process: in front of it the edge (nginx,
 what `make serve` runs) and, as a second line, the bare application (`fashion-mnist serve` alone).
-Attackers come from 127.0.0.2 and up, ordinary clients from 127.0.0.1, as on a real network. Throughout
+The server serves stub models (`tests.stub_serve`: no TensorFlow; what is attacked is the process, its
+sockets, parsers and edge, not the model). Attackers come from 127.0.0.2 and up, ordinary clients from
+127.0.0.1, as on a real network. Throughout
 every attack ordinary clients must be answered (200 and OK, never 429 or 503), memory stay within the
 stated bound, and the log stay small."""
 
@@ -40,9 +42,9 @@ from tests.attackers import (
     split,
 )
 from tests.processes import children, cmdline, free_ports, rss_bytes
-from tests.serving_helpers import PREDICT, RunningServer, image_rows, running_server, two_version_registry
+from tests.serving_helpers import PREDICT, RunningServer, image_rows, running_server, write_stub_registry
 
-pytestmark = pytest.mark.training
+pytestmark = pytest.mark.processes
 
 HEADER_S, BODY_S, BUDGET_MIB, CONNECTIONS = 1.0, 2.0, 40, 32
 ONE_IMAGE = json.dumps({"instances": [image_rows(0)]}).encode()
@@ -60,14 +62,14 @@ def options(*extra: str) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return two_version_registry(tmp_path_factory.mktemp("hostile"))
+    return write_stub_registry(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module", params=["edge", "bare"])
 def server(request, registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     edge = ("--edge",) if request.param == "edge" else ()
     log = tmp_path_factory.mktemp(request.param) / "serve.log"
-    with running_server(registry.root, log, None, *options(*edge)) as running:
+    with running_server(registry.root, log, None, *options(*edge), stub=True) as running:
         yield running
     assert log.stat().st_size < MAX_LOG_BYTES, f"the log grew to {log.stat().st_size:,} bytes"
 
@@ -153,6 +155,30 @@ def test_connections_waiting_for_their_bodies_make_room_at_the_connection_limit(
     finally:
         for connection in held:
             connection.close()
+
+
+def test_at_its_connection_limit_connections_waiting_on_their_bodies_make_room(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Connections whose bodies are still coming fill the limit: the next request is answered, and the one
+    that has waited longest is cut off with a 408 (such connections used to refuse everyone with a 503)."""
+    with running_server(registry.root, tmp_path / "serve.log", None, "--max-connections", "3", stub=True) as running:
+        url = running.url
+        host, port = url.removeprefix("http://").split(":")
+        held = []
+        try:
+            for _ in range(3):  # a head, and the first bytes of a body that never comes
+                connection = socket.create_connection((host, int(port)), timeout=10)
+                connection.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+                held.append(connection)
+                time.sleep(0.2)
+            answer = httpx.post(f"{url}{PREDICT}", json={"instances": [image_rows(0)]}, timeout=10)
+            assert answer.status_code == 200
+            oldest = held[0].recv(65536)
+            assert oldest.startswith(b"HTTP/1.1 408 ") and b"connection limit" in oldest, oldest[:200]
+        finally:
+            for connection in held:
+                connection.close()
 
 
 def test_held_uploads_cannot_refuse_ordinary_clients_and_memory_stays_bounded(server: RunningServer) -> None:
@@ -332,7 +358,7 @@ def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(serv
 def test_a_server_killed_with_sigkill_leaves_no_workers_and_no_edge(registry: Registry, tmp_path: Path) -> None:
     with (
         pytest.raises(AssertionError, match="the server died"),  # (what the harness says of a killed server)
-        running_server(registry.root, tmp_path / "serve.log", None, *options("--edge")) as running,
+        running_server(registry.root, tmp_path / "serve.log", None, *options("--edge"), stub=True) as running,
     ):
         helpers = [pid for pid in children(running.process.pid) if b"spawn_main" in cmdline(pid)]
         helpers += [pid for pid in children(running.process.pid) if b"nginx" in cmdline(pid)]
@@ -361,7 +387,7 @@ def test_silent_grpc_connections_past_the_descriptor_limit_lock_no_one_out(regis
     default): the edge holds and times them out, REST and gRPC go on answering, and the log stays small
     (the bare application's table filled, REST stopped accepting, and asyncio logged 6 MB/s)."""
     log = tmp_path / "serve.log"
-    with running_server(registry.root, log, None, *options("--edge"), max_files=1024) as running:
+    with running_server(registry.root, log, None, *options("--edge"), max_files=1024, stub=True) as running:
         silent = []
         try:
             for number in range(1100):
@@ -408,7 +434,9 @@ def test_a_client_multiplexing_many_calls_on_one_channel_is_answered(
 
             return [code for codes in await asyncio.gather(*(one() for _ in range(20))) for code in codes]
 
-    with running_server(registry.root, tmp_path / "serve.log", None, *(("--edge",) if edge else ())) as running:
+    with running_server(
+        registry.root, tmp_path / "serve.log", None, *(("--edge",) if edge else ()), stub=True
+    ) as running:
         assert asyncio.run(calls(running.grpc)) == ["OK"] * 200
 
 
@@ -682,7 +710,9 @@ def test_an_edge_that_cannot_start_stops_the_server_with_a_failure(registry: Reg
         [grpc_port] = free_ports(1)
         with (
             pytest.raises(RuntimeError, match=r"exited \(3\)"),  # uvicorn's STARTUP_FAILURE
-            running_server(registry.root, log, None, *options("--edge"), ports=(taken.getsockname()[1], grpc_port)),
+            running_server(
+                registry.root, log, None, *options("--edge"), ports=(taken.getsockname()[1], grpc_port), stub=True
+            ),
         ):
             pass
     text = log.read_text()
@@ -699,7 +729,7 @@ def test_a_killed_edge_stops_the_server_with_a_failure_and_leaves_nothing(regist
     log = tmp_path / "serve.log"
     with (
         pytest.raises(AssertionError, match="the server died"),
-        running_server(registry.root, log, None, *options("--edge")) as running,
+        running_server(registry.root, log, None, *options("--edge"), stub=True) as running,
     ):
         edge = [pid for pid in children(running.process.pid) if b"nginx" in cmdline(pid)]
         prefix = re.search(rb"-p\x00([^\x00]+)", cmdline(edge[0])).group(1).decode()
@@ -709,5 +739,5 @@ def test_a_killed_edge_stops_the_server_with_a_failure_and_leaves_nothing(regist
         host, port = split(running.url)
         with pytest.raises(OSError):
             socket.create_connection((host, port), timeout=2)
-    with running_server(registry.root, log, None, *options("--edge")) as again:
+    with running_server(registry.root, log, None, *options("--edge"), stub=True) as again:
         assert ordinary_request(again) == 200

@@ -134,8 +134,10 @@ async def stop_serving(serving: ServingState, edge, grpc, followers: list, follo
     serving.parsers.close()
 
 
-def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None = None) -> None:
-    """Run the server until interrupted (one process: each model is loaded once). With `edge_plan`,
+def serve(
+    registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None = None, load: ModelLoader = load_model
+) -> None:
+    """Run the server until interrupted (one process: each model is loaded once, by `load`). With `edge_plan`,
     nginx takes the host and ports of `options` and the application listens behind it on loopback."""
     import uvicorn
 
@@ -156,7 +158,7 @@ def serve(registry: Registry, options: ServeOptions, edge_plan: EdgePlan | None 
     )
     config = uvicorn.Config(
         # Beyond `max_connections` requests at once a 503 at once: memory stays bounded under overload.
-        ConcurrencyLimit(create_app(registry, app_options, edge), app_options.max_connections),
+        ConcurrencyLimit(create_app(registry, app_options, edge, load), app_options.max_connections),
         host=app_options.host,
         port=app_options.port,
         http=guarded_protocol(app_options.header_timeout_s, app_options.body_timeout_s, app_options.max_connections),
