@@ -251,15 +251,10 @@ server: install $(if $(filter postgres,$(DB)),postgres)
 	  $(if $(filter postgres,$(DB)),$(PY) -m fmnist.ops.postgres $(PREFECT_HOME)/postgres --) \
 	  $(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
-# Process pools, one run at a time each; `create --overwrite` makes this safe to repeat.
+# Process pools, one run at a time each (the watch pool two), created or updated: safe to repeat.
 pools: install
 	$(WAIT_FOR_API)
-	$(SERVER) $(PREFECT) work-pool create $(CPU_POOL) --type process --overwrite
-	$(SERVER) $(PREFECT) work-pool create $(GPU_POOL) --type process --overwrite
-	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(CPU_POOL) 1
-	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(GPU_POOL) 1
-	$(SERVER) $(PREFECT) work-pool create $(WATCH_POOL) --type process --overwrite
-	$(SERVER) $(PREFECT) work-pool set-concurrency-limit $(WATCH_POOL) 2
+	$(SERVER) $(FASHION_MNIST) pools --pool $(CPU_POOL)=1 --pool $(GPU_POOL)=1 --pool $(WATCH_POOL)=2
 
 deploy: pools
 	$(SERVER) FMNIST_PROJECT_DIR=$(CURDIR) FMNIST_HEARTBEAT_S=$(FMNIST_HEARTBEAT_S) \

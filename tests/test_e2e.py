@@ -134,6 +134,30 @@ def test_deployments_from_prefect_yaml(stack: Stack) -> None:
         assert [s["schedule"]["interval"] for s in deployment["schedules"]] == [every_s]
 
 
+def test_the_pools_command_creates_updates_and_refuses_what_it_would_break(stack: Stack) -> None:
+    """`fashion-mnist pools` (make pools): a pool created, then updated (its limit, unpaused); a pool of another
+    type, or a limit of no runs, refused before anything changes, naming what."""
+    created = stack.cli("pools", "--pool", "fmnist-spare=3")
+    assert created.returncode == 0 and "'fmnist-spare' created (at most 3 at once)" in created.stdout, created
+    spare = stack.get("/work_pools/fmnist-spare")
+    assert spare["type"] == "process" and spare["concurrency_limit"] == 3
+    assert spare["base_job_template"]["job_configuration"]["command"]  # the process worker's template
+    httpx.patch(f"{stack.api}/work_pools/fmnist-spare", json={"is_paused": True}, timeout=30).raise_for_status()
+    updated = stack.cli("pools", "--pool", "fmnist-spare=4")
+    assert updated.returncode == 0 and "'fmnist-spare' updated (at most 4 at once)" in updated.stdout, updated
+    spare = stack.get("/work_pools/fmnist-spare")
+    assert spare["concurrency_limit"] == 4 and spare["is_paused"] is False
+
+    stack.post("/work_pools/", {"name": "fmnist-other-type", "type": "kubernetes"})
+    refused = stack.cli("pools", "--pool", "fmnist-spare=1", "--pool", "fmnist-other-type=1", "--pool", "fmnist-new=1")
+    assert refused.returncode == 1 and "'fmnist-other-type' is of type 'kubernetes'" in refused.stderr, refused
+    assert stack.get("/work_pools/fmnist-spare")["concurrency_limit"] == 4  # nothing changed
+    assert httpx.get(f"{stack.api}/work_pools/fmnist-new", timeout=30).status_code == 404
+    bad = stack.cli("pools", "--pool", "fmnist-spare=0")  # (each bad NAME=LIMIT: tests/test_flags.py)
+    assert bad.returncode == 2 and "'fmnist-spare=0'" in bad.stderr, bad.stderr
+    assert stack.get("/work_pools/fmnist-spare")["concurrency_limit"] == 4
+
+
 def test_the_servers_scheduler_makes_the_nightly_runs(stack: Stack) -> None:
     """The schedule is more than a record: the server inserts the coming nights' runs. Neither Prefect
     3.8.8 under SQLAlchemy 2.1 ("Can't evaluate bulk DML statement") nor 3.9.1 on Python 3.11 ("tzinfo

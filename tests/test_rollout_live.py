@@ -43,7 +43,10 @@ POLICY = GATE.model_copy(update={"rollout": "canary", "tolerance": 0.02})
 # The rule with a small sample, and a p99 objective a loaded 2-core test machine always meets (a slow canary
 # is the judge's own test's case).
 RULE = JudgeParams(min_samples=MIN_SAMPLES, max_duration_s=3600, max_p99_ms=10_000)
-CANARY_SERVING = ("--shadow-share", "1", "--canary-share", "0.2", "--evidence-window-s", "1")
+# No body parser processes: these requests (BATCH images) are parsed where they arrive anyway, and spawning
+# the parsers cost each server start about 2 CPU-s.
+WITHOUT_PARSERS = ("--parse-workers", "0")
+CANARY_SERVING = ("--shadow-share", "1", "--canary-share", "0.2", "--evidence-window-s", "1", *WITHOUT_PARSERS)
 BATCH = 6  # images a request
 
 
@@ -189,7 +192,7 @@ def test_an_equal_canary_is_promoted_after_the_minimum_sample(
     assert Rollouts(registry).record("v0002").outcome == "promoted"
     assert CANARY not in Labels(registry).records()
     with (
-        running_server(registry.root, tmp_path / "next.log") as running,
+        running_server(registry.root, tmp_path / "next.log", None, *WITHOUT_PARSERS) as running,
         httpx.Client(base_url=running.url) as client,
     ):
         assert versions_served(client) == ["2"]

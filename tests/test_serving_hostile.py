@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -317,6 +318,14 @@ def test_grpc_messages_held_almost_complete_stay_within_the_byte_budget(server: 
     assert peak - before < 3 * (BUDGET_MIB << 20), f"RSS grew {(peak - before) >> 20} MiB"
 
 
+def assert_the_loop_was_free(latencies: list[float]) -> None:
+    """/healthz's latencies, taken one after another through an attack: the event loop answered throughout.
+    The median is bounded, not the worst: on a loaded test machine, scheduling alone stretched single answers
+    past 0.3 s, while a loop held by such parses made the median 0.39 s. The worst is bounded generously."""
+    assert statistics.median(latencies) < 0.15, f"/healthz's median wait {statistics.median(latencies):.2f} s"
+    assert max(latencies) < 2.0, f"/healthz waited {max(latencies):.2f} s"
+
+
 def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(server: RunningServer) -> None:
     """Four attackers send PredictRequests whose tensor claims about 900,000 dimensions (4 MB): each is
     refused INVALID_ARGUMENT, parsed in a worker process, while /healthz answers at once (checked on the
@@ -348,8 +357,7 @@ def test_a_grpc_shape_of_a_million_dimensions_is_refused_off_the_event_loop(serv
         time.sleep(0.02)
     # INVALID_ARGUMENT; or, past the calls that may wait for their messages at once, cut off (DEADLINE_EXCEEDED)
     assert statuses and set(statuses) <= {"3", "4"} and "3" in statuses, statuses
-    # A generous bound, not a speed target: the loop is never held for the parse of a 4 MB message.
-    assert max(latencies) < 0.5, f"/healthz waited {max(latencies):.2f} s"
+    assert_the_loop_was_free(latencies)
 
 
 # A helper that dies -----------------------------------------------------------------------------------------
@@ -567,7 +575,7 @@ def test_a_png_of_compressed_text_is_refused_without_holding_the_loop(server: Ru
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
         latencies.append(time.perf_counter() - started)
     assert statuses == [400] * 12
-    assert max(latencies) < 0.3, f"/healthz waited {max(latencies):.2f} s"
+    assert_the_loop_was_free(latencies)
 
 
 def test_a_flood_of_empty_calls_from_one_address_cannot_cut_off_anothers_big_call(server: RunningServer) -> None:

@@ -1,5 +1,5 @@
-"""The operator's housekeeping: prune-runs, and the Prefect side (automations apply, webhook, wait-for-api,
-worker), which talks to the server PREFECT_API_URL names."""
+"""The operator's housekeeping: prune-runs, and the Prefect side (automations apply, pools, webhook,
+wait-for-api, worker), which talks to the server PREFECT_API_URL names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist.ops import automations
+from fmnist.ops import automations, pools
 from fmnist.ops.api import API_WAIT_S, wait_for_api
 from fmnist.ops.commands.roots import registry_of
 from fmnist.ops.flags import bounded
@@ -46,6 +46,22 @@ def cmd_automations_apply(args: argparse.Namespace) -> None:
             print(f"{verb:8} {name}")
     for name, why in applied.skipped.items():
         print(f"left out {name} ({why})")
+
+
+def cmd_pools(args: argparse.Namespace) -> None:
+    names = [name for name, _ in args.pools]
+    if len(set(names)) < len(names):
+        raise ValueError(f"a pool named twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    prefect_api_url()
+    for name, done in pools.apply_pools(dict(args.pools)).items():
+        print(f"work pool {name!r} {done}")
+
+
+def pool_limit_flag(text: str) -> tuple[str, int]:
+    try:
+        return pools.pool_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_webhook(args: argparse.Namespace) -> None:
@@ -96,6 +112,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the deployment a drifted champion starts (e.g. retrain-fashion-mnist/adhoc); without it, none",
     )
     apply.set_defaults(run=cmd_automations_apply)
+    pool = commands.add_parser(
+        "pools", help=f"create or update {pools.POOL_TYPE} work pools and their limits of runs at once (make pools)"
+    )
+    pool.add_argument(
+        "--pool",
+        dest="pools",
+        action="append",
+        required=True,
+        type=pool_limit_flag,
+        metavar="NAME=LIMIT",
+        help="a pool, and how many runs it takes at once (repeat for each pool)",
+    )
+    pool.set_defaults(run=cmd_pools)
     webhook = commands.add_parser("webhook", help="set the URL notifications are POSTed to")
     webhook.add_argument("url")
     webhook.set_defaults(run=cmd_webhook)
