@@ -60,11 +60,11 @@ def prefect_workers_end_with_the_module() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files in the order that keeps both processes of make test busy (xdist hands each file whole to the
+    """The files in the order that keeps the processes of make test busy (xdist hands each file whole to the
     next free process, in this order): the e2e file with the most tests first (minutes, mostly waiting on
     servers, workers and triggers), the files that train or start servers beside it (seconds a test), then the
     other e2e files (not all waiting at once: the cores once idled through two e2e files' setups), and last
-    the many quick in-process files, which even out the two processes' ends (a long file last left one
+    the many quick in-process files, which even out the processes' ends (a long file last left one
     process idle for minutes). A file keeps its tests together, in their order."""
     e2e_tests = Counter(item.path for item in items if item.get_closest_marker("e2e"))
     first = max(e2e_tests, key=e2e_tests.get) if e2e_tests else None
