@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 
 from fmnist.ops import cli
 from fmnist.ops.flags import add_model_flags, model_from_flags
-from fmnist.ops.pools import MAX_LIMIT
 from fmnist.serving.options import NOT_A_FLAG, ServeOptions
 
 
@@ -80,32 +79,3 @@ def test_serve_has_a_flag_for_each_option_and_no_other_way_to_set_one() -> None:
         model_from_flags(ServeOptions, serve.parse_args(["--max-body-mib-in-flight", "3"])).max_body_bytes_in_flight
         == 3 << 20
     )
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        "cpu=0",
-        f"cpu={MAX_LIMIT + 1}",
-        "cpu=1.5",
-        "cpu=-1",
-        "cpu=",
-        "cpu",
-        "=1",
-        "cpu/../x=1",
-        "cpu pool=1",
-        "-cpu=1",
-        "cpu=\u0661",  # a digit to str.isdigit, not to int() of every locale's reader
-        "cpu=1\n",
-        "p" * 101 + "=1",
-    ],
-)
-def test_a_bad_pool_is_a_usage_error_naming_it(spec: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["pools", f"--pool={spec}"])
-    assert exited.value.code == 2 and repr(spec) in capsys.readouterr().err
-
-
-def test_a_pool_named_twice_is_refused_before_the_api_is_asked(capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["pools", "--pool", "cpu=1", "--pool", "cpu=2"]) == 1
-    assert "a pool named twice: cpu" in capsys.readouterr().err

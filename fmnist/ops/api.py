@@ -51,3 +51,15 @@ def wait_for_api(
         say(f"the Prefect API at {api_url} is not answering ({problem}); try {attempt + 1} in {pause:.1f} s")
         sleep(pause)
         pause *= 2
+
+
+def one_line(error: Exception) -> str:
+    """An HTTP error's message (Prefect's spans lines: the URL, the server's answer, a link), on one line, with
+    the URL it was asking (a refused connection's message names none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "more information" not in line]
+    try:
+        url = str(error.request.url)  # (httpx's errors; it raises when the error has no request)
+    except (AttributeError, RuntimeError):
+        url = ""
+    message = " ".join(lines) or type(error).__name__
+    return (f"{url}: " if url and url not in message else "") + message[:500]

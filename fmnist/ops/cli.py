@@ -21,10 +21,12 @@ fashion-mnist review [--submit]        the images serve captured (--capture-rate
                                        predicted class; --submit adds the reviewed folder as a batch
 fashion-mnist prune-runs               delete run folders the retention setting does not keep
 fashion-mnist automations apply        create or update the automations of automations.yaml
+fashion-mnist pools --pool NAME=LIMIT  create or update the work pools and their limits (make pools)
 fashion-mnist webhook URL              where notifications go (a Prefect block)
 
 --registry, --data-root and --incoming take a folder or an s3://bucket/prefix URL (credentials from
-the AWS_* variables). The last four commands talk to the Prefect server PREFECT_API_URL names.
+the AWS_* variables). add-batch and review --submit (their announcements), automations apply, pools and
+webhook talk to the Prefect server PREFECT_API_URL names.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import httpx
+
 from fmnist.data.png import ImageFileError
-from fmnist.ops.api import ApiUnreachable
+from fmnist.ops.api import ApiUnreachable, one_line
 from fmnist.ops.commands import data, operations, registry, rollout, serving
 from fmnist.ops.commands.roots import DEFAULT_REGISTRY
+from fmnist.ops.pools import PoolsError
 from fmnist.registry.versions import RegistryError
 from fmnist.storage import StorageError
 
@@ -63,8 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (RegistryError, ImageFileError, StorageError, FileNotFoundError, ValueError, ApiUnreachable) as exc:
+    except (
+        RegistryError,
+        ImageFileError,
+        StorageError,
+        FileNotFoundError,
+        ValueError,
+        ApiUnreachable,
+        PoolsError,
+    ) as exc:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # the Prefect API's (Prefect's client errors are httpx's)
+        print(f"fashion-mnist: the Prefect API failed: {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,12 +4,24 @@ a Python start of its own (about 1.5 CPU-s), and six of them were most of `make 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable
+
+import httpx
+
+from fmnist.ops.api import one_line
 
 POOL_TYPE = "process"
 MAX_LIMIT = 1000
-# What Prefect's API accepts in a name, kept simpler: letters, digits, '-', '_' and '.'.
+# Letters, digits, '-', '_' and '.', as Prefect's API accepts them; and not its reserved prefix.
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED_PREFIX = "prefect"
+REQUEST_TIMEOUT_S = 15  # each request's (Prefect's client tries a failed one up to 5 more times)
+
+
+class PoolsError(RuntimeError):
+    """A pool could not be applied; says what was applied before it, and what was not."""
 
 
 def pool_limit(text: str) -> tuple[str, int]:
@@ -17,40 +29,67 @@ def pool_limit(text: str) -> tuple[str, int]:
     name, equals, limit = text.partition("=")
     if not POOL_NAME.fullmatch(name):
         raise ValueError(f"{text!r}: a pool's name is letters, digits, '.', '-' or '_' (at most 100)")
+    if name.lower().startswith(RESERVED_PREFIX):
+        raise ValueError(f"{text!r}: Prefect keeps the names starting with {RESERVED_PREFIX!r} for its own pools")
     if not equals or not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
         raise ValueError(f"{text!r}: give NAME=LIMIT, LIMIT a whole number of runs from 1 to {MAX_LIMIT}")
     return name, int(limit)
 
 
-def apply_pools(limits: dict[str, int]) -> dict[str, str]:
-    """Create each pool, or update it (its template to the installed Prefect's default, unpaused, its limit);
-    what was done to each, by name. A pool of another type is refused, naming it, before anything changes."""
+def apply_pools(limits: dict[str, int], say: Callable[[str], None] = print) -> None:
+    """Create each pool, or update it (its template to the installed Prefect's default, unpaused, its limit),
+    saying so as each is done. A pool of another type is refused before any is changed (its template would
+    be overwritten); a pool made or deleted meanwhile by someone else is updated or made instead. On a failure,
+    a PoolsError names the pools applied and those not."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    done: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        existing = {}
-        for name in limits:
+    applied: list[str] = []
+    with get_client(httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True) as client:
+        try:
+            for name in limits:
+                with contextlib.suppress(ObjectNotFound):  # (made below)
+                    refuse_another_type(client.read_work_pool(name))
+            for name, limit in limits.items():
+                say(f"work pool {name!r} {upsert(client, name, limit, template)} (at most {limit} at once)")
+                applied.append(name)
+        except (PoolsError, httpx.HTTPError) as exc:  # (Prefect's HTTP errors are httpx's)
+            left = [name for name in limits if name not in applied]
+            problem = exc if isinstance(exc, PoolsError) else f"the Prefect API failed: {one_line(exc)}"
+            raise PoolsError(
+                f"{problem}; applied: {', '.join(applied) or 'none'}; not applied: {', '.join(left)} (run it again)"
+            ) from exc
+
+
+def refuse_another_type(pool) -> None:
+    if pool.type != POOL_TYPE:
+        raise PoolsError(
+            f"work pool {pool.name!r} is of type {pool.type!r}, not {POOL_TYPE!r}: delete it (prefect work-pool "
+            "delete) or name another"
+        )
+
+
+def upsert(client, name: str, limit: int, template: dict) -> str:
+    """Create the pool or update it, whichever it needs now (once more if another client changed it meanwhile)."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    for _attempt in range(2):
+        try:
+            refuse_another_type(client.read_work_pool(name))
+        except ObjectNotFound:
             try:
-                existing[name] = client.read_work_pool(name)
-            except ObjectNotFound:
-                continue
-            if existing[name].type != POOL_TYPE:
-                raise ValueError(
-                    f"work pool {name!r} is of type {existing[name].type!r}, not {POOL_TYPE!r}: "
-                    "delete it (prefect work-pool delete) or name another"
-                )
-        for name, limit in limits.items():
-            if name in existing:
-                update = WorkPoolUpdate(base_job_template=template, is_paused=False, concurrency_limit=limit)
-                client.update_work_pool(name, update)
-                done[name] = f"updated (at most {limit} at once)"
-            else:
                 pool = WorkPoolCreate(name=name, type=POOL_TYPE, base_job_template=template, concurrency_limit=limit)
                 client.create_work_pool(pool)
-                done[name] = f"created (at most {limit} at once)"
-    return done
+                return "created"
+            except ObjectAlreadyExists:
+                continue  # made meanwhile: read it again
+        try:
+            update = WorkPoolUpdate(base_job_template=template, is_paused=False, concurrency_limit=limit)
+            client.update_work_pool(name, update)
+            return "updated"
+        except ObjectNotFound:
+            continue  # deleted meanwhile: make it
+    raise PoolsError(f"work pool {name!r} was made and deleted by someone else twice while it was applied")

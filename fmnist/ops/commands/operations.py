@@ -53,8 +53,7 @@ def cmd_pools(args: argparse.Namespace) -> None:
     if len(set(names)) < len(names):
         raise ValueError(f"a pool named twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     prefect_api_url()
-    for name, done in pools.apply_pools(dict(args.pools)).items():
-        print(f"work pool {name!r} {done}")
+    pools.apply_pools(dict(args.pools), say=lambda line: print(line, flush=True))
 
 
 def pool_limit_flag(text: str) -> tuple[str, int]:
