@@ -16,8 +16,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fmnist.data.incoming import printable
 from fmnist.storage import IntegrityError, NotAFile, Store, join
+from fmnist.storage.files import printable
 
 REVIEWED = "reviewed"
 

@@ -42,7 +42,7 @@ from fmnist.storage import (
     TooLarge,
     join,
 )
-from fmnist.storage.files import sha256_text
+from fmnist.storage.files import printable, sha256_text
 
 if TYPE_CHECKING:
     from fmnist.data.download import RawDataset
@@ -87,11 +87,6 @@ class IncomingBatch:
     sha256: str  # of the decoded images and labels: same content, same hash, whatever the encoding
     rows: int
     receipt: str | None = None  # the screening receipt that vouches for it, if any (see `screen_incoming`)
-
-
-def printable(text: str) -> str:
-    """`text` with any byte that is not UTF-8 (a file name on disk may hold such) shown as an escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_batch_name(name: str) -> None:

@@ -30,8 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fmnist.data.dataset import NUM_CLASSES
-from fmnist.data.incoming import printable
 from fmnist.storage import NotAFile, Store, join
+from fmnist.storage.files import printable
 
 FORMAT = 1
 MAX_WINDOW_S = 3600  # the longest window a server writes: a window ending in a range started at most this before

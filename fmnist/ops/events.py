@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fmnist.storage.files import printable
+
 if TYPE_CHECKING:
     from fmnist.data.incoming import IncomingBatch
     from fmnist.storage.layout import StorageParams
@@ -99,10 +101,8 @@ async def send(event: str, location: str, message: str, *, shared: bool | None =
 
 
 def _printable(value: Any) -> Any:
-    """`value` with every string in it printable (`fmnist.data.incoming.printable`): a file name that is not
+    """`value` with every string in it printable (`fmnist.storage.files.printable`): a file name that is not
     UTF-8 would fail the event's JSON encoding, and the event with it."""
-    from fmnist.data.incoming import printable
-
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):

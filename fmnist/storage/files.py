@@ -1,4 +1,5 @@
-"""Local files: hashing, and atomic writes that survive a crash (a reader sees the old file or the new one).
+"""Local files: hashing, atomic writes that survive a crash (a reader sees the old file or the new one), and
+names as messages can show them.
 
 These are the local-disk primitives under `fmnist.storage`, and what a stage uses for the files of its
 own local working folder (Keras checkpoints, plots) before they are published to the store.
@@ -17,6 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _CHUNK = 1 << 20
+
+
+def printable(text: str) -> str:
+    """`text` with any byte that is not UTF-8 (a file name on disk may hold such) shown as an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def sha256_file(path: Path) -> str:
