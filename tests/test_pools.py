@@ -49,53 +49,56 @@ def test_a_pool_named_twice_is_refused_before_the_api_is_asked(capsys: pytest.Ca
 
 
 class RacingClient:
-    """Prefect's client's work-pool calls on a dict of pools, where `meanwhile` runs once, after the first read:
-    another client's create or delete between this one's read and write."""
+    """Prefect's client's work-pool calls on a dict of pools, where `meanwhile` runs once, before the first write:
+    another client's create or delete between this one's read (`upsert`'s `exists`) and its write."""
 
     def __init__(self, pools: dict, meanwhile) -> None:
         self.pools, self.meanwhile, self.calls = pools, meanwhile, []
 
     def read_work_pool(self, name: str):
         self.calls.append("read")
-        found = self.pools.get(name)
-        if self.meanwhile:
-            self.meanwhile(self.pools)
-            self.meanwhile = None
-        if found is None:
+        if name not in self.pools:
             raise ObjectNotFound(None)
-        return found
+        return self.pools[name]
 
     def create_work_pool(self, pool) -> None:
         self.calls.append("create")
+        self._another_client()
         if pool.name in self.pools:
             raise ObjectAlreadyExists(None)
         self.pools[pool.name] = SimpleNamespace(name=pool.name, type=pool.type, limit=pool.concurrency_limit)
 
     def update_work_pool(self, name: str, update) -> None:
         self.calls.append("update")
+        self._another_client()
         if name not in self.pools:
             raise ObjectNotFound(None)
         self.pools[name].limit = update.concurrency_limit
+
+    def _another_client(self) -> None:
+        if self.meanwhile:
+            self.meanwhile(self.pools)
+            self.meanwhile = None
 
 
 def test_a_pool_made_by_another_client_meanwhile_is_updated() -> None:
     made = SimpleNamespace(name="cpu", type=POOL_TYPE, limit=9)
     client = RacingClient({}, lambda pools: pools.update(cpu=made))
-    assert upsert(client, "cpu", 1, {}) == "updated"
-    assert client.pools["cpu"].limit == 1 and client.calls == ["read", "create", "read", "update"]
+    assert upsert(client, "cpu", 1, {}, exists=False) == "updated"
+    assert client.pools["cpu"].limit == 1 and client.calls == ["create", "read", "update"]
 
 
 def test_a_pool_deleted_by_another_client_meanwhile_is_made() -> None:
     client = RacingClient({"cpu": SimpleNamespace(name="cpu", type=POOL_TYPE, limit=9)}, lambda pools: pools.clear())
-    assert upsert(client, "cpu", 2, {}) == "created"
-    assert client.pools["cpu"].limit == 2 and client.calls == ["read", "update", "read", "create"]
+    assert upsert(client, "cpu", 2, {}, exists=True) == "created"
+    assert client.pools["cpu"].limit == 2 and client.calls == ["update", "create"]
 
 
 def test_a_pool_of_another_type_made_meanwhile_is_refused_not_overwritten() -> None:
     docker = SimpleNamespace(name="cpu", type="docker", limit=None)
     client = RacingClient({}, lambda pools: pools.update(cpu=docker))
     with pytest.raises(PoolsError, match="'cpu' is of type 'docker'"):
-        upsert(client, "cpu", 1, {})
+        upsert(client, "cpu", 1, {}, exists=False)
     assert client.pools["cpu"] is docker and docker.limit is None
 
 

@@ -53,13 +53,13 @@ def wait_for_api(
         pause *= 2
 
 
-def one_line(error: Exception) -> str:
-    """An HTTP error's message (Prefect's spans lines: the URL, the server's answer, a link), on one line, with
-    the URL it was asking (a refused connection's message names none)."""
+def api_failure(error: Exception) -> str:
+    """What an HTTP error from the Prefect API says (Prefect's spans lines: the URL, the server's answer, a
+    link), on one line, with the URL it was asking (a refused connection's message names none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and "more information" not in line]
     try:
         url = str(error.request.url)  # (httpx's errors; it raises when the error has no request)
     except (AttributeError, RuntimeError):
         url = ""
     message = " ".join(lines) or type(error).__name__
-    return (f"{url}: " if url and url not in message else "") + message[:500]
+    return "the Prefect API failed: " + (f"{url}: " if url and url not in message else "") + message[:500]

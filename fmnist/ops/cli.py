@@ -37,7 +37,7 @@ import sys
 import httpx
 
 from fmnist.data.png import ImageFileError
-from fmnist.ops.api import ApiUnreachable, one_line
+from fmnist.ops.api import ApiUnreachable, api_failure
 from fmnist.ops.commands import data, operations, registry, rollout, serving
 from fmnist.ops.commands.roots import DEFAULT_REGISTRY
 from fmnist.ops.pools import PoolsError
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fashion-mnist: {exc}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:  # the Prefect API's (Prefect's client errors are httpx's)
-        print(f"fashion-mnist: the Prefect API failed: {one_line(exc)}", file=sys.stderr)
+        print(f"fashion-mnist: {api_failure(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
-from fmnist.ops.api import one_line
+from fmnist.ops.api import api_failure
 
 POOL_TYPE = "process"
 MAX_LIMIT = 1000
@@ -49,15 +49,18 @@ def apply_pools(limits: dict[str, int], say: Callable[[str], None] = print) -> N
     applied: list[str] = []
     with get_client(httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True) as client:
         try:
+            existing = set()
             for name in limits:
                 with contextlib.suppress(ObjectNotFound):  # (made below)
                     refuse_another_type(client.read_work_pool(name))
+                    existing.add(name)
             for name, limit in limits.items():
-                say(f"work pool {name!r} {upsert(client, name, limit, template)} (at most {limit} at once)")
+                done = upsert(client, name, limit, template, exists=name in existing)
+                say(f"work pool {name!r} {done} (at most {limit} at once)")
                 applied.append(name)
         except (PoolsError, httpx.HTTPError) as exc:  # (Prefect's HTTP errors are httpx's)
             left = [name for name in limits if name not in applied]
-            problem = exc if isinstance(exc, PoolsError) else f"the Prefect API failed: {one_line(exc)}"
+            problem = exc if isinstance(exc, PoolsError) else api_failure(exc)
             raise PoolsError(
                 f"{problem}; applied: {', '.join(applied) or 'none'}; not applied: {', '.join(left)} (run it again)"
             ) from exc
@@ -71,25 +74,24 @@ def refuse_another_type(pool) -> None:
         )
 
 
-def upsert(client, name: str, limit: int, template: dict) -> str:
-    """Create the pool or update it, whichever it needs now (once more if another client changed it meanwhile)."""
+def upsert(client, name: str, limit: int, template: dict, exists: bool) -> str:
+    """Update the pool if it `exists`, else create it; the other if another client made or deleted it since it
+    was read (once more: a pool made meanwhile is read first, to refuse another type)."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     for _attempt in range(2):
         try:
+            if exists:
+                update = WorkPoolUpdate(base_job_template=template, is_paused=False, concurrency_limit=limit)
+                client.update_work_pool(name, update)
+                return "updated"
+            pool = WorkPoolCreate(name=name, type=POOL_TYPE, base_job_template=template, concurrency_limit=limit)
+            client.create_work_pool(pool)
+            return "created"
+        except ObjectNotFound:  # deleted meanwhile: make it
+            exists = False
+        except ObjectAlreadyExists:  # made meanwhile
             refuse_another_type(client.read_work_pool(name))
-        except ObjectNotFound:
-            try:
-                pool = WorkPoolCreate(name=name, type=POOL_TYPE, base_job_template=template, concurrency_limit=limit)
-                client.create_work_pool(pool)
-                return "created"
-            except ObjectAlreadyExists:
-                continue  # made meanwhile: read it again
-        try:
-            update = WorkPoolUpdate(base_job_template=template, is_paused=False, concurrency_limit=limit)
-            client.update_work_pool(name, update)
-            return "updated"
-        except ObjectNotFound:
-            continue  # deleted meanwhile: make it
+            exists = True
     raise PoolsError(f"work pool {name!r} was made and deleted by someone else twice while it was applied")
