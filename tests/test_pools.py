@@ -9,10 +9,12 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import httpx
 import pytest
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 
 from fmnist.ops import cli
+from fmnist.ops.api import api_failure
 from fmnist.ops.pools import MAX_LIMIT, POOL_TYPE, PoolsError, upsert
 from tests.processes import free_ports
 
@@ -110,3 +112,15 @@ def test_an_api_that_does_not_answer_is_one_line_naming_what_was_not_applied() -
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert "the Prefect API failed" in line and "applied: none; not applied: cpu, gpu (run it again)" in line
+
+
+def test_a_prefect_api_error_keeps_its_status_and_answer_and_drops_credentials() -> None:
+    request = httpx.Request("GET", "http://admin:s3cret@127.0.0.1:9/api/block_types")
+    answer = httpx.Response(500, json={"detail": "boom"}, request=request)
+    with pytest.raises(httpx.HTTPStatusError) as raised:
+        answer.raise_for_status()
+    said = api_failure(PrefectHTTPStatusError.from_httpx_error(raised.value))
+    assert "500 Internal Server Error" in said and "boom" in said and "http://127.0.0.1:9/api/block_types" in said
+    assert "s3cret" not in said and "admin" not in said and "more information" not in said
+    refused = api_failure(httpx.ConnectError("[Errno 111] Connection refused", request=request))
+    assert refused == "the Prefect API failed: http://127.0.0.1:9/api/block_types: [Errno 111] Connection refused"

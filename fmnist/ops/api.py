@@ -9,6 +9,7 @@ retry that names the URL it tried, then a clear error.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 import urllib.error
 import urllib.request
@@ -54,12 +55,14 @@ def wait_for_api(
 
 
 def api_failure(error: Exception) -> str:
-    """What an HTTP error from the Prefect API says (Prefect's spans lines: the URL, the server's answer, a
-    link), on one line, with the URL it was asking (a refused connection's message names none)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "more information" not in line]
+    """What an HTTP error from the Prefect API says (Prefect's: the status, the URL, the server's answer, then
+    " - For more information check: ..."), on one line and at most 500 characters, with the URL it was asking
+    (a refused connection's message names none), never the user and password a URL may carry."""
+    message = " ".join(str(error).split()).split(" - For more information")[0] or type(error).__name__
     try:
         url = str(error.request.url)  # (httpx's errors; it raises when the error has no request)
     except (AttributeError, RuntimeError):
         url = ""
-    message = " ".join(lines) or type(error).__name__
-    return "the Prefect API failed: " + (f"{url}: " if url and url not in message else "") + message[:500]
+    if url and url not in message:
+        message = f"{url}: {message}"
+    return "the Prefect API failed: " + re.sub(r"://[^/\s@]*@", "://", message)[:500]
