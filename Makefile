@@ -137,11 +137,15 @@ run: install data
 # (One process for all the e2e files, --dist loadgroup, was slower.) The slowest tests are listed at the
 # end, to keep the tier in its budget.
 TEST_WORKERS ?= 3
+# The tests start hundreds of Python processes (servers, workers, flow runs, CLIs): where
+# PYTHONDONTWRITEBYTECODE is set, each compiled the project's modules again, and each test process
+# rewrote every test module's asserts again. Here the project's bytecode is written (its __pycache__ is ignored by git).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 PARALLEL = -n $(1) --dist loadfile --no-loadscope-reorder
 PYTEST_PARALLEL := $(call PARALLEL,$(TEST_WORKERS))
 
 test: install data postgres edge
-	$(PY) -m pytest -m "not slow and not recovery" $(PYTEST_PARALLEL) --durations=15
+	$(PYTEST) -m "not slow and not recovery" $(PYTEST_PARALLEL) --durations=15
 
 # The end-to-end failures and what recovers from them, a minute or more each: servers and databases
 # restarted mid-training, workers stopped or never started, crashed training runs, a replacement GPU host.
@@ -149,20 +153,20 @@ test: install data postgres edge
 # and the tier is measured at two.
 RECOVERY_WORKERS ?= 2
 test-recovery: install data postgres edge
-	$(PY) -m pytest -m "recovery and not slow" $(call PARALLEL,$(RECOVERY_WORKERS)) --durations=10
+	$(PYTEST) -m "recovery and not slow" $(call PARALLEL,$(RECOVERY_WORKERS)) --durations=10
 
 # An hour of training on the real 70,000 images (three seeds each of dnn, dnn-tuned and cnn), and the
 # end-to-end tests that wait minutes: a lost GPU host, the whole feedback loop, servers down for long.
 test-slow: install data postgres edge
-	$(PY) -m pytest -m slow
+	$(PYTEST) -m slow
 
 # Tiers you can run alone: the readers, registry, storage and data stages without training, a
 # Prefect stack or server processes (about two minutes); and everything, slow tier included.
 test-quick: install data
-	$(PY) -m pytest -m "not slow and not e2e and not training and not processes" $(PYTEST_PARALLEL)
+	$(PYTEST) -m "not slow and not e2e and not training and not processes" $(PYTEST_PARALLEL)
 
 test-all: install data postgres edge
-	$(PY) -m pytest
+	$(PYTEST)
 
 lint: install
 	.venv/bin/ruff check .

@@ -197,3 +197,39 @@ def test_a_batch_screening_judged_is_not_judged_again_by_validation(mirror, layo
     report = validate_raw(spec, raw, screening.batches, store, layout.validation)
     assert report.success and "raw-incoming-screened" in [o.suite for o in report.suites]
     assert judged == ["raw-canonical-train", "raw-canonical-test"]
+
+
+def test_data_docs_templates_are_compiled_once_per_process_and_the_pages_are_the_same(tmp_path, monkeypatch) -> None:
+    """GX makes a new jinja2 environment for each Data Docs page kind at every build; the templates it
+    compiled once are reused (`fmnist.data.gx_templates`), and a build from them writes the same pages."""
+    import jinja2
+
+    compiled: list[str] = []
+    real_compile = jinja2.Environment.compile
+
+    def counting(environment, source, name=None, *args, **kwargs):
+        compiled.append(name)
+        return real_compile(environment, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counting)
+    pixels = np.full((3, 784), 0.5, dtype=np.float32)
+    labels = np.array([0, 1, 2], dtype=np.uint8)
+
+    def build(folder: str) -> dict[str, str]:
+        check = FrameCheck("normalized-train", normalized_summary(pixels, labels), normalized_expectations(3))
+        [outcome] = run_checks([check], tmp_path / folder)
+        assert outcome.success
+
+        # Each build stamps its run's time and ids into the pages and their paths: compared without them.
+        def unstamped(text: str) -> str:
+            return re.sub(r"\d{8}T\d{6}\.\d+Z|[0-9a-f]{32}|\d{4}-\d\d-\d\d[T ][\d:.]+|\d{10}\.\d+", "#", text)
+
+        pages = (tmp_path / folder).rglob("*.html")
+        return {unstamped(str(p.relative_to(tmp_path / folder))): unstamped(p.read_text()) for p in pages}
+
+    first = build("first")  # compiles what this process had not compiled yet
+    compiled.clear()
+    second = build("second")
+    assert compiled == [], compiled
+    assert first and first.keys() == second.keys()
+    assert first == second

@@ -183,6 +183,9 @@ def import_great_expectations():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations
 
+    from fmnist.data.gx_templates import share_compiled_templates
+
+    share_compiled_templates()
     return great_expectations
 
 
