@@ -258,7 +258,7 @@ def test_a_big_message_is_parsed_in_a_worker_process_and_its_refusal_crosses_bac
     assert big.ByteSize() > INLINE_BYTES
 
     async def parse() -> tuple:
-        parsers = BodyParsers(1, [])
+        parsers = BodyParsers(1)
         await parsers.start()
         try:
             parsed = await parsers.run(infer_call, big.SerializeToString())

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.http as triton
+from google.protobuf import descriptor_pb2
 from google.protobuf.json_format import MessageToDict
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -32,6 +33,7 @@ from fmnist.registry.versions import Registry
 from fmnist.serving import grpc_api, tfserving
 from fmnist.serving.models import Served
 from fmnist.serving.payloads import MAX_INSTANCES
+from fmnist.serving.protos import tensorflow_serving
 from tests.helpers import synthetic_images
 from tests.processes import children, cmdline
 from tests.serving_helpers import (
@@ -107,6 +109,17 @@ def grpc_request(
         request.model_spec.version.value = version
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
     return request
+
+
+def test_the_tf_serving_definitions_the_server_speaks_are_the_installed_packages() -> None:
+    """The server speaks TF Serving's messages from a file (`fmnist.serving.protos.tensorflow_serving`),
+    without TensorFlow: it must be what the installed tensorflow-serving-api defines, file for file."""
+    written = descriptor_pb2.FileDescriptorSet.FromString(tensorflow_serving.DESCRIPTOR_SET.read_bytes())
+    installed = descriptor_pb2.FileDescriptorSet.FromString(tensorflow_serving.installed_descriptor_set())
+    assert [f.name for f in written.file] == [f.name for f in installed.file]
+    stale = f"{tensorflow_serving.DESCRIPTOR_SET} is stale: python -m {tensorflow_serving.__name__} writes it"
+    assert written == installed, stale
+    assert "tensorflow_serving/apis/predict.proto" in [f.name for f in written.file]
 
 
 def test_grpc_predict_metadata_and_status_through_tf_servings_own_stubs(

@@ -500,6 +500,20 @@ def test_grpc_health_and_reflection_answer_their_standard_clients(server: Runnin
     } <= services
 
 
+def test_the_server_and_its_body_parsers_run_without_tensorflow(server: RunningServer) -> None:
+    """TF Serving's messages come from their definitions (`fmnist.serving.protos.tensorflow_serving`), not
+    tensorflow-serving-api's modules, which import all of TensorFlow: a server on models that need none
+    loads none, nor do its body parsers, after a Predict big enough to be parsed in one of them."""
+    assert ordinary_grpc(server, images=100) == "OK"  # 78 KB: over what is parsed on the event loop
+    processes = [server.process.pid, *children(server.process.pid)]
+    assert len(processes) >= 3, processes  # the server and its two body parsers (and nginx, at the edge)
+    loaded = {
+        pid: [line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "tensorflow" in line]
+        for pid in processes
+    }
+    assert not any(loaded.values()), loaded
+
+
 # What the red-team pass found --------------------------------------------------------------------------------
 
 

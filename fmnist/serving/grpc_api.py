@@ -1,4 +1,5 @@
-"""TF Serving's gRPC API (tensorflow-serving-api): PredictionService's Predict and GetModelMetadata,
+"""TF Serving's gRPC API (tensorflow-serving-api's messages, without TensorFlow:
+`fmnist.serving.protos.tensorflow_serving`): PredictionService's Predict and GetModelMetadata,
 and ModelService's GetModelStatus, on their own port (8500, TF Serving's), in the REST server's event
 loop, sharing its models and batcher; beside them `grpc.health.v1.Health` (what a Kubernetes gRPC probe
 asks) and server reflection (what grpcurl lists services with). Classify, Regress, MultiInference and
@@ -23,8 +24,6 @@ import numpy as np
 from google.protobuf.json_format import ParseDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from fmnist.registry.labels import STABLE
 from fmnist.serving import tfserving
@@ -33,6 +32,7 @@ from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, Spec, metadata_call,
 from fmnist.serving.guard import BodyBudget, Claim, client_address
 from fmnist.serving.kserve_grpc import INFERENCE_SERVICE, kserve_handlers
 from fmnist.serving.models import Served
+from fmnist.serving.protos.tensorflow_serving import message_class
 from fmnist.serving.service import PredictionCore
 from fmnist.serving.workers import BodyParsers
 from fmnist.training.export import OUTPUT, SIGNATURE
@@ -46,6 +46,9 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 SMALL_MESSAGE_BYTES = 64 << 10  # a request to health or reflection
 CHECKED = ("", PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE)  # what Health reports on
+PREDICT_RESPONSE = message_class("tensorflow.serving.PredictResponse")
+METADATA_RESPONSE = message_class("tensorflow.serving.GetModelMetadataResponse")
+STATUS_RESPONSE = message_class("tensorflow.serving.GetModelStatusResponse")
 
 
 def spec_choice(spec: Spec) -> tuple[int | None, str | None]:
@@ -55,27 +58,26 @@ def spec_choice(spec: Spec) -> tuple[int | None, str | None]:
     return tfserving.requested(spec.name, spec.version, spec.label)
 
 
-def model_spec_message(served: Served) -> model_pb2.ModelSpec:
-    return ParseDict(tfserving.model_spec(served), model_pb2.ModelSpec())
+def model_spec_message(served: Served):
+    return ParseDict(tfserving.model_spec(served), message_class("tensorflow.serving.ModelSpec")())
 
 
-def status_message(served: list[Served], problem: str | None = None) -> get_model_status_pb2.GetModelStatusResponse:
+def status_message(served: list[Served], problem: str | None = None):
     """REST's status answer as TF Serving's message (the same dict: the two cannot drift apart)."""
-    return ParseDict(tfserving.status_response(served, problem), get_model_status_pb2.GetModelStatusResponse())
+    return ParseDict(tfserving.status_response(served, problem), STATUS_RESPONSE())
 
 
-def metadata_message(served: Served) -> get_model_metadata_pb2.GetModelMetadataResponse:
-    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec_message(served))
-    signatures = ParseDict(tfserving.signature_def_map(), get_model_metadata_pb2.SignatureDefMap())
+def metadata_message(served: Served):
+    response = METADATA_RESPONSE(model_spec=model_spec_message(served))
+    signatures = ParseDict(tfserving.signature_def_map(), message_class("tensorflow.serving.SignatureDefMap")())
     response.metadata["signature_def"].Pack(signatures)
     return response
 
 
-def probabilities_tensor(probabilities: np.ndarray) -> tensor_pb2.TensorProto:
-    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in probabilities.shape]
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
+def probabilities_tensor(probabilities: np.ndarray):
+    return message_class("tensorflow.TensorProto")(
+        dtype="DT_FLOAT",
+        tensor_shape={"dim": [{"size": d} for d in probabilities.shape]},
         tensor_content=probabilities.astype("<f4").tobytes(),
     )
 
@@ -132,14 +134,14 @@ def client_of(context) -> str:
 def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
     models = door.core.models
 
-    async def predict(call) -> predict_pb2.PredictResponse:
+    async def predict(call):
         version, label = spec_choice(call.spec)
         result = await door.core.predict(call.images, version, label)
-        response = predict_pb2.PredictResponse(model_spec=model_spec_message(result.served))
+        response = PREDICT_RESPONSE(model_spec=model_spec_message(result.served))
         response.outputs[OUTPUT].CopyFrom(probabilities_tensor(result.probabilities))
         return response
 
-    async def metadata(call) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    async def metadata(call):
         spec, fields = call
         if unknown := set(fields) - {"signature_def"}:
             raise BadRequest(f"Metadata field {sorted(unknown)[0]} is not supported")
@@ -147,19 +149,17 @@ def tf_serving_handlers(door: GrpcDoor) -> list[grpc.GenericRpcHandler]:
             raise BadRequest("GetModelMetadataRequest must specify at least one metadata_field")
         return metadata_message(models.resolve(*tfserving.requested(spec.name, spec.version, spec.label)))
 
-    async def status(spec: Spec) -> get_model_status_pb2.GetModelStatusResponse:
+    async def status(spec: Spec):
         version, label = tfserving.requested(spec.name, spec.version, spec.label)
         if version is None and label is None:
             return status_message(models.served(), models.problems.get(STABLE))
         return status_message([models.resolve(version, label)])
 
-    metadata_response = get_model_metadata_pb2.GetModelMetadataResponse
     prediction = {
-        "Predict": door.method("predict", predict_call, predict, predict_pb2.PredictResponse),
-        "GetModelMetadata": door.method("GetModelMetadata", metadata_call, metadata, metadata_response),
+        "Predict": door.method("predict", predict_call, predict, PREDICT_RESPONSE),
+        "GetModelMetadata": door.method("GetModelMetadata", metadata_call, metadata, METADATA_RESPONSE),
     }
-    status_response = get_model_status_pb2.GetModelStatusResponse
-    model = {"GetModelStatus": door.method("GetModelStatus", status_call, status, status_response)}
+    model = {"GetModelStatus": door.method("GetModelStatus", status_call, status, STATUS_RESPONSE)}
     return [
         grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
         grpc.method_handlers_generic_handler(MODEL_SERVICE, model),

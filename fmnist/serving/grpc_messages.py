@@ -1,9 +1,8 @@
 """gRPC request messages into images, without TensorFlow: plain functions the body parsers' worker
 processes run on a message's raw bytes, as they run the JSON parsers on a REST body.
 
-The message classes come from protobuf's default descriptor pool. In the server's process TensorFlow
-Serving's generated modules fill it; a worker process, which must not import TensorFlow (seconds and
-hundreds of MB each), is handed the same files' serialized descriptors (`descriptor_files`) at start.
+The message classes are TF Serving's, from its definitions without TensorFlow
+(`fmnist.serving.protos.tensorflow_serving`): neither the server nor a worker imports TensorFlow to parse.
 """
 
 from __future__ import annotations
@@ -11,48 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf import descriptor_pool, message_factory
 
 from fmnist.data.dataset import IMAGE_SIZE
 from fmnist.serving.errors import BadRequest
 from fmnist.serving.payloads import MAX_INSTANCES, PIXELS, scaled_pixels
+from fmnist.serving.protos.tensorflow_serving import message_class
 from fmnist.training.export import INPUT, OUTPUT
 
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default; 1,024 float32 images are 3.2 MB
 PREDICT_REQUEST = "tensorflow.serving.PredictRequest"
 METADATA_REQUEST = "tensorflow.serving.GetModelMetadataRequest"
 STATUS_REQUEST = "tensorflow.serving.GetModelStatusRequest"
-MESSAGES = (PREDICT_REQUEST, METADATA_REQUEST, STATUS_REQUEST)
 DTYPES = {4: np.uint8, 1: np.float32}  # DT_UINT8, DT_FLOAT
-
-
-def descriptor_files(*full_names: str) -> list[bytes]:
-    """The serialized descriptors of the files that define `full_names`, each file after the files it
-    imports (the order a pool must be given them in)."""
-    pool = descriptor_pool.Default()
-    ordered: list = []
-
-    def visit(file) -> None:
-        if file in ordered:
-            return
-        for dependency in file.dependencies:
-            visit(dependency)
-        ordered.append(file)
-
-    for name in full_names:
-        visit(pool.FindMessageTypeByName(name).file)
-    return [file.serialized_pb for file in ordered]
-
-
-def add_descriptor_files(files: list[bytes]) -> None:
-    """A worker's start: the files `descriptor_files` serialized, into this process's default pool."""
-    pool = descriptor_pool.Default()
-    for serialized in files:
-        pool.AddSerializedFile(serialized)
-
-
-def message_class(full_name: str) -> type:
-    return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(full_name))
 
 
 def parse_message(full_name: str, raw: bytes):

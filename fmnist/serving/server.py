@@ -29,7 +29,7 @@ from fmnist.serving import rest_kserve, rest_ops, rest_tfserving
 from fmnist.serving.capture import Capture, CaptureOptions
 from fmnist.serving.edge import Edge, EdgePlan, behind_edge
 from fmnist.serving.evidence import EvidenceRecorder, EvidenceWriter
-from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES, MESSAGES, descriptor_files
+from fmnist.serving.grpc_messages import MAX_MESSAGE_BYTES
 from fmnist.serving.guard import BodyBudget, ConcurrencyLimit, guarded_protocol
 from fmnist.serving.log_limits import RepeatLimiter, limit_repeats, nginx_kind
 from fmnist.serving.metrics import ServingMetrics
@@ -73,7 +73,7 @@ def serving_state(registry: Registry, options: ServeOptions, load: ModelLoader) 
     budget = BodyBudget(options.max_body_bytes_in_flight, MAX_MESSAGE_BYTES, metrics.body_bytes.set)
     if options.grpc_port is not None:
         from fmnist.serving import grpc_api  # noqa: F401 (registers the gRPC messages the parsers are told of)
-    parsers = BodyParsers(options.parse_workers, descriptor_files(*MESSAGES) if options.grpc_port is not None else [])
+    parsers = BodyParsers(options.parse_workers)
     return ServingState(models, metrics, core, budget, parsers, capture, options)
 
 

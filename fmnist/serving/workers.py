@@ -20,7 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from fmnist.serving.errors import NotReady
-from fmnist.serving.grpc_messages import add_descriptor_files
 
 INLINE_BYTES = 64 << 10  # bodies up to this size are parsed on the event loop (a one-image request: ~3 KB)
 PR_SET_PDEATHSIG = 1
@@ -37,13 +36,12 @@ def die_with_parent(parent: int, dying: signal.Signals) -> None:
         os._exit(1)
 
 
-def _start_worker(parent: int, descriptors: list[bytes]) -> None:
-    """A worker's start: die with the server, yield the CPU to it, and know the gRPC messages."""
+def _start_worker(parent: int) -> None:
+    """A worker's start: die with the server, and yield the CPU to it."""
     die_with_parent(parent, signal.SIGKILL)
     # On a machine with few cores, parsing a hostile client's big bodies must not take the CPU from the
     # event loop and the model calls.
     os.nice(NICENESS)
-    add_descriptor_files(descriptors)
 
 
 def _ready() -> bool:
@@ -51,9 +49,8 @@ def _ready() -> bool:
 
 
 class BodyParsers:
-    def __init__(self, workers: int, descriptors: list[bytes]) -> None:
+    def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.descriptors = descriptors
         self.pool: ProcessPoolExecutor | None = None
         self.starting: asyncio.Task | None = None
         self.replaced = 0  # pools replaced after a worker died
@@ -61,8 +58,7 @@ class BodyParsers:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the server process holds TensorFlow's threads, which a fork does not carry.
         context = multiprocessing.get_context("spawn")
-        initargs = (os.getpid(), self.descriptors)
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker, initargs=initargs)
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
 
     async def start(self) -> None:
         """Start the workers and wait until each has imported what it parses with."""
