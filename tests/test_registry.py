@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from fmnist.storage import IntegrityError, StorageError, Store, StoredFile, join
 from fmnist.training.fit import train_model
 from fmnist.training.model import TrainParams, load_verified_model
 from tests.helpers import GATE, learnable_cache, local_run, run_manifest, synthetic_images, version_manifest
+from tests.processes import forked_processes
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import S3Server, seaweedfs
 
@@ -248,7 +248,7 @@ def _register_in_process(args: tuple[str, str, int, dict]) -> tuple[str, bool]:
 
 def test_concurrent_registrations_lose_nothing(registry: Registry, tmp_path: Path, s3_server: S3Server) -> None:
     jobs = [(registry.root, str(tmp_path / f"host-{i}"), i, s3_server.env()) for i in range(8)]
-    with multiprocessing.get_context("spawn").Pool(8) as pool:
+    with forked_processes().Pool(8) as pool:
         results = pool.map(_register_in_process, jobs)
     versions = [version for version, _ in results]
     assert sorted(versions) == registry.versions() == [f"v{i:04d}" for i in range(1, 9)]
@@ -273,7 +273,7 @@ def test_racing_promotions_are_both_applied_and_logged(registry: Registry, tmp_p
     for accuracy in (0.85, 0.84, 0.83, 0.82):  # v0001 champion, the others kept back
         register(registry, accuracy)
     jobs = [(registry.root, str(tmp_path / v), v, s3_server.env()) for v in ("v0002", "v0003", "v0004")]
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
+    with forked_processes().Pool(3) as pool:
         pool.map(_promote_in_process, jobs)
     log = registry.promotions()
     assert [e["sequence"] for e in log] == [1, 2, 3, 4]

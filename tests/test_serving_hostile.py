@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -42,7 +41,7 @@ from tests.attackers import (
     huge_shape_predict,
     split,
 )
-from tests.processes import children, cmdline, free_ports, rss_bytes
+from tests.processes import children, cmdline, forked_processes, free_ports, rss_bytes
 from tests.serving_helpers import PREDICT, RunningServer, image_rows, running_server, write_stub_registry
 
 pytestmark = pytest.mark.processes
@@ -603,7 +602,7 @@ def test_a_flood_of_empty_calls_from_one_address_cannot_cut_off_anothers_big_cal
     cut off to make room are the flood's (10 of 46 big Predicts were cut off when the oldest waiting call
     went first, whoever sent it). Not yet held: under such a flood of connections gRPC core itself ends
     some other calls CANCELLED at once, and answers slow (the code before this change did too)."""
-    context = multiprocessing.get_context("spawn")
+    context = forked_processes()
     arguments = (attacker_address(3), server.grpc, 30)
     floods = [context.Process(target=flood_of_empty_calls, args=arguments) for _ in range(2)]
     for flood in floods:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import multiprocessing
 import os
 import re
 import socket
@@ -32,6 +31,7 @@ from fmnist.storage.local import LocalBackend
 from fmnist.storage.s3 import S3Backend
 from fmnist.storage.store import BACKENDS
 from tests.conftest import BACKEND_ROOTS
+from tests.processes import forked_processes
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import SECRET_KEY, S3Server
 
@@ -151,9 +151,9 @@ def test_compare_and_swap_from_many_processes_loses_no_update(
     store: Store, root: str, tmp_path: Path, s3_server: S3Server
 ) -> None:
     store.write_bytes(join(root, "counter"), b"0")
-    start_at = time.time() + 8  # after the six spawned processes have imported the store
+    start_at = time.time() + 8  # after the six processes have started (the first use starts their server)
     jobs = [(root, str(tmp_path / "scratch"), 10, s3_server.env(), start_at) for _ in range(6)]
-    with multiprocessing.get_context("spawn").Pool(6) as pool:
+    with forked_processes().Pool(6) as pool:
         conflicts = pool.map(_increment, jobs)
     assert store.read_bytes(join(root, "counter")).split()[0] == b"60"
     assert sum(conflicts) > 0, "the processes never raced: the test proved nothing"
