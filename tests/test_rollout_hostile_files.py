@@ -22,6 +22,7 @@ from fmnist.data.feedback import (
     MAX_REVIEW,
     ReviewedBatch,
     ReviewedRecord,
+    feedback_lineage,
     ledger_location,
     reviewed_answers,
 )
@@ -86,6 +87,10 @@ def test_evidence_and_ledgers_that_are_no_files_are_skipped_and_named(tmp_path: 
     reviewed = reviewed_answers(store, feedback, {"v0001"})
     assert len(reviewed.answers) == 1
     assert [line.split(": ")[0] for line in reviewed.unreadable] == [ledger_location(feedback, "review-9")]
+    lineage = feedback_lineage(store, feedback, {"review-1": "a batch's sha256", "review-9": "another's"})
+    assert lineage.unreadable_ledgers == ["review-9"] and lineage.reviewed_batches == [
+        "review-1"
+    ]  # named; the others still read
 
 
 def test_prune_never_follows_a_link_out_of_the_evidence_folders(tmp_path: Path) -> None:
@@ -186,6 +191,27 @@ def test_a_record_over_the_bound_is_refused_unread(rollout: Rollouts) -> None:
     rollout.registry.store.create(location, b" " * MAX_RECORD_BYTES + json.dumps({"version": "v0002"}).encode())
     with pytest.raises(RegistryError, match=f"{location}: a damaged rollout record .over {MAX_RECORD_BYTES:,} bytes"):
         rollout.record("v0002")
+
+
+def test_a_record_swapped_in_as_its_bounded_read_misses_it_is_never_read_whole(rollout: Rollouts, monkeypatch) -> None:
+    """A decision that vanished under the bounded read and came back big (a swap, or a hostile writer): the
+    miss is taken as no decision, and the newcomer is not read (it once was, whole, by the registry's
+    unbounded reader: a big enough one was a MemoryError)."""
+    store, location = rollout.registry.store, join(rollout.root, "v0002", "decided.json")
+    read_at_most, unbounded = store.read_at_most, []
+
+    def swapped_in_as_it_misses(where: str, max_bytes: int) -> bytes | None:
+        if where != location:
+            return read_at_most(where, max_bytes)
+        store.create(where, b" " * (4 * MAX_RECORD_BYTES))
+        raise FileNotFoundError(where)
+
+    monkeypatch.setattr(store, "read_at_most", swapped_in_as_it_misses)
+    monkeypatch.setattr(store, "read_versioned", lambda where: unbounded.append(where))
+    monkeypatch.setattr(store, "read_bytes", lambda where: unbounded.append(where))
+    record = rollout.record("v0002")
+    assert record is not None and record.outcome is None  # in rollout, undecided
+    assert unbounded == []
 
 
 def edit_started(rollout: Rollouts, **changes) -> str:

@@ -72,7 +72,17 @@ MAX_LEDGER_BYTES = MAX_REVIEW * LEDGER_RECORD_BYTES
 
 
 def read_ledger(store: Store, location: str) -> ReviewedBatch:
-    if (data := store.read_at_most(location, MAX_LEDGER_BYTES)) is None:
+    """The ledger at `location`; FeedbackLedgerError naming it if it is damaged, too big, or no file at all
+    (a FIFO, a device, a folder: each reader names it instead of stopping at it)."""
+    try:
+        data = store.read_at_most(location, MAX_LEDGER_BYTES)
+    except NotAFile as exc:
+        raise FeedbackLedgerError(str(exc)) from None
+    except FileNotFoundError as exc:  # gone (left to the caller), or a folder where the ledger is
+        if store.is_dir(location):
+            raise FeedbackLedgerError(str(exc)) from None
+        raise
+    if data is None:
         raise FeedbackLedgerError(f"{location}: over {MAX_LEDGER_BYTES:,} bytes, more than a review holds")
     try:
         return ReviewedBatch.model_validate(store.parse_json(data, location))
@@ -162,7 +172,7 @@ def _ledger_answers(
     or the problem that makes it no ledger to count."""
     try:
         ledger = read_ledger(store, location)
-    except (FeedbackLedgerError, FileNotFoundError, NotAFile) as exc:
+    except (FeedbackLedgerError, FileNotFoundError) as exc:
         return (0.0, []), str(exc)
     if f"{ledger.batch}.json" != name:
         return (0.0, []), f"{location}: the ledger of batch {ledger.batch[:64]!r}, not of its name"

@@ -380,8 +380,9 @@ class Rollouts:
         try:
             if (data := self.registry.store.read_at_most(location, MAX_RECORD_BYTES)) is None:
                 raise ValueError(f"over {MAX_RECORD_BYTES:,} bytes: no rollout record is")
-        except FileNotFoundError:  # none, or a folder there (which the registry's reader names)
-            return found[0] if (found := self.registry._read(location)) else None
+        except FileNotFoundError:  # none, or a folder there (refused, named); never read again unbounded
+            self.registry.refuse_folder(location)
+            return None
         except NotAFile as exc:
             raise ValueError(str(exc).removeprefix(f"{location}: ")) from None
         return data

@@ -188,12 +188,18 @@ class Registry:
             if not self.store.is_dir(location):
                 raise
             found = None
-        if found is None and self.store.is_dir(location):
+        if found is None:
+            self.refuse_folder(location)
+        return found
+
+    def refuse_folder(self, location: str) -> None:
+        """Raise, naming it, if a folder is where the registry keeps the file `location`: read as missing,
+        it is a dead end (no write can replace it)."""
+        if self.store.is_dir(location):
             raise RegistryError(
                 f"{location} is a folder where the registry keeps a file: rename it out of the way (or remove "
                 "it, once what it holds is saved), then run the command again"
             )
-        return found
 
     def damaged_files(self, version: str) -> list[str]:
         """Files of `version` that are missing or no longer hash to its manifest (empty: intact)."""
