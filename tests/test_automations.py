@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fmnist.ops import automations
 from fmnist.ops.automations import AutomationsError, load
 
 FILE = Path(__file__).resolve().parent.parent / "automations.yaml"
@@ -59,3 +60,36 @@ def test_a_bad_automation_is_named(tmp_path: Path) -> None:
     bad.write_text("automations:\n  - name: someone else's\n    trigger: {}\n    actions: []\n")
     with pytest.raises(AutomationsError, match="named 'fashion-mnist: '"):
         load(bad, {})
+
+
+BAD_WEBHOOK_URLS = {
+    "no scheme": "hooks.example.com/services/T0/B0/secret-token",
+    "not http": "ftp://example.com/hook",
+    "javascript": "javascript:alert(1)",
+    "no host": "https:///hook",
+    "a space": "https://exa mple.com/hook",
+    "a newline": "https://example.com/hook\nX-Injected: 1",
+    "a port out of range": "https://example.com:99999/hook",
+    "a port that is no number": "https://example.com:http/hook",
+    "port 0": "https://example.com:0/hook",
+    "too long": "https://example.com/" + "a" * 3000,
+}
+
+
+@pytest.mark.parametrize("case", BAD_WEBHOOK_URLS)
+def test_a_webhook_url_no_notification_could_reach_is_refused_before_anything_is_saved(case: str, monkeypatch) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    saved = []
+    monkeypatch.setattr(CustomWebhookNotificationBlock, "save", lambda *args, **kwargs: saved.append(args))
+    with pytest.raises(ValueError, match="webhook URL") as refused:
+        automations.configure_webhook(BAD_WEBHOOK_URLS[case])
+    assert saved == []
+    assert "secret-token" not in str(refused.value)  # a webhook URL's path often holds its token: never echoed
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.com/services/T0/B0/x?y=1", "http://127.0.0.1:9/notify", "https://[::1]:8443/h"]
+)
+def test_webhook_urls_that_take_a_post_are_kept_as_typed(url: str) -> None:
+    assert automations.checked_webhook_url(url) == url

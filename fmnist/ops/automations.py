@@ -8,6 +8,7 @@ one is created, and one named with the pipeline's prefix that the file no longer
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ MAX_HEARTBEAT_S = 86_400
 # here start 7-10 s after they are handed over.
 START_WINDOW_S = 1800
 MIN_START_WINDOW_S = 10
+MAX_WEBHOOK_URL_CHARS = 2048
 
 
 class AutomationsError(ValueError):
@@ -110,13 +112,32 @@ def deployment_id(name: str) -> str:
             raise AutomationsError(f"no deployment {name!r} on the server: make deploy first") from None
 
 
+def checked_webhook_url(url: str) -> str:
+    """`url`, if notifications can be POSTed to it: http(s), a host, a valid port, no spaces or control
+    characters. Saved as it was typed, a wrong one failed only at the first notification, which nobody saw.
+    The errors never repeat the URL: a webhook's URL often holds its token."""
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise ValueError(f"a webhook URL of {len(url):,} characters: at most {MAX_WEBHOOK_URL_CHARS:,}")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError("the webhook URL holds spaces or control characters")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("the webhook URL must start with http:// or https://")
+    try:
+        if not parts.hostname or parts.port == 0:
+            raise ValueError
+    except ValueError:  # (urllib's, for a port that is no number or out of range)
+        raise ValueError("the webhook URL names no host, or a port that is no port (1-65535)") from None
+    return url
+
+
 def configure_webhook(url: str) -> str:
     """Create or replace the webhook block the notifications use: one JSON POST with subject and body."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     block = CustomWebhookNotificationBlock(
         name="Fashion-MNIST operator",
-        url=url,
+        url=checked_webhook_url(url),
         method="POST",
         json_data={"subject": "{{subject}}", "text": "{{body}}"},
     )
