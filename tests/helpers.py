@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,3 +157,13 @@ def version_manifest(version: str, accuracy: float, test_set: str = "test-set-a"
     return VersionManifest.model_validate(
         {**run_manifest(accuracy, test_set).to_json(), "version": version, "registered_at": "now", "gate": asdict(gate)}
     )
+
+
+def unix_socket(path: Path) -> None:
+    """A Unix socket's file at `path` (bound from its folder: a socket's path may hold only 107 bytes)."""
+    here = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        socket.socket(socket.AF_UNIX).bind(path.name)
+    finally:
+        os.chdir(here)

@@ -17,6 +17,7 @@ import pytest
 
 from fmnist.storage import (
     IntegrityError,
+    NotAFile,
     PreconditionFailed,
     StorageError,
     Store,
@@ -31,6 +32,7 @@ from fmnist.storage.local import LocalBackend
 from fmnist.storage.s3 import S3Backend
 from fmnist.storage.store import BACKENDS
 from tests.conftest import BACKEND_ROOTS
+from tests.helpers import unix_socket
 from tests.processes import forked_processes
 from tests.s3_proxy import lossy_proxy
 from tests.seaweedfs import SECRET_KEY, S3Server
@@ -268,6 +270,24 @@ def test_wrong_credentials_are_refused_with_a_hint(bucket: str, monkeypatch, tmp
         Store(scratch=tmp_path).write_bytes(join(bucket, "x"), b"1")
 
 
+def test_stores_share_the_apis_definitions_but_read_their_own_credentials(bucket: str, monkeypatch, tmp_path) -> None:
+    """botocore's S3 definitions are loaded once a process (`service_models`): a new store reads no model
+    file. Its credentials are still its own, read when it is made: a store made after they changed uses the
+    new ones (refused here), and one made before keeps working with its own."""
+    from botocore.loaders import JSONFileLoader
+
+    first = Store(scratch=tmp_path / "first")
+    first.write_bytes(join(bucket, "x"), b"1")
+    loaded, load_file = [], JSONFileLoader.load_file
+    monkeypatch.setattr(JSONFileLoader, "load_file", lambda self, path: loaded.append(path) or load_file(self, path))
+    assert Store(scratch=tmp_path / "second").read_bytes(join(bucket, "x")) == b"1"
+    assert loaded == []
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match=r"access denied by .* check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        Store(scratch=tmp_path / "third").read_bytes(join(bucket, "x"))
+    assert first.read_bytes(join(bucket, "x")) == b"1"
+
+
 @pytest.fixture
 def silent_endpoint() -> Iterator[str]:
     """A TCP port that accepts connections and never answers: an endpoint that hangs."""
@@ -361,15 +381,27 @@ def test_move_carries_a_file_or_a_folder_whole_and_never_over_anything(store: St
         store.move(join(root, "never-was"), join(root, "q", "three"))
 
 
-def test_a_fifo_or_a_device_is_refused_not_waited_on(store: Store, tmp_path: Path) -> None:
-    """A FIFO blocks its reader forever: a mirror or a record that is one hung the run with heartbeats flowing."""
+def test_a_fifo_a_device_a_socket_or_a_kernel_file_is_refused_not_waited_on(store: Store, tmp_path: Path) -> None:
+    """A FIFO blocks its reader forever: a mirror or a record that is one hung the run with heartbeats flowing.
+    A socket failed its opening with "No such device or address", and the kernel's files under /proc and /sys
+    call themselves regular (`/proc/kmsg` blocks its reader; `/proc/self/mem` fails with an I/O error)."""
     fifo = tmp_path / "names-a-fifo.gz"
     os.mkfifo(fifo)
     (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "mem").symlink_to("/proc/self/mem")
+    (tmp_path / "kernel-version").symlink_to("/proc/version")
+    unix_socket(tmp_path / "socket.json")
+    refusals = {
+        str(fifo): "a FIFO",
+        str(tmp_path / "zero"): "a device or socket",
+        str(tmp_path / "socket.json"): "a socket",
+        str(tmp_path / "mem"): r"a kernel file \(/proc, /sys\)",
+        str(tmp_path / "kernel-version"): r"a kernel file \(/proc, /sys\)",
+    }
     started = time.monotonic()
-    for location in (str(fifo), str(tmp_path / "zero")):
+    for location, kind in refusals.items():
         for read in (store.read_bytes, store.read_versioned, lambda loc: list(store.iter_chunks(loc))):
-            with pytest.raises(StorageError, match=rf"{re.escape(location)}: a (FIFO|device or socket), not a regular"):
+            with pytest.raises(NotAFile, match=rf"{re.escape(location)}: {kind}, not a regular"):
                 read(location)
     assert time.monotonic() - started < 5
     (tmp_path / "real").write_bytes(b"data")

@@ -15,6 +15,7 @@ import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -42,6 +43,12 @@ class NotARegularFile(OSError):
     """A path that is a symbolic link, a folder, a device or a FIFO where a regular file was expected."""
 
 
+@cache
+def kernel_filesystems() -> frozenset[int]:
+    """The devices of /proc and /sys, whose "regular files" are the kernel's (`/proc/kmsg` blocks a reader)."""
+    return frozenset(os.stat(folder).st_dev for folder in ("/proc", "/sys") if os.path.isdir(folder))
+
+
 def open_regular(path: Path, *, follow_symlinks: bool = False) -> io.BufferedReader:
     """Open a regular file for reading, refusing anything else before a byte is read.
 
@@ -56,11 +63,16 @@ def open_regular(path: Path, *, follow_symlinks: bool = False) -> io.BufferedRea
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotARegularFile(errno.ELOOP, "a symbolic link; only regular files are read", str(path)) from None
+        if exc.errno == errno.ENXIO:  # what opening a Unix socket gives, before any check could look
+            raise NotARegularFile(errno.ENXIO, "a socket, not a regular file", str(path)) from None
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_dev in kernel_filesystems():
         os.close(fd)
+        mode = status.st_mode
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        if stat.S_ISREG(mode):  # /proc and /sys call their files regular: some block a reader, some never end
+            kind = "a kernel file (/proc, /sys)"
         raise NotARegularFile(errno.EINVAL, f"{kind}, not a regular file", str(path))
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
