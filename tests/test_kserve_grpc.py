@@ -31,6 +31,7 @@ from fmnist.serving.kserve_grpc_messages import (
 )
 from fmnist.serving.payloads import MAX_INSTANCES
 from fmnist.serving.protos import grpc_predict_v2_pb2 as v2
+from fmnist.serving.protos import tensorflow_serving
 from fmnist.serving.workers import INLINE_BYTES, BodyParsers
 from tests.helpers import ROOT, synthetic_images
 from tests.serving_helpers import RunningServer, running_server, two_version_registry
@@ -245,11 +246,30 @@ def test_the_small_requests_are_messages_or_refused() -> None:
         empty_call("inference.ServerReadyRequest", b"\x0a\xff")
 
 
-def test_the_messages_module_imports_no_tensorflow() -> None:
-    """Its functions run in the body parsers' worker processes, which must not load TensorFlow."""
-    probe = "import sys, fmnist.serving.kserve_grpc_messages; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+def test_the_messages_modules_import_no_tensorflow() -> None:
+    """Their functions run in the body parsers' worker processes, which must not load TensorFlow; nor need
+    TF Serving's gRPC API, whose messages come from their definitions (`fmnist.serving.protos`)."""
+    modules = "fmnist.serving.kserve_grpc_messages, fmnist.serving.grpc_messages, fmnist.serving.grpc_api"
+    probe = f"import sys, {modules}; print(sorted({{'tensorflow', 'keras'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_tf_servings_definitions_are_used_only_as_the_installed_packages_wrote_them(tmp_path, monkeypatch) -> None:
+    """A stale set in protobuf's pool would stop TensorFlow's import (its files added twice, differently), and
+    an unreadable one would fail every call: either is refused, naming the file and how to write it again
+    (`load` then takes tensorflow-serving-api's own modules)."""
+    assert [f.name for f in tensorflow_serving._written_files()][-1] == "tensorflow_serving/apis/model_service.proto"
+    other = tmp_path / "written-from.json"
+    other.write_text(json.dumps(tensorflow_serving.installed_versions() | {"tensorflow": "2.0.0"}))
+    monkeypatch.setattr(tensorflow_serving, "WRITTEN_FROM", other)
+    with pytest.raises(ValueError, match=r"tensorflow_serving.binpb was written from .*'2.0.0'.* writes it again"):
+        tensorflow_serving._written_files()
+    torn = tmp_path / "torn.binpb"
+    torn.write_bytes(tensorflow_serving.DESCRIPTOR_SET.read_bytes()[:1000])
+    monkeypatch.setattr(tensorflow_serving, "DESCRIPTOR_SET", torn)
+    with pytest.raises(ValueError, match=r"torn.binpb or .*: unreadable .* writes it again"):
+        tensorflow_serving._written_files()
 
 
 def test_a_big_message_is_parsed_in_a_worker_process_and_its_refusal_crosses_back() -> None:

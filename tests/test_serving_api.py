@@ -119,7 +119,8 @@ def test_the_tf_serving_definitions_the_server_speaks_are_the_installed_packages
     assert [f.name for f in written.file] == [f.name for f in installed.file]
     stale = f"{tensorflow_serving.DESCRIPTOR_SET} is stale: python -m {tensorflow_serving.__name__} writes it"
     assert written == installed, stale
-    assert "tensorflow_serving/apis/predict.proto" in [f.name for f in written.file]
+    assert "tensorflow_serving/apis/prediction_service.proto" in [f.name for f in written.file]
+    assert json.loads(tensorflow_serving.WRITTEN_FROM.read_text()) == tensorflow_serving.installed_versions()
 
 
 def test_grpc_predict_metadata_and_status_through_tf_servings_own_stubs(

@@ -25,6 +25,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from fmnist.registry.versions import Registry
@@ -491,6 +492,12 @@ def test_grpc_health_and_reflection_answer_their_standard_clients(server: Runnin
         listing = reflection_pb2.ServerReflectionRequest(list_services="")
         answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([listing]), timeout=10)
         services = {service.name for answer in answers for service in answer.list_services_response.service}
+        # What grpcurl asks next to call a method: the file that defines the service.
+        asked = reflection_pb2.ServerReflectionRequest(file_containing_symbol="tensorflow.serving.PredictionService")
+        [answer] = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([asked]), timeout=10)
+        files = answer.file_descriptor_response.file_descriptor_proto
+        names = [descriptor_pb2.FileDescriptorProto.FromString(file).name for file in files]
+        assert "tensorflow_serving/apis/prediction_service.proto" in names, answer
     assert {
         "tensorflow.serving.PredictionService",
         "tensorflow.serving.ModelService",

@@ -25,8 +25,9 @@ DTYPES = {4: np.uint8, 1: np.float32}  # DT_UINT8, DT_FLOAT
 
 
 def parse_message(full_name: str, raw: bytes):
+    kind = message_class(full_name)  # (outside the try: a fault of the server's own is no bad request)
     try:
-        return message_class(full_name).FromString(raw)
+        return kind.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError, or a nesting too deep
         raise BadRequest(f"not a {full_name.rsplit('.', 1)[-1]} message ({type(exc).__name__})") from None
 

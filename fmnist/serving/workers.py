@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from fmnist.serving.errors import NotReady
+from fmnist.serving.protos import tensorflow_serving
 
 INLINE_BYTES = 64 << 10  # bodies up to this size are parsed on the event loop (a one-image request: ~3 KB)
 PR_SET_PDEATHSIG = 1
@@ -37,11 +38,13 @@ def die_with_parent(parent: int, dying: signal.Signals) -> None:
 
 
 def _start_worker(parent: int) -> None:
-    """A worker's start: die with the server, and yield the CPU to it."""
+    """A worker's start: die with the server, yield the CPU to it, and know TF Serving's messages (here, so
+    that a worker that cannot fails its start, not a client's request)."""
     die_with_parent(parent, signal.SIGKILL)
     # On a machine with few cores, parsing a hostile client's big bodies must not take the CPU from the
     # event loop and the model calls.
     os.nice(NICENESS)
+    tensorflow_serving.load()
 
 
 def _ready() -> bool:
