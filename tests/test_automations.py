@@ -73,6 +73,12 @@ BAD_WEBHOOK_URLS = {
     "a port that is no number": "https://example.com:http/hook",
     "port 0": "https://example.com:0/hook",
     "too long": "https://example.com/" + "a" * 3000,
+    "a host urllib refuses, quoting it": "https://ops:secret-token@hooks.ex\u2100ample.com/T0",
+    "a bracketed host that is no address": "https://[secret-token-host]/hook",
+    "a bracket left open": "https://[::1/secret-token",
+    "a host no name can be": "https://exa<mple>.com/secret-token",
+    "a label over 63 characters": "https://" + "a" * 64 + ".example.com/secret-token",
+    "an empty label": "https://../secret-token",
 }
 
 
@@ -89,7 +95,15 @@ def test_a_webhook_url_no_notification_could_reach_is_refused_before_anything_is
 
 
 @pytest.mark.parametrize(
-    "url", ["https://hooks.example.com/services/T0/B0/x?y=1", "http://127.0.0.1:9/notify", "https://[::1]:8443/h"]
+    "url",
+    [
+        "https://hooks.example.com/services/T0/B0/x?y=1",
+        "http://127.0.0.1:9/notify",
+        "https://[::1]:8443/h",
+        "HTTPS://user:pass@Hooks.Example.com/h",
+        "https://bücher.example/h",
+        "http://alerts_receiver:8080/h",
+    ],
 )
 def test_webhook_urls_that_take_a_post_are_kept_as_typed(url: str) -> None:
     assert automations.checked_webhook_url(url) == url

@@ -32,6 +32,7 @@ from fmnist.registry.labels import CANARY, Labels
 from fmnist.registry.rollout import MAX_RECORD_BYTES, Rollouts
 from fmnist.registry.versions import Registry, RegistryError
 from fmnist.storage import Store, join
+from tests.helpers import unix_socket
 from tests.rollout_doubles import write_ledger
 from tests.test_rollout_records import canary_label, crash, register
 
@@ -65,6 +66,9 @@ NO_FILES: dict[str, Callable[[Path], None]] = {
     "a FIFO": os.mkfifo,
     "a link to /dev/zero": lambda path: path.symlink_to("/dev/zero"),
     "a folder": lambda path: (path / "inside").mkdir(parents=True),
+    "a socket": unix_socket,
+    "a link to a kernel file": lambda path: path.symlink_to("/proc/self/mem"),
+    "a link loop": lambda path: path.symlink_to(path),
 }
 
 
@@ -165,6 +169,8 @@ ROLLOUT_NO_FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
         lambda path: (path.unlink(), path.symlink_to("/dev/zero")),
     ),
     "a file where a rollout's folder is": ("v0099/started.json", lambda path: path.parent.write_text("x")),
+    "decided.json is a socket": ("v0002/decided.json", unix_socket),
+    "decided.json links to a kernel file": ("v0002/decided.json", lambda path: path.symlink_to("/proc/self/mem")),
 }
 
 

@@ -106,13 +106,12 @@ def feedback_lineage(store: Store, feedback: str, batches: dict[str, str]) -> Fe
     name whose hash differs belongs to another batch of that name, and does not count."""
     reviewed, images, versions, unreadable = [], 0, Counter(), []
     for name, sha256 in sorted(batches.items()):
-        location = ledger_location(feedback, name)
-        if not store.exists(location):
-            continue
-        try:
-            ledger = read_ledger(store, location)
+        try:  # read without asking first whether it exists: a dangling link or a link loop "does not exist"
+            ledger = read_ledger(store, ledger_location(feedback, name))
         except FeedbackLedgerError:
             unreadable.append(name)
+            continue
+        except FileNotFoundError:  # no review of this batch (or its ledger gone since)
             continue
         if ledger.batch == name and ledger.sha256 in (None, sha256):
             reviewed.append(name)

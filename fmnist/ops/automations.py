@@ -7,6 +7,7 @@ one is created, and one named with the pipeline's prefix that the file no longer
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -113,22 +114,42 @@ def deployment_id(name: str) -> str:
 
 
 def checked_webhook_url(url: str) -> str:
-    """`url`, if notifications can be POSTed to it: http(s), a host, a valid port, no spaces or control
-    characters. Saved as it was typed, a wrong one failed only at the first notification, which nobody saw.
-    The errors never repeat the URL: a webhook's URL often holds its token."""
+    """`url`, if notifications can be POSTed to it: http(s), a host name or an IP address, a valid port, no
+    spaces or control characters. Saved as it was typed, a wrong one failed only at the first notification,
+    which nobody saw. The errors never repeat the URL, nor Python's messages about it: a webhook's URL
+    often holds its token, or a user and password."""
     if len(url) > MAX_WEBHOOK_URL_CHARS:
         raise ValueError(f"a webhook URL of {len(url):,} characters: at most {MAX_WEBHOOK_URL_CHARS:,}")
     if any(c.isspace() or not c.isprintable() for c in url):
         raise ValueError("the webhook URL holds spaces or control characters")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("the webhook URL must start with http:// or https://")
     try:
-        if not parts.hostname or parts.port == 0:
-            raise ValueError
-    except ValueError:  # (urllib's, for a port that is no number or out of range)
-        raise ValueError("the webhook URL names no host, or a port that is no port (1-65535)") from None
+        parts = urllib.parse.urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:  # urllib's (a malformed IPv6 address, a port that is no number): they quote the URL
+        raise ValueError("the webhook URL is malformed (its host or port)") from None
+    if scheme not in ("http", "https"):
+        raise ValueError("the webhook URL must start with http:// or https://")
+    if not host or port == 0 or not _host_name_or_address(host):
+        raise ValueError("the webhook URL names no host a request could reach, or port 0")
     return url
+
+
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _host_name_or_address(host: str) -> bool:
+    """Whether `host` (as urllib gives it: lower case, no brackets) is an IP address, or a DNS name whose
+    labels (after IDNA, for names in other scripts) are letters, digits, hyphens and underscores."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # (an IPv6 zone, fe80::1%eth0, is the host's to resolve)
+        return True
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return len(name) <= 253 and all(HOST_LABEL.fullmatch(label) for label in name.removesuffix(".").split("."))
 
 
 def configure_webhook(url: str) -> str:
