@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -274,6 +275,7 @@ def test_stores_share_the_apis_definitions_but_read_their_own_credentials(bucket
     """botocore's S3 definitions are loaded once a process (`service_models`): a new store reads no model
     file. Its credentials are still its own, read when it is made: a store made after they changed uses the
     new ones (refused here), and one made before keeps working with its own."""
+    import botocore
     from botocore.loaders import JSONFileLoader
 
     first = Store(scratch=tmp_path / "first")
@@ -282,6 +284,13 @@ def test_stores_share_the_apis_definitions_but_read_their_own_credentials(bucket
     monkeypatch.setattr(JSONFileLoader, "load_file", lambda self, path: loaded.append(path) or load_file(self, path))
     assert Store(scratch=tmp_path / "second").read_bytes(join(bucket, "x")) == b"1"
     assert loaded == []
+    # A store whose AWS_DATA_PATH names other models reads those (as each store read its own before).
+    models = tmp_path / "models" / "s3" / "2006-03-01"
+    models.mkdir(parents=True)
+    shutil.copy(Path(botocore.__file__).parent / "data" / "s3" / "2006-03-01" / "service-2.json.gz", models)
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path / "models"))
+    assert Store(scratch=tmp_path / "models-of-its-own").read_bytes(join(bucket, "x")) == b"1"
+    assert any(path.startswith(str(models)) for path in loaded), loaded
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageError, match=r"access denied by .* check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         Store(scratch=tmp_path / "third").read_bytes(join(bucket, "x"))
@@ -383,20 +392,22 @@ def test_move_carries_a_file_or_a_folder_whole_and_never_over_anything(store: St
 
 def test_a_fifo_a_device_a_socket_or_a_kernel_file_is_refused_not_waited_on(store: Store, tmp_path: Path) -> None:
     """A FIFO blocks its reader forever: a mirror or a record that is one hung the run with heartbeats flowing.
-    A socket failed its opening with "No such device or address", and the kernel's files under /proc and /sys
+    A socket failed its opening with "No such device or address", and the kernel's pseudo filesystems' files
     call themselves regular (`/proc/kmsg` blocks its reader; `/proc/self/mem` fails with an I/O error)."""
     fifo = tmp_path / "names-a-fifo.gz"
     os.mkfifo(fifo)
     (tmp_path / "zero").symlink_to("/dev/zero")
     (tmp_path / "mem").symlink_to("/proc/self/mem")
     (tmp_path / "kernel-version").symlink_to("/proc/version")
+    (tmp_path / "kernel-setting").symlink_to("/sys/devices/system/cpu/online")
     unix_socket(tmp_path / "socket.json")
     refusals = {
         str(fifo): "a FIFO",
         str(tmp_path / "zero"): "a device or socket",
         str(tmp_path / "socket.json"): "a socket",
-        str(tmp_path / "mem"): r"a kernel file \(/proc, /sys\)",
-        str(tmp_path / "kernel-version"): r"a kernel file \(/proc, /sys\)",
+        str(tmp_path / "mem"): r"a kernel file \(proc\)",
+        str(tmp_path / "kernel-version"): r"a kernel file \(proc\)",
+        str(tmp_path / "kernel-setting"): r"a kernel file \(sysfs\)",
     }
     started = time.monotonic()
     for location, kind in refusals.items():

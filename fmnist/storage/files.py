@@ -7,13 +7,15 @@ own local working folder (Keras checkpoints, plots) before they are published to
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
 import os
 import stat
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -43,10 +45,42 @@ class NotARegularFile(OSError):
     """A path that is a symbolic link, a folder, a device or a FIFO where a regular file was expected."""
 
 
+# Pseudo filesystems (statfs(2)'s f_type) whose "regular files" are the kernel's, wherever they are mounted:
+# /proc/kmsg and tracefs's trace_pipe block their reader, /proc/self/mem fails with an I/O error.
+KERNEL_FILESYSTEMS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x74726163: "tracefs",
+    0x64626720: "debugfs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0x62656570: "configfs",
+    0x65735543: "fusectl",
+    0xCAFE4A11: "bpf",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+}
+
+
 @cache
-def kernel_filesystems() -> frozenset[int]:
-    """The devices of /proc and /sys, whose "regular files" are the kernel's (`/proc/kmsg` blocks a reader)."""
-    return frozenset(os.stat(folder).st_dev for folder in ("/proc", "/sys") if os.path.isdir(folder))
+def _fstatfs() -> Callable[[int, ctypes.Array], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+    fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    return fstatfs
+
+
+def kernel_filesystem(fd: int) -> str | None:
+    """The name of the kernel's pseudo filesystem `fd` is on (proc, sysfs, ...), or None (a disk, tmpfs, S3's
+    scratch; or a system that cannot say)."""
+    if (fstatfs := _fstatfs()) is None:
+        return None
+    status = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux): f_type comes first
+    if fstatfs(fd, status) != 0:
+        return None
+    return KERNEL_FILESYSTEMS.get(ctypes.c_long.from_buffer(status).value & 0xFFFFFFFF)
 
 
 def open_regular(path: Path, *, follow_symlinks: bool = False) -> io.BufferedReader:
@@ -66,13 +100,12 @@ def open_regular(path: Path, *, follow_symlinks: bool = False) -> io.BufferedRea
         if exc.errno == errno.ENXIO:  # what opening a Unix socket gives, before any check could look
             raise NotARegularFile(errno.ENXIO, "a socket, not a regular file", str(path)) from None
         raise
-    status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_dev in kernel_filesystems():
+    mode = os.fstat(fd).st_mode
+    kernel = stat.S_ISREG(mode) and kernel_filesystem(fd)  # its files call themselves regular
+    if not stat.S_ISREG(mode) or kernel:
         os.close(fd)
-        mode = status.st_mode
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-        if stat.S_ISREG(mode):  # /proc and /sys call their files regular: some block a reader, some never end
-            kind = "a kernel file (/proc, /sys)"
+        kind = f"a kernel file ({kernel})" if kernel else kind
         raise NotARegularFile(errno.EINVAL, f"{kind}, not a regular file", str(path))
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +49,14 @@ S3_ATTEMPTS = 3  # per request, with botocore's exponential backoff; s3fs adds n
 
 
 @cache
-def service_models():
-    """botocore's loader of the S3 API's definitions (its JSON models), one for every store of the process: a
-    new session loaded and parsed them again, 0.09 of the 0.11 CPU-s a store's first request took."""
+def service_models(data_path: str | None):
+    """botocore's loader of the S3 API's definitions (its JSON models) from `data_path` (AWS_DATA_PATH, or the
+    config file's data_path) and botocore's own, one for every store of the process that names the same
+    path: a new session loaded and parsed them again, 0.09 of the 0.11 CPU-s a store's first request took.
+    (Models added to those folders later are read by the next process.)"""
     from botocore.loaders import create_loader
 
-    return create_loader()
+    return create_loader(data_path)
 
 
 def _s3_error_code(exc: BaseException) -> str | None:
@@ -75,6 +78,7 @@ class S3Backend:
         self.scratch = scratch
         self.timeout_s = timeout_s
         self._s3fs: AbstractFileSystem | None = None
+        self._making = threading.Lock()  # threads' first requests at once make one filesystem, not one each
         self._checked_buckets: set[str] = set()
 
     @staticmethod
@@ -93,8 +97,9 @@ class S3Backend:
 
     def _path(self, location: str) -> str:
         """`location`'s path in s3fs (`bucket/key`), its bucket checked once: a clear error first."""
-        if self._s3fs is None:
-            self._s3fs = self._filesystem()
+        with self._making:
+            if self._s3fs is None:
+                self._s3fs = self._filesystem()
         path = location.removeprefix(S3)
         bucket = path.split("/", 1)[0]
         if bucket not in self._checked_buckets:
@@ -115,8 +120,10 @@ class S3Backend:
         import s3fs
         from aiobotocore.session import AioSession
 
-        session = AioSession()  # a store's own: credentials are read when a store is made, never reused stale
-        session.register_component("data_loader", service_models())
+        # A store's own session: credentials, the endpoint and the region are read at its first request,
+        # never reused stale from another store's.
+        session = AioSession()
+        session.register_component("data_loader", service_models(session.get_config_variable("data_path")))
         fs = s3fs.S3FileSystem(
             session=session,
             skip_instance_cache=True,
