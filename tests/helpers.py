@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import socket
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -160,10 +161,9 @@ def version_manifest(version: str, accuracy: float, test_set: str = "test-set-a"
 
 
 def unix_socket(path: Path) -> None:
-    """A Unix socket's file at `path` (bound from its folder: a socket's path may hold only 107 bytes)."""
-    here = os.getcwd()
-    os.chdir(path.parent)
-    try:
-        socket.socket(socket.AF_UNIX).bind(path.name)
-    finally:
-        os.chdir(here)
+    """A Unix socket's file at `path`: bound in a short folder, then moved there (a socket's path may hold only
+    107 bytes, and a test's folders are longer)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:
+        with socket.socket(socket.AF_UNIX) as bound:  # (its file stays once it is closed)
+            bound.bind(f"{short}/s")
+        os.replace(f"{short}/s", path)

@@ -92,9 +92,8 @@ def test_evidence_and_ledgers_that_are_no_files_are_skipped_and_named(tmp_path: 
     assert len(reviewed.answers) == 1
     assert [line.split(": ")[0] for line in reviewed.unreadable] == [ledger_location(feedback, "review-9")]
     lineage = feedback_lineage(store, feedback, {"review-1": "a batch's sha256", "review-9": "another's"})
-    assert lineage.unreadable_ledgers == ["review-9"] and lineage.reviewed_batches == [
-        "review-1"
-    ]  # named; the others still read
+    assert lineage.unreadable_ledgers == ["review-9"]  # named
+    assert lineage.reviewed_batches == ["review-1"]  # and the others still read
 
 
 def test_prune_never_follows_a_link_out_of_the_evidence_folders(tmp_path: Path) -> None:

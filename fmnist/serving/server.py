@@ -71,8 +71,6 @@ def serving_state(registry: Registry, options: ServeOptions, load: ModelLoader) 
     evidence = EvidenceRecorder(metrics) if options.evidence_window_s else None
     core = PredictionCore(models, metrics, options.shadow_share, capture, evidence)
     budget = BodyBudget(options.max_body_bytes_in_flight, MAX_MESSAGE_BYTES, metrics.body_bytes.set)
-    if options.grpc_port is not None:
-        from fmnist.serving import grpc_api  # noqa: F401 (registers the gRPC messages the parsers are told of)
     parsers = BodyParsers(options.parse_workers)
     return ServingState(models, metrics, core, budget, parsers, capture, options)
 

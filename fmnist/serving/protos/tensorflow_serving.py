@@ -75,8 +75,10 @@ def _written_files() -> list[descriptor_pb2.FileDescriptorProto]:
     return files
 
 
+@cache
 def message_class(full_name: str) -> type:
-    """The class of a message TF Serving's files define ("tensorflow.serving.PredictResponse")."""
+    """The class of a message TF Serving's files define ("tensorflow.serving.PredictResponse"); looked up once
+    (each request's parse and answer asks)."""
     load()
     return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(full_name))
 
